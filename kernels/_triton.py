@@ -1,0 +1,48 @@
+"""Where the Triton kernels can run: compiled on CUDA tensors, or interpreted on CPU tensors when
+``TRITON_INTERPRET=1`` was set before Triton was first imported."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with torch's Linux wheels; keep the CPU path alive where it is missing.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def can_launch(device: torch.device | str) -> bool:
+    """Can a Triton kernel run on tensors of ``device``?"""
+    if not HAS_TRITON:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return not interpreting()
+    return device.type == "cpu" and interpreting()
+
+
+def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
+    """Raise a clear error unless every tensor is on one device where Triton can run; return that device."""
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"{op}: tensors are on different devices: {sorted(str(d) for d in devs)}")
+    (dev,) = devs
+    if not can_launch(dev):
+        if not HAS_TRITON:
+            raise RuntimeError(f"{op}: Triton is not installed")
+        if dev.type == "cpu":
+            raise RuntimeError(f"{op}: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+                               "Triton is imported to run them on the CPU through the interpreter")
+        raise RuntimeError(f"{op}: Triton cannot run on device {dev}")
+    return dev

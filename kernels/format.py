@@ -1,0 +1,175 @@
+"""Index structures of a sparse weight, shared by every sparse op of sparse-lth.
+
+A weight of shape ``(rows, cols)`` (a linear layer's ``(out_features, in_features)``, or a conv layer's
+``(C_out, C_in * kh * kw)``) under a boolean mask is held as
+
+* ``values``: the live weights, a 1-D tensor of length ``nnz`` in **row-major (CSR) order**, i.e. exactly
+  ``weight.reshape(rows, cols)[mask]``; it is the trainable parameter of a layer on the sparse path;
+* a :class:`SparseFormat`: the index structures below, built once per mask (once per IMP round), never per step.
+
+CSR view (forward pass, weight gradient)::
+
+    row_ptr   int32/int64 [rows + 1]  values[row_ptr[r]:row_ptr[r+1]] are row r's live weights
+    col_idx   int32 [nnz]             their column indices (ascending within a row)
+    row_idx   int32 [nnz]             the row of every value (for the sampled weight gradient)
+
+Transposed (CSC) view pointing into the *same* values (input gradient)::
+
+    col_ptr   int32/int64 [cols + 1]  CSC entries col_ptr[c]:col_ptr[c+1] belong to column c
+    t_row_idx int32 [nnz]             their row indices (ascending within a column)
+    t_perm    int32/int64 [nnz]       their positions in ``values``: entry k is values[t_perm[k]]
+
+Load balancing::
+
+    row_order int32 [rows]            rows sorted by decreasing number of live weights
+    col_order int32 [cols]            columns likewise
+
+Pointers (``row_ptr``, ``col_ptr``, ``t_perm``) are int64 once ``nnz`` can pass 2**31 - 1, int32 below that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+__all__ = ["SparseFormat", "build_format", "check_mask", "to_values", "to_dense"]
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class SparseFormat:
+    rows: int
+    cols: int
+    nnz: int
+    row_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    row_idx: torch.Tensor
+    col_ptr: torch.Tensor
+    t_row_idx: torch.Tensor
+    t_perm: torch.Tensor
+    row_order: torch.Tensor
+    col_order: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_ptr.device
+
+    @property
+    def density(self) -> float:
+        n = self.rows * self.cols
+        return self.nnz / n if n else 0.0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device) -> "SparseFormat":
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in kw.items():
+            if isinstance(v, torch.Tensor):
+                kw[k] = v.to(device)
+        return SparseFormat(**kw)
+
+    def mask(self) -> torch.Tensor:
+        """The boolean ``(rows, cols)`` mask this format describes."""
+        m = torch.zeros(self.rows * self.cols, dtype=torch.bool, device=self.device)
+        m[self.row_idx.long() * self.cols + self.col_idx.long()] = True
+        return m.view(self.rows, self.cols)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` if the structures are inconsistent (wrong lengths, dtypes or devices)."""
+        expect = {
+            "row_ptr": self.rows + 1, "col_idx": self.nnz, "row_idx": self.nnz, "col_ptr": self.cols + 1,
+            "t_row_idx": self.nnz, "t_perm": self.nnz, "row_order": self.rows, "col_order": self.cols,
+        }
+        for name, n in expect.items():
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != n:
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"SparseFormat.{name}: expected a 1-D tensor of length {n}, got {got}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"SparseFormat.{name}: expected an int32 or int64 tensor, got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"SparseFormat.{name} is on {t.device}, row_ptr on {self.device}")
+
+
+def check_mask(mask, shape, *, name: str = "mask") -> torch.Tensor:
+    """Return ``mask`` as a bool tensor of ``shape``, or raise a clear error.
+
+    Accepted: a bool tensor, or a real-valued / integer tensor whose entries are all 0 or 1.
+    Refused: a wrong shape, a complex or non-tensor mask, NaN, and values other than 0 and 1.
+    """
+    shape = tuple(shape)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)}, expected {shape} (the weight's shape)")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool or real-valued 0/1, got {mask.dtype}")
+    if mask.is_floating_point() and bool(torch.isnan(mask).any()):
+        raise ValueError(f"{name} contains NaN")
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        v = mask[bad].flatten()[0].item()
+        raise ValueError(f"{name} must hold only 0 and 1 (or be a bool tensor); found {v}")
+    return mask != 0
+
+
+def _ptr(counts: torch.Tensor, dtype) -> torch.Tensor:
+    ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr.to(dtype)
+
+
+def build_format(mask: torch.Tensor) -> SparseFormat:
+    """Build the index structures of a boolean mask of any shape ``(rows, ...)`` on the mask's device.
+
+    The mask is viewed as ``(rows, prod(rest))``. Cost: one ``nonzero`` and one stable sort of ``nnz`` keys.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError("build_format expects a bool mask (use check_mask first)")
+    if mask.dim() < 1:
+        raise ValueError("build_format expects a mask with at least one dimension")
+    rows = mask.shape[0]
+    cols = math.prod(mask.shape[1:]) if mask.dim() > 1 else 1
+    m2 = mask.reshape(rows, cols)
+    nz = m2.nonzero()  # (nnz, 2), row-major order
+    nnz = nz.shape[0]
+    ptr_dtype = torch.int32 if nnz <= _INT32_MAX else torch.int64
+    row_idx = nz[:, 0]
+    col_idx = nz[:, 1]
+    row_counts = m2.sum(1)
+    col_counts = m2.sum(0)
+    # stable sort by column keeps rows ascending within each column
+    _, t_perm = torch.sort(col_idx, stable=True)
+    t_row_idx = row_idx[t_perm]
+    return SparseFormat(
+        rows=rows, cols=cols, nnz=nnz,
+        row_ptr=_ptr(row_counts, ptr_dtype),
+        col_idx=col_idx.to(torch.int32),
+        row_idx=row_idx.to(torch.int32),
+        col_ptr=_ptr(col_counts, ptr_dtype),
+        t_row_idx=t_row_idx.to(torch.int32),
+        t_perm=t_perm.to(ptr_dtype),
+        row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
+        col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
+    )
+
+
+def to_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The live weights of ``weight`` under ``mask`` in CSR order (a new contiguous 1-D tensor)."""
+    return weight.reshape(mask.shape[0], -1)[mask.reshape(mask.shape[0], -1)].contiguous()
+
+
+def to_dense(values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
+    """The dense ``(rows, cols)`` weight whose live entries are ``values`` and whose pruned entries are 0."""
+    w = torch.zeros(fmt.rows * fmt.cols, dtype=values.dtype, device=values.device)
+    w[fmt.row_idx.long() * fmt.cols + fmt.col_idx.long()] = values
+    return w.view(fmt.rows, fmt.cols)
