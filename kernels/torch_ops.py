@@ -1,0 +1,114 @@
+"""The ``torch`` backend: plain-PyTorch sparse ops, on any device.
+
+For the linear op this is the fast CPU path: ``torch.sparse`` CSR products for the forward pass and the input
+gradient (the transposed CSR view is built from the format's CSC arrays with one gather of ``nnz`` values), and a
+sampled dense-dense product (``torch.sparse.sampled_addmm``) for the weight gradient at live positions only.
+CPU sparse products exist for float32/float64 only; other dtypes are computed in float32 and cast back.
+
+The ``reference_*`` functions compute the same ops densely (the masked dense weight), in float64 when asked:
+they are what every kernel is tested against.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .format import SparseFormat, to_dense
+
+__all__ = [
+    "linear_forward", "linear_backward_input", "linear_backward_weight",
+    "reference_linear_forward", "reference_linear_backward_input", "reference_linear_backward_weight",
+]
+
+# torch warns once per process that CSR support is "beta"; this module relies on it knowingly.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+
+_SPARSE_DTYPES = (torch.float32, torch.float64)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _SPARSE_DTYPES else torch.float32
+
+
+def _csr(ptr: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    if ptr.dtype != idx.dtype:
+        idx = idx.to(ptr.dtype)
+    return torch.sparse_csr_tensor(ptr, idx, values, shape, check_invariants=False)
+
+
+def weight_csr(values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
+    """W (rows x cols) as a torch CSR tensor sharing ``values``."""
+    return _csr(fmt.row_ptr, fmt.col_idx, values, fmt.shape)
+
+
+def weight_t_csr(values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
+    """W^T (cols x rows) as a torch CSR tensor (one gather of the values through ``t_perm``)."""
+    return _csr(fmt.col_ptr, fmt.t_row_idx, values[fmt.t_perm], (fmt.cols, fmt.rows))
+
+
+def _check(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, dim: int, what: str, op: str) -> None:
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"{op}: {what} must be 2-D with {dim} columns, got shape {tuple(x.shape)}")
+    if values is not None and (values.dim() != 1 or values.numel() != fmt.nnz):
+        raise ValueError(f"{op}: values must be 1-D of length nnz={fmt.nnz}, got shape {tuple(values.shape)}")
+    devs = {x.device, fmt.device} | ({values.device} if values is not None else set())
+    if len(devs) != 1:
+        raise ValueError(f"{op}: tensors are on different devices: {sorted(str(d) for d in devs)}")
+
+
+def linear_forward(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, bias: torch.Tensor | None = None,
+                   activation: str | None = None) -> torch.Tensor:
+    """y = x W^T + b (optionally ReLU), x: (B, cols) -> (B, rows)."""
+    _check(x, values, fmt, fmt.cols, "x", "linear_forward")
+    ct = _compute_dtype(x.dtype)
+    y = torch.sparse.mm(weight_csr(values.to(ct), fmt), x.to(ct).t()).t()
+    if bias is not None:
+        y = y + bias.to(ct)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation is not None:
+        raise ValueError(f"linear_forward: unknown activation {activation!r} (None or 'relu')")
+    return y.to(x.dtype)
+
+
+def linear_backward_input(dy: torch.Tensor, values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
+    """dx = dy W, dy: (B, rows) -> (B, cols)."""
+    _check(dy, values, fmt, fmt.rows, "dy", "linear_backward_input")
+    ct = _compute_dtype(dy.dtype)
+    return torch.sparse.mm(weight_t_csr(values.to(ct), fmt), dy.to(ct).t()).t().to(dy.dtype)
+
+
+def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
+                           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dvalues[k] = sum_b dy[b, row_idx[k]] * x[b, col_idx[k]]: the weight gradient at live positions only."""
+    _check(dy, None, fmt, fmt.rows, "dy", "linear_backward_weight")
+    _check(x, None, fmt, fmt.cols, "x", "linear_backward_weight")
+    if dy.shape[0] != x.shape[0]:
+        raise ValueError(f"linear_backward_weight: dy has {dy.shape[0]} rows, x has {x.shape[0]}")
+    out_dtype = out_dtype or dy.dtype
+    if fmt.nnz == 0:
+        return torch.zeros(0, dtype=out_dtype, device=dy.device)
+    ct = _compute_dtype(dy.dtype)
+    pattern = weight_csr(torch.zeros(fmt.nnz, dtype=ct, device=dy.device), fmt)  # beta=0 still reads it
+    out = torch.sparse.sampled_addmm(pattern, dy.to(ct).t(), x.to(ct), beta=0.0)
+    return out.values().to(out_dtype)
+
+
+# ---------------------------------------------------------------- references (dense, optionally float64)
+def reference_linear_forward(x, values, fmt, bias=None, activation=None, dtype=None):
+    dtype = dtype or x.dtype
+    y = F.linear(x.to(dtype), to_dense(values.to(dtype), fmt), None if bias is None else bias.to(dtype))
+    return torch.relu(y) if activation == "relu" else y
+
+
+def reference_linear_backward_input(dy, values, fmt, dtype=None):
+    dtype = dtype or dy.dtype
+    return dy.to(dtype) @ to_dense(values.to(dtype), fmt)
+
+
+def reference_linear_backward_weight(dy, x, fmt, dtype=None):
+    dtype = dtype or dy.dtype
+    full = dy.to(dtype).t() @ x.to(dtype)
+    return full.reshape(-1)[fmt.row_idx.long() * fmt.cols + fmt.col_idx.long()]

@@ -1,0 +1,510 @@
+"""Drop-in sparse layers: :class:`SparseLinear`, :class:`SparseConv2d`, and :func:`sparsify` / :func:`densify`.
+
+Each layer holds a boolean mask (buffer ``weight_mask``) and runs on one of two paths, chosen when its mask is set:
+
+* **dense path**: the trainable parameter is the dense ``weight`` (exactly zero at pruned positions); products run
+  on cuBLAS/cuDNN/MKL, and the weight gradient is masked in the backward pass, so that any ``torch.optim``
+  optimizer (momentum, weight decay, Adam state) keeps pruned weights at exactly zero. The mask is also attached to
+  the Parameter as ``weight._sparse_lth_mask`` for mask-aware optimizers (:mod:`sparse_lth.optim`).
+* **sparse path**: the trainable parameter is ``values``, the compact vector of live weights (CSR order), so
+  gradients and optimizer state scale with the number of live weights and no optimizer can ever revive a pruned
+  weight. Index structures are buffers built on the layer's device when the mask changes, never per step.
+
+``path="auto"`` picks the faster path: on CUDA by timing both on the device (given an input shape seen by the
+layer, see :func:`choose_paths`), on the CPU by the measured density crossover of the ``torch`` backend
+(``benchmarks/``). The parameter set depends on the path: **build the optimizer after setting masks**.
+
+``state_dict()`` always holds the dense ``weight`` and ``bias`` of the layer it replaced, plus ``weight_mask``;
+a plain ``nn.Linear``/``nn.Conv2d`` loads it with ``strict=False`` (or strictly after :func:`strip_masks`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backend import resolve_backend
+from .functional import SparseConv2dFunction, mask_grad, scatter_values, sparse_linear
+from .kernels.format import SparseFormat, build_format, check_mask, to_values
+
+__all__ = [
+    "SparseLinear", "SparseConv2d", "sparsify", "densify", "sparse_layers", "choose_paths", "strip_masks",
+    "PATHS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CUDA_SPARSE_MAX_DENSITY",
+]
+
+PATHS = ("auto", "dense", "sparse")
+# At or below this density the torch backend's CSR linear (forward + both gradients) beats dense masking on a
+# 2-core CPU (benchmarks/bench_cpu_layers.py, results in benchmarks/results/). Conv layers stay dense on the CPU:
+# their torch sparse path is a scatter plus a dense convolution, which saves memory but never time.
+CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
+# Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
+CUDA_SPARSE_MAX_DENSITY = 0.05
+_FMT_FIELDS = ("row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_perm", "row_order", "col_order")
+
+
+class _SparseLayer(nn.Module):
+    """What SparseLinear and SparseConv2d share: mask, path, backend, formats, state_dict."""
+
+    weight_shape: tuple
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, mask=None, path: str = "auto", backend: str | None = None,
+                   mask_gradients: bool = True):
+        """The sparse twin of a dense ``module`` (weights copied, ``requires_grad`` kept) under ``mask``."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._copy_geometry(module)
+        layer.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(),
+                                                                 requires_grad=module.bias.requires_grad)
+        layer._setup(module.weight, mask, path, backend, mask_gradients)
+        return layer
+
+    def _setup(self, weight: torch.Tensor, mask, path: str, backend: str | None, mask_gradients: bool) -> None:
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.path_request = path
+        self.backend_request = backend
+        self.mask_gradients = mask_gradients
+        self.path_timings: dict[str, float] = {}
+        self._path = "dense"
+        self._nnz = weight.numel()
+        self._last_input_shape: tuple | None = None
+        self.register_parameter("weight", nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
+        self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=weight.device))
+        self.set_mask(torch.ones_like(self.weight_mask) if mask is None else mask, path=path)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.weight_mask
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def nnz(self) -> int:
+        return self._nnz
+
+    @property
+    def density(self) -> float:
+        n = math.prod(self.weight_shape)
+        return self._nnz / n if n else 0.0
+
+    @property
+    def backend(self) -> str:
+        return resolve_backend(self.weight_mask.device, self.backend_request)
+
+    @property
+    def fmt(self) -> SparseFormat:
+        if self._path != "sparse":
+            raise AttributeError("the layer is on the dense path: it has no sparse format")
+        rows = self.weight_shape[0]
+        return SparseFormat(rows=rows, cols=math.prod(self.weight_shape[1:]), nnz=self._nnz,
+                            **{f: getattr(self, "_fmt_" + f) for f in _FMT_FIELDS})
+
+    def __getattr__(self, name):
+        if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
+            return self._scatter_weight()
+        return super().__getattr__(name)
+
+    def _scatter_weight(self) -> torch.Tensor:
+        return scatter_values(self._parameters["values"], self._flat_index, self.weight_shape)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight (zeros at pruned positions), differentiable with respect to the live weights."""
+        if self._path == "dense":
+            return self._parameters["weight"]
+        return self._scatter_weight()
+
+    @torch.no_grad()
+    def set_dense_weight(self, weight: torch.Tensor) -> None:
+        """Write the live entries from a dense tensor of the weight's shape; pruned entries stay zero."""
+        if tuple(weight.shape) != tuple(self.weight_shape):
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {tuple(self.weight_shape)}")
+        weight = weight.to(self.weight_mask.device)
+        if self._path == "dense":
+            p = self._parameters["weight"]
+            p.copy_(weight * self.weight_mask)
+        else:
+            self._parameters["values"].copy_(to_values(weight, self.weight_mask))
+
+    # ------------------------------------------------------------------ masks and paths
+    @torch.no_grad()
+    def set_mask(self, mask, path: str | None = None) -> None:
+        """Set the mask (bool, or 0/1 values, of the weight's shape). Live weights keep their values, pruned
+        ones become zero. ``path``: "auto", "dense" or "sparse" (default: the layer's ``path_request``).
+        The trainable parameters are replaced: build the optimizer afterwards."""
+        device = self.weight_mask.device
+        mask = check_mask(mask, self.weight_shape).to(device)
+        path = self.path_request if path is None else path
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        backend = self.backend
+        if path == "sparse":
+            self._check_sparse_possible(backend)
+        w = self.dense_weight().detach() * mask
+        self.weight_mask = mask.clone()
+        self._nnz = int(mask.sum())
+        if path == "auto":
+            path = self._auto_path(backend)
+        self._install(w, path)
+
+    def _auto_path(self, backend: str) -> str:
+        d = self.density
+        if d >= 1.0 or not self._sparse_possible(backend):
+            return "dense"
+        if backend == "triton":
+            if self._last_input_shape is not None:
+                return self._time_paths(self._last_input_shape)
+            return "sparse" if d <= CUDA_SPARSE_MAX_DENSITY else "dense"
+        if self.weight_mask.device.type != "cpu" or not self._cpu_sparse_pays():
+            return "dense"
+        return "sparse" if d <= CPU_LINEAR_SPARSE_MAX_DENSITY else "dense"
+
+    def _cpu_sparse_pays(self) -> bool:
+        return False
+
+    def _sparse_possible(self, backend: str) -> bool:
+        return True
+
+    def _check_sparse_possible(self, backend: str) -> None:
+        pass
+
+    def _install(self, w: torch.Tensor, path: str) -> None:
+        requires_grad = self._current_requires_grad()
+        for name in ("weight", "values"):
+            self._parameters.pop(name, None)
+        has_bias = "bias" in self._parameters
+        bias = self._parameters.pop("bias", None)
+        for f in _FMT_FIELDS + ("flat_index",):
+            self._buffers.pop("_fmt_" + f if f != "flat_index" else "_flat_index", None)
+        mask = self.weight_mask
+        if path == "dense":
+            p = nn.Parameter(w.contiguous(), requires_grad=requires_grad)
+            p._sparse_lth_mask = mask
+            self.register_parameter("weight", p)
+        else:
+            fmt = build_format(mask)
+            for f in _FMT_FIELDS:
+                self.register_buffer("_fmt_" + f, getattr(fmt, f), persistent=False)
+            flat = fmt.row_idx.long() * fmt.cols + fmt.col_idx.long()
+            self.register_buffer("_flat_index", flat, persistent=False)
+            self.register_parameter("values", nn.Parameter(to_values(w, mask), requires_grad=requires_grad))
+        if has_bias:  # keep nn.Linear's parameter order: weight (or values), then bias
+            self.register_parameter("bias", bias)
+        self._path = path
+
+    def _current_requires_grad(self) -> bool:
+        p = self._parameters.get("weight", self._parameters.get("values"))
+        return True if p is None else p.requires_grad
+
+    def _time_paths(self, input_shape: tuple, reps: int = 10) -> str:
+        """Time forward+backward of both paths on the layer's device; return the faster one."""
+        dev = self.weight_mask.device
+        dtype = self.dense_weight().dtype
+        x = torch.randn(input_shape, device=dev, dtype=dtype, requires_grad=True)
+        times = {}
+        for p in ("dense", "sparse"):
+            probe = copy.deepcopy(self)
+            probe._install(probe.dense_weight().detach().clone(), p)
+            samples = []
+            with torch.enable_grad():
+                for i in range(reps + 2):
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    t0 = time.perf_counter()
+                    probe(x).sum().backward()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    if i >= 2:
+                        samples.append(time.perf_counter() - t0)
+            times[p] = statistics.median(samples)
+        self.path_timings = times
+        return min(times, key=times.get)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(x).__name__}")
+        if x.device != self.weight_mask.device:
+            raise ValueError(f"{type(self).__name__}: input is on {x.device}, the layer on {self.weight_mask.device}")
+
+    def _masked_weight(self) -> torch.Tensor:
+        w = self._parameters["weight"]
+        if self.mask_gradients and w.requires_grad and torch.is_grad_enabled():
+            return mask_grad(w, self.weight_mask)
+        return w
+
+    # ------------------------------------------------------------------ device moves and state_dict
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        w = self._parameters.get("weight")
+        if w is not None:
+            w._sparse_lth_mask = self.weight_mask
+        return out
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w = self.dense_weight()
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination[prefix + "weight_mask"] = self.weight_mask
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        known = {"weight", "bias", "weight_mask"}
+        for key in state_dict:
+            if key.startswith(prefix):
+                rest = key[len(prefix):]
+                if "." not in rest and rest not in known and strict:
+                    unexpected_keys.append(key)
+        wkey, bkey, mkey = prefix + "weight", prefix + "bias", prefix + "weight_mask"
+        if wkey not in state_dict:
+            missing_keys.append(wkey)
+            return
+        w = state_dict[wkey]
+        if tuple(w.shape) != tuple(self.weight_shape):
+            error_msgs.append(f"size mismatch for {wkey}: copying a param with shape {tuple(w.shape)}, "
+                              f"the shape in current model is {tuple(self.weight_shape)}.")
+            return
+        if self.bias is not None:
+            if bkey not in state_dict:
+                missing_keys.append(bkey)
+            else:
+                with torch.no_grad():
+                    self.bias.copy_(state_dict[bkey])
+        elif bkey in state_dict and strict:
+            unexpected_keys.append(bkey)
+        try:
+            mask = state_dict.get(mkey, self.weight_mask)
+            with torch.no_grad():
+                if not torch.equal(check_mask(mask, self.weight_shape).to(self.weight_mask.device),
+                                   self.weight_mask):
+                    self.set_mask(mask)
+                self.set_dense_weight(w)
+        except (TypeError, ValueError) as e:
+            error_msgs.append(f"{mkey}: {e}")
+
+
+class SparseLinear(_SparseLayer):
+    """A drop-in ``nn.Linear`` whose weight is masked; see the module docstring.
+
+    ``activation="relu"`` fuses a ReLU into the layer (into the Triton kernel's epilogue on the sparse path).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 mask=None, path: str = "auto", backend: str | None = None, activation: str | None = None,
+                 mask_gradients: bool = True):
+        super().__init__()
+        if activation not in (None, "relu"):
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._copy_geometry(ref)
+        self.activation = activation
+        self.bias = ref.bias
+        self._setup(ref.weight, mask, path, backend, mask_gradients)
+
+    def _copy_geometry(self, ref: nn.Linear) -> None:
+        self.in_features, self.out_features = ref.in_features, ref.out_features
+        self.activation = getattr(ref, "activation", None)
+        self.weight_shape = tuple(ref.weight.shape)
+
+    def to_dense_module(self) -> nn.Linear:
+        w = self.dense_weight().detach()
+        m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m
+
+    def _cpu_sparse_pays(self) -> bool:
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dimension, "
+                             f"expected {self.in_features} (input shape {tuple(x.shape)})")
+        self._last_input_shape = tuple(x.shape)
+        if self._path == "dense":
+            y = F.linear(x, self._masked_weight(), self.bias)
+            return torch.relu(y) if self.activation == "relu" else y
+        values, bias = self.values, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, values = x.to(dt), values.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        elif x.dtype != values.dtype:
+            raise TypeError(f"SparseLinear: input dtype {x.dtype} differs from the weight's {values.dtype}")
+        return sparse_linear(x, values, bias, self.fmt, self.backend, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={self.density:.4f}, path={self.path}")
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class SparseConv2d(_SparseLayer):
+    """A drop-in ``nn.Conv2d`` whose weight is masked; see the module docstring.
+
+    The Triton sparse path supports ``groups=1`` with zero padding given as integers; other configurations run
+    on the dense path (or the torch sparse path, if forced)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 mask=None, path: str = "auto", backend: str | None = None, mask_gradients: bool = True):
+        super().__init__()
+        ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                        padding_mode, device=device, dtype=dtype)
+        self._copy_geometry(ref)
+        self.bias = ref.bias
+        self._setup(ref.weight, mask, path, backend, mask_gradients)
+
+    def _copy_geometry(self, ref: nn.Conv2d) -> None:
+        for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, a, getattr(ref, a))
+        self.weight_shape = tuple(ref.weight.shape)
+
+    def to_dense_module(self) -> nn.Conv2d:
+        w = self.dense_weight().detach()
+        m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                      self.dilation, self.groups, self.bias is not None, self.padding_mode, device=w.device,
+                      dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m
+
+    def _triton_geometry_ok(self) -> bool:
+        return self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
+    def _sparse_possible(self, backend: str) -> bool:
+        return backend == "torch" or self._triton_geometry_ok()
+
+    def _check_sparse_possible(self, backend: str) -> None:
+        if not self._sparse_possible(backend):
+            raise ValueError(f"SparseConv2d: the {backend} sparse path needs groups=1 and integer zero padding "
+                             f"(got groups={self.groups}, padding={self.padding!r}, "
+                             f"padding_mode={self.padding_mode!r}); use path='dense' or backend='torch'")
+
+    def _conv(self, x, w, bias):
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        self._last_input_shape = tuple(x.shape)
+        if self._path == "dense":
+            return self._conv(x, self._masked_weight(), self.bias)
+        backend = self.backend
+        if backend == "torch":
+            return self._conv(x, self._scatter_weight(), self.bias)
+        values, bias = self.values, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, values = x.to(dt), values.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        unbatched = x.dim() == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        y = SparseConv2dFunction.apply(x, values, bias, self.fmt, _pair(self.kernel_size), _pair(self.stride),
+                                       _pair(self.padding), _pair(self.dilation))
+        return y.squeeze(0) if unbatched else y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, density={self.density:.4f}, path={self.path}")
+
+
+# ---------------------------------------------------------------------- whole models
+def _swap_target(module: nn.Module):
+    if isinstance(module, _SparseLayer):
+        return None
+    if isinstance(module, nn.Linear):
+        return SparseLinear
+    if isinstance(module, nn.Conv2d):
+        return SparseConv2d
+    return None
+
+
+def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, path: str = "auto",
+             backend: str | None = None) -> nn.Module:
+    """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (in place) for its sparse twin; return the model.
+
+    ``masks``: optional ``{module_name: mask}``. Linear layers inside ``nn.MultiheadAttention`` (which reads
+    their weights directly) are left alone. A bare ``nn.Linear``/``nn.Conv2d`` is returned swapped.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    masks = dict(masks or {})
+    target = _swap_target(model)
+    if target is not None:
+        return target.from_dense(model, masks.pop("", None), path=path, backend=backend)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.MultiheadAttention):
+            continue
+        for child_name, child in list(module.named_children()):
+            target = _swap_target(child)
+            if target is None or isinstance(module, nn.MultiheadAttention):
+                continue
+            full = f"{name}.{child_name}" if name else child_name
+            setattr(module, child_name, target.from_dense(child, masks.pop(full, None), path=path, backend=backend))
+    if masks:
+        raise KeyError(f"sparsify: masks given for modules that are not Linear/Conv2d layers: {sorted(masks)}")
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """Swap every sparse layer of ``model`` (in place) back for a plain ``nn.Linear``/``nn.Conv2d``."""
+    if isinstance(model, _SparseLayer):
+        return model.to_dense_module()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, _SparseLayer):
+                setattr(module, child_name, child.to_dense_module())
+    return model
+
+
+def sparse_layers(model: nn.Module) -> list[tuple[str, _SparseLayer]]:
+    """The sparse layers of ``model`` as ``(name, layer)`` in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _SparseLayer)]
+
+
+@torch.no_grad()
+def choose_paths(model: nn.Module, example_input: torch.Tensor) -> dict[str, str]:
+    """Run ``model`` once on ``example_input`` so every layer sees its input shape, then let each layer with
+    ``path_request == "auto"`` choose its path again (on CUDA: by timing both). Returns ``{name: path}``.
+    Build the optimizer afterwards."""
+    was_training = model.training
+    model.eval()
+    model(example_input)
+    model.train(was_training)
+    out = {}
+    for name, layer in sparse_layers(model):
+        if layer.path_request == "auto":
+            layer.set_mask(layer.weight_mask)
+        out[name] = layer.path
+    return out
+
+
+def strip_masks(state_dict: dict) -> dict:
+    """A copy of ``state_dict`` without the ``weight_mask`` entries: strictly loadable by the dense model."""
+    out = type(state_dict)((k, v) for k, v in state_dict.items() if not k.endswith("weight_mask"))
+    if hasattr(state_dict, "_metadata"):
+        out._metadata = state_dict._metadata
+    return out

@@ -1,0 +1,286 @@
+"""SparseLinear / SparseConv2d on the torch backend against the dense masked reference, sparsify/densify,
+state_dict compatibility, the pruned-weights-stay-zero invariant under torch optimizers, and bad input."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparse_lth.backend import resolve_backend
+from sparse_lth.layers import (CPU_LINEAR_SPARSE_MAX_DENSITY, SparseConv2d, SparseLinear, choose_paths, densify, sparse_layers, sparsify,
+                               strip_masks)
+
+
+
+def random_mask(shape, density, gen):
+    if density >= 1.0:
+        return torch.ones(shape, dtype=torch.bool)
+    if density <= 0.0:
+        return torch.zeros(shape, dtype=torch.bool)
+    m = torch.rand(shape, generator=gen) < density
+    m.view(-1)[torch.randint(m.numel(), (1,), generator=gen)] = True  # never all-zero at positive density
+    return m
+
+
+def grads_vs_reference(layer, x, fn_ref):
+    """Forward and both gradients of ``layer`` against ``fn_ref(x, masked_dense_weight, bias)`` in float64."""
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    mask = layer.weight_mask
+    w_ref = layer.dense_weight().detach().double().requires_grad_(True)
+    b_ref = None if layer.bias is None else layer.bias.detach().double().requires_grad_(True)
+    x_ref = x.detach().double().requires_grad_(True)
+    y_ref = fn_ref(x_ref, w_ref * mask, b_ref)
+    y_ref.backward(dy.double())
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-5)
+    gw = (w_ref.grad * mask)
+    if layer.path == "sparse":
+        got = layer.values.grad.double()
+        torch.testing.assert_close(got, gw[mask], rtol=1e-5, atol=1e-5)
+    else:
+        got = layer.weight.grad.double()
+        torch.testing.assert_close(got, gw, rtol=1e-5, atol=1e-5)
+        assert torch.all(layer.weight.grad[~mask] == 0)
+    if b_ref is not None:
+        torch.testing.assert_close(layer.bias.grad.double(), b_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0])
+@pytest.mark.parametrize("shape,batch", [((13, 7), 5), ((300, 784), 1), ((1, 1), 3), ((129, 257), 4)])
+def test_linear_matches_reference(path, density, shape, batch):
+    gen = torch.Generator().manual_seed(hash((path, density, shape)) % 2**31)
+    out_f, in_f = shape
+    layer = SparseLinear(in_f, out_f, bias=True, path=path)
+    layer.set_mask(random_mask((out_f, in_f), density, gen))
+    assert layer.path == path
+    assert layer.nnz == int(layer.weight_mask.sum())
+    grads_vs_reference(layer, torch.randn(batch, in_f), lambda x, w, b: F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_linear_noncontiguous_and_3d_input(path):
+    gen = torch.Generator().manual_seed(1)
+    layer = SparseLinear(11, 6, bias=False, path=path)
+    layer.set_mask(random_mask((6, 11), 0.3, gen))
+    x = torch.randn(11, 4).t()  # non-contiguous (4, 11)
+    assert not x.is_contiguous()
+    grads_vs_reference(layer, x, lambda x, w, b: F.linear(x, w, b))
+    layer.zero_grad()
+    grads_vs_reference(layer, torch.randn(2, 3, 11), lambda x, w, b: F.linear(x, w, b))
+
+
+def test_linear_fused_relu():
+    gen = torch.Generator().manual_seed(2)
+    for path in ("dense", "sparse"):
+        layer = SparseLinear(20, 9, activation="relu", path=path)
+        layer.set_mask(random_mask((9, 20), 0.4, gen))
+        grads_vs_reference(layer, torch.randn(6, 20), lambda x, w, b: torch.relu(F.linear(x, w, b)))
+
+
+CONV_CASES = [
+    # (cin, cout, k, stride, padding, dilation, groups, hw)
+    (3, 4, 3, 1, 1, 1, 1, (7, 9)),
+    (1, 2, 5, 2, 2, 1, 1, (9, 8)),
+    (3, 5, 1, 1, 0, 1, 1, (5, 5)),
+    (4, 6, 3, 2, 0, 2, 1, (11, 10)),
+    (4, 6, 3, 1, 1, 1, 2, (6, 7)),
+]
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_matches_reference(path, density, case):
+    cin, cout, k, s, p, d, g, hw = case
+    gen = torch.Generator().manual_seed(hash((path, density, case)) % 2**31)
+    layer = SparseConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, path=path)
+    layer.set_mask(random_mask(layer.weight_shape, density, gen))
+    assert layer.path == path
+    x = torch.randn(2 if density < 1 else 1, cin, *hw)
+    grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(x, w, b, s, p, d, g))
+
+
+def test_conv_padding_mode_and_unbatched():
+    layer = SparseConv2d(2, 3, 3, padding=1, padding_mode="reflect", path="sparse")
+    layer.set_mask(random_mask(layer.weight_shape, 0.5, torch.Generator().manual_seed(3)))
+    ref = nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect")
+    ref.load_state_dict(strip_masks(layer.state_dict()))
+    x = torch.randn(2, 5, 6)
+    torch.testing.assert_close(layer(x), ref(x))
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 10), nn.ReLU(), nn.Linear(10, 4))
+
+    def forward(self, x):
+        return self.head(F.max_pool2d(F.relu(self.bn(self.conv(x))), 2))
+
+
+@pytest.mark.parametrize("path", ["auto", "dense", "sparse"])
+def test_sparsify_densify_round_trip(path):
+    torch.manual_seed(0)
+    model = Small().eval()
+    x = torch.randn(3, 3, 12, 12)
+    ref = model(x)
+    sparsify(model, path=path)
+    names = [n for n, _ in sparse_layers(model)]
+    assert names == ["conv", "head.1", "head.3"]
+    torch.testing.assert_close(model(x), ref)
+    gen = torch.Generator().manual_seed(0)
+    for _, layer in sparse_layers(model):
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+    pruned = model(x)
+    sd = model.state_dict()
+    densify(model)
+    assert not sparse_layers(model)
+    assert isinstance(model.conv, nn.Conv2d) and type(model.head[1]) is nn.Linear
+    torch.testing.assert_close(model(x), pruned)
+    # the sparse model's state_dict loads into the plain model, strictly once the masks are stripped
+    plain = Small().eval()
+    plain.load_state_dict(strip_masks(sd))
+    torch.testing.assert_close(plain(x), pruned)
+    res = Small().load_state_dict(sd, strict=False)
+    assert sorted(res.unexpected_keys) == ["conv.weight_mask", "head.1.weight_mask", "head.3.weight_mask"]
+    assert not res.missing_keys
+
+
+def test_sparsify_torchvision_resnet():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    ref = model(x)
+    sparsify(model)
+    assert len(sparse_layers(model)) == 21  # 20 convs + fc
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    densify(model)
+    torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_state_dict_between_sparse_models_carries_masks():
+    gen = torch.Generator().manual_seed(5)
+    a = SparseLinear(30, 20, path="sparse")
+    a.set_mask(random_mask((20, 30), 0.1, gen))
+    b = SparseLinear(30, 20, path="dense")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.weight_mask, a.weight_mask)
+    assert torch.equal(b.dense_weight(), a.dense_weight())
+    x = torch.randn(4, 30)
+    torch.testing.assert_close(a(x), b(x))
+    # a plain layer's state dict loads into a sparse one, which keeps its mask
+    plain = nn.Linear(30, 20)
+    b.load_state_dict(plain.state_dict())
+    assert torch.equal(b.dense_weight(), plain.weight.detach() * b.weight_mask)
+
+
+def test_set_mask_keeps_live_weights_and_switches_parameters():
+    layer = SparseLinear(10, 8, path="dense")
+    w0 = layer.dense_weight().detach().clone()
+    m = random_mask((8, 10), 0.4, torch.Generator().manual_seed(6))
+    layer.set_mask(m, path="sparse")
+    assert [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    assert layer.values.numel() == int(m.sum())
+    assert torch.equal(layer.dense_weight().detach(), w0 * m)
+    assert torch.equal(layer.weight.detach(), w0 * m)  # .weight reads the dense weight on the sparse path too
+    layer.set_mask(m & (torch.rand(8, 10) < 0.5), path="dense")
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
+    assert layer.weight._sparse_lth_mask is layer.weight_mask
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "adam", "adamw"])
+def test_pruned_weights_stay_zero_under_optimizers(path, opt):
+    torch.manual_seed(0)
+    model = sparsify(Small(), path=path)
+    gen = torch.Generator().manual_seed(7)
+    for _, layer in sparse_layers(model):
+        layer.set_mask(random_mask(layer.weight_shape, 0.2, gen))
+    params = model.parameters()
+    o = {
+        "sgd": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2),
+        "sgd_nesterov": lambda: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3),
+        "adam": lambda: torch.optim.Adam(params, lr=1e-2, weight_decay=1e-3),
+        "adamw": lambda: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    }[opt]()
+    before = {n: l.dense_weight().detach().clone() for n, l in sparse_layers(model)}
+    for _ in range(15):
+        o.zero_grad()
+        loss = F.cross_entropy(model(torch.randn(4, 3, 12, 12)), torch.randint(0, 4, (4,)))
+        loss.backward()
+        o.step()
+    for n, layer in sparse_layers(model):
+        w = layer.dense_weight().detach()
+        assert torch.all(w[~layer.weight_mask] == 0), n
+        assert not torch.equal(w[layer.weight_mask], before[n][layer.weight_mask]), f"{n} did not train"
+
+
+def test_auto_path_on_cpu():
+    gen = torch.Generator().manual_seed(8)
+    lin = SparseLinear(64, 64)
+    assert lin.path == "dense"  # fully dense
+    lin.set_mask(random_mask((64, 64), 0.02, gen))
+    assert lin.path == "sparse"
+    lin.set_mask(random_mask((64, 64), 0.6, gen))
+    assert lin.path == "dense"
+    conv = SparseConv2d(4, 4, 3)
+    conv.set_mask(random_mask(conv.weight_shape, 0.02, gen))
+    assert conv.path == "dense"  # the torch conv sparse path never pays on the CPU
+    model = sparsify(Small())
+    for _, layer in sparse_layers(model):
+        layer.set_mask(random_mask(layer.weight_shape, 0.05, gen))
+    paths = choose_paths(model, torch.randn(2, 3, 12, 12))
+    assert paths["conv"] == "dense"
+    for name in ("head.1", "head.3"):
+        layer = dict(sparse_layers(model))[name]
+        assert paths[name] == ("sparse" if layer.density <= CPU_LINEAR_SPARSE_MAX_DENSITY else "dense")
+
+
+def test_bad_input_is_refused_clearly():
+    layer = SparseLinear(5, 3)
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_mask(torch.ones(5, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="NaN"):
+        layer.set_mask(torch.full((3, 5), float("nan")))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        layer.set_mask(torch.full((3, 5), 0.5))
+    with pytest.raises(TypeError, match="bool or real"):
+        layer.set_mask(torch.ones(3, 5, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        layer.set_mask([[1] * 5] * 3)
+    with pytest.raises(ValueError, match="path"):
+        layer.set_mask(torch.ones(3, 5), path="fast")
+    with pytest.raises(ValueError, match="features"):
+        layer(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="different|on meta"):
+        layer(torch.randn(2, 5, device="meta"))
+    layer.set_mask(torch.ones(3, 5), path="sparse")
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(2, 5, dtype=torch.float64))
+    conv = SparseConv2d(2, 4, 3, groups=2)
+    with pytest.raises(ValueError, match="expected input"):
+        conv(torch.randn(1, 3, 5, 5))
+    with pytest.raises(RuntimeError, match="triton"):
+        SparseLinear(4, 4, backend="triton")  # no CUDA tensors here
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("cpu", "cuda-magic")
+    with pytest.raises(KeyError, match="not Linear/Conv2d"):
+        sparsify(Small(), masks={"bn": torch.ones(8)})
+
+
+def test_mask_accepts_zero_one_numbers_and_env_backend(monkeypatch):
+    layer = SparseLinear(4, 3)
+    layer.set_mask(torch.tensor([[1, 0, 1, 0]] * 3), path="sparse")
+    assert layer.nnz == 6
+    monkeypatch.setenv("SPARSE_LTH_BACKEND", "torch")
+    assert layer.backend == "torch"
+    monkeypatch.setenv("SPARSE_LTH_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match=r"SPARSE_LTH_BACKEND"):
+        _ = layer.backend
