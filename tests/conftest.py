@@ -8,8 +8,25 @@ if "TRITON_INTERPRET" not in os.environ:
     if not torch.cuda.is_available():
         os.environ["TRITON_INTERPRET"] = "1"
 
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def find_shared_data() -> pathlib.Path:
+    """The real MNIST / Fashion-MNIST folder: $SPARSE_LTH_DATA, else ../shared/data beside the checkout (as in
+    CI), else /work/shared/data. The tests that need it fail (never skip) when it is missing."""
+    for p in (os.environ.get("SPARSE_LTH_DATA"), REPO.parent / "shared" / "data", "/work/shared/data"):
+        if p and (pathlib.Path(p) / "MNIST" / "raw").is_dir():
+            return pathlib.Path(p)
+    raise FileNotFoundError("the shared data folder (MNIST/raw, FashionMNIST/raw) was not found: set "
+                            "SPARSE_LTH_DATA or put it at ../shared/data beside the checkout")
+
+
+SHARED_DATA = find_shared_data()
 
 
 @pytest.fixture

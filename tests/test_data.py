@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sparse_lth.data import DATASETS, NORMALIZATION, DeviceDataset, data_root, load_dataset
 
-SHARED = pathlib.Path("/work/shared/data")
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 # real per-class counts of the MNIST training set; Fashion-MNIST is balanced (6,000 / 1,000 per class)
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 

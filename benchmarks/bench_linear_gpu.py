@@ -1,0 +1,366 @@
+#!/usr/bin/env python
+"""Benchmark the Triton sparse linear kernels against dense masking and torch.sparse CSR on a CUDA GPU.
+
+Layers (rows x cols at batch B): LeNet-300-100's 300x784 and 100x300 at batch 60, a conv-sized 512x4608 at batch
+2048 and 4096x4096 at batch 4096; densities 100/50/20/10/5/2/1 %; ops ``fwd``, ``bwd`` (input + weight + bias
+gradients) and ``fwd+bwd``.
+
+Implementations (the ``impl`` column):
+
+* ``sparse_triton``    kernels/sparse_linear.py on compact values (fp32, or bf16 values/activations with fp32
+                       accumulation and fp32 weight gradients)
+* ``dense_mask``       what users do today: ``F.linear(x, W * mask, b)`` through autograd, the weight gradient
+                       masked after backward; fp32 with TF32 *off* (torch.backends.cuda.matmul.allow_tf32 = False)
+* ``dense_mask_autocast`` the same under ``torch.autocast("cuda", dtype=torch.bfloat16)`` (the bf16 rows)
+* ``torch_sparse_csr`` torch.sparse CSR (cuSPARSE): forward ``W_csr @ x^T``, input gradient through a CSR of W^T
+                       (gathering values by t_perm, as torch has no shared transposed view), weight gradient by
+                       ``torch.sparse.sampled_addmm``
+* ``build_format``     (op ``build_format``) the index build that runs once per mask, i.e. once per IMP round
+
+Timing: ``triton.testing.do_bench`` (it clears L2 before every timed call) medians and 20/80 % quantiles; inputs
+are also rotated among up to 8 copies when one set is smaller than 64 MiB. peak_mem_bytes is the peak of
+``torch.cuda.max_memory_allocated`` over one call, with only that implementation's state and its inputs resident
+(plus the shared bool mask, rows*cols bytes; the rotated input copies count too, but only for small layers).
+
+Rows go to ``benchmarks/results/linear_<device-slug>.csv``; a table with speedups against fp32 dense masking (and
+against bf16-autocast dense masking for the bf16 rows) is printed.
+
+    python benchmarks/bench_linear_gpu.py                 # everything (a few minutes on an H100)
+    python benchmarks/bench_linear_gpu.py --quick         # one small shape, three densities
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = [  # (rows, cols, batch)
+    (300, 784, 60),
+    (100, 300, 60),
+    (512, 4608, 2048),
+    (4096, 4096, 4096),
+]
+DENSITIES = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01]
+OPS = ["fwd", "bwd", "fwd+bwd"]
+IMPLS = ["sparse_triton", "dense_mask", "torch_sparse_csr"]
+DTYPES = ["fp32", "bf16"]
+FIELDS = ["op", "shape", "batch", "density", "dtype", "impl", "median_ms", "p20", "p80", "peak_mem_bytes",
+          "device", "commit"]
+L2_BYTES = 64 << 20  # rotate inputs while one set is smaller than this (H100 L2: 50 MB)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=None, metavar="ROWSxCOLSxBATCH",
+                   help="layers to run, e.g. 300x784x60 (default: the four layers above)")
+    p.add_argument("--densities", nargs="+", type=float, default=DENSITIES, metavar="D",
+                   help="fractions of live weights (default: %(default)s)")
+    p.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
+    p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS,
+                   help="implementations (dense_mask means dense_mask_autocast for the bf16 rows)")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=DTYPES)
+    p.add_argument("--no-build-format", action="store_true", help="skip timing build_format")
+    p.add_argument("--warmup", type=int, default=25, help="do_bench warmup time in ms (default: %(default)s)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time in ms (default: %(default)s)")
+    p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
+    p.add_argument("--out", type=Path, default=None,
+                   help="CSV file (default: benchmarks/results/linear_<device-slug>.csv; rows are appended)")
+    p.add_argument("--quick", action="store_true", help="one small layer, densities 1, 0.1, 0.01, fast timing")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.shapes is None:
+        args.shapes = [f"{r}x{c}x{b}" for r, c, b in SHAPES]
+    shapes = []
+    for s in args.shapes:
+        m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", s)
+        if not m:
+            p.error(f"bad shape {s!r}: expected ROWSxCOLSxBATCH, e.g. 300x784x60")
+        shapes.append(tuple(int(v) for v in m.groups()))
+    args.shapes = shapes
+    for d in args.densities:
+        if not 0.0 < d <= 1.0:
+            p.error(f"density {d} is not in (0, 1]")
+    if args.quick:
+        args.shapes, args.densities, args.warmup, args.rep = [(300, 784, 60)], [1.0, 0.1, 0.01], 10, 30
+    return args
+
+
+def device_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("bench_linear_gpu.py measures the Triton kernels compiled on a CUDA GPU; no usable GPU here "
+              "(torch.cuda.is_available() is False or TRITON_INTERPRET is set). Nothing was run.", file=sys.stderr)
+        return 2
+
+    import torch.nn.functional as F
+    import triton
+    from triton.testing import do_bench
+
+    from sparse_lth.kernels.format import build_format
+    from sparse_lth.kernels.sparse_linear import (
+        reference_backward_input, reference_backward_weight, reference_forward,
+        sparse_linear_backward_input, sparse_linear_backward_weight, sparse_linear_forward,
+    )
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    commit = git_commit()
+    out_path = args.out or ROOT / "benchmarks" / "results" / f"linear_{device_slug(name)}.csv"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not out_path.exists()
+    fh = open(out_path, "a", newline="")
+    writer = csv.DictWriter(fh, fieldnames=FIELDS)
+    if new_file:
+        writer.writeheader()
+    print(f"device: {name}  triton {triton.__version__}  torch {torch.__version__}  commit {commit}")
+    print(f"results -> {out_path}")
+
+    results = []  # (op, shape, batch, density, dtype, impl, median)
+
+    def record(op, rows, cols, batch, density, dtype, impl, q, peak):
+        med, p20, p80 = q
+        row = dict(op=op, shape=f"{rows}x{cols}", batch=batch, density=density, dtype=dtype, impl=impl,
+                   median_ms=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", peak_mem_bytes=peak, device=name,
+                   commit=commit)
+        writer.writerow(row)
+        fh.flush()
+        results.append((op, f"{rows}x{cols}", batch, density, dtype, impl, med))
+
+    def bench(fn):
+        return do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
+
+    def peak_of(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    def free():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    gen = torch.Generator(device=dev)
+    for rows, cols, batch in args.shapes:
+        for density in args.densities:
+            gen.manual_seed(args.seed)
+            n = rows * cols
+            nnz = max(1, int(round(density * n)))
+            mask = torch.zeros(n, dtype=torch.bool, device=dev)
+            mask[torch.randperm(n, device=dev, generator=gen)[:nnz]] = True
+            mask = mask.view(rows, cols)
+            fmt = build_format(mask)
+            w_full = torch.randn(rows, cols, device=dev, generator=gen) / math.sqrt(cols)
+            w_full *= mask
+
+            if not args.no_build_format:
+                q = bench(lambda: build_format(mask))
+                record("build_format", rows, cols, batch, density, "bool", "build_format", q,
+                       peak_of(lambda: build_format(mask)))
+
+            for dtype_name in args.dtypes:
+                dt = torch.float32 if dtype_name == "fp32" else torch.bfloat16
+                in_bytes = batch * (rows + cols) * (4 if dt == torch.float32 else 2)
+                n_rot = max(1, min(8, L2_BYTES // max(1, in_bytes)))
+                for impl in args.impls:
+                    impl_name = "dense_mask_autocast" if (impl == "dense_mask" and dt != torch.float32) else impl
+                    try:
+                        fns = make_impl(impl, dt, torch, F, fmt, mask, w_full, rows, cols, batch, n_rot, gen, dev,
+                                        sparse_linear_forward, sparse_linear_backward_input,
+                                        sparse_linear_backward_weight)
+                    except Exception as e:  # e.g. a torch.sparse op without bf16 support
+                        print(f"  skip {impl_name} {dtype_name} {rows}x{cols}: {type(e).__name__}: {e}")
+                        free()
+                        continue
+                    if impl == "sparse_triton" and not args.no_check:
+                        check(fns["state"], fmt, dt, torch, reference_forward, reference_backward_input,
+                              reference_backward_weight, sparse_linear_forward, sparse_linear_backward_input,
+                              sparse_linear_backward_weight, f"{rows}x{cols}x{batch} d={density} {dtype_name}")
+                    # compile and autotune outside the timed and memory-measured calls
+                    fns["single_fwd"]()
+                    fns["single_bwd"]()
+                    fns["single_fwd+bwd"]()
+                    torch.cuda.synchronize()
+                    for op in args.ops:
+                        fn = fns[op]
+                        try:
+                            peak = peak_of(fns["single_" + op])
+                            q = bench(fn)
+                        except Exception as e:
+                            print(f"  skip {impl_name} {op} {dtype_name} {rows}x{cols}: {type(e).__name__}: {e}")
+                            continue
+                        record(op, rows, cols, batch, density, dtype_name, impl_name, q, peak)
+                    del fns
+                    free()
+            del mask, fmt, w_full
+            free()
+    fh.close()
+    print_table(results)
+    return 0
+
+
+def make_impl(impl, dt, torch, F, fmt, mask, w_full, rows, cols, batch, n_rot, gen, dev,
+              sparse_linear_forward, sparse_linear_backward_input, sparse_linear_backward_weight):
+    """Closures {fwd, bwd, fwd+bwd, single_*} for one implementation; inputs rotate among n_rot copies."""
+    # activations arrive in dt (under bf16 autocast a hidden layer's input is the previous layer's bf16 output)
+    xs = [torch.randn(batch, cols, device=dev, generator=gen).to(dt) for _ in range(n_rot)]
+    dys = [torch.randn(batch, rows, device=dev, generator=gen).to(dt) for _ in range(n_rot)]
+    it = [0]
+
+    def nxt():
+        it[0] = (it[0] + 1) % n_rot
+        return it[0]
+
+    if impl == "sparse_triton":
+        values = w_full[mask].to(dt).contiguous()
+        bias = torch.zeros(rows, device=dev, dtype=dt)
+        # what the autograd Function does: one batch-minor copy of x serves the forward and the weight gradient
+        xts = [x.t().contiguous().t() for x in xs]
+
+        def fwd(i=None):
+            i = nxt() if i is None else i
+            return sparse_linear_forward(xts[i], values, fmt, bias)
+
+        def bwd(i=None):
+            i = nxt() if i is None else i
+            dx = sparse_linear_backward_input(dys[i], values, fmt)
+            dv = sparse_linear_backward_weight(dys[i], xts[i], fmt, out_dtype=torch.float32)
+            db = dys[i].sum(0, dtype=torch.float32)
+            return dx, dv, db
+
+        def both():
+            i = nxt()
+            fwd(i)
+            return bwd(i)
+
+        state = dict(values=values, bias=bias, x=xts[0], dy=dys[0])
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "single_fwd": lambda: fwd(0), "single_bwd": lambda: bwd(0),
+                "single_fwd+bwd": both, "state": state}
+
+    if impl == "dense_mask":
+        w = w_full.clone().requires_grad_(True)
+        b = torch.zeros(rows, device=dev, requires_grad=True)
+        fmask = mask.to(torch.float32)
+        xs = [x.requires_grad_(True) for x in xs]
+        ac = dt != torch.float32
+
+        def fwd(i=None):
+            i = nxt() if i is None else i
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ac):
+                return F.linear(xs[i], w * fmask, b)
+
+        ys = [fwd(i) for i in range(n_rot)]  # graphs kept for the backward-only timing
+
+        def bwd(i=None):
+            i = nxt() if i is None else i
+            w.grad = b.grad = xs[i].grad = None
+            ys[i].backward(dys[i].to(ys[i].dtype), retain_graph=True)
+            w.grad.mul_(fmask)  # masked gradient: pruned weights stay zero
+
+        def both():
+            i = nxt()
+            w.grad = b.grad = xs[i].grad = None
+            y = fwd(i)
+            y.backward(dys[i].to(y.dtype))
+            w.grad.mul_(fmask)
+
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "single_fwd": lambda: fwd(0), "single_bwd": lambda: bwd(0),
+                "single_fwd+bwd": both}
+
+    if impl == "torch_sparse_csr":
+        vals = w_full[mask].to(dt).contiguous()
+        crow, col = fmt.row_ptr.to(torch.int64), fmt.col_idx.to(torch.int64)
+        tcrow, tcol, tperm = fmt.col_ptr.to(torch.int64), fmt.t_row_idx.to(torch.int64), fmt.t_perm.to(torch.int64)
+        bias = torch.zeros(rows, device=dev, dtype=dt)
+        w_csr = torch.sparse_csr_tensor(crow, col, vals, (rows, cols))
+        pattern = torch.sparse_csr_tensor(crow, col, torch.zeros_like(vals), (rows, cols))
+
+        def fwd(i=None):
+            i = nxt() if i is None else i
+            return (w_csr @ xs[i].t()).t() + bias
+
+        def bwd(i=None):
+            i = nxt() if i is None else i
+            wt_csr = torch.sparse_csr_tensor(tcrow, tcol, vals[tperm], (cols, rows))  # values regathered per step
+            dx = (wt_csr @ dys[i].t()).t()
+            dw = torch.sparse.sampled_addmm(pattern, dys[i].t(), xs[i], beta=0.0)
+            db = dys[i].sum(0)
+            return dx, dw, db
+
+        def both():
+            i = nxt()
+            fwd(i)
+            return bwd(i)
+
+        fwd(0), bwd(0)  # raise here (caught by the caller) if an op lacks this dtype
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "single_fwd": lambda: fwd(0), "single_bwd": lambda: bwd(0),
+                "single_fwd+bwd": both}
+
+    raise ValueError(impl)
+
+
+def check(state, fmt, dt, torch, ref_f, ref_i, ref_w, fwd, bwd_i, bwd_w, label):
+    """Warn (loudly) when the kernels disagree with the float64 references on the benchmark's own inputs."""
+    x, v, b, dy = state["x"], state["values"], state["bias"], state["dy"]
+    tol = 1e-4 if dt == torch.float32 else 2e-2
+    pairs = [("forward", fwd(x, v, fmt, b), ref_f(x.double(), v.double(), fmt, b.double())),
+             ("backward_input", bwd_i(dy, v, fmt), ref_i(dy.double(), v.double(), fmt)),
+             ("backward_weight", bwd_w(dy, x, fmt, out_dtype=torch.float32), ref_w(dy.double(), x.double(), fmt))]
+    for what, got, ref in pairs:
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        err = (got.double() - ref).abs().max().item() if ref.numel() else 0.0
+        if not math.isfinite(err) or err > tol * max(1.0, scale):
+            print(f"  !! MISMATCH {label} {what}: max err {err:.3g} (scale {scale:.3g})")
+
+
+def print_table(results):
+    base = {}
+    for op, shape, batch, density, dtype, impl, med in results:
+        if impl == "dense_mask" and dtype == "fp32":
+            base[(op, shape, batch, density, "fp32")] = med
+        if impl == "dense_mask_autocast":
+            base[(op, shape, batch, density, "bf16")] = med
+    hdr = f"{'op':<13}{'shape':>11}{'batch':>6}{'density':>8} {'dtype':<5} {'impl':<20}{'median ms':>11}" \
+          f"{'vs fp32 dense':>15}{'vs bf16 dense':>15}"
+    print()
+    print(hdr)
+    print("-" * len(hdr))
+    for op, shape, batch, density, dtype, impl, med in results:
+        f32 = base.get((op, shape, batch, density, "fp32"))
+        b16 = base.get((op, shape, batch, density, "bf16"))
+        s32 = f"{f32 / med:.2f}x" if f32 and op != "build_format" else ""
+        s16 = f"{b16 / med:.2f}x" if b16 and op != "build_format" else ""
+        print(f"{op:<13}{shape:>11}{batch:>6}{density:>8.3g} {dtype:<5} {impl:<20}{med:>11.4f}{s32:>15}{s16:>15}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,463 @@
+"""Triton kernels for a sparse linear layer ``Y = X W^T + b`` and its two gradients.
+
+``W`` (``out_features x in_features`` = ``rows x cols`` of a :class:`~.format.SparseFormat`) is held as its compact
+live ``values`` (length ``nnz``, CSR order) plus the format ``fmt`` built once per mask by
+:func:`~.format.build_format`.
+
+Public ops (tensors in, tensors out; no autograd)::
+
+    sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=None, config=None) -> y      (B, rows)
+    sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None) -> dx                    (B, cols)
+    sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, config=None) -> dvalues   (nnz,)
+
+and their plain-torch references ``reference_forward``, ``reference_backward_input``,
+``reference_backward_weight`` (dense-mask based, computed in float64, returned in the op's output dtype).
+
+Design (see ``notes/sparse_linear.md``)
+--------------------------------------
+Every kernel works on *batch-minor* ("transposed") activations, so that each gather of a sparse index is one
+contiguous vector over a block of the batch:
+
+* forward          ``y_t[r, b]  = sum_{k in row_ptr[r]:row_ptr[r+1]}  values[k]          * x_t[col_idx[k], b]``
+* input gradient   ``dx_t[c, b] = sum_{k in col_ptr[c]:col_ptr[c+1]}  values[t_perm[k]]  * dy_t[t_row_idx[k], b]``
+* weight gradient  ``dvalues[k] = sum_b dy_t[row_idx[k], b] * x_t[col_idx[k], b]``     (a sampled dense-dense product)
+
+The forward and the input gradient are one kernel (``_spmm_t_kernel``), with or without the ``t_perm``
+indirection into the same ``values``: no per-step copy or transpose of the weights. One program computes
+``BLOCK_R`` output rows (``r``, or ``c`` for the input gradient) for one block of ``BLOCK_B`` batch entries. The
+rows are taken consecutively from ``fmt.row_order`` / ``fmt.col_order`` (longest first), so the rows of a program
+have similar lengths and the longest rows start first. A program walks its rows' nonzeros ``BLOCK_K`` at a time,
+gathering a ``(BLOCK_R, BLOCK_K, BLOCK_B)`` tile and accumulating in fp32 registers, and reduces over ``k`` once
+at the end; bias and ReLU are applied in the epilogue. Programs are numbered batch-block-major, so the programs in
+flight share one ``(n_in, BLOCK_B)`` slab of the dense operand in L2.
+
+The weight gradient (``_sddmm_t_kernel``) gives each program ``BLOCK_NNZ`` consecutive live weights (perfect load
+balance whatever the row lengths) and loops over the whole batch; consecutive live weights mostly share a row, so
+the ``dy`` gathers mostly hit L1.
+
+With ``activation="relu"`` the caller keeps ``y`` (or ``y > 0``) to mask ``dy`` before the two gradients.
+
+Layouts: ``x`` may have any strides. A ``(B, n)`` tensor whose batch stride is 1 (e.g. ``x_t.t()`` of a
+contiguous ``x_t``) is used as it is; any other is transposed once into a contiguous ``(n, B)`` copy. Outputs
+``y`` and ``dx`` are allocated batch-minor, i.e. they are ``(B, n)`` tensors with strides ``(1, B)``
+(``y.t()`` is contiguous), so a chain of sparse layers never transposes; pass ``out=`` to choose another layout.
+
+The bias gradient is *not* fused: it is ``dy.sum(0)`` and is left to the caller.
+
+Index contents (monotone pointers, indices in range) are trusted as built by ``build_format``; their lengths,
+dtypes and devices are checked on every call (checking contents would need a device sync per step).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._triton import HAS_TRITON, check_launch, interpreting
+from .format import SparseFormat, to_dense
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+__all__ = [
+    "sparse_linear_forward", "sparse_linear_backward_input", "sparse_linear_backward_weight",
+    "reference_forward", "reference_backward_input", "reference_backward_weight",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REF_DTYPES = _FLOAT_DTYPES + (torch.float64,)
+_ACTIVATIONS = (None, "relu")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["nnz"])
+    def _spmm_t_kernel(
+        # sparse operand: pointers [n_out + 1], indices into the dense operand [nnz], values (via perm if HAS_PERM)
+        ptr_ptr, idx_ptr, val_ptr, perm_ptr,
+        # processing order of the output rows [n_out] (a permutation; longest rows first balances the load)
+        order_ptr,
+        # dense operand in_t[i, b], output out_t[o, b], bias [n_out]
+        in_ptr, out_ptr, bias_ptr,
+        # sizes (nnz is only the autotuner's key: a new mask is tuned anew)
+        n_out, n_b, nnz,
+        # strides (in elements)
+        stride_in_i, stride_in_b,
+        stride_out_o, stride_out_b,
+        # meta-parameters
+        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """out_t[o, b] = act(sum_{k in ptr[o]:ptr[o+1]} val[k or perm[k]] * in_t[idx[k], b] + bias[o]) for BLOCK_R
+        output rows (consecutive in ``order``, hence of similar length) and one block of BLOCK_B batch entries."""
+        pid = tl.program_id(0)
+        n_rblk = tl.cdiv(n_out, BLOCK_R)
+        # batch-block-major numbering: the programs in flight share one slab in_t[:, b-block] in L2
+        pid_b = pid // n_rblk
+        pid_r = pid % n_rblk
+
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < n_out
+        o = tl.load(order_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)              # [BLOCK_R]
+        start = tl.load(ptr_ptr + o, mask=mask_r, other=0).to(tl.int64)
+        length = tl.load(ptr_ptr + o + 1, mask=mask_r, other=0).to(tl.int64) - start     # 0 for masked rows
+        max_len = tl.max(length, axis=0)
+
+        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n_b
+        in_b = in_ptr + offs_b[None, None, :] * stride_in_b                              # [1, 1, BLOCK_B]
+
+        acc = tl.zeros((BLOCK_R, BLOCK_K, BLOCK_B), dtype=tl.float32)
+        for k0 in range(0, max_len, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = kk[None, :] < length[:, None]                                       # [BLOCK_R, BLOCK_K]
+            offs_k = start[:, None] + kk[None, :]
+            idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+            if HAS_PERM:
+                pos = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                v = tl.load(val_ptr + pos, mask=mask_k, other=0.0)
+            else:
+                v = tl.load(val_ptr + offs_k, mask=mask_k, other=0.0)
+            xt = tl.load(in_b + idx[:, :, None] * stride_in_i,
+                         mask=mask_k[:, :, None] & mask_b[None, None, :], other=0.0)     # [BLOCK_R, BLOCK_K, BLOCK_B]
+            acc += v.to(tl.float32)[:, :, None] * xt.to(tl.float32)
+
+        y = tl.sum(acc, axis=1)                                                          # [BLOCK_R, BLOCK_B]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + o, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        out_ptrs = out_ptr + o[:, None] * stride_out_o + offs_b[None, :] * stride_out_b
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_b[None, :])
+
+    @triton.jit
+    def _sddmm_t_kernel(
+        # CSR coordinates of the live weights [nnz]
+        row_idx_ptr, col_idx_ptr,
+        # dense operands dy_t[r, b], x_t[c, b]; output dvalues [nnz]
+        dy_ptr, x_ptr, out_ptr,
+        # sizes
+        nnz, n_b,
+        # strides (in elements)
+        stride_dy_r, stride_dy_b,
+        stride_x_c, stride_x_b,
+        stride_out,
+        # meta-parameters
+        BLOCK_NNZ: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """out[k] = sum_b dy_t[row_idx[k], b] * x_t[col_idx[k], b] for one block of BLOCK_NNZ live weights."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs_k = pid * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
+        mask_k = offs_k < nnz
+        r = tl.load(row_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        c = tl.load(col_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        dy_rows = dy_ptr + r[:, None] * stride_dy_r
+        x_rows = x_ptr + c[:, None] * stride_x_c
+
+        acc = tl.zeros((BLOCK_NNZ, BLOCK_B), dtype=tl.float32)
+        for b0 in range(0, n_b, BLOCK_B):
+            offs_b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+            m = mask_k[:, None] & (offs_b < n_b)[None, :]
+            g = tl.load(dy_rows + offs_b[None, :] * stride_dy_b, mask=m, other=0.0)
+            a = tl.load(x_rows + offs_b[None, :] * stride_x_b, mask=m, other=0.0)
+            acc += g.to(tl.float32) * a.to(tl.float32)
+
+        dv = tl.sum(acc, axis=1)
+        tl.store(out_ptr + offs_k * stride_out, dv.to(out_ptr.dtype.element_ty), mask=mask_k)
+
+    # Autotuning (compiled GPU runs only; the interpreter uses the fixed heuristic configs below). The key holds
+    # nnz, so a new mask (a new IMP round) is tuned anew: a few configs, once per layer and round.
+    _SPMM_CONFIGS = [
+        # (BLOCK_R, BLOCK_K, BLOCK_B, num_warps); BLOCK_R * BLOCK_K * BLOCK_B <= 32 fp32 accumulators per thread
+        (8, 16, 16, 4), (4, 16, 32, 4), (4, 16, 64, 4), (2, 32, 64, 4), (1, 32, 64, 2),
+        (2, 16, 128, 4), (1, 32, 128, 4), (1, 16, 256, 4),
+    ]
+    _SDDMM_CONFIGS = [
+        # (BLOCK_NNZ, BLOCK_B, num_warps)
+        (32, 32, 2), (64, 32, 4), (32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8),
+    ]
+    _tuned: dict = {}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _autotune_enabled() -> bool:
+    return not interpreting() and os.environ.get("SPARSE_LTH_AUTOTUNE", "1") not in ("0", "")
+
+
+def _b_cap(n_b: int) -> int:
+    """Largest useful batch block for a batch of n_b (at least 32, so that every tuned list is non-empty)."""
+    return max(32, _next_pow2(n_b))
+
+
+def _spmm_heuristic(n_b: int) -> dict:
+    block_b = min(128, max(16, _next_pow2(n_b)))
+    if interpreting():  # few, large programs and steps: the interpreter's cost is per program and per step
+        return {"BLOCK_R": 32, "BLOCK_K": 64, "BLOCK_B": min(block_b, 64), "num_warps": 4}
+    block_r = min(8, max(1, 256 // block_b))
+    return {"BLOCK_R": block_r, "BLOCK_K": min(32, max(8, 4096 // (block_r * block_b))), "BLOCK_B": block_b,
+            "num_warps": 4}
+
+
+def _sddmm_heuristic(n_b: int) -> dict:
+    block_b = min(128, max(16, _next_pow2(n_b)))
+    if interpreting():
+        return {"BLOCK_NNZ": 256, "BLOCK_B": min(block_b, 64), "num_warps": 4}
+    return {"BLOCK_NNZ": 64 if block_b <= 64 else 32, "BLOCK_B": block_b, "num_warps": 4}
+
+
+def _tuned_kernel(kind: str, n_b: int):
+    cap = _b_cap(n_b)
+    key = (kind, cap)
+    if key not in _tuned:
+        if kind == "spmm":
+            cfgs = [triton.Config({"BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b}, num_warps=w)
+                    for r, k, b, w in _SPMM_CONFIGS if b <= cap]
+            _tuned[key] = triton.autotune(configs=cfgs, key=["n_out", "n_b", "nnz"])(_spmm_t_kernel)
+        else:
+            cfgs = [triton.Config({"BLOCK_NNZ": k, "BLOCK_B": b}, num_warps=w) for k, b, w in _SDDMM_CONFIGS
+                    if b <= cap]
+            _tuned[key] = triton.autotune(configs=cfgs, key=["nnz", "n_b"])(_sddmm_t_kernel)
+    return _tuned[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------------------------
+def _check_fmt(fmt, op: str) -> None:
+    if not isinstance(fmt, SparseFormat):
+        raise TypeError(f"{op}: fmt must be a SparseFormat (from build_format), got {type(fmt).__name__}")
+    try:
+        fmt.validate()
+    except ValueError as e:
+        raise ValueError(f"{op}: invalid SparseFormat: {e}") from None
+    if fmt.rows < 0 or fmt.cols < 0 or fmt.nnz < 0 or fmt.nnz > fmt.rows * fmt.cols:
+        raise ValueError(f"{op}: invalid SparseFormat sizes rows={fmt.rows} cols={fmt.cols} nnz={fmt.nnz}")
+
+
+def _check_dense(t, name: str, shape: tuple, op: str, dtypes=_FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and t.shape[i] != s for i, s in enumerate(shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {want}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: " + ", ".join(str(d) for d in dtypes))
+
+
+def _check_same_dtype(op: str, **named) -> None:
+    dts = {k: v.dtype for k, v in named.items() if v is not None}
+    if len(set(dts.values())) > 1:
+        raise TypeError(f"{op}: dtypes must match: " + ", ".join(f"{k}={d}" for k, d in dts.items()))
+
+
+def _check_devices(op: str, fmt: SparseFormat, **named) -> None:
+    devs = {k: v.device for k, v in named.items() if v is not None}
+    devs["fmt"] = fmt.device
+    if len(set(devs.values())) > 1:
+        where = ", ".join(f"{k} on {d}" for k, d in devs.items())
+        raise ValueError(f"{op}: tensors are on different devices: {where}")
+
+
+def _check_out(out, shape: tuple, dtype, device, op: str) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"{op}: out is {tuple(out.shape)} {out.dtype} on {out.device}, "
+                         f"expected {tuple(shape)} {dtype} on {device}")
+
+
+def _check_activation(activation, op: str) -> None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
+
+
+def _batch_minor(t: torch.Tensor) -> torch.Tensor:
+    """The (n, B) transpose of a (B, n) tensor with unit stride along B: a view when t already has it, else a copy."""
+    if t.shape[0] <= 1 or t.stride(0) == 1:
+        return t.t()
+    return t.t().contiguous()
+
+
+def _alloc_batch_minor(n_b: int, n: int, dtype, device) -> torch.Tensor:
+    """A (B, n) tensor with strides (1, B): its transpose is contiguous."""
+    return torch.empty((n, n_b), dtype=dtype, device=device).t()
+
+
+def _meta(config: dict | None, default: dict, names: tuple, op: str) -> dict:
+    if config is None:
+        return default
+    meta = dict(config)
+    meta.setdefault("num_warps", 4)
+    missing = [n for n in names if n not in meta]
+    extra = [n for n in meta if n not in names + ("num_warps", "num_stages")]
+    if missing or extra:
+        raise ValueError(f"{op}: config needs keys {names} (+ num_warps, num_stages); "
+                         f"missing {missing}, unknown {extra}")
+    for n in names:
+        v = meta[n]
+        if not isinstance(v, int) or v < 1 or v & (v - 1):
+            raise ValueError(f"{op}: config[{n!r}] must be a power of two, got {v!r}")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, op):
+    """out_t (n_out, n_b) view, in_t (n_in, n_b) view; all checked by the caller."""
+    if n_out == 0 or n_b == 0:
+        return
+    has_perm = perm is not None
+    args = (ptr, idx, vals, perm if has_perm else idx, order, in_t, out_t, bias if bias is not None else out_t)
+    strides = (in_t.stride(0), in_t.stride(1), out_t.stride(0), out_t.stride(1))
+    flags = dict(HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu)
+    if config is None and _autotune_enabled():
+        kern = _tuned_kernel("spmm", n_b)
+        grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]) * triton.cdiv(n_b, meta["BLOCK_B"]),)  # noqa: E731
+        kern[grid](*args, n_out, n_b, nnz, *strides, **flags)
+        return
+    meta = _meta(config, _spmm_heuristic(n_b), ("BLOCK_R", "BLOCK_K", "BLOCK_B"), op)
+    grid = (triton.cdiv(n_out, meta["BLOCK_R"]) * triton.cdiv(n_b, meta["BLOCK_B"]),)
+    _spmm_t_kernel[grid](*args, n_out, n_b, nnz, *strides, **flags, **meta)
+
+
+def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=None, config=None):
+    """``y = act(x @ W^T + bias)`` with ``W`` the sparse ``(rows, cols)`` weight held as ``(values, fmt)``.
+
+    x: ``(B, cols)`` float32/float16/bfloat16, any strides; values: ``(nnz,)`` of x's dtype; bias: ``(rows,)`` of
+    x's dtype or None; activation: None or ``"relu"`` (fused). Accumulates in fp32. Returns ``y`` ``(B, rows)`` of
+    x's dtype, allocated batch-minor (``y.t()`` contiguous) unless ``out`` (any strides) is given.
+    ``config``: explicit meta-parameters ``{"BLOCK_R", "BLOCK_K", "BLOCK_B"[, "num_warps"]}`` instead of autotuning.
+    """
+    op = "sparse_linear_forward"
+    _check_fmt(fmt, op)
+    _check_activation(activation, op)
+    _check_dense(x, "x", (None, fmt.cols), op)
+    _check_dense(values, "values", (fmt.nnz,), op)
+    if bias is not None:
+        _check_dense(bias, "bias", (fmt.rows,), op)
+    _check_same_dtype(op, x=x, values=values, bias=bias)
+    _check_devices(op, fmt, x=x, values=values, bias=bias, out=out)
+    check_launch(x, values, bias, *fmt.tensors().values(), op=op)
+    n_b = x.shape[0]
+    if out is None:
+        out = _alloc_batch_minor(n_b, fmt.rows, x.dtype, x.device)
+    else:
+        _check_out(out, (n_b, fmt.rows), x.dtype, x.device, op)
+    _launch_spmm(fmt.row_ptr, fmt.col_idx, values, None, fmt.row_order, _batch_minor(x), out.t(), bias,
+                 activation == "relu", fmt.rows, n_b, fmt.nnz, config, op)
+    return out
+
+
+def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None):
+    """``dx = dy @ W`` through the transposed (CSC) view ``(col_ptr, t_row_idx, t_perm)`` into the same ``values``.
+
+    dy: ``(B, rows)``, any strides; values: ``(nnz,)`` of dy's dtype. Returns ``dx`` ``(B, cols)`` of dy's dtype,
+    allocated batch-minor unless ``out`` is given.
+    """
+    op = "sparse_linear_backward_input"
+    _check_fmt(fmt, op)
+    _check_dense(dy, "dy", (None, fmt.rows), op)
+    _check_dense(values, "values", (fmt.nnz,), op)
+    _check_same_dtype(op, dy=dy, values=values)
+    _check_devices(op, fmt, dy=dy, values=values, out=out)
+    check_launch(dy, values, *fmt.tensors().values(), op=op)
+    n_b = dy.shape[0]
+    if out is None:
+        out = _alloc_batch_minor(n_b, fmt.cols, dy.dtype, dy.device)
+    else:
+        _check_out(out, (n_b, fmt.cols), dy.dtype, dy.device, op)
+    _launch_spmm(fmt.col_ptr, fmt.t_row_idx, values, fmt.t_perm, fmt.col_order, _batch_minor(dy), out.t(), None,
+                 False, fmt.cols, n_b, fmt.nnz, config, op)
+    return out
+
+
+def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, config=None):
+    """``dvalues[k] = sum_b dy[b, row_idx[k]] * x[b, col_idx[k]]``: the weight gradient at the live positions only.
+
+    dy: ``(B, rows)``, x: ``(B, cols)``, same dtype, any strides. Accumulates in fp32; returns ``(nnz,)`` in
+    ``out_dtype`` (default: dy's dtype; float32 keeps full precision for bf16/fp16 inputs).
+    ``config``: ``{"BLOCK_NNZ", "BLOCK_B"[, "num_warps"]}``.
+    """
+    op = "sparse_linear_backward_weight"
+    _check_fmt(fmt, op)
+    _check_dense(dy, "dy", (None, fmt.rows), op)
+    _check_dense(x, "x", (dy.shape[0] if isinstance(dy, torch.Tensor) else None, fmt.cols), op)
+    _check_same_dtype(op, dy=dy, x=x)
+    out_dtype = dy.dtype if out_dtype is None else out_dtype
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    _check_devices(op, fmt, dy=dy, x=x, out=out)
+    check_launch(dy, x, *fmt.tensors().values(), op=op)
+    if out is None:
+        out = torch.empty(fmt.nnz, dtype=out_dtype, device=dy.device)
+    else:
+        _check_out(out, (fmt.nnz,), out_dtype, dy.device, op)
+    n_b = dy.shape[0]
+    if fmt.nnz == 0:
+        return out
+    if n_b == 0:
+        return out.zero_()
+    dy_t, x_t = _batch_minor(dy), _batch_minor(x)
+    args = (fmt.row_idx, fmt.col_idx, dy_t, x_t, out, fmt.nnz, n_b,
+            dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), out.stride(0))
+    if config is None and _autotune_enabled():
+        kern = _tuned_kernel("sddmm", n_b)
+        kern[lambda meta: (triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args)
+        return out
+    meta = _meta(config, _sddmm_heuristic(n_b), ("BLOCK_NNZ", "BLOCK_B"), op)
+    _sddmm_t_kernel[(triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, **meta)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-torch references (dense mask, float64)
+# ----------------------------------------------------------------------------------------------------------------
+def _dense64(values, fmt) -> torch.Tensor:
+    return to_dense(values.detach().to(torch.float64), fmt)
+
+
+def reference_forward(x, values, fmt, bias=None, activation=None):
+    """``act(x @ W^T + bias)`` through the dense masked weight, in float64; returned in x's dtype."""
+    op = "reference_forward"
+    _check_fmt(fmt, op)
+    _check_activation(activation, op)
+    _check_dense(x, "x", (None, fmt.cols), op, _REF_DTYPES)
+    _check_dense(values, "values", (fmt.nnz,), op, _REF_DTYPES)
+    if bias is not None:
+        _check_dense(bias, "bias", (fmt.rows,), op, _REF_DTYPES)
+    _check_devices(op, fmt, x=x, values=values, bias=bias)
+    y = x.detach().to(torch.float64) @ _dense64(values, fmt).t()
+    if bias is not None:
+        y = y + bias.detach().to(torch.float64)
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.to(x.dtype)
+
+
+def reference_backward_input(dy, values, fmt):
+    """``dy @ W`` through the dense masked weight, in float64; returned in dy's dtype."""
+    op = "reference_backward_input"
+    _check_fmt(fmt, op)
+    _check_dense(dy, "dy", (None, fmt.rows), op, _REF_DTYPES)
+    _check_dense(values, "values", (fmt.nnz,), op, _REF_DTYPES)
+    _check_devices(op, fmt, dy=dy, values=values)
+    return (dy.detach().to(torch.float64) @ _dense64(values, fmt)).to(dy.dtype)
+
+
+def reference_backward_weight(dy, x, fmt, *, out_dtype=None):
+    """``(dy^T @ x)`` at the live positions (CSR order), in float64; returned in ``out_dtype`` (default dy's)."""
+    op = "reference_backward_weight"
+    _check_fmt(fmt, op)
+    _check_dense(dy, "dy", (None, fmt.rows), op, _REF_DTYPES)
+    _check_dense(x, "x", (dy.shape[0], fmt.cols), op, _REF_DTYPES)
+    _check_devices(op, fmt, dy=dy, x=x)
+    g = dy.detach().to(torch.float64).t() @ x.detach().to(torch.float64)
+    return g[fmt.row_idx.long(), fmt.col_idx.long()].to(dy.dtype if out_dtype is None else out_dtype)
