@@ -1,0 +1,222 @@
+"""CPU benchmark: sparse-lth's layers against the dense-masking baseline, in one run.
+
+Cases (issue 2): a LeNet-300-100 training step (batch 60, Adam) and a 1024x1024 linear layer forward+backward
+(batch 256), at densities 100/20/5/2/1%. The baseline is DESIGN.md's dense masking: an eager model whose forward
+multiplies each weight by its mask, torch.optim, gradients masked and weights re-masked after each step. fp32.
+
+    python benchmarks/bench_layers_cpu.py            # writes benchmarks/results/layers_cpu_<machine>.{csv,md}
+
+Implementations timed against each other, interleaved within every repeat so machine noise hits all alike:
+``dense_masking`` (the baseline), ``sparse_lth_auto`` (the layer's own path choice), and the layer forced onto each
+path (``sparse_lth_dense``, ``sparse_lth_sparse``). Speed is reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparse_lth.layers import SparseLinear, sparse_layers, sparsify
+from sparse_lth.models import build_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DENSITIES = (1.0, 0.2, 0.05, 0.02, 0.01)
+
+
+def machine_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(s: str) -> str:
+    return "".join(c.lower() if c.isalnum() else "-" for c in s).strip("-").replace("--", "-")[:60]
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------- the dense-masking baseline
+class MaskedLinear(nn.Linear):
+    """What users do today: weight * mask in every forward (torch.nn.utils.prune style)."""
+
+    def __init__(self, linear: nn.Linear, mask: torch.Tensor):
+        super().__init__(linear.in_features, linear.out_features, linear.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(linear.weight * mask)
+            if linear.bias is not None:
+                self.bias.copy_(linear.bias)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+def masked_baseline(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        for cname, child in list(module.named_children()):
+            full = f"{name}.{cname}" if name else cname
+            if type(child) is nn.Linear:
+                setattr(module, cname, MaskedLinear(child, masks[full]))
+    return model
+
+
+def baseline_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    for m in model.modules():
+        if isinstance(m, MaskedLinear):
+            m.weight.grad.mul_(m.mask)
+    opt.step()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MaskedLinear):
+                m.weight.mul_(m.mask)
+
+
+def plain_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def layer_masks(model: nn.Module, density: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {n: torch.rand(m.weight.shape, generator=gen) < density
+            for n, m in model.named_modules() if type(m) is nn.Linear}
+
+
+# ------------------------------------------------------------------------- timing
+def interleaved_medians(fns: dict, repeats: int, inner: int, warmup: int = 3) -> dict[str, list[float]]:
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    samples = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            samples[k].append((time.perf_counter() - t0) / inner * 1e3)
+    return samples
+
+
+def quantiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=10)
+    return statistics.median(xs), q[1], q[7]
+
+
+def bench_lenet(density: float, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 1, 28, 28)
+    y = torch.randint(0, 10, (60,))
+    base = build_model("lenet300_100", seed=0)
+    masks = layer_masks(base, density, gen)
+    fns, paths = {}, {}
+    b = masked_baseline(build_model("lenet300_100", seed=0), masks)
+    bo = torch.optim.Adam(b.parameters(), lr=1.2e-3)
+    fns["dense_masking"] = lambda: baseline_step(b, bo, x, y)
+    for path in ("auto", "dense", "sparse"):
+        m = sparsify(build_model("lenet300_100", seed=0), masks=masks, path=path)
+        o = torch.optim.Adam(m.parameters(), lr=1.2e-3)
+        fns[f"sparse_lth_{path}"] = (lambda m=m, o=o: plain_step(m, o, x, y))
+        paths[f"sparse_lth_{path}"] = "/".join(l.path[0] for _, l in sparse_layers(m))
+    return {"samples": interleaved_medians(fns, repeats, inner=10), "paths": paths}
+
+
+def bench_linear(density: float, repeats: int) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    n, batch = 1024, 256
+    mask = torch.rand(n, n, generator=gen) < density
+    x = torch.randn(batch, n, generator=gen)
+    dy = torch.randn(batch, n, generator=gen)
+    ref = nn.Linear(n, n)
+    b = MaskedLinear(ref, mask)
+
+    def baseline():
+        xi = x.requires_grad_(True)
+        b.zero_grad(set_to_none=True)
+        b(xi).backward(dy)
+        b.weight.grad.mul_(b.mask)
+
+    fns, paths = {"dense_masking": baseline}, {}
+    for path in ("auto", "dense", "sparse"):
+        layer = SparseLinear.from_dense(ref, mask, path=path)
+
+        def run(layer=layer):
+            xi = x.requires_grad_(True)
+            layer.zero_grad(set_to_none=True)
+            layer(xi).backward(dy)
+
+        fns[f"sparse_lth_{path}"] = run
+        paths[f"sparse_lth_{path}"] = layer.path
+    return {"samples": interleaved_medians(fns, repeats, inner=3), "paths": paths}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=21, help="timed repeats per implementation (median taken)")
+    ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
+    ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    dev_name = machine_name()
+    meta = {"device": f"cpu: {dev_name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+            "torch": torch.__version__, "commit": commit()}
+    rows = []
+    for case, fn in (("lenet300_100_train_step_b60", bench_lenet), ("linear1024_fwd_bwd_b256", bench_linear)):
+        for d in args.densities:
+            r = fn(d, args.repeats)
+            base_med = statistics.median(r["samples"]["dense_masking"])
+            for impl, xs in r["samples"].items():
+                med, p20, p80 = quantiles(xs)
+                rows.append({"case": case, "density": d, "impl": impl, "path": r["paths"].get(impl, "-"),
+                             "median_ms": round(med, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
+                             "speedup_vs_dense_masking": round(base_med / med, 3), "repeats": len(xs),
+                             "dtype": "float32", **meta})
+                print(f"{case:30s} d={d:<5} {impl:18s} {rows[-1]['path']:6s} median {med:8.3f} ms  "
+                      f"x{base_med / med:5.2f}", flush=True)
+    out = args.out or RESULTS / f"layers_cpu_{slug(dev_name)}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = out.with_suffix(".md")
+    with open(md, "w") as f:
+        f.write(f"# {out.stem}\n\n{meta['device']}, torch {meta['torch']}, commit {meta['commit']}, fp32, "
+                f"median of {args.repeats} interleaved repeats; speedup = dense-masking median / this median.\n"
+                f"Path letters: d = dense path, s = sparse path, per layer.\n\n"
+                "| case | density | dense masking ms | sparse-lth auto ms (path) | speedup auto | forced sparse ms | "
+                "speedup sparse |\n|---|---|---|---|---|---|---|\n")
+        for case in dict.fromkeys(r["case"] for r in rows):
+            for d in args.densities:
+                g = {r["impl"]: r for r in rows if r["case"] == case and r["density"] == d}
+                a, s = g["sparse_lth_auto"], g["sparse_lth_sparse"]
+                f.write(f"| {case} | {d:g} | {g['dense_masking']['median_ms']:.3f} | {a['median_ms']:.3f} "
+                        f"({a['path']}) | {a['speedup_vs_dense_masking']:.2f}x | {s['median_ms']:.3f} | "
+                        f"{s['speedup_vs_dense_masking']:.2f}x |\n")
+    print(f"wrote {out} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
