@@ -1,0 +1,266 @@
+"""Optimizer step benchmark: sparse_lth.optim (mask-aware, fused) against torch.optim + gradient masking + re-masking.
+
+Parameter sets:
+- ``vgg19``: the tensors of VGG-19 for CIFAR-10 (conv 3x3, cfg 64,64,M,128,128,M,256x4,M,512x4,M,512x4,M, then a
+  512->10 fc; weights and biases: 20.04M parameters). Weights are masked at the density, biases are not.
+- ``fc4096``: one 4096x4096 weight (16.8M parameters), masked at the density.
+
+Densities 100/20/5/1 %. Implementations (``impl``):
+- ``torch.optim-foreach+mask`` / ``torch.optim-fused+mask``: the dense-masking baseline: ``grad *= mask`` (foreach),
+  ``torch.optim`` step (foreach=True / fused=True), ``p *= mask`` (foreach), over the dense tensors.
+- ``sparse_lth-<backend>-dense``: sparse_lth.optim with the masks attached (the dense path of a layer).
+- ``sparse_lth-<backend>-compact``: sparse_lth.optim on compact vectors of the live weights (the sparse path of a
+  layer: nnz elements per weight, no mask) plus the biases.
+- ``torch.optim-fused-compact``: torch.optim (fused) on the same compact vectors: the floor for the compact path.
+
+Optimizers (``op``): ``sgd`` = SGD(lr 0.1, momentum 0.9, weight decay 5e-4), the VGG-19 setting of the LTH paper;
+``adam`` = Adam(lr 1e-3).
+
+``bytes`` is the minimum memory traffic of one step of that parameter set, the same yardstick for every impl on
+the same tensors: per element of a float32 parameter, SGD+momentum reads p, g, buf and writes p, buf (20 B); Adam
+reads p, g, m, v and writes p, m, v (28 B); a mask adds 1 B per masked element. Dense impls are charged the dense
+tensors, compact impls the compact ones. ``GBps`` = bytes / median time: the effective bandwidth of that yardstick
+(an impl making several passes moves more than ``bytes``).
+
+On CPU the torch backend is timed (time.perf_counter, median and 20/80 % quantiles of --repeats steps after a
+warm-up); on CUDA the Triton backend and torch.optim on CUDA are timed with triton.testing.do_bench. Rows go to
+benchmarks/results/optim_<device-slug>.csv.
+
+    python benchmarks/bench_optim.py                      # CPU now (the torch backend); CUDA if present
+    python benchmarks/bench_optim.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparse_lth.optim import MASK_ATTR, SGD, Adam
+
+ROOT = Path(__file__).resolve().parent.parent
+VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+DENSITIES = [1.0, 0.2, 0.05, 0.01]
+OPS = {
+    "sgd": (SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4), 20),
+    "adam": (Adam, torch.optim.Adam, dict(lr=1e-3), 28),
+}
+FIELDS = ["op", "model", "params", "density", "nnz", "dtype", "impl", "median_ms", "p20_ms", "p80_ms", "bytes",
+          "GBps", "device", "commit"]
+
+
+def model_shapes(name: str) -> list[tuple[tuple[int, ...], bool]]:
+    """(shape, masked) for every tensor of the parameter set."""
+    if name == "fc4096":
+        return [((4096, 4096), True)]
+    shapes, c_in = [], 3
+    for v in VGG19_CFG:
+        if v == "M":
+            continue
+        shapes += [((v, c_in, 3, 3), True), ((v,), False)]
+        c_in = v
+    return shapes + [((10, 512), True), ((10,), False)]
+
+
+def make_set(name, density, device, dtype, gen):
+    """Dense tensors with masks, and the compact equivalent (live values + unmasked tensors)."""
+    dense, compact = [], []
+    for shape, masked in model_shapes(name):
+        w = torch.randn(shape, generator=gen).to(device, dtype)
+        g = torch.randn(shape, generator=gen).to(device, dtype)
+        m = None
+        if masked:
+            m = (torch.rand(shape, generator=gen) < density).to(device) if density < 1 else \
+                torch.ones(shape, dtype=torch.bool, device=device)
+            w.mul_(m)
+        dense.append((w, g, m))
+        if m is None:
+            compact.append((w.clone(), g.clone()))
+        else:
+            compact.append((w[m].clone(), g[m].clone()))
+    return dense, compact
+
+
+def params_with_grads(pairs):
+    out = []
+    for w, g in pairs:
+        p = torch.nn.Parameter(w.clone())
+        p.grad = g.clone()
+        out.append(p)
+    return out
+
+
+def build_impls(op, dense, compact, device, backend):
+    ours_cls, ref_cls, kw, _ = OPS[op]
+    impls = {}
+
+    def baseline(kind):
+        ps = params_with_grads([(w, g) for w, g, _ in dense])
+        masks = [m for _, _, m in dense]
+        mp = [p for p, m in zip(ps, masks) if m is not None]
+        mg = [p.grad for p in mp]
+        mm = [m for m in masks if m is not None]
+        opt = ref_cls(ps, **kw, **{kind: True})
+
+        def step():
+            torch._foreach_mul_(mg, mm)
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_mul_(mp, mm)
+        return step
+
+    for kind in ("foreach", "fused"):
+        try:
+            step = baseline(kind)
+            step()
+            impls[f"torch.optim-{kind}+mask"] = ("dense", step)
+        except (RuntimeError, ValueError) as e:  # fused not available for this device/dtype
+            print(f"  (skipping torch.optim {kind}: {e})", file=sys.stderr)
+
+    ps = params_with_grads([(w, g) for w, g, _ in dense])
+    for p, (_, _, m) in zip(ps, dense):
+        if m is not None:
+            setattr(p, MASK_ATTR, m)
+    opt_dense = ours_cls(ps, backend=backend, **kw)
+    impls[f"sparse_lth-{backend}-dense"] = ("dense", opt_dense.step)
+
+    opt_compact = ours_cls(params_with_grads(compact), backend=backend, **kw)
+    impls[f"sparse_lth-{backend}-compact"] = ("compact", opt_compact.step)
+    try:
+        ref_compact = ref_cls(params_with_grads(compact), **kw, fused=True)
+        ref_compact.step()
+        impls["torch.optim-fused-compact"] = ("compact", ref_compact.step)
+    except (RuntimeError, ValueError) as e:
+        print(f"  (skipping torch.optim fused compact: {e})", file=sys.stderr)
+    return impls
+
+
+def time_cpu(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(ts, n=10, method="inclusive")
+    return statistics.median(ts), q[1], q[7]
+
+
+def time_cuda(fn):
+    from triton.testing import do_bench
+
+    med, p20, p80 = do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or "cpu"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {name} ({torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def git_commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "sparse_lth", "benchmarks"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
+    ap.add_argument("--models", nargs="+", default=["vgg19", "fc4096"], choices=["vgg19", "fc4096"])
+    ap.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--repeats", type=int, default=5, help="CPU: timed steps per row")
+    ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/optim_<device-slug>.csv)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU: torch.set_num_threads (1 is steadier on a loaded machine: no waiting on descheduled "
+                         "pool threads)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    backend = "triton" if device.type == "cuda" else "torch"
+    dev_name = device_name(device)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"optim_{slug(dev_name)}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()
+    elt = torch.tensor([], dtype=dtype).element_size()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    print(f"device: {dev_name}; backend: {backend}; dtype: {args.dtype}; commit {commit}")
+    for model in args.models:
+        for density in args.densities:
+            dense, compact = make_set(model, density, device, dtype, gen)
+            n_params = sum(w.numel() for w, _, _ in dense)
+            nnz = sum(w.numel() for w, _ in compact)
+            n_masked = sum(w.numel() for w, _, m in dense if m is not None)
+            for op in args.ops:
+                per_elt = OPS[op][3] - 3 * (4 - elt)  # p, g, p (param dtype); state stays fp32
+                impls = build_impls(op, dense, compact, device, backend)
+                for impl, (kind, fn) in impls.items():
+                    if device.type == "cuda":
+                        med, p20, p80 = time_cuda(fn)
+                    else:
+                        med, p20, p80 = time_cpu(fn, args.repeats)
+                    nbytes = per_elt * (n_params if kind == "dense" else nnz) + (n_masked if kind == "dense" else 0)
+                    row = dict(op=op, model=model, params=n_params, density=density, nnz=nnz, dtype=args.dtype,
+                               impl=impl, median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
+                               bytes=nbytes, GBps=round(nbytes / (med * 1e-3) / 1e9, 2), device=dev_name,
+                               commit=commit)
+                    rows.append(row)
+                    print(f"{op:5s} {model:7s} d={density:<5} {impl:32s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  "
+                          f"{row['GBps']:8.2f} GB/s", flush=True)
+                del impls
+                gc.collect()
+            del dense, compact
+            gc.collect()
+    if device.type == "cuda":  # did the alignment hints through the int64 -> pointer casts give vector loads?
+        from sparse_lth.kernels import optim as K
+
+        for key, handle in K.LAST_COMPILED.items():
+            try:
+                ptx = handle.asm["ptx"]
+                print(f"PTX {key}: {ptx.count('ld.global.v4')} ld.global.v4, {ptx.count('st.global.v4')} "
+                      f"st.global.v4, {ptx.count('ld.global.v2')} ld.global.v2")
+            except Exception as e:  # noqa: BLE001 - inspection only
+                print(f"PTX {key}: not inspectable ({e})")
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
+if __name__ == "__main__":
+    main()

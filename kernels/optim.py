@@ -1,0 +1,506 @@
+"""Mask-aware fused optimizer updates (SGD with momentum / Nesterov, Adam, AdamW, AMSGrad) in Triton.
+
+One pass over memory per parameter: each element of the parameter, its gradient, its optimizer state and (on the
+dense path) its 1-byte mask is read once and the parameter and state are written once. Where the mask is False the
+gradient is ignored and the parameter and every state tensor are written as exact zeros, so a pruned weight, its
+momentum / exp_avg / exp_avg_sq / max_exp_avg_sq stay 0 and no separate "mask the gradient" / "re-mask the weight"
+passes are needed.
+
+Multi-tensor ("foreach") launches: one kernel launch updates many parameters. The launcher writes a small int64
+table with, per tensor, the addresses of its parameter, gradient, mask and state tensors and its length; and a
+per-program table (tensor index, block index). Program ``pid`` loads its row, casts the addresses back to typed
+pointers (``int64 -> tl.pointer_type``; this works compiled and in Triton's CPU interpreter, where CPU tensors are
+used in place) and updates one block of ``BLOCK`` elements of one tensor. Per-tensor hyper-parameters (learning rate,
+weight decay, bias corrections, ...) are a second, fp32 table, so parameter groups with different learning rates and
+parameters with different Adam step counts share one launch. Tensors are split into launches only by what is a
+compile-time constant: parameter dtype, mask / no mask, 16-byte alignment of every address, and the optimizer's
+structural flags (momentum / nesterov / amsgrad / decoupled weight decay).
+
+Parameters are float32, bfloat16 or float16; gradients have the parameter's dtype; state is always float32;
+arithmetic is float32. bf16 results are rounded to nearest-even explicitly (bit arithmetic), because Triton's CPU
+interpreter truncates on an fp32->bf16 cast while compiled Triton rounds; doing it by hand gives the same bits on both.
+
+Public API (all update tensors in place and return the number of kernel launches made):
+
+- :func:`fused_sgd_`  and its plain-torch reference :func:`sgd_reference_`
+- :func:`fused_adam_` and its plain-torch reference :func:`adam_reference_`
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from ._triton import HAS_TRITON, check_launch
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+__all__ = ["fused_sgd_", "fused_adam_", "sgd_reference_", "adam_reference_", "PARAM_DTYPES", "DEFAULT_BLOCK"]
+
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MASK_DTYPES = (torch.bool, torch.uint8)
+DEFAULT_BLOCK = 1024
+
+# Columns of the int64 pointer table (one row per tensor).
+_C_PARAM, _C_GRAD, _C_MASK, _C_S0, _C_S1, _C_S2, _C_NUMEL = range(7)
+_PTR_COLS = 8
+# Columns of the fp32 hyper-parameter tables (one row per tensor).
+_SGD_COLS = 8   # lr, weight_decay, buf_coef, grad_coef, momentum
+_ADAM_COLS = 16  # lr, weight_decay, beta1, 1-beta1, beta2, 1-beta2, step_size, sqrt(bias_correction2), eps, decay
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _sgd_kernel(
+        # Tables written by the launcher
+        ptr_table,    # int64 [n_tensors, 8]: param, grad, mask, momentum buffer, -, -, numel, -
+        hyper_table,  # fp32 [n_tensors, 8]: lr, weight_decay, buf_coef, grad_coef, momentum
+        prog_table,   # int32 [2, n_programs]: tensor index, block index within that tensor
+        n_programs,
+        # Meta-parameters
+        PARAM_DTYPE: tl.constexpr,   # tl.float32 / tl.bfloat16 / tl.float16 (the gradient's dtype too)
+        HAS_MASK: tl.constexpr,      # dense-path parameters: read the 1-byte mask
+        HAS_MOMENTUM: tl.constexpr,
+        NESTEROV: tl.constexpr,
+        ALIGNED: tl.constexpr,       # every address of this launch is a multiple of 16 bytes
+        BLOCK: tl.constexpr,
+    ):
+        # which tensor (row of the pointer table) and which of its elements this program updates
+        pid = tl.program_id(0)
+        t = tl.load(prog_table + pid).to(tl.int64)
+        blk = tl.load(prog_table + n_programs + pid).to(tl.int64)
+        row = ptr_table + t * 8  # _PTR_COLS
+        numel = tl.load(row + 6)  # _C_NUMEL
+        offs = blk * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2**31 elements
+        inb = offs < numel
+        hyp = hyper_table + t * 8  # _SGD_COLS
+        lr = tl.load(hyp + 0)
+        weight_decay = tl.load(hyp + 1)
+
+        # addresses from the table -> typed pointers (int64 -> pointer casts; 16-byte alignment hint if ALIGNED)
+        p_addr, g_addr, m_addr, b_addr = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
+        if ALIGNED:
+            p_addr, g_addr = tl.multiple_of(p_addr, 16), tl.multiple_of(g_addr, 16)
+            m_addr, b_addr = tl.multiple_of(m_addr, 16), tl.multiple_of(b_addr, 16)
+        p_ptr = p_addr.to(tl.pointer_type(PARAM_DTYPE))
+        g_ptr = g_addr.to(tl.pointer_type(PARAM_DTYPE))
+        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            # Live outputs never depend on pruned inputs, so masking every output (where, NaN-safe) is all it
+            # takes: the gradient itself needs no masking.
+            m_ptr = m_addr.to(tl.pointer_type(tl.int8))
+            live = tl.load(m_ptr + offs, mask=inb, other=0) != 0
+        # torch.optim.SGD: d_p = g + wd * p
+        g = g + weight_decay * p
+        if HAS_MOMENTUM:
+            buf_coef = tl.load(hyp + 2)   # momentum, or 0 on a buffer's first step (buf = d_p)
+            grad_coef = tl.load(hyp + 3)  # 1 - dampening, or 1 on the first step
+            b_ptr = b_addr.to(tl.pointer_type(tl.float32))
+            buf = tl.load(b_ptr + offs, mask=inb, other=0.0)
+            buf = buf * buf_coef + grad_coef * g
+            if HAS_MASK:
+                buf = tl.where(live, buf, 0.0)
+            tl.store(b_ptr + offs, buf, mask=inb)
+            if NESTEROV:
+                momentum = tl.load(hyp + 4)
+                g = g + momentum * buf
+            else:
+                g = buf
+        p = p - lr * g
+        if HAS_MASK:
+            p = tl.where(live, p, 0.0)
+        if PARAM_DTYPE == tl.bfloat16:
+            # fp32 -> bf16 rounding to nearest even by hand: Triton's interpreter truncates on this cast while
+            # compiled Triton rounds; this gives the same bits on both (and torch's)
+            u = p.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            r = tl.where(p != p, 0x7FC0, r)  # NaN stays a quiet NaN
+            p_out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            p_out = p.to(PARAM_DTYPE)
+        tl.store(p_ptr + offs, p_out, mask=inb)
+
+    @triton.jit
+    def _adam_kernel(
+        # Tables written by the launcher
+        ptr_table,    # int64 [n_tensors, 8]: param, grad, mask, exp_avg, exp_avg_sq, max_exp_avg_sq, numel, -
+        hyper_table,  # fp32 [n_tensors, 16]: lr, wd, beta1, 1-beta1, beta2, 1-beta2, step_size, sqrt(bc2), eps, decay
+        prog_table,   # int32 [2, n_programs]: tensor index, block index within that tensor
+        n_programs,
+        # Meta-parameters
+        PARAM_DTYPE: tl.constexpr,   # tl.float32 / tl.bfloat16 / tl.float16 (the gradient's dtype too)
+        HAS_MASK: tl.constexpr,      # dense-path parameters: read the 1-byte mask
+        AMSGRAD: tl.constexpr,
+        DECOUPLED: tl.constexpr,     # AdamW: p *= 1 - lr * wd instead of g += wd * p
+        ALIGNED: tl.constexpr,       # every address of this launch is a multiple of 16 bytes
+        BLOCK: tl.constexpr,
+    ):
+        # which tensor (row of the pointer table) and which of its elements this program updates
+        pid = tl.program_id(0)
+        t = tl.load(prog_table + pid).to(tl.int64)
+        blk = tl.load(prog_table + n_programs + pid).to(tl.int64)
+        row = ptr_table + t * 8  # _PTR_COLS
+        numel = tl.load(row + 6)  # _C_NUMEL
+        offs = blk * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2**31 elements
+        inb = offs < numel
+        hyp = hyper_table + t * 16  # _ADAM_COLS
+        weight_decay = tl.load(hyp + 1)
+        one_minus_beta1 = tl.load(hyp + 3)
+        beta2 = tl.load(hyp + 4)
+        one_minus_beta2 = tl.load(hyp + 5)
+        step_size = tl.load(hyp + 6)         # lr / (1 - beta1**step)
+        bias_correction2_sqrt = tl.load(hyp + 7)
+        eps = tl.load(hyp + 8)
+
+        # addresses from the table -> typed pointers (int64 -> pointer casts; 16-byte alignment hint if ALIGNED)
+        p_addr, g_addr, mk_addr = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)
+        m1_addr, m2_addr, mx_addr = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+        if ALIGNED:
+            p_addr, g_addr, mk_addr = tl.multiple_of(p_addr, 16), tl.multiple_of(g_addr, 16), tl.multiple_of(mk_addr, 16)
+            m1_addr, m2_addr, mx_addr = tl.multiple_of(m1_addr, 16), tl.multiple_of(m2_addr, 16), tl.multiple_of(mx_addr, 16)
+        p_ptr = p_addr.to(tl.pointer_type(PARAM_DTYPE))
+        g_ptr = g_addr.to(tl.pointer_type(PARAM_DTYPE))
+        m1_ptr = m1_addr.to(tl.pointer_type(tl.float32))
+        m2_ptr = m2_addr.to(tl.pointer_type(tl.float32))
+        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        exp_avg = tl.load(m1_ptr + offs, mask=inb, other=0.0)
+        exp_avg_sq = tl.load(m2_ptr + offs, mask=inb, other=0.0)
+        if HAS_MASK:  # outputs are masked below; the gradient itself needs no masking (see _sgd_kernel)
+            mk_ptr = mk_addr.to(tl.pointer_type(tl.int8))
+            live = tl.load(mk_ptr + offs, mask=inb, other=0) != 0
+        if DECOUPLED:
+            decay = tl.load(hyp + 9)  # 1 - lr * wd
+            p = p * decay
+        else:
+            g = g + weight_decay * p
+        # exp_avg.lerp_(g, 1 - beta1) (torch's lerp, weight < 0.5 branch); exp_avg_sq = b2 * v + (1 - b2) g^2
+        exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (g * g)
+        if HAS_MASK:
+            exp_avg = tl.where(live, exp_avg, 0.0)
+            exp_avg_sq = tl.where(live, exp_avg_sq, 0.0)
+        tl.store(m1_ptr + offs, exp_avg, mask=inb)
+        tl.store(m2_ptr + offs, exp_avg_sq, mask=inb)
+        if AMSGRAD:
+            mx_ptr = mx_addr.to(tl.pointer_type(tl.float32))
+            max_sq = tl.maximum(tl.load(mx_ptr + offs, mask=inb, other=0.0), exp_avg_sq)
+            if HAS_MASK:
+                max_sq = tl.where(live, max_sq, 0.0)
+            tl.store(mx_ptr + offs, max_sq, mask=inb)
+            second = max_sq
+        else:
+            second = exp_avg_sq
+        denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
+        p = p - step_size * tl.div_rn(exp_avg, denom)
+        if HAS_MASK:
+            p = tl.where(live, p, 0.0)
+        if PARAM_DTYPE == tl.bfloat16:
+            # fp32 -> bf16 rounding to nearest even by hand: Triton's interpreter truncates on this cast while
+            # compiled Triton rounds; this gives the same bits on both (and torch's)
+            u = p.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            r = tl.where(p != p, 0x7FC0, r)  # NaN stays a quiet NaN
+            p_out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            p_out = p.to(PARAM_DTYPE)
+        tl.store(p_ptr + offs, p_out, mask=inb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
+def _per_tensor(value, n: int, name: str) -> list:
+    """A scalar or a sequence of n scalars -> a list of n Python scalars."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name}: got {len(value)} values for {n} tensors")
+        return list(value)
+    return [value] * n
+
+
+def _check_tensor_list(op: str, name: str, tensors, n: int, allow_none: bool = False) -> list:
+    tensors = list(tensors) if tensors is not None else [None] * n
+    if len(tensors) != n:
+        raise ValueError(f"{op}: {name} has {len(tensors)} tensors for {n} parameters")
+    for i, t in enumerate(tensors):
+        if t is None:
+            if not allow_none:
+                raise ValueError(f"{op}: {name}[{i}] is None")
+        elif not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a Tensor")
+    return tensors
+
+
+def _check_entry(op: str, i: int, p, g, mask, states) -> None:
+    """Shapes, dtypes, layouts of one parameter's tensors; raise a clear error on anything the kernel can't take."""
+    if p.dtype not in PARAM_DTYPES:
+        raise TypeError(f"{op}: params[{i}] has dtype {p.dtype}; supported: {PARAM_DTYPES}")
+    if g.dtype != p.dtype:
+        raise TypeError(f"{op}: grads[{i}] has dtype {g.dtype} but its parameter has {p.dtype}")
+    if g.shape != p.shape:
+        raise ValueError(f"{op}: grads[{i}] has shape {tuple(g.shape)} but its parameter has {tuple(p.shape)}")
+    if g.is_sparse or p.is_sparse:
+        raise TypeError(f"{op}: sparse (torch.sparse) parameters or gradients are not supported")
+    for name, s in states:
+        if s.dtype != torch.float32:
+            raise TypeError(f"{op}: {name}[{i}] has dtype {s.dtype}; optimizer state must be float32")
+        if s.shape != p.shape:
+            raise ValueError(f"{op}: {name}[{i}] has shape {tuple(s.shape)} but its parameter has {tuple(p.shape)}")
+    if mask is not None:
+        if mask.dtype not in MASK_DTYPES:
+            raise TypeError(f"{op}: masks[{i}] has dtype {mask.dtype}; a mask must be torch.bool or torch.uint8")
+        if mask.shape != p.shape:
+            raise ValueError(f"{op}: masks[{i}] has shape {tuple(mask.shape)} but its parameter has "
+                             f"{tuple(p.shape)}")
+    for name, t in [("params", p), ("grads", g), ("masks", mask)] + list(states):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name}[{i}] is not contiguous")
+
+
+# Pointer/program tables by content (addresses + lengths): a table depends only on its key, so a cached one is
+# always right; reusing it saves the host-to-device copy when the same tensors are stepped again.
+_TABLE_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, int]]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+# The last compiled kernel per (op, dtype, has_mask, aligned), for inspection (benchmarks/bench_optim.py).
+LAST_COMPILED: dict[tuple, object] = {}
+
+
+def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    key = (str(device), block, tuple(rows))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    ptr = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS)
+    numels = ptr[:, _C_NUMEL]
+    nblocks = (numels + block - 1) // block
+    tensor_idx = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), nblocks)
+    starts = torch.cumsum(nblocks, 0) - nblocks
+    block_idx = torch.arange(tensor_idx.numel(), dtype=torch.int64) - starts[tensor_idx]
+    if block_idx.numel() and int(block_idx.max()) >= 2**31:
+        raise ValueError("tensor too large for the int32 program table")
+    prog = torch.stack([tensor_idx, block_idx]).to(torch.int32).contiguous()
+    # non_blocking: from pageable memory the source is staged at once, and no stream synchronization is forced
+    # (a blocking copy would make every optimizer step wait for the queued backward pass)
+    out = (ptr.to(device, non_blocking=True), prog.to(device, non_blocking=True), int(tensor_idx.numel()))
+    _TABLE_CACHE[key] = out
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return out
+
+
+def _aligned(*tensors) -> bool:
+    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: dict, block: int,
+                num_warps: int) -> int:
+    """Split entries by compile-time key (dtype, mask, alignment), one launch per key. Returns the launch count."""
+    entries = [e for e in entries if e["p"].numel() > 0]
+    if not entries:
+        return 0
+    all_tensors = [t for e in entries for t in (e["p"], e["g"], e["mask"], *e["states"]) if t is not None]
+    device = check_launch(*all_tensors, op=op)
+    buckets: dict[tuple, list[dict]] = {}
+    for e in entries:
+        key = (e["p"].dtype, e["mask"] is not None, _aligned(e["p"], e["g"], e["mask"], *e["states"]))
+        buckets.setdefault(key, []).append(e)
+    launches = 0
+    for (dtype, has_mask, aligned), bucket in buckets.items():
+        rows = []
+        for e in bucket:
+            s = list(e["states"]) + [None] * (3 - len(e["states"]))
+            rows.append((e["p"].data_ptr(), e["g"].data_ptr(),
+                         e["mask"].data_ptr() if e["mask"] is not None else 0,
+                         *[x.data_ptr() if x is not None else 0 for x in s], e["p"].numel(), 0))
+        ptr_table, prog_table, n_programs = _tables(rows, device, block)
+        hyper = torch.tensor([e["hyper"] + [0.0] * (hyper_cols - len(e["hyper"])) for e in bucket],
+                             dtype=torch.float32).to(device, non_blocking=True)
+        handle = kernel[(n_programs,)](
+            ptr_table, hyper, prog_table, n_programs,
+            PARAM_DTYPE=_tl_dtype(dtype), HAS_MASK=has_mask, ALIGNED=aligned, BLOCK=block,
+            num_warps=num_warps, **flags,
+        )
+        if handle is not None:  # compiled: keep it for inspection (e.g. vectorized loads in handle.asm["ptx"])
+            LAST_COMPILED[(op, dtype, has_mask, aligned)] = handle
+        launches += 1
+    return launches
+
+
+def fused_sgd_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor] | None,
+    masks: Sequence[torch.Tensor | None] | None,
+    *,
+    lr: float | Sequence[float],
+    weight_decay: float | Sequence[float] = 0.0,
+    momentum: float | Sequence[float] = 0.0,
+    dampening: float | Sequence[float] = 0.0,
+    nesterov: bool = False,
+    first_step: bool | Sequence[bool] = False,
+    block: int = DEFAULT_BLOCK,
+    num_warps: int = 4,
+) -> int:
+    """One torch.optim.SGD step on every tensor, masked, in one pass per tensor and few launches; in place.
+
+    ``momentum_buffers``: float32 tensors (one per parameter) or None for momentum-free SGD. ``first_step[i]``: the
+    buffer has no history yet, so it becomes the (decayed, masked) gradient, as torch.optim.SGD's
+    ``buf = clone(d_p)``; it must then hold finite values (e.g. zeros). ``masks``: bool/uint8 tensors of each
+    parameter's shape, or None entries for unmasked (compact) parameters. Returns the number of kernel launches.
+    """
+    op = "fused_sgd_"
+    n = len(params)
+    params = _check_tensor_list(op, "params", params, n)
+    grads = _check_tensor_list(op, "grads", grads, n)
+    masks = _check_tensor_list(op, "masks", masks, n, allow_none=True)
+    has_momentum = momentum_buffers is not None
+    bufs = _check_tensor_list(op, "momentum_buffers", momentum_buffers, n) if has_momentum else [None] * n
+    lrs, wds = _per_tensor(lr, n, "lr"), _per_tensor(weight_decay, n, "weight_decay")
+    moms, damps = _per_tensor(momentum, n, "momentum"), _per_tensor(dampening, n, "dampening")
+    firsts = _per_tensor(first_step, n, "first_step")
+    if nesterov and not has_momentum:
+        raise ValueError(f"{op}: nesterov needs momentum buffers")
+    entries = []
+    for i in range(n):
+        states = [("momentum_buffers", bufs[i])] if has_momentum else []
+        _check_entry(op, i, params[i], grads[i], masks[i], states)
+        first = bool(firsts[i])
+        hyper = [float(lrs[i]), float(wds[i]), 0.0 if first else float(moms[i]),
+                 1.0 if first else 1.0 - float(damps[i]), float(moms[i])]
+        entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states], hyper=hyper))
+    return _launch_all(op, _sgd_kernel, entries, _SGD_COLS,
+                       dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov)), block, num_warps)
+
+
+def _adam_hyper(lr, weight_decay, beta1, beta2, eps, step) -> list[float]:
+    """Per-tensor scalars of torch.optim.Adam's (non-capturable) step, computed in double as torch does."""
+    lr, weight_decay, beta1, beta2, eps, step = map(float, (lr, weight_decay, beta1, beta2, eps, step))
+    if step < 1:
+        raise ValueError(f"Adam step count must be >= 1 after incrementing, got {step}")
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    return [lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, bias_correction2 ** 0.5,
+            eps, 1 - lr * weight_decay]
+
+
+def fused_adam_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor] | None,
+    masks: Sequence[torch.Tensor | None] | None,
+    *,
+    lr: float | Sequence[float],
+    beta1: float | Sequence[float],
+    beta2: float | Sequence[float],
+    eps: float | Sequence[float],
+    weight_decay: float | Sequence[float],
+    step: float | Sequence[float],
+    decoupled_weight_decay: bool = False,
+    block: int = DEFAULT_BLOCK,
+    num_warps: int = 4,
+) -> int:
+    """One torch.optim.Adam (AdamW with ``decoupled_weight_decay``, AMSGrad when ``max_exp_avg_sqs`` is given)
+    step on every tensor, masked, in one pass per tensor and few launches; in place.
+
+    ``step[i]``: the parameter's step count *after* this step's increment (1 on the first step), as torch's
+    ``state['step']``. State tensors are float32. Returns the number of kernel launches.
+    """
+    op = "fused_adam_"
+    n = len(params)
+    params = _check_tensor_list(op, "params", params, n)
+    grads = _check_tensor_list(op, "grads", grads, n)
+    m1 = _check_tensor_list(op, "exp_avgs", exp_avgs, n)
+    m2 = _check_tensor_list(op, "exp_avg_sqs", exp_avg_sqs, n)
+    amsgrad = max_exp_avg_sqs is not None
+    mx = _check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, n) if amsgrad else [None] * n
+    masks = _check_tensor_list(op, "masks", masks, n, allow_none=True)
+    lrs, b1s, b2s = _per_tensor(lr, n, "lr"), _per_tensor(beta1, n, "beta1"), _per_tensor(beta2, n, "beta2")
+    epss, wds, steps = _per_tensor(eps, n, "eps"), _per_tensor(weight_decay, n, "weight_decay"), _per_tensor(step, n, "step")
+    entries = []
+    for i in range(n):
+        states = [("exp_avgs", m1[i]), ("exp_avg_sqs", m2[i])] + ([("max_exp_avg_sqs", mx[i])] if amsgrad else [])
+        _check_entry(op, i, params[i], grads[i], masks[i], states)
+        entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states],
+                            hyper=_adam_hyper(lrs[i], wds[i], b1s[i], b2s[i], epss[i], steps[i])))
+    return _launch_all(op, _adam_kernel, entries, _ADAM_COLS,
+                       dict(AMSGRAD=amsgrad, DECOUPLED=bool(decoupled_weight_decay)), block, num_warps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-torch references (per tensor, fp32 arithmetic, the same semantics as the kernels)
+# ----------------------------------------------------------------------------------------------------------------
+def _live(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask.to(torch.bool)
+
+
+def _zero_pruned(x: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+    return x if live is None else torch.where(live, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def sgd_reference_(params, grads, momentum_buffers, masks, *, lr, weight_decay=0.0, momentum=0.0, dampening=0.0,
+                   nesterov=False, first_step=False) -> None:
+    """Plain-torch reference of :func:`fused_sgd_` (same arguments, in place)."""
+    n = len(params)
+    masks = list(masks) if masks is not None else [None] * n
+    lrs, wds = _per_tensor(lr, n, "lr"), _per_tensor(weight_decay, n, "weight_decay")
+    moms, damps = _per_tensor(momentum, n, "momentum"), _per_tensor(dampening, n, "dampening")
+    firsts = _per_tensor(first_step, n, "first_step")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        live = _live(masks[i])
+        p32, d_p = p.float(), _zero_pruned(g.float(), live)
+        d_p = d_p + wds[i] * p32
+        if momentum_buffers is not None:
+            buf = momentum_buffers[i]
+            new = d_p.clone() if firsts[i] else buf * moms[i] + (1 - damps[i]) * d_p
+            new = _zero_pruned(new, live)
+            buf.copy_(new)
+            d_p = d_p + moms[i] * new if nesterov else new
+        p.copy_(_zero_pruned(p32 - lrs[i] * d_p, live))
+
+
+def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks, *, lr, beta1, beta2, eps,
+                    weight_decay, step, decoupled_weight_decay=False) -> None:
+    """Plain-torch reference of :func:`fused_adam_` (same arguments, in place)."""
+    n = len(params)
+    masks = list(masks) if masks is not None else [None] * n
+    lrs, b1s, b2s = _per_tensor(lr, n, "lr"), _per_tensor(beta1, n, "beta1"), _per_tensor(beta2, n, "beta2")
+    epss, wds, steps = _per_tensor(eps, n, "eps"), _per_tensor(weight_decay, n, "weight_decay"), _per_tensor(step, n, "step")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        live = _live(masks[i])
+        h = _adam_hyper(lrs[i], wds[i], b1s[i], b2s[i], epss[i], steps[i])
+        p32, g32 = p.float(), _zero_pruned(g.float(), live)
+        if decoupled_weight_decay:
+            p32 = p32 * h[9]
+        else:
+            g32 = g32 + h[1] * p32
+        m1 = _zero_pruned(exp_avgs[i].lerp(g32, h[3]), live)
+        m2 = _zero_pruned(exp_avg_sqs[i] * h[4] + h[5] * (g32 * g32), live)
+        exp_avgs[i].copy_(m1)
+        exp_avg_sqs[i].copy_(m2)
+        second = m2
+        if max_exp_avg_sqs is not None:
+            second = _zero_pruned(torch.maximum(max_exp_avg_sqs[i], m2), live)
+            max_exp_avg_sqs[i].copy_(second)
+        denom = second.sqrt() / h[7] + h[8]
+        p.copy_(_zero_pruned(p32 - h[6] * (m1 / denom), live))

@@ -1,0 +1,615 @@
+"""Mask-aware fused optimizers: the Triton kernels (interpreted on CPU, compiled on a GPU) against their plain-torch
+references, and sparse_lth.optim.{SGD, Adam, AdamW} (Triton and torch backends) against torch.optim with gradient
+masking and re-masking, over many steps."""
+import copy
+
+import pytest
+import torch
+
+from sparse_lth.kernels import optim as K
+from sparse_lth.optim import MASK_ATTR, SGD, Adam, AdamW, param_mask
+
+F32 = torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+class Backend:
+    """How the optimizer tests run: the torch backend on CPU (torch's fused kernels, or foreach ops), or the Triton
+    kernels where they run (compiled on a GPU, else interpreted on CPU)."""
+
+    def __init__(self, name, kernel_device):
+        self.name = name
+        if name == "kernel":
+            self.backend = "triton" if kernel_device.type == "cuda" else "interpret"
+            self.device = kernel_device
+        else:
+            self.backend, self.device = "torch", torch.device("cpu")
+
+    def __call__(self, cls, params, **kw):
+        opt = cls(params, backend=self.backend, **kw)
+        if self.name.startswith("torch-"):
+            opt.torch_impl = self.name.split("-")[1]
+        return opt
+
+
+@pytest.fixture(params=["torch-fused", "torch-foreach", "kernel"])
+def backend_device(request, kernel_device):
+    return Backend(request.param, kernel_device)
+
+
+def guarded(shape, dtype, device, gen, offset=1, fill=None):
+    """A tensor of `shape` living inside a larger buffer between sentinel guards (to catch out-of-bounds writes;
+    offset=1 also makes its address unaligned). Returns (tensor, buffer, n_guard)."""
+    n = 1
+    for s in shape:
+        n *= s
+    g = 8
+    buf = torch.full((n + offset + g,), 1234.5, dtype=dtype, device=device)
+    t = buf[offset:offset + n].view(shape)
+    if fill is None:
+        t.copy_(torch.randn(shape, generator=gen).to(dtype))
+    else:
+        t.fill_(fill)
+    return t, buf, offset
+
+
+def guards_intact(buf, offset, n):
+    return bool((buf[:offset] == 1234.5).all()) and bool((buf[offset + n:] == 1234.5).all())
+
+
+def random_mask(shape, density, gen, device="cpu"):
+    return (torch.rand(shape, generator=gen) < density).to(device)
+
+
+def close(a, b, dtype=F32, **kw):
+    if dtype == torch.bfloat16:
+        kw.setdefault("rtol", 2 ** -7)
+        kw.setdefault("atol", 1e-6)
+    else:
+        kw.setdefault("rtol", 1e-5)
+        kw.setdefault("atol", 1e-6)
+    torch.testing.assert_close(a.float(), b.float(), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels vs references
+# ----------------------------------------------------------------------------------------------------------------
+# sizes: 1 element, odd sizes, more than one block (block=64 in these tests), an empty tensor
+KSHAPES = [(1,), (5, 7), (130,), (3, 2, 3, 3), (0, 4)]
+
+
+def make_kernel_case(dtype, device, n_states, masked, seed, aligned):
+    gen = torch.Generator().manual_seed(seed)
+    cases = []
+    for i, shape in enumerate(KSHAPES):
+        off = 0 if aligned else 1 + i % 3
+        p, pbuf, _ = guarded(shape, dtype, device, gen, offset=off)
+        g, _, _ = guarded(shape, dtype, device, gen, offset=off)
+        states = [guarded(shape, F32, device, gen, offset=off) for _ in range(n_states)]
+        mask = None
+        if masked is True or (masked == "mixed" and i % 2 == 0):
+            mask = random_mask(shape, 0.5, gen, device)
+            if i == 0:
+                mask = torch.zeros(shape, dtype=torch.bool, device=device)  # a fully pruned tensor
+            if shape == (130,):
+                mask = mask.to(torch.uint8)
+            # poison what the kernel must ignore or overwrite: NaN gradients at pruned positions (a NaN-unsafe
+            # gradient mask, g * mask, would leak them), NaN state at pruned positions, garbage weights there
+            g[~mask.bool()] = float("nan")
+            for s, _, _ in states:
+                s[~mask.bool()] = float("nan")
+        cases.append(dict(p=p, pbuf=pbuf, g=g, mask=mask, states=states, off=off, shape=shape))
+    return cases
+
+
+def check_against_reference(cases, ref_p, ref_states, dtype):
+    for c, rp, rs in zip(cases, ref_p, ref_states):
+        n = c["p"].numel()
+        assert guards_intact(c["pbuf"], c["off"], n), "kernel wrote outside the parameter"
+        for (s, sbuf, off), r in zip(c["states"], rs):
+            assert guards_intact(sbuf, off, n), "kernel wrote outside a state tensor"
+        live = torch.ones(c["shape"], dtype=torch.bool, device=c["p"].device) if c["mask"] is None else c["mask"].bool()
+        assert not torch.isnan(c["p"]).any()
+        close(c["p"], rp, dtype)
+        assert (c["p"][~live] == 0).all()
+        for (s, _, _), r in zip(c["states"], rs):
+            assert not torch.isnan(s).any()
+            close(s, r)
+            assert (s[~live] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False, "mixed"])
+@pytest.mark.parametrize("variant", ["plain", "momentum", "nesterov", "first"])
+def test_fused_sgd_matches_reference(kernel_device, dtype, masked, variant):
+    aligned = variant != "momentum"
+    n_states = 0 if variant == "plain" else 1
+    cases = make_kernel_case(dtype, kernel_device, n_states, masked, seed=1, aligned=aligned)
+    kw = dict(lr=[0.1, 0.05, 0.2, 0.1, 0.1], weight_decay=[0.0, 0.01, 0.1, 0.0, 0.3])
+    if variant != "plain":
+        kw.update(momentum=0.9, dampening=0.0 if variant == "nesterov" else 0.25, nesterov=variant == "nesterov",
+                  first_step=variant == "first")
+    if variant == "first":  # a first step reads the (zero) buffer: poison only pruned entries (NaN from the case)
+        for c in cases:
+            s = c["states"][0][0]
+            live = torch.ones_like(s, dtype=torch.bool) if c["mask"] is None else c["mask"].bool()
+            s[live] = 0.0
+    ref_p = [c["p"].clone() for c in cases]
+    ref_s = [[s.clone() for s, _, _ in c["states"]] for c in cases]
+    bufs = [c["states"][0][0] for c in cases] if n_states else None
+    ref_bufs = [r[0] for r in ref_s] if n_states else None
+    launches = K.fused_sgd_([c["p"] for c in cases], [c["g"] for c in cases], bufs, [c["mask"] for c in cases],
+                            block=64, **kw)
+    K.sgd_reference_(ref_p, [c["g"] for c in cases], ref_bufs, [c["mask"] for c in cases], **kw)
+    check_against_reference(cases, ref_p, ref_s, dtype)
+    assert launches == (2 if masked == "mixed" else 1)
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, "mixed"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_adam_matches_reference(kernel_device, dtype, masked, amsgrad, decoupled):
+    n_states = 3 if amsgrad else 2
+    cases = make_kernel_case(dtype, kernel_device, n_states, masked, seed=2, aligned=not decoupled)
+    for c in cases:  # exp_avg_sq, max_exp_avg_sq are >= 0
+        for s, _, _ in c["states"][1:]:
+            s.abs_()
+    kw = dict(lr=[1e-2, 1e-3, 2e-2, 1e-2, 1e-2], beta1=0.9, beta2=[0.999, 0.99, 0.999, 0.9, 0.999], eps=1e-8,
+              weight_decay=[0.0, 0.1, 0.01, 0.0, 0.5], step=[1, 7, 3, 100, 2], decoupled_weight_decay=decoupled)
+    ref_p = [c["p"].clone() for c in cases]
+    ref_s = [[s.clone() for s, _, _ in c["states"]] for c in cases]
+    st = [[c["states"][j][0] for c in cases] for j in range(n_states)]
+    rst = [[r[j] for r in ref_s] for j in range(n_states)]
+    masks = [c["mask"] for c in cases]
+    launches = K.fused_adam_([c["p"] for c in cases], [c["g"] for c in cases], st[0], st[1],
+                             st[2] if amsgrad else None, masks, block=64, **kw)
+    K.adam_reference_(ref_p, [c["g"] for c in cases], rst[0], rst[1], rst[2] if amsgrad else None, masks, **kw)
+    check_against_reference(cases, ref_p, ref_s, dtype)
+    assert launches == (2 if masked == "mixed" else 1)
+
+
+def test_one_launch_for_many_tensors(kernel_device):
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(64, 3, 3, 3), (64,), (10, 64), (10,), (200,), (1,)] * 4
+    ps = [torch.randn(s, generator=gen).to(kernel_device) for s in shapes]
+    gs = [torch.randn(s, generator=gen).to(kernel_device) for s in shapes]
+    bufs = [torch.zeros(s, device=kernel_device) for s in shapes]
+    masks = [random_mask(s, 0.3, gen, kernel_device) for s in shapes]
+    ref = [p.clone() for p in ps]
+    rbufs = [b.clone() for b in bufs]
+    n = K.fused_sgd_(ps, gs, bufs, masks, lr=0.1, momentum=0.9, first_step=True)
+    K.sgd_reference_(ref, gs, rbufs, masks, lr=0.1, momentum=0.9, first_step=True)
+    assert n == 1
+    for a, b in zip(ps + bufs, ref + rbufs):
+        close(a, b)
+
+
+def test_bf16_rounds_to_nearest_even(kernel_device):
+    # p - lr * g with lr = 1 and g = 0: p is written back through the bf16 rounding. Feed fp32 values between two
+    # bf16 numbers via weight decay: p_new = p * (1 - wd) with p = 1, wd chosen so p_new is a half-way or off value.
+    vals = torch.tensor([1.0] * 6, dtype=torch.bfloat16, device=kernel_device)
+    wd = torch.tensor([2 ** -9, 2 ** -9 + 2 ** -12, 3 * 2 ** -9, 2 ** -10, 2 ** -8, 0.3])
+    grads = torch.zeros_like(vals)
+    ps = [vals[i:i + 1].clone() for i in range(6)]
+    gs = [grads[i:i + 1].clone() for i in range(6)]
+    K.fused_sgd_(ps, gs, None, None, lr=1.0, weight_decay=wd.tolist())
+    expect = (1.0 - wd).to(torch.bfloat16)  # torch's fp32 -> bf16 conversion rounds to nearest even
+    got = torch.cat(ps).cpu()
+    assert torch.equal(got, expect), (got, expect)
+
+
+def test_kernel_bad_input(kernel_device):
+    d = kernel_device
+    p, g, m = torch.randn(4, 5, device=d), torch.randn(4, 5, device=d), torch.ones(4, 5, dtype=torch.bool, device=d)
+    with pytest.raises(ValueError, match="shape"):
+        K.fused_sgd_([p], [g], None, [torch.ones(5, 4, dtype=torch.bool, device=d)], lr=0.1)
+    with pytest.raises(TypeError, match="bool"):
+        K.fused_sgd_([p], [g], None, [torch.ones(4, 5, device=d)], lr=0.1)
+    with pytest.raises(TypeError, match="dtype"):
+        K.fused_sgd_([p], [g.double()], None, [m], lr=0.1)
+    with pytest.raises(TypeError, match="supported"):
+        K.fused_sgd_([p.double()], [g.double()], None, [m], lr=0.1)
+    with pytest.raises(ValueError, match="shape"):
+        K.fused_sgd_([p], [g.reshape(5, 4)], None, [m], lr=0.1)
+    with pytest.raises(TypeError, match="float32"):
+        K.fused_sgd_([p], [g], [torch.zeros(4, 5, dtype=torch.bfloat16, device=d)], [m], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="contiguous"):
+        K.fused_sgd_([p.t()], [g.t()], None, None, lr=0.1)
+    with pytest.raises(ValueError, match="2 values"):
+        K.fused_sgd_([p], [g], None, None, lr=[0.1, 0.2])
+    with pytest.raises(ValueError, match="grads has"):
+        K.fused_sgd_([p], [g, g], None, None, lr=0.1)
+    with pytest.raises(ValueError, match="different devices"):
+        K.fused_sgd_([p], [torch.randn(4, 5, device="meta")], None, None, lr=0.1)
+    with pytest.raises(ValueError, match="step"):
+        K.fused_adam_([p], [g], [torch.zeros_like(p)], [torch.zeros_like(p)], None, None, lr=1e-3, beta1=0.9,
+                      beta2=0.999, eps=1e-8, weight_decay=0.0, step=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# optimizers vs torch.optim + gradient masking + re-masking
+# ----------------------------------------------------------------------------------------------------------------
+class Model:
+    """A small parameter set: two dense-path (masked) weights, a compact sparse-path vector, one that gets no grad."""
+
+    SHAPES = {"conv": (6, 3, 3, 3), "fc": (7, 12), "values": (37,), "unused": (5,)}
+    MASKED = ("conv", "fc")
+
+    def __init__(self, device, dtype=F32, seed=0, attach=True):
+        gen = torch.Generator().manual_seed(seed)
+        self.masks = {k: random_mask(self.SHAPES[k], 0.5, gen, device) for k in self.MASKED}
+        self.params = {}
+        for k, s in self.SHAPES.items():
+            w = torch.randn(s, generator=gen).to(device)
+            if k in self.masks:
+                w = w * self.masks[k]
+            p = torch.nn.Parameter(w.to(dtype))
+            if attach and k in self.masks:
+                setattr(p, MASK_ATTR, self.masks[k])
+            self.params[k] = p
+
+    def groups(self, **second):
+        """Two parameter groups; the second with its own hyper-parameters."""
+        p = self.params
+        return [{"params": [p["conv"], p["values"], p["unused"]]}, {"params": [p["fc"]], **second}]
+
+    def set_grads(self, gen, mask_them):
+        for k, p in self.params.items():
+            if k == "unused":
+                continue
+            g = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+            if mask_them and k in self.masks:
+                g = g * self.masks[k]
+            p.grad = g
+
+    def remask(self):
+        with torch.no_grad():
+            for k, m in self.masks.items():
+                self.params[k].mul_(m)
+
+    def new_masks(self, gen, attach):
+        """A new IMP round: prune further, new mask objects."""
+        for k in self.MASKED:
+            m = self.masks[k] & random_mask(self.masks[k].shape, 0.7, gen, self.masks[k].device)
+            self.masks[k] = m
+            if attach:
+                setattr(self.params[k], MASK_ATTR, m)
+
+
+CONFIGS = [
+    (SGD, torch.optim.SGD, dict(lr=0.1), dict(lr=0.05)),
+    (SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=1e-2), dict(weight_decay=0.0)),
+    (SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4), dict(lr=0.1)),
+    (SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.5), dict(momentum=0.0)),
+    (Adam, torch.optim.Adam, dict(lr=1e-2), dict(lr=3e-3, betas=(0.8, 0.99))),
+    (Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-2, amsgrad=True), dict(eps=1e-6)),
+    (Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-1), dict(amsgrad=True, weight_decay=0.0)),
+    (AdamW, torch.optim.AdamW, dict(lr=1e-2), dict(weight_decay=0.1)),
+    (AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.0, amsgrad=True), dict(lr=2e-2)),
+]
+CONFIG_IDS = ["sgd", "sgd-mom-damp-wd", "sgd-nesterov-wd", "sgd-mixed-momentum", "adam", "adam-wd-amsgrad",
+              "adam-wd-amsgrad-group", "adamw", "adamw-amsgrad-nowd"]
+STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def assert_matches(ours: Model, ref: Model, opt, ref_opt):
+    for k, p in ours.params.items():
+        r = ref.params[k]
+        close(p, r)
+        live = ours.masks.get(k)
+        if live is not None:
+            assert (p[~live] == 0).all(), f"{k}: a pruned weight is not exactly zero"
+        st, rst = opt.state.get(p, {}), ref_opt.state.get(r, {})
+        assert set(st) == set(rst), (k, set(st), set(rst))
+        for key in STATE_KEYS:
+            if st.get(key) is None:
+                continue
+            assert st[key].dtype == F32
+            if live is None:
+                close(st[key], rst[key])
+            else:
+                # torch.optim's state may be non-zero at newly pruned positions (it never saw the mask change)
+                close(st[key][live], rst[key][live])
+                assert (st[key][~live] == 0).all(), f"{k}: {key} is not exactly zero at pruned positions"
+        if "step" in st:
+            assert float(st["step"]) == float(rst["step"])
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_trajectory_matches_torch_optim(backend_device, cfg):
+    make, device = backend_device, backend_device.device
+    ours_cls, ref_cls, kw, second = cfg
+    ours, ref = Model(device), Model(device, attach=False)
+    opt = make(ours_cls, ours.groups(**second), **kw)
+    ref_opt = ref_cls(ref.groups(**second), **kw)
+    gen, gen_m = torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)
+    for step in range(20):
+        if step == 10:  # a new IMP round: new mask objects, the reference re-masks its weights
+            ours.new_masks(gen_m, attach=True)
+            ref.masks = dict(ours.masks)
+            ref.remask()
+        state = gen.get_state()
+        ours.set_grads(gen, mask_them=False)  # the optimizer must mask the gradient itself
+        gen.set_state(state)
+        ref.set_grads(gen, mask_them=True)
+        opt.step()
+        ref_opt.step()
+        ref.remask()
+        assert_matches(ours, ref, opt, ref_opt)
+    assert ours.params["unused"].grad is None and len(opt.state.get(ours.params["unused"], {})) == 0
+    torch.testing.assert_close(ours.params["unused"], ref.params["unused"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls,kw", [(SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+                                    (Adam, dict(lr=1e-2, amsgrad=True)), (AdamW, dict(lr=1e-2))],
+                         ids=["sgd", "adam-amsgrad", "adamw"])
+def test_state_dict_round_trip_continues_trajectory(backend_device, cls, kw):
+    make, device = backend_device, backend_device.device
+    gen = torch.Generator().manual_seed(5)
+    grads = [{k: torch.randn(s, generator=gen).to(device) for k, s in Model.SHAPES.items()} for _ in range(12)]
+
+    def feed(model, i):
+        for k, p in model.params.items():
+            if k != "unused":
+                p.grad = grads[i][k].clone()
+
+    a = Model(device)
+    opt_a = make(cls, a.groups(lr=kw["lr"] / 2), **kw)
+    for i in range(6):
+        feed(a, i)
+        opt_a.step()
+    saved = copy.deepcopy(opt_a.state_dict())
+    saved_params = {k: p.detach().clone() for k, p in a.params.items()}
+    for i in range(6, 12):
+        feed(a, i)
+        opt_a.step()
+
+    b = Model(device)  # same masks (same seed), fresh optimizer, weights and state from the checkpoint
+    with torch.no_grad():
+        for k, p in b.params.items():
+            p.copy_(saved_params[k])
+    opt_b = make(cls, b.groups(lr=kw["lr"] / 2), **kw)
+    opt_b.load_state_dict(saved)
+    for i in range(6, 12):
+        feed(b, i)
+        opt_b.step()
+    for k in Model.SHAPES:
+        torch.testing.assert_close(a.params[k], b.params[k], rtol=0, atol=0)
+        for key, v in opt_a.state.get(a.params[k], {}).items():
+            torch.testing.assert_close(v, opt_b.state[b.params[k]][key], rtol=0, atol=0)
+
+
+def test_state_dict_keeps_fp32_state_for_bf16_params_and_loads_into_torch_optim():
+    p = torch.nn.Parameter(torch.randn(9, 4).to(torch.bfloat16))
+    opt = Adam([p], lr=1e-2, backend="torch")
+    p.grad = torch.randn(9, 4).to(torch.bfloat16)
+    opt.step()
+    exact = opt.state[p]["exp_avg_sq"].clone()
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt.state[p]["exp_avg_sq"].dtype == F32
+    assert torch.equal(opt.state[p]["exp_avg_sq"], exact)  # not rounded through bf16
+    # keys are torch.optim's: a state dict of ours loads into torch.optim.Adam and vice versa
+    q = torch.nn.Parameter(torch.randn(3, 3))
+    ours, theirs = Adam([q], lr=1e-3, backend="torch"), torch.optim.Adam([q], lr=1e-3)
+    q.grad = torch.randn(3, 3)
+    ours.step()
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_bf16_params_kernel_matches_torch_backend(kernel_device):
+    """bf16 parameters, fp32 state: the kernels and both torch implementations agree (to bf16 rounding)."""
+    runs = [Backend("kernel", kernel_device), Backend("torch-fused", kernel_device),
+            Backend("torch-foreach", kernel_device)]
+    gen = torch.Generator().manual_seed(7)
+    for cls, kw in [(SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-2)), (AdamW, dict(lr=1e-2, amsgrad=True))]:
+        models = [Model(r.device, dtype=torch.bfloat16) for r in runs]
+        opts = [r(cls, m.groups(), **kw) for r, m in zip(runs, models)]
+        for _ in range(8):
+            state = gen.get_state()
+            for m in models:
+                gen.set_state(state)
+                m.set_grads(gen, mask_them=False)
+            for o in opts:
+                o.step()
+        for other in (1, 2):
+            for k in Model.SHAPES:
+                a, b = models[0].params[k], models[other].params[k]
+                assert a.dtype == b.dtype == torch.bfloat16
+                close(a.cpu(), b, torch.bfloat16, rtol=2 ** -6, atol=1e-5)
+                if k in Model.MASKED:
+                    assert (a[~models[0].masks[k]] == 0).all()
+                    assert (b[~models[other].masks[k]] == 0).all()
+                for key, v in opts[0].state[a].items():
+                    if key != "step":
+                        assert v.dtype == opts[other].state[b][key].dtype == F32
+                        close(v.cpu(), opts[other].state[b][key], rtol=2e-2, atol=1e-4)
+
+
+def test_lr_scheduler(backend_device):
+    make, device = backend_device, backend_device.device
+    for ours_cls, ref_cls, kw in [(SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                                  (Adam, torch.optim.Adam, dict(lr=1e-2))]:
+        ours, ref = Model(device), Model(device, attach=False)
+        opt, ref_opt = make(ours_cls, ours.groups(), **kw), ref_cls(ref.groups(), **kw)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, 6], gamma=0.1)
+        ref_sched = torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=[3, 6], gamma=0.1)
+        gen = torch.Generator().manual_seed(8)
+        for _ in range(8):
+            state = gen.get_state()
+            ours.set_grads(gen, mask_them=False)
+            gen.set_state(state)
+            ref.set_grads(gen, mask_them=True)
+            opt.step()
+            ref_opt.step()
+            ref.remask()
+            sched.step()
+            ref_sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(kw["lr"] * 0.01)
+        assert_matches(ours, ref, opt, ref_opt)
+
+
+def test_mask_changed_in_place_and_uint8_mask(backend_device):
+    make, device = backend_device, backend_device.device
+    ours, ref = Model(device), Model(device, attach=False)
+    opt = make(SGD, ours.groups(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.groups(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(6):
+        if step == 3:
+            # prune further by editing the attached masks in place (same objects); conv's becomes uint8
+            for k in Model.MASKED:
+                ours.masks[k][: ours.masks[k].shape[0] // 2] = False
+            u8 = ours.masks["conv"].to(torch.uint8)
+            setattr(ours.params["conv"], MASK_ATTR, u8)
+            ref.masks = {k: m.clone() for k, m in ours.masks.items()}
+            ref.remask()
+        state = gen.get_state()
+        ours.set_grads(gen, mask_them=False)
+        gen.set_state(state)
+        ref.set_grads(gen, mask_them=True)
+        opt.step()
+        ref_opt.step()
+        ref.remask()
+        assert_matches(ours, ref, opt, ref_opt)
+
+
+def test_non_contiguous_param_and_closure(backend_device):
+    make, device = backend_device, backend_device.device
+    w = torch.randn(6, 5, device=device)
+    p = torch.nn.Parameter(w.t())  # non-contiguous parameter
+    mask = torch.rand(5, 6, device=device) > 0.5
+    setattr(p, MASK_ATTR, mask)
+    r = torch.nn.Parameter((w.t() * mask).contiguous())
+    with torch.no_grad():
+        p.mul_(mask)
+    opt, ref_opt = make(Adam, [p], lr=1e-2), torch.optim.Adam([r], lr=1e-2)
+    x = torch.randn(5, 6, device=device)
+    for _ in range(4):
+        def closure():
+            opt.zero_grad()
+            loss = (p * x).sin().sum()
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+        ref_opt.zero_grad()
+        (r * x).sin().sum().backward()
+        r.grad.mul_(mask)
+        ref_opt.step()
+        with torch.no_grad():
+            r.mul_(mask)
+        assert not p.is_contiguous()
+        close(p, r)
+        assert (p[~mask] == 0).all()
+
+
+def test_param_mask_and_bad_masks(backend_device):
+    make, device = backend_device, backend_device.device
+    p = torch.nn.Parameter(torch.randn(4, 6, device=device))
+    assert param_mask(p) is None
+    m = torch.ones(4, 6, dtype=torch.bool, device=device)
+    setattr(p, MASK_ATTR, m)
+    assert param_mask(p) is m
+    opt = make(SGD, [p], lr=0.1)
+    p.grad = torch.randn(4, 6, device=device)
+    for bad, err, msg in [(torch.ones(6, 4, dtype=torch.bool, device=device), ValueError, "shape"),
+                          (torch.ones(24, dtype=torch.bool, device=device), ValueError, "shape"),
+                          (torch.ones(4, 6, device=device), TypeError, "bool"),
+                          (torch.ones(4, 6, dtype=torch.bool, device="meta"), ValueError, "device"),
+                          ([[True] * 6] * 4, TypeError, "not a Tensor")]:
+        setattr(p, MASK_ATTR, bad)
+        before = p.detach().clone()
+        with pytest.raises(err, match=msg):
+            opt.step()
+        assert torch.equal(p.detach(), before)  # refused before anything was written
+
+
+def test_bad_arguments():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="backend"):
+        SGD([p], lr=0.1, backend="cuda-please")
+    with pytest.raises(ValueError, match="Nesterov"):
+        SGD([p], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="learning rate"):
+        Adam([p], lr=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        AdamW([p], betas=(0.9, 1.0))
+    opt = SGD([p], lr=0.1, backend="triton")  # CUDA only: a clear error at step on CPU tensors
+    p.grad = torch.randn(3)
+    with pytest.raises(RuntimeError, match="triton"):
+        opt.step()
+    q = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    q.grad = torch.randn(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        SGD([q], lr=0.1, backend="torch").step()
+    p.grad = torch.randn(3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        SGD([p], lr=0.1, backend="torch").step()
+
+
+def test_loaded_state_is_remasked(backend_device):
+    """State loaded from torch.optim (non-zero at pruned positions: it never saw the mask) is zeroed there at the
+    next step, also when the attached mask object is the one the optimizer saw before the load."""
+    make, device = backend_device, backend_device.device
+    ours, ref = Model(device), Model(device, attach=False)
+    opt = make(Adam, ours.groups(), lr=1e-2)
+    ref_opt = torch.optim.Adam(ref.groups(), lr=1e-2)
+    gen = torch.Generator().manual_seed(12)
+    for _ in range(2):
+        ours.set_grads(gen, mask_them=False)
+        opt.step()
+        ref.set_grads(gen, mask_them=False)  # unmasked gradients: torch's state is non-zero at pruned positions
+        ref_opt.step()
+    loaded = ref_opt.state_dict()
+    assert any((s["exp_avg"] != 0).logical_and(~m).any() for s, m in
+               zip([loaded["state"][0], loaded["state"][3]], [ours.masks["conv"], ours.masks["fc"]]))
+    opt.load_state_dict(loaded)
+    ours.set_grads(gen, mask_them=False)
+    opt.step()
+    for k in Model.MASKED:
+        st, live = opt.state[ours.params[k]], ours.masks[k]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (st[key][~live] == 0).all()
+        assert (ours.params[k][~live] == 0).all()
+
+
+@pytest.mark.parametrize("cls,kw", [(SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2)),
+                                    (AdamW, dict(lr=1e-2, amsgrad=True))], ids=["sgd", "adamw-amsgrad"])
+def test_non_finite_gradient_at_pruned_positions_is_ignored(backend_device, cls, kw):
+    """NaN / inf gradients where the mask is False change nothing (a NaN-unsafe g * mask would spread them)."""
+    make, device = backend_device, backend_device.device
+    ours, ref = Model(device), Model(device, attach=False)
+    opt, ref_opt = make(cls, ours.groups(), **kw), getattr(torch.optim, cls.__name__)(ref.groups(), **kw)
+    gen = torch.Generator().manual_seed(13)
+    for step in range(4):
+        state = gen.get_state()
+        ours.set_grads(gen, mask_them=False)
+        gen.set_state(state)
+        ref.set_grads(gen, mask_them=True)
+        for k in Model.MASKED:
+            g = ours.params[k].grad
+            g[~ours.masks[k]] = float("nan") if step % 2 == 0 else float("inf")
+        opt.step()
+        ref_opt.step()
+        ref.remask()
+        assert_matches(ours, ref, opt, ref_opt)
+
+
+def test_few_launches_per_step(kernel_device, monkeypatch):
+    """The kernel backend updates all parameters of all groups with one launch per (dtype, mask/no mask)."""
+    import sparse_lth.optim as so
+
+    launches = []
+    real = so._k.fused_adam_
+    monkeypatch.setattr(so._k, "fused_adam_", lambda *a, **k: launches.append(real(*a, **k)))
+    backend = "triton" if kernel_device.type == "cuda" else "interpret"
+    m = Model(kernel_device)
+    opt = Adam(m.groups(lr=3e-3, weight_decay=0.1), lr=1e-2, backend=backend)  # two groups, different lr / wd
+    m.set_grads(torch.Generator().manual_seed(14), mask_them=False)
+    opt.step()
+    assert launches == [2]  # masked weights (two groups) + the unmasked compact vector
