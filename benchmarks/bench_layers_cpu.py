@@ -15,93 +15,21 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_name, git_commit, masked_baseline, plain_step,
+                       random_masks, slug)
 
 from sparse_lth.layers import SparseLinear, sparse_layers, sparsify
 from sparse_lth.models import build_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DENSITIES = (1.0, 0.2, 0.05, 0.02, 0.01)
-
-
-def machine_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def slug(s: str) -> str:
-    return "".join(c.lower() if c.isalnum() else "-" for c in s).strip("-").replace("--", "-")[:60]
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
-
-
-# ------------------------------------------------------------------------- the dense-masking baseline
-class MaskedLinear(nn.Linear):
-    """What users do today: weight * mask in every forward (torch.nn.utils.prune style)."""
-
-    def __init__(self, linear: nn.Linear, mask: torch.Tensor):
-        super().__init__(linear.in_features, linear.out_features, linear.bias is not None)
-        with torch.no_grad():
-            self.weight.copy_(linear.weight * mask)
-            if linear.bias is not None:
-                self.bias.copy_(linear.bias)
-        self.register_buffer("mask", mask.to(self.weight.dtype))
-
-    def forward(self, x):
-        return F.linear(x, self.weight * self.mask, self.bias)
-
-
-def masked_baseline(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    for name, module in list(model.named_modules()):
-        for cname, child in list(module.named_children()):
-            full = f"{name}.{cname}" if name else cname
-            if type(child) is nn.Linear:
-                setattr(module, cname, MaskedLinear(child, masks[full]))
-    return model
-
-
-def baseline_step(model, opt, x, y):
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    for m in model.modules():
-        if isinstance(m, MaskedLinear):
-            m.weight.grad.mul_(m.mask)
-    opt.step()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, MaskedLinear):
-                m.weight.mul_(m.mask)
-
-
-def plain_step(model, opt, x, y):
-    opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
-    opt.step()
-
-
-def layer_masks(model: nn.Module, density: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {n: torch.rand(m.weight.shape, generator=gen) < density
-            for n, m in model.named_modules() if type(m) is nn.Linear}
 
 
 # ------------------------------------------------------------------------- timing
@@ -128,8 +56,7 @@ def bench_lenet(density: float, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(60, 1, 28, 28)
     y = torch.randint(0, 10, (60,))
-    base = build_model("lenet300_100", seed=0)
-    masks = layer_masks(base, density, gen)
+    masks = random_masks(build_model("lenet300_100", seed=0), density, gen)
     fns, paths = {}, {}
     b = masked_baseline(build_model("lenet300_100", seed=0), masks)
     bo = torch.optim.Adam(b.parameters(), lr=1.2e-3)
@@ -176,11 +103,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=21, help="timed repeats per implementation (median taken)")
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dev_name = machine_name()
+    dev_name = cpu_name()
     meta = {"device": f"cpu: {dev_name} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-            "torch": torch.__version__, "commit": commit()}
+            "torch": torch.__version__, "commit": git_commit()}
     rows = []
     for case, fn in (("lenet300_100_train_step_b60", bench_lenet), ("linear1024_fwd_bwd_b256", bench_linear)):
         for d in args.densities:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from sparse_lth.layers import SparseLinear
 
-from bench_layers_cpu import MaskedLinear
+from baselines import MaskedLinear
 
 SHAPES = [(300, 784, 60), (100, 300, 60), (512, 4608, 256)]
 DENSITIES = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01]
