@@ -108,8 +108,13 @@ def slug(s: str) -> str:
 
 
 def git_commit() -> str:
+    """The short commit hash, with "-dirty" when tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL).strip()
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"

@@ -26,12 +26,12 @@ import argparse
 import csv
 import math
 import os
-import re
-import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+from baselines import git_commit, slug
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
@@ -143,20 +143,8 @@ def print_costs(layers, densities):
 # ----------------------------------------------------------------------------------------------------------------
 # implementations: each returns {direction: fn}, all set up on the GPU
 # ----------------------------------------------------------------------------------------------------------------
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-        commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def make_triton(layer, x, dy, weight, mask, bias, dtype):
@@ -317,8 +305,8 @@ def run(args):
         sys.exit("bench_conv_gpu.py: TRITON_INTERPRET is set; unset it to run compiled kernels on the GPU.")
     dev = torch.device("cuda")
     device_name = torch.cuda.get_device_name(dev)
-    commit = _git_commit()
-    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"conv_{_slug(device_name)}.csv"
+    commit = git_commit()
+    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"conv_{slug(device_name)}.csv"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     layers = [lay for lay in all_layers() if not args.layers or any(f in lay.name for f in args.layers)]
     densities = args.densities

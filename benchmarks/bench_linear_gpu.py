@@ -36,9 +36,10 @@ import gc
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from baselines import git_commit, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,19 +95,8 @@ def parse_args(argv=None):
     return args
 
 
-def device_slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -134,7 +124,7 @@ def main(argv=None) -> int:
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     commit = git_commit()
-    out_path = args.out or ROOT / "benchmarks" / "results" / f"linear_{device_slug(name)}.csv"
+    out_path = args.out or ROOT / "benchmarks" / "results" / f"linear_{slug(name)}.csv"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not out_path.exists()
     fh = open(out_path, "a", newline="")

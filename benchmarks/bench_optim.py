@@ -34,17 +34,15 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from baselines import git_commit, slug
 from sparse_lth.optim import MASK_ATTR, SGD, Adam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,19 +175,8 @@ def device_name(device: torch.device) -> str:
     return f"CPU {name} ({torch.get_num_threads()} threads)"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def git_commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "sparse_lth", "benchmarks"],
-                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None):

@@ -6,7 +6,6 @@ are imported only when a Triton backend is used.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .kernels import torch_ops
 from .kernels.format import SparseFormat
