@@ -284,3 +284,17 @@ def test_mask_accepts_zero_one_numbers_and_env_backend(monkeypatch):
     monkeypatch.setenv("SPARSE_LTH_BACKEND", "triton")
     with pytest.raises(RuntimeError, match=r"SPARSE_LTH_BACKEND"):
         _ = layer.backend
+
+
+def test_timed_path_choice_runs_and_keeps_the_layer_intact():
+    """The timing-based choice (used on CUDA) measures both paths on copies and leaves the layer untouched."""
+    gen = torch.Generator().manual_seed(9)
+    for layer in (SparseLinear(40, 30, path="sparse"), SparseConv2d(3, 4, 3, padding=1, path="sparse")):
+        layer.set_mask(random_mask(layer.weight_shape, 0.1, gen))
+        before = layer.dense_weight().detach().clone()
+        shape = (4, 40) if isinstance(layer, SparseLinear) else (2, 3, 6, 6)
+        choice = layer._time_paths(shape, reps=3)
+        assert choice in ("dense", "sparse")
+        assert set(layer.path_timings) == {"dense", "sparse"} and all(t > 0 for t in layer.path_timings.values())
+        assert layer.path == "sparse" and layer.values.grad is None
+        assert torch.equal(layer.dense_weight().detach(), before)
