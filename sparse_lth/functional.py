@@ -86,24 +86,6 @@ class SparseConv2dFunction(torch.autograd.Function):
         return dx, dv, db, None, None, None, None, None
 
 
-class _MaskGrad(torch.autograd.Function):
-    """Identity in the forward pass; multiplies the gradient by the mask (the dense path's gradient masking)."""
-
-    @staticmethod
-    def forward(ctx, w, mask):
-        ctx.save_for_backward(mask)
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, g):
-        (mask,) = ctx.saved_tensors
-        return g * mask, None
-
-
-def mask_grad(w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return _MaskGrad.apply(w, mask)
-
-
 def scatter_values(values: torch.Tensor, flat_index: torch.Tensor, shape) -> torch.Tensor:
     """The dense weight of ``shape`` with ``values`` at ``flat_index`` and zeros elsewhere (differentiable)."""
     n = 1
