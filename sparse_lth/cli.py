@@ -1,0 +1,228 @@
+"""The ``sparse-lth`` command line: ``train``, ``imp`` and ``report``.
+
+    sparse-lth imp --preset lenet_quick --data /work/shared/data        # an IMP run (resumes if interrupted)
+    sparse-lth imp --preset lenet_quick --control reinit                # its random-reinitialization control
+    sparse-lth report runs/                                             # figures + table for every experiment
+    sparse-lth train --model lenet300_100 --density 0.1 --iterations 1000
+
+The flags of ``imp`` (and of ``train``) are generated from the hyperparameter dataclasses
+(:class:`sparse_lth.imp.ImpHparams`, :class:`sparse_lth.train.TrainConfig`): ``--prune-fc 0.2``,
+``--milestones 20000,25000``, ``--prune-global/--no-prune-global`` ... A flag overrides the preset's value.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import typing
+
+
+def _parse_tuple(kind):
+    def parse(s: str):
+        s = s.strip()
+        if not s:
+            return ()
+        return tuple(kind(v.strip()) for v in s.split(",") if v.strip())
+    return parse
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group_title=None) -> list[str]:
+    """One flag per field of ``cls`` (default None = "not given"); returns the field names."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(group_title) if group_title else parser
+    names = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        helptext = f"(default {default!r})"
+        origin = typing.get_origin(t)
+        if t is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                               help=helptext)
+        elif origin is tuple:
+            kind = typing.get_args(t)[0]
+            group.add_argument(flag, dest=f.name, type=_parse_tuple(kind), default=None, metavar="A,B,...",
+                               help=f"comma-separated {kind.__name__}s {helptext}")
+        else:
+            group.add_argument(flag, dest=f.name, type=t, default=None, metavar=t.__name__.upper(), help=helptext)
+        names.append(f.name)
+    return names
+
+
+def _given(args, names) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
+def _setup_threads(n: int | None) -> None:
+    if n:
+        import torch
+        torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------------- imp
+def _cmd_imp(args, names) -> int:
+    from .imp import ImpHparams, run_imp
+    from .presets import get_preset
+    given = _given(args, names)
+    hp = get_preset(args.preset, **given) if args.preset else ImpHparams(**given)
+    if args.data:
+        os.environ["SPARSE_LTH_DATA"] = args.data
+    _setup_threads(args.threads)
+    t0 = time.time()
+    res = run_imp(hp, args.runs, replicates=args.replicates, device=args.device, data_root=args.data,
+                  progress=not args.no_progress, checkpoint_every=args.checkpoint_every, run_dir=args.run_dir,
+                  wait_for_source=args.wait_for_source, report=not args.no_report)
+    print(f"experiment: {res.experiment_dir}  ({time.time() - t0:.0f} s)")
+    print(f"{'seed':>4} {'round':>5} {'% left':>8} {'ES iter':>8} {'acc@ES':>7} {'acc end':>7} {'s/round':>8}")
+    for seed, rounds in res.metrics.items():
+        for m in rounds:
+            print(f"{seed:>4} {m['round']:>5} {m['percent_remaining']:>8.2f} {m['early_stop_iteration']:>8} "
+                  f"{100 * m['early_stop_test_acc']:>7.2f} {100 * m['test_acc']:>7.2f} {m['wall_time']:>8.1f}")
+    if not args.no_report:
+        print(f"report: {os.path.join(res.experiment_dir, 'report')}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def _cmd_train(args, names) -> int:
+    import torch
+
+    from .data import load_dataset
+    from .imp import apply_masks, count_masks, get_masks, magnitude_prune, prunable_layers, random_masks
+    from .models import build_model
+    from .train import TrainConfig, train
+    _setup_threads(args.threads)
+    given = _given(args, names)
+    cfg = TrainConfig(**{"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "eval_every": 100,
+                         **given, "progress": not args.no_progress})
+    device = torch.device(args.device)
+    model = build_model(args.model, seed=args.model_seed).to(device)
+    dataset = args.dataset or model.dataset
+    tr = load_dataset(dataset, "train", root=args.data, device=device, limit=args.data_limit or None)
+    te = load_dataset(dataset, "test", root=args.data, device=device, limit=args.test_limit or None)
+    if args.layers == "sparse":
+        from .layers import sparsify
+        model = sparsify(model, path=args.path, backend=None if args.backend == "auto" else args.backend)
+    masks = get_masks(model)
+    if args.density < 1.0:
+        if not 0.0 < args.density <= 1.0:
+            raise SystemExit("--density must lie in (0, 1]")
+        if args.mask == "random":
+            g = torch.Generator().manual_seed(args.model_seed)
+            masks = random_masks({n: tuple(m.shape) for n, m in masks.items()},
+                                 {n: round(args.density * m.numel()) for n, m in masks.items()}, g)
+        else:  # magnitude of the initial weights, layer-wise
+            weights = {n: (m.dense_weight() if hasattr(m, "dense_weight") else m.weight).detach()
+                       for n, m in prunable_layers(model)}
+            masks = magnitude_prune(weights, masks, {n: 1.0 - args.density for n in masks})
+    if args.layers != "dense":
+        apply_masks(model, masks, path=None if args.path == "auto" else args.path)
+    out = train(model, tr, te, cfg, desc=f"{args.model} {args.layers}")
+    counts = count_masks(masks)
+    live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    summary = {k: out[k] for k in ("test_acc", "test_loss", "train_acc", "early_stop_iteration",
+                                   "early_stop_test_acc", "wall_time", "time_per_step", "paths", "backends")}
+    summary["percent_remaining"] = 100.0 * live / total if args.layers != "dense" else 100.0
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({**summary, "curve": out["curve"]}, f, indent=1)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _cmd_report(args) -> int:
+    from .report import find_experiments, write_report
+    dirs = find_experiments(args.run_dirs)
+    if args.out:
+        out = args.out
+    elif len(dirs) == 1:
+        out = os.path.join(dirs[0], "report")
+    else:
+        out = os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")
+    files = write_report(dirs, out, title=args.title)
+    for k, v in files.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    from .imp import CONTROLS, ImpHparams
+    from .presets import PRESET_NAMES
+    from .train import TrainConfig
+    p = argparse.ArgumentParser(prog="sparse-lth", description="Lottery tickets by iterative magnitude pruning, "
+                                "trained on sparse layers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pi = sub.add_parser("imp", help="run (or resume) an IMP experiment",
+                        description="Run (or resume) iterative magnitude pruning with rewinding. A finished round "
+                        "is skipped on re-run; an interrupted one resumes from its last checkpoint.")
+    pi.add_argument("--preset", choices=PRESET_NAMES, help="start from these hyperparameters (flags override)")
+    pi.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+    pi.add_argument("--runs", default="runs", help="run root (default: runs)")
+    pi.add_argument("--run-dir", help="use this experiment folder instead of <runs>/<name>_<hash>")
+    pi.add_argument("--device", default="cpu")
+    pi.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pi.add_argument("--replicates", type=int, default=1, help="seeds seed .. seed+N-1 (default 1)")
+    pi.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N iterations")
+    pi.add_argument("--wait-for-source", type=float, default=0.0,
+                    help="controls reinit/random_prune: wait up to this many seconds for the IMP run's masks")
+    pi.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    pi.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (override the preset)")
+    for a in pi._actions:
+        if a.dest == "control":
+            a.choices = CONTROLS
+            a.type = str
+
+    pt = sub.add_parser("train", help="train one (sparse) model once",
+                        description="Train a model once, e.g. a sparse LeNet-300-100 on MNIST.")
+    pt.add_argument("--model", default="lenet300_100")
+    pt.add_argument("--model-seed", type=int, default=0)
+    pt.add_argument("--dataset", default="", help="default: the model's")
+    pt.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+    pt.add_argument("--device", default="cpu")
+    pt.add_argument("--layers", choices=("sparse", "masked", "dense"), default="sparse",
+                    help="sparse layers, plain layers with dense masking, or plain dense layers")
+    pt.add_argument("--density", type=float, default=1.0, help="fraction of weights kept in every layer")
+    pt.add_argument("--mask", choices=("magnitude", "random"), default="magnitude",
+                    help="how the --density mask is drawn (magnitude of the initial weights, or random)")
+    pt.add_argument("--path", choices=("auto", "dense", "sparse"), default="auto")
+    pt.add_argument("--backend", default="auto")
+    pt.add_argument("--data-limit", type=int, default=0)
+    pt.add_argument("--test-limit", type=int, default=0)
+    pt.add_argument("--no-progress", action="store_true")
+    pt.add_argument("--out", help="write the metrics (and the curve) to this JSON file")
+    pt.add_argument("--threads", type=int, default=None)
+    train_names = _add_dataclass_flags(pt, TrainConfig, skip=("progress",), group_title="training")
+
+    pr = sub.add_parser("report", help="figures and a Markdown table from run folders")
+    pr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders, or run roots holding them")
+    pr.add_argument("--out", help="output folder (default: <experiment>/report, or <common parent>/report)")
+    pr.add_argument("--title")
+    return p, {"imp": imp_names, "train": train_names}
+
+
+def main(argv=None) -> int:
+    parser, names = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "imp":
+            return _cmd_imp(args, names["imp"])
+        if args.command == "train":
+            return _cmd_train(args, names["train"])
+        return _cmd_report(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sparse-lth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,664 @@
+"""Iterative magnitude pruning (IMP) with rewinding, and the lottery-ticket paper's controls, as one driver.
+
+``run_imp(hparams, run_root="runs")`` runs rounds 0..``hparams.rounds`` for each replicate seed:
+
+- round 0 trains the dense network from its initialization θ0 (saved) and captures the rewind point θk;
+- round r > 0 prunes ``prune_*`` of the weights that SURVIVED round r-1 (smallest magnitudes of round r-1's
+  trained weights; layer-wise, or global within each layer type), rewinds the survivors to θk and trains for
+  iterations [k, iterations) with a fresh optimizer.
+
+``hparams.control`` selects a mode of the same driver:
+
+- ``imp``: the above.
+- ``reinit``: random reinitialization: round r uses the masks of the matching ``imp`` experiment's round r (same
+  hyperparameters, same seed, same run root) with fresh random weights.
+- ``random_prune``: random masks with the ticket's per-layer sparsity (read from the ``imp`` experiment when it
+  exists; computed by the layer-wise rule otherwise), weights rewound to θk as in IMP.
+- ``oneshot``: a single pruning round straight to the target: ``oneshot_remaining`` (fraction of each pruned
+  layer's weights kept, or of the pooled weights with global pruning) or, when unset, the sparsity that
+  ``rounds`` iterative rounds would reach.
+- ``continue``: prune as IMP but keep training the trained weights, without resetting them, each round.
+
+Run folders: ``<run_root>/<model>_<control>_<hash>/`` where the hash covers the hyperparameters that differ from
+:class:`ImpHparams`' defaults (except ``seed``), so the same experiment finds the same folder. It holds
+``hparams.json`` and one ``seed_<s>/`` per replicate with ``init.pt`` (θ0), ``rewind.pt`` (θk) and per round
+``round_<r>/masks.pt``, ``checkpoint.pt`` (while the round runs), ``final.pt`` (trained weights) and
+``metrics.json`` (written last: a round that has it is skipped on re-run). A killed run resumes from its last
+checkpoint and ends, on CPU, with exactly the masks and metrics of an uninterrupted run (wall times excepted).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .train import (OPTIMIZERS, TrainConfig, layer_backends, layer_paths, save_atomic, train)
+
+CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue")
+LAYER_IMPLS = ("sparse", "masked")
+PATHS = ("auto", "dense", "sparse")
+
+
+@dataclass
+class ImpHparams:
+    """Everything that defines an IMP experiment (defaults: LeNet-300-100 on MNIST as in the paper)."""
+
+    # model and data
+    model: str = "lenet300_100"
+    dataset: str = ""               # "" = the model's dataset
+    width: float = 1.0
+    dropout: float = 0.0
+    augment: str = "auto"           # auto (the dataset's default) | on | off
+    data_limit: int = 0             # use only the first N training examples (0: all)
+    test_limit: int = 0             # use only the first N test examples (0: all)
+    # training, per round
+    optimizer: str = "adam"
+    lr: float = 1.2e-3
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    batch_size: int = 60
+    iterations: str = "50000it"     # training budget per round: "Nit" (iterations) or "Nep" (epochs)
+    milestones: tuple[int, ...] = ()  # lr multiplied by gamma at these iterations
+    gamma: float = 0.1
+    warmup: int = 0                 # linear lr warmup, iterations
+    eval_every: int = 500
+    train_eval_size: int = 1000
+    optimizer_impl: str = "torch"   # torch | sparse_lth
+    # pruning
+    rounds: int = 15                # pruning rounds after the dense round 0
+    prune_fc: float = 0.2           # fraction of the SURVIVING weights pruned per round, per layer type
+    prune_conv: float = 0.1
+    prune_output: float = 0.1      # the output layer, at its own rate (the paper: half the fc rate)
+    prune_global: bool = False      # global magnitude pruning (within each layer type) instead of layer-wise
+    dense_layers: tuple[str, ...] = ()  # module names left dense
+    rewind: str = "0it"             # rewind point: "Nit" or "Nep"; 0 = the original initialization
+    control: str = "imp"            # imp | reinit | random_prune | oneshot | continue
+    oneshot_remaining: float = 0.0  # oneshot: fraction of weights kept (0: what `rounds` rounds of IMP keep)
+    # layers
+    layer_impl: str = "sparse"      # sparse (sparse_lth.layers) | masked (plain layers, dense masking)
+    path: str = "auto"              # auto | dense | sparse: the sparse layers' path
+    backend: str = "auto"           # auto | torch | triton | interpret
+    # replicate
+    seed: int = 0                   # model init and data order; not part of the experiment's hash
+
+    def __post_init__(self):
+        self.milestones = tuple(int(m) for m in self.milestones)
+        self.dense_layers = tuple(str(d) for d in self.dense_layers)
+
+
+# Hyperparameters that do not change the experiment's identity (replicates live in the same experiment).
+NOT_HASHED = ("seed",)
+
+
+def hparams_dict(hp: ImpHparams) -> dict:
+    d = dataclasses.asdict(hp)
+    d["milestones"] = list(d["milestones"])
+    d["dense_layers"] = list(d["dense_layers"])
+    return d
+
+
+def non_default(hp: ImpHparams) -> dict:
+    """The hyperparameters that differ from :class:`ImpHparams`' defaults (those that name the experiment)."""
+    ref = hparams_dict(ImpHparams())
+    return {k: v for k, v in hparams_dict(hp).items() if k not in NOT_HASHED and v != ref[k]}
+
+
+def experiment_name(hp: ImpHparams) -> str:
+    blob = json.dumps(non_default(hp), sort_keys=True)
+    return f"{hp.model}_{hp.control}_{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def hparams_from_dict(d: dict) -> ImpHparams:
+    names = {f.name for f in dataclasses.fields(ImpHparams)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {sorted(unknown)}")
+    return ImpHparams(**d)
+
+
+# ------------------------------------------------------------------------------------------------ step counts
+def parse_steps(value, iterations_per_epoch: int, what: str) -> int:
+    """``"500it"`` -> 500, ``"2ep"`` -> 2 * iterations_per_epoch, ``500``/``"500"`` -> 500."""
+    s = str(value).strip().lower()
+    try:
+        if s.endswith("ep"):
+            return int(round(float(s[:-2]) * iterations_per_epoch))
+        if s.endswith("it"):
+            s = s[:-2]
+        n = float(s)
+        if n != int(n):
+            raise ValueError
+        return int(n)
+    except ValueError:
+        raise ValueError(f"{what} must look like '500it', '2ep' or 500; got {value!r}") from None
+
+
+# -------------------------------------------------------------------------------------------- masks and layers
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers IMP can prune: sparse layers, or plain ``nn.Linear``/``nn.Conv2d`` (in module order)."""
+    return [(n, m) for n, m in model.named_modules()
+            if (hasattr(m, "set_mask") and hasattr(m, "mask")) or isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def output_layer_name(model: nn.Module) -> str:
+    name = getattr(model, "output_layer", None)
+    if name is None:  # the last Linear
+        lin = [n for n, m in prunable_layers(model) if _is_linear(m)]
+        if not lin:
+            raise ValueError("model has no output_layer attribute and no linear layer")
+        name = lin[-1]
+    return name
+
+
+def _is_linear(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, nn.Conv2d):
+        return False
+    w = dense_weight(m)
+    return w.dim() == 2
+
+
+def layer_kind(name: str, m: nn.Module, output_name: str) -> str:
+    if name == output_name:
+        return "output"
+    return "fc" if _is_linear(m) else "conv"
+
+
+def dense_weight(m: nn.Module) -> torch.Tensor:
+    """The layer's dense weight (zeros at pruned positions)."""
+    if hasattr(m, "dense_weight"):
+        return m.dense_weight().detach()
+    return m.weight.detach()
+
+
+def get_mask(m: nn.Module) -> torch.Tensor:
+    if hasattr(m, "set_mask"):
+        return m.mask.detach().clone().bool()
+    mk = getattr(m, "weight_mask", None)
+    if isinstance(mk, torch.Tensor):
+        return mk.detach().clone().bool()
+    return torch.ones_like(m.weight, dtype=torch.bool)
+
+
+def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: get_mask(m) for n, m in prunable_layers(model)}
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], path: str | None = None) -> None:
+    """Set every prunable layer's mask: ``set_mask`` on sparse layers (``path``: auto/dense/sparse); a bool
+    ``weight_mask`` buffer on plain layers (the training loop keeps them masked). Pruned weights become 0."""
+    layers = dict(prunable_layers(model))
+    missing = set(layers) - set(masks)
+    extra = set(masks) - set(layers)
+    if missing or extra:
+        raise ValueError(f"masks do not match the model's layers (missing {sorted(missing)}, "
+                         f"unknown {sorted(extra)})")
+    for name, m in layers.items():
+        mask = masks[name]
+        w = dense_weight(m)
+        if mask.shape != w.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(w.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask for {name} must be bool, got {mask.dtype}")
+        mask = mask.to(w.device)
+        if hasattr(m, "set_mask"):
+            m.set_mask(mask, path=None if path in (None, "auto") else path)
+        else:
+            if isinstance(getattr(m, "weight_mask", None), torch.Tensor):
+                m.weight_mask = mask.clone()
+            else:
+                m.register_buffer("weight_mask", mask.clone())
+            with torch.no_grad():
+                m.weight.mul_(mask)
+
+
+def count_masks(masks: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    return {n: (int(mk.sum().item()), mk.numel()) for n, mk in masks.items()}
+
+
+def _n_prune(fraction: float, live: int) -> int:
+    return min(live, int(math.floor(fraction * live + 0.5)))
+
+
+def magnitude_prune(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                    fractions: dict[str, float], global_groups: list[list[str]] | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """New masks: prune ``fractions[name]`` of each layer's SURVIVING weights with the smallest magnitudes.
+
+    ``global_groups``: lists of layer names pooled together (their fractions must agree); the smallest
+    ``fraction`` of the pool's surviving weights go, wherever they are. Layers not in a group are pruned
+    layer-wise. Ties go to the lower index (stable sort), so the result is deterministic.
+    """
+    new = {n: mk.clone() for n, mk in masks.items()}
+    groups = [list(g) for g in (global_groups or []) if g]
+    grouped = {n for g in groups for n in g}
+    groups += [[n] for n in masks if n not in grouped]
+    for g in groups:
+        f = {fractions.get(n, 0.0) for n in g}
+        if len(f) != 1:
+            raise ValueError(f"layers {g} are pooled for global pruning but have different fractions {f}")
+        f = f.pop()
+        if f <= 0:
+            continue
+        mags = torch.cat([weights[n].detach().abs().reshape(-1).float().cpu()[masks[n].reshape(-1).cpu()]
+                          for n in g])
+        k = _n_prune(f, mags.numel())
+        if k == 0:
+            continue
+        order = torch.sort(mags, stable=True).indices[:k]
+        drop = torch.zeros(mags.numel(), dtype=torch.bool)
+        drop[order] = True
+        off = 0
+        for n in g:
+            flat = new[n].reshape(-1).cpu().clone()
+            live_idx = flat.nonzero().reshape(-1)
+            d = drop[off:off + live_idx.numel()]
+            off += live_idx.numel()
+            flat[live_idx[d]] = False
+            new[n] = flat.reshape(masks[n].shape).to(masks[n].device)
+    return new
+
+
+def random_masks(shapes: dict[str, tuple[int, ...]], keep: dict[str, int], generator: torch.Generator
+                 ) -> dict[str, torch.Tensor]:
+    """Uniformly random bool masks with exactly ``keep[name]`` live weights each."""
+    out = {}
+    for n, shape in shapes.items():
+        numel = math.prod(shape)
+        if not 0 <= keep[n] <= numel:
+            raise ValueError(f"cannot keep {keep[n]} of {numel} weights in {n}")
+        idx = torch.randperm(numel, generator=generator)[:keep[n]]
+        mk = torch.zeros(numel, dtype=torch.bool)
+        mk[idx] = True
+        out[n] = mk.reshape(shape)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- the driver
+@dataclass
+class ImpResult:
+    experiment_dir: str
+    hparams: ImpHparams
+    metrics: dict[int, list[dict]] = field(default_factory=dict)  # seed -> per-round metrics
+
+
+class Experiment:
+    """One IMP experiment (a set of hyperparameters) in its run folder; ``run_seed(seed)`` runs a replicate."""
+
+    def __init__(self, hparams: ImpHparams, run_root: str = "runs", *, device: str | torch.device = "cpu",
+                 data_root: str | None = None, progress: bool = True, checkpoint_every: int = 1000,
+                 run_dir: str | None = None, wait_for_source: float = 0.0, data=None):
+        self.hp = hparams
+        self.run_root = str(run_root)
+        self.device = torch.device(device)
+        self.data_root = data_root
+        self.progress = progress
+        self.checkpoint_every = int(checkpoint_every)
+        self.wait_for_source = float(wait_for_source)
+        self.dir = run_dir or os.path.join(self.run_root, experiment_name(hparams))
+        self._data = None
+        if data is not None:  # (train, test) DeviceDatasets given by the caller instead of hparams.dataset
+            tr, te = data
+            self._data = (tr.to(self.device), te.to(self.device))
+        self._validate()
+
+    # ------------------------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        """Refuse bad hyperparameters before anything is trained or written."""
+        hp = self.hp
+        from . import models
+        if hp.model not in models.MODEL_NAMES:
+            raise ValueError(f"unknown model {hp.model!r}; choose one of {sorted(models.MODEL_NAMES)}")
+        if hp.control not in CONTROLS:
+            raise ValueError(f"unknown control {hp.control!r}; choose one of {CONTROLS}")
+        if hp.layer_impl not in LAYER_IMPLS:
+            raise ValueError(f"unknown layer_impl {hp.layer_impl!r}; choose one of {LAYER_IMPLS}")
+        if hp.path not in PATHS:
+            raise ValueError(f"unknown path {hp.path!r}; choose one of {PATHS}")
+        if hp.augment not in ("auto", "on", "off"):
+            raise ValueError(f"augment must be auto, on or off; got {hp.augment!r}")
+        for name in ("prune_fc", "prune_conv", "prune_output"):
+            v = getattr(hp, name)
+            if not (0.0 <= v < 1.0) or (v != 0.0 and not 0.0 < v < 1.0):
+                raise ValueError(f"{name}={v}: a pruning fraction must lie in (0, 1) (or be 0: never pruned)")
+        if hp.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {hp.rounds}")
+        if hp.control == "oneshot" and hp.oneshot_remaining and not 0.0 < hp.oneshot_remaining < 1.0:
+            raise ValueError(f"oneshot_remaining={hp.oneshot_remaining} must lie in (0, 1)")
+        if hp.oneshot_remaining and hp.control != "oneshot":
+            raise ValueError("oneshot_remaining is only used with control 'oneshot'")
+        if hp.data_limit < 0 or hp.test_limit < 0:
+            raise ValueError("data_limit and test_limit must be >= 0")
+        # training config (optimizer, lr, ...) is checked by TrainConfig; steps need the dataset size
+        n_train = self._n_train()
+        ipe = math.ceil(n_train / hp.batch_size) if hp.batch_size > 0 else 1
+        self.iterations = parse_steps(hp.iterations, ipe, "iterations")
+        self.rewind_iteration = parse_steps(hp.rewind, ipe, "rewind")
+        self.train_cfg = self._train_config()
+        if not 0 <= self.rewind_iteration < self.iterations:
+            raise ValueError(f"rewind point {hp.rewind!r} = iteration {self.rewind_iteration} is not before the "
+                             f"end of training ({self.iterations} iterations)")
+        model = self._build_model(self.hp.seed, sparse=False)
+        layers = dict(prunable_layers(model))
+        bad = [d for d in hp.dense_layers if d not in layers]
+        if bad:
+            raise ValueError(f"dense_layers {bad} are not prunable layers of {hp.model}; "
+                             f"those are {list(layers)}")
+        rates = self._rates(model)
+        if hp.rounds > 0 and hp.control != "reinit" and not any(r > 0 for r in rates.values()):
+            raise ValueError("no layer would be pruned: all pruning fractions are 0 or the layers are dense_layers")
+        # the run folder: refuse one that holds another experiment
+        existing = os.path.join(self.dir, "hparams.json")
+        if os.path.exists(existing):
+            with open(existing) as f:
+                old = json.load(f)
+            mine = {k: v for k, v in hparams_dict(hp).items() if k not in NOT_HASHED}
+            old = {k: v for k, v in old.items() if k not in NOT_HASHED}
+            if old != mine:
+                diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+                raise ValueError(f"run folder {self.dir} holds another experiment (hyperparameters differ in "
+                                 f"{diff}); choose another folder")
+
+    def _n_train(self) -> int:
+        if "ep" not in str(self.hp.iterations).lower() and "ep" not in str(self.hp.rewind).lower():
+            return 1
+        return len(self.data[0])
+
+    def _train_config(self) -> TrainConfig:
+        hp = self.hp
+        if hp.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {hp.optimizer!r}; choose one of {OPTIMIZERS}")
+        return TrainConfig(optimizer=hp.optimizer, lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov,
+                           weight_decay=hp.weight_decay, batch_size=hp.batch_size, iterations=self.iterations,
+                           milestones=hp.milestones, gamma=hp.gamma, warmup=hp.warmup, eval_every=hp.eval_every,
+                           train_eval_size=hp.train_eval_size, seed=hp.seed, progress=self.progress,
+                           optimizer_impl=hp.optimizer_impl)
+
+    # ------------------------------------------------------------------------------------ pieces
+    @property
+    def dataset(self) -> str:
+        if self.hp.dataset:
+            return self.hp.dataset
+        from . import models
+        return models.PAPER_HPARAMS.get(self.hp.model, {}).get("dataset") or \
+            getattr(models.build_model(self.hp.model, seed=0), "dataset")
+
+    @property
+    def data(self):
+        if self._data is None:
+            from .data import load_dataset
+            hp = self.hp
+            aug = None if hp.augment == "auto" else hp.augment == "on"
+            tr = load_dataset(self.dataset, "train", root=self.data_root, device=self.device, augment=aug,
+                              limit=hp.data_limit or None)
+            te = load_dataset(self.dataset, "test", root=self.data_root, device=self.device, augment=False,
+                              limit=hp.test_limit or None)
+            self._data = (tr, te)
+        return self._data
+
+    def _build_model(self, seed: int, sparse: bool = True) -> nn.Module:
+        from . import models
+        hp = self.hp
+        kw = dict(width=hp.width, dropout=hp.dropout, seed=seed)
+        model = models.build_model(hp.model, **kw)
+        if sparse:
+            model = model.to(self.device)
+            if hp.layer_impl == "sparse":
+                from .layers import sparsify
+                model = sparsify(model, path=hp.path, backend=None if hp.backend == "auto" else hp.backend)
+        return model
+
+    def _rates(self, model: nn.Module) -> dict[str, float]:
+        hp = self.hp
+        out_name = output_layer_name(model)
+        rates = {}
+        for n, m in prunable_layers(model):
+            kind = layer_kind(n, m, out_name)
+            rates[n] = 0.0 if n in hp.dense_layers else {"fc": hp.prune_fc, "conv": hp.prune_conv,
+                                                         "output": hp.prune_output}[kind]
+        return rates
+
+    def _groups(self, model: nn.Module, rates: dict[str, float]) -> list[list[str]] | None:
+        if not self.hp.prune_global:
+            return None
+        out_name = output_layer_name(model)
+        groups: dict[str, list[str]] = {}
+        for n, m in prunable_layers(model):
+            if rates[n] > 0:
+                groups.setdefault(layer_kind(n, m, out_name), []).append(n)
+        return list(groups.values())
+
+    def seed_dir(self, seed: int) -> str:
+        return os.path.join(self.dir, f"seed_{seed}")
+
+    def round_dir(self, seed: int, r: int) -> str:
+        return os.path.join(self.seed_dir(seed), f"round_{r:02d}")
+
+    def n_rounds(self) -> int:
+        return 1 if self.hp.control == "oneshot" else self.hp.rounds
+
+    def source(self) -> "Experiment":
+        """The ``imp`` experiment with the same hyperparameters (the ticket that controls compare with)."""
+        hp = dataclasses.replace(self.hp, control="imp", oneshot_remaining=0.0)
+        return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
+                          checkpoint_every=self.checkpoint_every, data=self._data)
+
+    def _source_masks(self, seed: int, r: int, required: bool) -> dict | None:
+        path = os.path.join(self.source().round_dir(seed, r), "masks.pt")
+        deadline = time.time() + self.wait_for_source
+        while not os.path.exists(path):
+            if time.time() >= deadline:
+                if not required:
+                    return None
+                raise FileNotFoundError(
+                    f"control {self.hp.control!r} needs the IMP ticket's masks of round {r} ({path}); run the "
+                    f"'imp' experiment with the same hyperparameters and run root first")
+            time.sleep(5)
+        return torch.load(path, map_location="cpu", weights_only=False)["masks"]
+
+    # ------------------------------------------------------------------------------------ running
+    def write_hparams(self) -> None:
+        os.makedirs(self.dir, exist_ok=True)
+        path = os.path.join(self.dir, "hparams.json")
+        if not os.path.exists(path):
+            d = {k: v for k, v in hparams_dict(self.hp).items() if k not in NOT_HASHED}
+            tmp = path + f".tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(d, f, indent=2, sort_keys=True)
+                f.write("\n")
+            os.replace(tmp, path)
+
+    def run(self, seeds=None, callback: Callable | None = None,
+            on_round_start: Callable | None = None) -> ImpResult:
+        seeds = [self.hp.seed] if seeds is None else list(seeds)
+        self.write_hparams()
+        res = ImpResult(self.dir, self.hp)
+        for s in seeds:
+            res.metrics[s] = self.run_seed(s, callback=callback, on_round_start=on_round_start)
+        return res
+
+    def run_seed(self, seed: int, callback: Callable | None = None,
+                 on_round_start: Callable | None = None) -> list[dict]:
+        """Run (or resume) every round of replicate ``seed``; returns the per-round metrics."""
+        self.write_hparams()
+        hp = dataclasses.replace(self.hp, seed=seed)
+        cfg = dataclasses.replace(self.train_cfg, seed=seed)
+        sdir = self.seed_dir(seed)
+        os.makedirs(sdir, exist_ok=True)
+        train_data, test_data = self.data
+        init_path = os.path.join(sdir, "init.pt")
+        if not os.path.exists(init_path):
+            model0 = self._build_model(seed, sparse=False)
+            save_atomic({k: v.detach().clone() for k, v in model0.state_dict().items()}, init_path)
+        k = self.rewind_iteration
+        rewind_path = os.path.join(sdir, "rewind.pt")
+        all_metrics = []
+        for r in range(self.n_rounds() + 1):
+            rdir = self.round_dir(seed, r)
+            mpath = os.path.join(rdir, "metrics.json")
+            if os.path.exists(mpath):
+                with open(mpath) as f:
+                    all_metrics.append(json.load(f))
+                continue
+            os.makedirs(rdir, exist_ok=True)
+            model = self._build_model(seed)
+            init_state = torch.load(init_path, map_location=self.device, weights_only=False)
+            _load_weights(model, init_state)
+            masks = self._round_masks(model, seed, r)
+            path = None if hp.path == "auto" else hp.path
+            start = 0 if r == 0 else k
+            # starting weights
+            if r == 0:
+                pass  # θ0
+            elif hp.control == "reinit":
+                fresh = self._build_model(_reinit_seed(seed, r), sparse=False)
+                _load_weights(model, fresh.state_dict())
+            elif hp.control == "continue":
+                _load_weights(model, torch.load(os.path.join(self.round_dir(seed, r - 1), "final.pt"),
+                                                map_location=self.device, weights_only=False))
+            else:
+                _load_weights(model, torch.load(rewind_path, map_location=self.device, weights_only=False))
+            apply_masks(model, masks, path=path)
+            if hp.layer_impl == "sparse" and hp.path == "auto" and self.device.type == "cuda":
+                from .layers import choose_paths  # time both paths on the device with a real batch
+                choose_paths(model, train_data.batch(0, cfg.batch_size, seed)[0])
+            if on_round_start is not None:
+                on_round_start(r, model)
+
+            def on_capture(it, state, _p=rewind_path):
+                if not os.path.exists(_p):
+                    save_atomic(state, _p)
+
+            capture = k if (r == 0 and k > 0 and not os.path.exists(rewind_path)) else None
+            if r == 0 and k == 0 and not os.path.exists(rewind_path):
+                shutil.copyfile(init_path, rewind_path)
+            cb = None if callback is None else (lambda it, m, _r=r: callback(_r, it, m))
+            out = train(model, train_data, test_data, cfg, start_iteration=start,
+                        checkpoint_path=os.path.join(rdir, "checkpoint.pt"),
+                        checkpoint_every=self.checkpoint_every, capture_at=capture, on_capture=on_capture,
+                        callback=cb, desc=f"seed {seed} round {r}")
+            save_atomic({k_: v.detach().clone() for k_, v in model.state_dict().items()},
+                        os.path.join(rdir, "final.pt"))
+            metrics = self._round_metrics(model, masks, out, seed, r)
+            tmp = mpath + f".tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(metrics, f, indent=1)
+            os.replace(tmp, mpath)
+            ck = os.path.join(rdir, "checkpoint.pt")
+            if os.path.exists(ck):
+                os.remove(ck)
+            all_metrics.append(metrics)
+        return all_metrics
+
+    def _round_masks(self, model: nn.Module, seed: int, r: int) -> dict[str, torch.Tensor]:
+        """The masks of round ``r`` (computed once, saved in ``masks.pt``, reloaded on resume)."""
+        path = os.path.join(self.round_dir(seed, r), "masks.pt")
+        if os.path.exists(path):
+            return torch.load(path, map_location="cpu", weights_only=False)["masks"]
+        hp = self.hp
+        layers = prunable_layers(model)
+        shapes = {n: tuple(dense_weight(m).shape) for n, m in layers}
+        rates = self._rates(model)
+        if r == 0:
+            masks = {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
+        elif hp.control == "reinit":
+            masks = self._source_masks(seed, r, required=True)
+        elif hp.control == "random_prune":
+            src = self._source_masks(seed, r, required=hp.prune_global)
+            if src is not None:
+                keep = {n: int(mk.sum()) for n, mk in src.items()}
+            else:
+                keep = {}
+                for n, s in shapes.items():
+                    live = math.prod(s)
+                    for _ in range(r):
+                        live -= _n_prune(rates[n], live)
+                    keep[n] = live
+            g = torch.Generator().manual_seed(_reinit_seed(seed, r) + 17)
+            masks = random_masks(shapes, keep, g)
+        else:  # imp, oneshot, continue: magnitude pruning of the previous round's trained weights
+            prev = self.round_dir(seed, r - 1)
+            prev_masks = torch.load(os.path.join(prev, "masks.pt"), map_location="cpu", weights_only=False)["masks"]
+            final = torch.load(os.path.join(prev, "final.pt"), map_location="cpu", weights_only=False)
+            weights = {n: final[f"{n}.weight"] for n in shapes}
+            if hp.control == "oneshot":
+                if hp.oneshot_remaining:
+                    rates = {n: (1.0 - hp.oneshot_remaining if v > 0 else 0.0) for n, v in rates.items()}
+                else:
+                    rates = {n: (1.0 - (1.0 - v) ** hp.rounds if v > 0 else 0.0) for n, v in rates.items()}
+            masks = magnitude_prune(weights, prev_masks, rates, self._groups(model, rates))
+        masks = {n: mk.cpu().bool() for n, mk in masks.items()}
+        save_atomic({"masks": masks}, path)
+        return masks
+
+    def _round_metrics(self, model: nn.Module, masks: dict, out: dict, seed: int, r: int) -> dict:
+        counts = count_masks(masks)
+        live = sum(c[0] for c in counts.values())
+        total = sum(c[1] for c in counts.values())
+        return dict(
+            round=r, seed=seed, control=self.hp.control, model=self.hp.model,
+            rewind_iteration=self.rewind_iteration, start_iteration=out["start_iteration"],
+            iterations=out["iterations"],
+            remaining={n: dict(live=c[0], total=c[1], density=c[0] / c[1]) for n, c in counts.items()},
+            remaining_total=live, total_weights=total, density=live / total, percent_remaining=100.0 * live / total,
+            test_acc=out["test_acc"], test_loss=out["test_loss"], train_acc=out["train_acc"],
+            train_loss=out["train_loss"], early_stop_iteration=out["early_stop_iteration"],
+            early_stop_test_acc=out["early_stop_test_acc"], wall_time=out["wall_time"],
+            step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"],
+            paths=out["paths"], backends=out["backends"], device=str(self.device), curve=out["curve"])
+
+
+def _reinit_seed(seed: int, r: int) -> int:
+    return 1_000_003 * (seed + 1) + 7_919 * r + 1
+
+
+def _load_weights(model: nn.Module, state: dict) -> None:
+    """Load the weights and biases of ``state`` into ``model`` (masks in ``state`` are ignored: they are set
+    separately by :func:`apply_masks`). A missing weight is an error."""
+    own = model.state_dict()
+    sub = {k: v for k, v in state.items() if k in own and not k.endswith("weight_mask")}
+    missing = [k for k in own if k not in sub and not k.endswith("weight_mask")]
+    if missing:
+        raise ValueError(f"state is missing {missing}")
+    model.load_state_dict(sub, strict=False)
+
+
+def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicates: int | None = None,
+            device: str | torch.device = "cpu", data_root: str | None = None, progress: bool = True,
+            checkpoint_every: int = 1000, run_dir: str | None = None, wait_for_source: float = 0.0,
+            callback: Callable | None = None, on_round_start: Callable | None = None,
+            report: bool = False, data=None) -> ImpResult:
+    """Run (or resume) an IMP experiment; see the module docstring.
+
+    ``seeds`` (list) or ``replicates`` (n: seeds ``hparams.seed .. hparams.seed + n - 1``); default: the single
+    seed ``hparams.seed``. ``data``: ``(train, test)`` datasets to use instead of loading ``hparams.dataset``
+    (the caller is then responsible for giving the same data on a re-run). ``callback(round, iteration, model)`` runs after every training step (an exception
+    there stops the run; re-running resumes). ``report``: write the report (figures and table) into
+    ``<experiment>/report`` at the end, including sibling control experiments found in ``run_root``.
+    """
+    if seeds is None:
+        seeds = [hparams.seed + i for i in range(replicates or 1)]
+    exp = Experiment(hparams, run_root, device=device, data_root=data_root, progress=progress,
+                     checkpoint_every=checkpoint_every, run_dir=run_dir, wait_for_source=wait_for_source,
+                     data=data)
+    res = exp.run(seeds, callback=callback, on_round_start=on_round_start)
+    if report:
+        from .report import write_report, related_experiments
+        write_report(related_experiments(exp.dir), os.path.join(exp.dir, "report"))
+    return res
+
+
+def type_hints() -> dict[str, typing.Any]:
+    return typing.get_type_hints(ImpHparams)

@@ -1,0 +1,293 @@
+"""Figures (matplotlib, Agg) and a Markdown table from IMP run folders.
+
+``write_report(experiment_dirs, out_dir)`` reads every experiment's ``hparams.json`` and
+``seed_*/round_*/metrics.json`` and writes into ``out_dir``:
+
+- ``accuracy_vs_remaining.png``: test accuracy at the early-stopping iteration and at the end of training vs the
+  percent of weights remaining (log x axis, reversed: sparser to the right, as in the paper); one line per
+  experiment (IMP, random reinit, random pruning, ...), the mean over replicates with a min/max band;
+- ``early_stop_vs_remaining.png``: the early-stopping iteration (minimum test loss) vs weights remaining;
+- ``curves.png``: test accuracy over training iterations for selected rounds (IMP solid, controls dashed);
+- ``summary.md``: one table per experiment, and a comparison table by round.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import statistics
+
+CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "random_prune": "random pruning",
+                  "oneshot": "one-shot", "continue": "continued training (no reset)"}
+CONTROL_ORDER = ["imp", "reinit", "random_prune", "oneshot", "continue"]
+
+
+def load_experiment(path: str) -> dict:
+    """``dict(dir, name, hparams, rounds={round: [metrics per seed]}, seeds=[...])`` of one experiment."""
+    hp_path = os.path.join(path, "hparams.json")
+    if not os.path.isfile(hp_path):
+        raise FileNotFoundError(f"{path} is not an experiment folder (no hparams.json)")
+    with open(hp_path) as f:
+        hp = json.load(f)
+    rounds: dict[int, list[dict]] = {}
+    seeds = set()
+    for mp in sorted(glob.glob(os.path.join(path, "seed_*", "round_*", "metrics.json"))):
+        with open(mp) as f:
+            m = json.load(f)
+        rounds.setdefault(int(m["round"]), []).append(m)
+        seeds.add(m["seed"])
+    return dict(dir=os.path.normpath(path), name=os.path.basename(os.path.normpath(path)), hparams=hp,
+                rounds=dict(sorted(rounds.items())), seeds=sorted(seeds))
+
+
+def find_experiments(paths) -> list[str]:
+    """Experiment folders among ``paths``: each is an experiment folder or a run root holding some."""
+    out = []
+    for p in paths:
+        if os.path.isfile(os.path.join(p, "hparams.json")):
+            out.append(os.path.normpath(p))
+        elif os.path.isdir(p):
+            found = sorted(os.path.dirname(h) for h in glob.glob(os.path.join(p, "*", "hparams.json")))
+            if not found:
+                raise FileNotFoundError(f"{p}: no experiment folders (with hparams.json) in it")
+            out.extend(os.path.normpath(f) for f in found)
+        else:
+            raise FileNotFoundError(f"{p}: no such folder")
+    return list(dict.fromkeys(out))
+
+
+def related_experiments(exp_dir: str) -> list[str]:
+    """``exp_dir`` and its sibling experiments that differ only in the control (the comparison to plot)."""
+    with open(os.path.join(exp_dir, "hparams.json")) as f:
+        hp = json.load(f)
+
+    def key(d):
+        return {k: v for k, v in d.items() if k not in ("control", "oneshot_remaining")}
+
+    out = [os.path.normpath(exp_dir)]
+    for h in sorted(glob.glob(os.path.join(os.path.dirname(os.path.normpath(exp_dir)), "*", "hparams.json"))):
+        d = os.path.normpath(os.path.dirname(h))
+        if d in out:
+            continue
+        try:
+            with open(h) as f:
+                other = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if key(other) == key(hp):
+            out.append(d)
+    return out
+
+
+def _stats(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None, None
+    return statistics.fmean(vals), min(vals), max(vals)
+
+
+def _series(exp: dict, field: str):
+    """Rows (percent remaining, mean, min, max, n) per round with data."""
+    rows = []
+    for r, ms in exp["rounds"].items():
+        mean, lo, hi = _stats([m[field] for m in ms])
+        if mean is None:
+            continue
+        rows.append((statistics.fmean(m["percent_remaining"] for m in ms), mean, lo, hi, len(ms), r))
+    return rows
+
+
+def _label(exp: dict, all_exps: list[dict]) -> str:
+    control = exp["hparams"].get("control", "imp")
+    same = [e for e in all_exps if e["hparams"].get("control", "imp") == control]
+    base = CONTROL_LABELS.get(control, control)
+    if control == "oneshot" and exp["hparams"].get("oneshot_remaining"):
+        base += f" ({100 * exp['hparams']['oneshot_remaining']:.1f}%)"
+    if len(same) > 1:
+        base += f" [{exp['name']}]"
+    return base
+
+
+def _sorted(exps):
+    return sorted(exps, key=lambda e: (CONTROL_ORDER.index(e["hparams"].get("control", "imp"))
+                                       if e["hparams"].get("control", "imp") in CONTROL_ORDER else 99, e["name"]))
+
+
+def _setup_axis(ax, xs):
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ticks = [100, 51.3, 21.1, 7.0, 3.6, 1.9, 0.7, 0.3]
+    lo, hi = min(xs), max(xs)
+    t = [v for v in ticks if lo * 0.8 <= v <= hi * 1.25] or [lo, hi]
+    ax.set_xticks(t)
+    ax.set_xticklabels([f"{v:g}" for v in t])
+    ax.minorticks_off()
+    ax.set_xlabel("percent of weights remaining")
+    ax.grid(True, alpha=0.3)
+
+
+def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, curve_rounds=None) -> dict:
+    """Write the figures and ``summary.md`` for ``experiment_dirs`` into ``out_dir``; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    exps = _sorted([load_experiment(d) for d in find_experiments(list(experiment_dirs))])
+    exps = [e for e in exps if e["rounds"]]
+    if not exps:
+        raise ValueError("no finished rounds to report (no metrics.json) in " + ", ".join(map(str, experiment_dirs)))
+    os.makedirs(out_dir, exist_ok=True)
+    title = title or exps[0]["hparams"].get("model", "")
+    files = {}
+    styles = {"imp": dict(color="tab:blue", marker="o"), "reinit": dict(color="tab:orange", marker="s"),
+              "random_prune": dict(color="tab:green", marker="^"), "oneshot": dict(color="tab:red", marker="D"),
+              "continue": dict(color="tab:purple", marker="v")}
+    all_x = [row[0] for e in exps for row in _series(e, "test_acc")]
+
+    # --- accuracy vs weights remaining
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, field, name in ((axes[0], "early_stop_test_acc", "test accuracy at early stop"),
+                            (axes[1], "test_acc", "test accuracy at end of training")):
+        for e in exps:
+            rows = _series(e, field)
+            if not rows:
+                continue
+            st = styles.get(e["hparams"].get("control", "imp"), {})
+            x = [r[0] for r in rows]
+            ax.plot(x, [100 * r[1] for r in rows], label=_label(e, exps), ms=4, **st)
+            if max(r[4] for r in rows) > 1:
+                ax.fill_between(x, [100 * r[2] for r in rows], [100 * r[3] for r in rows], alpha=0.2,
+                                color=st.get("color"))
+        _setup_axis(ax, all_x)
+        ax.set_ylabel(f"{name} (%)")
+        ax.set_title(f"{title}: {name}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["accuracy"] = os.path.join(out_dir, "accuracy_vs_remaining.png")
+    fig.savefig(files["accuracy"], dpi=110)
+    plt.close(fig)
+
+    # --- early-stopping iteration vs weights remaining
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for e in exps:
+        rows = _series(e, "early_stop_iteration")
+        if not rows:
+            continue
+        st = styles.get(e["hparams"].get("control", "imp"), {})
+        x = [r[0] for r in rows]
+        ax.plot(x, [r[1] for r in rows], label=_label(e, exps), ms=4, **st)
+        if max(r[4] for r in rows) > 1:
+            ax.fill_between(x, [r[2] for r in rows], [r[3] for r in rows], alpha=0.2, color=st.get("color"))
+    _setup_axis(ax, all_x)
+    ax.set_ylabel("early-stopping iteration (min test loss)")
+    ax.set_title(f"{title}: early-stopping iteration")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["early_stop"] = os.path.join(out_dir, "early_stop_vs_remaining.png")
+    fig.savefig(files["early_stop"], dpi=110)
+    plt.close(fig)
+
+    # --- test accuracy over training for selected rounds
+    ref = exps[0]
+    targets = curve_rounds
+    if targets is None:  # rounds closest to the paper's levels 100, 51, 21, 7, 3.6 percent
+        avail = {r: statistics.fmean(m["percent_remaining"] for m in ms) for r, ms in ref["rounds"].items()}
+        targets = []
+        for level in (100, 51.3, 21.1, 7.0, 3.6):
+            r = min(avail, key=lambda k: abs(math.log(avail[k] / level)))
+            if r not in targets and abs(math.log(avail[r] / level)) < 0.35:
+                targets.append(r)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    cmap = plt.get_cmap("viridis")
+    for i, r in enumerate(targets):
+        color = cmap(i / max(len(targets) - 1, 1))
+        for e in exps:
+            ms = e["rounds"].get(r)
+            if not ms:
+                continue
+            control = e["hparams"].get("control", "imp")
+            if control not in ("imp", "reinit") and e is not ref:
+                continue
+            m = ms[0]  # first replicate
+            its = [c["iteration"] for c in m["curve"]]
+            accs = [100 * c["test_acc"] for c in m["curve"]]
+            ls = "-" if e is ref else "--"
+            ax.plot(its, accs, ls, color=color, lw=1.2,
+                    label=f"{m['percent_remaining']:.1f}% {'' if e is ref else _label(e, exps)}".strip())
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("test accuracy (%)")
+    lo = [100 * c["test_acc"] for e in exps for r in targets for m in e["rounds"].get(r, [])[:1]
+          for c in m["curve"] if c["iteration"] > 0]
+    if lo:
+        ax.set_ylim(max(min(lo) - 0.5, 0), min(max(lo) + 0.3, 100))
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{title}: test accuracy during training ({'solid' if len(exps) > 1 else ''} "
+                 f"{_label(ref, exps)}{', dashed: controls' if len(exps) > 1 else ''})", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    files["curves"] = os.path.join(out_dir, "curves.png")
+    fig.savefig(files["curves"], dpi=110)
+    plt.close(fig)
+
+    files["summary"] = os.path.join(out_dir, "summary.md")
+    with open(files["summary"], "w") as f:
+        f.write(summary_markdown(exps))
+    return files
+
+
+def _fmt_acc(mean, lo, hi, n):
+    if mean is None:
+        return "-"
+    if n > 1:
+        return f"{100 * mean:.2f} [{100 * lo:.2f}, {100 * hi:.2f}]"
+    return f"{100 * mean:.2f}"
+
+
+def summary_markdown(exps: list[dict]) -> str:
+    lines = []
+    for e in exps:
+        hp = e["hparams"]
+        lines.append(f"## {_label(e, exps)}: `{e['name']}`\n")
+        lines.append(f"model {hp.get('model')}, {hp.get('optimizer')} lr {hp.get('lr')}, batch {hp.get('batch_size')}, "
+                     f"{hp.get('iterations')} per round, prune fc {hp.get('prune_fc')} / conv {hp.get('prune_conv')} / "
+                     f"output {hp.get('prune_output')} per round "
+                     f"({'global' if hp.get('prune_global') else 'layer-wise'}), rewind {hp.get('rewind')}, "
+                     f"layers {hp.get('layer_impl')}; replicates: {len(e['seeds'])} (seeds {e['seeds']}). "
+                     f"Accuracies in %, mean [min, max] over replicates.\n")
+        lines.append("| round | % weights remaining | early-stop iteration | test acc at early stop | "
+                     "test acc at end | train acc at end | wall time / round (s) | ms / step | paths |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for r, ms in e["rounds"].items():
+            n = len(ms)
+            pct = statistics.fmean(m["percent_remaining"] for m in ms)
+            es = statistics.fmean(m["early_stop_iteration"] for m in ms)
+            paths = sorted({f"{k}:{v}" for m in ms for k, v in m.get("paths", {}).items()})
+            lines.append(
+                f"| {r} | {pct:.2f} | {es:.0f} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
+                f"{_fmt_acc(*_stats([m['test_acc'] for m in ms]), n)} | "
+                f"{_fmt_acc(*_stats([m.get('train_acc') for m in ms]), n)} | "
+                f"{statistics.fmean(m['wall_time'] for m in ms):.0f} | "
+                f"{1000 * statistics.fmean(m['time_per_step'] for m in ms):.2f} | {', '.join(paths)} |")
+        lines.append("")
+    if len(exps) > 1:
+        lines.append("## Comparison by round (test accuracy at early stop, %; early-stop iteration)\n")
+        head = "| round | % remaining | " + " | ".join(_label(e, exps) for e in exps) + " |"
+        lines.append(head)
+        lines.append("|---:|---:|" + "---:|" * len(exps))
+        rounds = sorted({r for e in exps for r in e["rounds"]})
+        for r in rounds:
+            cells = []
+            pct = None
+            for e in exps:
+                ms = e["rounds"].get(r)
+                if not ms:
+                    cells.append("-")
+                    continue
+                pct = pct if pct is not None else statistics.fmean(m["percent_remaining"] for m in ms)
+                mean, lo, hi = _stats([m["early_stop_test_acc"] for m in ms])
+                es = statistics.fmean(m["early_stop_iteration"] for m in ms)
+                cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}")
+            lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)

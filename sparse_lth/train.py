@@ -1,0 +1,331 @@
+"""The training loop: one round of (sparse) training, with evaluation, checkpoint/resume and a rewind hook.
+
+``train(model, train_data, test_data, cfg)`` trains ``model`` for iterations ``[start_iteration, cfg.iterations)``
+with a multi-step learning-rate schedule and linear warmup, evaluates every ``cfg.eval_every`` iterations (test
+loss/accuracy, and train loss/accuracy on a fixed subset of the training set), and returns the metrics.
+
+Determinism and exact resume: batch ``i`` comes from ``train_data.batch(i, batch_size, seed)`` (a pure function
+of its arguments), and the global torch RNG is re-seeded from ``(seed, i)`` before step ``i`` (dropout,
+augmentation noise), so a run restarted from a checkpoint (model state, optimizer state, iteration, metrics so
+far) takes exactly the steps the uninterrupted run took. On CPU the result is bit-identical.
+
+Masks: a layer of :mod:`sparse_lth.layers` keeps its own pruned weights at zero. A plain ``nn.Linear``/``nn.Conv2d``
+that carries a bool buffer ``weight_mask`` (the dense-masking baseline, see :func:`sparse_lth.imp.apply_masks`) is
+masked here: its gradient is masked before each optimizer step and its weight re-masked after it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZER_IMPLS = ("torch", "sparse_lth")
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run (one IMP round)."""
+
+    optimizer: str = "sgd"          # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.0           # sgd only
+    nesterov: bool = False          # sgd only
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    iterations: int = 1000          # total training budget, in iterations (steps)
+    milestones: tuple[int, ...] = ()  # iterations at which the lr is multiplied by gamma
+    gamma: float = 0.1
+    warmup: int = 0                 # linear warmup over this many iterations (0: none)
+    eval_every: int = 100           # evaluate every N iterations (and at the start and the end)
+    train_eval_size: int = 1000     # train loss/accuracy measured on the first N training examples (0: skip)
+    eval_batch_size: int = 1000
+    seed: int = 0                   # data order (and dropout) seed
+    progress: bool = True           # tqdm progress bar
+    optimizer_impl: str = "torch"   # torch | sparse_lth (mask-aware optimizers of sparse_lth.optim)
+
+    def __post_init__(self):
+        self.milestones = tuple(int(m) for m in self.milestones)
+        check_train_config(self)
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` with a clear message for a bad configuration."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {OPTIMIZERS}")
+    if cfg.optimizer_impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"unknown optimizer_impl {cfg.optimizer_impl!r}; choose one of {OPTIMIZER_IMPLS}")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ValueError(f"lr must be a positive number, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0):
+        raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
+    if cfg.weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    for name in ("batch_size", "iterations", "eval_every", "eval_batch_size"):
+        if int(getattr(cfg, name)) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.warmup < 0 or cfg.train_eval_size < 0:
+        raise ValueError("warmup and train_eval_size must be >= 0")
+    if not cfg.gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {cfg.gamma}")
+    if list(cfg.milestones) != sorted(cfg.milestones) or any(m <= 0 for m in cfg.milestones):
+        raise ValueError(f"milestones must be positive and increasing, got {cfg.milestones}")
+
+
+def lr_at(cfg: TrainConfig, iteration: int) -> float:
+    """Learning rate used by step ``iteration`` (0-based): multi-step decay times linear warmup."""
+    lr = cfg.lr * cfg.gamma ** sum(1 for m in cfg.milestones if iteration >= m)
+    if cfg.warmup > 0:
+        lr *= min(1.0, (iteration + 1) / cfg.warmup)
+    return lr
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s trainable parameters (build it AFTER the masks/paths are set: a sparse
+    layer's parameters depend on its path)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer_impl == "torch":
+        ns = torch.optim
+    else:
+        from . import optim as ns  # noqa: F811  (mask-aware drop-ins)
+    if cfg.optimizer == "sgd":
+        return ns.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                      weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return ns.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return ns.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------- masks (plain)
+def plain_masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Plain (non-sparse) modules carrying a ``weight_mask`` buffer: masked by the training loop itself."""
+    return [(n, m) for n, m in model.named_modules()
+            if not hasattr(m, "set_mask") and isinstance(getattr(m, "weight_mask", None), torch.Tensor)]
+
+
+def layer_paths(model: nn.Module) -> dict[str, str]:
+    """``{name: path}`` of every sparse layer (``"dense"``/``"sparse"``) and ``"masked"`` for plain masked ones."""
+    out = {n: str(m.path) for n, m in model.named_modules() if hasattr(m, "set_mask") and hasattr(m, "path")}
+    out.update({n: "masked" for n, _ in plain_masked_modules(model)})
+    return out
+
+
+def layer_backends(model: nn.Module) -> dict[str, str]:
+    out = {n: str(getattr(m, "backend", None)) for n, m in model.named_modules()
+           if hasattr(m, "set_mask") and hasattr(m, "path")}
+    out.update({n: "torch" for n, _ in plain_masked_modules(model)})
+    return out
+
+
+def force_paths(model: nn.Module, paths: dict[str, str]) -> None:
+    """Put every sparse layer back on its recorded path (after ``load_state_dict``, before building the
+    optimizer)."""
+    mods = dict(model.named_modules())
+    for name, path in paths.items():
+        m = mods.get(name)
+        if m is not None and hasattr(m, "set_mask") and path in ("dense", "sparse"):
+            if getattr(m, "path", None) != path:
+                m.set_mask(m.mask, path=path)
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) over an iterable of ``(x, y)`` batches."""
+    was_training = model.training
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, 0
+    try:
+        for x, y in batches:
+            out = model(x)
+            loss_sum += F.cross_entropy(out.float(), y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+            total += y.numel()
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluation data is empty")
+    return loss_sum / total, correct / total
+
+
+def _subset_batches(data, n: int, bs: int):
+    x, y = data.x[:n], data.y[:n]
+    for i in range(0, x.shape[0], bs):
+        yield x[i:i + bs], y[i:i + bs]
+
+
+def early_stop(curve: list[dict]) -> tuple[int, float]:
+    """(iteration, test accuracy) at the evaluation with the minimum test loss (the paper's early-stopping
+    criterion; ties go to the earliest)."""
+    if not curve:
+        raise ValueError("no evaluations recorded")
+    best = min(curve, key=lambda r: (r["test_loss"], r["iteration"]))
+    return int(best["iteration"]), float(best["test_acc"])
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoint
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` through a temporary file and a rename, so a kill never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _step_seed(seed: int, iteration: int) -> int:
+    return (int(seed) * 1_000_003 + int(iteration) * 7919 + 12345) % (2 ** 62)
+
+
+# --------------------------------------------------------------------------------------------------------- train
+def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
+          start_iteration: int = 0,
+          checkpoint_path: str | None = None,
+          checkpoint_every: int = 0,
+          capture_at: int | None = None,
+          on_capture: Callable[[int, dict], None] | None = None,
+          callback: Callable[[int, nn.Module], None] | None = None,
+          desc: str | None = None) -> dict:
+    """Train ``model`` in place for iterations ``[start_iteration, cfg.iterations)``; return the metrics.
+
+    - ``train_data``/``test_data``: :class:`sparse_lth.data.DeviceDataset`-like (``.batch(i, bs, seed)``,
+      ``.eval_batches(bs)``, ``.x``/``.y``); the model must already be on their device.
+    - ``checkpoint_path``: if the file exists the run resumes from it (model, optimizer state, iteration, metrics
+      so far, layer paths); a checkpoint is written there every ``checkpoint_every`` iterations (0: never).
+      The caller deletes it when it no longer needs it.
+    - ``capture_at``/``on_capture``: ``on_capture(k, state_dict)`` receives a copy of the weights after ``k``
+      steps (``k == start_iteration``: before any step), e.g. the rewind point of IMP.
+    - ``callback(iteration, model)`` is called after every step (``iteration`` = steps done); an exception
+      raised there stops training (the last checkpoint stays).
+
+    Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc}...],
+    early_stop_iteration, early_stop_test_acc, test_acc, test_loss, train_acc, train_loss, iterations,
+    steps, wall_time (steps + evaluations, summed over resumes), step_time, time_per_step, paths, backends,
+    resumed_from)``.
+    """
+    check_train_config(cfg)
+    if not 0 <= start_iteration < cfg.iterations:
+        raise ValueError(f"start_iteration {start_iteration} outside [0, iterations={cfg.iterations})")
+    if capture_at is not None and not start_iteration <= capture_at <= cfg.iterations:
+        raise ValueError(f"capture_at {capture_at} outside [{start_iteration}, {cfg.iterations}]")
+    if checkpoint_every < 0:
+        raise ValueError("checkpoint_every must be >= 0")
+    x_dev = train_data.x.device
+    p0 = next(iter(model.parameters()), None)
+    if p0 is not None and p0.device != x_dev:
+        raise ValueError(f"model is on {p0.device} but the training data is on {x_dev}; move one of them")
+
+    curve: list[dict] = []
+    it = start_iteration
+    t_start = time.perf_counter()
+    wall_before = 0.0               # wall time (steps + evaluations) spent before a resume
+    elapsed = 0.0                   # time spent in training steps only
+    steps_timed = 0
+    resumed_from = None
+    ck = None
+    if checkpoint_path and os.path.exists(checkpoint_path):
+        ck = torch.load(checkpoint_path, map_location=x_dev, weights_only=False)
+        if ck.get("config") != dataclasses.asdict(cfg) or ck.get("start_iteration") != start_iteration:
+            raise ValueError(f"checkpoint {checkpoint_path} was written by a different training configuration; "
+                             "delete it to start over")
+        model.load_state_dict(ck["model"])
+        force_paths(model, ck["paths"])
+        it, curve, elapsed, steps_timed = ck["iteration"], ck["curve"], ck["elapsed"], ck["steps_timed"]
+        wall_before = ck["wall"]
+        resumed_from = it
+    optimizer = build_optimizer(model, cfg)
+    if ck is not None:
+        optimizer.load_state_dict(ck["optimizer"])
+        del ck
+    masked = [(m, m.weight_mask.to(m.weight.dtype)) for _, m in plain_masked_modules(model)]
+    with torch.no_grad():  # plain masked layers start masked
+        for m, fm in masked:
+            m.weight.mul_(fm)
+    # re-seed the global RNG per step only where the model draws random numbers (dropout): it costs time
+    stochastic = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+    def do_eval(i: int) -> None:
+        test_loss, test_acc = evaluate(model, test_data.eval_batches(cfg.eval_batch_size))
+        row = dict(iteration=i, lr=lr_at(cfg, max(i - 1, 0)), test_loss=test_loss, test_acc=test_acc)
+        if cfg.train_eval_size:
+            row["train_loss"], row["train_acc"] = evaluate(
+                model, _subset_batches(train_data, cfg.train_eval_size, cfg.eval_batch_size))
+        curve.append(row)
+
+    def do_checkpoint(i: int) -> None:
+        save_atomic(dict(config=dataclasses.asdict(cfg), start_iteration=start_iteration, iteration=i,
+                         model=model.state_dict(), optimizer=optimizer.state_dict(), curve=curve,
+                         paths=layer_paths(model), elapsed=elapsed, steps_timed=steps_timed,
+                         wall=wall_before + time.perf_counter() - t_start), checkpoint_path)
+
+    if resumed_from is None:
+        if capture_at == it and on_capture is not None:
+            on_capture(it, _copy_state(model))
+        do_eval(it)
+
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.iterations, initial=it, desc=desc or "train", dynamic_ncols=True, leave=False)
+    model.train()
+    try:
+        while it < cfg.iterations:
+            t0 = time.perf_counter()
+            if stochastic:
+                torch.manual_seed(_step_seed(cfg.seed, it))
+            x, y = train_data.batch(it, cfg.batch_size, cfg.seed)
+            lr = lr_at(cfg, it)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            for m, fm in masked:
+                if m.weight.grad is not None:
+                    m.weight.grad.mul_(fm)
+            optimizer.step()
+            if masked:
+                with torch.no_grad():
+                    for m, fm in masked:
+                        m.weight.mul_(fm)
+            it += 1
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            elapsed += time.perf_counter() - t0
+            steps_timed += 1
+            if capture_at == it and on_capture is not None:
+                on_capture(it, _copy_state(model))
+            if it % cfg.eval_every == 0 or it == cfg.iterations:
+                do_eval(it)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{curve[-1]['test_acc']:.4f}")
+            if bar is not None:
+                bar.update(1)
+            if checkpoint_path and checkpoint_every and it % checkpoint_every == 0 and it < cfg.iterations:
+                do_checkpoint(it)
+            if callback is not None:
+                callback(it, model)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    es_it, es_acc = early_stop(curve)
+    last = curve[-1]
+    return dict(curve=curve, early_stop_iteration=es_it, early_stop_test_acc=es_acc,
+                test_acc=last["test_acc"], test_loss=last["test_loss"],
+                train_acc=last.get("train_acc"), train_loss=last.get("train_loss"),
+                iterations=cfg.iterations, start_iteration=start_iteration, steps=steps_timed,
+                wall_time=wall_before + time.perf_counter() - t_start, step_time=elapsed,
+                time_per_step=elapsed / max(steps_timed, 1),
+                paths=layer_paths(model), backends=layer_backends(model), resumed_from=resumed_from)
+
+
+def _copy_state(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

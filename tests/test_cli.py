@@ -1,0 +1,104 @@
+"""CLI smoke tests: --help, `imp` (+ a control, resume/skip, the report), `report`, `train`, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparse_lth.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mnist_root():
+    for p in (os.environ.get("SPARSE_LTH_DATA"), "/work/shared/data", os.path.join(REPO, "..", "shared", "data"),
+              os.path.join(REPO, "shared", "data")):
+        if p and os.path.isdir(os.path.join(p, "MNIST", "raw")):
+            return p
+    return None
+
+
+needs_mnist = pytest.mark.skipif(mnist_root() is None, reason="MNIST not found ($SPARSE_LTH_DATA, /work/shared/data)")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_imp_args(root, *extra):
+    return ["imp", "--preset", "lenet_quick", "--data", mnist_root(), "--runs", str(root), "--iterations", "30it",
+            "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300", "--test-limit", "200",
+            "--batch-size", "20", "--checkpoint-every", "10", "--no-progress", *extra]
+
+
+def test_help(capsys):
+    for argv in (["--help"], ["imp", "--help"], ["train", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--preset", "--prune-fc", "--rewind", "--control", "--replicates", "--milestones", "--density"):
+        assert flag in out
+    r = subprocess.run([sys.executable, "-m", "sparse_lth.cli", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "imp" in r.stdout and "report" in r.stdout
+
+
+@needs_mnist
+def test_imp_control_and_report(tmp_path, capsys):
+    assert main(tiny_imp_args(tmp_path)) == 0
+    out = capsys.readouterr().out
+    exps = [d for d in os.listdir(tmp_path) if d.startswith("lenet300_100_imp_")]
+    assert len(exps) == 1 and "experiment:" in out
+    exp = tmp_path / exps[0]
+    for r in range(3):
+        assert (exp / "seed_0" / f"round_{r:02d}" / "metrics.json").exists()
+    with open(exp / "hparams.json") as f:
+        hp = json.load(f)
+    assert hp["iterations"] == "30it" and hp["width"] == 0.1 and hp["rounds"] == 2
+    for name in ("accuracy_vs_remaining.png", "early_stop_vs_remaining.png", "curves.png", "summary.md"):
+        assert (exp / "report" / name).stat().st_size > 0
+    # the reinit control finds the ticket's masks; its report shows both
+    assert main(tiny_imp_args(tmp_path, "--control", "reinit")) == 0
+    capsys.readouterr()
+    rexp = [d for d in os.listdir(tmp_path) if d.startswith("lenet300_100_reinit_")][0]
+    summary = (tmp_path / rexp / "report" / "summary.md").read_text()
+    assert "random reinit" in summary and "IMP (winning ticket)" in summary and "Comparison by round" in summary
+    # re-running the finished experiment trains nothing and prints the same table
+    assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
+    assert "experiment:" in capsys.readouterr().out
+    # report over the run root
+    out_dir = tmp_path / "rep"
+    assert main(["report", str(tmp_path), "--out", str(out_dir)]) == 0
+    assert (out_dir / "accuracy_vs_remaining.png").exists() and (out_dir / "summary.md").exists()
+
+
+@needs_mnist
+def test_imp_bad_hparams_exit_2(tmp_path, capsys):
+    assert main(tiny_imp_args(tmp_path, "--prune-fc", "1.5")) == 2
+    assert "prune_fc" in capsys.readouterr().err
+    assert main(tiny_imp_args(tmp_path, "--rewind", "40it")) == 2
+    assert "rewind point" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):
+        main(["imp", "--preset", "nope"])
+    with pytest.raises(SystemExit):
+        main(["imp", "--control", "magic"])
+    assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+@needs_mnist
+def test_train_command(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["train", "--data", mnist_root(), "--density", "0.2", "--path", "sparse", "--iterations", "20",
+                 "--eval-every", "10", "--data-limit", "300", "--test-limit", "200", "--no-progress",
+                 "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert set(m["paths"].values()) == {"sparse"} and abs(m["percent_remaining"] - 20.0) < 0.01
+    assert [c["iteration"] for c in m["curve"]] == [0, 10, 20] and 0 <= m["test_acc"] <= 1

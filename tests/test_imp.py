@@ -1,0 +1,354 @@
+"""IMP driver: pruning counts, rewinding, the controls, run folders, resume after a crash or SIGKILL, and refusal of
+bad hyperparameters. Tiny LeNet (width 0.1: 784-30-10-10) on a small synthetic learnable data set."""
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sparse_lth.data import DeviceDataset
+from sparse_lth.imp import (ImpHparams, apply_masks, experiment_name, magnitude_prune, non_default,
+                            prunable_layers, random_masks, run_imp)
+from sparse_lth.presets import PRESET_NAMES, get_preset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_data(n_train=240, n_test=120, seed=0):
+    """A learnable 10-class problem on 28x28 inputs (a random prototype per class, plus noise)."""
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    x = protos[y] + 2.0 * torch.randn(n_train + n_test, 1, 28, 28, generator=g)
+    return (DeviceDataset(x[:n_train].contiguous(), y[:n_train].contiguous()),
+            DeviceDataset(x[n_train:].contiguous(), y[n_train:].contiguous()))
+
+
+def tiny_hp(**kw) -> ImpHparams:
+    base = dict(model="lenet300_100", width=0.1, optimizer="adam", lr=3e-3, batch_size=16, iterations="20it",
+                eval_every=5, train_eval_size=64, rounds=3, prune_fc=0.2, prune_output=0.1, layer_impl="sparse",
+                path="dense")
+    base.update(kw)
+    return ImpHparams(**base)
+
+
+def run(hp, root, **kw):
+    kw.setdefault("data", tiny_data())
+    return run_imp(hp, str(root), progress=False, checkpoint_every=kw.pop("checkpoint_every", 5), **kw)
+
+
+def load_masks(exp_dir, seed, r):
+    return torch.load(os.path.join(exp_dir, f"seed_{seed}", f"round_{r:02d}", "masks.pt"), weights_only=False)["masks"]
+
+
+def strip_times(m):
+    return {k: v for k, v in m.items() if k not in ("wall_time", "step_time", "time_per_step")}
+
+
+def expected_live(total, p, r):
+    live = total
+    for _ in range(r):
+        live -= int(math.floor(p * live + 0.5))
+    return live
+
+
+# --------------------------------------------------------------------------------------------------- pruning
+def test_magnitude_prune_removes_smallest_surviving():
+    w = {"a": torch.tensor([[0.5, -0.1, 0.3], [-0.05, 0.9, 0.2]]), "b": torch.tensor([[1.0, -2.0], [0.01, 3.0]])}
+    m = {"a": torch.tensor([[True, True, True], [False, True, True]]), "b": torch.ones(2, 2, dtype=torch.bool)}
+    out = magnitude_prune(w, m, {"a": 0.4, "b": 0.5})
+    # a: 5 survivors, prune round(2.0)=2 smallest: -0.1 and 0.2; the already-pruned -0.05 stays pruned
+    assert out["a"].tolist() == [[True, False, True], [False, True, False]]
+    assert out["b"].tolist() == [[False, True], [False, True]]
+    # global pool: the 3 smallest of all 9 survivors are 0.01, -0.1, 0.2
+    g = magnitude_prune(w, m, {"a": 1 / 3, "b": 1 / 3}, [["a", "b"]])
+    assert g["a"].tolist() == [[True, False, True], [False, True, False]]
+    assert g["b"].tolist() == [[True, True], [False, True]]
+    with pytest.raises(ValueError, match="different fractions"):
+        magnitude_prune(w, m, {"a": 0.1, "b": 0.2}, [["a", "b"]])
+
+
+def test_random_masks_exact_counts():
+    g = torch.Generator().manual_seed(0)
+    out = random_masks({"a": (7, 9), "b": (3, 4, 2)}, {"a": 20, "b": 0}, g)
+    assert out["a"].sum() == 20 and out["a"].shape == (7, 9) and out["b"].sum() == 0
+    with pytest.raises(ValueError):
+        random_masks({"a": (2, 2)}, {"a": 5}, g)
+
+
+def test_layerwise_counts_follow_rate_and_masks_only_lose(tmp_path):
+    res = run(tiny_hp(rounds=3), tmp_path)
+    ms = res.metrics[0]
+    assert [m["round"] for m in ms] == [0, 1, 2, 3]
+    prev = None
+    for r, m in enumerate(ms):
+        masks = load_masks(res.experiment_dir, 0, r)
+        for name, info in m["remaining"].items():
+            p = 0.1 if name == "fc3" else 0.2
+            assert info["live"] == expected_live(info["total"], p, r) == int(masks[name].sum())
+            assert abs(info["live"] - (1 - p) ** r * info["total"]) <= r  # (1-p)^k up to rounding
+        if prev is not None:
+            for name in masks:
+                assert not (masks[name] & ~prev[name]).any(), "a pruned weight came back"
+        prev = masks
+    assert ms[0]["percent_remaining"] == 100.0 and ms[3]["percent_remaining"] < ms[2]["percent_remaining"]
+    for m in ms:  # metrics recorded
+        assert 0 <= m["test_acc"] <= 1 and m["early_stop_iteration"] in [c["iteration"] for c in m["curve"]]
+        assert set(m["paths"].values()) == {"dense"} and m["backends"]["fc1"] == "torch"
+        assert m["time_per_step"] > 0 and m["wall_time"] > 0
+
+
+def test_global_pruning_total_follows_rate(tmp_path):
+    res = run(tiny_hp(rounds=2, prune_global=True, prune_fc=0.3), tmp_path)
+    for r, m in enumerate(res.metrics[0]):
+        fc = [m["remaining"][n] for n in ("fc1", "fc2")]
+        live, total = sum(i["live"] for i in fc), sum(i["total"] for i in fc)
+        assert live == expected_live(total, 0.3, r)
+        assert m["remaining"]["fc3"]["live"] == expected_live(100, 0.1, r)
+    last = res.metrics[0][-1]["remaining"]
+    assert last["fc1"]["density"] != pytest.approx(last["fc2"]["density"], abs=1e-3)  # one threshold, not per layer
+
+
+def test_dense_layers_and_zero_rate_stay_dense(tmp_path):
+    res = run(tiny_hp(rounds=2, dense_layers=("fc2",), prune_output=0.0), tmp_path)
+    last = res.metrics[0][-1]["remaining"]
+    assert last["fc2"]["density"] == 1.0 and last["fc3"]["density"] == 1.0 and last["fc1"]["density"] < 0.7
+
+
+# --------------------------------------------------------------------------------------------------- rewinding
+@pytest.mark.parametrize("rewind,k", [("0it", 0), ("6it", 6)])
+def test_rewind_restores_weights_of_iteration_k(tmp_path, rewind, k):
+    captured, starts = {}, {}
+
+    def cb(r, it, model):
+        if r == 0 and it == k:
+            captured["w"] = {n: m.dense_weight().detach().clone() for n, m in prunable_layers(model)}
+
+    def on_start(r, model):
+        starts[r] = {n: (m.dense_weight().detach().clone(), m.mask.clone()) for n, m in prunable_layers(model)}
+
+    res = run(tiny_hp(rounds=2, rewind=rewind), tmp_path, callback=cb, on_round_start=on_start)
+    if k == 0:
+        captured["w"] = {n: starts[0][n][0] for n in starts[0]}
+    rewind_state = torch.load(os.path.join(res.experiment_dir, "seed_0", "rewind.pt"), weights_only=False)
+    for r in (1, 2):
+        assert res.metrics[0][r]["start_iteration"] == k
+        for n, (w, mask) in starts[r].items():
+            assert mask.sum() < mask.numel() or n == "fc3"
+            assert torch.equal(w[mask], captured["w"][n][mask])  # live weights: exactly their values at k
+            assert torch.equal(w[mask], rewind_state[f"{n}.weight"][mask])
+            assert (w[~mask] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------- controls
+def test_reinit_keeps_masks_changes_values_and_random_prune_keeps_sparsity(tmp_path):
+    data = tiny_data()
+    imp_starts, re_starts, rp_starts = {}, {}, {}
+
+    def grab(store):
+        return lambda r, model: store.__setitem__(r, {n: m.dense_weight().detach().clone()
+                                                      for n, m in prunable_layers(model)})
+    imp = run(tiny_hp(rounds=2), tmp_path, data=data, on_round_start=grab(imp_starts))
+    with pytest.raises(FileNotFoundError, match="IMP ticket"):  # reinit without its ticket
+        run(tiny_hp(rounds=2, control="reinit", lr=1e-3), tmp_path, data=data)
+    re = run(tiny_hp(rounds=2, control="reinit"), tmp_path, data=data, on_round_start=grab(re_starts))
+    rp = run(tiny_hp(rounds=2, control="random_prune"), tmp_path, data=data, on_round_start=grab(rp_starts))
+    assert len({imp.experiment_dir, re.experiment_dir, rp.experiment_dir}) == 3
+    for r in (1, 2):
+        mi, mr, mp = (load_masks(e.experiment_dir, 0, r) for e in (imp, re, rp))
+        for n in mi:
+            assert torch.equal(mi[n], mr[n])                       # reinit: the ticket's masks
+            assert mp[n].sum() == mi[n].sum()                      # random pruning: the ticket's sparsity
+            assert not torch.equal(mp[n], mi[n])                   # ... but another mask
+            live = mi[n]
+            assert not torch.equal(re_starts[r][n][live], imp_starts[r][n][live])  # fresh values
+            assert (re_starts[r][n][~live] == 0).all()
+            assert torch.equal(rp_starts[r][n][mp[n]], imp_starts[0][n][mp[n]])    # rewound to theta_0
+        assert re.metrics[0][r]["remaining"] == imp.metrics[0][r]["remaining"]
+
+
+def test_oneshot_hits_target(tmp_path):
+    res = run(tiny_hp(control="oneshot", oneshot_remaining=0.25, rounds=5), tmp_path)
+    assert [m["round"] for m in res.metrics[0]] == [0, 1]
+    last = res.metrics[0][1]
+    for n, info in last["remaining"].items():
+        assert abs(info["live"] - 0.25 * info["total"]) <= 0.5 + 1e-9
+    res2 = run(tiny_hp(control="oneshot", rounds=3), tmp_path / "b")  # default target: what 3 IMP rounds keep
+    for n, info in res2.metrics[0][1]["remaining"].items():
+        p = 0.1 if n == "fc3" else 0.2
+        assert abs(info["live"] - (1 - p) ** 3 * info["total"]) <= 1
+
+
+def test_continue_keeps_trained_weights(tmp_path):
+    starts = {}
+    res = run(tiny_hp(rounds=2, control="continue"), tmp_path,
+              on_round_start=lambda r, m: starts.__setitem__(r, {n: l.dense_weight().detach().clone()
+                                                                 for n, l in prunable_layers(m)}))
+    final0 = torch.load(os.path.join(res.experiment_dir, "seed_0", "round_00", "final.pt"), weights_only=False)
+    masks = load_masks(res.experiment_dir, 0, 1)
+    for n, w in starts[1].items():
+        assert torch.equal(w, final0[f"{n}.weight"] * masks[n])
+
+
+# --------------------------------------------------------------------------------------------------- run folders
+def test_run_folder_named_by_nondefault_hparams_and_replicates(tmp_path):
+    hp = tiny_hp(rounds=1)
+    assert experiment_name(hp) == experiment_name(dataclasses.replace(hp, seed=5))
+    assert experiment_name(hp) != experiment_name(dataclasses.replace(hp, lr=1e-3))
+    assert "seed" not in non_default(dataclasses.replace(hp, seed=3)) and non_default(ImpHparams()) == {}
+    res = run(hp, tmp_path, replicates=2)
+    assert sorted(res.metrics) == [0, 1]
+    assert res.experiment_dir == os.path.join(str(tmp_path), experiment_name(hp))
+    with open(os.path.join(res.experiment_dir, "hparams.json")) as f:
+        assert json.load(f)["lr"] == 3e-3
+    m0, m1 = (load_masks(res.experiment_dir, s, 1) for s in (0, 1))
+    assert not torch.equal(m0["fc1"], m1["fc1"])  # replicates differ
+    # a finished round is skipped on re-run: no training step happens
+    steps = []
+    again = run(hp, tmp_path, replicates=2, callback=lambda r, it, m: steps.append(it))
+    assert steps == [] and again.metrics == res.metrics
+
+
+def test_resume_after_crash_gives_identical_result(tmp_path):
+    data = tiny_data()
+    hp = tiny_hp(rounds=2, path="sparse", dropout=0.2)  # sparse path, and dropout to exercise the RNG
+    ref = run(hp, tmp_path / "ref", data=data)
+
+    class Boom(RuntimeError):
+        pass
+
+    def crash(r, it, model):
+        if r == 1 and it == 13:
+            raise Boom()
+    with pytest.raises(Boom):
+        run(hp, tmp_path / "crash", data=data, callback=crash)
+    exp = os.path.join(str(tmp_path / "crash"), experiment_name(hp))
+    assert os.path.exists(os.path.join(exp, "seed_0", "round_01", "checkpoint.pt"))
+    assert not os.path.exists(os.path.join(exp, "seed_0", "round_01", "metrics.json"))
+    seen = []
+    out = run(hp, tmp_path / "crash", data=data, callback=lambda r, it, m: seen.append((r, it)))
+    assert seen[0] == (1, 11)  # resumed after the checkpoint at 10, round 0 skipped
+    assert [strip_times(m) for m in out.metrics[0]] == [strip_times(m) for m in ref.metrics[0]]
+    for r in range(3):
+        a, b = load_masks(ref.experiment_dir, 0, r), load_masks(exp, 0, r)
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    fa = torch.load(os.path.join(ref.experiment_dir, "seed_0", "round_02", "final.pt"), weights_only=False)
+    fb = torch.load(os.path.join(exp, "seed_0", "round_02", "final.pt"), weights_only=False)
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    assert out.metrics[0][1]["paths"]["fc1"] == "sparse"
+
+
+# The same experiment run in a subprocess that is SIGKILLed mid-round.
+_CHILD = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+import test_imp as t
+def slow(r, it, m):
+    if r == 1:
+        time.sleep(0.05)
+t.run(t.tiny_hp(rounds=1, iterations="40it"), {root!r}, callback=slow)
+"""
+
+
+def test_resume_after_sigkill(tmp_path):
+    hp = tiny_hp(rounds=1, iterations="40it")
+    ref = run(hp, tmp_path / "ref")
+    root = str(tmp_path / "killed")
+    exp = os.path.join(root, experiment_name(hp))
+    ck = os.path.join(exp, "seed_0", "round_01", "checkpoint.pt")
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=os.path.join(REPO, "tests"), root=root)])
+    try:
+        deadline = time.time() + 60
+        while not os.path.exists(ck) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert os.path.exists(ck), "the child never wrote a mid-round checkpoint"
+        time.sleep(0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(exp, "seed_0", "round_01", "metrics.json"))
+    seen = []
+    out = run(hp, root, callback=lambda r, it, m: seen.append((r, it)))
+    assert seen and seen[0][0] == 1 and seen[0][1] > 5  # resumed mid-round
+    assert [strip_times(m) for m in out.metrics[0]] == [strip_times(m) for m in ref.metrics[0]]
+    a, b = load_masks(ref.experiment_dir, 0, 1), load_masks(exp, 0, 1)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw,msg", [
+    (dict(prune_fc=1.0), "prune_fc"),
+    (dict(prune_fc=1.5), "prune_fc"),
+    (dict(prune_output=-0.1), "prune_output"),
+    (dict(model="lenet5"), "unknown model"),
+    (dict(control="magic"), "unknown control"),
+    (dict(rewind="20it"), "rewind point"),
+    (dict(rewind="3ep"), "rewind point"),
+    (dict(rewind="soon"), "rewind"),
+    (dict(iterations="ten"), "iterations"),
+    (dict(optimizer="rmsprop"), "optimizer"),
+    (dict(lr=-1.0), "lr"),
+    (dict(dense_layers=("fc9",)), "dense_layers"),
+    (dict(control="oneshot", oneshot_remaining=1.2), "oneshot_remaining"),
+    (dict(prune_fc=0.0, prune_output=0.0), "no layer would be pruned"),
+    (dict(layer_impl="fast"), "layer_impl"),
+])
+def test_bad_hparams_refused_before_training(tmp_path, kw, msg):
+    steps = []
+    with pytest.raises(ValueError, match=msg):
+        run(tiny_hp(**kw), tmp_path, callback=lambda r, it, m: steps.append(it))
+    assert steps == [] and not os.path.exists(tmp_path / "x") and list(tmp_path.iterdir()) == []
+
+
+def test_run_folder_of_another_experiment_refused(tmp_path):
+    hp = tiny_hp(rounds=1)
+    res = run(hp, tmp_path)
+    with pytest.raises(ValueError, match="another experiment"):
+        run(dataclasses.replace(hp, lr=1e-2), tmp_path, run_dir=res.experiment_dir)
+
+
+def test_presets():
+    assert "lenet_quick" in PRESET_NAMES and "resnet20_warmup" in PRESET_NAMES
+    full = get_preset("lenet300_100")
+    assert (full.optimizer, full.lr, full.batch_size, full.iterations, full.prune_fc, full.prune_output,
+            full.rewind) == ("adam", 1.2e-3, 60, "50000it", 0.2, 0.1, "0it")
+    r = get_preset("resnet20_warmup")
+    assert (r.optimizer, r.momentum, r.lr, r.warmup, r.milestones, r.prune_fc, r.prune_conv, r.prune_global) == \
+        ("sgd", 0.9, 0.03, 20000, (20000, 25000), 0.0, 0.2, True)
+    assert get_preset("lenet_quick", rounds=2).rounds == 2
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("lenet_slow")
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        get_preset("lenet_quick", speed=3)
+
+
+def test_apply_masks_checks_input():
+    from sparse_lth.models import build_model
+    model = build_model("lenet300_100", width=0.1, seed=0)
+    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in prunable_layers(model)}
+    with pytest.raises(ValueError, match="missing"):
+        apply_masks(model, {k: v for k, v in masks.items() if k != "fc2"})
+    with pytest.raises(ValueError, match="shape"):
+        apply_masks(model, {**masks, "fc2": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="bool"):
+        apply_masks(model, {**masks, "fc2": masks["fc2"].float()})
+    masks["fc1"][0, :5] = False
+    apply_masks(model, masks)  # plain layers: weight_mask buffer, pruned weights zeroed
+    assert (model.fc1.weight[0, :5] == 0).all() and model.fc1.weight_mask.dtype == torch.bool

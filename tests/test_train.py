@@ -1,0 +1,205 @@
+"""The training loop: lr schedule, determinism, exact resume from a checkpoint, the rewind hook, masks kept, early
+stopping, bad configurations, and LeNet-300-100 on real MNIST with the sparse layers."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from sparse_lth.data import DeviceDataset, load_dataset
+from sparse_lth.imp import apply_masks, prunable_layers, random_masks
+from sparse_lth.layers import sparsify
+from sparse_lth.models import build_model
+from sparse_lth.train import TrainConfig, early_stop, evaluate, lr_at, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def mnist_root():
+    for p in (os.environ.get("SPARSE_LTH_DATA"), "/work/shared/data", os.path.join(REPO, "..", "shared", "data"),
+              os.path.join(REPO, "shared", "data")):
+        if p and os.path.isdir(os.path.join(p, "MNIST", "raw")):
+            return p
+    return None
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_data(n_train=200, n_test=100, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    x = protos[y] + 2.0 * torch.randn(n_train + n_test, 1, 28, 28, generator=g)
+    return DeviceDataset(x[:n_train].contiguous(), y[:n_train]), DeviceDataset(x[n_train:].contiguous(), y[n_train:])
+
+
+def tiny_model(kind="sparse", density=0.5, path="sparse", dropout=0.0, seed=0):
+    model = build_model("lenet300_100", width=0.1, dropout=dropout, seed=seed)
+    if kind == "sparse":
+        model = sparsify(model, path=path)
+    shapes = {n: tuple((m.dense_weight() if hasattr(m, "dense_weight") else m.weight).shape)
+              for n, m in prunable_layers(model)}
+    g = torch.Generator().manual_seed(seed + 1)
+    masks = random_masks(shapes, {n: int(density * torch.Size(s).numel()) for n, s in shapes.items()}, g)
+    apply_masks(model, masks, path=path if kind == "sparse" else None)
+    return model, masks
+
+
+def cfg(**kw):
+    base = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=16, iterations=24,
+                eval_every=6, train_eval_size=50, eval_batch_size=64, seed=3, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lr_schedule():
+    c = cfg(lr=0.1, milestones=(10, 20), gamma=0.1, warmup=4)
+    assert [round(lr_at(c, i), 10) for i in (0, 1, 3, 9, 10, 19, 20, 30)] == \
+        [0.025, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+    assert lr_at(cfg(lr=0.3), 1000) == 0.3
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(optimizer="rmsprop"), "optimizer"), (dict(lr=0.0), "lr"),
+                                    (dict(momentum=1.0), "momentum"), (dict(batch_size=0), "batch_size"),
+                                    (dict(milestones=(20, 10)), "milestones"), (dict(iterations=0), "iterations"),
+                                    (dict(optimizer="adam", nesterov=True), "nesterov"),
+                                    (dict(optimizer_impl="jax"), "optimizer_impl")])
+def test_bad_config_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        cfg(**kw)
+
+
+def test_bad_train_arguments():
+    tr, te = tiny_data()
+    model, _ = tiny_model()
+    with pytest.raises(ValueError, match="start_iteration"):
+        train(model, tr, te, cfg(), start_iteration=24)
+    with pytest.raises(ValueError, match="capture_at"):
+        train(model, tr, te, cfg(), capture_at=30)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            train(model.cuda(), tr, te, cfg())
+
+
+@pytest.mark.parametrize("kind,optimizer", [("sparse", "sgd"), ("masked", "adam"), ("masked", "adamw")])
+def test_deterministic_masks_kept_and_metrics(kind, optimizer):
+    tr, te = tiny_data()
+    outs, finals = [], []
+    for _ in range(2):
+        model, masks = tiny_model(kind)
+        out = train(model, tr, te, cfg(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3))
+        outs.append(out)
+        finals.append(weights(model))
+        for n, m in prunable_layers(model):
+            w = m.dense_weight() if hasattr(m, "dense_weight") else m.weight
+            assert (w[~masks[n]] == 0).all(), "a pruned weight moved"
+            assert (w[masks[n]] != 0).float().mean() > 0.99
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    a, b = outs
+    assert a["curve"] == b["curve"]
+    assert [r["iteration"] for r in a["curve"]] == [0, 6, 12, 18, 24]
+    assert a["curve"][-1]["test_acc"] > a["curve"][0]["test_acc"]  # it learns
+    assert (a["early_stop_iteration"], a["early_stop_test_acc"]) == early_stop(a["curve"])
+    assert a["steps"] == 24 and a["time_per_step"] > 0 and a["wall_time"] >= a["step_time"]
+    assert set(a["paths"].values()) == ({"sparse"} if kind == "sparse" else {"masked"})
+
+
+def test_early_stop_picks_min_test_loss():
+    curve = [dict(iteration=0, test_loss=2.0, test_acc=0.1), dict(iteration=5, test_loss=0.5, test_acc=0.8),
+             dict(iteration=10, test_loss=0.7, test_acc=0.85), dict(iteration=15, test_loss=0.5, test_acc=0.9)]
+    assert early_stop(curve) == (5, 0.8)
+    with pytest.raises(ValueError):
+        early_stop([])
+
+
+@pytest.mark.parametrize("kind", ["sparse", "masked"])
+def test_resume_from_checkpoint_is_exact(tmp_path, kind):
+    tr, te = tiny_data()
+    c = cfg(optimizer="adam", lr=3e-3, iterations=20, eval_every=5)
+    ref_model, _ = tiny_model(kind, dropout=0.3)
+    ref = train(ref_model, tr, te, c, start_iteration=2)
+
+    ck = str(tmp_path / "ck.pt")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(it, model):
+        if it == 11:
+            raise Stop
+
+    model, _ = tiny_model(kind, dropout=0.3)
+    with pytest.raises(Stop):
+        train(model, tr, te, c, start_iteration=2, checkpoint_path=ck, checkpoint_every=4, callback=stop_at)
+    assert torch.load(ck, weights_only=False)["iteration"] == 8
+    model2, _ = tiny_model(kind, dropout=0.3, seed=1)  # different weights and masks: all come from the checkpoint
+    its = []
+    out = train(model2, tr, te, c, start_iteration=2, checkpoint_path=ck, checkpoint_every=4,
+                callback=lambda it, m: its.append(it))
+    assert its[0] == 9 and out["resumed_from"] == 8
+    assert out["curve"] == ref["curve"]
+    w_ref, w = weights(ref_model), weights(model2)
+    assert all(torch.equal(w_ref[k], w[k]) for k in w_ref)
+    with pytest.raises(ValueError, match="different training configuration"):
+        train(model2, tr, te, dataclasses.replace(c, lr=1e-3), start_iteration=2, checkpoint_path=ck)
+
+
+def test_capture_hook_gives_weights_at_iteration_k():
+    tr, te = tiny_data()
+    c = cfg(iterations=12, eval_every=12)
+    got = {}
+    model, _ = tiny_model("sparse")
+    train(model, tr, te, c, capture_at=5, on_capture=lambda k, s: got.setdefault(k, s))
+    ref_model, _ = tiny_model("sparse")
+    train(ref_model, tr, te, dataclasses.replace(c, iterations=5, eval_every=5))
+    ref = weights(ref_model)
+    assert list(got) == [5]
+    assert all(torch.equal(got[5][k], ref[k]) for k in ref)
+    got0 = {}
+    m0, _ = tiny_model("sparse")
+    before = weights(m0)
+    train(m0, tr, te, c, capture_at=0, on_capture=lambda k, s: got0.setdefault(k, s))
+    assert all(torch.equal(got0[0][k], before[k]) for k in before)
+
+
+def test_evaluate_counts_every_sample():
+    tr, te = tiny_data(n_test=37)
+    model, _ = tiny_model("masked")
+    loss, acc = evaluate(model, te.eval_batches(10))
+    with torch.no_grad():
+        out = model(te.x)
+    assert acc == pytest.approx((out.argmax(1) == te.y).float().mean().item())
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, te.y).item(), rel=1e-5)
+
+
+@pytest.mark.skipif(mnist_root() is None, reason="MNIST not found ($SPARSE_LTH_DATA, /work/shared/data)")
+def test_lenet_mnist_one_epoch_sparse_layers():
+    """LeNet-300-100, Adam 1.2e-3, batch 60, 1000 iterations (one epoch) with sparse layers: >= 95% test acc."""
+    root = mnist_root()
+    tr = load_dataset("mnist", "train", root=root)
+    te = load_dataset("mnist", "test", root=root)
+    model = sparsify(build_model("lenet300_100", seed=0), path="auto")
+    out = train(model, tr, te, TrainConfig(optimizer="adam", lr=1.2e-3, batch_size=60, iterations=1000,
+                                           eval_every=1000, train_eval_size=0, seed=0, progress=False))
+    assert out["test_acc"] >= 0.95, out["test_acc"]
+    assert set(out["paths"]) == {"fc1", "fc2", "fc3"}
+    # the same at 20% density on the sparse path (random masks: no ticket, still well above 90%)
+    model = sparsify(build_model("lenet300_100", seed=0), path="sparse")
+    shapes = {n: tuple(m.mask.shape) for n, m in prunable_layers(model)}
+    g = torch.Generator().manual_seed(0)
+    apply_masks(model, random_masks(shapes, {n: int(0.2 * torch.Size(s).numel()) for n, s in shapes.items()}, g),
+                path="sparse")
+    out = train(model, tr, te, TrainConfig(optimizer="adam", lr=1.2e-3, batch_size=60, iterations=300,
+                                           eval_every=300, train_eval_size=0, seed=0, progress=False))
+    assert set(out["paths"].values()) == {"sparse"} and out["test_acc"] >= 0.88, out["test_acc"]
