@@ -5,8 +5,8 @@ with a multi-step learning-rate schedule and linear warmup, evaluates every ``cf
 loss/accuracy, and train loss/accuracy on a fixed subset of the training set), and returns the metrics.
 
 Determinism and exact resume: batch ``i`` comes from ``train_data.batch(i, batch_size, seed)`` (a pure function
-of its arguments), and the global torch RNG is re-seeded from ``(seed, i)`` before step ``i`` (dropout,
-augmentation noise), so a run restarted from a checkpoint (model state, optimizer state, iteration, metrics so
+of its arguments), and, when the model has dropout, the global torch RNG is re-seeded from ``(seed, i)`` before
+step ``i``, so a run restarted from a checkpoint (model state, optimizer state, iteration, metrics so
 far) takes exactly the steps the uninterrupted run took. On CPU the result is bit-identical.
 
 Masks: a layer of :mod:`sparse_lth.layers` keeps its own pruned weights at zero. A plain ``nn.Linear``/``nn.Conv2d``
