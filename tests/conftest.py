@@ -34,3 +34,12 @@ def kernel_device() -> torch.device:
     """Where the Triton kernel tests run: the GPU if there is one, else the CPU through the interpreter."""
     return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
                         else "cpu")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

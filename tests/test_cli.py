@@ -5,30 +5,18 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
+from conftest import SHARED_DATA
 from sparse_lth.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def mnist_root():
-    for p in (os.environ.get("SPARSE_LTH_DATA"), "/work/shared/data", os.path.join(REPO, "..", "shared", "data"),
-              os.path.join(REPO, "shared", "data")):
-        if p and os.path.isdir(os.path.join(p, "MNIST", "raw")):
-            return p
-    return None
+def mnist_root() -> str:
+    return str(SHARED_DATA)  # the tests fail, never skip, when the data is missing
 
 
-needs_mnist = pytest.mark.skipif(mnist_root() is None, reason="MNIST not found ($SPARSE_LTH_DATA, /work/shared/data)")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_imp_args(root, *extra):
@@ -50,7 +38,6 @@ def test_help(capsys):
     assert r.returncode == 0 and "imp" in r.stdout and "report" in r.stdout
 
 
-@needs_mnist
 def test_imp_control_and_report(tmp_path, capsys):
     assert main(tiny_imp_args(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -79,7 +66,6 @@ def test_imp_control_and_report(tmp_path, capsys):
     assert (out_dir / "accuracy_vs_remaining.png").exists() and (out_dir / "summary.md").exists()
 
 
-@needs_mnist
 def test_imp_bad_hparams_exit_2(tmp_path, capsys):
     assert main(tiny_imp_args(tmp_path, "--prune-fc", "1.5")) == 2
     assert "prune_fc" in capsys.readouterr().err
@@ -93,7 +79,6 @@ def test_imp_bad_hparams_exit_2(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-@needs_mnist
 def test_train_command(tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["train", "--data", mnist_root(), "--density", "0.2", "--path", "sparse", "--iterations", "20",

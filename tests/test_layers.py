@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 from sparse_lth.backend import resolve_backend
 from sparse_lth.layers import (CPU_LINEAR_SPARSE_MAX_DENSITY, SparseConv2d, SparseLinear, choose_paths, densify, sparse_layers, sparsify,
@@ -153,7 +154,6 @@ def test_sparsify_densify_round_trip(path):
 
 
 def test_sparsify_torchvision_resnet():
-    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from conftest import SHARED_DATA
 from sparse_lth.data import DeviceDataset, load_dataset
 from sparse_lth.imp import apply_masks, prunable_layers, random_masks
 from sparse_lth.layers import sparsify
@@ -15,21 +16,11 @@ from sparse_lth.train import TrainConfig, early_stop, evaluate, lr_at, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def mnist_root():
-    for p in (os.environ.get("SPARSE_LTH_DATA"), "/work/shared/data", os.path.join(REPO, "..", "shared", "data"),
-              os.path.join(REPO, "shared", "data")):
-        if p and os.path.isdir(os.path.join(p, "MNIST", "raw")):
-            return p
-    return None
+def mnist_root() -> str:
+    return str(SHARED_DATA)  # the tests fail, never skip, when the data is missing
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is many times faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_data(n_train=200, n_test=100, seed=0):
@@ -183,7 +174,6 @@ def test_evaluate_counts_every_sample():
     assert loss == pytest.approx(torch.nn.functional.cross_entropy(out, te.y).item(), rel=1e-5)
 
 
-@pytest.mark.skipif(mnist_root() is None, reason="MNIST not found ($SPARSE_LTH_DATA, /work/shared/data)")
 def test_lenet_mnist_one_epoch_sparse_layers():
     """LeNet-300-100, Adam 1.2e-3, batch 60, 1000 iterations (one epoch) with sparse layers: >= 95% test acc."""
     root = mnist_root()
