@@ -5,21 +5,19 @@ gradient (the transposed CSR view is built from the format's CSC arrays with one
 sampled dense-dense product (``torch.sparse.sampled_addmm``) for the weight gradient at live positions only.
 CPU sparse products exist for float32/float64 only; other dtypes are computed in float32 and cast back.
 
-The ``reference_*`` functions compute the same ops densely (the masked dense weight), in float64 when asked:
-they are what every kernel is tested against.
+The dense references that every kernel is tested against live beside the kernels (``sparse_linear.reference_*``,
+``sparse_conv.reference_*``).
 """
 from __future__ import annotations
 
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from .format import SparseFormat, to_dense
+from .format import SparseFormat
 
 __all__ = [
-    "linear_forward", "linear_backward_input", "linear_backward_weight",
-    "reference_linear_forward", "reference_linear_backward_input", "reference_linear_backward_weight",
+    "linear_forward", "linear_backward_input", "linear_backward_weight", "weight_csr", "weight_t_csr",
 ]
 
 # torch warns once per process that CSR support is "beta"; this module relies on it knowingly.
@@ -94,21 +92,3 @@ def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
     pattern = weight_csr(torch.zeros(fmt.nnz, dtype=ct, device=dy.device), fmt)  # beta=0 still reads it
     out = torch.sparse.sampled_addmm(pattern, dy.to(ct).t(), x.to(ct), beta=0.0)
     return out.values().to(out_dtype)
-
-
-# ---------------------------------------------------------------- references (dense, optionally float64)
-def reference_linear_forward(x, values, fmt, bias=None, activation=None, dtype=None):
-    dtype = dtype or x.dtype
-    y = F.linear(x.to(dtype), to_dense(values.to(dtype), fmt), None if bias is None else bias.to(dtype))
-    return torch.relu(y) if activation == "relu" else y
-
-
-def reference_linear_backward_input(dy, values, fmt, dtype=None):
-    dtype = dtype or dy.dtype
-    return dy.to(dtype) @ to_dense(values.to(dtype), fmt)
-
-
-def reference_linear_backward_weight(dy, x, fmt, dtype=None):
-    dtype = dtype or dy.dtype
-    full = dy.to(dtype).t() @ x.to(dtype)
-    return full.reshape(-1)[fmt.row_idx.long() * fmt.cols + fmt.col_idx.long()]
