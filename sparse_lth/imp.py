@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .train import (OPTIMIZERS, TrainConfig, layer_backends, layer_paths, save_atomic, train)
+from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
 CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue")
 LAYER_IMPLS = ("sparse", "masked")

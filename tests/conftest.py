@@ -43,3 +43,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def tiny_data(n_train=200, n_test=100, seed=0):
+    """A learnable 10-class problem on 28x28 inputs (a random prototype per class, plus noise), as
+    (train, test) DeviceDatasets: fast stand-ins for MNIST in the training and IMP tests."""
+    from sparse_lth.data import DeviceDataset
+
+    g = torch.Generator().manual_seed(seed)
+    protos = torch.randn(10, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    x = protos[y] + 2.0 * torch.randn(n_train + n_test, 1, 28, 28, generator=g)
+    return (DeviceDataset(x[:n_train].contiguous(), y[:n_train].contiguous()),
+            DeviceDataset(x[n_train:].contiguous(), y[n_train:].contiguous()))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from sparse_lth.data import DeviceDataset
+from conftest import tiny_data
 from sparse_lth.imp import (ImpHparams, apply_masks, experiment_name, magnitude_prune, non_default,
                             prunable_layers, random_masks, run_imp)
 from sparse_lth.presets import PRESET_NAMES, get_preset
@@ -23,14 +23,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_data(n_train=240, n_test=120, seed=0):
-    """A learnable 10-class problem on 28x28 inputs (a random prototype per class, plus noise)."""
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(10, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
-    x = protos[y] + 2.0 * torch.randn(n_train + n_test, 1, 28, 28, generator=g)
-    return (DeviceDataset(x[:n_train].contiguous(), y[:n_train].contiguous()),
-            DeviceDataset(x[n_train:].contiguous(), y[n_train:].contiguous()))
 
 
 def tiny_hp(**kw) -> ImpHparams:
@@ -42,7 +34,7 @@ def tiny_hp(**kw) -> ImpHparams:
 
 
 def run(hp, root, **kw):
-    kw.setdefault("data", tiny_data())
+    kw.setdefault("data", tiny_data(240, 120))
     return run_imp(hp, str(root), progress=False, checkpoint_every=kw.pop("checkpoint_every", 5), **kw)
 
 
@@ -151,7 +143,7 @@ def test_rewind_restores_weights_of_iteration_k(tmp_path, rewind, k):
 
 # --------------------------------------------------------------------------------------------------- controls
 def test_reinit_keeps_masks_changes_values_and_random_prune_keeps_sparsity(tmp_path):
-    data = tiny_data()
+    data = tiny_data(240, 120)
     imp_starts, re_starts, rp_starts = {}, {}, {}
 
     def grab(store):
@@ -219,7 +211,7 @@ def test_run_folder_named_by_nondefault_hparams_and_replicates(tmp_path):
 
 
 def test_resume_after_crash_gives_identical_result(tmp_path):
-    data = tiny_data()
+    data = tiny_data(240, 120)
     hp = tiny_hp(rounds=2, path="sparse", dropout=0.2)  # sparse path, and dropout to exercise the RNG
     ref = run(hp, tmp_path / "ref", data=data)
 

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA
-from sparse_lth.data import DeviceDataset, load_dataset
+from conftest import SHARED_DATA, tiny_data
+from sparse_lth.data import load_dataset
 from sparse_lth.imp import apply_masks, prunable_layers, random_masks
 from sparse_lth.layers import sparsify
 from sparse_lth.models import build_model
@@ -23,12 +23,6 @@ def mnist_root() -> str:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def tiny_data(n_train=200, n_test=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    protos = torch.randn(10, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (n_train + n_test,), generator=g)
-    x = protos[y] + 2.0 * torch.randn(n_train + n_test, 1, 28, 28, generator=g)
-    return DeviceDataset(x[:n_train].contiguous(), y[:n_train]), DeviceDataset(x[n_train:].contiguous(), y[n_train:])
 
 
 def tiny_model(kind="sparse", density=0.5, path="sparse", dropout=0.0, seed=0):
