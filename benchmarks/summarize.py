@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Turn the rows under benchmarks/results/ into tables, target checks and plots for README.
+
+Reads whatever result files exist for one device (``--device SLUG`` picks the files whose name ends in that slug;
+by default every device found, each summarized on its own):
+
+* ``linear_<dev>.csv``       (bench_linear_gpu.py)  speedup of the Triton sparse linear kernels over dense masking
+* ``conv_*<dev>.csv``        (bench_conv_gpu.py)    the same for the sparse conv kernels, per layer
+* ``optim_*<dev>.csv``       (bench_optim.py)       optimizer step against torch.optim + masking, and its floor
+* ``model_step_*<dev>.csv``  (bench_model_step.py)  whole training steps, automatic path choice
+* ``ceilings_<dev>.csv``     (bench_ceilings.py)    measured bandwidth, the floor of the optimizer step
+
+and writes ``benchmarks/results/summary_<dev>.md`` (tables and the issues' targets with the measured ratio and
+whether it is met) and ``summary_<dev>_*.png`` (speedup against density). Every figure is a ratio of two medians
+of the same run on the same device; nothing is measured here.
+
+    python benchmarks/summarize.py                       # every device with results
+    python benchmarks/summarize.py --device nvidia-h100-80gb-hbm3
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------------------------------------------- reading
+def read_rows(paths) -> list[dict]:
+    rows = []
+    for p in paths:
+        with open(p, newline="") as f:
+            rows += [dict(r, _file=Path(p).name) for r in csv.DictReader(f)]
+    return rows
+
+
+def _f(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _dens(v) -> float:
+    return round(_f(v), 6)
+
+
+def ratio(num, den) -> float:
+    return num / den if num and den and math.isfinite(num) and math.isfinite(den) and den > 0 else math.nan
+
+
+def fmt_x(v: float) -> str:
+    return f"{v:.2f}x" if math.isfinite(v) else "-"
+
+
+# ------------------------------------------------------------------------------------------------------- targets
+class Target:
+    """One target of an issue: ``measured >= need`` (or ``<=`` when ``at_most``)."""
+
+    def __init__(self, issue: str, what: str, need: float, measured: float, at_most: bool = False):
+        self.issue, self.what, self.need, self.measured, self.at_most = issue, what, need, measured, at_most
+
+    @property
+    def status(self) -> str:
+        if not math.isfinite(self.measured):
+            return "not measured"
+        ok = self.measured <= self.need if self.at_most else self.measured >= self.need
+        return "met" if ok else "NOT met"
+
+    def row(self) -> str:
+        need = f"<= {self.need:g}x" if self.at_most else f">= {self.need:g}x"
+        return f"| {self.issue} | {self.what} | {need} | {fmt_x(self.measured)} | {self.status} |"
+
+
+# --------------------------------------------------------------------------------------------------------- linear
+def linear_speedups(rows) -> dict:
+    """{(op, shape, batch, dtype, density): {"sparse": x, "csr": x}} speedups over dense masking in the same
+    precision (fp32 against fp32 dense masking with TF32 off; bf16 against dense masking under bf16 autocast)."""
+    med = {}
+    for r in rows:
+        med[(r["op"], r["shape"], int(r["batch"]), r["dtype"], _dens(r["density"]), r["impl"])] = _f(r["median_ms"])
+    out = {}
+    for (op, shape, batch, dtype, d, impl), t in med.items():
+        if impl != "sparse_triton":
+            continue
+        base = med.get((op, shape, batch, dtype, d, "dense_mask" if dtype == "fp32" else "dense_mask_autocast"))
+        csr = med.get((op, shape, batch, dtype, d, "torch_sparse_csr"))
+        out[(op, shape, batch, dtype, d)] = {"sparse": ratio(base, t), "csr": ratio(base, csr),
+                                             "dense_ms": base, "sparse_ms": t}
+    return out
+
+
+def linear_section(rows, targets: list[Target]) -> list[str]:
+    sp = linear_speedups(rows)
+    lines = ["## Sparse linear (bench_linear_gpu.py), forward + backward",
+             "", "Speedup of the Triton kernels over dense masking in the same precision (fp32: TF32 off; bf16: "
+             "autocast); `best` = the faster of the two paths, which the automatic choice picks when its timing "
+             "is right.", "",
+             "| layer | batch | dtype | density | dense ms | sparse ms | sparse | best | torch CSR |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (op, shape, batch, dtype, d), v in sorted(sp.items(), key=lambda kv: (kv[0][1], kv[0][3], -kv[0][4])):
+        if op != "fwd+bwd":
+            continue
+        best = max(v["sparse"], 1.0) if math.isfinite(v["sparse"]) else math.nan
+        lines.append(f"| {shape} | {batch} | {dtype} | {d:g} | {v['dense_ms']:.4g} | {v['sparse_ms']:.4g} | "
+                     f"{fmt_x(v['sparse'])} | {fmt_x(best)} | {fmt_x(v['csr'])} |")
+    big = ("fwd+bwd", "4096x4096", 4096)
+    for dtype, pairs in (("fp32", ((0.05, 3), (0.02, 6), (0.01, 10))), ("bf16", ((0.02, 1.5), (0.01, 2.5)))):
+        for d, need in pairs:
+            v = sp.get(big + (dtype, d), {}).get("sparse", math.nan)
+            targets.append(Target("#4", f"4096x4096 b4096 {dtype} fwd+bwd, {100 - 100 * d:g}% sparse", need, v))
+    for shape in ("300x784", "100x300"):
+        worst = [v["sparse"] for k, v in sp.items() if k[0] == "fwd+bwd" and k[1] == shape and k[3] == "fp32"]
+        worst = [max(w, 1.0) for w in worst if math.isfinite(w)]
+        targets.append(Target("#4", f"LeNet layer {shape} b60 fp32, best path at every density (parity)", 1.0,
+                              min(worst) if worst else math.nan))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------- conv
+def conv_speedups(rows) -> dict:
+    med = {(r["layer"], r["direction"], _dens(r["density"]), r["impl"], r["dtype"]): _f(r["median_ms"])
+           for r in rows}
+    out = {}
+    for (layer, direction, d, impl, dtype), t in med.items():
+        if impl != "triton_sparse":
+            continue
+        if dtype == "fp32":
+            out[(layer, direction, d, "fp32")] = {
+                "vs_tf32": ratio(med.get((layer, direction, d, "dense_mask", "fp32-tf32")), t),
+                "vs_ieee": ratio(med.get((layer, direction, d, "dense_mask", "fp32-ieee")), t),
+                "vs_csr": ratio(med.get((layer, direction, d, "unfold_csr", "fp32")), t), "ms": t}
+        else:
+            out[(layer, direction, d, dtype)] = {
+                "vs_bf16": ratio(med.get((layer, direction, d, "dense_mask_amp", "bf16-autocast")), t), "ms": t}
+    return out
+
+
+def conv_section(rows, targets: list[Target]) -> list[str]:
+    sp = conv_speedups(rows)
+    lines = ["## Sparse conv2d (bench_conv_gpu.py), forward + backward", "",
+             "Speedup of the Triton fp32 kernels over dense masking with cuDNN, TF32 on (PyTorch's default for "
+             "convolutions) and off (IEEE fp32), over unfold + torch.sparse CSR; bf16 kernels over dense masking "
+             "under bf16 autocast.", "",
+             "| layer | density | triton fp32 ms | vs TF32 | vs IEEE | vs unfold+CSR | triton bf16 ms | vs bf16 |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(k[0], k[2]) for k in sp if k[1] == "both"}, key=lambda t: (t[0], -t[1]))
+    for layer, d in keys:
+        a = sp.get((layer, "both", d, "fp32"), {})
+        b = sp.get((layer, "both", d, "bf16"), {})
+        lines.append(f"| {layer} | {d:g} | {a.get('ms', math.nan):.4g} | {fmt_x(a.get('vs_tf32', math.nan))} | "
+                     f"{fmt_x(a.get('vs_ieee', math.nan))} | {fmt_x(a.get('vs_csr', math.nan))} | "
+                     f"{b.get('ms', math.nan):.4g} | {fmt_x(b.get('vs_bf16', math.nan))} |")
+    for layer, px in (("vgg19/conv10-12", "4x4"), ("vgg19/conv13-16", "2x2")):
+        v = sp.get((layer, "both", 0.02, "fp32"), {})
+        targets.append(Target("#5", f"512->512 3x3 at {px} px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on", 2,
+                              v.get("vs_tf32", math.nan)))
+        targets.append(Target("#5", f"512->512 3x3 at {px} px, fwd+bwd, 98% sparse, fp32 vs cuDNN IEEE fp32", 2,
+                              v.get("vs_ieee", math.nan)))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------- optim
+def optim_section(rows, ceilings, targets: list[Target]) -> list[str]:
+    bw = next((_f(r["rate"]) for r in ceilings if r["kind"] == "copy"), math.nan)  # GB/s, read + write
+    med = {(r["op"], r["model"], r["dtype"], _dens(r["density"]), r["impl"]): r for r in rows}
+    lines = ["## Optimizer step (bench_optim.py)", "",
+             f"Floor = the step's unavoidable bytes / the measured copy bandwidth ({bw:.4g} GB/s, "
+             "bench_ceilings.py)." if math.isfinite(bw) else "No ceilings file: the floor is not computed.", "",
+             "| op | params | dtype | density | impl | ms | GB/s | x floor | speedup vs torch fused+mask |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    worst_dense, worst_floor = math.inf, 0.0
+    compact = defaultdict(dict)
+    for (op, model, dtype, d, impl), r in sorted(med.items(), key=lambda kv: (kv[0][:3], -kv[0][3], kv[0][4])):
+        t = _f(r["median_ms"])
+        floor = _f(r["bytes"]) / (bw * 1e9) * 1e3 if math.isfinite(bw) else math.nan
+        base = _f(med.get((op, model, dtype, d, "torch.optim-fused+mask"), {}).get("median_ms"))
+        lines.append(f"| {op} | {model} | {dtype} | {d:g} | {impl} | {t:.4g} | {_f(r['GBps']):.4g} | "
+                     f"{fmt_x(ratio(t, floor))} | {fmt_x(ratio(base, t))} |")
+        if impl.startswith("sparse_lth-triton") and impl.endswith("-dense"):
+            worst_dense = min(worst_dense, ratio(base, t))
+            worst_floor = max(worst_floor, ratio(t, floor))
+        if impl.startswith("sparse_lth-triton") and impl.endswith("-compact"):
+            compact[(op, model, dtype)][d] = t / max(_f(r["nnz"]), 1.0)
+    has_triton = any(k[4].startswith("sparse_lth-triton") for k in med)
+    targets.append(Target("#6", "dense path vs torch.optim fused + masking (worst row)", 2,
+                          worst_dense if has_triton and math.isfinite(worst_dense) else math.nan))
+    targets.append(Target("#6", "dense path time / bytes-at-measured-bandwidth floor (worst row)", 1.5,
+                          worst_floor if has_triton and worst_floor > 0 else math.nan, at_most=True))
+    for (op, model, dtype), per in compact.items():
+        if 1.0 in per and len(per) > 1:
+            spread = max(per.values()) / per[1.0]
+            targets.append(Target("#6", f"compact path {op} {model} {dtype}: time per live weight, worst density "
+                                        "/ density 1 (proportional: ~1)", 1.5, spread, at_most=True))
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------- model step
+def model_section(rows, targets: list[Target]) -> list[str]:
+    lines = ["## Whole training steps (bench_model_step.py), automatic path choice", "",
+             "| model | batch | density | impl | paths | ms | speedup vs dense masking |", "|---|---|---|---|---|---|---|"]
+    worst = defaultdict(lambda: math.inf)
+    for r in sorted(rows, key=lambda r: (r["model"], -_f(r["density"]), r["impl"])):
+        sp = _f(r["speedup_vs_dense_masking"])
+        lines.append(f"| {r['model']} | {r['batch']} | {_f(r['density']):g} | {r['impl']} | {r['paths']} | "
+                     f"{_f(r['median_ms']):.4g} | {fmt_x(sp)} |")
+        if r["impl"] != "dense_masking":
+            worst[r["model"]] = min(worst[r["model"]], sp)
+    for model, w in worst.items():
+        targets.append(Target("#4/#5", f"{model} step, automatic paths, worst density (never slower: >= ~1)", 0.95, w))
+    vgg = [_f(r["speedup_vs_dense_masking"]) for r in rows
+           if r["model"] == "vgg19" and abs(_f(r["density"]) - 0.015) < 1e-9 and r["impl"] != "dense_masking"]
+    targets.append(Target("#5", "VGG-19 training step at 1.5% weights remaining", 1.5, max(vgg) if vgg else math.nan))
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------------------- plots
+def plot(dev: str, lin_rows, conv_rows, out_dir: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    if lin_rows:
+        sp = linear_speedups(lin_rows)
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, dtype in zip(axes, ("fp32", "bf16")):
+            for shape in sorted({k[1] for k in sp}):
+                pts = sorted((k[4], v["sparse"]) for k, v in sp.items()
+                             if k[0] == "fwd+bwd" and k[1] == shape and k[3] == dtype and math.isfinite(v["sparse"]))
+                if pts:
+                    batch = next(k[2] for k in sp if k[1] == shape)
+                    ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{shape} b{batch}")
+            ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+            ax.set(xscale="log", yscale="log", xlabel="weights remaining (%)", title=f"sparse linear, {dtype}")
+            ax.invert_xaxis()
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("speedup over dense masking (fwd+bwd)")
+        fig.suptitle(dev, fontsize=9)
+        fig.tight_layout()
+        p = out_dir / f"summary_{dev}_linear.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+    if conv_rows:
+        sp = conv_speedups(conv_rows)
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for layer in sorted({k[0] for k in sp}):
+            pts = sorted((k[2], v["vs_tf32"]) for k, v in sp.items()
+                         if k[0] == layer and k[1] == "both" and k[3] == "fp32" and math.isfinite(v["vs_tf32"]))
+            if pts:
+                ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1, label=layer)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set(xscale="log", yscale="log", xlabel="weights remaining (%)",
+               ylabel="speedup over dense masking (cuDNN, TF32 on)", title=f"sparse conv2d fp32, fwd+bwd\n{dev}")
+        ax.invert_xaxis()
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        p = out_dir / f"summary_{dev}_conv.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+    return made
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+KINDS = {"linear_": "linear", "conv_": "conv", "optim_": "optim", "model_step_": "model", "ceilings_": "ceilings"}
+
+
+def kind_of(path: Path) -> str | None:
+    return next((k for prefix, k in KINDS.items() if path.name.startswith(prefix)), None)
+
+
+def devices(results: Path) -> list[str]:
+    """Slugs of the devices named in the linear, conv, optim and model-step files."""
+    found = set()
+    for p in results.glob("*.csv"):
+        if kind_of(p) in (None, "ceilings"):
+            continue
+        rows = read_rows([p])
+        if rows and "device" in rows[0] and rows[0]["device"]:
+            found.add(_slug(rows[0]["device"]))
+    return sorted(found)
+
+
+def _slug(s: str) -> str:
+    """baselines.slug, without importing torch."""
+    out = "".join(c.lower() if c.isalnum() else "-" for c in s)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")[:60]
+
+
+def summarize(dev: str, results: Path = RESULTS, out_dir: Path | None = None, plots: bool = True) -> Path:
+    out_dir = out_dir or results
+    by_kind = defaultdict(list)
+    for p in sorted(results.glob("*.csv")):
+        if kind_of(p) is None:
+            continue
+        rows = [r for r in read_rows([p]) if _slug(r.get("device", "")) == dev]
+        if not rows:
+            continue
+        kind = kind_of(p)
+        if kind:
+            by_kind[kind] += rows
+    if not by_kind:
+        raise SystemExit(f"no result rows for device {dev!r} under {results}")
+    targets: list[Target] = []
+    body = []
+    if by_kind["linear"]:
+        body += linear_section(by_kind["linear"], targets) + [""]
+    if by_kind["conv"]:
+        body += conv_section(by_kind["conv"], targets) + [""]
+    if by_kind["optim"]:
+        body += optim_section(by_kind["optim"], by_kind["ceilings"], targets) + [""]
+    if by_kind["model"]:
+        body += model_section(by_kind["model"], targets) + [""]
+    device = next(r["device"] for rows in by_kind.values() for r in rows)
+    commits = sorted({r.get("commit", "") for rows in by_kind.values() for r in rows} - {""})
+    head = [f"# Benchmark summary: {device}", "",
+            f"Generated by `python benchmarks/summarize.py --device {dev}` from the CSV rows of this device "
+            f"(commits {', '.join(commits) or 'unknown'}). Ratios of medians measured in one run each.", ""]
+    if targets:
+        head += ["## Targets", "", "| issue | target | needs | measured | status |", "|---|---|---|---|---|"]
+        head += [t.row() for t in targets] + [""]
+    out = out_dir / f"summary_{dev}.md"
+    out.write_text("\n".join(head + body).rstrip() + "\n")
+    if plots:
+        plot(dev, by_kind["linear"], by_kind["conv"], out_dir)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default=None, help="device slug (default: every device with results)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="folder of result CSVs")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: the results folder)")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    devs = [args.device] if args.device else devices(args.results)
+    if not devs:
+        print(f"no result files under {args.results}", file=sys.stderr)
+        return 1
+    for dev in devs:
+        try:
+            out = summarize(dev, args.results, args.out, plots=not args.no_plots)
+        except SystemExit as e:
+            print(e, file=sys.stderr)
+            continue
+        print(f"wrote {out}")
+        print(out.read_text().split("\n## ", 2)[1] if "## Targets" in out.read_text() else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

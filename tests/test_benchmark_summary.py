@@ -1,0 +1,143 @@
+"""benchmarks/summarize.py: tables and target checks computed from result rows (synthetic rows in the exact
+formats the benchmark scripts write; nothing is timed here)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV = "NVIDIA Fake GPU"
+SLUG = "nvidia-fake-gpu"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return mod
+
+
+summarize = _load("summarize")
+
+
+def _write(path: Path, rows: list[dict]):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _lin(op, shape, batch, d, dtype, impl, ms):
+    return dict(op=op, shape=shape, batch=batch, density=d, dtype=dtype, impl=impl, median_ms=ms, p20=ms, p80=ms,
+                peak_mem_bytes=0, device=DEV, commit="abc")
+
+
+@pytest.fixture
+def results(tmp_path):
+    lin = [
+        _lin("fwd+bwd", "4096x4096", 4096, 0.05, "fp32", "dense_mask", 30.0),
+        _lin("fwd+bwd", "4096x4096", 4096, 0.05, "fp32", "sparse_triton", 10.0),        # 3.0x: met
+        _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "dense_mask", 30.0),
+        _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "sparse_triton", 6.0),         # 5.0x < 6: not met
+        _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "torch_sparse_csr", 15.0),
+        _lin("fwd+bwd", "4096x4096", 4096, 0.01, "bf16", "dense_mask_autocast", 9.0),
+        _lin("fwd+bwd", "4096x4096", 4096, 0.01, "bf16", "sparse_triton", 3.0),         # 3.0x >= 2.5: met
+        _lin("fwd+bwd", "300x784", 60, 1.0, "fp32", "dense_mask", 0.1),
+        _lin("fwd+bwd", "300x784", 60, 1.0, "fp32", "sparse_triton", 0.4),            # best path = dense: 1x
+        _lin("fwd+bwd", "300x784", 60, 0.01, "fp32", "dense_mask", 0.1),
+        _lin("fwd+bwd", "300x784", 60, 0.01, "fp32", "sparse_triton", 0.05),
+        _lin("build_format", "4096x4096", 4096, 0.01, "bool", "build_format", 0.2),
+    ]
+    _write(tmp_path / f"linear_{SLUG}.csv", lin)
+    conv = []
+    for layer, dense_tf32, dense_ieee, tri in (("vgg19/conv10-12", 2.5, 5.0, 1.0), ("vgg19/conv13-16", 1.0, 3.0, 1.0)):
+        for impl, dtype, ms in (("dense_mask", "fp32-tf32", dense_tf32), ("dense_mask", "fp32-ieee", dense_ieee),
+                                ("triton_sparse", "fp32", tri), ("unfold_csr", "fp32", 4.0)):
+            conv.append(dict(layer=layer, shape="512x512x3x3", batch=128, density=0.02, dtype=dtype, impl=impl,
+                             direction="both", median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mem_bytes=0, device=DEV,
+                             commit="abc", count=3, nnz=94372))
+    _write(tmp_path / f"conv_vgg19_{SLUG}.csv", conv)
+    optim = [dict(op="sgd", model="vgg19", params=20_000_000, density=1.0, nnz=20_000_000, dtype="float32",
+                  impl=impl, median_ms=ms, p20_ms=ms, p80_ms=ms, bytes=nbytes, GBps=1.0, device=DEV, commit="abc")
+             for impl, ms, nbytes in (("torch.optim-fused+mask", 2.5, 10 ** 9), ("sparse_lth-triton-dense", 1.0, 10 ** 9),
+                                      ("sparse_lth-triton-compact", 1.0, 10 ** 9))]
+    optim += [dict(op="sgd", model="vgg19", params=20_000_000, density=0.01, nnz=200_000, dtype="float32",
+                   impl=impl, median_ms=ms, p20_ms=ms, p80_ms=ms, bytes=nbytes, GBps=1.0, device=DEV,
+                   commit="abc")
+              for impl, ms, nbytes in (("torch.optim-fused+mask", 2.5, 10 ** 9), ("sparse_lth-triton-dense", 1.0, 10 ** 9),
+                                       ("sparse_lth-triton-compact", 0.05, 10 ** 7))]   # 0.05 ms / 2e5 vs 1 ms / 2e7: 5x per weight
+    _write(tmp_path / f"optim_{SLUG}.csv", optim)
+    _write(tmp_path / f"ceilings_{SLUG}.csv",
+           [dict(kind="copy", dtype="float32", size="2048 MiB", median_ms=1, p20_ms=1, p80_ms=1, rate=2000.0,
+                 unit="GB/s", device=DEV, commit="abc")])
+    model = [dict(model="vgg19", batch=128, dtype="float32", device=DEV, commit="abc", torch="2.11", density=d,
+                  impl=impl, paths="ddd", median_ms=ms, min_ms=ms, max_ms=ms, repeats=20,
+                  speedup_vs_dense_masking=round(base / ms, 3))
+             for d, base, rows in ((1.0, 10.0, (("dense_masking", 10.0), ("sparse_lth", 10.5))),
+                                   (0.015, 10.0, (("dense_masking", 10.0), ("sparse_lth", 6.0))))
+             for impl, ms in rows]
+    _write(tmp_path / f"model_step_vgg19_{SLUG}.csv", model)
+    # a file of another device and a CPU layers file must not leak into this device's summary
+    _write(tmp_path / "linear_other.csv", [dict(lin[0], device="Other GPU", median_ms=1e-9)])
+    _write(tmp_path / "layers_cpu_x.csv", [dict(case="x", density=1.0, device="cpu")])
+    return tmp_path
+
+
+def _targets(md: str) -> dict[str, tuple[str, str]]:
+    out = {}
+    for line in md.split("## Targets")[1].split("\n## ")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("#"):
+            out[cells[1]] = (cells[3], cells[4])
+    return out
+
+
+def test_targets_are_computed_from_the_rows(results):
+    out = summarize.summarize(SLUG, results, plots=False)
+    md = out.read_text()
+    t = _targets(md)
+    assert t["4096x4096 b4096 fp32 fwd+bwd, 95% sparse"] == ("3.00x", "met")
+    assert t["4096x4096 b4096 fp32 fwd+bwd, 98% sparse"] == ("5.00x", "NOT met")
+    assert t["4096x4096 b4096 fp32 fwd+bwd, 99% sparse"] == ("-", "not measured")
+    assert t["4096x4096 b4096 bf16 fwd+bwd, 99% sparse"] == ("3.00x", "met")
+    assert t["LeNet layer 300x784 b60 fp32, best path at every density (parity)"] == ("1.00x", "met")
+    assert t["LeNet layer 100x300 b60 fp32, best path at every density (parity)"][1] == "not measured"
+    assert t["512->512 3x3 at 4x4 px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on"] == ("2.50x", "met")
+    assert t["512->512 3x3 at 2x2 px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on"] == ("1.00x", "NOT met")
+    assert t["512->512 3x3 at 2x2 px, fwd+bwd, 98% sparse, fp32 vs cuDNN IEEE fp32"] == ("3.00x", "met")
+    assert t["dense path vs torch.optim fused + masking (worst row)"] == ("2.50x", "met")
+    # 1e9 bytes at 2000 GB/s = 0.5 ms; the dense path took 1 ms
+    assert t["dense path time / bytes-at-measured-bandwidth floor (worst row)"] == ("2.00x", "NOT met")
+    assert t["compact path sgd vgg19 float32: time per live weight, worst density / density 1 (proportional: ~1)"] \
+        == ("5.00x", "NOT met")
+    assert t["VGG-19 training step at 1.5% weights remaining"] == ("1.67x", "met")
+    assert t["vgg19 step, automatic paths, worst density (never slower: >= ~1)"] == ("0.95x", "met")
+    assert "Other GPU" not in md and "1e-09" not in md
+    # the tables carry the medians
+    assert "| 4096x4096 | 4096 | fp32 | 0.02 | 30 | 6 | 5.00x | 5.00x | 2.00x |" in md
+
+
+def test_cli_writes_summary_and_plots(results, tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("out")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--results", str(results),
+                        "--out", str(out_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert (out_dir / f"summary_{SLUG}.md").exists()
+    assert (out_dir / "summary_other-gpu.md").exists()   # every device gets its own summary
+    for name in (f"summary_{SLUG}_linear.png", f"summary_{SLUG}_conv.png"):
+        data = (out_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_unknown_device_is_refused(results):
+    with pytest.raises(SystemExit, match="no result rows"):
+        summarize.summarize("no-such-device", results, plots=False)
