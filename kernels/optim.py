@@ -60,6 +60,77 @@ _ADAM_COLS = 16  # lr, weight_decay, beta1, 1-beta1, beta2, 1-beta2, step_size, 
 # ----------------------------------------------------------------------------------------------------------------
 if HAS_TRITON:
 
+    # Every program updates one block of BLOCK elements of one tensor. A block that lies wholly inside its tensor
+    # (every block but a tensor's last) is updated without bounds masks (FULL): together with 16-byte aligned
+    # pointers this lets the compiler use 16-byte vector loads and stores, which a bounds mask on an unknown
+    # length would forbid. The last block of each tensor takes the masked path.
+    @triton.jit
+    def _ld(ptrs, offs, numel, FULL: tl.constexpr):
+        if FULL:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=offs < numel, other=0)
+
+    @triton.jit
+    def _st(ptrs, val, offs, numel, FULL: tl.constexpr):
+        if FULL:
+            tl.store(ptrs, val)
+        else:
+            tl.store(ptrs, val, mask=offs < numel)
+
+    @triton.jit
+    def _round_to_param(p, PARAM_DTYPE: tl.constexpr):
+        if PARAM_DTYPE == tl.bfloat16:
+            # fp32 -> bf16 rounding to nearest even by hand: Triton's interpreter truncates on this cast while
+            # compiled Triton rounds; this gives the same bits on both (and torch's)
+            u = p.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            r = tl.where(p != p, 0x7FC0, r)  # NaN stays a quiet NaN
+            return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return p.to(PARAM_DTYPE)
+
+    @triton.jit
+    def _typed(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """int64 address -> pointer to DTYPE; the alignment hint goes on the pointer (the compiler's alignment
+        analysis does not carry a hint on the integer through the cast)."""
+        ptr = addr.to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
+    def _sgd_block(p_ptr, g_ptr, m_ptr, b_ptr, hyp, offs, numel,
+                   PARAM_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                   NESTEROV: tl.constexpr, FULL: tl.constexpr):
+        lr = tl.load(hyp + 0)
+        weight_decay = tl.load(hyp + 1)
+        p = _ld(p_ptr + offs, offs, numel, FULL).to(tl.float32)
+        g = _ld(g_ptr + offs, offs, numel, FULL).to(tl.float32)
+        if HAS_MASK:
+            # Live outputs never depend on pruned inputs, so masking every output (where, NaN-safe) is all it
+            # takes: the gradient itself needs no masking.
+            live = _ld(m_ptr + offs, offs, numel, FULL) != 0
+        # torch.optim.SGD: d_p = g + wd * p
+        g = g + weight_decay * p
+        if HAS_MOMENTUM:
+            buf_coef = tl.load(hyp + 2)   # momentum, or 0 on a buffer's first step (buf = d_p)
+            grad_coef = tl.load(hyp + 3)  # 1 - dampening, or 1 on the first step
+            buf = _ld(b_ptr + offs, offs, numel, FULL)
+            buf = buf * buf_coef + grad_coef * g
+            if HAS_MASK:
+                buf = tl.where(live, buf, 0.0)
+            _st(b_ptr + offs, buf, offs, numel, FULL)
+            if NESTEROV:
+                momentum = tl.load(hyp + 4)
+                g = g + momentum * buf
+            else:
+                g = buf
+        p = p - lr * g
+        if HAS_MASK:
+            p = tl.where(live, p, 0.0)
+        _st(p_ptr + offs, _round_to_param(p, PARAM_DTYPE), offs, numel, FULL)
+
     @triton.jit
     def _sgd_kernel(
         # Tables written by the launcher
@@ -82,54 +153,62 @@ if HAS_TRITON:
         row = ptr_table + t * 8  # _PTR_COLS
         numel = tl.load(row + 6)  # _C_NUMEL
         offs = blk * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2**31 elements
-        inb = offs < numel
         hyp = hyper_table + t * 8  # _SGD_COLS
-        lr = tl.load(hyp + 0)
-        weight_decay = tl.load(hyp + 1)
+        # addresses from the table -> typed pointers
+        p_ptr = _typed(tl.load(row + 0), PARAM_DTYPE, ALIGNED)
+        g_ptr = _typed(tl.load(row + 1), PARAM_DTYPE, ALIGNED)
+        m_ptr = _typed(tl.load(row + 2), tl.int8, ALIGNED)
+        b_ptr = _typed(tl.load(row + 3), tl.float32, ALIGNED)
+        if (blk + 1) * BLOCK <= numel:
+            _sgd_block(p_ptr, g_ptr, m_ptr, b_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK, HAS_MOMENTUM, NESTEROV,
+                       True)
+        else:
+            _sgd_block(p_ptr, g_ptr, m_ptr, b_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK, HAS_MOMENTUM, NESTEROV,
+                       False)
 
-        # addresses from the table -> typed pointers (int64 -> pointer casts; 16-byte alignment hint if ALIGNED)
-        p_addr, g_addr, m_addr, b_addr = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3)
-        if ALIGNED:
-            p_addr, g_addr = tl.multiple_of(p_addr, 16), tl.multiple_of(g_addr, 16)
-            m_addr, b_addr = tl.multiple_of(m_addr, 16), tl.multiple_of(b_addr, 16)
-        p_ptr = p_addr.to(tl.pointer_type(PARAM_DTYPE))
-        g_ptr = g_addr.to(tl.pointer_type(PARAM_DTYPE))
-        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    @triton.jit
+    def _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, offs, numel,
+                    PARAM_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, AMSGRAD: tl.constexpr,
+                    DECOUPLED: tl.constexpr, FULL: tl.constexpr):
+        weight_decay = tl.load(hyp + 1)
+        one_minus_beta1 = tl.load(hyp + 3)
+        beta2 = tl.load(hyp + 4)
+        one_minus_beta2 = tl.load(hyp + 5)
+        step_size = tl.load(hyp + 6)         # lr / (1 - beta1**step)
+        bias_correction2_sqrt = tl.load(hyp + 7)
+        eps = tl.load(hyp + 8)
+        p = _ld(p_ptr + offs, offs, numel, FULL).to(tl.float32)
+        g = _ld(g_ptr + offs, offs, numel, FULL).to(tl.float32)
+        exp_avg = _ld(m1_ptr + offs, offs, numel, FULL)
+        exp_avg_sq = _ld(m2_ptr + offs, offs, numel, FULL)
+        if HAS_MASK:  # outputs are masked below; the gradient itself needs no masking (see _sgd_block)
+            live = _ld(mk_ptr + offs, offs, numel, FULL) != 0
+        if DECOUPLED:
+            decay = tl.load(hyp + 9)  # 1 - lr * wd
+            p = p * decay
+        else:
+            g = g + weight_decay * p
+        # exp_avg.lerp_(g, 1 - beta1) (torch's lerp, weight < 0.5 branch); exp_avg_sq = b2 * v + (1 - b2) g^2
+        exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (g * g)
         if HAS_MASK:
-            # Live outputs never depend on pruned inputs, so masking every output (where, NaN-safe) is all it
-            # takes: the gradient itself needs no masking.
-            m_ptr = m_addr.to(tl.pointer_type(tl.int8))
-            live = tl.load(m_ptr + offs, mask=inb, other=0) != 0
-        # torch.optim.SGD: d_p = g + wd * p
-        g = g + weight_decay * p
-        if HAS_MOMENTUM:
-            buf_coef = tl.load(hyp + 2)   # momentum, or 0 on a buffer's first step (buf = d_p)
-            grad_coef = tl.load(hyp + 3)  # 1 - dampening, or 1 on the first step
-            b_ptr = b_addr.to(tl.pointer_type(tl.float32))
-            buf = tl.load(b_ptr + offs, mask=inb, other=0.0)
-            buf = buf * buf_coef + grad_coef * g
+            exp_avg = tl.where(live, exp_avg, 0.0)
+            exp_avg_sq = tl.where(live, exp_avg_sq, 0.0)
+        _st(m1_ptr + offs, exp_avg, offs, numel, FULL)
+        _st(m2_ptr + offs, exp_avg_sq, offs, numel, FULL)
+        if AMSGRAD:
+            max_sq = tl.maximum(_ld(mx_ptr + offs, offs, numel, FULL), exp_avg_sq)
             if HAS_MASK:
-                buf = tl.where(live, buf, 0.0)
-            tl.store(b_ptr + offs, buf, mask=inb)
-            if NESTEROV:
-                momentum = tl.load(hyp + 4)
-                g = g + momentum * buf
-            else:
-                g = buf
-        p = p - lr * g
+                max_sq = tl.where(live, max_sq, 0.0)
+            _st(mx_ptr + offs, max_sq, offs, numel, FULL)
+            second = max_sq
+        else:
+            second = exp_avg_sq
+        denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
+        p = p - step_size * tl.div_rn(exp_avg, denom)
         if HAS_MASK:
             p = tl.where(live, p, 0.0)
-        if PARAM_DTYPE == tl.bfloat16:
-            # fp32 -> bf16 rounding to nearest even by hand: Triton's interpreter truncates on this cast while
-            # compiled Triton rounds; this gives the same bits on both (and torch's)
-            u = p.to(tl.uint32, bitcast=True)
-            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-            r = tl.where(p != p, 0x7FC0, r)  # NaN stays a quiet NaN
-            p_out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            p_out = p.to(PARAM_DTYPE)
-        tl.store(p_ptr + offs, p_out, mask=inb)
+        _st(p_ptr + offs, _round_to_param(p, PARAM_DTYPE), offs, numel, FULL)
 
     @triton.jit
     def _adam_kernel(
@@ -153,69 +232,20 @@ if HAS_TRITON:
         row = ptr_table + t * 8  # _PTR_COLS
         numel = tl.load(row + 6)  # _C_NUMEL
         offs = blk * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2**31 elements
-        inb = offs < numel
         hyp = hyper_table + t * 16  # _ADAM_COLS
-        weight_decay = tl.load(hyp + 1)
-        one_minus_beta1 = tl.load(hyp + 3)
-        beta2 = tl.load(hyp + 4)
-        one_minus_beta2 = tl.load(hyp + 5)
-        step_size = tl.load(hyp + 6)         # lr / (1 - beta1**step)
-        bias_correction2_sqrt = tl.load(hyp + 7)
-        eps = tl.load(hyp + 8)
-
-        # addresses from the table -> typed pointers (int64 -> pointer casts; 16-byte alignment hint if ALIGNED)
-        p_addr, g_addr, mk_addr = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)
-        m1_addr, m2_addr, mx_addr = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
-        if ALIGNED:
-            p_addr, g_addr, mk_addr = tl.multiple_of(p_addr, 16), tl.multiple_of(g_addr, 16), tl.multiple_of(mk_addr, 16)
-            m1_addr, m2_addr, mx_addr = tl.multiple_of(m1_addr, 16), tl.multiple_of(m2_addr, 16), tl.multiple_of(mx_addr, 16)
-        p_ptr = p_addr.to(tl.pointer_type(PARAM_DTYPE))
-        g_ptr = g_addr.to(tl.pointer_type(PARAM_DTYPE))
-        m1_ptr = m1_addr.to(tl.pointer_type(tl.float32))
-        m2_ptr = m2_addr.to(tl.pointer_type(tl.float32))
-        p = tl.load(p_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        exp_avg = tl.load(m1_ptr + offs, mask=inb, other=0.0)
-        exp_avg_sq = tl.load(m2_ptr + offs, mask=inb, other=0.0)
-        if HAS_MASK:  # outputs are masked below; the gradient itself needs no masking (see _sgd_kernel)
-            mk_ptr = mk_addr.to(tl.pointer_type(tl.int8))
-            live = tl.load(mk_ptr + offs, mask=inb, other=0) != 0
-        if DECOUPLED:
-            decay = tl.load(hyp + 9)  # 1 - lr * wd
-            p = p * decay
+        # addresses from the table -> typed pointers
+        p_ptr = _typed(tl.load(row + 0), PARAM_DTYPE, ALIGNED)
+        g_ptr = _typed(tl.load(row + 1), PARAM_DTYPE, ALIGNED)
+        mk_ptr = _typed(tl.load(row + 2), tl.int8, ALIGNED)
+        m1_ptr = _typed(tl.load(row + 3), tl.float32, ALIGNED)
+        m2_ptr = _typed(tl.load(row + 4), tl.float32, ALIGNED)
+        mx_ptr = _typed(tl.load(row + 5), tl.float32, ALIGNED)
+        if (blk + 1) * BLOCK <= numel:
+            _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK,
+                        AMSGRAD, DECOUPLED, True)
         else:
-            g = g + weight_decay * p
-        # exp_avg.lerp_(g, 1 - beta1) (torch's lerp, weight < 0.5 branch); exp_avg_sq = b2 * v + (1 - b2) g^2
-        exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-        exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (g * g)
-        if HAS_MASK:
-            exp_avg = tl.where(live, exp_avg, 0.0)
-            exp_avg_sq = tl.where(live, exp_avg_sq, 0.0)
-        tl.store(m1_ptr + offs, exp_avg, mask=inb)
-        tl.store(m2_ptr + offs, exp_avg_sq, mask=inb)
-        if AMSGRAD:
-            mx_ptr = mx_addr.to(tl.pointer_type(tl.float32))
-            max_sq = tl.maximum(tl.load(mx_ptr + offs, mask=inb, other=0.0), exp_avg_sq)
-            if HAS_MASK:
-                max_sq = tl.where(live, max_sq, 0.0)
-            tl.store(mx_ptr + offs, max_sq, mask=inb)
-            second = max_sq
-        else:
-            second = exp_avg_sq
-        denom = tl.div_rn(tl.sqrt_rn(second), bias_correction2_sqrt) + eps
-        p = p - step_size * tl.div_rn(exp_avg, denom)
-        if HAS_MASK:
-            p = tl.where(live, p, 0.0)
-        if PARAM_DTYPE == tl.bfloat16:
-            # fp32 -> bf16 rounding to nearest even by hand: Triton's interpreter truncates on this cast while
-            # compiled Triton rounds; this gives the same bits on both (and torch's)
-            u = p.to(tl.uint32, bitcast=True)
-            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-            r = tl.where(p != p, 0x7FC0, r)  # NaN stays a quiet NaN
-            p_out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            p_out = p.to(PARAM_DTYPE)
-        tl.store(p_ptr + offs, p_out, mask=inb)
+            _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK,
+                        AMSGRAD, DECOUPLED, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
