@@ -6,6 +6,7 @@ weights re-masked after each step.
 """
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -108,7 +109,11 @@ def slug(s: str) -> str:
 
 
 def git_commit() -> str:
-    """The short commit hash, with "-dirty" when tracked files differ from it."""
+    """The short commit hash, with "-dirty" when tracked files differ from it; ``$SPARSE_LTH_COMMIT`` when set (a
+    copy of the tree without .git, e.g. on a lent GPU machine: see gpu_suite.sh)."""
+    env = os.environ.get("SPARSE_LTH_COMMIT", "").strip()
+    if env:
+        return env
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
