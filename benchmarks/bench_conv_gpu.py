@@ -423,8 +423,8 @@ def main(argv=None):
     if args.costs:
         print_costs(all_layers(), args.densities)
         return
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    # sparse_lth (with its kernels) comes from the install or PYTHONPATH: putting the repository root first on
+    # sys.path would shadow it with ./sparse_lth, which has no kernels/ subpackage (kernels/ lives beside it)
     run(args)
 
 
