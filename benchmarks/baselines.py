@@ -1,4 +1,5 @@
-"""What every benchmark shares: DESIGN.md's dense-masking baseline and the machine/commit labels of a result row.
+"""What every benchmark shares: DESIGN.md's dense-masking baseline, the machine/commit labels of a result row, and
+the timing / memory / dry-run helpers of the GPU benchmark scripts.
 
 The dense-masking baseline is what users do today (open_lth / ``torch.nn.utils.prune`` style): an eager model whose
 forward multiplies each weight by its mask, a standard ``torch.optim`` optimizer, gradients masked before and
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -123,3 +127,87 @@ def git_commit() -> str:
         return sha + ("-dirty" if dirty else "")
     except Exception:
         return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU benchmark scripts: one timer, one peak-memory probe and the --dry-run plumbing for CUDA and CPU alike
+# ----------------------------------------------------------------------------------------------------------------
+DRY_RUN_DEVICE = "cpu-dry-run (Triton interpreter)"  # the device column of every --dry-run row: never a GPU figure
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def dry_run_problem(script: str) -> str | None:
+    """Why ``script --dry-run`` cannot run here (None when it can). The Triton kernels run on CPU tensors only
+    through Triton's interpreter, which reads TRITON_INTERPRET when Triton is first imported; the scripts never
+    set it themselves, so it must come from the environment."""
+    if interpreting():
+        return None
+    return (f"{script} --dry-run runs the Triton kernels on CPU through Triton's interpreter, which needs "
+            f"TRITON_INTERPRET=1 in the environment before Triton is imported. Nothing was run; use:\n"
+            f"    TRITON_INTERPRET=1 python benchmarks/{script} --dry-run")
+
+
+def dry_run_out(filename: str) -> Path:
+    """Default CSV of a --dry-run: a fresh temporary folder, never benchmarks/results/ (dry-run rows are not
+    results)."""
+    return Path(tempfile.mkdtemp(prefix="sparse_lth_dry_run_")) / filename
+
+
+def quantiles_ms(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of a list of times (linear interpolation; one sample is its own quantiles)."""
+    xs = sorted(samples)
+    if not xs:
+        raise ValueError("no timing samples")
+
+    def q(f):
+        pos = f * (len(xs) - 1)
+        lo = int(pos)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+    return statistics.median(xs), q(0.2), q(0.8)
+
+
+def time_ms(fn, device: torch.device, *, warmup: int = 25, rep: int = 100, cpu_calls: int = 3
+            ) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of ``fn()``. On CUDA ``triton.testing.do_bench`` (``warmup`` / ``rep`` in ms;
+    it clears L2 before every timed call); elsewhere (the --dry-run on CPU) ``cpu_calls`` calls timed with
+    time.perf_counter and no warm-up of its own (the scripts call every function once before timing it)."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+    ts = []
+    for _ in range(max(1, cpu_calls)):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return quantiles_ms(ts)
+
+
+def synchronize(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Peak ``torch.cuda.max_memory_allocated`` over one call of ``fn`` on CUDA (what is already allocated counts);
+    None on CPU, where nothing is measured and ``fn`` is not called (the CSV leaves the column empty)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return peak

@@ -25,8 +25,18 @@ are also rotated among up to 8 copies when one set is smaller than 64 MiB. peak_
 Rows go to ``benchmarks/results/linear_<device-slug>.csv``; a table with speedups against fp32 dense masking (and
 against bf16-autocast dense masking for the bf16 rows) is printed.
 
+``--dry-run`` runs the whole code path (every implementation, op, dtype and the correctness check) on CPU, the
+Triton kernels through Triton's interpreter, on tiny layers (7x13 at batch 5, 33x65 at batch 9) at densities 1 and
+0.1 unless --shapes / --densities say otherwise. It checks the script, not the speed: do_bench gives way to a few
+perf_counter-timed calls, peak_mem_bytes is left empty, the device column reads "cpu-dry-run (Triton
+interpreter)", and rows go to a fresh temporary folder unless --out is given (never to benchmarks/results/). The
+interpreter must be switched on before Triton is imported, so TRITON_INTERPRET=1 must come from the environment
+(the script refuses to dry-run without it and never sets it). Implementations torch cannot run on CPU are reported
+as skipped.
+
     python benchmarks/bench_linear_gpu.py                 # everything (a few minutes on an H100)
     python benchmarks/bench_linear_gpu.py --quick         # one small shape, three densities
+    TRITON_INTERPRET=1 python benchmarks/bench_linear_gpu.py --dry-run --out /tmp/linear_dry.csv   # CPU, seconds
 """
 from __future__ import annotations
 
@@ -39,7 +49,8 @@ import re
 import sys
 from pathlib import Path
 
-from baselines import git_commit, slug
+from baselines import (DRY_RUN_DEVICE, cpu_name, dry_run_out, dry_run_problem, empty_cache, git_commit,
+                       peak_memory, slug, synchronize, time_ms)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +61,9 @@ SHAPES = [  # (rows, cols, batch)
     (4096, 4096, 4096),
 ]
 DENSITIES = [1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01]
+DRY_RUN_SHAPES = [(7, 13, 5), (33, 65, 9)]  # --dry-run defaults: odd sizes, a partial block everywhere
+DRY_RUN_DENSITIES = [1.0, 0.1]
+DRY_RUN_CALLS = 3  # --dry-run: timed calls per row
 OPS = ["fwd", "bwd", "fwd+bwd"]
 IMPLS = ["sparse_triton", "dense_mask", "torch_sparse_csr"]
 DTYPES = ["fp32", "bf16"]
@@ -62,9 +76,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, metavar="ROWSxCOLSxBATCH",
-                   help="layers to run, e.g. 300x784x60 (default: the four layers above)")
-    p.add_argument("--densities", nargs="+", type=float, default=DENSITIES, metavar="D",
-                   help="fractions of live weights (default: %(default)s)")
+                   help="layers to run, e.g. 300x784x60 (default: the four layers above; --dry-run: "
+                        f"{' '.join(f'{r}x{c}x{b}' for r, c, b in DRY_RUN_SHAPES)})")
+    p.add_argument("--densities", nargs="+", type=float, default=None, metavar="D",
+                   help=f"fractions of live weights (default: {DENSITIES}; --dry-run: {DRY_RUN_DENSITIES})")
     p.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS,
                    help="implementations (dense_mask means dense_mask_autocast for the bf16 rows)")
@@ -74,12 +89,20 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time in ms (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--out", type=Path, default=None,
-                   help="CSV file (default: benchmarks/results/linear_<device-slug>.csv; rows are appended)")
+                   help="CSV file (default: benchmarks/results/linear_<device-slug>.csv; rows are appended; "
+                        "--dry-run: a new temporary folder)")
     p.add_argument("--quick", action="store_true", help="one small layer, densities 1, 0.1, 0.01, fast timing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the script on CPU: Triton interpreter (needs TRITON_INTERPRET=1 in the environment), "
+                        "tiny layers, a few perf_counter-timed calls; the rows are not results")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.quick and args.dry_run:
+        p.error("--quick and --dry-run do not go together (--dry-run has its own tiny defaults)")
     if args.shapes is None:
-        args.shapes = [f"{r}x{c}x{b}" for r, c, b in SHAPES]
+        args.shapes = [f"{r}x{c}x{b}" for r, c, b in (DRY_RUN_SHAPES if args.dry_run else SHAPES)]
+    if args.densities is None:
+        args.densities = list(DRY_RUN_DENSITIES if args.dry_run else DENSITIES)
     shapes = []
     for s in args.shapes:
         m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", s)
@@ -104,14 +127,18 @@ def main(argv=None) -> int:
 
     import torch
 
-    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if args.dry_run:
+        problem = dry_run_problem("bench_linear_gpu.py")
+        if problem:
+            print(problem, file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("bench_linear_gpu.py measures the Triton kernels compiled on a CUDA GPU; no usable GPU here "
               "(torch.cuda.is_available() is False or TRITON_INTERPRET is set). Nothing was run.", file=sys.stderr)
         return 2
 
     import torch.nn.functional as F
     import triton
-    from triton.testing import do_bench
 
     from sparse_lth.kernels.format import build_format
     from sparse_lth.kernels.sparse_linear import (
@@ -121,10 +148,14 @@ def main(argv=None) -> int:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(dev)
+    if args.dry_run:
+        dev, name = torch.device("cpu"), DRY_RUN_DEVICE
+        out_path = args.out or dry_run_out("linear_dry_run.csv")
+    else:
+        dev = torch.device("cuda")
+        name = torch.cuda.get_device_name(dev)
+        out_path = args.out or ROOT / "benchmarks" / "results" / f"linear_{slug(name)}.csv"
     commit = git_commit()
-    out_path = args.out or ROOT / "benchmarks" / "results" / f"linear_{slug(name)}.csv"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     new_file = not out_path.exists()
     fh = open(out_path, "a", newline="")
@@ -132,32 +163,33 @@ def main(argv=None) -> int:
     if new_file:
         writer.writeheader()
     print(f"device: {name}  triton {triton.__version__}  torch {torch.__version__}  commit {commit}")
+    if args.dry_run:
+        print(f"DRY RUN on {cpu_name()}: checks the code path, the times mean nothing")
     print(f"results -> {out_path}")
 
     results = []  # (op, shape, batch, density, dtype, impl, median)
+    skipped = []  # what could not run (e.g. a torch.sparse op without bf16 support on this device)
+    checks = [0, 0]  # correctness checks run, mismatching
 
     def record(op, rows, cols, batch, density, dtype, impl, q, peak):
         med, p20, p80 = q
         row = dict(op=op, shape=f"{rows}x{cols}", batch=batch, density=density, dtype=dtype, impl=impl,
-                   median_ms=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}", peak_mem_bytes=peak, device=name,
+                   median_ms=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}",
+                   peak_mem_bytes="" if peak is None else peak, device=name,
                    commit=commit)
         writer.writerow(row)
         fh.flush()
         results.append((op, f"{rows}x{cols}", batch, density, dtype, impl, med))
 
     def bench(fn):
-        return do_bench(fn, warmup=args.warmup, rep=args.rep, quantiles=[0.5, 0.2, 0.8])
+        return time_ms(fn, dev, warmup=args.warmup, rep=args.rep, cpu_calls=DRY_RUN_CALLS)
 
-    def peak_of(fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+    def peak_of(fn):  # None on CPU (nothing measured)
+        return peak_memory(fn, dev)
 
     def free():
         gc.collect()
-        torch.cuda.empty_cache()
+        empty_cache(dev)
 
     gen = torch.Generator(device=dev)
     for rows, cols, batch in args.shapes:
@@ -188,25 +220,32 @@ def main(argv=None) -> int:
                                         sparse_linear_forward, sparse_linear_backward_input,
                                         sparse_linear_backward_weight)
                     except Exception as e:  # e.g. a torch.sparse op without bf16 support
-                        print(f"  skip {impl_name} {dtype_name} {rows}x{cols}: {type(e).__name__}: {e}")
+                        print(f"  skip {impl_name} {dtype_name} {rows}x{cols} d={density}: {type(e).__name__}: {e}")
+                        skipped.append(f"{impl_name} {dtype_name} {rows}x{cols}x{batch} d={density} (all ops): "
+                                       f"{type(e).__name__}: {first_line(e)}")
                         free()
                         continue
                     if impl == "sparse_triton" and not args.no_check:
-                        check(fns["state"], fmt, dt, torch, reference_forward, reference_backward_input,
-                              reference_backward_weight, sparse_linear_forward, sparse_linear_backward_input,
-                              sparse_linear_backward_weight, f"{rows}x{cols}x{batch} d={density} {dtype_name}")
+                        checks[0] += 1
+                        checks[1] += check(fns["state"], fmt, dt, torch, reference_forward,
+                                           reference_backward_input, reference_backward_weight, sparse_linear_forward,
+                                           sparse_linear_backward_input, sparse_linear_backward_weight,
+                                           f"{rows}x{cols}x{batch} d={density} {dtype_name}")
                     # compile and autotune outside the timed and memory-measured calls
                     fns["single_fwd"]()
                     fns["single_bwd"]()
                     fns["single_fwd+bwd"]()
-                    torch.cuda.synchronize()
+                    synchronize(dev)
                     for op in args.ops:
                         fn = fns[op]
                         try:
                             peak = peak_of(fns["single_" + op])
                             q = bench(fn)
                         except Exception as e:
-                            print(f"  skip {impl_name} {op} {dtype_name} {rows}x{cols}: {type(e).__name__}: {e}")
+                            print(f"  skip {impl_name} {op} {dtype_name} {rows}x{cols} d={density}: "
+                                  f"{type(e).__name__}: {e}")
+                            skipped.append(f"{impl_name} {op} {dtype_name} {rows}x{cols}x{batch} d={density}: "
+                                           f"{type(e).__name__}: {first_line(e)}")
                             continue
                         record(op, rows, cols, batch, density, dtype_name, impl_name, q, peak)
                     del fns
@@ -215,7 +254,20 @@ def main(argv=None) -> int:
             free()
     fh.close()
     print_table(results)
+    if skipped:
+        print(f"\nskipped ({len(skipped)}):")
+        for s in skipped:
+            print(f"  {s}")
+    elif args.dry_run:
+        print("\nskipped: none")
+    if not args.no_check:
+        print(f"correctness checks: {checks[0]} run, {checks[1]} mismatching")
+    print(f"\nrows written to {out_path}")
     return 0
+
+
+def first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 def make_impl(impl, dt, torch, F, fmt, mask, w_full, rows, cols, batch, n_rot, gen, dev,
@@ -265,7 +317,7 @@ def make_impl(impl, dt, torch, F, fmt, mask, w_full, rows, cols, batch, n_rot, g
 
         def fwd(i=None):
             i = nxt() if i is None else i
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ac):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ac):
                 return F.linear(xs[i], w * fmask, b)
 
         ys = [fwd(i) for i in range(n_rot)]  # graphs kept for the backward-only timing
@@ -319,17 +371,21 @@ def make_impl(impl, dt, torch, F, fmt, mask, w_full, rows, cols, batch, n_rot, g
 
 
 def check(state, fmt, dt, torch, ref_f, ref_i, ref_w, fwd, bwd_i, bwd_w, label):
-    """Warn (loudly) when the kernels disagree with the float64 references on the benchmark's own inputs."""
+    """Warn (loudly) when the kernels disagree with the float64 references on the benchmark's own inputs; return how
+    many of the three ops disagree."""
     x, v, b, dy = state["x"], state["values"], state["bias"], state["dy"]
     tol = 1e-4 if dt == torch.float32 else 2e-2
     pairs = [("forward", fwd(x, v, fmt, b), ref_f(x.double(), v.double(), fmt, b.double())),
              ("backward_input", bwd_i(dy, v, fmt), ref_i(dy.double(), v.double(), fmt)),
              ("backward_weight", bwd_w(dy, x, fmt, out_dtype=torch.float32), ref_w(dy.double(), x.double(), fmt))]
+    bad = 0
     for what, got, ref in pairs:
         scale = ref.abs().max().item() if ref.numel() else 0.0
         err = (got.double() - ref).abs().max().item() if ref.numel() else 0.0
         if not math.isfinite(err) or err > tol * max(1.0, scale):
             print(f"  !! MISMATCH {label} {what}: max err {err:.3g} (scale {scale:.3g})")
+            bad += 1
+    return bad
 
 
 def print_table(results):
