@@ -404,7 +404,7 @@ def print_table(results):
         f32 = base.get((op, shape, batch, density, "fp32"))
         b16 = base.get((op, shape, batch, density, "bf16"))
         s32 = f"{f32 / med:.2f}x" if f32 and op != "build_format" else ""
-        s16 = f"{b16 / med:.2f}x" if b16 and op != "build_format" else ""
+        s16 = f"{b16 / med:.2f}x" if b16 and dtype == "bf16" and op != "build_format" else ""  # bf16 rows only
         print(f"{op:<13}{shape:>11}{batch:>6}{density:>8.3g} {dtype:<5} {impl:<20}{med:>11.4f}{s32:>15}{s16:>15}")
 
 
