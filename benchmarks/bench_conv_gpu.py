@@ -2,9 +2,10 @@
 """Benchmark the direct sparse conv2d Triton kernels against dense masking, on every distinct conv layer of
 VGG-19 and ResNet-20 on CIFAR-10 (batch 128) and of Conv-6 (batch 60).
 
-Runs on CUDA only (the kernels' speed means nothing through the CPU interpreter). For each layer, density
-(100/50/20/10/5/2/1 % by default) and direction (forward, backward = input + weight gradient given dy and the
-saved input, both = forward + backward) it times, with ``triton.testing.do_bench`` (median, p20, p80):
+Runs on CUDA only (the kernels' speed means nothing through the CPU interpreter), but for --dry-run (below). For
+each layer, density (100/50/20/10/5/2/1 % by default) and direction (forward, backward = input + weight gradient
+given dy and the saved input, both = forward + backward) it times, with ``triton.testing.do_bench`` (median, p20,
+p80):
 
   triton_sparse      kernels/sparse_conv.py, fp32 and bf16 (fp32 accumulation)
   dense_mask         F.conv2d(x, weight * mask) + autograd, cuDNN, fp32 with TF32 on (PyTorch's default for
@@ -16,9 +17,20 @@ saved input, both = forward + backward) it times, with ``triton.testing.do_bench
 and writes one row per measurement to benchmarks/results/conv_<device-slug>.csv, then prints a table with speedups
 against dense masking (fp32 rows against TF32-on dense masking, bf16 rows against bf16-autocast dense masking).
 
+--dry-run runs the whole code path (every implementation, direction and dtype, and the correctness check) on CPU,
+the Triton kernels through Triton's interpreter, on tiny layers (DRY_RUN_LAYERS: 3->4 channels on 5x5 pixels with a
+bias, and 4->5 channels stride 2 without, batch 2) at densities 1 and 0.1, unless --layers / --densities say
+otherwise (--layers then picks among the dry/* and the real layers). It checks the script, not the speed: do_bench
+gives way to a few perf_counter-timed calls, peak_mem_bytes is left empty, the device column reads "cpu-dry-run
+(Triton interpreter)", and rows go to a fresh temporary folder unless --out is given (never to benchmarks/results/).
+The interpreter must be switched on before Triton is imported, so TRITON_INTERPRET=1 must come from the
+environment (the script refuses to dry-run without it and never sets it). Implementations torch cannot run on CPU
+are listed as skipped.
+
   python benchmarks/bench_conv_gpu.py                 # everything (about 10-20 minutes)
   python benchmarks/bench_conv_gpu.py --quick         # a few layers and densities, shorter timing
   python benchmarks/bench_conv_gpu.py --costs         # flops / minimum bytes per layer (no GPU needed)
+  TRITON_INTERPRET=1 python benchmarks/bench_conv_gpu.py --dry-run --out /tmp/conv_dry.csv   # CPU, seconds
 """
 from __future__ import annotations
 
@@ -31,10 +43,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from baselines import git_commit, slug
+from baselines import (DRY_RUN_DEVICE, cpu_name, dry_run_out, dry_run_problem, empty_cache, git_commit,
+                       peak_memory, slug, synchronize, time_ms)
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
+DRY_RUN_DENSITIES = (1.0, 0.1)
+DRY_RUN_CALLS = 3  # --dry-run: timed calls per row
 DIRECTIONS = ("forward", "backward", "both")
 IMPLS = ("triton_sparse", "dense_mask", "dense_mask_amp", "unfold_csr")
 FIELDS = ["layer", "shape", "batch", "density", "dtype", "impl", "direction", "median_ms", "p20_ms", "p80_ms",
@@ -110,6 +125,14 @@ def all_layers() -> list[ConvLayer]:
     return _vgg19() + _resnet20() + _conv6()
 
 
+# --dry-run: tiny layers (3x3 pad 1 with a bias; 3x3 stride 2 without, as ResNet-20's downsampling convs), odd sizes
+# so that every block of the kernels is partial. The interpreter takes ~0.1-0.5 s per kernel call even here.
+DRY_RUN_LAYERS = [
+    ConvLayer("dry/conv", 2, 3, 4, 5),
+    ConvLayer("dry/down", 2, 4, 5, 5, stride=2, bias=False),
+]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # costs (no GPU needed)
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,7 +164,8 @@ def print_costs(layers, densities):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# implementations: each returns {direction: fn}, all set up on the GPU
+# implementations: each returns {direction: fn}, all set up on the device of their tensors (the GPU; the CPU in a
+# --dry-run)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -185,7 +209,7 @@ def make_dense_mask(layer, x, dy, weight, mask, bias, dtype, autocast):
     params = [xg, w] + ([b] if b is not None else [])
 
     def run_fwd():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             return F.conv2d(xg, w * m, b, s, p)
 
     y_saved = run_fwd()
@@ -268,21 +292,15 @@ def check_triton(layer, x, weight, mask, bias):
     return err / scale
 
 
-def measure(fn, warmup, rep):
-    import torch
-    from triton.testing import do_bench
-
+def measure(fn, warmup, rep, dev):
+    """(median, p20, p80, peak bytes) of fn on dev: do_bench and the CUDA allocator's peak over one call on the
+    GPU; a few perf_counter-timed calls and no peak (None) on the CPU of a --dry-run."""
     fn()  # compile / warm caches outside the timed region
-    torch.cuda.synchronize()
-    med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    del out
-    return med, p20, p80, peak, base
+    synchronize(dev)
+    med, p20, p80 = time_ms(fn, dev, warmup=warmup, rep=rep, cpu_calls=DRY_RUN_CALLS)
+    synchronize(dev)
+    peak = peak_memory(fn, dev)
+    return med, p20, p80, peak
 
 
 def random_mask(shape, density, gen, device):
@@ -295,20 +313,41 @@ def random_mask(shape, density, gen, device):
     return flat.view(shape).to(device)
 
 
+def select_layers(names, dry_run):
+    """The layers whose names contain one of the substrings ``names`` (all when none are given); --dry-run: among
+    the dry/* and the real layers, the dry/* ones by default."""
+    if dry_run:
+        pool = DRY_RUN_LAYERS + all_layers() if names else DRY_RUN_LAYERS
+    else:
+        pool = all_layers()
+    return [lay for lay in pool if not names or any(f in lay.name for f in names)]
+
+
 def run(args):
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("bench_conv_gpu.py: no CUDA device; these are GPU benchmarks of the Triton kernels "
-                 "(use --costs for the flop/byte table, which needs no GPU).")
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        sys.exit("bench_conv_gpu.py: TRITON_INTERPRET is set; unset it to run compiled kernels on the GPU.")
-    dev = torch.device("cuda")
-    device_name = torch.cuda.get_device_name(dev)
+    if args.dry_run:
+        problem = dry_run_problem("bench_conv_gpu.py")
+        if problem:
+            sys.exit(problem)
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_conv_gpu.py: no CUDA device; these are GPU benchmarks of the Triton kernels "
+                     "(use --costs for the flop/byte table, which needs no GPU).")
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            sys.exit("bench_conv_gpu.py: TRITON_INTERPRET is set; unset it to run compiled kernels on the GPU.")
+    if args.dry_run:
+        dev, device_name = torch.device("cpu"), DRY_RUN_DEVICE
+        out_path = Path(args.out) if args.out else dry_run_out("conv_dry_run.csv")
+    else:
+        dev = torch.device("cuda")
+        device_name = torch.cuda.get_device_name(dev)
+        out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"conv_{slug(device_name)}.csv"
     commit = git_commit()
-    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"conv_{slug(device_name)}.csv"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    layers = [lay for lay in all_layers() if not args.layers or any(f in lay.name for f in args.layers)]
+    layers = select_layers(args.layers, args.dry_run)
+    if not layers:
+        sys.exit(f"bench_conv_gpu.py: no layer name contains any of {args.layers}")
     densities = args.densities
     if args.quick:
         layers = [lay for lay in layers if lay.name in ("vgg19/conv2", "vgg19/conv10-12", "resnet20/stage2",
@@ -317,9 +356,13 @@ def run(args):
     warmup, rep = (10, 30) if args.quick else (args.warmup, args.rep)
     print(f"device: {device_name}; torch {torch.__version__}; commit {commit}; cudnn.allow_tf32 default "
           f"{torch.backends.cudnn.allow_tf32}; matmul.allow_tf32 {torch.backends.cuda.matmul.allow_tf32}")
+    if args.dry_run:
+        print(f"DRY RUN on {cpu_name()}: checks the code path, the times mean nothing")
     print(f"{len(layers)} layers x {len(densities)} densities -> {out_path}")
     gen = torch.Generator().manual_seed(0)
     rows = []
+    failed = []  # what could not run (e.g. an op torch lacks on this device)
+    mismatches = 0
     with open(out_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
@@ -335,6 +378,7 @@ def run(args):
                 nnz = int(mask.sum())
                 rel = check_triton(layer, x, weight, mask, bias)
                 if not rel < 1e-3:
+                    mismatches += 1
                     print(f"WARNING {layer.name} density {density}: triton forward differs from cuDNN "
                           f"(max error / max |y| = {rel:.2e})")
                 variants = []
@@ -360,23 +404,34 @@ def run(args):
                     try:
                         fns = make()
                         for direction in args.directions:
-                            med, p20, p80, peak, _ = measure(fns[direction], warmup, rep)
+                            med, p20, p80, peak = measure(fns[direction], warmup, rep, dev)
                             row = dict(layer=layer.name, shape=layer.shape, batch=layer.batch, density=density,
                                        dtype=dtype_name, impl=impl, direction=direction, median_ms=f"{med:.5f}",
-                                       p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}", peak_mem_bytes=peak,
+                                       p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}",
+                                       peak_mem_bytes="" if peak is None else peak,
                                        device=device_name, commit=commit, count=layer.count, nnz=nnz)
                             writer.writerow(row)
                             fh.flush()
                             rows.append(row)
                         del fns
                     except Exception as e:  # noqa: BLE001 - record the failure, keep benchmarking
-                        print(f"FAILED {impl}/{dtype_name} on {layer.name} density {density}: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                        msg = (f"{impl}/{dtype_name} on {layer.name} density {density}: "
+                               f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                        print(f"FAILED {msg}")
+                        failed.append(msg)
                     finally:
                         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
-                        torch.cuda.empty_cache()
+                        empty_cache(dev)
                 print(f"done {layer.name} density {density:.0%} (nnz {nnz})", flush=True)
     print_table(rows)
+    if failed:
+        print(f"\nskipped ({len(failed)}, the FAILED lines above):")
+        for msg in failed:
+            print(f"  {msg}")
+    elif args.dry_run:
+        print("\nskipped: none")
+    print(f"correctness checks (triton fp32 forward against F.conv2d): {len(layers) * len(densities)} run, "
+          f"{mismatches} mismatching")
     print(f"\nrows written to {out_path}")
 
 
@@ -405,23 +460,33 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", nargs="*", default=None,
                     help="substrings of layer names to keep (e.g. vgg19 resnet20/stage3); default: all")
-    ap.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES),
-                    help="fractions of live weights (default: %(default)s)")
+    ap.add_argument("--densities", nargs="*", type=float, default=None,
+                    help=f"fractions of live weights (default: {list(DENSITIES)}; "
+                         f"--dry-run: {list(DRY_RUN_DENSITIES)})")
     ap.add_argument("--directions", nargs="*", choices=DIRECTIONS, default=list(DIRECTIONS))
     ap.add_argument("--impls", nargs="*", choices=IMPLS, default=list(IMPLS))
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms (default: %(default)s)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="5 layers x 3 densities, short timing")
-    ap.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/conv_<device-slug>.csv)")
+    ap.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/conv_<device-slug>.csv; "
+                                                "--dry-run: a new temporary folder)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the script on CPU: Triton interpreter (needs TRITON_INTERPRET=1 in the environment), "
+                         "tiny dry/* layers, a few perf_counter-timed calls; the rows are not results")
     ap.add_argument("--costs", action="store_true",
                     help="print flops and minimum bytes per layer and density, then exit (no GPU needed)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.quick and args.dry_run:
+        ap.error("--quick and --dry-run do not go together (--dry-run has its own tiny defaults)")
+    if args.densities is None:
+        args.densities = list(DRY_RUN_DENSITIES if args.dry_run else DENSITIES)
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.costs:
-        print_costs(all_layers(), args.densities)
+        print_costs(DRY_RUN_LAYERS if args.dry_run else all_layers(), args.densities)
         return
     # sparse_lth (with its kernels) comes from the install or PYTHONPATH: putting the repository root first on
     # sys.path would shadow it with ./sparse_lth, which has no kernels/ subpackage (kernels/ lives beside it)
