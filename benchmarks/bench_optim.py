@@ -4,6 +4,8 @@ Parameter sets:
 - ``vgg19``: the tensors of VGG-19 for CIFAR-10 (conv 3x3, cfg 64,64,M,128,128,M,256x4,M,512x4,M,512x4,M, then a
   512->10 fc; weights and biases: 20.04M parameters). Weights are masked at the density, biases are not.
 - ``fc4096``: one 4096x4096 weight (16.8M parameters), masked at the density.
+- ``tiny``: two small masked weights (7x13, 5x7) and their biases (138 parameters): not a benchmark, a smoke test
+  of the script (seconds, even through Triton's interpreter). Not a default.
 
 Densities 100/20/5/1 %. Implementations (``impl``):
 - ``torch.optim-foreach+mask`` / ``torch.optim-fused+mask``: the dense-masking baseline: ``grad *= mask`` (foreach),
@@ -24,10 +26,14 @@ tensors, compact impls the compact ones. ``GBps`` = bytes / median time: the eff
 
 On CPU the torch backend is timed (time.perf_counter, median and 20/80 % quantiles of --repeats steps after a
 warm-up); on CUDA the Triton backend and torch.optim on CUDA are timed with triton.testing.do_bench. Rows go to
-benchmarks/results/optim_<device-slug>.csv.
+benchmarks/results/optim_<device-slug>.csv. ``--backend interpret`` (CPU, TRITON_INTERPRET=1 in the environment)
+runs sparse_lth's Triton kernels through Triton's interpreter: a check of the code path the CUDA run takes, not a
+measurement; its rows go to a fresh temporary folder unless --out is given.
 
     python benchmarks/bench_optim.py                      # CPU now (the torch backend); CUDA if present
     python benchmarks/bench_optim.py --device cuda
+    TRITON_INTERPRET=1 python benchmarks/bench_optim.py --device cpu --backend interpret --models tiny \
+        --densities 1 0.1 --repeats 2 --out /tmp/optim_smoke.csv       # smoke run of the Triton path on CPU
 """
 from __future__ import annotations
 
@@ -35,18 +41,20 @@ import argparse
 import csv
 import gc
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from baselines import git_commit, slug
+from baselines import dry_run_out, git_commit, interpreting, quantiles_ms, slug
 from sparse_lth.optim import MASK_ATTR, SGD, Adam
 
 ROOT = Path(__file__).resolve().parent.parent
 VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
+MODELS = ["vgg19", "fc4096", "tiny"]
+DEFAULT_MODELS = ["vgg19", "fc4096"]
+BACKENDS = ["auto", "triton", "interpret", "torch"]
 DENSITIES = [1.0, 0.2, 0.05, 0.01]
 OPS = {
     "sgd": (SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4), 20),
@@ -60,6 +68,10 @@ def model_shapes(name: str) -> list[tuple[tuple[int, ...], bool]]:
     """(shape, masked) for every tensor of the parameter set."""
     if name == "fc4096":
         return [((4096, 4096), True)]
+    if name == "tiny":
+        return [((7, 13), True), ((7,), False), ((5, 7), True), ((5,), False)]
+    if name != "vgg19":
+        raise ValueError(f"unknown parameter set {name!r}; choose one of {MODELS}")
     shapes, c_in = [], 3
     for v in VGG19_CFG:
         if v == "M":
@@ -146,12 +158,11 @@ def time_cpu(fn, repeats, warmup=1):
     for _ in range(warmup):
         fn()
     ts = []
-    for _ in range(repeats):
+    for _ in range(max(1, repeats)):
         t0 = time.perf_counter()
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(ts, n=10, method="inclusive")
-    return statistics.median(ts), q[1], q[7]
+    return quantiles_ms(ts)  # (statistics.quantiles needs two samples: --repeats 1 used to crash here)
 
 
 def time_cuda(fn):
@@ -183,10 +194,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
-    ap.add_argument("--models", nargs="+", default=["vgg19", "fc4096"], choices=["vgg19", "fc4096"])
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=MODELS)
     ap.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=5, help="CPU: timed steps per row")
+    ap.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="sparse_lth.optim backend: auto = triton on CUDA, torch on CPU; interpret = the Triton "
+                         "kernels on CPU through Triton's interpreter (needs TRITON_INTERPRET=1 in the environment; "
+                         "checks the code path, times mean nothing)")
     ap.add_argument("--out", default=None, help="CSV path (default benchmarks/results/optim_<device-slug>.csv)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU: torch.set_num_threads (1 is steadier on a loaded machine: no waiting on descheduled "
@@ -197,9 +212,21 @@ def main(argv=None):
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    backend = "triton" if device.type == "cuda" else "torch"
+    backend = args.backend if args.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here (use --device cpu)")
+    if backend == "triton" and (device.type != "cuda" or interpreting()):
+        ap.error("--backend triton needs --device cuda and TRITON_INTERPRET unset")
+    if backend == "interpret" and (device.type != "cpu" or not interpreting()):
+        ap.error("--backend interpret runs the Triton kernels on CPU through Triton's interpreter: it needs --device "
+                 "cpu and TRITON_INTERPRET=1 in the environment (set before Triton is imported)")
     dev_name = device_name(device)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"optim_{slug(dev_name)}.csv"
+    if args.out:
+        out = Path(args.out)
+    elif backend == "interpret":  # a check of the code path, not results
+        out = dry_run_out(f"optim_interpret_{slug(dev_name)}.csv")
+    else:
+        out = ROOT / "benchmarks" / "results" / f"optim_{slug(dev_name)}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
     elt = torch.tensor([], dtype=dtype).element_size()
