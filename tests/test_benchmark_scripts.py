@@ -1,0 +1,286 @@
+"""The benchmark scripts run end to end on CPU, so that a session with a lent GPU does not spend it on their bugs.
+
+bench_linear_gpu.py and bench_conv_gpu.py run with --dry-run (every implementation, op and dtype on tiny shapes, the
+Triton kernels through Triton's interpreter), bench_optim.py with the Triton backend through the interpreter on its
+``tiny`` parameter set, bench_model_step.py on LeNet-300-100 at batch 4 with the layers on the interpreter. Each
+runs as a subprocess, the way it is run by hand; the rows it writes are checked against the combinations the
+script's own constants promise. Speed is never asserted. Only the CUDA timing / memory calls stay unexercised.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+DRY = "cpu-dry-run (Triton interpreter)"
+TIMEOUT = 900  # seconds per script: generous, for a loaded 2-core machine
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+lin = _load("bench_linear_gpu")
+conv = _load("bench_conv_gpu")
+optim = _load("bench_optim")
+
+
+def run_script(name: str, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("SPARSE_LTH_BACKEND", None)
+    env.pop("SPARSE_LTH_COMMIT", None)
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, \
+        f"{name} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    return proc
+
+
+def read_csv(path: Path, fields: list[str]) -> list[dict]:
+    assert path.exists(), f"{path} was not written"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == fields
+        rows = list(reader)
+    assert rows
+    return rows
+
+
+def assert_times(row: dict, med: str, p20: str, p80: str):
+    m, lo, hi = float(row[med]), float(row[p20]), float(row[p80])
+    assert all(math.isfinite(v) and v > 0 for v in (m, lo, hi)), row
+    # the CSV rounds each to 6 (linear) / 5 decimals (conv) or 4 (optim): compare with slack
+    assert lo <= m * 1.001 + 1e-4 and m <= hi * 1.001 + 1e-4, row
+
+
+def table_lines(stdout: str, header_start: str, skip: int) -> list[str]:
+    """The lines of the printed table whose header line starts with ``header_start`` (``skip`` lines after it are
+    not rows), up to the first blank line."""
+    lines = stdout.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(header_start)]
+    assert starts, f"no table starting {header_start!r} in stdout:\n{stdout}"
+    out = []
+    for line in lines[starts[-1] + 1 + skip:]:
+        if not line.strip():
+            break
+        out.append(line)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench_linear_gpu.py --dry-run
+# ----------------------------------------------------------------------------------------------------------------
+def test_linear_dry_run(tmp_path):
+    out = tmp_path / "linear.csv"
+    proc = run_script("bench_linear_gpu.py", "--dry-run", "--out", str(out))
+    rows = read_csv(out, lin.FIELDS)
+
+    # what the script may skip on CPU: torch.sparse CSR has no bf16 matmul there (it does on CUDA). Anything else
+    # skipped is a failure.
+    skipped = set()
+    pat = re.compile(r"^  (\S+) (?:(fwd|bwd|fwd\+bwd) )?(fp32|bf16) (\d+x\d+)x(\d+) d=(\S+)( \(all ops\))?:")
+    in_skips = False
+    for line in proc.stdout.splitlines():
+        if line.startswith("skipped ("):
+            in_skips = True
+            continue
+        if in_skips and line.startswith("  "):
+            m = pat.match(line)
+            assert m, line
+            impl, op, dtype, shape, batch, d, all_ops = m.groups()
+            assert (impl, dtype) == ("torch_sparse_csr", "bf16"), f"unexpected skip: {line}"
+            for o in (lin.OPS if all_ops else [op]):
+                skipped.add((o, shape, int(batch), float(d), dtype, impl))
+        elif in_skips:
+            in_skips = False
+    assert "skipped" in proc.stdout  # the dry run says what it skipped, or "skipped: none"
+
+    expected = set()
+    for r, c, b in lin.DRY_RUN_SHAPES:
+        for d in lin.DRY_RUN_DENSITIES:
+            expected.add(("build_format", f"{r}x{c}", b, d, "bool", "build_format"))
+            for dtype in lin.DTYPES:
+                for impl in lin.IMPLS:
+                    name = "dense_mask_autocast" if impl == "dense_mask" and dtype == "bf16" else impl
+                    expected |= {(op, f"{r}x{c}", b, d, dtype, name) for op in lin.OPS}
+    assert skipped <= expected
+    got = [(r["op"], r["shape"], int(r["batch"]), float(r["density"]), r["dtype"], r["impl"]) for r in rows]
+    assert len(got) == len(set(got))
+    assert set(got) == expected - skipped
+    # the Triton kernels and the bf16-autocast baseline must all have run on CPU
+    assert {g[5] for g in got} >= {"sparse_triton", "dense_mask", "dense_mask_autocast", "torch_sparse_csr"}
+    assert {(g[4], g[5]) for g in got} >= {("bf16", "sparse_triton"), ("fp32", "torch_sparse_csr")}
+
+    for row in rows:
+        assert_times(row, "median_ms", "p20", "p80")
+        assert row["device"] == DRY
+        assert row["peak_mem_bytes"] == ""  # not measured on CPU
+        assert row["commit"]
+
+    n_checks = len(lin.DRY_RUN_SHAPES) * len(lin.DRY_RUN_DENSITIES) * len(lin.DTYPES)
+    assert f"correctness checks: {n_checks} run, 0 mismatching" in proc.stdout
+    assert "MISMATCH" not in proc.stdout
+    assert DRY in proc.stdout and "DRY RUN" in proc.stdout
+    assert len(table_lines(proc.stdout, "op ", skip=1)) == len(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench_conv_gpu.py --dry-run
+# ----------------------------------------------------------------------------------------------------------------
+CONV_VARIANTS = {  # impl -> the dtype column of its rows
+    "triton_sparse": ("fp32", "bf16"),
+    "dense_mask": ("fp32-tf32", "fp32-ieee"),
+    "dense_mask_amp": ("bf16-autocast",),
+    "unfold_csr": ("fp32",),
+}
+
+
+def test_conv_dry_run(tmp_path):
+    out = tmp_path / "conv.csv"
+    proc = run_script("bench_conv_gpu.py", "--dry-run", "--out", str(out))
+    rows = read_csv(out, conv.FIELDS)
+    assert set(CONV_VARIANTS) == set(conv.IMPLS)  # a new implementation needs its row here
+
+    layers = {lay.name: lay for lay in conv.DRY_RUN_LAYERS}
+    assert len(layers) >= 2 and any(lay.stride == 2 for lay in layers.values())
+    expected = {(name, d, impl, dtype, direction)
+                for name in layers for d in conv.DRY_RUN_DENSITIES
+                for impl, dtypes in CONV_VARIANTS.items() for dtype in dtypes for direction in conv.DIRECTIONS}
+    got = [(r["layer"], float(r["density"]), r["impl"], r["dtype"], r["direction"]) for r in rows]
+    assert len(got) == len(set(got))
+    assert set(got) == expected
+
+    for row in rows:
+        lay = layers[row["layer"]]
+        assert row["shape"] == lay.shape and int(row["batch"]) == lay.batch and int(row["count"]) == lay.count
+        assert int(row["nnz"]) == round(float(row["density"]) * lay.c_out * lay.c_in * lay.k * lay.k) > 0
+        assert_times(row, "median_ms", "p20_ms", "p80_ms")
+        assert row["device"] == DRY
+        assert row["peak_mem_bytes"] == ""
+        assert row["commit"]
+
+    assert "FAILED" not in proc.stdout and "skipped: none" in proc.stdout
+    n_checks = len(layers) * len(conv.DRY_RUN_DENSITIES)
+    assert f"{n_checks} run, 0 mismatching" in proc.stdout and "WARNING" not in proc.stdout
+    assert DRY in proc.stdout and "DRY RUN" in proc.stdout
+    # one table line per (layer, density, direction)
+    table = table_lines(proc.stdout, "layer ", skip=0)
+    assert len(table) == len(layers) * len(conv.DRY_RUN_DENSITIES) * len(conv.DIRECTIONS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench_optim.py: sparse_lth.optim's Triton kernels through the interpreter, on the tiny parameter set
+# ----------------------------------------------------------------------------------------------------------------
+def test_optim_interpret(tmp_path):
+    out = tmp_path / "optim.csv"
+    densities = [1.0, 0.1]
+    proc = run_script("bench_optim.py", "--device", "cpu", "--backend", "interpret", "--models", "tiny",
+                      "--densities", *map(str, densities), "--repeats", "2", "--threads", "1", "--out", str(out))
+    rows = read_csv(out, optim.FIELDS)
+    impls = ["torch.optim-foreach+mask", "torch.optim-fused+mask", "sparse_lth-interpret-dense",
+             "sparse_lth-interpret-compact", "torch.optim-fused-compact"]
+    expected = {(op, "tiny", d, impl) for op in optim.OPS for d in densities for impl in impls}
+    got = [(r["op"], r["model"], float(r["density"]), r["impl"]) for r in rows]
+    assert len(got) == len(set(got)) and set(got) == expected
+    n_params = sum(math.prod(shape) for shape, _ in optim.model_shapes("tiny"))
+    for row in rows:
+        assert_times(row, "median_ms", "p20_ms", "p80_ms")
+        assert int(row["params"]) == n_params and 0 < int(row["nnz"]) <= n_params and int(row["bytes"]) > 0
+        assert row["device"].startswith("CPU ") and row["dtype"] == "float32"
+    assert f"wrote {len(rows)} rows" in proc.stdout
+    assert sum(" tiny " in line and " ms " in line for line in proc.stdout.splitlines()) == len(rows)
+
+
+def test_optim_refusals(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit) as e:
+        optim.main(["--device", "cpu", "--backend", "interpret", "--models", "tiny"])
+    assert e.value.code != 0 and "TRITON_INTERPRET=1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench_model_step.py: LeNet-300-100 at batch 4, the sparse layers and optimizer on the interpreter
+# ----------------------------------------------------------------------------------------------------------------
+def test_model_step_smoke(tmp_path):
+    out = tmp_path / "model_step.csv"
+    densities = [1.0, 0.1]
+    proc = run_script("bench_model_step.py", "--model", "lenet300_100", "--batch", "4", "--device", "cpu",
+                      "--densities", *map(str, densities), "--repeats", "1", "--warmup", "0", "--threads", "1",
+                      "--out", str(out), SPARSE_LTH_BACKEND="interpret")
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(float(r["density"]), r["impl"]) for r in rows} == {
+        (d, impl) for d in densities for impl in ("dense_masking", "sparse_lth", "sparse_lth_optim")}
+    assert len(rows) == 6
+    for row in rows:
+        assert math.isfinite(float(row["median_ms"])) and float(row["median_ms"]) > 0
+        assert row["model"] == "lenet300_100" and row["batch"] == "4" and row["device"].startswith("cpu")
+        if row["impl"] == "dense_masking":
+            assert row["paths"] == "-" and float(row["speedup_vs_dense_masking"]) == 1.0
+        else:
+            assert re.fullmatch(r"[ds]+", row["paths"]), row
+    # density 0.1 puts the hidden layers on the sparse path (the Triton kernels, here interpreted)
+    assert any(r["paths"].startswith("s") for r in rows if float(r["density"]) == 0.1)
+    assert f"wrote {out}" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# refusals and defaults (in-process: no kernels run)
+# ----------------------------------------------------------------------------------------------------------------
+def test_gpu_scripts_refuse_without_gpu(monkeypatch, capsys):
+    # TRITON_INTERPRET=1 makes both refuse on any machine, a GPU one included (here: no GPU either)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert lin.main([]) == 2
+    assert "Nothing was run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        conv.main([])
+    assert isinstance(e.value.code, str)  # sys.exit(message): exit status 1, the message on stderr
+    assert "no CUDA device" in e.value.code or "TRITON_INTERPRET is set" in e.value.code
+
+
+def test_dry_run_needs_interpreter_from_environment(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert lin.main(["--dry-run"]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        conv.main(["--dry-run"])
+    assert isinstance(e.value.code, str) and "TRITON_INTERPRET=1" in e.value.code
+
+
+def test_dry_run_default_output_is_not_under_results(monkeypatch, tmp_path, capsys, kernel_device):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the dry runs' temporary folders go
+    # linear, dense masking only: no Triton kernel runs in this process
+    assert lin.main(["--dry-run", "--shapes", "7x13x5", "--densities", "1", "--impls", "dense_mask", "--dtypes",
+                     "fp32", "--ops", "fwd", "--no-build-format"]) == 0
+    written = list(tmp_path.glob("sparse_lth_dry_run_*/linear_dry_run.csv"))
+    assert len(written) == 1 and DRY in written[0].read_text()
+    assert f"results -> {written[0]}" in capsys.readouterr().out
+    if kernel_device.type != "cpu":  # conv's correctness check runs a kernel: only where this process interprets
+        return
+    conv.main(["--dry-run", "--layers", "dry/conv", "--densities", "1", "--impls", "dense_mask", "--directions",
+               "forward"])
+    written = list(tmp_path.glob("sparse_lth_dry_run_*/conv_dry_run.csv"))
+    assert len(written) == 1 and DRY in written[0].read_text()
+    assert f"rows written to {written[0]}" in capsys.readouterr().out
+    for path in tmp_path.glob("sparse_lth_dry_run_*/*.csv"):
+        assert BENCH / "results" not in path.parents
