@@ -99,8 +99,8 @@ def linear_section(rows, targets: list[Target]) -> list[str]:
     lines = ["## Sparse linear (bench_linear_gpu.py), forward + backward",
              "", "Speedup of the Triton kernels over dense masking in the same precision (fp32: TF32 off; bf16: "
              "autocast); `best` = the faster of the two paths, which the automatic choice picks when its timing "
-             "is right.", "",
-             "| layer | batch | dtype | density | dense ms | sparse ms | sparse | best | torch CSR |",
+             "is right; `CSR` = torch.sparse CSR's speedup over the same dense masking.", "",
+             "| layer | batch | dtype | density | dense ms | sparse ms | sparse | best | CSR |",
              "|---|---|---|---|---|---|---|---|---|"]
     for (op, shape, batch, dtype, d), v in sorted(sp.items(), key=lambda kv: (kv[0][1], kv[0][3], -kv[0][4])):
         if op != "fwd+bwd":

@@ -18,6 +18,7 @@ SLUG = "nvidia-fake-gpu"
 def _load(name):
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         spec.loader.exec_module(mod)
@@ -141,3 +142,13 @@ def test_cli_writes_summary_and_plots(results, tmp_path_factory):
 def test_unknown_device_is_refused(results):
     with pytest.raises(SystemExit, match="no result rows"):
         summarize.summarize("no-such-device", results, plots=False)
+
+
+def test_synthetic_rows_use_the_scripts_columns(results):
+    """The rows above must be what the scripts write, or these tests check a format nobody produces."""
+    for script, prefix in (("bench_linear_gpu", "linear_"), ("bench_conv_gpu", "conv_"), ("bench_optim", "optim_"),
+                           ("bench_ceilings", "ceilings_")):
+        fields = _load(script).FIELDS
+        path = next(p for p in results.glob(f"{prefix}*{SLUG}.csv"))
+        with open(path, newline="") as f:
+            assert next(csv.reader(f)) == list(fields), script
