@@ -15,8 +15,8 @@
 #   model-vgg19 | model-lenet                   bench_model_step.py: whole training steps
 #   quick           a fast smoke run of linear and conv (--quick) to check that everything compiles
 #
-# The package is made importable without pip (the device machine has no network): a copy of sparse_lth/ with
-# kernels/ inside it goes to /tmp/sparse_lth_site, put first on PYTHONPATH. Result CSVs are written under
+# The package is imported from the checkout (PYTHONPATH; no pip install: the device machine has no network, and
+# sparse_lth finds its kernels/ beside it in a source checkout). Result CSVs are written under
 # benchmarks/results/ with the device named and copied, with one log for the call, to $OUT (when set) so that they
 # come back; commit them from there. SPARSE_LTH_COMMIT (set it to `git rev-parse --short=12 HEAD` on the machine
 # that has the git history) labels the rows, since the device copy of the tree has no .git.
@@ -30,13 +30,7 @@ MARK=$(mktemp)   # result files newer than this were written by this call
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
-SITE=/tmp/sparse_lth_site
-if [ ! -d "$SITE/sparse_lth" ]; then
-    mkdir -p "$SITE"
-    cp -r sparse_lth "$SITE/sparse_lth"
-    cp -r kernels "$SITE/sparse_lth/kernels"
-fi
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # sparse_lth (and its kernels) from the checkout
 PY=${PYTHON:-python3}
 
 if [ $# -eq 0 ]; then
