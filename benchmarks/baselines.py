@@ -211,3 +211,13 @@ def peak_memory(fn, device: torch.device) -> int | None:
     peak = torch.cuda.max_memory_allocated(device)
     del out
     return peak
+
+
+def print_skipped(skipped: list[str], dry_run: bool) -> None:
+    """The closing list of what a benchmark run could not measure (each also printed where it happened)."""
+    if skipped:
+        print(f"\nskipped ({len(skipped)}):")
+        for msg in skipped:
+            print(f"  {msg}")
+    elif dry_run:
+        print("\nskipped: none")

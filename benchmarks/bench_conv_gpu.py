@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from baselines import (DRY_RUN_DEVICE, cpu_name, dry_run_out, dry_run_problem, empty_cache, git_commit,
-                       peak_memory, slug, synchronize, time_ms)
+                       peak_memory, print_skipped, slug, synchronize, time_ms)
 
 ROOT = Path(__file__).resolve().parent.parent
 DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
@@ -424,12 +424,7 @@ def run(args):
                         empty_cache(dev)
                 print(f"done {layer.name} density {density:.0%} (nnz {nnz})", flush=True)
     print_table(rows)
-    if failed:
-        print(f"\nskipped ({len(failed)}, the FAILED lines above):")
-        for msg in failed:
-            print(f"  {msg}")
-    elif args.dry_run:
-        print("\nskipped: none")
+    print_skipped(failed, args.dry_run)
     print(f"correctness checks (triton fp32 forward against F.conv2d): {len(layers) * len(densities)} run, "
           f"{mismatches} mismatching")
     print(f"\nrows written to {out_path}")

@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 
 from baselines import (DRY_RUN_DEVICE, cpu_name, dry_run_out, dry_run_problem, empty_cache, git_commit,
-                       peak_memory, slug, synchronize, time_ms)
+                       peak_memory, print_skipped, slug, synchronize, time_ms)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -254,12 +254,7 @@ def main(argv=None) -> int:
             free()
     fh.close()
     print_table(results)
-    if skipped:
-        print(f"\nskipped ({len(skipped)}):")
-        for s in skipped:
-            print(f"  {s}")
-    elif args.dry_run:
-        print("\nskipped: none")
+    print_skipped(skipped, args.dry_run)
     if not args.no_check:
         print(f"correctness checks: {checks[0]} run, {checks[1]} mismatching")
     print(f"\nrows written to {out_path}")

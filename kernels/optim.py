@@ -91,6 +91,18 @@ if HAS_TRITON:
             return p.to(PARAM_DTYPE)
 
     @triton.jit
+    def _program_block(ptr_table, prog_table, n_programs, BLOCK: tl.constexpr):
+        """This program's tensor (index t, its row of the pointer table, its numel) and block of elements (offs),
+        and whether the block lies wholly inside the tensor."""
+        pid = tl.program_id(0)
+        t = tl.load(prog_table + pid).to(tl.int64)
+        blk = tl.load(prog_table + n_programs + pid).to(tl.int64)
+        row = ptr_table + t * 8  # _PTR_COLS
+        numel = tl.load(row + 6)  # _C_NUMEL
+        offs = blk * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2**31 elements
+        return t, row, numel, offs, (blk + 1) * BLOCK <= numel
+
+    @triton.jit
     def _typed(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
         """int64 address -> pointer to DTYPE; the alignment hint goes on the pointer (the compiler's alignment
         analysis does not carry a hint on the integer through the cast)."""
@@ -146,20 +158,14 @@ if HAS_TRITON:
         ALIGNED: tl.constexpr,       # every address of this launch is a multiple of 16 bytes
         BLOCK: tl.constexpr,
     ):
-        # which tensor (row of the pointer table) and which of its elements this program updates
-        pid = tl.program_id(0)
-        t = tl.load(prog_table + pid).to(tl.int64)
-        blk = tl.load(prog_table + n_programs + pid).to(tl.int64)
-        row = ptr_table + t * 8  # _PTR_COLS
-        numel = tl.load(row + 6)  # _C_NUMEL
-        offs = blk * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2**31 elements
+        t, row, numel, offs, full = _program_block(ptr_table, prog_table, n_programs, BLOCK)
         hyp = hyper_table + t * 8  # _SGD_COLS
         # addresses from the table -> typed pointers
         p_ptr = _typed(tl.load(row + 0), PARAM_DTYPE, ALIGNED)
         g_ptr = _typed(tl.load(row + 1), PARAM_DTYPE, ALIGNED)
         m_ptr = _typed(tl.load(row + 2), tl.int8, ALIGNED)
         b_ptr = _typed(tl.load(row + 3), tl.float32, ALIGNED)
-        if (blk + 1) * BLOCK <= numel:
+        if full:
             _sgd_block(p_ptr, g_ptr, m_ptr, b_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK, HAS_MOMENTUM, NESTEROV,
                        True)
         else:
@@ -225,13 +231,7 @@ if HAS_TRITON:
         ALIGNED: tl.constexpr,       # every address of this launch is a multiple of 16 bytes
         BLOCK: tl.constexpr,
     ):
-        # which tensor (row of the pointer table) and which of its elements this program updates
-        pid = tl.program_id(0)
-        t = tl.load(prog_table + pid).to(tl.int64)
-        blk = tl.load(prog_table + n_programs + pid).to(tl.int64)
-        row = ptr_table + t * 8  # _PTR_COLS
-        numel = tl.load(row + 6)  # _C_NUMEL
-        offs = blk * BLOCK + tl.arange(0, BLOCK)  # int64: a tensor may hold more than 2**31 elements
+        t, row, numel, offs, full = _program_block(ptr_table, prog_table, n_programs, BLOCK)
         hyp = hyper_table + t * 16  # _ADAM_COLS
         # addresses from the table -> typed pointers
         p_ptr = _typed(tl.load(row + 0), PARAM_DTYPE, ALIGNED)
@@ -240,7 +240,7 @@ if HAS_TRITON:
         m1_ptr = _typed(tl.load(row + 3), tl.float32, ALIGNED)
         m2_ptr = _typed(tl.load(row + 4), tl.float32, ALIGNED)
         mx_ptr = _typed(tl.load(row + 5), tl.float32, ALIGNED)
-        if (blk + 1) * BLOCK <= numel:
+        if full:
             _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK,
                         AMSGRAD, DECOUPLED, True)
         else:
