@@ -63,7 +63,7 @@ for part in "$@"; do
                 tests/test_layers_triton.py tests/test_layers.py 2>&1 | tee -a "$log"
             ;;
         ceilings)
-            timeout "$LIMIT" $PY benchmarks/bench_ceilings.py 2>&1 | tee -a "$log"
+            timeout "$LIMIT" $PY benchmarks/bench_ceilings.py --device cuda 2>&1 | tee -a "$log"
             ;;
         linear)
             timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py 2>&1 | tee -a "$log"
