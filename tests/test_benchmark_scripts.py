@@ -284,3 +284,30 @@ def test_dry_run_default_output_is_not_under_results(monkeypatch, tmp_path, caps
     assert f"rows written to {written[0]}" in capsys.readouterr().out
     for path in tmp_path.glob("sparse_lth_dry_run_*/*.csv"):
         assert BENCH / "results" not in path.parents
+
+
+# ------------------------------------------------------------------------------------------------ bench_ceilings.py
+def test_bench_ceilings_cpu(tmp_path):
+    out = tmp_path / "ceilings.csv"
+    proc = run_script("bench_ceilings.py", "--device", "cpu", "--copy-mib", "4", "--matmul-n", "64",
+                      "--repeats", "3", "--threads", "1", "--out", str(out))
+    rows = read_csv(out, _load("bench_ceilings").FIELDS)
+    assert [(r["kind"], r["dtype"]) for r in rows] == [("copy", "float32"), ("matmul", "float32")]  # no TF32/bf16 on CPU
+    for r in rows:
+        assert r["device"].startswith("cpu") and math.isfinite(float(r["rate"])) and float(r["rate"]) > 0
+        assert float(r["p20_ms"]) <= float(r["median_ms"]) <= float(r["p80_ms"])
+    assert "GB/s" in proc.stdout and "TFLOP/s" in proc.stdout
+
+
+def test_bench_ceilings_refuses_cuda_without_gpu(tmp_path):
+    if _torch_cuda():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_ceilings.py"), "--device", "cuda", "--out",
+                           str(tmp_path / "x.csv")], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
+def _torch_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
