@@ -60,6 +60,13 @@ def _given(args, names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _write(text: str) -> None:
+    """Print a line now, below any progress bar (tqdm.write keeps the bar intact)."""
+    from tqdm.auto import tqdm
+    tqdm.write(text)
+    sys.stdout.flush()
+
+
 def _setup_threads(n: int | None) -> None:
     if n:
         import torch
@@ -76,15 +83,28 @@ def _cmd_imp(args, names) -> int:
         os.environ["SPARSE_LTH_DATA"] = args.data
     _setup_threads(args.threads)
     t0 = time.time()
+    header = f"{'seed':>4} {'round':>5} {'% left':>8} {'ES iter':>8} {'acc@ES':>7} {'acc end':>7} {'s/round':>8}"
+
+    def line(m: dict) -> str:
+        return (f"{m['seed']:>4} {m['round']:>5} {m['percent_remaining']:>8.2f} {m['early_stop_iteration']:>8} "
+                f"{100 * m['early_stop_test_acc']:>7.2f} {100 * m['test_acc']:>7.2f} {m['wall_time']:>8.1f}")
+
+    printed = []
+
+    def round_done(m: dict) -> None:  # one line per finished round, as it finishes (also without a progress bar)
+        if not printed:
+            _write(header)
+        printed.append(1)
+        _write(line(m))
+
     res = run_imp(hp, args.runs, replicates=args.replicates, device=args.device, data_root=args.data,
                   progress=not args.no_progress, checkpoint_every=args.checkpoint_every, run_dir=args.run_dir,
-                  wait_for_source=args.wait_for_source, report=not args.no_report)
+                  wait_for_source=args.wait_for_source, report=not args.no_report, on_round_end=round_done)
     print(f"experiment: {res.experiment_dir}  ({time.time() - t0:.0f} s)")
-    print(f"{'seed':>4} {'round':>5} {'% left':>8} {'ES iter':>8} {'acc@ES':>7} {'acc end':>7} {'s/round':>8}")
-    for seed, rounds in res.metrics.items():
+    print(header)
+    for rounds in res.metrics.values():
         for m in rounds:
-            print(f"{seed:>4} {m['round']:>5} {m['percent_remaining']:>8.2f} {m['early_stop_iteration']:>8} "
-                  f"{100 * m['early_stop_test_acc']:>7.2f} {100 * m['test_acc']:>7.2f} {m['wall_time']:>8.1f}")
+            print(line(m))
     if not args.no_report:
         print(f"report: {os.path.join(res.experiment_dir, 'report')}")
     return 0

@@ -481,17 +481,19 @@ class Experiment:
             os.replace(tmp, path)
 
     def run(self, seeds=None, callback: Callable | None = None,
-            on_round_start: Callable | None = None) -> ImpResult:
+            on_round_start: Callable | None = None, on_round_end: Callable | None = None) -> ImpResult:
         seeds = [self.hp.seed] if seeds is None else list(seeds)
         self.write_hparams()
         res = ImpResult(self.dir, self.hp)
         for s in seeds:
-            res.metrics[s] = self.run_seed(s, callback=callback, on_round_start=on_round_start)
+            res.metrics[s] = self.run_seed(s, callback=callback, on_round_start=on_round_start,
+                                           on_round_end=on_round_end)
         return res
 
     def run_seed(self, seed: int, callback: Callable | None = None,
-                 on_round_start: Callable | None = None) -> list[dict]:
-        """Run (or resume) every round of replicate ``seed``; returns the per-round metrics."""
+                 on_round_start: Callable | None = None, on_round_end: Callable | None = None) -> list[dict]:
+        """Run (or resume) every round of replicate ``seed``; returns the per-round metrics.
+        ``on_round_end(metrics)`` is called after each round trained here (not for rounds found finished)."""
         self.write_hparams()
         hp = dataclasses.replace(self.hp, seed=seed)
         cfg = dataclasses.replace(self.train_cfg, seed=seed)
@@ -560,6 +562,8 @@ class Experiment:
             if os.path.exists(ck):
                 os.remove(ck)
             all_metrics.append(metrics)
+            if on_round_end is not None:
+                on_round_end(metrics)
         return all_metrics
 
     def _round_masks(self, model: nn.Module, seed: int, r: int) -> dict[str, torch.Tensor]:
@@ -639,13 +643,14 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
             device: str | torch.device = "cpu", data_root: str | None = None, progress: bool = True,
             checkpoint_every: int = 1000, run_dir: str | None = None, wait_for_source: float = 0.0,
             callback: Callable | None = None, on_round_start: Callable | None = None,
-            report: bool = False, data=None) -> ImpResult:
+            on_round_end: Callable | None = None, report: bool = False, data=None) -> ImpResult:
     """Run (or resume) an IMP experiment; see the module docstring.
 
     ``seeds`` (list) or ``replicates`` (n: seeds ``hparams.seed .. hparams.seed + n - 1``); default: the single
     seed ``hparams.seed``. ``data``: ``(train, test)`` datasets to use instead of loading ``hparams.dataset``
-    (the caller is then responsible for giving the same data on a re-run). ``callback(round, iteration, model)`` runs after every training step (an exception
-    there stops the run; re-running resumes). ``report``: write the report (figures and table) into
+    (the caller is then responsible for giving the same data on a re-run). ``callback(round, iteration, model)``
+    runs after every training step (an exception there stops the run; re-running resumes);
+    ``on_round_start(round, model)`` before a round trains, ``on_round_end(metrics)`` after. ``report``: write the report (figures and table) into
     ``<experiment>/report`` at the end, including sibling control experiments found in ``run_root``.
     """
     if seeds is None:
@@ -653,7 +658,7 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
     exp = Experiment(hparams, run_root, device=device, data_root=data_root, progress=progress,
                      checkpoint_every=checkpoint_every, run_dir=run_dir, wait_for_source=wait_for_source,
                      data=data)
-    res = exp.run(seeds, callback=callback, on_round_start=on_round_start)
+    res = exp.run(seeds, callback=callback, on_round_start=on_round_start, on_round_end=on_round_end)
     if report:
         from .report import write_report, related_experiments
         write_report(related_experiments(exp.dir), os.path.join(exp.dir, "report"))

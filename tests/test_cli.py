@@ -43,6 +43,10 @@ def test_imp_control_and_report(tmp_path, capsys):
     out = capsys.readouterr().out
     exps = [d for d in os.listdir(tmp_path) if d.startswith("lenet300_100_imp_")]
     assert len(exps) == 1 and "experiment:" in out
+    # one line per round as it finishes (before the closing table), even without a progress bar
+    live = out.split("experiment:")[0].splitlines()
+    assert live[0].split()[:2] == ["seed", "round"]
+    assert [ln.split()[:2] for ln in live[1:]] == [["0", "0"], ["0", "1"], ["0", "2"]]
     exp = tmp_path / exps[0]
     for r in range(3):
         assert (exp / "seed_0" / f"round_{r:02d}" / "metrics.json").exists()
@@ -59,7 +63,9 @@ def test_imp_control_and_report(tmp_path, capsys):
     assert "random reinit" in summary and "IMP (winning ticket)" in summary and "Comparison by round" in summary
     # re-running the finished experiment trains nothing and prints the same table
     assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
-    assert "experiment:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("experiment:")  # nothing trained, so no per-round lines
+    assert len([ln for ln in out.splitlines() if ln.split()[:1] == ["0"]]) == 3
     # report over the run root
     out_dir = tmp_path / "rep"
     assert main(["report", str(tmp_path), "--out", str(out_dir)]) == 0
