@@ -75,7 +75,8 @@ def linear_backward_input(dy: torch.Tensor, values: torch.Tensor, fmt: SparseFor
     """dx = dy W, dy: (B, rows) -> (B, cols)."""
     _check(dy, values, fmt, fmt.rows, "dy", "linear_backward_input")
     ct = _compute_dtype(dy.dtype)
-    return torch.sparse.mm(weight_t_csr(values.to(ct), fmt), dy.to(ct).t()).t().to(dy.dtype)
+    # a contiguous dense operand: ~15% faster than the strided dy.t() here (LeNet sizes, one CPU thread)
+    return torch.sparse.mm(weight_t_csr(values.to(ct), fmt), dy.to(ct).t().contiguous()).t().to(dy.dtype)
 
 
 def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
@@ -90,5 +91,5 @@ def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
         return torch.zeros(0, dtype=out_dtype, device=dy.device)
     ct = _compute_dtype(dy.dtype)
     pattern = weight_csr(torch.zeros(fmt.nnz, dtype=ct, device=dy.device), fmt)  # beta=0 still reads it
-    out = torch.sparse.sampled_addmm(pattern, dy.to(ct).t(), x.to(ct), beta=0.0)
+    out = torch.sparse.sampled_addmm(pattern, dy.to(ct).t().contiguous(), x.to(ct), beta=0.0)
     return out.values().to(out_dtype)
