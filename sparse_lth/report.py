@@ -127,6 +127,21 @@ def _setup_axis(ax, xs):
     ax.grid(True, alpha=0.3)
 
 
+def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None:
+    """One line per experiment: the mean of ``field`` over replicates against weights remaining, with a
+    min-max band when there is more than one replicate."""
+    for e in exps:
+        rows = _series(e, field)
+        if not rows:
+            continue
+        st = styles.get(e["hparams"].get("control", "imp"), {})
+        x = [r[0] for r in rows]
+        ax.plot(x, [scale * r[1] for r in rows], label=_label(e, exps), ms=4, **st)
+        if max(r[4] for r in rows) > 1:
+            ax.fill_between(x, [scale * r[2] for r in rows], [scale * r[3] for r in rows], alpha=0.2,
+                            color=st.get("color"))
+
+
 def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, curve_rounds=None) -> dict:
     """Write the figures and ``summary.md`` for ``experiment_dirs`` into ``out_dir``; returns their paths."""
     import matplotlib
@@ -149,16 +164,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, field, name in ((axes[0], "early_stop_test_acc", "test accuracy at early stop"),
                             (axes[1], "test_acc", "test accuracy at end of training")):
-        for e in exps:
-            rows = _series(e, field)
-            if not rows:
-                continue
-            st = styles.get(e["hparams"].get("control", "imp"), {})
-            x = [r[0] for r in rows]
-            ax.plot(x, [100 * r[1] for r in rows], label=_label(e, exps), ms=4, **st)
-            if max(r[4] for r in rows) > 1:
-                ax.fill_between(x, [100 * r[2] for r in rows], [100 * r[3] for r in rows], alpha=0.2,
-                                color=st.get("color"))
+        _plot_series(ax, exps, field, styles, scale=100)
         _setup_axis(ax, all_x)
         ax.set_ylabel(f"{name} (%)")
         ax.set_title(f"{title}: {name}")
@@ -170,15 +176,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
 
     # --- early-stopping iteration vs weights remaining
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for e in exps:
-        rows = _series(e, "early_stop_iteration")
-        if not rows:
-            continue
-        st = styles.get(e["hparams"].get("control", "imp"), {})
-        x = [r[0] for r in rows]
-        ax.plot(x, [r[1] for r in rows], label=_label(e, exps), ms=4, **st)
-        if max(r[4] for r in rows) > 1:
-            ax.fill_between(x, [r[2] for r in rows], [r[3] for r in rows], alpha=0.2, color=st.get("color"))
+    _plot_series(ax, exps, "early_stop_iteration", styles)
     _setup_axis(ax, all_x)
     ax.set_ylabel("early-stopping iteration (min test loss)")
     ax.set_title(f"{title}: early-stopping iteration")

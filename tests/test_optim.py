@@ -295,6 +295,22 @@ CONFIG_IDS = ["sgd", "sgd-mom-damp-wd", "sgd-nesterov-wd", "sgd-mixed-momentum",
 STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
+def same_grads(ours, ref, gen):
+    """The same random gradients on both models: ours unmasked (the optimizer must mask them), ref masked."""
+    state = gen.get_state()
+    ours.set_grads(gen, mask_them=False)
+    gen.set_state(state)
+    ref.set_grads(gen, mask_them=True)
+
+
+def step_both(ours, ref, opt, ref_opt, gen):
+    """One step of ours against the dense-masking reference (gradients masked, weights re-masked)."""
+    same_grads(ours, ref, gen)
+    opt.step()
+    ref_opt.step()
+    ref.remask()
+
+
 def assert_matches(ours: Model, ref: Model, opt, ref_opt):
     for k, p in ours.params.items():
         r = ref.params[k]
@@ -331,13 +347,7 @@ def test_trajectory_matches_torch_optim(backend_device, cfg):
             ours.new_masks(gen_m, attach=True)
             ref.masks = dict(ours.masks)
             ref.remask()
-        state = gen.get_state()
-        ours.set_grads(gen, mask_them=False)  # the optimizer must mask the gradient itself
-        gen.set_state(state)
-        ref.set_grads(gen, mask_them=True)
-        opt.step()
-        ref_opt.step()
-        ref.remask()
+        step_both(ours, ref, opt, ref_opt, gen)  # the optimizer must mask the gradient itself
         assert_matches(ours, ref, opt, ref_opt)
     assert ours.params["unused"].grad is None and len(opt.state.get(ours.params["unused"], {})) == 0
     torch.testing.assert_close(ours.params["unused"], ref.params["unused"], rtol=0, atol=0)
@@ -439,13 +449,7 @@ def test_lr_scheduler(backend_device):
         ref_sched = torch.optim.lr_scheduler.MultiStepLR(ref_opt, milestones=[3, 6], gamma=0.1)
         gen = torch.Generator().manual_seed(8)
         for _ in range(8):
-            state = gen.get_state()
-            ours.set_grads(gen, mask_them=False)
-            gen.set_state(state)
-            ref.set_grads(gen, mask_them=True)
-            opt.step()
-            ref_opt.step()
-            ref.remask()
+            step_both(ours, ref, opt, ref_opt, gen)
             sched.step()
             ref_sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(kw["lr"] * 0.01)
@@ -467,13 +471,7 @@ def test_mask_changed_in_place_and_uint8_mask(backend_device):
             setattr(ours.params["conv"], MASK_ATTR, u8)
             ref.masks = {k: m.clone() for k, m in ours.masks.items()}
             ref.remask()
-        state = gen.get_state()
-        ours.set_grads(gen, mask_them=False)
-        gen.set_state(state)
-        ref.set_grads(gen, mask_them=True)
-        opt.step()
-        ref_opt.step()
-        ref.remask()
+        step_both(ours, ref, opt, ref_opt, gen)
         assert_matches(ours, ref, opt, ref_opt)
 
 
@@ -587,10 +585,7 @@ def test_non_finite_gradient_at_pruned_positions_is_ignored(backend_device, cls,
     opt, ref_opt = make(cls, ours.groups(), **kw), getattr(torch.optim, cls.__name__)(ref.groups(), **kw)
     gen = torch.Generator().manual_seed(13)
     for step in range(4):
-        state = gen.get_state()
-        ours.set_grads(gen, mask_them=False)
-        gen.set_state(state)
-        ref.set_grads(gen, mask_them=True)
+        same_grads(ours, ref, gen)
         for k in Model.MASKED:
             g = ours.params[k].grad
             g[~ours.masks[k]] = float("nan") if step % 2 == 0 else float("inf")
