@@ -105,10 +105,17 @@ if HAS_TRITON:
     @triton.jit
     def _typed(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
         """int64 address -> pointer to DTYPE; the alignment hint goes on the pointer (the compiler's alignment
-        analysis does not carry a hint on the integer through the cast)."""
+        analysis does not carry a hint on the integer through the cast).
+
+        The hint is 4 elements' worth of bytes (16 for fp32, 8 for bf16/fp16, 4 for the int8 mask), not the 16
+        bytes every pointer really has: the compiler gives a fused elementwise block one register layout, the widest
+        its loads allow, but caps each *store* at 16 bytes per thread. With 16-byte hints the int8 mask (16 per
+        thread) or bf16 values (8) widened the fp32 loads beyond what the fp32 stores could take, and every block
+        paid a layout conversion through 4 KB of shared memory (and a barrier). With 4 elements per thread for
+        every tensor, all loads and stores share one layout: fp32 still moves 16 bytes per access."""
         ptr = addr.to(tl.pointer_type(DTYPE))
         if ALIGNED:
-            ptr = tl.multiple_of(ptr, 16)
+            ptr = tl.multiple_of(ptr, 4 * (DTYPE.primitive_bitwidth // 8))
         return ptr
 
     @triton.jit

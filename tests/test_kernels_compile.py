@@ -3,7 +3,8 @@
 The interpreter runs of the other kernel tests never compile anything; this runs benchmarks/compile_kernels.py in
 a fresh process (no TRITON_INTERPRET) with Triton's bundled ptxas, so that a kernel that only the compiler would
 reject fails here rather than on a rented GPU. Code generation is checked too where a regression would be silent:
-the fused optimizers' aligned full blocks must use 16-byte vector loads and stores.
+the fused optimizers' aligned full blocks must use 16-byte vector loads and stores (fp32), and no optimizer kernel
+may need shared memory (a layout conversion between its 1-byte mask, 2-byte or 4-byte tensors would).
 """
 from __future__ import annotations
 
@@ -58,3 +59,13 @@ def test_fused_optimizers_vectorize_aligned_blocks(report):
     for r in rows:
         ld_v4, st_v4 = int(r[7]), int(r[9])
         assert ld_v4 >= 2 and st_v4 >= 1, f"no 16-byte vector loads/stores in {r[0]} {r[1]}"
+
+
+def test_fused_optimizers_need_no_layout_conversion(report):
+    """Mask (int8), bf16 and fp32 tensors of one block share one register layout: no shared-memory round trip."""
+    rows = [r for r in _rows(report) if r[0] in ("_sgd_kernel", "_adam_kernel") and "ALIGNED=True" in r[1]]
+    assert any("HAS_MASK=True" in r[1] for r in rows) and any("PARAM_DTYPE=bf16" in r[1] for r in rows)
+    for r in rows:
+        assert int(r[6]) == 0, f"{r[0]} {r[1]} uses {r[6]} B of shared memory (a layout conversion)"
+        if "PARAM_DTYPE=bf16" in r[1]:
+            assert int(r[8]) >= 2, f"no 8-byte vector loads of the bf16 tensors in {r[0]} {r[1]}"
