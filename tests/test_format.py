@@ -1,0 +1,63 @@
+"""build_format against a plain-Python construction of the same index structures."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparse_lth.kernels.format import build_format, check_mask, to_dense, to_values
+
+
+def _reference(mask2d: torch.Tensor) -> dict:
+    """CSR, CSC (rows ascending within a column) and longest-first orders, by Python loops over the entries."""
+    rows, cols = mask2d.shape
+    live = [(r, c) for r in range(rows) for c in range(cols) if bool(mask2d[r, c])]
+    pos = {rc: k for k, rc in enumerate(live)}                       # position of (r, c) in CSR order
+    row_counts = [sum(1 for r, _ in live if r == i) for i in range(rows)]
+    col_counts = [sum(1 for _, c in live if c == j) for j in range(cols)]
+    csc = sorted(live, key=lambda rc: (rc[1], rc[0]))
+    ptr = lambda counts: [sum(counts[:i]) for i in range(len(counts) + 1)]  # noqa: E731
+    order = lambda counts: sorted(range(len(counts)), key=lambda i: (-counts[i], i))  # noqa: E731
+    return {
+        "row_ptr": ptr(row_counts), "col_idx": [c for _, c in live], "row_idx": [r for r, _ in live],
+        "col_ptr": ptr(col_counts), "t_row_idx": [r for r, _ in csc], "t_perm": [pos[rc] for rc in csc],
+        "row_order": order(row_counts), "col_order": order(col_counts),
+    }
+
+
+@pytest.mark.parametrize("shape,density", [
+    ((1, 1), 1.0), ((1, 1), 0.0), ((7, 13), 0.5), ((7, 13), 0.0), ((7, 13), 1.0), ((20, 9), 0.1),
+    ((4, 3, 3, 3), 0.3),  # a conv weight: viewed as (C_out, C_in * kh * kw)
+])
+def test_build_format_matches_reference(shape, density):
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(shape, generator=g) < density
+    if len(shape) == 2 and shape[0] > 2 and 0 < density < 1:
+        mask[1] = False       # a row with no live weight
+        mask[:, 2] = False    # a column with no live weight
+        mask[0] = True        # a full row
+    fmt = build_format(mask)
+    m2 = mask.reshape(shape[0], -1)
+    ref = _reference(m2)
+    assert (fmt.rows, fmt.cols, fmt.nnz) == (m2.shape[0], m2.shape[1], int(m2.sum()))
+    for name, want in ref.items():
+        got = getattr(fmt, name)
+        assert got.dtype in (torch.int32, torch.int64), name
+        assert got.tolist() == want, name
+    fmt.validate()
+    assert torch.equal(fmt.mask(), m2)
+    w = torch.randn(shape, generator=g)
+    values = to_values(w, mask)
+    assert torch.equal(to_dense(values, fmt), (w * mask).reshape(m2.shape))
+    # the CSC view points into the same values: values[t_perm] read column by column is W^T's CSR order
+    assert torch.equal(values[fmt.t_perm.long()], (w * mask).reshape(m2.shape).t()[m2.t()])
+
+
+def test_build_format_refuses_bad_masks():
+    with pytest.raises(TypeError, match="bool mask"):
+        build_format(torch.ones(3, 3))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        build_format(torch.tensor(True))
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        check_mask(torch.full((2, 2), 0.5), (2, 2))
+    with pytest.raises(ValueError, match="expected \\(2, 3\\)"):
+        check_mask(torch.ones(3, 2, dtype=torch.bool), (2, 3))
