@@ -37,10 +37,15 @@ the ``dy`` gathers mostly hit L1.
 
 With ``activation="relu"`` the caller keeps ``y`` (or ``y > 0``) to mask ``dy`` before the two gradients.
 
-Layouts: ``x`` may have any strides. A ``(B, n)`` tensor whose batch stride is 1 (e.g. ``x_t.t()`` of a
-contiguous ``x_t``) is used as it is; any other is transposed once into a contiguous ``(n, B)`` copy. Outputs
-``y`` and ``dx`` are allocated batch-minor, i.e. they are ``(B, n)`` tensors with strides ``(1, B)``
+Layouts: ``x`` may have any strides (:func:`prepare_operand` decides how it is read). A ``(B, n)`` tensor whose
+batch stride is 1 (e.g. ``x_t.t()`` of a contiguous ``x_t``) is used as it is. Any other is either read in place
+with its own strides, when it is small and feeds few gathers (``IN_PLACE_MAX_BYTES``, ``IN_PLACE_MAX_GATHERS``:
+the uncoalesced reads then cost less than a second launch), or transposed once into a contiguous ``(n, B)``
+copy. Outputs ``y`` and ``dx`` are allocated batch-minor, i.e. they are ``(B, n)`` tensors with strides ``(1, B)``
 (``y.t()`` is contiguous), so a chain of sparse layers never transposes; pass ``out=`` to choose another layout.
+So a LeNet-sized network's forward is one launch per layer, the first layer's row-major input included, and a
+caller that runs both gradients (or the forward and the weight gradient) on one operand calls
+:func:`prepare_operand` once and passes its result to each op, so that a copy, when one is needed, is made once.
 
 The bias gradient is *not* fused: it is ``dy.sum(0)`` and is left to the caller.
 
@@ -61,7 +66,7 @@ if HAS_TRITON:
     import triton.language as tl
 
 __all__ = [
-    "sparse_linear_forward", "sparse_linear_backward_input", "sparse_linear_backward_weight",
+    "sparse_linear_forward", "sparse_linear_backward_input", "sparse_linear_backward_weight", "prepare_operand",
     "reference_forward", "reference_backward_input", "reference_backward_weight",
 ]
 
@@ -278,11 +283,39 @@ def _check_activation(activation, op: str) -> None:
         raise ValueError(f"{op}: activation must be None or 'relu', got {activation!r}")
 
 
-def _batch_minor(t: torch.Tensor) -> torch.Tensor:
-    """The (n, B) transpose of a (B, n) tensor with unit stride along B: a view when t already has it, else a copy."""
-    if t.shape[0] <= 1 or t.stride(0) == 1:
-        return t.t()
-    return t.t().contiguous()
+# A (B, n) operand without unit batch stride (a row-major input batch, a loss gradient) is read in place, with its
+# own strides, when it is at most IN_PLACE_MAX_BYTES and the kernel gathers at most IN_PLACE_MAX_GATHERS of its
+# elements (nnz * B); otherwise it is first copied batch-minor. In place, each gathered element of a row-major
+# operand is its own 32-byte sector (8x the traffic of a coalesced fp32 gather), but the operand stays in L1/L2:
+# 2M sectors spread over an H100's 132 SMs at ~4 sectors per clock take ~2 us, about what the transpose copy's
+# extra launch costs. These are estimates from arithmetic, not GPU measurements (none was available when they were
+# set); bench_linear_gpu.py's LeNet rows include whichever of the two a layer takes.
+IN_PLACE_MAX_BYTES = 1 << 20
+IN_PLACE_MAX_GATHERS = 1 << 21
+
+
+def _batch_minor_copy(t: torch.Tensor) -> torch.Tensor:
+    """A (B, n) copy of t with strides (1, B): one transpose launch."""
+    return t.t().contiguous().t()
+
+
+def prepare_operand(t: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The ``(B, n)`` tensor the kernels should be given for a ``(B, n)`` activation or gradient ``t`` that feeds
+    ``nnz`` gathers of a ``B``-vector each: ``t`` itself when it is batch-minor (unit batch stride, e.g. a sparse
+    layer's output) or small enough to read in place, else a batch-minor copy. The kernels call it on every dense
+    operand; its result passes through a second call unchanged, so a caller that feeds one operand to two ops calls it
+    once and pays for at most one copy."""
+    if t.dim() != 2 or t.shape[0] <= 1 or t.stride(0) == 1:
+        return t
+    if (t.numel() * t.element_size() <= IN_PLACE_MAX_BYTES
+            and max(int(nnz), 1) * t.shape[0] <= IN_PLACE_MAX_GATHERS):
+        return t
+    return _batch_minor_copy(t)
+
+
+def _operand_t(t: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The (n, B) view the kernels index as in_t[i, b]."""
+    return prepare_operand(t, nnz).t()
 
 
 def _alloc_batch_minor(n_b: int, n: int, dtype, device) -> torch.Tensor:
@@ -351,7 +384,7 @@ def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=Non
         out = _alloc_batch_minor(n_b, fmt.rows, x.dtype, x.device)
     else:
         _check_out(out, (n_b, fmt.rows), x.dtype, x.device, op)
-    _launch_spmm(fmt.row_ptr, fmt.col_idx, values, None, fmt.row_order, _batch_minor(x), out.t(), bias,
+    _launch_spmm(fmt.row_ptr, fmt.col_idx, values, None, fmt.row_order, _operand_t(x, fmt.nnz), out.t(), bias,
                  activation == "relu", fmt.rows, n_b, fmt.nnz, config, op)
     return out
 
@@ -374,8 +407,8 @@ def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None):
         out = _alloc_batch_minor(n_b, fmt.cols, dy.dtype, dy.device)
     else:
         _check_out(out, (n_b, fmt.cols), dy.dtype, dy.device, op)
-    _launch_spmm(fmt.col_ptr, fmt.t_row_idx, values, fmt.t_perm, fmt.col_order, _batch_minor(dy), out.t(), None,
-                 False, fmt.cols, n_b, fmt.nnz, config, op)
+    _launch_spmm(fmt.col_ptr, fmt.t_row_idx, values, fmt.t_perm, fmt.col_order, _operand_t(dy, fmt.nnz), out.t(),
+                 None, False, fmt.cols, n_b, fmt.nnz, config, op)
     return out
 
 
@@ -405,7 +438,7 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
         return out
     if n_b == 0:
         return out.zero_()
-    dy_t, x_t = _batch_minor(dy), _batch_minor(x)
+    dy_t, x_t = _operand_t(dy, fmt.nnz), _operand_t(x, fmt.nnz)
     args = (fmt.row_idx, fmt.col_idx, dy_t, x_t, out, fmt.nnz, n_b,
             dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), out.stride(0))
     if config is None and _autotune_enabled():

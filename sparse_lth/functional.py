@@ -11,12 +11,19 @@ from .kernels import torch_ops
 from .kernels.format import SparseFormat
 
 
+def _as_is(t, nnz):
+    return t
+
+
 def _linear_ops(backend: str):
+    """(prepare, forward, backward_input, backward_weight). ``prepare(t, nnz)`` turns a dense operand into the form
+    the ops read without a copy (the Triton kernels: batch-minor, or in place when small); an operand that feeds
+    two ops is prepared once, so a layout copy, when one is needed, is made once per step, not once per op."""
     if backend == "torch":
-        return torch_ops.linear_forward, torch_ops.linear_backward_input, torch_ops.linear_backward_weight
+        return _as_is, torch_ops.linear_forward, torch_ops.linear_backward_input, torch_ops.linear_backward_weight
     from .kernels import sparse_linear as k
 
-    return k.sparse_linear_forward, k.sparse_linear_backward_input, k.sparse_linear_backward_weight
+    return k.prepare_operand, k.sparse_linear_forward, k.sparse_linear_backward_input, k.sparse_linear_backward_weight
 
 
 class SparseLinearFunction(torch.autograd.Function):
@@ -24,9 +31,9 @@ class SparseLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, values, bias, fmt: SparseFormat, backend: str, activation: str | None):
-        fwd, _, _ = _linear_ops(backend)
+        prep, fwd, _, _ = _linear_ops(backend)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = prep(x.reshape(-1, x.shape[-1]), fmt.nnz)  # what the forward reads is what the weight gradient reads
         y = fwd(x2, values, fmt, bias, activation)
         ctx.fmt, ctx.backend, ctx.activation, ctx.x_shape = fmt, backend, activation, x.shape
         ctx.has_bias = bias is not None
@@ -36,11 +43,11 @@ class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, values, y = ctx.saved_tensors
-        _, bwd_in, bwd_w = _linear_ops(ctx.backend)
+        prep, _, bwd_in, bwd_w = _linear_ops(ctx.backend)
         dy2 = dy.reshape(-1, ctx.fmt.rows)
         if ctx.activation == "relu":
             dy2 = dy2 * (y > 0)
-        dy2 = dy2.to(x2.dtype)
+        dy2 = prep(dy2.to(x2.dtype), ctx.fmt.nnz)  # one operand for both gradients
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
             dx = bwd_in(dy2, values, ctx.fmt).reshape(ctx.x_shape)

@@ -205,6 +205,34 @@ def test_300x784(kernel_device, density, batch, in_layout):
             in_layout=in_layout, seed=13)
 
 
+@pytest.mark.parametrize("in_layout", ["contig", "strided"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_row_major_operands_in_place_or_copied(kernel_device, monkeypatch, in_layout, in_place):
+    """A row-major or strided operand is read in place (its own strides) or copied batch-minor first: same results."""
+    from sparse_lth.kernels import sparse_linear as K
+
+    monkeypatch.setattr(K, "IN_PLACE_MAX_BYTES", 1 << 40 if in_place else 0)
+    monkeypatch.setattr(K, "IN_PLACE_MAX_GATHERS", 1 << 40 if in_place else 0)
+    run_all(57, 43, 19, 0.2, torch.float32, kernel_device, bias=True, activation="relu", in_layout=in_layout,
+            seed=17)
+
+
+def test_prepare_operand_decides_once():
+    from sparse_lth.kernels import sparse_linear as K
+
+    x = torch.randn(60, 784)                                   # LeNet's input batch, row-major: 188 KB
+    assert K.prepare_operand(x, 2_000) is x                    # few gathers: read in place, no copy
+    big = K.prepare_operand(x, 300 * 784)                      # 14M gathers: copied batch-minor once
+    assert big is not x and big.stride(0) == 1 and torch.equal(big, x)
+    assert K.prepare_operand(big, 300 * 784) is big            # a prepared operand passes through unchanged
+    bm = x.t().contiguous().t()
+    assert K.prepare_operand(bm, 300 * 784) is bm              # already batch-minor
+    large = torch.randn(512, 1024)                             # 2 MiB > IN_PLACE_MAX_BYTES
+    assert K.prepare_operand(large, 1).stride(0) == 1
+    one = torch.randn(1, 784)                                  # batch 1: any layout is batch-minor
+    assert K.prepare_operand(one, 10**9) is one
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("density", [1.0, 0.1])
 def test_half_precision(kernel_device, dtype, density):

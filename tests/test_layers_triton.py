@@ -55,3 +55,60 @@ def test_triton_training_steps_match_torch_backend(kernel_device, backend):
             o.step()
     torch.testing.assert_close(a.dense_weight(), b.dense_weight(), rtol=1e-5, atol=1e-6)
     assert torch.all(a.dense_weight()[~a.weight_mask] == 0)
+
+
+class _Counter:
+    """Counts calls of a module function while delegating to it."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def _lenet_like(backend, device, density, gen):
+    """LeNet-300-100 shaped (smaller hidden widths for the interpreter): 784 -> 60 -> 20 -> 10, sparse layers."""
+    layers = [SparseLinear(784, 60, path="sparse", backend=backend, activation="relu"),
+              SparseLinear(60, 20, path="sparse", backend=backend, activation="relu"),
+              SparseLinear(20, 10, path="sparse", backend=backend)]
+    for layer in layers:
+        layer.set_mask(random_mask((layer.out_features, layer.in_features), density, gen))
+    return torch.nn.Sequential(torch.nn.Flatten(), *layers).to(device)
+
+
+@pytest.mark.parametrize("small", [True, False])
+def test_sparse_linear_launches_and_layout_copies(kernel_device, backend, monkeypatch, small):
+    """One kernel launch per layer in the forward pass, the first layer's row-major input included (read in place
+    when small); when operands are too large for that, each row-major operand is copied once per step (the input in
+    the forward, reused by the weight gradient; the loss gradient once for both gradients), never once per op."""
+    from sparse_lth.kernels import sparse_linear as K
+
+    if not small:  # every row-major operand must be copied batch-minor
+        monkeypatch.setattr(K, "IN_PLACE_MAX_BYTES", 0)
+    launches, copies = _Counter(K._launch_spmm), _Counter(K._batch_minor_copy)
+    monkeypatch.setattr(K, "_launch_spmm", launches)
+    monkeypatch.setattr(K, "_batch_minor_copy", copies)
+    gen = torch.Generator().manual_seed(21)
+    model = _lenet_like(backend, kernel_device, 0.05, gen)
+    x = torch.randn(60, 1, 28, 28, generator=gen).to(kernel_device)     # row-major, as a data loader gives it
+    target = torch.randint(0, 10, (60,), generator=gen).to(kernel_device)
+    out = model(x)
+    assert launches.calls == 3, "forward: one launch per layer"
+    assert copies.calls == (0 if small else 1)
+    torch.nn.functional.cross_entropy(out, target).backward()            # its gradient is row-major (60, 10)
+    assert launches.calls == 3 + 2, "backward: input gradients of layers 3 and 2 (layer 1's input needs none)"
+    assert copies.calls == (0 if small else 2), "backward: only the loss gradient is copied, once"
+    # and the result is right either way
+    ref = torch.nn.Sequential(torch.nn.Flatten(), *[torch.nn.Linear(m.in_features, m.out_features)
+                                                    for m in model[1:]]).to(kernel_device)
+    for r, m in zip(ref[1:], model[1:]):
+        r.weight.data.copy_(m.dense_weight())
+        r.bias.data.copy_(m.bias)
+    h = x.flatten(1)
+    for i, r in enumerate(ref[1:]):
+        h = r(h)
+        if i < 2:
+            h = torch.relu(h)
+    torch.testing.assert_close(out, h, rtol=1e-4, atol=1e-5)
