@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import require_shared_data
 from sparse_lth.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mnist_root() -> str:
-    return str(SHARED_DATA)  # the tests fail, never skip, when the data is missing
+    return str(require_shared_data())  # the tests fail, never skip, when the data is missing
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

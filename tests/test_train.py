@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import SHARED_DATA, tiny_data
+from conftest import require_shared_data, tiny_data
 from sparse_lth.data import load_dataset
 from sparse_lth.imp import apply_masks, prunable_layers, random_masks
 from sparse_lth.layers import sparsify
@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def mnist_root() -> str:
-    return str(SHARED_DATA)  # the tests fail, never skip, when the data is missing
+    return str(require_shared_data())  # the tests fail, never skip, when the data is missing
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
