@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# The GPU work of sparse-lth in parts that each fit one device call (10 minutes at most), for a session with a
-# lent H100/H200 (30 minutes of device time in all). Run from the repository root:
+# The GPU work of sparse-lth, for a session with a lent H100/H200. A session has 15 minutes of device time, the
+# machine's start (a minute or more) included, and one command runs 10 minutes at most: so the plan is ONE call
+# that measures what the kernel issues' targets need, in their priority order, and stops itself in time:
 #
-#     SPARSE_LTH_COMMIT=<sha> bash benchmarks/gpu_suite.sh tests ceilings optim linear        # call 1
-#     SPARSE_LTH_COMMIT=<sha> bash benchmarks/gpu_suite.sh conv-vgg19 model-vgg19 model-lenet  # call 2
-#     SPARSE_LTH_COMMIT=<sha> bash benchmarks/gpu_suite.sh conv-resnet20 conv-conv6            # call 3, if time is left
+#     SPARSE_LTH_COMMIT=<sha> bash benchmarks/gpu_suite.sh plan15          # run tool: timeout_s 600
 #
-# The order is the issues' priority: the targets need linear, optim, the VGG-19 conv layers and the VGG-19 step.
-# Durations on an H100 are not known yet (no session has had one): every part runs under its own time limit
-# (PART_LIMIT seconds, default 290) so that one part cannot eat a call, and the benchmarks write their rows as they
-# go, so a part cut short still leaves what it measured. Then, here: copy the CSVs into benchmarks/results/ and
-# run `python benchmarks/summarize.py`.
+# plan15 = tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets, under a total budget
+# of SUITE_BUDGET seconds (default 540): each part runs under its own limit (below; PART_LIMIT overrides them
+# all), cut to what is left of the budget, and a part with under 15 s left is skipped. Autotuning is shortened
+# (SPARSE_LTH_TUNE_MS=5,20) in the *-targets parts. The benchmarks write their rows as they go and the result
+# files are copied to $OUT after every part, so a call cut short still brings back what it measured. Then, here:
+# copy the CSVs into benchmarks/results/ and run `python benchmarks/summarize.py`.
 #
-# Parts:
-#   tests           the Triton kernel and layer tests, compiled (not interpreted)
-#   ceilings        measured copy bandwidth and matmul rates (bench_ceilings.py)
-#   linear          bench_linear_gpu.py, every layer, density, op, precision
-#   optim           bench_optim.py on CUDA, fp32 and bf16 parameters
-#   conv-vgg19 | conv-resnet20 | conv-conv6     bench_conv_gpu.py on that network's layers
-#   model-vgg19 | model-lenet                   bench_model_step.py: whole training steps
-#   quick           a fast smoke run of linear and conv (--quick) to check that everything compiles
+# Parts (default limit in seconds):
+#   tests-core (150)      the Triton kernel and layer tests, compiled, heuristic configs (pytest-xdist -n 8 when
+#                         installed: compiling is the cost, and it parallelizes)
+#   tests (290)           the same plus tests/test_layers.py, serial
+#   ceilings (30)         measured copy bandwidth and matmul rates (bench_ceilings.py)
+#   linear-targets (120)  bench_linear_gpu.py: 4096x4096 b4096 and the LeNet layers, all densities, fwd and
+#                         fwd+bwd, fp32 and bf16, sparse vs dense masking
+#   optim-targets (60)    bench_optim.py on CUDA, fp32: VGG-19 and 4096x4096 at 100/20/5/1 %
+#   conv-targets (90)     bench_conv_gpu.py: VGG-19's 512->512 3x3 layers at 4x4 and 2x2 pixels, fwd+bwd
+#   model-vgg19-targets (90)  bench_model_step.py: a VGG-19 step at 100 % and 1.5 % weights remaining
+#   linear | optim | conv-vgg19 | conv-resnet20 | conv-conv6 | model-vgg19 | model-lenet (290 each)
+#                         the full sweeps (every layer, density, op, precision, implementation), for later calls
+#   quick (290)           a fast smoke run of linear and conv (--quick) to check that everything compiles
 #
 # The package is imported from the checkout (PYTHONPATH; no pip install: the device machine has no network, and
 # sparse_lth finds its kernels/ beside it in a source checkout). Result CSVs are written under
@@ -40,27 +45,64 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # sparse_lth (and its ker
 PY=${PYTHON:-python3}
 
 if [ $# -eq 0 ]; then
-    sed -n 2,20p "$0"
+    sed -n 2,32p "$0"
     exit 2
 fi
 
 DEV=$($PY -c "import sys; sys.path.insert(0, 'benchmarks'); import torch; from baselines import slug; print(slug(torch.cuda.get_device_name()) if torch.cuda.is_available() else 'no-gpu')" 2>/dev/null || echo unknown)
 
-LIMIT=${PART_LIMIT:-290}
+BUDGET=${SUITE_BUDGET:-540}
+START=$(date +%s)
 status=0
+parts=()
 for part in "$@"; do
+    if [ "$part" = plan15 ]; then
+        parts+=(tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets)
+    else
+        parts+=("$part")
+    fi
+done
+
+default_limit() {
+    case "$1" in
+        tests-core) echo 150 ;; ceilings) echo 30 ;; linear-targets) echo 120 ;; optim-targets) echo 60 ;;
+        conv-targets|model-vgg19-targets) echo 90 ;; *) echo 290 ;;
+    esac
+}
+
+copy_results() {  # the result files this call wrote go back through $OUT (flat, at most 7 besides the log)
+    if [ -n "${OUT:-}" ]; then
+        find benchmarks/results -maxdepth 1 -name '*.csv' -newer "$MARK" | head -n 7 | xargs -r cp -t "$OUT/"
+    fi
+}
+
+for part in "${parts[@]}"; do
     log="$LOG"
-    echo "=== $part  $(date -u +%H:%M:%S)" | tee -a "$log"
+    left=$(( BUDGET - ($(date +%s) - START) ))
+    LIMIT=${PART_LIMIT:-$(default_limit "$part")}
+    [ "$LIMIT" -gt $(( left - 5 )) ] && LIMIT=$(( left - 5 ))
+    if [ "$LIMIT" -lt 15 ]; then
+        echo "=== $part: skipped, ${left} s left of the ${BUDGET} s budget" | tee -a "$log"
+        status=3
+        continue
+    fi
+    echo "=== $part  $(date -u +%H:%M:%S)  limit ${LIMIT} s" | tee -a "$log"
     t0=$(date +%s)
     case "$part" in
-        tests)
+        tests|tests-core)
             nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$log"
             $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
+            files="tests/test_kernels_linear.py tests/test_kernels_conv.py tests/test_optim.py tests/test_layers_triton.py"
+            par=""
+            if [ "$part" = tests ]; then
+                files="$files tests/test_layers.py"
+            elif $PY -c "import xdist" 2>/dev/null; then
+                par="-n 8"
+            fi
             # heuristic configurations only (autotuning every test shape would compile for minutes); the benchmarks
             # check the autotuned kernels against the references
-            SPARSE_LTH_AUTOTUNE=0 timeout "$LIMIT" $PY -m pytest -q -p no:cacheprovider --maxfail=20 \
-                tests/test_kernels_linear.py tests/test_kernels_conv.py tests/test_optim.py \
-                tests/test_layers_triton.py tests/test_layers.py 2>&1 | tee -a "$log"
+            SPARSE_LTH_AUTOTUNE=0 timeout "$LIMIT" $PY -m pytest -q -p no:cacheprovider --maxfail=20 $par $files \
+                2>&1 | tee -a "$log"
             ;;
         ceilings)
             timeout "$LIMIT" $PY benchmarks/bench_ceilings.py --device cuda 2>&1 | tee -a "$log"
@@ -68,9 +110,24 @@ for part in "$@"; do
         linear)
             timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py 2>&1 | tee -a "$log"
             ;;
+        linear-targets)
+            SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py \
+                --shapes 4096x4096x4096 300x784x60 100x300x60 --densities 1 0.5 0.2 0.1 0.05 0.02 0.01 \
+                --ops fwd fwd+bwd --impls sparse_triton dense_mask --dtypes fp32 bf16 --warmup 10 --rep 40 \
+                --out "benchmarks/results/linear_targets_${DEV}.csv" 2>&1 | tee -a "$log"
+            ;;
         optim)
             timeout "$LIMIT" $PY benchmarks/bench_optim.py --device cuda 2>&1 | tee -a "$log"
             timeout "$LIMIT" $PY benchmarks/bench_optim.py --device cuda --dtype bfloat16 --out "benchmarks/results/optim_bf16_${DEV}.csv" 2>&1 | tee -a "$log"
+            ;;
+        optim-targets)
+            timeout "$LIMIT" $PY benchmarks/bench_optim.py --device cuda --models vgg19 fc4096 \
+                --densities 1 0.2 0.05 0.01 2>&1 | tee -a "$log"
+            ;;
+        conv-targets)
+            timeout "$LIMIT" $PY benchmarks/bench_conv_gpu.py --layers vgg19/conv10-12 vgg19/conv13-16 \
+                --directions both --impls triton_sparse dense_mask --warmup 10 --rep 40 \
+                --out "benchmarks/results/conv_targets_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         conv-vgg19|conv-resnet20|conv-conv6)
             net=${part#conv-}
@@ -78,6 +135,10 @@ for part in "$@"; do
             ;;
         model-vgg19)
             timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model vgg19 --batch 128 --device cuda --densities 1.0 0.2 0.05 0.015 2>&1 | tee -a "$log"
+            ;;
+        model-vgg19-targets)
+            timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model vgg19 --batch 128 --device cuda \
+                --densities 1.0 0.015 --out "benchmarks/results/model_step_vgg19_targets_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         model-lenet)
             timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model lenet300_100 --batch 60 --device cuda 2>&1 | tee -a "$log"
@@ -95,10 +156,7 @@ for part in "$@"; do
     rc=$?
     [ $rc -ne 0 ] && status=$rc
     echo "=== $part: rc=$rc, $(( $(date +%s) - t0 )) s" | tee -a "$log"
+    copy_results
 done
-# the result files this call wrote go back through $OUT (flat, at most 7 besides the log)
-if [ -n "${OUT:-}" ]; then
-    find benchmarks/results -maxdepth 1 -name '*.csv' -newer "$MARK" | head -n 7 | xargs -r cp -t "$OUT/"
-fi
 rm -f "$MARK"
 exit $status

@@ -46,3 +46,22 @@ def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
                                "Triton is imported to run them on the CPU through the interpreter")
         raise RuntimeError(f"{op}: Triton cannot run on device {dev}")
     return dev
+
+
+def autotune_bench():
+    """The timing function for the kernels' autotuners, or None for Triton's default (``do_bench`` with 25 ms of
+    warmup and 100 ms of timing per configuration). ``$SPARSE_LTH_TUNE_MS="WARMUP,REP"`` (milliseconds) shortens
+    it: the GPU benchmark plan sets it so that tuning every layer, density and precision fits its time budget."""
+    spec = os.environ.get("SPARSE_LTH_TUNE_MS", "").strip()
+    if not spec:
+        return None
+    try:
+        warmup, rep = (float(v) for v in spec.split(","))
+        if warmup < 0 or rep <= 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"SPARSE_LTH_TUNE_MS must be 'WARMUP,REP' in milliseconds (e.g. '5,20'), got {spec!r}") \
+            from None
+    import triton.testing
+
+    return lambda fn, quantiles: triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=quantiles)

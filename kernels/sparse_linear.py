@@ -58,7 +58,7 @@ import os
 
 import torch
 
-from ._triton import HAS_TRITON, check_launch, interpreting
+from ._triton import HAS_TRITON, autotune_bench, check_launch, interpreting
 from .format import SparseFormat, to_dense
 
 if HAS_TRITON:
@@ -224,11 +224,12 @@ def _tuned_kernel(kind: str, n_b: int):
         if kind == "spmm":
             cfgs = [triton.Config({"BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b}, num_warps=w)
                     for r, k, b, w in _SPMM_CONFIGS if b <= cap]
-            _tuned[key] = triton.autotune(configs=cfgs, key=["n_out", "n_b", "nnz"])(_spmm_t_kernel)
+            _tuned[key] = triton.autotune(configs=cfgs, key=["n_out", "n_b", "nnz"],
+                                         do_bench=autotune_bench())(_spmm_t_kernel)
         else:
             cfgs = [triton.Config({"BLOCK_NNZ": k, "BLOCK_B": b}, num_warps=w) for k, b, w in _SDDMM_CONFIGS
                     if b <= cap]
-            _tuned[key] = triton.autotune(configs=cfgs, key=["nnz", "n_b"])(_sddmm_t_kernel)
+            _tuned[key] = triton.autotune(configs=cfgs, key=["nnz", "n_b"], do_bench=autotune_bench())(_sddmm_t_kernel)
     return _tuned[key]
 
 

@@ -391,3 +391,16 @@ def test_mismatched_devices(prob):
         other = "cpu" if x.is_cuda else "cuda"
         with pytest.raises(ValueError, match="different devices"):
             sparse_linear_forward(x, values, fmt.to(other), b)
+
+
+def test_autotune_bench_setting(monkeypatch):
+    from sparse_lth.kernels._triton import autotune_bench
+
+    monkeypatch.delenv("SPARSE_LTH_TUNE_MS", raising=False)
+    assert autotune_bench() is None                       # Triton's own default timing
+    monkeypatch.setenv("SPARSE_LTH_TUNE_MS", "5,20")
+    assert callable(autotune_bench())
+    for bad in ("20", "a,b", "5,0", "-1,20"):
+        monkeypatch.setenv("SPARSE_LTH_TUNE_MS", bad)
+        with pytest.raises(ValueError, match="WARMUP,REP"):
+            autotune_bench()

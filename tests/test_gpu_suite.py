@@ -1,0 +1,114 @@
+"""benchmarks/gpu_suite.sh, the one-call plan a session with a lent GPU runs, checked here with stand-ins for python3
+and timeout: which commands each part runs, under which time limits, the budget, and what comes back through $OUT.
+(The benchmarks themselves are checked by their dry runs in test_benchmark_scripts.py.)"""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_PY = r"""#!/usr/bin/env bash
+# stands in for python3: records its arguments; a benchmark writes one CSV row where it would write its results
+echo "PY $*" >> "$FAKE_LOG"
+case "$*" in
+    *get_device_name*) echo fake-h200; exit 0 ;;
+    *"import xdist"*) exit 0 ;;
+    *"import torch, triton"*) echo "torch 0 triton 0 fake"; exit 0 ;;
+esac
+out=""
+prev=""
+for a in "$@"; do
+    [ "$prev" = "--out" ] && out="$a"
+    prev="$a"
+done
+script=$(basename "${1:-x}" .py)
+if [ -z "$out" ] && [ "${1:-}" != "-m" ]; then
+    out="benchmarks/results/${script#bench_}_fake-h200.csv"
+fi
+[ -n "$out" ] && echo "device,median_ms" > "$out" && echo "fake-h200,1.0" >> "$out"
+exit 0
+"""
+
+FAKE_TIMEOUT = r"""#!/usr/bin/env bash
+echo "TIMEOUT $1" >> "$FAKE_LOG"
+shift
+exec "$@"
+"""
+
+
+@pytest.fixture
+def suite(tmp_path):
+    """A copy of the suite in a scratch tree (it writes under its own benchmarks/results/), fakes on PATH."""
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "gpu_suite.sh", tree / "benchmarks" / "gpu_suite.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python3", FAKE_PY), ("timeout", FAKE_TIMEOUT)):
+        f = bin_dir / name
+        f.write_text(text)
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    out = tmp_path / "out"
+    out.mkdir()
+    log = tmp_path / "calls.log"
+
+    def run(*parts, budget=None):
+        log.unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("PART_LIMIT", "SUITE_BUDGET", "PYTHON")}
+        env.update(PATH=f"{bin_dir}:{env['PATH']}", OUT=str(out), FAKE_LOG=str(log))
+        if budget is not None:
+            env["SUITE_BUDGET"] = str(budget)
+        r = subprocess.run(["bash", str(tree / "benchmarks" / "gpu_suite.sh"), *parts], env=env,
+                           capture_output=True, text=True, timeout=120)
+        calls = log.read_text().splitlines() if log.exists() else []
+        return r, calls, out
+
+    return run
+
+
+def test_plan15_runs_the_target_parts_in_order_under_their_limits(suite):
+    r, calls, out = suite("plan15")
+    assert r.returncode == 0, r.stdout + r.stderr
+    limits = [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")]
+    assert limits == [150, 30, 120, 60, 90, 90]
+    runs = [c for c in calls if c.startswith("PY ") and " -c " not in f" {c} "]
+    assert len(runs) == 6, runs
+    pytest_call, ceilings, linear, optim, conv, model = runs
+    assert "-m pytest" in pytest_call and "-n 8" in pytest_call and "tests/test_kernels_linear.py" in pytest_call
+    assert "tests/test_optim.py" in pytest_call and "tests/test_kernels_conv.py" in pytest_call
+    assert "bench_ceilings.py --device cuda" in ceilings
+    assert "bench_linear_gpu.py" in linear and "4096x4096x4096" in linear and "300x784x60" in linear
+    assert "--densities 1 0.5 0.2 0.1 0.05 0.02 0.01" in linear and "--dtypes fp32 bf16" in linear
+    assert "bench_optim.py --device cuda --models vgg19 fc4096" in optim
+    assert "vgg19/conv10-12 vgg19/conv13-16" in conv and "--directions both" in conv
+    assert "bench_model_step.py --model vgg19" in model and "--densities 1.0 0.015" in model
+    back = sorted(p.name for p in out.iterdir())
+    assert len(back) <= 8                                    # what the device tool brings back
+    assert sum(n.startswith("suite_") for n in back) == 1    # one log for the call
+    assert {"ceilings_fake-h200.csv", "linear_targets_fake-h200.csv", "optim_fake-h200.csv",
+            "conv_targets_fake-h200.csv", "model_step_vgg19_targets_fake-h200.csv"} <= set(back)
+    log = (out / next(n for n in back if n.startswith("suite_"))).read_text()
+    assert log.count("=== ") == 12                           # a start and an end line per part
+
+
+def test_budget_cuts_limits_and_skips_parts(suite):
+    r, calls, _ = suite("plan15", budget=100)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")] == [95, 30, 95, 60, 90, 90]
+    r, calls, _ = suite("tests-core", "ceilings", budget=10)
+    assert r.returncode == 3
+    assert not any(c.startswith("TIMEOUT") for c in calls)
+    assert r.stdout.count("skipped") == 2
+
+
+def test_unknown_part_and_usage(suite):
+    r, _, _ = suite("no-such-part")
+    assert r.returncode == 2 and "unknown part: no-such-part" in r.stdout
+    r, _, _ = suite()
+    assert r.returncode == 2 and "plan15" in r.stdout
