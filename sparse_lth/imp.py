@@ -19,6 +19,10 @@
   ``rounds`` iterative rounds would reach.
 - ``continue``: prune as IMP but keep training the trained weights, without resetting them, each round.
 
+A control's round 0 (the dense network) is the ``imp`` experiment's: when that has finished round 0 for the seed
+from the same θ0, the control takes its masks, final weights, rewind point and metrics (``reused_from`` in its
+metrics) instead of training the same network again; ``reuse_dense_round=False`` trains it anyway.
+
 Run folders: ``<run_root>/<model>_<control>_<hash>/`` where the hash covers the hyperparameters that differ from
 :class:`ImpHparams`' defaults (except ``seed``), so the same experiment finds the same folder. It holds
 ``hparams.json`` and one ``seed_<s>/`` per replicate with ``init.pt`` (θ0), ``rewind.pt`` (θk) and per round
@@ -85,6 +89,7 @@ class ImpHparams:
     rewind: str = "0it"             # rewind point: "Nit" or "Nep"; 0 = the original initialization
     control: str = "imp"            # imp | reinit | random_prune | oneshot | continue
     oneshot_remaining: float = 0.0  # oneshot: fraction of weights kept (0: what `rounds` rounds of IMP keep)
+    reuse_dense_round: bool = True  # controls: take round 0 (the dense network) from the finished IMP run
     # layers
     layer_impl: str = "sparse"      # sparse (sparse_lth.layers) | masked (plain layers, dense masking)
     path: str = "auto"              # auto | dense | sparse: the sparse layers' path
@@ -97,8 +102,9 @@ class ImpHparams:
         self.dense_layers = tuple(str(d) for d in self.dense_layers)
 
 
-# Hyperparameters that do not change the experiment's identity (replicates live in the same experiment).
-NOT_HASHED = ("seed",)
+# Hyperparameters that do not change the experiment's identity (replicates live in the same experiment; a reused
+# dense round is the one the control would train, bit for bit where training is deterministic).
+NOT_HASHED = ("seed", "reuse_dense_round")
 
 
 def hparams_dict(hp: ImpHparams) -> dict:
@@ -515,6 +521,13 @@ class Experiment:
                     all_metrics.append(json.load(f))
                 continue
             os.makedirs(rdir, exist_ok=True)
+            if r == 0 and hp.control != "imp" and hp.reuse_dense_round:
+                reused = self._reuse_dense_round(seed, init_path, rewind_path)
+                if reused is not None:
+                    all_metrics.append(reused)
+                    if on_round_end is not None:
+                        on_round_end(reused)
+                    continue
             model = self._build_model(seed)
             init_state = torch.load(init_path, map_location=self.device, weights_only=False)
             _load_weights(model, init_state)
@@ -565,6 +578,37 @@ class Experiment:
             if on_round_end is not None:
                 on_round_end(metrics)
         return all_metrics
+
+    def _reuse_dense_round(self, seed: int, init_path: str, rewind_path: str) -> dict | None:
+        """A control's round 0 trains the dense network from the same θ0 with the same hyperparameters as the IMP
+        run it is compared with: when that run has finished its round 0 for this seed, from an identical θ0, take
+        its masks, final weights, rewind point and metrics instead of training again (the metrics name the
+        source: ``reused_from``). Returns the metrics, or None (then the round is trained here)."""
+        src = self.source()
+        sdir = src.round_dir(seed, 0)
+        files = [os.path.join(sdir, f) for f in ("metrics.json", "masks.pt", "final.pt")]
+        src_init = os.path.join(src.seed_dir(seed), "init.pt")
+        src_rewind = os.path.join(src.seed_dir(seed), "rewind.pt")
+        if not all(os.path.exists(f) for f in files + [src_init, src_rewind]):
+            return None
+        mine = torch.load(init_path, map_location="cpu", weights_only=False)
+        theirs = torch.load(src_init, map_location="cpu", weights_only=False)
+        if mine.keys() != theirs.keys() or not all(torch.equal(mine[k], theirs[k]) for k in mine):
+            return None  # another θ0 (e.g. the model code changed between the runs): train it here
+        rdir = self.round_dir(seed, 0)
+        for f in files[1:]:
+            shutil.copyfile(f, os.path.join(rdir, os.path.basename(f)))
+        if not os.path.exists(rewind_path):
+            shutil.copyfile(src_rewind, rewind_path)
+        with open(files[0]) as f:
+            metrics = json.load(f)
+        metrics.update(control=self.hp.control, reused_from=os.path.relpath(sdir, self.dir))
+        mpath = os.path.join(rdir, "metrics.json")
+        tmp = mpath + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=1)
+        os.replace(tmp, mpath)  # last: a copy cut short is made again on resume
+        return metrics
 
     def _round_masks(self, model: nn.Module, seed: int, r: int) -> dict[str, torch.Tensor]:
         """The masks of round ``r`` (computed once, saved in ``masks.pt``, reloaded on resume)."""

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,42 @@ def test_reinit_keeps_masks_changes_values_and_random_prune_keeps_sparsity(tmp_p
             assert (re_starts[r][n][~live] == 0).all()
             assert torch.equal(rp_starts[r][n][mp[n]], imp_starts[0][n][mp[n]])    # rewound to theta_0
         assert re.metrics[0][r]["remaining"] == imp.metrics[0][r]["remaining"]
+
+
+def test_controls_reuse_the_dense_round_of_the_imp_run(tmp_path):
+    """A control's round 0 is the IMP run's (same θ0, same training): taken from it, not trained again, with the
+    very metrics (and rewind point) that training it here gives."""
+    data = tiny_data(240, 120)
+    hp = dict(rounds=1, rewind="5it")
+    imp = run(tiny_hp(**hp), tmp_path, data=data)
+    trained = run(tiny_hp(control="random_prune", reuse_dense_round=False, **hp), tmp_path, data=data)
+    rewind_trained = torch.load(os.path.join(trained.experiment_dir, "seed_0", "rewind.pt"), weights_only=False)
+    shutil.rmtree(trained.experiment_dir)
+    starts = []
+    reused = run(tiny_hp(control="random_prune", **hp), tmp_path, data=data,
+                 on_round_start=lambda r, m: starts.append(r))
+    assert reused.experiment_dir == trained.experiment_dir     # reuse_dense_round is not part of the hash
+    assert starts == [1]                                       # round 0 was not trained
+    m0 = reused.metrics[0][0]
+    assert m0["control"] == "random_prune"
+    assert m0["reused_from"] == os.path.relpath(os.path.join(imp.experiment_dir, "seed_0", "round_00"),
+                                                reused.experiment_dir)
+    for a, b in zip(trained.metrics[0], reused.metrics[0]):
+        b = {k: v for k, v in b.items() if k != "reused_from"}
+        assert strip_times(a) == strip_times(b)
+    rewind = torch.load(os.path.join(reused.experiment_dir, "seed_0", "rewind.pt"), weights_only=False)
+    assert rewind.keys() == rewind_trained.keys() and all(torch.equal(rewind[k], rewind_trained[k]) for k in rewind)
+    # another θ0 in the IMP run (say, the model code changed in between): round 0 is trained here
+    shutil.rmtree(reused.experiment_dir)
+    init = os.path.join(imp.experiment_dir, "seed_0", "init.pt")
+    state = torch.load(init, weights_only=False)
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = state[key] + 1.0
+    torch.save(state, init)
+    starts.clear()
+    again = run(tiny_hp(control="random_prune", **hp), tmp_path, data=data,
+                on_round_start=lambda r, m: starts.append(r))
+    assert starts == [0, 1] and "reused_from" not in again.metrics[0][0]
 
 
 def test_oneshot_hits_target(tmp_path):
