@@ -8,8 +8,9 @@
 # plan15 = tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets, under a total budget
 # of SUITE_BUDGET seconds (default 540): each part runs under its own limit (below; PART_LIMIT overrides them
 # all), cut to what is left of the budget, and a part with under 15 s left is skipped. Autotuning is shortened
-# (SPARSE_LTH_TUNE_MS=5,20) in the *-targets parts. The benchmarks write their rows as they go and the result
-# files are copied to $OUT after every part, so a call cut short still brings back what it measured. Then, here:
+# (SPARSE_LTH_TUNE_MS=5,20) in the *-targets parts, which take the target densities (1-5 %) first. The
+# benchmarks write their rows as they go and the result files are copied to $OUT after every part, so a call cut
+# short still brings back what it measured. Then, here:
 # copy the CSVs into benchmarks/results/ and run `python benchmarks/summarize.py`.
 #
 # Parts (default limit in seconds):
@@ -112,7 +113,7 @@ for part in "${parts[@]}"; do
             ;;
         linear-targets)
             SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py \
-                --shapes 4096x4096x4096 300x784x60 100x300x60 --densities 1 0.5 0.2 0.1 0.05 0.02 0.01 \
+                --shapes 4096x4096x4096 300x784x60 100x300x60 --densities 0.01 0.02 0.05 0.1 0.2 0.5 1 \
                 --ops fwd fwd+bwd --impls sparse_triton dense_mask --dtypes fp32 bf16 --warmup 10 --rep 40 \
                 --out "benchmarks/results/linear_targets_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
@@ -126,7 +127,8 @@ for part in "${parts[@]}"; do
             ;;
         conv-targets)
             timeout "$LIMIT" $PY benchmarks/bench_conv_gpu.py --layers vgg19/conv10-12 vgg19/conv13-16 \
-                --directions both --impls triton_sparse dense_mask --warmup 10 --rep 40 \
+                --densities 0.02 0.01 0.05 0.1 0.2 0.5 1 --directions both --impls triton_sparse dense_mask \
+                --warmup 10 --rep 40 \
                 --out "benchmarks/results/conv_targets_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         conv-vgg19|conv-resnet20|conv-conv6)
@@ -137,8 +139,8 @@ for part in "${parts[@]}"; do
             timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model vgg19 --batch 128 --device cuda --densities 1.0 0.2 0.05 0.015 2>&1 | tee -a "$log"
             ;;
         model-vgg19-targets)
-            timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model vgg19 --batch 128 --device cuda \
-                --densities 1.0 0.015 --out "benchmarks/results/model_step_vgg19_targets_${DEV}.csv" 2>&1 | tee -a "$log"
+            SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model vgg19 --batch 128 \
+                --device cuda --densities 0.015 1.0 --out "benchmarks/results/model_step_vgg19_targets_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         model-lenet)
             timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model lenet300_100 --batch 60 --device cuda 2>&1 | tee -a "$log"

@@ -84,10 +84,11 @@ def test_plan15_runs_the_target_parts_in_order_under_their_limits(suite):
     assert "tests/test_optim.py" in pytest_call and "tests/test_kernels_conv.py" in pytest_call
     assert "bench_ceilings.py --device cuda" in ceilings
     assert "bench_linear_gpu.py" in linear and "4096x4096x4096" in linear and "300x784x60" in linear
-    assert "--densities 1 0.5 0.2 0.1 0.05 0.02 0.01" in linear and "--dtypes fp32 bf16" in linear
+    assert "--densities 0.01 0.02 0.05 0.1 0.2 0.5 1" in linear and "--dtypes fp32 bf16" in linear  # targets first
     assert "bench_optim.py --device cuda --models vgg19 fc4096" in optim
     assert "vgg19/conv10-12 vgg19/conv13-16" in conv and "--directions both" in conv
-    assert "bench_model_step.py --model vgg19" in model and "--densities 1.0 0.015" in model
+    assert "--densities 0.02 0.01 0.05 0.1 0.2 0.5 1" in conv
+    assert "bench_model_step.py --model vgg19" in model and "--densities 0.015 1.0" in model
     back = sorted(p.name for p in out.iterdir())
     assert len(back) <= 8                                    # what the device tool brings back
     assert sum(n.startswith("suite_") for n in back) == 1    # one log for the call
