@@ -1,5 +1,6 @@
 """pytest-benchmark suite (CPU): SparseLinear forward+backward on the torch backend against dense masking, at
-the LeNet shapes and at 512x4608 (a VGG-19 conv layer as a matrix product) with a CPU-sized batch.
+the LeNet shapes and at 512x4608 (a VGG-19 conv layer as a matrix product) with a CPU-sized batch; and
+``build_format``, the index build that runs once per mask (once per IMP round), up to 4096x4096.
 
     python -m pytest benchmarks/test_bench_linear_cpu.py --benchmark-json benchmarks/results/linear_cpu.json
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from sparse_lth.kernels.format import build_format
 from sparse_lth.layers import SparseLinear
 
 from baselines import MaskedLinear
@@ -44,3 +46,12 @@ def test_linear_fwd_bwd(benchmark, shape, density, impl):
     benchmark.extra_info.update(density=density, impl=impl, path=getattr(layer, "path", "masked"),
                                 device="cpu", dtype="float32")
     benchmark(step)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.2, 0.05, 0.01])
+@pytest.mark.parametrize("shape", [(300, 784), (512, 4608), (4096, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_build_format(benchmark, shape, density):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) < density
+    benchmark.extra_info.update(density=density, device="cpu", op="build_format")
+    fmt = benchmark(build_format, mask)
+    assert fmt.nnz == int(mask.sum())
