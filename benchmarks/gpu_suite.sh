@@ -10,8 +10,8 @@
 # all), cut to what is left of the budget, and a part with under 15 s left is skipped. Autotuning is shortened
 # (SPARSE_LTH_TUNE_MS=5,20) in the *-targets parts, which take the target densities (1-5 %) first. The
 # benchmarks write their rows as they go and the result files are copied to $OUT after every part, so a call cut
-# short still brings back what it measured. Then, here:
-# copy the CSVs into benchmarks/results/ and run `python benchmarks/summarize.py`.
+# short still brings back what it measured. Then, here: copy the CSVs into benchmarks/results/ and run
+# `python benchmarks/summarize.py`.
 #
 # Parts (default limit in seconds):
 #   tests-core (150)      the Triton kernel and layer tests, compiled, heuristic configs (pytest-xdist -n 8 when

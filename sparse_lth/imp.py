@@ -480,11 +480,7 @@ class Experiment:
         path = os.path.join(self.dir, "hparams.json")
         if not os.path.exists(path):
             d = {k: v for k, v in hparams_dict(self.hp).items() if k not in NOT_HASHED}
-            tmp = path + f".tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(d, f, indent=2, sort_keys=True)
-                f.write("\n")
-            os.replace(tmp, path)
+            _write_json_atomic(d, path, indent=2, sort_keys=True)
 
     def run(self, seeds=None, callback: Callable | None = None,
             on_round_start: Callable | None = None, on_round_end: Callable | None = None) -> ImpResult:
@@ -567,10 +563,7 @@ class Experiment:
             save_atomic({k_: v.detach().clone() for k_, v in model.state_dict().items()},
                         os.path.join(rdir, "final.pt"))
             metrics = self._round_metrics(model, masks, out, seed, r)
-            tmp = mpath + f".tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(metrics, f, indent=1)
-            os.replace(tmp, mpath)
+            _write_json_atomic(metrics, mpath)
             ck = os.path.join(rdir, "checkpoint.pt")
             if os.path.exists(ck):
                 os.remove(ck)
@@ -603,11 +596,7 @@ class Experiment:
         with open(files[0]) as f:
             metrics = json.load(f)
         metrics.update(control=self.hp.control, reused_from=os.path.relpath(sdir, self.dir))
-        mpath = os.path.join(rdir, "metrics.json")
-        tmp = mpath + f".tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=1)
-        os.replace(tmp, mpath)  # last: a copy cut short is made again on resume
+        _write_json_atomic(metrics, os.path.join(rdir, "metrics.json"))  # last: a cut-short copy is redone
         return metrics
 
     def _round_masks(self, model: nn.Module, seed: int, r: int) -> dict[str, torch.Tensor]:
@@ -666,6 +655,15 @@ class Experiment:
             early_stop_test_acc=out["early_stop_test_acc"], wall_time=out["wall_time"],
             step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"],
             paths=out["paths"], backends=out["backends"], device=str(self.device), curve=out["curve"])
+
+
+def _write_json_atomic(obj, path: str, indent: int = 1, sort_keys: bool = False) -> None:
+    """JSON to ``path`` through a temporary file and a rename (a kill never leaves half a file)."""
+    tmp = path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def _reinit_seed(seed: int, r: int) -> int:
