@@ -170,17 +170,19 @@ def linear_cases(all_configs: bool):
     cases = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for batch in (1, 60, 256, 4096):
-            def run(dtype=dtype, batch=batch, cfg=None, sddmm_cfg=None):
-                fmt = _fmt(33, 65, 0.3)
-                x = torch.randn(batch, 65).to(dtype)
+            def run(dtype=dtype, batch=batch, cfg=None, sddmm_cfg=None, variant="gather"):
+                fmt = _fmt(33, 300, 0.3)  # 300 columns: several base panels for the slab kernels
+                x = torch.randn(batch, 300).to(dtype)
                 v = torch.randn(fmt.nnz).to(dtype)
                 b = torch.randn(33).to(dtype)
-                L.sparse_linear_forward(x, v, fmt, b, activation="relu", config=cfg)
-                L.sparse_linear_forward(x, v, fmt, None, config=cfg)
+                L.sparse_linear_forward(x, v, fmt, b, activation="relu", config=cfg, variant=variant)
+                L.sparse_linear_forward(x, v, fmt, None, config=cfg, variant=variant)
                 dy = torch.randn(batch, 33).to(dtype)
-                L.sparse_linear_backward_input(dy, v, fmt, config=cfg)
-                L.sparse_linear_backward_weight(dy, x, fmt, out_dtype=torch.float32, config=sddmm_cfg)
+                L.sparse_linear_backward_input(dy, v, fmt, config=cfg, variant=variant)
+                L.sparse_linear_backward_weight(dy, x, fmt, out_dtype=torch.float32, config=sddmm_cfg,
+                                                variant=variant)
             cases.append((f"linear {str(dtype)[6:]} batch {batch}", run))
+            cases.append((f"linear slab {str(dtype)[6:]} batch {batch}", lambda run=run: run(variant="slab")))
     if all_configs:
         for r, k, b, w in L._SPMM_CONFIGS:
             cfg = {"BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b, "num_warps": w}
@@ -188,6 +190,11 @@ def linear_cases(all_configs: bool):
         for k, b, w in L._SDDMM_CONFIGS:
             cfg = {"BLOCK_NNZ": k, "BLOCK_B": b, "num_warps": w}
             cases.append((f"linear sddmm config {cfg}", lambda cfg=cfg, run=cases[0][1]: run(sddmm_cfg=cfg)))
+        for configs, key in ((L._SPMM_SLAB_CONFIGS, "cfg"), (L._SDDMM_SLAB_CONFIGS, "sddmm_cfg")):
+            for p, r, k, b, w, occ in configs:
+                cfg = {"PANEL_STEP": p, "BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b, "num_warps": w, "OCC": occ}
+                cases.append((f"linear slab {key} {cfg}",
+                              lambda cfg=cfg, key=key, run=cases[0][1]: run(variant="slab", **{key: cfg})))
     return cases
 
 

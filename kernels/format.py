@@ -24,6 +24,16 @@ Load balancing::
     row_order int32 [rows]            rows sorted by decreasing number of live weights
     col_order int32 [cols]            columns likewise
 
+Column panels (the "slab" kernels, which keep one panel of the dense operand in L1 while they sweep every row)::
+
+    row_panel_ptr int32/int64 [rows, NP + 1]   row r's entries with col in [j * PANEL, (j + 1) * PANEL) are
+                                               row_panel_ptr[r, j]:row_panel_ptr[r, j + 1] (CSR positions);
+                                               NP = max(1, ceil(cols / PANEL)), column 0 = row_ptr[:-1],
+                                               column NP = row_ptr[1:]
+    col_panel_ptr int32/int64 [cols, NPt + 1]  the same for the CSC view over panels of rows (CSC positions)
+
+with ``PANEL`` = 128; a kernel may walk several base panels at a time.
+
 Pointers (``row_ptr``, ``col_ptr``, ``t_perm``) are int64 once ``nnz`` can pass 2**31 - 1, int32 below that.
 """
 from __future__ import annotations
@@ -33,9 +43,15 @@ from dataclasses import dataclass, fields
 
 import torch
 
-__all__ = ["SparseFormat", "build_format", "check_mask", "to_values", "to_dense"]
+__all__ = ["SparseFormat", "build_format", "check_mask", "to_values", "to_dense", "PANEL"]
 
 _INT32_MAX = 2**31 - 1
+PANEL = 128  # columns (rows, for the CSC view) per base panel of row_panel_ptr (col_panel_ptr)
+
+
+def n_panels(n: int) -> int:
+    """Base panels over ``n`` columns (at least one, so that an empty dimension still has a pointer pair)."""
+    return max(1, -(-n // PANEL))
 
 
 @dataclass
@@ -51,6 +67,8 @@ class SparseFormat:
     t_perm: torch.Tensor
     row_order: torch.Tensor
     col_order: torch.Tensor
+    row_panel_ptr: torch.Tensor
+    col_panel_ptr: torch.Tensor
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -96,6 +114,16 @@ class SparseFormat:
                 raise ValueError(f"SparseFormat.{name}: expected an int32 or int64 tensor, got {t.dtype}")
             if t.device != self.device:
                 raise ValueError(f"SparseFormat.{name} is on {t.device}, row_ptr on {self.device}")
+        for name, shape in (("row_panel_ptr", (self.rows, n_panels(self.cols) + 1)),
+                            ("col_panel_ptr", (self.cols, n_panels(self.rows) + 1))):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_contiguous():
+                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"SparseFormat.{name}: expected a contiguous tensor of shape {shape}, got {got}")
+            if t.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"SparseFormat.{name}: expected an int32 or int64 tensor, got {t.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"SparseFormat.{name} is on {t.device}, row_ptr on {self.device}")
 
 
 def check_mask(mask, shape, *, name: str = "mask") -> torch.Tensor:
@@ -128,6 +156,18 @@ def _ptr(counts: torch.Tensor, dtype) -> torch.Tensor:
     return ptr.to(dtype)
 
 
+def _panel_ptr(major: torch.Tensor, minor: torch.Tensor, n_major: int, n_minor: int, dtype) -> torch.Tensor:
+    """``(n_major, NP + 1)`` pointers of the entries ``(major[k], minor[k])``, sorted by (major, minor), into their
+    base panels of ``minor``: entry ``[i, j]`` is the first position whose key ``(major, minor // PANEL)`` is at
+    least ``(i, j)``. The keys are sorted, so one ``searchsorted`` of ``n_major * NP + 1`` queries does it."""
+    np_ = n_panels(n_minor)
+    keys = major.to(torch.int64) * np_ + torch.div(minor.to(torch.int64), PANEL, rounding_mode="floor")
+    queries = torch.arange(n_major * np_ + 1, dtype=torch.int64, device=major.device)
+    pos = torch.searchsorted(keys, queries)
+    # row i's pointers are queries i * NP ... (i + 1) * NP: consecutive rows share their boundary pointer
+    return pos.as_strided((n_major, np_ + 1), (np_, 1)).to(dtype).contiguous()
+
+
 def build_format(mask: torch.Tensor) -> SparseFormat:
     """Build the index structures of a boolean mask of any shape ``(rows, ...)`` on the mask's device.
 
@@ -150,6 +190,7 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
     # stable sort by column keeps rows ascending within each column (int32 keys: half the sort's time on a CPU)
     _, t_perm = torch.sort(col_idx, stable=True)
     t_row_idx = row_idx[t_perm]
+    t_col_idx = col_idx[t_perm]  # ascending: the column of every CSC entry
     return SparseFormat(
         rows=rows, cols=cols, nnz=nnz,
         row_ptr=_ptr(row_counts, ptr_dtype),
@@ -160,6 +201,8 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
         t_perm=t_perm.to(ptr_dtype),
         row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
         col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
+        row_panel_ptr=_panel_ptr(row_idx, col_idx, rows, cols, ptr_dtype),
+        col_panel_ptr=_panel_ptr(t_col_idx, t_row_idx, cols, rows, ptr_dtype),
     )
 
 

@@ -59,7 +59,7 @@ import os
 import torch
 
 from ._triton import HAS_TRITON, autotune_bench, check_launch, interpreting
-from .format import SparseFormat, to_dense
+from .format import PANEL, SparseFormat, to_dense
 
 if HAS_TRITON:
     import triton
@@ -174,6 +174,148 @@ if HAS_TRITON:
         dv = tl.sum(acc, axis=1)
         tl.store(out_ptr + offs_k * stride_out, dv.to(out_ptr.dtype.element_ty), mask=mask_k)
 
+    @triton.jit
+    def _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, t, n_mine, j0, j1):
+        """Rows ``order[chunk + t * n_chunks]`` of a slab program (t < n_mine) and their entries in base panels
+        [j0, j1): (row, start, length), length 0 for masked rows."""
+        mask_r = t < n_mine
+        o = tl.load(order_ptr + chunk + t.to(tl.int64) * n_chunks, mask=mask_r, other=0).to(tl.int64)
+        pp_o = pp_ptr + o * stride_pp
+        start = tl.load(pp_o + j0, mask=mask_r, other=0).to(tl.int64)
+        length = tl.load(pp_o + j1, mask=mask_r, other=0).to(tl.int64) - start
+        return o, start, length
+
+    @triton.jit(do_not_specialize=["nnz"])
+    def _spmm_slab_kernel(
+        # sparse operand: panel pointers [n_out, n_panels + 1], indices [nnz], values (via perm if HAS_PERM)
+        pp_ptr, idx_ptr, val_ptr, perm_ptr,
+        # processing order of the output rows [n_out]
+        order_ptr,
+        # dense operand in_t[i, b]; fp32 partial sums ws_t[o, b] (may be out_t itself); output out_t[o, b]; bias
+        in_ptr, ws_ptr, out_ptr, bias_ptr,
+        # sizes (n_panels: base panels of the pointer table; nnz is only the autotuner's key)
+        n_out, n_b, nnz, n_panels,
+        # strides (in elements)
+        stride_pp,
+        stride_in_i, stride_in_b,
+        stride_ws_o, stride_ws_b,
+        stride_out_o, stride_out_b,
+        # meta-parameters: PANEL_STEP base panels of columns per sweep
+        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PANEL_STEP: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """The forward / input gradient of ``_spmm_t_kernel`` with reuse of the dense operand in L1: a program owns
+        one block of BLOCK_B batch entries and every ``n_chunks``-th row (``n_chunks = num_programs / n_bblk``), and
+        sweeps the columns one panel of PANEL_STEP base panels at a time. While it walks all its rows' entries in one
+        panel, the gathers hit one ``(panel, BLOCK_B)`` slab of ``in_t`` (e.g. 1024 x 32 fp32 = 128 KB), which stays
+        in the SM's L1, instead of reaching L2 for every live weight. Partial sums of all but the last panel go
+        through ``ws_t`` in fp32 (each element read and written by the program that owns it); the last panel adds
+        bias and ReLU and stores ``out_t``. The next row block's pointers are loaded before the current block's
+        gathers, so that their latency overlaps the arithmetic."""
+        pid = tl.program_id(0)
+        n_bblk = tl.cdiv(n_b, BLOCK_B)
+        n_chunks = tl.num_programs(0) // n_bblk
+        pid_b = pid % n_bblk
+        chunk = pid // n_bblk
+
+        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n_b
+        in_b = in_ptr + offs_b[None, None, :] * stride_in_b                              # [1, 1, BLOCK_B]
+        n_mine = tl.cdiv(n_out - chunk, n_chunks)  # rows order[chunk], order[chunk + n_chunks], ...
+        n_steps = tl.cdiv(n_panels, PANEL_STEP)
+        for s in range(0, n_steps):
+            j0 = s * PANEL_STEP
+            j1 = tl.minimum(j0 + PANEL_STEP, n_panels)
+            o, start, length = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, tl.arange(0, BLOCK_R),
+                                          n_mine, j0, j1)
+            for t0 in range(0, n_mine, BLOCK_R):
+                o_next, start_next, length_next = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks,
+                                                             t0 + BLOCK_R + tl.arange(0, BLOCK_R), n_mine, j0, j1)
+                acc = tl.zeros((BLOCK_R, BLOCK_K, BLOCK_B), dtype=tl.float32)
+                for k0 in range(0, tl.max(length, axis=0), BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = kk[None, :] < length[:, None]
+                    offs_k = start[:, None] + kk[None, :]
+                    idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                    if HAS_PERM:
+                        pos = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                        v = tl.load(val_ptr + pos, mask=mask_k, other=0.0)
+                    else:
+                        v = tl.load(val_ptr + offs_k, mask=mask_k, other=0.0)
+                    xt = tl.load(in_b + idx[:, :, None] * stride_in_i,
+                                 mask=mask_k[:, :, None] & mask_b[None, None, :], other=0.0)
+                    acc += v.to(tl.float32)[:, :, None] * xt.to(tl.float32)
+
+                y = tl.sum(acc, axis=1)                                                  # [BLOCK_R, BLOCK_B]
+                mask_r = t0 + tl.arange(0, BLOCK_R) < n_mine
+                mask_y = mask_r[:, None] & mask_b[None, :]
+                ws_ptrs = ws_ptr + o[:, None] * stride_ws_o + offs_b[None, :] * stride_ws_b
+                if s > 0:
+                    y += tl.load(ws_ptrs, mask=mask_y, other=0.0)
+                if s == n_steps - 1:
+                    if HAS_BIAS:
+                        y += tl.load(bias_ptr + o, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+                    if RELU:
+                        y = tl.maximum(y, 0.0)
+                    out_ptrs = out_ptr + o[:, None] * stride_out_o + offs_b[None, :] * stride_out_b
+                    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_y)
+                else:
+                    tl.store(ws_ptrs, y, mask=mask_y)
+                o, start, length = o_next, start_next, length_next
+
+    @triton.jit(do_not_specialize=["nnz"])
+    def _sddmm_slab_kernel(
+        # panel pointers [n_rows, n_panels + 1] into the CSR positions, column indices [nnz], row order [n_rows]
+        pp_ptr, col_idx_ptr, order_ptr,
+        # dense operands dy_t[r, b], x_t[c, b]; fp32 partial sums part[b-block, nnz]
+        dy_ptr, x_ptr, part_ptr,
+        # sizes
+        n_rows, n_b, nnz, n_panels,
+        # strides (in elements)
+        stride_pp,
+        stride_dy_r, stride_dy_b,
+        stride_x_c, stride_x_b,
+        stride_part,
+        # meta-parameters
+        PANEL_STEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+    ):
+        """The weight gradient with the same L1 reuse as ``_spmm_slab_kernel``: the program of batch block ``pb``
+        and row chunk ``chunk`` sweeps the columns panel by panel and writes, for every live weight ``k`` of its
+        rows, ``part[pb, k] = sum_{b in block pb} dy_t[row(k), b] * x_t[col(k), b]``; the caller sums ``part`` over
+        the batch blocks. Each row's ``dy_t`` vector is loaded once per panel and broadcast over its entries."""
+        pid = tl.program_id(0)
+        n_bblk = tl.cdiv(n_b, BLOCK_B)
+        n_chunks = tl.num_programs(0) // n_bblk
+        pid_b = pid % n_bblk
+        chunk = pid // n_bblk
+
+        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n_b
+        x_b = x_ptr + offs_b[None, None, :] * stride_x_b
+        part_b = part_ptr + pid_b.to(tl.int64) * stride_part
+        n_mine = tl.cdiv(n_rows - chunk, n_chunks)
+        n_steps = tl.cdiv(n_panels, PANEL_STEP)
+        for s in range(0, n_steps):
+            j0 = s * PANEL_STEP
+            j1 = tl.minimum(j0 + PANEL_STEP, n_panels)
+            r, start, length = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, tl.arange(0, BLOCK_R),
+                                          n_mine, j0, j1)
+            for t0 in range(0, n_mine, BLOCK_R):
+                r_next, start_next, length_next = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks,
+                                                             t0 + BLOCK_R + tl.arange(0, BLOCK_R), n_mine, j0, j1)
+                g = tl.load(dy_ptr + r[:, None, None] * stride_dy_r + offs_b[None, None, :] * stride_dy_b,
+                            mask=(length > 0)[:, None, None] & mask_b[None, None, :],
+                            other=0.0).to(tl.float32)                                    # [BLOCK_R, 1, BLOCK_B]
+                for k0 in range(0, tl.max(length, axis=0), BLOCK_K):
+                    kk = k0 + tl.arange(0, BLOCK_K)
+                    mask_k = kk[None, :] < length[:, None]
+                    offs_k = start[:, None] + kk[None, :]
+                    c = tl.load(col_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                    a = tl.load(x_b + c[:, :, None] * stride_x_c,
+                                mask=mask_k[:, :, None] & mask_b[None, None, :], other=0.0)
+                    tl.store(part_b + offs_k, tl.sum(a.to(tl.float32) * g, axis=2), mask=mask_k)
+                r, start, length = r_next, start_next, length_next
+
     # Autotuning (compiled GPU runs only; the interpreter uses the fixed heuristic configs below). The key holds
     # nnz, so a new mask (a new IMP round) is tuned anew: a few configs, once per layer and round.
     _SPMM_CONFIGS = [
@@ -185,7 +327,38 @@ if HAS_TRITON:
         # (BLOCK_NNZ, BLOCK_B, num_warps)
         (32, 32, 2), (64, 32, 4), (32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8),
     ]
+    # The slab kernels (compiled GPU runs, variant "auto" on large problems: timed against the gather kernel by
+    # _pick). A slab is PANEL_STEP * PANEL columns x BLOCK_B batch entries of the dense operand; 128 KB of it fits
+    # an H100 SM's L1 next to a small shared-memory carve-out. BLOCK_B * element size = 128 B makes each gather one
+    # whole cache line.
+    _SPMM_SLAB_CONFIGS = [
+        # (PANEL_STEP, BLOCK_R, BLOCK_K, BLOCK_B, num_warps, OCC): OCC programs per SM share its L1
+        (8, 32, 16, 32, 8, 1),   # fp32: 1024 x 32 = 128 KB, line-wide gathers, 4 panels over 4096 columns
+        (4, 16, 16, 32, 4, 2),   # fp32: 512 x 32 = 64 KB, two programs per SM, twice the partial-sum passes
+        (16, 32, 16, 16, 8, 1),  # fp32: 2048 x 16 = 128 KB, half-line gathers, half the partial-sum passes
+        (8, 16, 16, 64, 8, 1),   # bf16: 1024 x 64 = 128 KB, line-wide gathers
+        (4, 16, 16, 64, 8, 2),   # bf16: 512 x 64 = 64 KB, two programs per SM
+    ]
+    _SDDMM_SLAB_CONFIGS = [
+        # (PANEL_STEP, BLOCK_R, BLOCK_K, BLOCK_B, num_warps, OCC); the partial sums are (n_b / BLOCK_B) x nnz fp32
+        (4, 16, 8, 64, 8, 1),    # fp32: 512 x 64 = 128 KB
+        (2, 16, 8, 64, 4, 2),    # fp32: 256 x 64 = 64 KB, two programs per SM
+        (2, 8, 8, 128, 8, 1),    # fp32: 256 x 128 = 128 KB, half the partial sums
+        (8, 16, 8, 64, 8, 1),    # bf16: 1024 x 64 = 128 KB
+        (4, 16, 8, 64, 4, 2),    # bf16: 512 x 64 = 64 KB, two programs per SM
+    ]
     _tuned: dict = {}
+
+# Which kernel computes an op: "gather" (_spmm_t_kernel / _sddmm_t_kernel: every live weight gathers its B-vector
+# from L2), "slab" (the *_slab_kernels: one panel of the dense operand stays in L1 while a program sweeps all its
+# rows), or "auto": on a GPU with autotuning on, an op that gathers at least SLAB_MIN_GATHERS elements (nnz * B)
+# times the gather kernel and every slab configuration once per problem and keeps the fastest (variant_choices()
+# lists what it chose); smaller ops, the interpreter and SPARSE_LTH_AUTOTUNE=0 use the gather kernel.
+# $SPARSE_LTH_LINEAR_VARIANT sets the default.
+VARIANTS = ("auto", "gather", "slab")
+SLAB_MIN_GATHERS = 1 << 25
+_SLAB_NAMES = ("PANEL_STEP", "BLOCK_R", "BLOCK_K", "BLOCK_B")
+_choices: dict = {}
 
 
 def _next_pow2(n: int) -> int:
@@ -194,6 +367,11 @@ def _next_pow2(n: int) -> int:
 
 def _autotune_enabled() -> bool:
     return not interpreting() and os.environ.get("SPARSE_LTH_AUTOTUNE", "1") not in ("0", "")
+
+
+def _times_variants() -> bool:
+    """Does variant "auto" time the gather and slab kernels against each other? Where autotuning runs (compiled)."""
+    return _autotune_enabled()
 
 
 def _b_cap(n_b: int) -> int:
@@ -215,6 +393,98 @@ def _sddmm_heuristic(n_b: int) -> dict:
     if interpreting():
         return {"BLOCK_NNZ": 256, "BLOCK_B": min(block_b, 64), "num_warps": 4}
     return {"BLOCK_NNZ": 64 if block_b <= 64 else 32, "BLOCK_B": block_b, "num_warps": 4}
+
+
+def _slab_heuristic(n_b: int, element_size: int, sddmm: bool) -> dict:
+    if interpreting():  # several panels, chunks and row blocks on small test shapes, few interpreted steps
+        return {"PANEL_STEP": 1, "BLOCK_R": 16, "BLOCK_K": 16, "BLOCK_B": min(64, max(16, _next_pow2(n_b))),
+                "num_warps": 4}
+    block_b = min(128 // element_size * (2 if sddmm else 1), max(16, _next_pow2(n_b)))  # a cache line per gather
+    step = max(1, (128 << 10) // (PANEL * block_b * element_size))                       # a 128 KB slab
+    return {"PANEL_STEP": step, "BLOCK_R": 16, "BLOCK_K": 8 if sddmm else 16, "BLOCK_B": block_b, "num_warps": 8}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (3 elsewhere, so that the interpreted tests meet several row
+    chunks)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _slab_meta(config: dict | None, n_b: int, n_rows: int, dtype, device, sddmm: bool, op: str) -> tuple[dict, int]:
+    """(meta-parameters, row chunks) of a slab launch. The grid is ``ceil(n_b / BLOCK_B) * chunks`` programs;
+    ``config`` may hold ``OCC`` (programs per SM meant to share its L1, default 1: chunks fill the SMs that many
+    times over) or ``CHUNKS`` (the row chunks themselves)."""
+    config = None if config is None else dict(config)
+    chunks = None if config is None else config.pop("CHUNKS", None)
+    occ = 1 if config is None else config.pop("OCC", 1)
+    elem = torch.empty((), dtype=dtype).element_size()
+    meta = _meta(config, _slab_heuristic(n_b, elem, sddmm), _SLAB_NAMES, op)
+    for name, v in (("CHUNKS", chunks), ("OCC", occ)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{op}: config[{name!r}] must be a positive int, got {v!r}")
+    if chunks is None:
+        chunks = -(-_sm_count(device) * occ // -(-n_b // meta["BLOCK_B"]))
+    return meta, max(1, min(chunks, n_rows))
+
+
+def _resolve_variant(variant, config, op: str) -> str:
+    if variant is None:
+        variant = os.environ.get("SPARSE_LTH_LINEAR_VARIANT", "auto") or "auto"
+    if variant not in VARIANTS:
+        raise ValueError(f"{op}: variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "auto" and config is not None:  # an explicit config names its kernel
+        variant = "slab" if "PANEL_STEP" in config else "gather"
+    return variant
+
+
+def variant_choices() -> dict:
+    """What ``variant="auto"`` chose for each problem timed so far: ``{problem: (variant, config, {candidate:
+    median ms})}``, with problem = (op, n_out, n_in, batch, nnz, dtype, batch-minor input, device)."""
+    return dict(_choices)
+
+
+def _bench_ms(fn) -> float:
+    import triton.testing
+
+    bench = autotune_bench()
+    if bench is None:
+        q = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5])
+    else:
+        q = bench(fn, quantiles=[0.5])
+    return float(q[0] if isinstance(q, (list, tuple)) else q)
+
+
+def _pick(problem: tuple, candidates: list) -> tuple:
+    """The fastest of ``candidates`` [(variant, config, run)] for ``problem``, timed once (each run is the whole op,
+    its extra launches included) and remembered; returns (variant, config)."""
+    if problem not in _choices:
+        times = []
+        for variant, cfg, run in candidates:
+            run()  # compile (and, for the gather kernel, autotune) outside the timing
+            times.append((_bench_ms(run), variant, cfg))
+        _, variant, cfg = min(times, key=lambda t: t[0])
+        _choices[problem] = (variant, cfg, {f"{v} {c}" if c else v: ms for ms, v, c in times})
+    variant, cfg, _ = _choices[problem]
+    return variant, cfg
+
+
+def _slab_candidates(configs, run, n_b: int) -> list:
+    cfgs = [{"PANEL_STEP": p, "BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b, "num_warps": w, "OCC": occ}
+            for p, r, k, b, w, occ in configs if b <= _b_cap(n_b)]
+    return [("slab", cfg, lambda cfg=cfg: run("slab", cfg)) for cfg in cfgs]
+
+
+def _dispatch(variant: str, config, problem: tuple, gathers: int, run, slab_configs) -> None:
+    """Run the op through ``run(variant, config)`` with the kernel that ``variant`` names (see VARIANTS)."""
+    if variant == "auto":
+        if config is None and _times_variants() and gathers >= SLAB_MIN_GATHERS:
+            variant, config = _pick(problem, [("gather", None, lambda: run("gather", None))]
+                                    + _slab_candidates(slab_configs, run, problem[3]))
+        else:
+            variant = "gather"
+    run(variant, config)
 
 
 def _tuned_kernel(kind: str, n_b: int):
@@ -362,15 +632,49 @@ def _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_
     _spmm_t_kernel[grid](*args, n_out, n_b, nnz, *strides, **flags, **meta)
 
 
-def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=None, config=None):
+def _launch_spmm_slab(pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, op):
+    """The slab kernel; partial sums of all but the last panel go through out_t when it is fp32, else through an
+    fp32 workspace."""
+    if n_out == 0 or n_b == 0:
+        return
+    meta, chunks = _slab_meta(config, n_b, n_out, vals.dtype, out_t.device, False, op)
+    n_pan = pp.shape[1] - 1
+    ws = out_t
+    if n_pan > meta["PANEL_STEP"] and out_t.dtype != torch.float32:
+        ws = torch.empty((n_out, n_b), dtype=torch.float32, device=out_t.device)
+    has_perm = perm is not None
+    grid = (triton.cdiv(n_b, meta["BLOCK_B"]) * chunks,)
+    _spmm_slab_kernel[grid](
+        pp, idx, vals, perm if has_perm else idx, order, in_t, ws, out_t, bias if bias is not None else out_t,
+        n_out, n_b, nnz, n_pan, pp.stride(0), in_t.stride(0), in_t.stride(1), ws.stride(0), ws.stride(1),
+        out_t.stride(0), out_t.stride(1), HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu, **meta)
+
+
+def _spmm(kind, ptr, pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, variant, op):
+    """The forward (kind "fwd") or input gradient ("bwd_input") through the kernel ``variant`` names."""
+    def run(v, cfg):
+        if v == "slab":
+            _launch_spmm_slab(pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, cfg, op)
+        else:
+            _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, cfg, op)
+
+    problem = (kind, n_out, in_t.shape[0], n_b, nnz, vals.dtype, in_t.stride(1) == 1, in_t.device)
+    _dispatch(variant, config, problem, nnz * n_b, run, _SPMM_SLAB_CONFIGS if HAS_TRITON else [])
+
+
+def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=None, config=None, variant=None):
     """``y = act(x @ W^T + bias)`` with ``W`` the sparse ``(rows, cols)`` weight held as ``(values, fmt)``.
 
     x: ``(B, cols)`` float32/float16/bfloat16, any strides; values: ``(nnz,)`` of x's dtype; bias: ``(rows,)`` of
     x's dtype or None; activation: None or ``"relu"`` (fused). Accumulates in fp32. Returns ``y`` ``(B, rows)`` of
     x's dtype, allocated batch-minor (``y.t()`` contiguous) unless ``out`` (any strides) is given.
-    ``config``: explicit meta-parameters ``{"BLOCK_R", "BLOCK_K", "BLOCK_B"[, "num_warps"]}`` instead of autotuning.
+    ``config``: explicit meta-parameters instead of autotuning, ``{"BLOCK_R", "BLOCK_K", "BLOCK_B"[, "num_warps"]}``
+    for the gather kernel, ``{"PANEL_STEP", "BLOCK_R", "BLOCK_K", "BLOCK_B"[, "num_warps", "CHUNKS"]}`` for the
+    slab kernel. ``variant``: ``"auto"`` (default, or ``$SPARSE_LTH_LINEAR_VARIANT``), ``"gather"`` or ``"slab"``
+    (see ``VARIANTS``).
     """
     op = "sparse_linear_forward"
+    variant = _resolve_variant(variant, config, op)
     _check_fmt(fmt, op)
     _check_activation(activation, op)
     _check_dense(x, "x", (None, fmt.cols), op)
@@ -385,18 +689,19 @@ def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=Non
         out = _alloc_batch_minor(n_b, fmt.rows, x.dtype, x.device)
     else:
         _check_out(out, (n_b, fmt.rows), x.dtype, x.device, op)
-    _launch_spmm(fmt.row_ptr, fmt.col_idx, values, None, fmt.row_order, _operand_t(x, fmt.nnz), out.t(), bias,
-                 activation == "relu", fmt.rows, n_b, fmt.nnz, config, op)
+    _spmm("fwd", fmt.row_ptr, fmt.row_panel_ptr, fmt.col_idx, values, None, fmt.row_order, _operand_t(x, fmt.nnz),
+          out.t(), bias, activation == "relu", fmt.rows, n_b, fmt.nnz, config, variant, op)
     return out
 
 
-def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None):
+def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None, variant=None):
     """``dx = dy @ W`` through the transposed (CSC) view ``(col_ptr, t_row_idx, t_perm)`` into the same ``values``.
 
     dy: ``(B, rows)``, any strides; values: ``(nnz,)`` of dy's dtype. Returns ``dx`` ``(B, cols)`` of dy's dtype,
-    allocated batch-minor unless ``out`` is given.
+    allocated batch-minor unless ``out`` is given. ``config``, ``variant``: as for :func:`sparse_linear_forward`.
     """
     op = "sparse_linear_backward_input"
+    variant = _resolve_variant(variant, config, op)
     _check_fmt(fmt, op)
     _check_dense(dy, "dy", (None, fmt.rows), op)
     _check_dense(values, "values", (fmt.nnz,), op)
@@ -408,19 +713,23 @@ def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None):
         out = _alloc_batch_minor(n_b, fmt.cols, dy.dtype, dy.device)
     else:
         _check_out(out, (n_b, fmt.cols), dy.dtype, dy.device, op)
-    _launch_spmm(fmt.col_ptr, fmt.t_row_idx, values, fmt.t_perm, fmt.col_order, _operand_t(dy, fmt.nnz), out.t(),
-                 None, False, fmt.cols, n_b, fmt.nnz, config, op)
+    _spmm("bwd_input", fmt.col_ptr, fmt.col_panel_ptr, fmt.t_row_idx, values, fmt.t_perm, fmt.col_order,
+          _operand_t(dy, fmt.nnz), out.t(), None, False, fmt.cols, n_b, fmt.nnz, config, variant, op)
     return out
 
 
-def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, config=None):
+def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, config=None, variant=None):
     """``dvalues[k] = sum_b dy[b, row_idx[k]] * x[b, col_idx[k]]``: the weight gradient at the live positions only.
 
     dy: ``(B, rows)``, x: ``(B, cols)``, same dtype, any strides. Accumulates in fp32; returns ``(nnz,)`` in
     ``out_dtype`` (default: dy's dtype; float32 keeps full precision for bf16/fp16 inputs).
-    ``config``: ``{"BLOCK_NNZ", "BLOCK_B"[, "num_warps"]}``.
+    ``config``: ``{"BLOCK_NNZ", "BLOCK_B"[, "num_warps"]}`` for the gather kernel, ``{"PANEL_STEP", "BLOCK_R",
+    "BLOCK_K", "BLOCK_B"[, "num_warps", "CHUNKS"]}`` for the slab kernel, whose fp32 partial sums per batch block
+    (``ceil(B / BLOCK_B) x nnz``) are summed by one torch reduction. ``variant``: as for
+    :func:`sparse_linear_forward`.
     """
     op = "sparse_linear_backward_weight"
+    variant = _resolve_variant(variant, config, op)
     _check_fmt(fmt, op)
     _check_dense(dy, "dy", (None, fmt.rows), op)
     _check_dense(x, "x", (dy.shape[0] if isinstance(dy, torch.Tensor) else None, fmt.cols), op)
@@ -440,15 +749,42 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
     if n_b == 0:
         return out.zero_()
     dy_t, x_t = _operand_t(dy, fmt.nnz), _operand_t(x, fmt.nnz)
+
+    def run(v, cfg):
+        if v == "slab":
+            _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, cfg, op)
+        else:
+            _launch_sddmm(fmt, dy_t, x_t, out, n_b, cfg, op)
+
+    problem = ("bwd_weight", fmt.rows, fmt.cols, n_b, fmt.nnz, dy.dtype, x_t.stride(1) == 1, out.device)
+    _dispatch(variant, config, problem, fmt.nnz * n_b, run, _SDDMM_SLAB_CONFIGS if HAS_TRITON else [])
+    return out
+
+
+def _launch_sddmm(fmt, dy_t, x_t, out, n_b, config, op):
     args = (fmt.row_idx, fmt.col_idx, dy_t, x_t, out, fmt.nnz, n_b,
             dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), out.stride(0))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("sddmm", n_b)
         kern[lambda meta: (triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args)
-        return out
+        return
     meta = _meta(config, _sddmm_heuristic(n_b), ("BLOCK_NNZ", "BLOCK_B"), op)
     _sddmm_t_kernel[(triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, **meta)
-    return out
+
+
+def _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, config, op):
+    """The slab kernel's partial sums per batch block, then their sum into ``out``."""
+    meta, chunks = _slab_meta(config, n_b, fmt.rows, dy_t.dtype, out.device, True, op)
+    n_bblk = triton.cdiv(n_b, meta["BLOCK_B"])
+    part = torch.empty((n_bblk, fmt.nnz), dtype=torch.float32, device=out.device)
+    pp = fmt.row_panel_ptr
+    _sddmm_slab_kernel[(n_bblk * chunks,)](
+        pp, fmt.col_idx, fmt.row_order, dy_t, x_t, part, fmt.rows, n_b, fmt.nnz, pp.shape[1] - 1, pp.stride(0),
+        dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), part.stride(0), **meta)
+    if out.dtype == torch.float32 and out.is_contiguous():
+        torch.sum(part, 0, out=out)
+    else:
+        out.copy_(part.sum(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------

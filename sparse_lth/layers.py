@@ -44,7 +44,8 @@ PATHS = ("auto", "dense", "sparse")
 CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
 # Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
 CUDA_SPARSE_MAX_DENSITY = 0.05
-_FMT_FIELDS = ("row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_perm", "row_order", "col_order")
+_FMT_FIELDS = ("row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_perm", "row_order", "col_order",
+               "row_panel_ptr", "col_panel_ptr")
 
 
 class _SparseLayer(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_lth.kernels.format import build_format, check_mask, to_dense, to_values
+from sparse_lth.kernels.format import PANEL, build_format, check_mask, to_dense, to_values
 
 
 def _reference(mask2d: torch.Tensor) -> dict:
@@ -17,16 +17,26 @@ def _reference(mask2d: torch.Tensor) -> dict:
     csc = sorted(live, key=lambda rc: (rc[1], rc[0]))
     ptr = lambda counts: [sum(counts[:i]) for i in range(len(counts) + 1)]  # noqa: E731
     order = lambda counts: sorted(range(len(counts)), key=lambda i: (-counts[i], i))  # noqa: E731
+
+    def panel_ptr(entries, n_major, n_minor):
+        """[i][j]: position (in the order of ``entries``, sorted by major) of major i's first entry with
+        minor >= j * PANEL; j runs to ceil(n_minor / PANEL) (at least 1)."""
+        n_p = max(1, -(-n_minor // PANEL))
+        return [[sum(1 for a, b in entries if a < i or (a == i and b < j * PANEL)) for j in range(n_p + 1)]
+                for i in range(n_major)]
+
     return {
         "row_ptr": ptr(row_counts), "col_idx": [c for _, c in live], "row_idx": [r for r, _ in live],
         "col_ptr": ptr(col_counts), "t_row_idx": [r for r, _ in csc], "t_perm": [pos[rc] for rc in csc],
         "row_order": order(row_counts), "col_order": order(col_counts),
+        "row_panel_ptr": panel_ptr(live, rows, cols), "col_panel_ptr": panel_ptr([(c, r) for r, c in csc], cols, rows),
     }
 
 
 @pytest.mark.parametrize("shape,density", [
     ((1, 1), 1.0), ((1, 1), 0.0), ((7, 13), 0.5), ((7, 13), 0.0), ((7, 13), 1.0), ((20, 9), 0.1),
     ((4, 3, 3, 3), 0.3),  # a conv weight: viewed as (C_out, C_in * kh * kw)
+    ((6, 300), 0.2), ((270, 4), 0.3),  # several column (row) panels, a partial last one
 ])
 def test_build_format_matches_reference(shape, density):
     g = torch.Generator().manual_seed(7)
@@ -45,6 +55,9 @@ def test_build_format_matches_reference(shape, density):
         assert got.tolist() == want, name
     fmt.validate()
     assert torch.equal(fmt.mask(), m2)
+    # every panel pointer pair brackets exactly the entries of its panel
+    for k, (r, c) in enumerate(zip(fmt.row_idx.tolist(), fmt.col_idx.tolist())):
+        assert fmt.row_panel_ptr[r, c // PANEL] <= k < fmt.row_panel_ptr[r, c // PANEL + 1]
     w = torch.randn(shape, generator=g)
     values = to_values(w, mask)
     assert torch.equal(to_dense(values, fmt), (w * mask).reshape(m2.shape))

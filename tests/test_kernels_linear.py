@@ -404,3 +404,117 @@ def test_autotune_bench_setting(monkeypatch):
         monkeypatch.setenv("SPARSE_LTH_TUNE_MS", bad)
         with pytest.raises(ValueError, match="WARMUP,REP"):
             autotune_bench()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the slab kernels (variant "slab"): one panel of the dense operand in L1 while a program sweeps all its rows
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_panels(monkeypatch):
+    """Base panels of 8 columns, so that small interpreted shapes have several panels (a partial last one)."""
+    from sparse_lth.kernels import format as F
+
+    monkeypatch.setattr(F, "PANEL", 8)
+    return 8
+
+
+SLAB_CFG = {"PANEL_STEP": 1, "BLOCK_R": 4, "BLOCK_K": 4, "BLOCK_B": 16, "CHUNKS": 2}
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3, 0.02, 0.0])
+def test_slab_kernels_all_densities(kernel_device, small_panels, density):
+    # 45 columns = 6 panels of 8 (the last partial), 23 rows over 2 chunks of 4-row blocks, k in steps of 4,
+    # batch 37 = 3 blocks of 16 (the last partial); bias + relu, a strided input, batch-minor poisoned outputs
+    fmt = run_all(23, 45, 37, density, torch.float32, kernel_device, bias=True, activation="relu",
+                  in_layout="strided", out_layout="batch_minor", seed=71, config_fwd=SLAB_CFG, config_w=SLAB_CFG)
+    assert fmt.row_panel_ptr.shape == (23, 7) and fmt.col_panel_ptr.shape == (45, 4)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"PANEL_STEP": 2, "BLOCK_R": 16, "BLOCK_K": 16, "BLOCK_B": 16, "CHUNKS": 1000},  # more chunks than rows
+    {"PANEL_STEP": 8, "BLOCK_R": 8, "BLOCK_K": 8, "BLOCK_B": 32, "CHUNKS": 1},       # one sweep, one chunk
+    None,                                                                              # the launcher's heuristic
+])
+def test_slab_kernels_configs(kernel_device, small_panels, cfg):
+    kw = dict(config_fwd=cfg, config_w=cfg) if cfg else {}
+    if cfg is None:
+        from sparse_lth.kernels import sparse_linear as K
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SPARSE_LTH_LINEAR_VARIANT", "slab")
+            assert K._resolve_variant(None, None, "op") == "slab"
+            run_all(19, 30, 5, 0.4, torch.float32, kernel_device, bias=False, seed=72)
+        return
+    run_all(19, 30, 5, 0.4, torch.float32, kernel_device, bias=False, seed=72, **kw)
+
+
+def test_slab_kernels_batch1_and_reduced_precision(kernel_device, small_panels):
+    run_all(13, 29, 1, 0.3, torch.float32, kernel_device, bias=True, seed=73, config_fwd=SLAB_CFG,
+            config_w=SLAB_CFG)
+    # bf16: partial sums of all but the last panel go through an fp32 workspace; weight gradient in fp32 and bf16
+    run_all(13, 29, 6, 0.5, torch.bfloat16, kernel_device, bias=True, activation="relu", seed=74,
+            config_fwd=SLAB_CFG, config_w=SLAB_CFG, wgrad_dtype=torch.float32)
+    run_all(13, 29, 6, 0.5, torch.bfloat16, kernel_device, bias=True, seed=75, config_fwd=SLAB_CFG,
+            config_w=SLAB_CFG)
+
+
+def test_slab_kernels_int64_pointers(kernel_device, small_panels):
+    mask, fmt, values, x, b, dy = setup(17, 26, 4, 0.3, torch.float32, kernel_device, seed=76)
+    fmt64 = dataclasses.replace(fmt, **{k: v.long() for k, v in fmt.tensors().items()})
+    a_fwd, a_in, a_w = abs_refs(x, values, fmt, b, dy)
+    assert_matches(sparse_linear_forward(x, values, fmt64, b, config=SLAB_CFG), reference_forward(x, values, fmt, b),
+                   a_fwd, torch.float32, "slab forward int64")
+    assert_matches(sparse_linear_backward_input(dy, values, fmt64, config=SLAB_CFG),
+                   reference_backward_input(dy, values, fmt), a_in, torch.float32, "slab backward_input int64")
+    assert_matches(sparse_linear_backward_weight(dy, x, fmt64, config=SLAB_CFG),
+                   reference_backward_weight(dy, x, fmt), a_w, torch.float32, "slab backward_weight int64")
+
+
+def test_slab_bad_configs(prob):
+    mask, fmt, values, x, b, dy = prob
+    with pytest.raises(ValueError, match="variant must be one of"):
+        sparse_linear_forward(x, values, fmt, b, variant="fast")
+    with pytest.raises(ValueError, match="CHUNKS"):
+        sparse_linear_forward(x, values, fmt, b, config={**SLAB_CFG, "CHUNKS": 0})
+    with pytest.raises(ValueError, match="OCC"):
+        sparse_linear_backward_weight(dy, x, fmt, config={**SLAB_CFG, "OCC": 1.5})
+    with pytest.raises(ValueError, match="power of two"):
+        sparse_linear_backward_input(dy, values, fmt, config={**SLAB_CFG, "PANEL_STEP": 3})
+    with pytest.raises(ValueError, match="config needs keys"):  # a gather config for the slab kernel
+        sparse_linear_forward(x, values, fmt, b, variant="slab", config={"BLOCK_R": 4, "BLOCK_K": 4, "BLOCK_B": 16})
+    with pytest.raises(ValueError, match="row_panel_ptr"):
+        sparse_linear_forward(x, values, dataclasses.replace(fmt, row_panel_ptr=fmt.row_panel_ptr[:, :-1]), b)
+    with pytest.raises(ValueError, match="col_panel_ptr"):
+        sparse_linear_backward_input(dy, values, dataclasses.replace(fmt, col_panel_ptr=fmt.col_panel_ptr.t()))
+
+
+def test_auto_variant_times_the_kernels_once_per_problem(kernel_device, small_panels, monkeypatch):
+    """variant="auto" on a large enough op (here: any) times the gather kernel and every slab configuration, keeps
+    the fastest for the problem, and reuses that choice; the result is right whichever kernel wins."""
+    from sparse_lth.kernels import sparse_linear as K
+
+    timed = []
+
+    def fake_ms(run):  # the first slab configuration "wins"; every candidate still runs (and must be correct)
+        run()
+        timed.append(run)
+        return 0.5 if len(timed) in (2, 5) else 1.0  # forward: gather, slab 1, slab 2; weight gradient: gather, slab
+
+    monkeypatch.setattr(K, "_times_variants", lambda: True)
+    monkeypatch.setattr(K, "SLAB_MIN_GATHERS", 0)
+    monkeypatch.setattr(K, "_bench_ms", fake_ms)
+    monkeypatch.setattr(K, "_SPMM_SLAB_CONFIGS", [(1, 4, 4, 16, 4, 1), (2, 8, 8, 16, 4, 2)])
+    monkeypatch.setattr(K, "_SDDMM_SLAB_CONFIGS", [(1, 4, 4, 16, 4, 1)])
+    monkeypatch.setattr(K, "_choices", {})
+    mask, fmt, values, x, b, dy = setup(11, 20, 3, 0.4, torch.float32, kernel_device, seed=77)
+    a_fwd, a_in, a_w = abs_refs(x, values, fmt, b, dy)
+    for _ in range(2):
+        assert_matches(sparse_linear_forward(x, values, fmt, b), reference_forward(x, values, fmt, b), a_fwd,
+                       torch.float32, "auto forward")
+        assert_matches(sparse_linear_backward_weight(dy, x, fmt), reference_backward_weight(dy, x, fmt), a_w,
+                       torch.float32, "auto backward_weight")
+    assert len(timed) == 3 + 2  # forward: gather + 2 slab configs; weight gradient: gather + 1; once each
+    choices = K.variant_choices()
+    assert {p[0] for p in choices} == {"fwd", "bwd_weight"}
+    for problem, (variant, cfg, times) in choices.items():
+        assert variant == "slab" and cfg["PANEL_STEP"] == 1 and min(times.values()) == 0.5, (problem, times)
