@@ -17,6 +17,10 @@ Implementations (the ``impl`` column):
                        ``torch.sparse.sampled_addmm``
 * ``build_format``     (op ``build_format``) the index build that runs once per mask, i.e. once per IMP round
 
+``sparse_triton`` is what a layer gets: variant "auto", which on large ops (nnz * batch >= 2**25) times the gather
+kernel against the slab kernels' configurations once per problem and keeps the fastest; every candidate's median
+goes to ``variants_<out-file-stem>.csv`` beside the rows (and is printed), so one run shows both kernels.
+
 Timing: ``triton.testing.do_bench`` (it clears L2 before every timed call) medians and 20/80 % quantiles; inputs
 are also rotated among up to 8 copies when one set is smaller than 64 MiB. peak_mem_bytes is the peak of
 ``torch.cuda.max_memory_allocated`` over one call, with only that implementation's state and its inputs resident
@@ -254,11 +258,40 @@ def main(argv=None) -> int:
             free()
     fh.close()
     print_table(results)
+    write_variant_choices(out_path.parent / f"variants_{out_path.stem}.csv", name, commit)
     print_skipped(skipped, args.dry_run)
     if not args.no_check:
         print(f"correctness checks: {checks[0]} run, {checks[1]} mismatching")
     print(f"\nrows written to {out_path}")
     return 0
+
+
+def write_variant_choices(path: Path, device: str, commit: str) -> None:
+    """What the kernels' variant "auto" timed on this run's large ops (gather kernel against each slab
+    configuration, see kernels/sparse_linear.py) and chose: printed, and appended to ``path``."""
+    from sparse_lth.kernels.sparse_linear import variant_choices
+
+    choices = variant_choices()
+    if not choices:
+        return
+    fields = ["op", "n_out", "n_in", "batch", "nnz", "dtype", "batch_minor", "candidate", "median_ms", "chosen",
+              "device", "commit"]
+    new_file = not path.exists()
+    print("\nvariant auto (one timing per problem):")
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new_file:
+            w.writeheader()
+        for (op, n_out, n_in, batch, nnz, dtype, batch_minor, _), (variant, cfg, times) in choices.items():
+            best = min(times.values())
+            for cand, ms in times.items():
+                w.writerow(dict(op=op, n_out=n_out, n_in=n_in, batch=batch, nnz=nnz, dtype=str(dtype)[6:],
+                                batch_minor=batch_minor, candidate=cand, median_ms=f"{ms:.6g}",
+                                chosen=ms == best, device=device, commit=commit))
+            others = ", ".join(f"{c} {ms:.3f}" for c, ms in times.items() if ms != best)
+            print(f"  {op:<11}{n_out}x{n_in} b{batch} nnz {nnz} {str(dtype)[6:]}: {variant} {cfg or ''} "
+                  f"{best:.3f} ms  (others: {others})")
+    print(f"variant timings written to {path}")
 
 
 def first_line(e: BaseException) -> str:

@@ -191,7 +191,7 @@ def linear_cases(all_configs: bool):
             cfg = {"BLOCK_NNZ": k, "BLOCK_B": b, "num_warps": w}
             cases.append((f"linear sddmm config {cfg}", lambda cfg=cfg, run=cases[0][1]: run(sddmm_cfg=cfg)))
         for configs, key in ((L._SPMM_SLAB_CONFIGS, "cfg"), (L._SDDMM_SLAB_CONFIGS, "sddmm_cfg")):
-            for p, r, k, b, w, occ in configs:
+            for p, r, k, b, w, occ in (c for by_size in configs.values() for c in by_size):
                 cfg = {"PANEL_STEP": p, "BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b, "num_warps": w, "OCC": occ}
                 cases.append((f"linear slab {key} {cfg}",
                               lambda cfg=cfg, key=key, run=cases[0][1]: run(variant="slab", **{key: cfg})))

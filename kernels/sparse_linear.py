@@ -331,22 +331,22 @@ if HAS_TRITON:
     # _pick). A slab is PANEL_STEP * PANEL columns x BLOCK_B batch entries of the dense operand; 128 KB of it fits
     # an H100 SM's L1 next to a small shared-memory carve-out. BLOCK_B * element size = 128 B makes each gather one
     # whole cache line.
-    _SPMM_SLAB_CONFIGS = [
-        # (PANEL_STEP, BLOCK_R, BLOCK_K, BLOCK_B, num_warps, OCC): OCC programs per SM share its L1
-        (8, 32, 16, 32, 8, 1),   # fp32: 1024 x 32 = 128 KB, line-wide gathers, 4 panels over 4096 columns
-        (4, 16, 16, 32, 4, 2),   # fp32: 512 x 32 = 64 KB, two programs per SM, twice the partial-sum passes
-        (16, 32, 16, 16, 8, 1),  # fp32: 2048 x 16 = 128 KB, half-line gathers, half the partial-sum passes
-        (8, 16, 16, 64, 8, 1),   # bf16: 1024 x 64 = 128 KB, line-wide gathers
-        (4, 16, 16, 64, 8, 2),   # bf16: 512 x 64 = 64 KB, two programs per SM
-    ]
-    _SDDMM_SLAB_CONFIGS = [
-        # (PANEL_STEP, BLOCK_R, BLOCK_K, BLOCK_B, num_warps, OCC); the partial sums are (n_b / BLOCK_B) x nnz fp32
-        (4, 16, 8, 64, 8, 1),    # fp32: 512 x 64 = 128 KB
-        (2, 16, 8, 64, 4, 2),    # fp32: 256 x 64 = 64 KB, two programs per SM
-        (2, 8, 8, 128, 8, 1),    # fp32: 256 x 128 = 128 KB, half the partial sums
-        (8, 16, 8, 64, 8, 1),    # bf16: 1024 x 64 = 128 KB
-        (4, 16, 8, 64, 4, 2),    # bf16: 512 x 64 = 64 KB, two programs per SM
-    ]
+    _SPMM_SLAB_CONFIGS = {  # by element size of the dense operand
+        # (PANEL_STEP, BLOCK_R, BLOCK_K, BLOCK_B, num_warps, OCC): OCC programs per SM share its L1; every tile holds
+        # 32 elements per thread (sm_90 compile report: larger tiles spill at 255 registers)
+        4: [(8, 16, 16, 32, 8, 1),    # 1024 x 32 fp32 = 128 KB, line-wide gathers, 4 panels over 4096 columns
+            (4, 8, 16, 32, 4, 2),     # 512 x 32 = 64 KB, two programs per SM, twice the partial-sum passes
+            (16, 16, 16, 16, 4, 1)],  # 2048 x 16 = 128 KB, half-line gathers, half the partial-sum passes
+        2: [(8, 8, 16, 64, 8, 1),     # 1024 x 64 bf16 = 128 KB, line-wide gathers
+            (4, 4, 16, 64, 4, 2),     # 512 x 64 = 64 KB, two programs per SM
+            (16, 16, 16, 32, 8, 1)],  # 2048 x 32 = 128 KB, half-line gathers
+    }
+    _SDDMM_SLAB_CONFIGS = {  # the partial sums are (n_b / BLOCK_B) x nnz fp32
+        4: [(4, 16, 8, 64, 8, 1),     # 512 x 64 fp32 = 128 KB
+            (2, 8, 8, 64, 4, 2)],     # 256 x 64 = 64 KB, two programs per SM
+        2: [(8, 16, 8, 64, 8, 1),     # 1024 x 64 bf16 = 128 KB
+            (4, 8, 8, 64, 4, 2)],     # 512 x 64 = 64 KB, two programs per SM
+    }
     _tuned: dict = {}
 
 # Which kernel computes an op: "gather" (_spmm_t_kernel / _sddmm_t_kernel: every live weight gathers its B-vector
@@ -401,7 +401,9 @@ def _slab_heuristic(n_b: int, element_size: int, sddmm: bool) -> dict:
                 "num_warps": 4}
     block_b = min(128 // element_size * (2 if sddmm else 1), max(16, _next_pow2(n_b)))  # a cache line per gather
     step = max(1, (128 << 10) // (PANEL * block_b * element_size))                       # a 128 KB slab
-    return {"PANEL_STEP": step, "BLOCK_R": 16, "BLOCK_K": 8 if sddmm else 16, "BLOCK_B": block_b, "num_warps": 8}
+    block_k = 8 if sddmm else 16
+    block_r = max(1, min(16, 8192 // (block_k * block_b)))                               # 32 elements per thread
+    return {"PANEL_STEP": step, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_B": block_b, "num_warps": 8}
 
 
 def _sm_count(device: torch.device) -> int:
@@ -470,9 +472,10 @@ def _pick(problem: tuple, candidates: list) -> tuple:
     return variant, cfg
 
 
-def _slab_candidates(configs, run, n_b: int) -> list:
+def _slab_candidates(configs: dict, run, n_b: int, dtype) -> list:
     cfgs = [{"PANEL_STEP": p, "BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b, "num_warps": w, "OCC": occ}
-            for p, r, k, b, w, occ in configs if b <= _b_cap(n_b)]
+            for p, r, k, b, w, occ in configs.get(torch.empty((), dtype=dtype).element_size(), [])
+            if b <= _b_cap(n_b)]
     return [("slab", cfg, lambda cfg=cfg: run("slab", cfg)) for cfg in cfgs]
 
 
@@ -481,7 +484,7 @@ def _dispatch(variant: str, config, problem: tuple, gathers: int, run, slab_conf
     if variant == "auto":
         if config is None and _times_variants() and gathers >= SLAB_MIN_GATHERS:
             variant, config = _pick(problem, [("gather", None, lambda: run("gather", None))]
-                                    + _slab_candidates(slab_configs, run, problem[3]))
+                                    + _slab_candidates(slab_configs, run, problem[3], problem[5]))
         else:
             variant = "gather"
     run(variant, config)
@@ -659,7 +662,7 @@ def _spmm(kind, ptr, pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out,
             _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, cfg, op)
 
     problem = (kind, n_out, in_t.shape[0], n_b, nnz, vals.dtype, in_t.stride(1) == 1, in_t.device)
-    _dispatch(variant, config, problem, nnz * n_b, run, _SPMM_SLAB_CONFIGS if HAS_TRITON else [])
+    _dispatch(variant, config, problem, nnz * n_b, run, _SPMM_SLAB_CONFIGS if HAS_TRITON else {})
 
 
 def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=None, config=None, variant=None):
@@ -757,7 +760,7 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
             _launch_sddmm(fmt, dy_t, x_t, out, n_b, cfg, op)
 
     problem = ("bwd_weight", fmt.rows, fmt.cols, n_b, fmt.nnz, dy.dtype, x_t.stride(1) == 1, out.device)
-    _dispatch(variant, config, problem, fmt.nnz * n_b, run, _SDDMM_SLAB_CONFIGS if HAS_TRITON else [])
+    _dispatch(variant, config, problem, fmt.nnz * n_b, run, _SDDMM_SLAB_CONFIGS if HAS_TRITON else {})
     return out
 
 
