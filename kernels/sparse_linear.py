@@ -399,7 +399,8 @@ def _slab_heuristic(n_b: int, element_size: int, sddmm: bool) -> dict:
     if interpreting():  # several panels, chunks and row blocks on small test shapes, few interpreted steps
         return {"PANEL_STEP": 1, "BLOCK_R": 16, "BLOCK_K": 16, "BLOCK_B": min(64, max(16, _next_pow2(n_b))),
                 "num_warps": 4}
-    block_b = min(128 // element_size * (2 if sddmm else 1), max(16, _next_pow2(n_b)))  # a cache line per gather
+    # forward / input gradient: a cache line per gather; weight gradient: 64 (128 bf16 spilled on sm_90a)
+    block_b = min(64 if sddmm else 128 // element_size, max(16, _next_pow2(n_b)))
     step = max(1, (128 << 10) // (PANEL * block_b * element_size))                       # a 128 KB slab
     block_k = 8 if sddmm else 16
     block_r = max(1, min(16, 8192 // (block_k * block_b)))                               # 32 elements per thread

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNELS = ["_spmm_t_kernel", "_sddmm_t_kernel", "_sparse_conv2d_fwd_kernel", "_sparse_conv2d_bwd_input_kernel",
-           "_sparse_conv2d_bwd_weight_kernel", "_sgd_kernel", "_adam_kernel"]
+KERNELS = ["_spmm_t_kernel", "_sddmm_t_kernel", "_spmm_slab_kernel", "_sddmm_slab_kernel",
+           "_sparse_conv2d_fwd_kernel", "_sparse_conv2d_bwd_input_kernel", "_sparse_conv2d_bwd_weight_kernel",
+           "_sgd_kernel", "_adam_kernel"]
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (it ships with torch's Linux wheels)")
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
