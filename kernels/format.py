@@ -102,20 +102,12 @@ class SparseFormat:
     def validate(self) -> None:
         """Raise ``ValueError`` if the structures are inconsistent (wrong lengths, dtypes or devices)."""
         expect = {
-            "row_ptr": self.rows + 1, "col_idx": self.nnz, "row_idx": self.nnz, "col_ptr": self.cols + 1,
-            "t_row_idx": self.nnz, "t_perm": self.nnz, "row_order": self.rows, "col_order": self.cols,
+            "row_ptr": (self.rows + 1,), "col_idx": (self.nnz,), "row_idx": (self.nnz,), "col_ptr": (self.cols + 1,),
+            "t_row_idx": (self.nnz,), "t_perm": (self.nnz,), "row_order": (self.rows,), "col_order": (self.cols,),
+            "row_panel_ptr": (self.rows, n_panels(self.cols) + 1),
+            "col_panel_ptr": (self.cols, n_panels(self.rows) + 1),
         }
-        for name, n in expect.items():
-            t = getattr(self, name)
-            if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.numel() != n:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"SparseFormat.{name}: expected a 1-D tensor of length {n}, got {got}")
-            if t.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"SparseFormat.{name}: expected an int32 or int64 tensor, got {t.dtype}")
-            if t.device != self.device:
-                raise ValueError(f"SparseFormat.{name} is on {t.device}, row_ptr on {self.device}")
-        for name, shape in (("row_panel_ptr", (self.rows, n_panels(self.cols) + 1)),
-                            ("col_panel_ptr", (self.cols, n_panels(self.rows) + 1))):
+        for name, shape in expect.items():
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_contiguous():
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__

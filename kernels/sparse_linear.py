@@ -185,6 +185,19 @@ if HAS_TRITON:
         length = tl.load(pp_o + j1, mask=mask_r, other=0).to(tl.int64) - start
         return o, start, length
 
+    @triton.jit
+    def _slab_program(n_b, n_rows, n_panels, BLOCK_B: tl.constexpr, PANEL_STEP: tl.constexpr):
+        """What a slab program owns: batch block ``pid_b`` (offsets, mask), row chunk ``chunk`` of ``n_chunks``
+        (``n_mine`` rows), and the number of panel sweeps ``n_steps``."""
+        pid = tl.program_id(0)
+        n_bblk = tl.cdiv(n_b, BLOCK_B)
+        n_chunks = tl.num_programs(0) // n_bblk
+        pid_b = pid % n_bblk
+        chunk = pid // n_bblk
+        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        n_mine = tl.cdiv(n_rows - chunk, n_chunks)  # rows order[chunk], order[chunk + n_chunks], ...
+        return pid_b, chunk, n_chunks, offs_b, offs_b < n_b, n_mine, tl.cdiv(n_panels, PANEL_STEP)
+
     @triton.jit(do_not_specialize=["nnz"])
     def _spmm_slab_kernel(
         # sparse operand: panel pointers [n_out, n_panels + 1], indices [nnz], values (via perm if HAS_PERM)
@@ -212,17 +225,9 @@ if HAS_TRITON:
         through ``ws_t`` in fp32 (each element read and written by the program that owns it); the last panel adds
         bias and ReLU and stores ``out_t``. The next row block's pointers are loaded before the current block's
         gathers, so that their latency overlaps the arithmetic."""
-        pid = tl.program_id(0)
-        n_bblk = tl.cdiv(n_b, BLOCK_B)
-        n_chunks = tl.num_programs(0) // n_bblk
-        pid_b = pid % n_bblk
-        chunk = pid // n_bblk
-
-        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n_b
+        _, chunk, n_chunks, offs_b, mask_b, n_mine, n_steps = _slab_program(n_b, n_out, n_panels, BLOCK_B,
+                                                                             PANEL_STEP)
         in_b = in_ptr + offs_b[None, None, :] * stride_in_b                              # [1, 1, BLOCK_B]
-        n_mine = tl.cdiv(n_out - chunk, n_chunks)  # rows order[chunk], order[chunk + n_chunks], ...
-        n_steps = tl.cdiv(n_panels, PANEL_STEP)
         for s in range(0, n_steps):
             j0 = s * PANEL_STEP
             j1 = tl.minimum(j0 + PANEL_STEP, n_panels)
@@ -283,18 +288,10 @@ if HAS_TRITON:
         and row chunk ``chunk`` sweeps the columns panel by panel and writes, for every live weight ``k`` of its
         rows, ``part[pb, k] = sum_{b in block pb} dy_t[row(k), b] * x_t[col(k), b]``; the caller sums ``part`` over
         the batch blocks. Each row's ``dy_t`` vector is loaded once per panel and broadcast over its entries."""
-        pid = tl.program_id(0)
-        n_bblk = tl.cdiv(n_b, BLOCK_B)
-        n_chunks = tl.num_programs(0) // n_bblk
-        pid_b = pid % n_bblk
-        chunk = pid // n_bblk
-
-        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n_b
+        pid_b, chunk, n_chunks, offs_b, mask_b, n_mine, n_steps = _slab_program(n_b, n_rows, n_panels, BLOCK_B,
+                                                                                 PANEL_STEP)
         x_b = x_ptr + offs_b[None, None, :] * stride_x_b
         part_b = part_ptr + pid_b.to(tl.int64) * stride_part
-        n_mine = tl.cdiv(n_rows - chunk, n_chunks)
-        n_steps = tl.cdiv(n_panels, PANEL_STEP)
         for s in range(0, n_steps):
             j0 = s * PANEL_STEP
             j1 = tl.minimum(j0 + PANEL_STEP, n_panels)
