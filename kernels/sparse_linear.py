@@ -341,7 +341,7 @@ if HAS_TRITON:
     _SDDMM_SLAB_CONFIGS = {  # the partial sums are (n_b / BLOCK_B) x nnz fp32
         4: [(4, 16, 8, 64, 8, 1),     # 512 x 64 fp32 = 128 KB
             (2, 8, 8, 64, 4, 2)],     # 256 x 64 = 64 KB, two programs per SM
-        2: [(8, 16, 8, 64, 8, 1),     # 1024 x 64 bf16 = 128 KB
+        2: [(8, 8, 8, 64, 4, 1),      # 1024 x 64 bf16 = 128 KB (8 warps spilled on sm_90a)
             (4, 8, 8, 64, 4, 2)],     # 512 x 64 = 64 KB, two programs per SM
     }
     _tuned: dict = {}
@@ -399,9 +399,9 @@ def _slab_heuristic(n_b: int, element_size: int, sddmm: bool) -> dict:
     # forward / input gradient: a cache line per gather; weight gradient: 64 (128 bf16 spilled on sm_90a)
     block_b = min(64 if sddmm else 128 // element_size, max(16, _next_pow2(n_b)))
     step = max(1, (128 << 10) // (PANEL * block_b * element_size))                       # a 128 KB slab
-    block_k = 8 if sddmm else 16
-    block_r = max(1, min(16, 8192 // (block_k * block_b)))                               # 32 elements per thread
-    return {"PANEL_STEP": step, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_B": block_b, "num_warps": 8}
+    block_k, warps = (8, 4) if sddmm else (16, 8)  # the 8-warp bf16 weight gradient spilled on sm_90a
+    block_r = max(1, min(16, 32 * 32 * warps // (block_k * block_b)))                    # 32 elements per thread
+    return {"PANEL_STEP": step, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_B": block_b, "num_warps": warps}
 
 
 def _sm_count(device: torch.device) -> int:
