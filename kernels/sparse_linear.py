@@ -462,8 +462,13 @@ def _pick(problem: tuple, candidates: list) -> tuple:
     if problem not in _choices:
         times = []
         for variant, cfg, run in candidates:
-            run()  # compile (and, for the gather kernel, autotune) outside the timing
-            times.append((_bench_ms(run), variant, cfg))
+            try:
+                run()  # compile (and, for the gather kernel, autotune) outside the timing
+                times.append((_bench_ms(run), variant, cfg))
+            except Exception:  # noqa: BLE001 - e.g. a slab config out of registers on this GPU: not a candidate
+                if variant == "gather":  # the kernel every op can fall back on must work
+                    raise
+                times.append((float("inf"), variant, cfg))
         _, variant, cfg = min(times, key=lambda t: t[0])
         _choices[problem] = (variant, cfg, {f"{v} {c}" if c else v: ms for ms, v, c in times})
     variant, cfg, _ = _choices[problem]

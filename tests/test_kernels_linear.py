@@ -498,6 +498,8 @@ def test_auto_variant_times_the_kernels_once_per_problem(kernel_device, small_pa
     def fake_ms(run):  # the first slab configuration "wins"; every candidate still runs (and must be correct)
         run()
         timed.append(run)
+        if len(timed) == 3:  # a candidate that cannot run on this device (e.g. out of registers) is passed over
+            raise RuntimeError("out of resources")
         return 0.5 if len(timed) in (2, 5) else 1.0  # forward: gather, slab 1, slab 2; weight gradient: gather, slab
 
     monkeypatch.setattr(K, "_times_variants", lambda: True)
@@ -518,3 +520,4 @@ def test_auto_variant_times_the_kernels_once_per_problem(kernel_device, small_pa
     assert {p[0] for p in choices} == {"fwd", "bwd_weight"}
     for problem, (variant, cfg, times) in choices.items():
         assert variant == "slab" and cfg["PANEL_STEP"] == 1 and min(times.values()) == 0.5, (problem, times)
+    assert sorted(choices[next(p for p in choices if p[0] == "fwd")][2].values()) == [0.5, 1.0, float("inf")]
