@@ -151,11 +151,13 @@ def _ptr(counts: torch.Tensor, dtype) -> torch.Tensor:
 def _panel_ptr(major: torch.Tensor, minor: torch.Tensor, n_major: int, n_minor: int, dtype) -> torch.Tensor:
     """``(n_major, NP + 1)`` pointers of the entries ``(major[k], minor[k])``, sorted by (major, minor), into their
     base panels of ``minor``: entry ``[i, j]`` is the first position whose key ``(major, minor // PANEL)`` is at
-    least ``(i, j)``. The keys are sorted, so one ``searchsorted`` of ``n_major * NP + 1`` queries does it."""
+    least ``(i, j)``. The keys are sorted, so that is the running count of the keys below ``(i, j)``: one
+    ``bincount`` and one ``cumsum`` (a ``searchsorted`` per panel was 6x slower than the rest of the build on CPU)."""
     np_ = n_panels(n_minor)
-    keys = major.to(torch.int64) * np_ + torch.div(minor.to(torch.int64), PANEL, rounding_mode="floor")
-    queries = torch.arange(n_major * np_ + 1, dtype=torch.int64, device=major.device)
-    pos = torch.searchsorted(keys, queries)
+    kdt = torch.int32 if n_major * np_ <= _INT32_MAX else torch.int64  # int32 keys: much faster on a CPU
+    keys = major.to(kdt) * np_ + torch.div(minor.to(kdt), PANEL, rounding_mode="floor")
+    pos = torch.zeros(n_major * np_ + 1, dtype=torch.int64, device=major.device)
+    torch.cumsum(torch.bincount(keys, minlength=n_major * np_), 0, out=pos[1:])
     # row i's pointers are queries i * NP ... (i + 1) * NP: consecutive rows share their boundary pointer
     return pos.as_strided((n_major, np_ + 1), (np_, 1)).to(dtype).contiguous()
 
@@ -182,7 +184,8 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
     # stable sort by column keeps rows ascending within each column (int32 keys: half the sort's time on a CPU)
     _, t_perm = torch.sort(col_idx, stable=True)
     t_row_idx = row_idx[t_perm]
-    t_col_idx = col_idx[t_perm]  # ascending: the column of every CSC entry
+    # the column of every CSC entry (ascending): a sequential fill, not a gather through t_perm
+    t_col_idx = torch.repeat_interleave(torch.arange(cols, dtype=torch.int32, device=mask.device), col_counts)
     return SparseFormat(
         rows=rows, cols=cols, nnz=nnz,
         row_ptr=_ptr(row_counts, ptr_dtype),
