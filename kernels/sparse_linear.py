@@ -229,6 +229,9 @@ if HAS_TRITON:
                                                                              PANEL_STEP)
         in_b = in_ptr + offs_b[None, None, :] * stride_in_b                              # [1, 1, BLOCK_B]
         for s in range(0, n_steps):
+            # the partial sums this program stored in the last sweep are read back by whichever of its threads the
+            # load's layout assigns: a barrier makes every thread's stores visible to all of them
+            tl.debug_barrier()
             j0 = s * PANEL_STEP
             j1 = tl.minimum(j0 + PANEL_STEP, n_panels)
             o, start, length = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, tl.arange(0, BLOCK_R),
