@@ -101,7 +101,12 @@ def test_plan15_runs_the_target_parts_in_order_under_their_limits(suite):
 def test_budget_cuts_limits_and_skips_parts(suite):
     r, calls, _ = suite("plan15", budget=100)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")] == [95, 30, 95, 60, 90, 90]
+    # each limit is its default cut to what is left of the budget less 5 s; the stand-in parts take ~0 s, but a
+    # loaded machine may let a few whole seconds pass (the script counts in seconds): allow up to 5
+    limits = [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")]
+    assert len(limits) == 6, calls
+    for got, default in zip(limits, [150, 30, 120, 60, 90, 90]):
+        assert min(default, 100 - 5 - 5) <= got <= min(default, 100 - 5), (limits, calls)
     r, calls, _ = suite("tests-core", "ceilings", budget=10)
     assert r.returncode == 3
     assert not any(c.startswith("TIMEOUT") for c in calls)
