@@ -95,7 +95,7 @@ if HAS_TRITON:
         stride_out_o, stride_out_b,
         # meta-parameters
         HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, OFFSET: tl.constexpr,
     ):
         """out_t[o, b] = act(sum_{k in ptr[o]:ptr[o+1]} val[k or perm[k]] * in_t[idx[k], b] + bias[o]) for BLOCK_R
         output rows (consecutive in ``order``, hence of similar length) and one block of BLOCK_B batch entries."""
@@ -107,12 +107,12 @@ if HAS_TRITON:
 
         offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < n_out
-        o = tl.load(order_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)              # [BLOCK_R]
-        start = tl.load(ptr_ptr + o, mask=mask_r, other=0).to(tl.int64)
-        length = tl.load(ptr_ptr + o + 1, mask=mask_r, other=0).to(tl.int64) - start     # 0 for masked rows
+        o = tl.load(order_ptr + offs_r, mask=mask_r, other=0).to(OFFSET)              # [BLOCK_R]
+        start = tl.load(ptr_ptr + o, mask=mask_r, other=0).to(OFFSET)
+        length = tl.load(ptr_ptr + o + 1, mask=mask_r, other=0).to(OFFSET) - start     # 0 for masked rows
         max_len = tl.max(length, axis=0)
 
-        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_b = pid_b.to(OFFSET) * BLOCK_B + tl.arange(0, BLOCK_B)
         mask_b = offs_b < n_b
         in_b = in_ptr + offs_b[None, None, :] * stride_in_b                              # [1, 1, BLOCK_B]
 
@@ -121,9 +121,9 @@ if HAS_TRITON:
             kk = k0 + tl.arange(0, BLOCK_K)
             mask_k = kk[None, :] < length[:, None]                                       # [BLOCK_R, BLOCK_K]
             offs_k = start[:, None] + kk[None, :]
-            idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+            idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(OFFSET)
             if HAS_PERM:
-                pos = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                pos = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(OFFSET)
                 v = tl.load(val_ptr + pos, mask=mask_k, other=0.0)
             else:
                 v = tl.load(val_ptr + offs_k, mask=mask_k, other=0.0)
@@ -152,20 +152,20 @@ if HAS_TRITON:
         stride_x_c, stride_x_b,
         stride_out,
         # meta-parameters
-        BLOCK_NNZ: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_NNZ: tl.constexpr, BLOCK_B: tl.constexpr, OFFSET: tl.constexpr,
     ):
         """out[k] = sum_b dy_t[row_idx[k], b] * x_t[col_idx[k], b] for one block of BLOCK_NNZ live weights."""
-        pid = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(OFFSET)
         offs_k = pid * BLOCK_NNZ + tl.arange(0, BLOCK_NNZ)
         mask_k = offs_k < nnz
-        r = tl.load(row_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-        c = tl.load(col_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        r = tl.load(row_idx_ptr + offs_k, mask=mask_k, other=0).to(OFFSET)
+        c = tl.load(col_idx_ptr + offs_k, mask=mask_k, other=0).to(OFFSET)
         dy_rows = dy_ptr + r[:, None] * stride_dy_r
         x_rows = x_ptr + c[:, None] * stride_x_c
 
         acc = tl.zeros((BLOCK_NNZ, BLOCK_B), dtype=tl.float32)
         for b0 in range(0, n_b, BLOCK_B):
-            offs_b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
+            offs_b = (b0 + tl.arange(0, BLOCK_B)).to(OFFSET)
             m = mask_k[:, None] & (offs_b < n_b)[None, :]
             g = tl.load(dy_rows + offs_b[None, :] * stride_dy_b, mask=m, other=0.0)
             a = tl.load(x_rows + offs_b[None, :] * stride_x_b, mask=m, other=0.0)
@@ -175,18 +175,19 @@ if HAS_TRITON:
         tl.store(out_ptr + offs_k * stride_out, dv.to(out_ptr.dtype.element_ty), mask=mask_k)
 
     @triton.jit
-    def _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, t, n_mine, j0, j1):
+    def _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, t, n_mine, j0, j1, OFFSET: tl.constexpr):
         """Rows ``order[chunk + t * n_chunks]`` of a slab program (t < n_mine) and their entries in base panels
         [j0, j1): (row, start, length), length 0 for masked rows."""
         mask_r = t < n_mine
-        o = tl.load(order_ptr + chunk + t.to(tl.int64) * n_chunks, mask=mask_r, other=0).to(tl.int64)
+        o = tl.load(order_ptr + chunk + t.to(OFFSET) * n_chunks, mask=mask_r, other=0).to(OFFSET)
         pp_o = pp_ptr + o * stride_pp
-        start = tl.load(pp_o + j0, mask=mask_r, other=0).to(tl.int64)
-        length = tl.load(pp_o + j1, mask=mask_r, other=0).to(tl.int64) - start
+        start = tl.load(pp_o + j0, mask=mask_r, other=0).to(OFFSET)
+        length = tl.load(pp_o + j1, mask=mask_r, other=0).to(OFFSET) - start
         return o, start, length
 
     @triton.jit
-    def _slab_program(n_b, n_rows, n_panels, BLOCK_B: tl.constexpr, PANEL_STEP: tl.constexpr):
+    def _slab_program(n_b, n_rows, n_panels, BLOCK_B: tl.constexpr, PANEL_STEP: tl.constexpr,
+                      OFFSET: tl.constexpr):
         """What a slab program owns: batch block ``pid_b`` (offsets, mask), row chunk ``chunk`` of ``n_chunks``
         (``n_mine`` rows), and the number of panel sweeps ``n_steps``."""
         pid = tl.program_id(0)
@@ -194,7 +195,7 @@ if HAS_TRITON:
         n_chunks = tl.num_programs(0) // n_bblk
         pid_b = pid % n_bblk
         chunk = pid // n_bblk
-        offs_b = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        offs_b = pid_b.to(OFFSET) * BLOCK_B + tl.arange(0, BLOCK_B)
         n_mine = tl.cdiv(n_rows - chunk, n_chunks)  # rows order[chunk], order[chunk + n_chunks], ...
         return pid_b, chunk, n_chunks, offs_b, offs_b < n_b, n_mine, tl.cdiv(n_panels, PANEL_STEP)
 
@@ -215,7 +216,7 @@ if HAS_TRITON:
         stride_out_o, stride_out_b,
         # meta-parameters: PANEL_STEP base panels of columns per sweep
         HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, PANEL_STEP: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, OFFSET: tl.constexpr,
     ):
         """The forward / input gradient of ``_spmm_t_kernel`` with reuse of the dense operand in L1: a program owns
         one block of BLOCK_B batch entries and every ``n_chunks``-th row (``n_chunks = num_programs / n_bblk``), and
@@ -226,7 +227,7 @@ if HAS_TRITON:
         bias and ReLU and stores ``out_t``. The next row block's pointers are loaded before the current block's
         gathers, so that their latency overlaps the arithmetic."""
         _, chunk, n_chunks, offs_b, mask_b, n_mine, n_steps = _slab_program(n_b, n_out, n_panels, BLOCK_B,
-                                                                             PANEL_STEP)
+                                                                             PANEL_STEP, OFFSET)
         in_b = in_ptr + offs_b[None, None, :] * stride_in_b                              # [1, 1, BLOCK_B]
         for s in range(0, n_steps):
             # the partial sums this program stored in the last sweep are read back by whichever of its threads the
@@ -235,18 +236,19 @@ if HAS_TRITON:
             j0 = s * PANEL_STEP
             j1 = tl.minimum(j0 + PANEL_STEP, n_panels)
             o, start, length = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, tl.arange(0, BLOCK_R),
-                                          n_mine, j0, j1)
+                                          n_mine, j0, j1, OFFSET)
             for t0 in range(0, n_mine, BLOCK_R):
                 o_next, start_next, length_next = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks,
-                                                             t0 + BLOCK_R + tl.arange(0, BLOCK_R), n_mine, j0, j1)
+                                                             t0 + BLOCK_R + tl.arange(0, BLOCK_R), n_mine, j0, j1,
+                                                             OFFSET)
                 acc = tl.zeros((BLOCK_R, BLOCK_K, BLOCK_B), dtype=tl.float32)
                 for k0 in range(0, tl.max(length, axis=0), BLOCK_K):
                     kk = k0 + tl.arange(0, BLOCK_K)
                     mask_k = kk[None, :] < length[:, None]
                     offs_k = start[:, None] + kk[None, :]
-                    idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                    idx = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(OFFSET)
                     if HAS_PERM:
-                        pos = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                        pos = tl.load(perm_ptr + offs_k, mask=mask_k, other=0).to(OFFSET)
                         v = tl.load(val_ptr + pos, mask=mask_k, other=0.0)
                     else:
                         v = tl.load(val_ptr + offs_k, mask=mask_k, other=0.0)
@@ -286,23 +288,25 @@ if HAS_TRITON:
         stride_part,
         # meta-parameters
         PANEL_STEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+        OFFSET: tl.constexpr,
     ):
         """The weight gradient with the same L1 reuse as ``_spmm_slab_kernel``: the program of batch block ``pb``
         and row chunk ``chunk`` sweeps the columns panel by panel and writes, for every live weight ``k`` of its
         rows, ``part[pb, k] = sum_{b in block pb} dy_t[row(k), b] * x_t[col(k), b]``; the caller sums ``part`` over
         the batch blocks. Each row's ``dy_t`` vector is loaded once per panel and broadcast over its entries."""
         pid_b, chunk, n_chunks, offs_b, mask_b, n_mine, n_steps = _slab_program(n_b, n_rows, n_panels, BLOCK_B,
-                                                                                 PANEL_STEP)
+                                                                                 PANEL_STEP, OFFSET)
         x_b = x_ptr + offs_b[None, None, :] * stride_x_b
-        part_b = part_ptr + pid_b.to(tl.int64) * stride_part
+        part_b = part_ptr + pid_b.to(OFFSET) * stride_part
         for s in range(0, n_steps):
             j0 = s * PANEL_STEP
             j1 = tl.minimum(j0 + PANEL_STEP, n_panels)
             r, start, length = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks, tl.arange(0, BLOCK_R),
-                                          n_mine, j0, j1)
+                                          n_mine, j0, j1, OFFSET)
             for t0 in range(0, n_mine, BLOCK_R):
                 r_next, start_next, length_next = _slab_rows(order_ptr, pp_ptr, stride_pp, chunk, n_chunks,
-                                                             t0 + BLOCK_R + tl.arange(0, BLOCK_R), n_mine, j0, j1)
+                                                             t0 + BLOCK_R + tl.arange(0, BLOCK_R), n_mine, j0, j1,
+                                                             OFFSET)
                 g = tl.load(dy_ptr + r[:, None, None] * stride_dy_r + offs_b[None, None, :] * stride_dy_b,
                             mask=(length > 0)[:, None, None] & mask_b[None, None, :],
                             other=0.0).to(tl.float32)                                    # [BLOCK_R, 1, BLOCK_B]
@@ -310,7 +314,7 @@ if HAS_TRITON:
                     kk = k0 + tl.arange(0, BLOCK_K)
                     mask_k = kk[None, :] < length[:, None]
                     offs_k = start[:, None] + kk[None, :]
-                    c = tl.load(col_idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+                    c = tl.load(col_idx_ptr + offs_k, mask=mask_k, other=0).to(OFFSET)
                     a = tl.load(x_b + c[:, :, None] * stride_x_c,
                                 mask=mask_k[:, :, None] & mask_b[None, None, :], other=0.0)
                     tl.store(part_b + offs_k, tl.sum(a.to(tl.float32) * g, axis=2), mask=mask_k)
@@ -359,6 +363,24 @@ VARIANTS = ("auto", "gather", "slab")
 SLAB_MIN_GATHERS = 1 << 25
 _SLAB_NAMES = ("PANEL_STEP", "BLOCK_R", "BLOCK_K", "BLOCK_B")
 _choices: dict = {}
+
+
+# Offsets (index x stride sums) are int32 unless one of a launch's tensors or counts reaches 2**30, then int64:
+# int32 offsets take half the registers of the gathered-pointer arithmetic (sm_90a compile report: the gather
+# forward at (2, 16, 128) fp32 went from 167 to 128 registers). FORCE_OFFSET64 makes every launch use int64 (tests).
+FORCE_OFFSET64 = False
+_OFFSET32_LIMIT = 1 << 30
+
+
+def _max_offset(t: torch.Tensor) -> int:
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _offset_dtype(*tensors, counts=()):
+    """tl.int64 when an element offset into one of ``tensors`` or one of ``counts`` can reach 2**30, else tl.int32."""
+    big = FORCE_OFFSET64 or any(_max_offset(t) >= _OFFSET32_LIMIT for t in tensors if t is not None) \
+        or any(int(c) >= _OFFSET32_LIMIT for c in counts)
+    return tl.int64 if big else tl.int32
 
 
 def _next_pow2(n: int) -> int:
@@ -630,7 +652,8 @@ def _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_
     has_perm = perm is not None
     args = (ptr, idx, vals, perm if has_perm else idx, order, in_t, out_t, bias if bias is not None else out_t)
     strides = (in_t.stride(0), in_t.stride(1), out_t.stride(0), out_t.stride(1))
-    flags = dict(HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu)
+    flags = dict(HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu,
+                 OFFSET=_offset_dtype(in_t, out_t, counts=(nnz, n_out)))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("spmm", n_b)
         grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]) * triton.cdiv(n_b, meta["BLOCK_B"]),)  # noqa: E731
@@ -656,7 +679,8 @@ def _launch_spmm_slab(pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out
     _spmm_slab_kernel[grid](
         pp, idx, vals, perm if has_perm else idx, order, in_t, ws, out_t, bias if bias is not None else out_t,
         n_out, n_b, nnz, n_pan, pp.stride(0), in_t.stride(0), in_t.stride(1), ws.stride(0), ws.stride(1),
-        out_t.stride(0), out_t.stride(1), HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu, **meta)
+        out_t.stride(0), out_t.stride(1), HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu,
+        OFFSET=_offset_dtype(in_t, out_t, ws, pp, counts=(nnz, n_out)), **meta)
 
 
 def _spmm(kind, ptr, pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, variant, op):
@@ -773,12 +797,13 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
 def _launch_sddmm(fmt, dy_t, x_t, out, n_b, config, op):
     args = (fmt.row_idx, fmt.col_idx, dy_t, x_t, out, fmt.nnz, n_b,
             dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), out.stride(0))
+    offset = _offset_dtype(dy_t, x_t, out, counts=(fmt.nnz,))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("sddmm", n_b)
-        kern[lambda meta: (triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args)
+        kern[lambda meta: (triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset)
         return
     meta = _meta(config, _sddmm_heuristic(n_b), ("BLOCK_NNZ", "BLOCK_B"), op)
-    _sddmm_t_kernel[(triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, **meta)
+    _sddmm_t_kernel[(triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset, **meta)
 
 
 def _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, config, op):
@@ -789,7 +814,8 @@ def _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, config, op):
     pp = fmt.row_panel_ptr
     _sddmm_slab_kernel[(n_bblk * chunks,)](
         pp, fmt.col_idx, fmt.row_order, dy_t, x_t, part, fmt.rows, n_b, fmt.nnz, pp.shape[1] - 1, pp.stride(0),
-        dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), part.stride(0), **meta)
+        dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), part.stride(0),
+        OFFSET=_offset_dtype(dy_t, x_t, part, pp, counts=(fmt.nnz,)), **meta)
     if out.dtype == torch.float32 and out.is_contiguous():
         torch.sum(part, 0, out=out)
     else:

@@ -521,3 +521,28 @@ def test_auto_variant_times_the_kernels_once_per_problem(kernel_device, small_pa
     for problem, (variant, cfg, times) in choices.items():
         assert variant == "slab" and cfg["PANEL_STEP"] == 1 and min(times.values()) == 0.5, (problem, times)
     assert sorted(choices[next(p for p in choices if p[0] == "fwd")][2].values()) == [0.5, 1.0, float("inf")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# offsets: int32 unless an offset can reach 2**30 (fewer registers); the int64 kernels give the same results
+# ---------------------------------------------------------------------------------------------------------------
+def test_offset_dtype_choice():
+    import triton.language as tl
+
+    from sparse_lth.kernels import sparse_linear as K
+
+    small = torch.empty(4096, 4096, device="meta")             # 2**24 elements: int32 offsets
+    big = torch.empty(2**16, 2**15, device="meta")             # offsets up to 2**31: int64
+    assert K._offset_dtype(small, None, counts=(10**6,)) == tl.int32
+    assert K._offset_dtype(small, big) == tl.int64
+    assert K._offset_dtype(small.t(), counts=(2**30,)) == tl.int64   # e.g. nnz positions
+    assert K._offset_dtype(big[:, :1]) == tl.int64                   # a view: its strides count, not its size
+
+
+@pytest.mark.parametrize("cfg", [None, SLAB_CFG])
+def test_int64_offsets(kernel_device, small_panels, monkeypatch, cfg):
+    from sparse_lth.kernels import sparse_linear as K
+
+    monkeypatch.setattr(K, "FORCE_OFFSET64", True)
+    run_all(19, 30, 5, 0.3, torch.float32, kernel_device, bias=True, activation="relu", in_layout="strided",
+            seed=78, config_fwd=cfg, config_w=cfg)
