@@ -16,7 +16,8 @@ Three ops, each with a launcher that checks its arguments and picks the grid, an
   ``BLOCK_K`` consecutive live weights and one slice of the batch*pixel reduction; slices write fp32 partial sums
   that are then reduced in a fixed order (deterministic, no atomics) and cast.
 
-All products accumulate in fp32; inputs may be fp32, fp16 or bf16. Memory offsets are int64.
+All products accumulate in fp32; inputs may be fp32, fp16 or bf16. Memory offsets are int32, or int64 when an
+offset into a launch's tensors can reach 2**30 (``_triton.offset_dtype``).
 See ``notes/sparse_conv.md`` for the design and its reasons.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, check_launch, interpreting
+from ._triton import HAS_TRITON, check_launch, interpreting, offset_dtype
 from .format import SparseFormat, to_dense
 
 if HAS_TRITON:
@@ -67,12 +68,12 @@ if HAS_TRITON:
         pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
         # meta
-        HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr,
     ):
         # Output channels vary fastest across programs, so the programs that run together share one block of
         # input pixels (it stays in L2); heavy channels (row_order: most live weights first) start first.
         pid = tl.program_id(0)
-        co = tl.load(row_order_ptr + pid % C_out).to(tl.int64)
+        co = tl.load(row_order_ptr + pid % C_out).to(OFFSET)
         pid_p = pid // C_out
 
         # this program's output pixels, flattened over (n, oh, ow)
@@ -84,11 +85,11 @@ if HAS_TRITON:
         n = t // OH
         ih0 = oh * STRIDE_H - pad_h
         iw0 = ow * STRIDE_W - pad_w
-        # int64: n * stride_xn passes 2**31 for large batches of large images
-        x_base = n.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw
+        # OFFSET is int64 when n * stride_xn can pass 2**31 (large batches of large images), else int32
+        x_base = n.to(OFFSET) * stride_xn + ih0.to(OFFSET) * stride_xh + iw0.to(OFFSET) * stride_xw
 
-        k_start = tl.load(row_ptr_ptr + co).to(tl.int64)
-        k_end = tl.load(row_ptr_ptr + co + 1).to(tl.int64)
+        k_start = tl.load(row_ptr_ptr + co).to(OFFSET)
+        k_end = tl.load(row_ptr_ptr + co + 1).to(OFFSET)
         # 2-D accumulator, reduced over its BLOCK_K rows once after the loop (no cross-lane reduction per step)
         acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -101,7 +102,7 @@ if HAS_TRITON:
             ci = col // (KH * KW)
             sh = ky * dil_h  # the tap's shift in the input
             sw = kx * dil_w
-            k_off = ci.to(tl.int64) * stride_xc + sh.to(tl.int64) * stride_xh + sw.to(tl.int64) * stride_xw
+            k_off = ci.to(OFFSET) * stride_xc + sh.to(OFFSET) * stride_xh + sw.to(OFFSET) * stride_xw
             ih = ih0[None, :] + sh[:, None]
             iw = iw0[None, :] + sw[:, None]
             ld_mask = (k_mask[:, None] & p_mask[None, :]
@@ -112,8 +113,8 @@ if HAS_TRITON:
         out = tl.sum(acc, axis=0)
         if HAS_BIAS:
             out += tl.load(bias_ptr + co).to(tl.float32)
-        y_off = (n.to(tl.int64) * stride_yn + co * stride_yc
-                 + oh.to(tl.int64) * stride_yh + ow.to(tl.int64) * stride_yw)
+        y_off = (n.to(OFFSET) * stride_yn + co * stride_yc
+                 + oh.to(OFFSET) * stride_yh + ow.to(OFFSET) * stride_yw)
         tl.store(y_ptr + y_off, out.to(y_ptr.dtype.element_ty), mask=p_mask)
 
     @triton.jit
@@ -129,7 +130,7 @@ if HAS_TRITON:
         pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
         # meta
-        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr,
     ):
         pid = tl.program_id(0)
         ci = pid % C_in
@@ -142,19 +143,19 @@ if HAS_TRITON:
         t = offs_q // W
         ih = t % H
         n = t // H
-        dy_base = n.to(tl.int64) * stride_dyn
+        dy_base = n.to(OFFSET) * stride_dyn
         # output pixel (oh, ow) reads input (oh*s - pad + ky*dil, ...): invert for each live (ky, kx)
         th = ih + pad_h
         tw = iw + pad_w
 
         # the CSC entries of input channel ci: all its columns ci*KH*KW .. (ci+1)*KH*KW - 1 are contiguous
-        k_start = tl.load(col_ptr_ptr + ci * (KH * KW)).to(tl.int64)
-        k_end = tl.load(col_ptr_ptr + (ci + 1) * (KH * KW)).to(tl.int64)
+        k_start = tl.load(col_ptr_ptr + ci * (KH * KW)).to(OFFSET)
+        k_end = tl.load(col_ptr_ptr + (ci + 1) * (KH * KW)).to(OFFSET)
         acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < k_end
-            src = tl.load(t_perm_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
+            src = tl.load(t_perm_ptr + offs_k, mask=k_mask, other=0).to(OFFSET)
             w = tl.load(val_ptr + src, mask=k_mask, other=0.0).to(tl.float32)
             co = tl.load(t_row_idx_ptr + offs_k, mask=k_mask, other=0)
             col = tl.load(col_idx_ptr + src, mask=k_mask, other=0)
@@ -177,13 +178,13 @@ if HAS_TRITON:
                 ow = ow_s // STRIDE_W
                 ok = ok & (ow * STRIDE_W == ow_s)
             ok = ok & (oh < OH) & (ow < OW)
-            off = (dy_base[None, :] + co.to(tl.int64)[:, None] * stride_dyc
-                   + oh.to(tl.int64) * stride_dyh + ow.to(tl.int64) * stride_dyw)
+            off = (dy_base[None, :] + co.to(OFFSET)[:, None] * stride_dyc
+                   + oh.to(OFFSET) * stride_dyh + ow.to(OFFSET) * stride_dyw)
             g = tl.load(dy_ptr + off, mask=ok, other=0.0)
             acc += g.to(tl.float32) * w[:, None]
 
-        dx_off = (n.to(tl.int64) * stride_dxn + ci.to(tl.int64) * stride_dxc
-                  + ih.to(tl.int64) * stride_dxh + iw.to(tl.int64) * stride_dxw)
+        dx_off = (n.to(OFFSET) * stride_dxn + ci.to(OFFSET) * stride_dxc
+                  + ih.to(OFFSET) * stride_dxh + iw.to(OFFSET) * stride_dxw)
         tl.store(dx_ptr + dx_off, tl.sum(acc, axis=0).to(dx_ptr.dtype.element_ty), mask=q_mask)
 
     @triton.jit
@@ -199,13 +200,13 @@ if HAS_TRITON:
         pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
         # meta
-        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, OFFSET: tl.constexpr,
     ):
         pid_k = tl.program_id(0)
         pid_s = tl.program_id(1)
 
         # BLOCK_K consecutive live weights (CSR order: mostly one output channel, so dy rows are shared)
-        offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_k = pid_k.to(OFFSET) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = offs_k < NNZ
         co = tl.load(row_idx_ptr + offs_k, mask=k_mask, other=0)
         col = tl.load(col_idx_ptr + offs_k, mask=k_mask, other=0)
@@ -214,8 +215,8 @@ if HAS_TRITON:
         ci = col // (KH * KW)
         dh = ky * dil_h
         dw = kx * dil_w
-        x_koff = ci.to(tl.int64) * stride_xc + dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
-        dy_koff = co.to(tl.int64) * stride_dyc
+        x_koff = ci.to(OFFSET) * stride_xc + dh.to(OFFSET) * stride_xh + dw.to(OFFSET) * stride_xw
+        dy_koff = co.to(OFFSET) * stride_dyc
 
         acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
         p_lo = pid_s * P_PER_SPLIT
@@ -229,9 +230,9 @@ if HAS_TRITON:
             n = t // OH
             ih0 = oh * STRIDE_H - pad_h
             iw0 = ow * STRIDE_W - pad_w
-            n64 = n.to(tl.int64)
-            x_base = n64 * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw
-            dy_base = n64 * stride_dyn + oh.to(tl.int64) * stride_dyh + ow.to(tl.int64) * stride_dyw
+            n_o = n.to(OFFSET)
+            x_base = n_o * stride_xn + ih0.to(OFFSET) * stride_xh + iw0.to(OFFSET) * stride_xw
+            dy_base = n_o * stride_dyn + oh.to(OFFSET) * stride_dyh + ow.to(OFFSET) * stride_dyw
             ih = ih0[None, :] + dh[:, None]
             iw = iw0[None, :] + dw[:, None]
             m2 = k_mask[:, None] & p_mask[None, :]
@@ -241,7 +242,7 @@ if HAS_TRITON:
             acc += g.to(tl.float32) * xv.to(tl.float32)
 
         part = tl.sum(acc, axis=1)
-        tl.store(part_ptr + pid_s.to(tl.int64) * NNZ + offs_k, part, mask=k_mask)
+        tl.store(part_ptr + pid_s.to(OFFSET) * NNZ + offs_k, part, mask=k_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,7 +317,8 @@ def _check_devices(op, fmt, **tensors):
 
 
 def _check_pixels(count, channels, op):
-    """Pixel indices and program ids are int32 (memory offsets are int64): refuse what would overflow them."""
+    """Pixel indices and program ids are int32 (memory offsets become int64 when needed): refuse what would overflow
+    them."""
     if count > _INT32_MAX - 4096 or channels * triton.cdiv(count, 32) > _INT32_MAX:
         raise ValueError(f"{op}: {count} pixels (batch * height * width) x {channels} channels overflow the "
                          f"kernel's int32 pixel/program indices; split the batch")
@@ -372,7 +374,8 @@ def sparse_conv2d_forward(x, values, fmt, kernel_size, bias=None, stride=(1, 1),
         *x.stride(), *y.stride(),
         p[0], p[1], d[0], d[1],
         KH=k[0], KW=k[1], STRIDE_H=s[0], STRIDE_W=s[1],
-        HAS_BIAS=bias is not None, BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps,
+        HAS_BIAS=bias is not None, BLOCK_K=block_k, BLOCK_P=block_p,
+        OFFSET=offset_dtype(x, y, counts=(fmt.nnz,)), num_warps=warps,
     )
     return y
 
@@ -417,7 +420,7 @@ def sparse_conv2d_backward_input(dy, values, fmt, input_shape, kernel_size, stri
         *dy.stride(), *dx.stride(),
         p[0], p[1], d[0], d[1],
         KH=k[0], KW=k[1], STRIDE_H=s[0], STRIDE_W=s[1],
-        BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps,
+        BLOCK_K=block_k, BLOCK_P=block_p, OFFSET=offset_dtype(dy, dx, counts=(fmt.nnz,)), num_warps=warps,
     )
     return dx
 
@@ -473,7 +476,7 @@ def sparse_conv2d_backward_weight(dy, x, fmt, kernel_size, stride=(1, 1), paddin
         *dy.stride(), *x.stride(),
         p[0], p[1], d[0], d[1],
         KH=k[0], KW=k[1], STRIDE_H=s[0], STRIDE_W=s[1],
-        BLOCK_K=block_k, BLOCK_P=block_p, num_warps=warps,
+        BLOCK_K=block_k, BLOCK_P=block_p, OFFSET=offset_dtype(dy, x, part, counts=(nnz,)), num_warps=warps,
     )
     out = part[0] if num_splits == 1 else part.sum(0)
     return out.to(out_dtype)

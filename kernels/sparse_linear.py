@@ -58,7 +58,7 @@ import os
 
 import torch
 
-from ._triton import HAS_TRITON, autotune_bench, check_launch, interpreting
+from ._triton import HAS_TRITON, autotune_bench, check_launch, interpreting, offset_dtype
 from .format import PANEL, SparseFormat, to_dense
 
 if HAS_TRITON:
@@ -365,24 +365,6 @@ _SLAB_NAMES = ("PANEL_STEP", "BLOCK_R", "BLOCK_K", "BLOCK_B")
 _choices: dict = {}
 
 
-# Offsets (index x stride sums) are int32 unless one of a launch's tensors or counts reaches 2**30, then int64:
-# int32 offsets take half the registers of the gathered-pointer arithmetic (sm_90a compile report: the gather
-# forward at (2, 16, 128) fp32 went from 167 to 128 registers). FORCE_OFFSET64 makes every launch use int64 (tests).
-FORCE_OFFSET64 = False
-_OFFSET32_LIMIT = 1 << 30
-
-
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0
-
-
-def _offset_dtype(*tensors, counts=()):
-    """tl.int64 when an element offset into one of ``tensors`` or one of ``counts`` can reach 2**30, else tl.int32."""
-    big = FORCE_OFFSET64 or any(_max_offset(t) >= _OFFSET32_LIMIT for t in tensors if t is not None) \
-        or any(int(c) >= _OFFSET32_LIMIT for c in counts)
-    return tl.int64 if big else tl.int32
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -653,7 +635,7 @@ def _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_
     args = (ptr, idx, vals, perm if has_perm else idx, order, in_t, out_t, bias if bias is not None else out_t)
     strides = (in_t.stride(0), in_t.stride(1), out_t.stride(0), out_t.stride(1))
     flags = dict(HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu,
-                 OFFSET=_offset_dtype(in_t, out_t, counts=(nnz, n_out)))
+                 OFFSET=offset_dtype(in_t, out_t, counts=(nnz, n_out)))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("spmm", n_b)
         grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]) * triton.cdiv(n_b, meta["BLOCK_B"]),)  # noqa: E731
@@ -680,7 +662,7 @@ def _launch_spmm_slab(pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out
         pp, idx, vals, perm if has_perm else idx, order, in_t, ws, out_t, bias if bias is not None else out_t,
         n_out, n_b, nnz, n_pan, pp.stride(0), in_t.stride(0), in_t.stride(1), ws.stride(0), ws.stride(1),
         out_t.stride(0), out_t.stride(1), HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu,
-        OFFSET=_offset_dtype(in_t, out_t, ws, pp, counts=(nnz, n_out)), **meta)
+        OFFSET=offset_dtype(in_t, out_t, ws, pp, counts=(nnz, n_out)), **meta)
 
 
 def _spmm(kind, ptr, pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, variant, op):
@@ -797,7 +779,7 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
 def _launch_sddmm(fmt, dy_t, x_t, out, n_b, config, op):
     args = (fmt.row_idx, fmt.col_idx, dy_t, x_t, out, fmt.nnz, n_b,
             dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), out.stride(0))
-    offset = _offset_dtype(dy_t, x_t, out, counts=(fmt.nnz,))
+    offset = offset_dtype(dy_t, x_t, out, counts=(fmt.nnz,))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("sddmm", n_b)
         kern[lambda meta: (triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset)
@@ -815,7 +797,7 @@ def _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, config, op):
     _sddmm_slab_kernel[(n_bblk * chunks,)](
         pp, fmt.col_idx, fmt.row_order, dy_t, x_t, part, fmt.rows, n_b, fmt.nnz, pp.shape[1] - 1, pp.stride(0),
         dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), part.stride(0),
-        OFFSET=_offset_dtype(dy_t, x_t, part, pp, counts=(fmt.nnz,)), **meta)
+        OFFSET=offset_dtype(dy_t, x_t, part, pp, counts=(fmt.nnz,)), **meta)
     if out.dtype == torch.float32 and out.is_contiguous():
         torch.sum(part, 0, out=out)
     else:

@@ -158,8 +158,13 @@ def test_non_contiguous_inputs(kernel_device):
         check(dv, ref64(sc.reference_backward_weight, dy, x, fmt, 3, 1, 1), torch.float32)
 
 
-def test_int64_pointers(kernel_device):
-    """A format whose pointers are int64 (as build_format makes them past 2**31 live weights)."""
+@pytest.mark.parametrize("offset64", [False, True], ids=["int32-offsets", "int64-offsets"])
+def test_int64_pointers(kernel_device, monkeypatch, offset64):
+    """A format whose pointers are int64 (as build_format makes them past 2**31 live weights), with the kernels'
+    int32 offsets (what small tensors get) and their int64 offsets (what tensors past 2**30 elements get)."""
+    from sparse_lth.kernels import _triton
+
+    monkeypatch.setattr(_triton, "FORCE_OFFSET64", offset64)
     x, v, fmt, b, _ = make_case(13, 2, 3, 4, 7, 9, 3, 0.5, device=kernel_device)
     d = {name: getattr(fmt, name) for name in ("rows", "cols", "nnz")}
     d.update({name: t.long() for name, t in fmt.tensors().items()})

@@ -529,20 +529,20 @@ def test_auto_variant_times_the_kernels_once_per_problem(kernel_device, small_pa
 def test_offset_dtype_choice():
     import triton.language as tl
 
-    from sparse_lth.kernels import sparse_linear as K
+    from sparse_lth.kernels._triton import offset_dtype
 
     small = torch.empty(4096, 4096, device="meta")             # 2**24 elements: int32 offsets
     big = torch.empty(2**16, 2**15, device="meta")             # offsets up to 2**31: int64
-    assert K._offset_dtype(small, None, counts=(10**6,)) == tl.int32
-    assert K._offset_dtype(small, big) == tl.int64
-    assert K._offset_dtype(small.t(), counts=(2**30,)) == tl.int64   # e.g. nnz positions
-    assert K._offset_dtype(big[:, :1]) == tl.int64                   # a view: its strides count, not its size
+    assert offset_dtype(small, None, counts=(10**6,)) == tl.int32
+    assert offset_dtype(small, big) == tl.int64
+    assert offset_dtype(small.t(), counts=(2**30,)) == tl.int64   # e.g. nnz positions
+    assert offset_dtype(big[:, :1]) == tl.int64                   # a view: its strides count, not its size
 
 
 @pytest.mark.parametrize("cfg", [None, SLAB_CFG])
 def test_int64_offsets(kernel_device, small_panels, monkeypatch, cfg):
-    from sparse_lth.kernels import sparse_linear as K
+    from sparse_lth.kernels import _triton
 
-    monkeypatch.setattr(K, "FORCE_OFFSET64", True)
+    monkeypatch.setattr(_triton, "FORCE_OFFSET64", True)
     run_all(19, 30, 5, 0.3, torch.float32, kernel_device, bias=True, activation="relu", in_layout="strided",
             seed=78, config_fwd=cfg, config_w=cfg)
