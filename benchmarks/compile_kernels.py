@@ -72,13 +72,26 @@ def _ptxas() -> str:
     return str(p) if p.exists() else "ptxas"
 
 
+def _triton_ptxas_flags() -> list[str]:
+    """The register-allocation flag Triton itself passes to ptxas when it builds a cubin (triton 3.8:
+    ``--regAllocOptLevel=2``; 3.6: none), so that ``ptxas -v`` here reports the binary that will run."""
+    import inspect
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend
+        src = inspect.getsource(CUDABackend.make_cubin)
+    except Exception:  # noqa: BLE001 - another Triton layout: plain ptxas
+        return []
+    return [f for f in ("--regAllocOptLevel=2",) if f in src]
+
+
 def _resources(ptx: str, arch: str) -> dict:
-    """Registers, spill bytes, shared memory per ``ptxas -v`` on the kernel's PTX."""
+    """Registers, spill bytes, shared memory per ``ptxas -v`` on the kernel's PTX, with Triton's own flags."""
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
-        r = subprocess.run([_ptxas(), f"--gpu-name={arch}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run([_ptxas(), *_triton_ptxas_flags(), f"--gpu-name={arch}", "-v", str(src),
+                            "-o", str(Path(d) / "k.cubin")], capture_output=True, text=True, timeout=300)
     text = r.stdout + r.stderr
     if r.returncode != 0:
         raise RuntimeError(f"ptxas failed: {text.strip()[:400]}")
@@ -273,7 +286,8 @@ def main(argv=None) -> int:
              f"`python benchmarks/compile_kernels.py{' --all-configs' if args.all_configs else ''}` with triton "
              f"{triton.__version__}, torch {torch.__version__}: every launcher of kernels/ run on small tensors, "
              "each launch compiled (not run) for the target; registers, spills and static shared memory from "
-             "`ptxas -v`; `shared` from Triton's metadata; vector-load counts from the PTX; `args`: the pointer element "
+             f"`ptxas -v` with Triton's own flags ({' '.join(_triton_ptxas_flags()) or 'none'}); "
+             "`shared` from Triton's metadata; vector-load counts from the PTX; `args`: the pointer element "
              "types and how many runtime arguments Triton specialized as 16-divisible. "
              f"{len(rows)} distinct binaries, {len(failures)} failed cases.", "",
              "| kernel | constexprs | warps | regs | spill st/ld B | stack B | shared B | ld.v4 | ld.v2 | st.v4 | args |",

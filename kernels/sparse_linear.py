@@ -339,7 +339,8 @@ if HAS_TRITON:
         # (PANEL_STEP, BLOCK_R, BLOCK_K, BLOCK_B, num_warps, OCC): OCC programs per SM share its L1; every tile holds
         # 32 elements per thread (sm_90 compile report: larger tiles spill at 255 registers)
         4: [(8, 16, 16, 32, 8, 1),    # 1024 x 32 fp32 = 128 KB, line-wide gathers, 4 panels over 4096 columns
-            (4, 8, 16, 32, 4, 2),     # 512 x 32 = 64 KB, two programs per SM, twice the partial-sum passes
+            (4, 4, 16, 32, 4, 2),     # 512 x 32 = 64 KB, two programs per SM, twice the partial-sum passes
+                                      # (BLOCK_R 8 spilled 8-16 B at 168 registers, triton 3.8)
             (16, 16, 16, 16, 4, 1)],  # 2048 x 16 = 128 KB, half-line gathers, half the partial-sum passes
         2: [(8, 8, 16, 64, 8, 1),     # 1024 x 64 bf16 = 128 KB, line-wide gathers
             (4, 4, 16, 64, 4, 2),     # 512 x 64 = 64 KB, two programs per SM
@@ -406,7 +407,11 @@ def _slab_heuristic(n_b: int, element_size: int, sddmm: bool) -> dict:
     # forward / input gradient: a cache line per gather; weight gradient: 64 (128 bf16 spilled on sm_90a)
     block_b = min(64 if sddmm else 128 // element_size, max(16, _next_pow2(n_b)))
     step = max(1, (128 << 10) // (PANEL * block_b * element_size))                       # a 128 KB slab
-    block_k, warps = (8, 4) if sddmm else (16, 8)  # the 8-warp bf16 weight gradient spilled on sm_90a
+    # fewer warps for narrow batch blocks and for the weight gradient: their 8-warp tiles spilled on sm_90a
+    if sddmm:
+        block_k, warps = 8, (4 if block_b >= 64 else 2)
+    else:
+        block_k, warps = 16, (8 if block_b >= 32 else 4)
     block_r = max(1, min(16, 32 * 32 * warps // (block_k * block_b)))                    # 32 elements per thread
     return {"PANEL_STEP": step, "BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_B": block_b, "num_warps": warps}
 
