@@ -20,6 +20,7 @@ a plain ``nn.Linear``/``nn.Conv2d`` loads it with ``strict=False`` (or strictly 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -44,8 +45,8 @@ PATHS = ("auto", "dense", "sparse")
 CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
 # Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
 CUDA_SPARSE_MAX_DENSITY = 0.05
-_FMT_FIELDS = ("row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_perm", "row_order", "col_order",
-               "row_panel_ptr", "col_panel_ptr")
+# the index tensors of a SparseFormat, kept as the layer's buffers
+_FMT_FIELDS = tuple(f.name for f in dataclasses.fields(SparseFormat) if f.name not in ("rows", "cols", "nnz"))
 
 
 class _SparseLayer(nn.Module):
