@@ -7,8 +7,10 @@ multiplies each weight by its mask, torch.optim, gradients masked and weights re
     python benchmarks/bench_layers_cpu.py            # writes benchmarks/results/layers_cpu_<machine>.{csv,md}
 
 Implementations timed against each other, interleaved within every repeat so machine noise hits all alike:
-``dense_masking`` (the baseline), ``sparse_lth_auto`` (the layer's own path choice), and the layer forced onto each
-path (``sparse_lth_dense``, ``sparse_lth_sparse``). Speed is reported, never asserted.
+``dense_masking`` (the baseline), ``sparse_lth_auto`` (the layer's own path choice: on the CPU by density),
+``sparse_lth_timed`` (the choice by timing, as on CUDA: ``choose_paths(..., timed=True)`` / ``layer.time_paths``,
+the sparse path with each op on the sparse ops or dense), and the layer forced onto each path
+(``sparse_lth_dense``, ``sparse_lth_sparse``). Speed is reported, never asserted.
 """
 from __future__ import annotations
 
@@ -26,10 +28,17 @@ import torch.nn as nn
 from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_name, git_commit, masked_baseline, plain_step,
                        random_masks, slug)
 
-from sparse_lth.layers import SparseLinear, sparse_layers, sparsify
+from sparse_lth.layers import SparseLinear, choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model
 
 DENSITIES = (1.0, 0.2, 0.05, 0.02, 0.01)
+
+
+def path_letter(layer) -> str:
+    """d: dense path; s: sparse path, every op sparse; h: sparse path with some ops dense."""
+    if layer.path == "dense":
+        return "d"
+    return "h" if "dense" in layer.ops.values() else "s"
 
 
 # ------------------------------------------------------------------------- timing
@@ -61,11 +70,13 @@ def bench_lenet(density: float, repeats: int) -> dict:
     b = masked_baseline(build_model("lenet300_100", seed=0), masks)
     bo = torch.optim.Adam(b.parameters(), lr=1.2e-3)
     fns["dense_masking"] = lambda: baseline_step(b, bo, x, y)
-    for path in ("auto", "dense", "sparse"):
-        m = sparsify(build_model("lenet300_100", seed=0), masks=masks, path=path)
+    for path in ("auto", "timed", "dense", "sparse"):
+        m = sparsify(build_model("lenet300_100", seed=0), masks=masks, path="auto" if path == "timed" else path)
+        if path == "timed":
+            choose_paths(m, x, timed=True)
         o = torch.optim.Adam(m.parameters(), lr=1.2e-3)
         fns[f"sparse_lth_{path}"] = (lambda m=m, o=o: plain_step(m, o, x, y))
-        paths[f"sparse_lth_{path}"] = "/".join(l.path[0] for _, l in sparse_layers(m))
+        paths[f"sparse_lth_{path}"] = "/".join(path_letter(l) for _, l in sparse_layers(m))
     return {"samples": interleaved_medians(fns, repeats, inner=10), "paths": paths}
 
 
@@ -85,8 +96,10 @@ def bench_linear(density: float, repeats: int) -> dict:
         b.weight.grad.mul_(b.mask)
 
     fns, paths = {"dense_masking": baseline}, {}
-    for path in ("auto", "dense", "sparse"):
-        layer = SparseLinear.from_dense(ref, mask, path=path)
+    for path in ("auto", "timed", "dense", "sparse"):
+        layer = SparseLinear.from_dense(ref, mask, path="auto" if path == "timed" else path)
+        if path == "timed":
+            layer.time_paths((batch, n))
 
         def run(layer=layer):
             xi = x.requires_grad_(True)
@@ -94,7 +107,7 @@ def bench_linear(density: float, repeats: int) -> dict:
             layer(xi).backward(dy)
 
         fns[f"sparse_lth_{path}"] = run
-        paths[f"sparse_lth_{path}"] = layer.path
+        paths[f"sparse_lth_{path}"] = layer.path_label
     return {"samples": interleaved_medians(fns, repeats, inner=3), "paths": paths}
 
 
@@ -122,7 +135,7 @@ def main(argv=None) -> int:
                              "median_ms": round(med, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
                              "speedup_vs_dense_masking": round(base_med / med, 3), "repeats": len(xs),
                              "dtype": "float32", **meta})
-                print(f"{case:30s} d={d:<5} {impl:18s} {rows[-1]['path']:6s} median {med:8.3f} ms  "
+                print(f"{case:30s} d={d:<5} {impl:18s} {rows[-1]['path']:12s} median {med:8.3f} ms  "
                       f"x{base_med / med:5.2f}", flush=True)
     out = args.out or RESULTS / f"layers_cpu_{slug(dev_name)}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,15 +147,17 @@ def main(argv=None) -> int:
     with open(md, "w") as f:
         f.write(f"# {out.stem}\n\n{meta['device']}, torch {meta['torch']}, commit {meta['commit']}, fp32, "
                 f"median of {args.repeats} interleaved repeats; speedup = dense-masking median / this median.\n"
-                f"Path letters: d = dense path, s = sparse path, per layer.\n\n"
-                "| case | density | dense masking ms | sparse-lth auto ms (path) | speedup auto | forced sparse ms | "
-                "speedup sparse |\n|---|---|---|---|---|---|---|\n")
+                f"Path letters: d = dense path, s = sparse path, h = sparse path with some ops dense, per layer; "
+                f"auto = the CPU's density rule, timed = the choice by timing (as on CUDA).\n\n"
+                "| case | density | dense masking ms | sparse-lth auto ms (path) | speedup auto | timed ms (path) | "
+                "speedup timed | forced sparse ms | speedup sparse |\n|---|---|---|---|---|---|---|---|---|\n")
         for case in dict.fromkeys(r["case"] for r in rows):
             for d in args.densities:
                 g = {r["impl"]: r for r in rows if r["case"] == case and r["density"] == d}
-                a, s = g["sparse_lth_auto"], g["sparse_lth_sparse"]
+                a, t, s = g["sparse_lth_auto"], g["sparse_lth_timed"], g["sparse_lth_sparse"]
                 f.write(f"| {case} | {d:g} | {g['dense_masking']['median_ms']:.3f} | {a['median_ms']:.3f} "
-                        f"({a['path']}) | {a['speedup_vs_dense_masking']:.2f}x | {s['median_ms']:.3f} | "
+                        f"({a['path']}) | {a['speedup_vs_dense_masking']:.2f}x | {t['median_ms']:.3f} ({t['path']}) "
+                        f"| {t['speedup_vs_dense_masking']:.2f}x | {s['median_ms']:.3f} | "
                         f"{s['speedup_vs_dense_masking']:.2f}x |\n")
     print(f"wrote {out} and {md}")
     return 0

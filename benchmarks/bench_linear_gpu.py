@@ -15,6 +15,10 @@ Implementations (the ``impl`` column):
 * ``torch_sparse_csr`` torch.sparse CSR (cuSPARSE): forward ``W_csr @ x^T``, input gradient through a CSR of W^T
                        (gathering values by t_perm, as torch has no shared transposed view), weight gradient by
                        ``torch.sparse.sampled_addmm``
+* ``sparse_lth_layer`` what a user gets: ``SparseLinear`` through autograd after ``layer.time_paths`` (the automatic
+                       choice: dense path, or sparse path with each op on the kernels or dense, the fastest step
+                       measured on the device; the ``path`` column names it), under bf16 autocast for bf16 rows
+                       with fp32 master weights; the issue's "never slower than dense masking" is read off it
 * ``build_format``     (op ``build_format``) the index build that runs once per mask, i.e. once per IMP round
 
 ``sparse_triton`` is what a layer gets: variant "auto", which on large ops (nnz * batch >= 2**25) times the gather
@@ -69,10 +73,10 @@ DRY_RUN_SHAPES = [(7, 13, 5), (33, 65, 9)]  # --dry-run defaults: odd sizes, a p
 DRY_RUN_DENSITIES = [1.0, 0.1]
 DRY_RUN_CALLS = 3  # --dry-run: timed calls per row
 OPS = ["fwd", "bwd", "fwd+bwd"]
-IMPLS = ["sparse_triton", "dense_mask", "torch_sparse_csr"]
+IMPLS = ["sparse_triton", "dense_mask", "sparse_lth_layer", "torch_sparse_csr"]
 DTYPES = ["fp32", "bf16"]
 FIELDS = ["op", "shape", "batch", "density", "dtype", "impl", "median_ms", "p20", "p80", "peak_mem_bytes",
-          "device", "commit"]
+          "device", "commit", "path"]
 L2_BYTES = 64 << 20  # rotate inputs while one set is smaller than this (H100 L2: 50 MB)
 
 
@@ -175,12 +179,12 @@ def main(argv=None) -> int:
     skipped = []  # what could not run (e.g. a torch.sparse op without bf16 support on this device)
     checks = [0, 0]  # correctness checks run, mismatching
 
-    def record(op, rows, cols, batch, density, dtype, impl, q, peak):
+    def record(op, rows, cols, batch, density, dtype, impl, q, peak, path=""):
         med, p20, p80 = q
         row = dict(op=op, shape=f"{rows}x{cols}", batch=batch, density=density, dtype=dtype, impl=impl,
                    median_ms=f"{med:.6g}", p20=f"{p20:.6g}", p80=f"{p80:.6g}",
                    peak_mem_bytes="" if peak is None else peak, device=name,
-                   commit=commit)
+                   commit=commit, path=path)
         writer.writerow(row)
         fh.flush()
         results.append((op, f"{rows}x{cols}", batch, density, dtype, impl, med))
@@ -251,7 +255,7 @@ def main(argv=None) -> int:
                             skipped.append(f"{impl_name} {op} {dtype_name} {rows}x{cols}x{batch} d={density}: "
                                            f"{type(e).__name__}: {first_line(e)}")
                             continue
-                        record(op, rows, cols, batch, density, dtype_name, impl_name, q, peak)
+                        record(op, rows, cols, batch, density, dtype_name, impl_name, q, peak, fns.get("path", ""))
                     del fns
                     free()
             del mask, fmt, w_full
@@ -372,6 +376,43 @@ def make_impl(impl, dt, torch, F, fmt, mask, w_full, rows, cols, batch, n_rot, g
 
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "single_fwd": lambda: fwd(0), "single_bwd": lambda: bwd(0),
                 "single_fwd+bwd": both}
+
+    if impl == "sparse_lth_layer":
+        from sparse_lth.layers import SparseLinear
+
+        lin = torch.nn.Linear(cols, rows, device=dev)
+        with torch.no_grad():
+            lin.weight.copy_(w_full)
+            lin.bias.zero_()
+        layer = SparseLinear.from_dense(lin, mask, path="dense",
+                                        backend="triton" if dev.type == "cuda" else "interpret")
+        ac = dt != torch.float32
+        xs = [x.requires_grad_(True) for x in xs]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ac):
+            label = layer.time_paths((batch, cols), reps=3 if dev.type == "cpu" else 10)
+
+        def fwd(i=None):
+            i = nxt() if i is None else i
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=ac):
+                return layer(xs[i])
+
+        ys = [fwd(i) for i in range(n_rot)]  # graphs kept for the backward-only timing
+
+        def bwd(i=None):
+            i = nxt() if i is None else i
+            layer.zero_grad(set_to_none=True)
+            xs[i].grad = None
+            ys[i].backward(dys[i].to(ys[i].dtype), retain_graph=True)
+
+        def both():
+            i = nxt()
+            layer.zero_grad(set_to_none=True)
+            xs[i].grad = None
+            y = fwd(i)
+            y.backward(dys[i].to(y.dtype))
+
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "single_fwd": lambda: fwd(0), "single_bwd": lambda: bwd(0),
+                "single_fwd+bwd": both, "path": label}
 
     if impl == "torch_sparse_csr":
         vals = w_full[mask].to(dt).contiguous()

@@ -7,7 +7,9 @@ Synthetic data of the model's input shape (timing only). Every conv/linear layer
 paper's VGG/ResNet setting: fc 0%) gets a random mask at each density. Implementations, interleaved per repeat:
 
 * ``dense_masking``: DESIGN.md's baseline with torch.optim (SGD momentum 0.9 for VGG/ResNet, Adam otherwise);
-* ``sparse_lth``: ``sparsify`` + each layer's automatic path (``choose_paths`` times both paths on CUDA), torch.optim;
+* ``sparse_lth``: ``sparsify`` + each layer's automatic path (``choose_paths`` times both paths on CUDA, and on the
+  sparse path each op both ways; the ``paths`` column has one letter per layer: d dense, s sparse, h sparse with
+  some ops dense), torch.optim;
 * ``sparse_lth_optim``: the same with sparse-lth's mask-aware fused optimizer.
 
 fp32 (TF32 for convolutions as PyTorch's default, matmul TF32 off). Rows go to
@@ -27,6 +29,13 @@ from baselines import RESULTS, baseline_step, device_name, git_commit, masked_ba
 from sparse_lth import optim as sl_optim
 from sparse_lth.layers import choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model, paper_hparams
+
+
+def path_letter(layer) -> str:
+    """d: dense path; s: sparse path, every op on the sparse kernels; h: sparse path with some ops dense."""
+    if layer.path == "dense":
+        return "d"
+    return "h" if "dense" in layer.ops.values() else "s"
 
 
 def make_optimizer(module, params, kind: str, lr: float):
@@ -86,7 +95,7 @@ def main(argv=None) -> int:
             choose_paths(m, x)
             o = make_optimizer(module, m.parameters(), kind, hp["lr"])
             impls[name] = lambda m=m, o=o: plain_step(m, o, x, y)
-            paths[name] = "".join(layer.path[0] for _, layer in sparse_layers(m))
+            paths[name] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
         for fn in impls.values():
             for _ in range(args.warmup):
                 fn()

@@ -19,7 +19,8 @@
 #   tests (290)           the same plus tests/test_layers.py, serial
 #   ceilings (30)         measured copy bandwidth and matmul rates (bench_ceilings.py)
 #   linear-targets (120)  bench_linear_gpu.py: the LeNet layers (seconds) and 4096x4096 b4096, all densities,
-#                         fwd and fwd+bwd, fp32 and bf16, sparse vs dense masking; the 4096x4096 ops time the
+#                         fwd and fwd+bwd, fp32 and bf16, sparse kernels and SparseLinear after its automatic
+#                         choice vs dense masking; the 4096x4096 ops time the
 #                         gather and slab kernels against each other (variants_*.csv; ~16 extra compiles)
 #   optim-targets (60)    bench_optim.py on CUDA, fp32: VGG-19 and 4096x4096 at 100/20/5/1 %
 #   conv-targets (90)     bench_conv_gpu.py: VGG-19's 512->512 3x3 layers at 4x4 and 2x2 pixels, fwd+bwd
@@ -47,7 +48,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # sparse_lth (and its ker
 PY=${PYTHON:-python3}
 
 if [ $# -eq 0 ]; then
-    sed -n 2,33p "$0"
+    sed -n 2,36p "$0"
     exit 2
 fi
 
@@ -115,7 +116,7 @@ for part in "${parts[@]}"; do
         linear-targets)
             SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py \
                 --shapes 300x784x60 100x300x60 4096x4096x4096 --densities 0.01 0.02 0.05 0.1 0.2 0.5 1 \
-                --ops fwd fwd+bwd --impls sparse_triton dense_mask --dtypes fp32 bf16 --warmup 10 --rep 40 \
+                --ops fwd fwd+bwd --impls sparse_triton dense_mask sparse_lth_layer --dtypes fp32 bf16 --warmup 10 --rep 40 \
                 --out "benchmarks/results/linear_targets_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         optim)

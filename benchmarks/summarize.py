@@ -78,18 +78,23 @@ class Target:
 
 # --------------------------------------------------------------------------------------------------------- linear
 def linear_speedups(rows) -> dict:
-    """{(op, shape, batch, dtype, density): {"sparse": x, "csr": x}} speedups over dense masking in the same
-    precision (fp32 against fp32 dense masking with TF32 off; bf16 against dense masking under bf16 autocast)."""
-    med = {}
+    """{(op, shape, batch, dtype, density): {"sparse": x, "csr": x, "layer": x, "path": label}} speedups over
+    dense masking in the same precision (fp32 against fp32 dense masking with TF32 off; bf16 against dense masking
+    under bf16 autocast); "layer" is SparseLinear after its automatic choice (the configuration in "path")."""
+    med, paths = {}, {}
     for r in rows:
-        med[(r["op"], r["shape"], int(r["batch"]), r["dtype"], _dens(r["density"]), r["impl"])] = _f(r["median_ms"])
+        key = (r["op"], r["shape"], int(r["batch"]), r["dtype"], _dens(r["density"]), r["impl"])
+        med[key] = _f(r["median_ms"])
+        paths[key] = r.get("path") or ""
     out = {}
     for (op, shape, batch, dtype, d, impl), t in med.items():
         if impl != "sparse_triton":
             continue
         base = med.get((op, shape, batch, dtype, d, "dense_mask" if dtype == "fp32" else "dense_mask_autocast"))
         csr = med.get((op, shape, batch, dtype, d, "torch_sparse_csr"))
+        layer_key = (op, shape, batch, dtype, d, "sparse_lth_layer")
         out[(op, shape, batch, dtype, d)] = {"sparse": ratio(base, t), "csr": ratio(base, csr),
+                                             "layer": ratio(base, med.get(layer_key)), "path": paths.get(layer_key, ""),
                                              "dense_ms": base, "sparse_ms": t}
     return out
 
@@ -99,20 +104,27 @@ def linear_section(rows, targets: list[Target]) -> list[str]:
     lines = ["## Sparse linear (bench_linear_gpu.py), forward + backward",
              "", "Speedup of the Triton kernels over dense masking in the same precision (fp32: TF32 off; bf16: "
              "autocast); `best` = the faster of the two paths, which the automatic choice picks when its timing "
-             "is right; `CSR` = torch.sparse CSR's speedup over the same dense masking.", "",
-             "| layer | batch | dtype | density | dense ms | sparse ms | sparse | best | CSR |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "is right; `auto layer` = `SparseLinear` through autograd after its automatic choice (measured; the "
+             "configuration it chose in `chosen`, a sparse path's ops run dense named after `/`); `CSR` = "
+             "torch.sparse CSR's speedup over the same dense masking.", "",
+             "| layer | batch | dtype | density | dense ms | sparse ms | sparse | best | auto layer | chosen | CSR |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (op, shape, batch, dtype, d), v in sorted(sp.items(), key=lambda kv: (kv[0][1], kv[0][3], -kv[0][4])):
         if op != "fwd+bwd":
             continue
         best = max(v["sparse"], 1.0) if math.isfinite(v["sparse"]) else math.nan
         lines.append(f"| {shape} | {batch} | {dtype} | {d:g} | {v['dense_ms']:.4g} | {v['sparse_ms']:.4g} | "
-                     f"{fmt_x(v['sparse'])} | {fmt_x(best)} | {fmt_x(v['csr'])} |")
+                     f"{fmt_x(v['sparse'])} | {fmt_x(best)} | {fmt_x(v['layer'])} | {v['path'] or '-'} | "
+                     f"{fmt_x(v['csr'])} |")
     big = ("fwd+bwd", "4096x4096", 4096)
     for dtype, pairs in (("fp32", ((0.05, 3), (0.02, 6), (0.01, 10))), ("bf16", ((0.02, 1.5), (0.01, 2.5)))):
         for d, need in pairs:
             v = sp.get(big + (dtype, d), {}).get("sparse", math.nan)
             targets.append(Target("#4", f"4096x4096 b4096 {dtype} fwd+bwd, {100 - 100 * d:g}% sparse", need, v))
+    for dtype in ("fp32", "bf16"):
+        auto = [v["layer"] for k, v in sp.items() if k[:3] == big and k[3] == dtype and math.isfinite(v["layer"])]
+        targets.append(Target("#4", f"4096x4096 b4096 {dtype} fwd+bwd, automatic choice (SparseLinear), worst "
+                              "density (never slower: >= ~1)", 0.95, min(auto) if auto else math.nan))
     for shape in ("300x784", "100x300"):
         worst = [v["sparse"] for k, v in sp.items() if k[0] == "fwd+bwd" and k[1] == shape and k[3] == "fp32"]
         worst = [max(w, 1.0) for w in worst if math.isfinite(w)]

@@ -2,10 +2,18 @@
 
 The backend (``triton``, ``interpret`` or ``torch``) picks the implementation of the three ops; the Triton modules
 are imported only when a Triton backend is used.
+
+Each of the three ops (:data:`OPS`: the forward, the input gradient, the weight gradient) runs either on the sparse
+kernels or **dense**: the live values scattered into a dense weight (one write of ``rows x cols``) and the dense
+product on cuBLAS/cuDNN/MKL, with the weight gradient computed dense and gathered at the live positions. The
+trainable parameter stays the compact ``values`` either way. A layer picks per op (``dense=`` below) because the
+crossover differs: a dense weight gradient on tensor cores can beat the sampled product at densities where the
+sparse forward already wins.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .kernels import torch_ops
 from .kernels.format import SparseFormat
@@ -26,71 +34,156 @@ def _linear_ops(backend: str):
     return k.prepare_operand, k.sparse_linear_forward, k.sparse_linear_backward_input, k.sparse_linear_backward_weight
 
 
+OPS = ("forward", "input_grad", "weight_grad")
+IMPLS = ("sparse", "dense")
+ALL_SPARSE = (False, False, False)
+
+
+def check_ops(ops) -> tuple[bool, bool, bool]:
+    """``ops`` ("sparse", "dense", or a dict {op: "sparse" | "dense"} over :data:`OPS`, missing ops sparse) as the
+    tuple of per-op dense flags that the Functions take."""
+    if isinstance(ops, str) and ops in IMPLS:
+        return (ops == "dense",) * 3
+    if not isinstance(ops, dict):
+        raise ValueError(f"ops must be 'sparse', 'dense' or a dict {{op: 'sparse' | 'dense'}} with ops from {OPS}, "
+                         f"got {ops!r}")
+    bad = sorted(set(ops) - set(OPS))
+    if bad:
+        raise ValueError(f"ops: unknown op(s) {bad}; the ops are {OPS}")
+    for op, impl in ops.items():
+        if impl not in IMPLS:
+            raise ValueError(f"ops[{op!r}] must be one of {IMPLS}, got {impl!r}")
+    return tuple(ops.get(op, "sparse") == "dense" for op in OPS)
+
+
+def ops_dict(dense: tuple) -> dict[str, str]:
+    """The per-op dense flags as {op: "sparse" | "dense"}."""
+    return {op: "dense" if d else "sparse" for op, d in zip(OPS, dense)}
+
+
+def _gather_grad(g: torch.Tensor, flat_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The entries of a dense weight gradient at the live positions, as the compact values' gradient."""
+    return g.reshape(-1).index_select(0, flat_index).to(dtype)
+
+
 class SparseLinearFunction(torch.autograd.Function):
-    """y = x W^T + b (+ ReLU) with W given by ``values`` (nnz) and ``fmt``; x of shape (..., cols)."""
+    """y = x W^T + b (+ ReLU) with W given by ``values`` (nnz) and ``fmt``; x of shape (..., cols).
+
+    ``dense``: per-op flags (forward, input gradient, weight gradient) for the dense implementation, which needs
+    ``flat_index`` (``row * cols + col`` of each live value)."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, fmt: SparseFormat, backend: str, activation: str | None):
+    def forward(ctx, x, values, bias, fmt: SparseFormat, backend: str, activation: str | None,
+                dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
         prep, fwd, _, _ = _linear_ops(backend)
+        d_fwd, d_dx, d_dw = dense
         lead = x.shape[:-1]
-        x2 = prep(x.reshape(-1, x.shape[-1]), fmt.nnz)  # what the forward reads is what the weight gradient reads
-        y = fwd(x2, values, fmt, bias, activation)
+        x2 = x.reshape(-1, x.shape[-1])
+        if not (d_fwd and d_dw):  # what the forward reads is what the weight gradient reads
+            x2 = prep(x2, fmt.nnz)
+        w = None
+        if d_fwd:
+            w = scatter_values(values, flat_index, fmt.shape)
+            y = F.linear(x2, w, bias)
+            if activation == "relu":
+                y = torch.relu_(y)
+            elif activation is not None:
+                raise ValueError(f"unknown activation {activation!r} (None or 'relu')")
+        else:
+            y = fwd(x2, values, fmt, bias, activation)
         ctx.fmt, ctx.backend, ctx.activation, ctx.x_shape = fmt, backend, activation, x.shape
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2, values, y if activation == "relu" else None)
+        ctx.has_bias, ctx.dense = bias is not None, dense
+        ctx.save_for_backward(x2, values, y if activation == "relu" else None, w if d_dx else None, flat_index)
         return y.reshape(*lead, fmt.rows)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, values, y = ctx.saved_tensors
+        x2, values, y, w, flat_index = ctx.saved_tensors
         prep, _, bwd_in, bwd_w = _linear_ops(ctx.backend)
+        _, d_dx, d_dw = ctx.dense
         dy2 = dy.reshape(-1, ctx.fmt.rows)
         if ctx.activation == "relu":
             dy2 = dy2 * (y > 0)
-        dy2 = prep(dy2.to(x2.dtype), ctx.fmt.nnz)  # one operand for both gradients
+        dy2 = dy2.to(x2.dtype)
+        if not (d_dx and d_dw):
+            dy2 = prep(dy2, ctx.fmt.nnz)  # one operand for both gradients
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
-            dx = bwd_in(dy2, values, ctx.fmt).reshape(ctx.x_shape)
+            if d_dx:
+                if w is None:
+                    w = scatter_values(values, flat_index, ctx.fmt.shape)
+                dx = torch.mm(dy2, w.to(dy2.dtype))
+            else:
+                dx = bwd_in(dy2, values, ctx.fmt)
+            dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dv = bwd_w(dy2, x2, ctx.fmt, out_dtype=values.dtype)
+            if d_dw:
+                dv = _gather_grad(torch.mm(dy2.t(), x2), flat_index, values.dtype)
+            else:
+                dv = bwd_w(dy2, x2, ctx.fmt, out_dtype=values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
-        return dx, dv, db, None, None, None
+        return dx, dv, db, None, None, None, None, None
 
 
-def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", activation: str | None = None):
-    return SparseLinearFunction.apply(x, values, bias, fmt, backend, activation)
+def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", activation: str | None = None,
+                  dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
+    if any(dense) and flat_index is None:
+        raise ValueError("sparse_linear: a dense op needs flat_index (row * cols + col of each live value)")
+    return SparseLinearFunction.apply(x, values, bias, fmt, backend, activation, tuple(dense), flat_index)
 
 
 class SparseConv2dFunction(torch.autograd.Function):
-    """Direct sparse conv2d on the Triton backends (NCHW, groups=1, zero padding)."""
+    """Direct sparse conv2d on the Triton backends (NCHW, groups=1, zero padding).
+
+    ``dense``: per-op flags as for :class:`SparseLinearFunction`; a dense op runs cuDNN on the scattered weight
+    (``flat_index`` indexes the flattened ``(C_out, C_in * kh * kw)`` weight)."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, fmt: SparseFormat, kernel_size, stride, padding, dilation):
+    def forward(ctx, x, values, bias, fmt: SparseFormat, kernel_size, stride, padding, dilation,
+                dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
         from .kernels import sparse_conv as k
 
-        y = k.sparse_conv2d_forward(x, values, fmt, kernel_size, bias, stride, padding, dilation)
+        d_fwd, d_dx, _ = dense
+        w_shape = (fmt.rows, fmt.cols // (kernel_size[0] * kernel_size[1])) + tuple(kernel_size)
+        w = None
+        if d_fwd:
+            w = scatter_values(values, flat_index, w_shape)
+            y = F.conv2d(x, w, bias, stride, padding, dilation)
+        else:
+            y = k.sparse_conv2d_forward(x, values, fmt, kernel_size, bias, stride, padding, dilation)
         ctx.fmt, ctx.geom, ctx.has_bias = fmt, (kernel_size, stride, padding, dilation), bias is not None
-        ctx.save_for_backward(x, values)
+        ctx.dense, ctx.w_shape = dense, w_shape
+        ctx.save_for_backward(x, values, w if d_dx else None, flat_index)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         from .kernels import sparse_conv as k
 
-        x, values = ctx.saved_tensors
+        x, values, w, flat_index = ctx.saved_tensors
         kernel_size, stride, padding, dilation = ctx.geom
+        _, d_dx, d_dw = ctx.dense
         dy = dy.to(x.dtype)
         dx = dv = db = None
         if ctx.needs_input_grad[0]:
-            dx = k.sparse_conv2d_backward_input(dy, values, ctx.fmt, tuple(x.shape), kernel_size, stride, padding,
-                                                dilation)
+            if d_dx:
+                if w is None:
+                    w = scatter_values(values, flat_index, ctx.w_shape)
+                dx = torch.nn.grad.conv2d_input(tuple(x.shape), w.to(dy.dtype), dy, stride, padding, dilation)
+            else:
+                dx = k.sparse_conv2d_backward_input(dy, values, ctx.fmt, tuple(x.shape), kernel_size, stride,
+                                                    padding, dilation)
         if ctx.needs_input_grad[1]:
-            dv = k.sparse_conv2d_backward_weight(dy, x, ctx.fmt, kernel_size, stride, padding, dilation,
-                                                 out_dtype=values.dtype)
+            if d_dw:
+                g = torch.nn.grad.conv2d_weight(x, ctx.w_shape, dy, stride, padding, dilation)
+                dv = _gather_grad(g, flat_index, values.dtype)
+            else:
+                dv = k.sparse_conv2d_backward_weight(dy, x, ctx.fmt, kernel_size, stride, padding, dilation,
+                                                     out_dtype=values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
-        return dx, dv, db, None, None, None, None, None
+        return dx, dv, db, None, None, None, None, None, None, None
 
 
 def scatter_values(values: torch.Tensor, flat_index: torch.Tensor, shape) -> torch.Tensor:

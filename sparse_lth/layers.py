@@ -14,6 +14,11 @@ Each layer holds a boolean mask (buffer ``weight_mask``) and runs on one of two 
 layer, see :func:`choose_paths`), on the CPU by the measured density crossover of the ``torch`` backend
 (``benchmarks/``). The parameter set depends on the path: **build the optimizer after setting masks**.
 
+On the sparse path each of the three ops (forward, input gradient, weight gradient) runs on the sparse kernels or
+dense on the scattered live values (:mod:`sparse_lth.functional`); ``ops`` chooses: ``"auto"`` (the default) times
+each op both ways when the path is timed on the device and keeps the fastest whole step, otherwise all ops are
+sparse; ``"sparse"``, ``"dense"`` or a dict ``{op: "sparse" | "dense"}`` force it. ``layer.ops`` tells what runs.
+
 ``state_dict()`` always holds the dense ``weight`` and ``bias`` of the layer it replaced, plus ``weight_mask``;
 a plain ``nn.Linear``/``nn.Conv2d`` loads it with ``strict=False`` (or strictly after :func:`strip_masks`).
 """
@@ -30,12 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backend import resolve_backend
-from .functional import SparseConv2dFunction, scatter_values, sparse_linear
+from .functional import ALL_SPARSE, OPS, SparseConv2dFunction, check_ops, ops_dict, scatter_values, sparse_linear
 from .kernels.format import SparseFormat, build_format, check_mask, to_values
 
 __all__ = [
     "SparseLinear", "SparseConv2d", "sparsify", "densify", "sparse_layers", "choose_paths", "strip_masks",
-    "PATHS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CUDA_SPARSE_MAX_DENSITY",
+    "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CUDA_SPARSE_MAX_DENSITY",
 ]
 
 PATHS = ("auto", "dense", "sparse")
@@ -49,6 +54,16 @@ CUDA_SPARSE_MAX_DENSITY = 0.05
 _FMT_FIELDS = tuple(f.name for f in dataclasses.fields(SparseFormat) if f.name not in ("rows", "cols", "nnz"))
 
 
+def _ops_request(ops):
+    """"auto", or the per-op dense flags that ``ops`` forces (clear error on anything else)."""
+    return "auto" if (isinstance(ops, str) and ops == "auto") else check_ops(ops)
+
+
+def _ops_label(dense: tuple) -> str:
+    """How the timings name a sparse-path configuration: "sparse", or e.g. "sparse/weight_grad:dense"."""
+    return "sparse" + "".join(f"/{op}:dense" for op, d in zip(OPS, dense) if d)
+
+
 class _SparseLayer(nn.Module):
     """What SparseLinear and SparseConv2d share: mask, path, backend, formats, state_dict."""
 
@@ -56,19 +71,23 @@ class _SparseLayer(nn.Module):
 
     @classmethod
     def from_dense(cls, module: nn.Module, mask=None, path: str = "auto", backend: str | None = None,
-                   mask_gradients: bool = True):
+                   mask_gradients: bool = True, ops="auto"):
         """The sparse twin of a dense ``module`` (weights copied, ``requires_grad`` kept) under ``mask``."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._copy_geometry(module)
         layer.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(),
                                                                  requires_grad=module.bias.requires_grad)
-        layer._setup(module.weight, mask, path, backend, mask_gradients)
+        layer._setup(module.weight, mask, path, backend, mask_gradients, ops)
         return layer
 
-    def _setup(self, weight: torch.Tensor, mask, path: str, backend: str | None, mask_gradients: bool) -> None:
+    def _setup(self, weight: torch.Tensor, mask, path: str, backend: str | None, mask_gradients: bool,
+               ops="auto") -> None:
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        self.ops_request = _ops_request(ops)
+        self._dense_ops = ALL_SPARSE
+        self._timed_ops: tuple | None = None
         self.path_request = path
         self.backend_request = backend
         self.mask_gradients = mask_gradients
@@ -88,6 +107,17 @@ class _SparseLayer(nn.Module):
     @property
     def path(self) -> str:
         return self._path
+
+    @property
+    def ops(self) -> dict[str, str]:
+        """How each op (forward, input_grad, weight_grad) runs: "sparse" (the sparse kernels) or "dense" (a dense
+        product; on the sparse path, on the scattered live values). On the dense path every op is dense."""
+        return ops_dict((True,) * 3 if self._path == "dense" else self._dense_ops)
+
+    @property
+    def path_label(self) -> str:
+        """The path, with the ops that the sparse path runs dense: "dense", "sparse", "sparse/weight_grad:dense"."""
+        return "dense" if self._path == "dense" else _ops_label(self._dense_ops)
 
     @property
     def nnz(self) -> int:
@@ -138,15 +168,19 @@ class _SparseLayer(nn.Module):
 
     # ------------------------------------------------------------------ masks and paths
     @torch.no_grad()
-    def set_mask(self, mask, path: str | None = None) -> None:
+    def set_mask(self, mask, path: str | None = None, ops=None) -> None:
         """Set the mask (bool, or 0/1 values, of the weight's shape). Live weights keep their values, pruned
-        ones become zero. ``path``: "auto", "dense" or "sparse" (default: the layer's ``path_request``).
-        The trainable parameters are replaced: build the optimizer afterwards."""
+        ones become zero. ``path``: "auto", "dense" or "sparse" (default: the layer's ``path_request``);
+        ``ops``: how the sparse path runs each op (see the module docstring; default: the layer's
+        ``ops_request``). The trainable parameters are replaced: build the optimizer afterwards."""
         device = self.weight_mask.device
         mask = check_mask(mask, self.weight_shape).to(device)
         path = self.path_request if path is None else path
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        if ops is not None:
+            self.ops_request = _ops_request(ops)
+        self._timed_ops = None
         backend = self.backend
         if path == "sparse":
             self._check_sparse_possible(backend)
@@ -178,7 +212,11 @@ class _SparseLayer(nn.Module):
     def _check_sparse_possible(self, backend: str) -> None:
         pass
 
-    def _install(self, w: torch.Tensor, path: str) -> None:
+    def _install(self, w: torch.Tensor, path: str, dense_ops: tuple | None = None) -> None:
+        if dense_ops is None:
+            req = self.ops_request
+            dense_ops = req if isinstance(req, tuple) else (self._timed_ops or ALL_SPARSE)
+        self._dense_ops = tuple(dense_ops)
         requires_grad = self._current_requires_grad()
         for name in ("weight", "values"):
             self._parameters.pop(name, None)
@@ -210,29 +248,75 @@ class _SparseLayer(nn.Module):
         p = self._parameters.get("weight", self._parameters.get("values"))
         return True if p is None else p.requires_grad
 
+    @torch.no_grad()
+    def time_paths(self, input_shape: tuple, reps: int = 10) -> str:
+        """Time every configuration of this layer (the dense path; the sparse path with each op sparse or dense,
+        see ``_time_paths``) on its device for inputs of ``input_shape``, install the fastest, and return its
+        ``path_label``. What ``path="auto"`` does by itself on CUDA once the layer has seen an input, here on
+        demand and on any backend. Run it under the autocast context the layer will run under; the medians are
+        in ``path_timings``. The trainable parameters may be replaced: build the optimizer afterwards."""
+        self._check_sparse_possible(self.backend)
+        self._timed_ops = None
+        path = self._time_paths(tuple(input_shape), reps)
+        self._install(self.dense_weight().detach().clone(), path)
+        return self.path_label
+
+    def _per_op_choice(self) -> bool:
+        """Can the sparse path run single ops dense (with this backend)? The torch conv path is dense already."""
+        return True
+
     def _time_paths(self, input_shape: tuple, reps: int = 10) -> str:
-        """Time forward+backward of both paths on the layer's device; return the faster one."""
+        """Time forward+backward of the dense path and of the sparse path on the layer's device; return the faster
+        path. With ``ops_request == "auto"`` the sparse path is timed with all ops sparse and with each op flipped
+        to dense alone; the flips that were faster are combined (and that combination timed), and the fastest
+        configuration measured is kept for the sparse path. ``path_timings`` holds every median (seconds)."""
         dev = self.weight_mask.device
-        dtype = self.dense_weight().dtype
-        x = torch.randn(input_shape, device=dev, dtype=dtype, requires_grad=True)
-        times = {}
-        for p in ("dense", "sparse"):
-            probe = copy.deepcopy(self)
-            probe._install(probe.dense_weight().detach().clone(), p)
-            samples = []
-            with torch.enable_grad():
-                for i in range(reps + 2):
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    t0 = time.perf_counter()
-                    probe(x).sum().backward()
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize(dev)
-                    if i >= 2:
-                        samples.append(time.perf_counter() - t0)
-            times[p] = statistics.median(samples)
+        x = torch.randn(input_shape, device=dev, dtype=self.dense_weight().dtype, requires_grad=True)
+        times: dict[str, float] = {}
+        configs: dict[str, tuple] = {}
+
+        def measure(path: str, dense_ops: tuple | None = None) -> float:
+            label = "dense" if path == "dense" else _ops_label(dense_ops)
+            if label not in times:
+                probe = copy.deepcopy(self)
+                probe._install(probe.dense_weight().detach().clone(), path, dense_ops)
+                times[label] = self._time_step(probe, x, reps)
+                configs[label] = dense_ops
+            return times[label]
+
+        measure("dense")
+        if isinstance(self.ops_request, tuple):
+            measure("sparse", self.ops_request)
+        else:
+            base = measure("sparse", ALL_SPARSE)
+            flips = [tuple(j == i for j in range(len(OPS))) for i in range(len(OPS))] if self._per_op_choice() else []
+            faster = [f for f in flips if measure("sparse", f) < base]
+            if len(faster) > 1:
+                measure("sparse", tuple(any(f[i] for f in faster) for i in range(len(OPS))))
         self.path_timings = times
-        return min(times, key=times.get)
+        best = min(times, key=times.get)
+        if best == "dense":
+            return "dense"
+        if not isinstance(self.ops_request, tuple):
+            self._timed_ops = configs[best]
+        return "sparse"
+
+    @staticmethod
+    def _time_step(probe: nn.Module, x: torch.Tensor, reps: int) -> float:
+        """Median seconds of ``probe(x).sum().backward()`` on x's device (two warm-up runs)."""
+        dev = x.device
+        samples = []
+        with torch.enable_grad():
+            for i in range(reps + 2):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                probe(x).sum().backward()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if i >= 2:
+                    samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -305,7 +389,7 @@ class SparseLinear(_SparseLayer):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
                  mask=None, path: str = "auto", backend: str | None = None, activation: str | None = None,
-                 mask_gradients: bool = True):
+                 mask_gradients: bool = True, ops="auto"):
         super().__init__()
         if activation not in (None, "relu"):
             raise ValueError(f"activation must be None or 'relu', got {activation!r}")
@@ -313,7 +397,7 @@ class SparseLinear(_SparseLayer):
         self._copy_geometry(ref)
         self.activation = activation
         self.bias = ref.bias
-        self._setup(ref.weight, mask, path, backend, mask_gradients)
+        self._setup(ref.weight, mask, path, backend, mask_gradients, ops)
 
     def _copy_geometry(self, ref: nn.Linear) -> None:
         self.in_features, self.out_features = ref.in_features, ref.out_features
@@ -348,11 +432,12 @@ class SparseLinear(_SparseLayer):
             bias = None if bias is None else bias.to(dt)
         elif x.dtype != values.dtype:
             raise TypeError(f"SparseLinear: input dtype {x.dtype} differs from the weight's {values.dtype}")
-        return sparse_linear(x, values, bias, self.fmt, self.backend, self.activation)
+        return sparse_linear(x, values, bias, self.fmt, self.backend, self.activation, self._dense_ops,
+                             self._flat_index)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"density={self.density:.4f}, path={self.path}")
+                f"density={self.density:.4f}, path={self.path_label}")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -367,13 +452,14 @@ class SparseConv2d(_SparseLayer):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 mask=None, path: str = "auto", backend: str | None = None, mask_gradients: bool = True):
+                 mask=None, path: str = "auto", backend: str | None = None, mask_gradients: bool = True,
+                 ops="auto"):
         super().__init__()
         ref = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                         padding_mode, device=device, dtype=dtype)
         self._copy_geometry(ref)
         self.bias = ref.bias
-        self._setup(ref.weight, mask, path, backend, mask_gradients)
+        self._setup(ref.weight, mask, path, backend, mask_gradients, ops)
 
     def _copy_geometry(self, ref: nn.Conv2d) -> None:
         for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -397,6 +483,9 @@ class SparseConv2d(_SparseLayer):
 
     def _sparse_possible(self, backend: str) -> bool:
         return backend == "torch" or self._triton_geometry_ok()
+
+    def _per_op_choice(self) -> bool:
+        return self.backend != "torch"
 
     def _check_sparse_possible(self, backend: str) -> None:
         if not self._sparse_possible(backend):
@@ -429,7 +518,7 @@ class SparseConv2d(_SparseLayer):
         if unbatched:
             x = x.unsqueeze(0)
         y = SparseConv2dFunction.apply(x, values, bias, self.fmt, _pair(self.kernel_size), _pair(self.stride),
-                                       _pair(self.padding), _pair(self.dilation))
+                                       _pair(self.padding), _pair(self.dilation), self._dense_ops, self._flat_index)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
@@ -492,10 +581,13 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, _SparseLayer]]:
 
 
 @torch.no_grad()
-def choose_paths(model: nn.Module, example_input: torch.Tensor) -> dict[str, str]:
+def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = False) -> dict[str, str]:
     """Run ``model`` once on ``example_input`` so every layer sees its input shape, then let each layer with
-    ``path_request == "auto"`` choose its path again (on CUDA: by timing both). Returns ``{name: path}``.
-    Build the optimizer afterwards."""
+    ``path_request == "auto"`` choose its path again (on CUDA: by timing the dense path and the sparse path, the
+    latter with each op on the kernels or dense, see :meth:`_SparseLayer.time_paths`). Returns ``{name: path}``;
+    ``layer.path_label`` / ``layer.ops`` tell which ops a sparse layer runs dense. ``timed=True`` times every
+    such layer whatever its backend (on the CPU too, where "auto" otherwise goes by density). Build the optimizer
+    afterwards."""
     was_training = model.training
     model.eval()
     model(example_input)
@@ -503,7 +595,10 @@ def choose_paths(model: nn.Module, example_input: torch.Tensor) -> dict[str, str
     out = {}
     for name, layer in sparse_layers(model):
         if layer.path_request == "auto":
-            layer.set_mask(layer.weight_mask)
+            if timed and layer._last_input_shape is not None and layer._sparse_possible(layer.backend):
+                layer.time_paths(layer._last_input_shape)
+            else:
+                layer.set_mask(layer.weight_mask)
         out[name] = layer.path
     return out
 

@@ -129,6 +129,13 @@ def test_linear_dry_run(tmp_path):
     # the Triton kernels and the bf16-autocast baseline must all have run on CPU
     assert {g[5] for g in got} >= {"sparse_triton", "dense_mask", "dense_mask_autocast", "torch_sparse_csr"}
     assert {(g[4], g[5]) for g in got} >= {("bf16", "sparse_triton"), ("fp32", "torch_sparse_csr")}
+    # the layer rows name the configuration its automatic choice timed fastest; no other row names one
+    labels = re.compile(r"dense|sparse(/(forward|input_grad|weight_grad):dense)*")
+    for row in rows:
+        if row["impl"] == "sparse_lth_layer":
+            assert labels.fullmatch(row["path"]), row
+        else:
+            assert row["path"] == "", row
 
     for row in rows:
         assert_times(row, "median_ms", "p20", "p80")

@@ -39,7 +39,7 @@ def _write(path: Path, rows: list[dict]):
 
 def _lin(op, shape, batch, d, dtype, impl, ms):
     return dict(op=op, shape=shape, batch=batch, density=d, dtype=dtype, impl=impl, median_ms=ms, p20=ms, p80=ms,
-                peak_mem_bytes=0, device=DEV, commit="abc")
+                peak_mem_bytes=0, device=DEV, commit="abc", path="")
 
 
 @pytest.fixture
@@ -52,6 +52,9 @@ def results(tmp_path):
         _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "torch_sparse_csr", 15.0),
         _lin("fwd+bwd", "4096x4096", 4096, 0.01, "bf16", "dense_mask_autocast", 9.0),
         _lin("fwd+bwd", "4096x4096", 4096, 0.01, "bf16", "sparse_triton", 3.0),         # 3.0x >= 2.5: met
+        dict(_lin("fwd+bwd", "4096x4096", 4096, 0.05, "fp32", "sparse_lth_layer", 12.0),
+             path="sparse/weight_grad:dense"),                                             # 2.5x
+        dict(_lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "sparse_lth_layer", 40.0), path="dense"),  # 0.75x
         _lin("fwd+bwd", "300x784", 60, 1.0, "fp32", "dense_mask", 0.1),
         _lin("fwd+bwd", "300x784", 60, 1.0, "fp32", "sparse_triton", 0.4),            # best path = dense: 1x
         _lin("fwd+bwd", "300x784", 60, 0.01, "fp32", "dense_mask", 0.1),
@@ -123,8 +126,14 @@ def test_targets_are_computed_from_the_rows(results):
     assert t["VGG-19 training step at 1.5% weights remaining"] == ("1.67x", "met")
     assert t["vgg19 step, automatic paths, worst density (never slower: >= ~1)"] == ("0.95x", "met")
     assert "Other GPU" not in md and "1e-09" not in md
+    assert t["4096x4096 b4096 fp32 fwd+bwd, automatic choice (SparseLinear), worst density (never slower: >= ~1)"] \
+        == ("0.75x", "NOT met")
+    assert t["4096x4096 b4096 bf16 fwd+bwd, automatic choice (SparseLinear), worst density (never slower: >= ~1)"] \
+        == ("-", "not measured")
     # the tables carry the medians
-    assert "| 4096x4096 | 4096 | fp32 | 0.02 | 30 | 6 | 5.00x | 5.00x | 2.00x |" in md
+    assert "| 4096x4096 | 4096 | fp32 | 0.02 | 30 | 6 | 5.00x | 5.00x | 0.75x | dense | 2.00x |" in md
+    assert "| 4096x4096 | 4096 | fp32 | 0.05 | 30 | 10 | 3.00x | 3.00x | 2.50x | sparse/weight_grad:dense | - |" in md
+    assert "| 4096x4096 | 4096 | bf16 | 0.01 | 9 | 3 | 3.00x | 3.00x | - | - | - |" in md
 
 
 def test_cli_writes_summary_and_plots(results, tmp_path_factory):

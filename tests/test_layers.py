@@ -1,6 +1,8 @@
 """SparseLinear / SparseConv2d on the torch backend against the dense masked reference, sparsify/densify,
 state_dict compatibility, the pruned-weights-stay-zero invariant under torch optimizers, and bad input."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn as nn
@@ -294,7 +296,129 @@ def test_timed_path_choice_runs_and_keeps_the_layer_intact():
         before = layer.dense_weight().detach().clone()
         shape = (4, 40) if isinstance(layer, SparseLinear) else (2, 3, 6, 6)
         choice = layer._time_paths(shape, reps=3)
-        assert choice in ("dense", "sparse")
-        assert set(layer.path_timings) == {"dense", "sparse"} and all(t > 0 for t in layer.path_timings.values())
+        timings = layer.path_timings
+        assert all(t > 0 for t in timings.values())
+        assert choice == ("dense" if min(timings, key=timings.get) == "dense" else "sparse")
+        if isinstance(layer, SparseLinear):  # all sparse, and each op flipped to dense alone (maybe a combination)
+            singles = {"dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense", "sparse/weight_grad:dense"}
+            assert singles <= set(timings) and len(timings) <= len(singles) + 1
+        else:  # the torch conv sparse path: no per-op choice
+            assert set(timings) == {"dense", "sparse"}
         assert layer.path == "sparse" and layer.values.grad is None
         assert torch.equal(layer.dense_weight().detach(), before)
+
+
+# ---------------------------------------------------------------------- per-op choice on the sparse path
+OP_COMBOS = [dict(zip(("forward", "input_grad", "weight_grad"), c))
+             for c in itertools.product(("sparse", "dense"), repeat=3)]
+
+
+@pytest.mark.parametrize("ops", OP_COMBOS, ids=lambda o: "-".join(v[0] for v in o.values()))
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_linear_every_op_combination_matches_reference(ops, activation):
+    """Each op of the sparse path run dense on the scattered values (any mix) gives the same forward and
+    gradients; the trainable parameter stays the compact values."""
+    gen = torch.Generator().manual_seed(21)
+    layer = SparseLinear(37, 19, path="sparse", backend="torch", activation=activation, ops=ops)
+    layer.set_mask(random_mask((19, 37), 0.3, gen))
+    assert layer.path == "sparse" and layer.ops == ops and [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    ref = (lambda x, w, b: torch.relu(F.linear(x, w, b))) if activation else (lambda x, w, b: F.linear(x, w, b))
+    for x in (torch.randn(3, 5, 37, generator=gen), torch.randn(1, 37, generator=gen),  # 3-D input, batch 1,
+              torch.randn(37, 6, generator=gen).t()):  # non-contiguous
+        layer.zero_grad()
+        grads_vs_reference(layer, x, ref)
+
+
+def test_linear_dense_ops_under_autocast_and_without_grads():
+    gen = torch.Generator().manual_seed(22)
+    mask = random_mask((16, 24), 0.2, gen)
+    layer = SparseLinear(24, 16, path="sparse", backend="torch", ops={"weight_grad": "dense", "forward": "dense"})
+    layer.set_mask(mask)
+    x = torch.randn(8, 24, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and layer.values.grad.shape == (int(mask.sum()),)
+    w = layer.dense_weight().detach().requires_grad_(True)
+    F.linear(x, w, layer.bias).sum().backward()
+    torch.testing.assert_close(layer.values.grad, w.grad[mask], rtol=2e-2, atol=2e-2)
+    layer.values.requires_grad_(False)  # no weight gradient wanted: only the input gradient runs
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_ops_request_is_checked_and_kept_across_masks():
+    with pytest.raises(ValueError, match="unknown op"):
+        SparseLinear(4, 3, ops={"backward": "dense"})
+    with pytest.raises(ValueError, match=r"ops\['forward'\] must be one of"):
+        SparseLinear(4, 3, ops={"forward": "cusparse"})
+    with pytest.raises(ValueError, match="ops must be"):
+        SparseLinear(4, 3, ops=("dense",))
+    layer = SparseLinear(6, 5, path="sparse", backend="torch", ops={"input_grad": "dense"})
+    gen = torch.Generator().manual_seed(23)
+    layer.set_mask(random_mask((5, 6), 0.5, gen))
+    assert layer.ops["input_grad"] == "dense" and layer.path_label == "sparse/input_grad:dense"
+    assert "path=sparse/input_grad:dense" in repr(layer)
+    layer.set_mask(random_mask((5, 6), 0.5, gen), ops="sparse")
+    assert set(layer.ops.values()) == {"sparse"} and layer.path_label == "sparse"
+    layer.set_mask(layer.weight_mask, path="dense")
+    assert set(layer.ops.values()) == {"dense"} and layer.path_label == "dense"
+    clone = SparseLinear.from_dense(torch.nn.Linear(6, 5), path="sparse", backend="torch", ops="dense")
+    assert set(clone.ops.values()) == {"dense"} and clone.path == "sparse"
+
+
+def _cost_model(costs):
+    """A stand-in for _time_step: the probe's configuration's cost from ``costs`` (label -> seconds)."""
+    seen = []
+
+    def fake(probe, x, reps):
+        label = probe.path_label
+        seen.append(label)
+        return costs[label]
+    return fake, seen
+
+
+def test_timed_choice_combines_the_ops_that_were_faster_dense(monkeypatch):
+    gen = torch.Generator().manual_seed(24)
+    layer = SparseLinear(20, 10, path="auto", backend="torch")
+    layer.set_mask(random_mask((10, 20), 0.2, gen), path="sparse", ops="auto")
+    costs = {"dense": 10.0, "sparse": 8.0, "sparse/forward:dense": 9.0, "sparse/input_grad:dense": 7.0,
+             "sparse/weight_grad:dense": 6.0, "sparse/input_grad:dense/weight_grad:dense": 5.0}
+    fake, seen = _cost_model(costs)
+    monkeypatch.setattr(SparseLinear, "_time_step", staticmethod(fake))
+    before = layer.dense_weight().detach().clone()
+    assert layer._time_paths((4, 20), reps=1) == "sparse"
+    assert seen == ["dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense",
+                    "sparse/weight_grad:dense", "sparse/input_grad:dense/weight_grad:dense"]
+    assert layer.path_timings == costs and layer.ops["forward"] == "sparse"  # the layer itself is untouched
+    assert torch.equal(layer.dense_weight().detach(), before)
+    # the choice is what an auto set_mask installs
+    monkeypatch.setattr(SparseLinear, "_auto_path", lambda self, backend: self._time_paths((4, 20), reps=1))
+    layer.set_mask(layer.weight_mask, path="auto")
+    assert layer.path_label == "sparse/input_grad:dense/weight_grad:dense"
+    grads_vs_reference(layer, torch.randn(4, 20, generator=gen), lambda x, w, b: F.linear(x, w, b))
+    # a combination measured slower than its best single flip is not taken; dense wins when it is fastest
+    costs["sparse/input_grad:dense/weight_grad:dense"] = 6.5
+    layer.set_mask(layer.weight_mask, path="auto")
+    assert layer.path_label == "sparse/weight_grad:dense"
+    costs["dense"] = 1.0
+    layer.set_mask(layer.weight_mask, path="auto")
+    assert layer.path == "dense" and layer.path_timings["dense"] == 1.0
+
+
+def test_timed_choice_with_forced_ops_or_no_per_op_choice(monkeypatch):
+    gen = torch.Generator().manual_seed(25)
+    costs = {"dense": 3.0, "sparse": 2.0, "sparse/forward:dense": 1.0}
+    fake, seen = _cost_model(costs)
+    monkeypatch.setattr(SparseLinear, "_time_step", staticmethod(fake))
+    monkeypatch.setattr(SparseConv2d, "_time_step", staticmethod(fake))
+    layer = SparseLinear(20, 10, path="sparse", backend="torch", ops={"forward": "dense"})
+    layer.set_mask(random_mask((10, 20), 0.2, gen))
+    assert layer._time_paths((4, 20), reps=1) == "sparse" and seen == ["dense", "sparse/forward:dense"]
+    assert layer.ops["forward"] == "dense"
+    seen.clear()
+    conv = SparseConv2d(3, 4, 3, path="sparse", backend="torch")  # its torch sparse path is dense convolutions
+    conv.set_mask(random_mask(conv.weight_shape, 0.2, gen))
+    assert conv._time_paths((2, 3, 6, 6), reps=1) == "sparse" and seen == ["dense", "sparse"]

@@ -112,3 +112,43 @@ def test_sparse_linear_launches_and_layout_copies(kernel_device, backend, monkey
         if i < 2:
             h = torch.relu(h)
     torch.testing.assert_close(out, h, rtol=1e-4, atol=1e-5)
+
+
+PER_OP = [{"forward": "dense"}, {"input_grad": "dense"}, {"weight_grad": "dense"},
+          {"input_grad": "dense", "weight_grad": "dense"}, "dense"]
+
+
+@pytest.mark.parametrize("ops", PER_OP, ids=str)
+def test_sparse_linear_on_triton_with_dense_ops(kernel_device, backend, ops):
+    """Ops flipped to dense (cuBLAS on the scattered values) beside the Triton ops of the same layer."""
+    gen = torch.Generator().manual_seed(14)
+    layer = SparseLinear(37, 19, path="sparse", backend=backend, activation="relu", ops=ops).to(kernel_device)
+    layer.set_mask(random_mask((19, 37), 0.2, gen))
+    assert layer.path == "sparse" and "dense" in layer.ops.values()
+    grads_vs_reference(layer, torch.randn(3, 5, 37).to(kernel_device), lambda x, w, b: torch.relu(F.linear(x, w, b)))
+
+
+@pytest.mark.parametrize("ops", PER_OP, ids=str)
+def test_sparse_conv_on_triton_with_dense_ops(kernel_device, backend, ops):
+    gen = torch.Generator().manual_seed(15)
+    layer = SparseConv2d(3, 5, 3, stride=2, padding=1, dilation=1, path="sparse", backend=backend, ops=ops)
+    layer = layer.to(kernel_device)
+    layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+    assert layer.path == "sparse" and "dense" in layer.ops.values()
+    grads_vs_reference(layer, torch.randn(2, 3, 7, 9).to(kernel_device), lambda x, w, b: F.conv2d(x, w, b, 2, 1, 1))
+
+
+def test_timed_choice_on_triton_times_each_op_both_ways(kernel_device, backend):
+    """The real timing (as auto runs it on CUDA) on every configuration of a conv layer on the Triton path; the
+    kept configuration is the fastest measured, and it computes the same gradients."""
+    gen = torch.Generator().manual_seed(16)
+    layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend).to(kernel_device)
+    layer.set_mask(random_mask(layer.weight_shape, 0.2, gen))
+    choice = layer._time_paths((2, 3, 6, 6), reps=1)
+    t = layer.path_timings
+    assert {"dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense", "sparse/weight_grad:dense"} <= set(t)
+    best = min(t, key=t.get)
+    assert choice == ("dense" if best == "dense" else "sparse")
+    layer._install(layer.dense_weight().detach().clone(), choice)
+    assert layer.path_label == best
+    grads_vs_reference(layer, torch.randn(2, 3, 6, 6).to(kernel_device), lambda x, w, b: F.conv2d(x, w, b, 1, 1))
