@@ -318,3 +318,36 @@ def test_bench_ceilings_refuses_cuda_without_gpu(tmp_path):
 def _torch_cuda() -> bool:
     import torch
     return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the CPU benchmarks (run for real, on small settings: the rows are checked, not the speed)
+# ----------------------------------------------------------------------------------------------------------------
+def test_linear_ops_cpu_benchmark_writes_every_op_both_ways(tmp_path):
+    out = tmp_path / "ops.csv"
+    proc = run_script("bench_linear_ops_cpu.py", "--densities", "0.1", "--repeats", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ops = _load("bench_linear_ops_cpu")
+    got = {(r["shape"], r["op"], r["impl"]) for r in rows}
+    assert got == {(f"{r}x{c}", op, impl) for r, c, _ in ops.SHAPES
+                   for op in ("forward", "input_grad", "weight_grad") for impl in ("sparse", "dense")}
+    assert len(rows) == len(got) and all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
+    out = tmp_path / "layers.csv"
+    proc = run_script("bench_layers_cpu.py", "--densities", "0.05", "--repeats", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
+    assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in ("lenet300_100_train_step_b60",
+                                                                      "linear1024_fwd_bwd_b256") for i in impls}
+    for r in rows:
+        assert float(r["median_ms"]) > 0
+        if r["case"].startswith("lenet") and r["impl"] != "dense_masking":
+            assert re.fullmatch(r"[dsh]/[dsh]/[dsh]", r["path"]), r
+    md = out.with_suffix(".md").read_text()
+    assert "| timed ms (path) |" in md and md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
