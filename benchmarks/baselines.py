@@ -7,6 +7,7 @@ weights re-masked after each step.
 """
 from __future__ import annotations
 
+import csv
 import os
 import platform
 import statistics
@@ -110,6 +111,25 @@ def slug(s: str) -> str:
     while "--" in out:
         out = out.replace("--", "-")
     return out.strip("-")[:60]
+
+
+def path_letter(layer) -> str:
+    """A sparse layer's configuration in one letter: d dense path; s sparse path, every op on the sparse kernels;
+    h sparse path with some ops dense."""
+    if layer.path == "dense":
+        return "d"
+    return "h" if "dense" in layer.ops.values() else "s"
+
+
+def write_rows(rows: list[dict], out: Path | str) -> None:
+    """Write ``rows`` (dicts with the same keys) as a CSV file at ``out`` (its folder made), and say so."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {out}")
 
 
 def git_commit() -> str:

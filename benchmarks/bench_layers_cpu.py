@@ -15,7 +15,6 @@ the sparse path with each op on the sparse ops or dense), and the layer forced o
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -25,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_name, git_commit, masked_baseline, plain_step,
-                       random_masks, slug)
+from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_name, git_commit, masked_baseline, path_letter,
+                       plain_step, random_masks, slug, write_rows)
 
 from sparse_lth.layers import SparseLinear, choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model
@@ -34,11 +33,6 @@ from sparse_lth.models import build_model
 DENSITIES = (1.0, 0.2, 0.05, 0.02, 0.01)
 
 
-def path_letter(layer) -> str:
-    """d: dense path; s: sparse path, every op sparse; h: sparse path with some ops dense."""
-    if layer.path == "dense":
-        return "d"
-    return "h" if "dense" in layer.ops.values() else "s"
 
 
 # ------------------------------------------------------------------------- timing
@@ -138,11 +132,7 @@ def main(argv=None) -> int:
                 print(f"{case:30s} d={d:<5} {impl:18s} {rows[-1]['path']:12s} median {med:8.3f} ms  "
                       f"x{base_med / med:5.2f}", flush=True)
     out = args.out or RESULTS / f"layers_cpu_{slug(dev_name)}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(rows, out)
     md = out.with_suffix(".md")
     with open(md, "w") as f:
         f.write(f"# {out.stem}\n\n{meta['device']}, torch {meta['torch']}, commit {meta['commit']}, fp32, "
@@ -159,7 +149,7 @@ def main(argv=None) -> int:
                         f"({a['path']}) | {a['speedup_vs_dense_masking']:.2f}x | {t['median_ms']:.3f} ({t['path']}) "
                         f"| {t['speedup_vs_dense_masking']:.2f}x | {s['median_ms']:.3f} | "
                         f"{s['speedup_vs_dense_masking']:.2f}x |\n")
-    print(f"wrote {out} and {md}")
+    print(f"wrote {md}")
     return 0
 
 

@@ -13,7 +13,6 @@ fp32, random masks, medians of interleaved repeats. Speed is reported, never ass
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from baselines import RESULTS, cpu_name, git_commit, slug
+from baselines import RESULTS, cpu_name, git_commit, slug, write_rows
 
 from sparse_lth.functional import scatter_values
 from sparse_lth.kernels import torch_ops
@@ -83,12 +82,7 @@ def main(argv=None) -> int:
                 f"{op} s {med[(op, 'sparse')]:.3f} d {med[(op, 'dense')]:.3f}"
                 for op in ("forward", "input_grad", "weight_grad")), flush=True)
     out = args.out or RESULTS / f"linear_ops_cpu_{slug(cpu_name())}-{torch.get_num_threads()}-threads.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    write_rows(rows, out)
     return 0
 
 

@@ -18,24 +18,17 @@ fp32 (TF32 for convolutions as PyTorch's default, matmul TF32 off). Rows go to
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
 
 import torch
 
-from baselines import RESULTS, baseline_step, device_name, git_commit, masked_baseline, plain_step, random_masks, slug
+from baselines import (RESULTS, baseline_step, device_name, git_commit, masked_baseline, path_letter, plain_step,
+                       random_masks, slug, write_rows)
 from sparse_lth import optim as sl_optim
 from sparse_lth.layers import choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model, paper_hparams
-
-
-def path_letter(layer) -> str:
-    """d: dense path; s: sparse path, every op on the sparse kernels; h: sparse path with some ops dense."""
-    if layer.path == "dense":
-        return "d"
-    return "h" if "dense" in layer.ops.values() else "s"
 
 
 def make_optimizer(module, params, kind: str, lr: float):
@@ -112,11 +105,7 @@ def main(argv=None) -> int:
             print(f"{args.model} b{args.batch} d={density:<6} {k:17s} {med:9.3f} ms  x{base_med / med:5.2f}  "
                   f"paths {paths.get(k, '-')}", flush=True)
     out = args.out or RESULTS / f"model_step_{args.model}_{slug(meta['device'])}.csv"
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {out}")
+    write_rows(rows, out)
     return 0
 
 

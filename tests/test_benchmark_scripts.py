@@ -323,12 +323,15 @@ def _torch_cuda() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # the CPU benchmarks (run for real, on small settings: the rows are checked, not the speed)
 # ----------------------------------------------------------------------------------------------------------------
-def test_linear_ops_cpu_benchmark_writes_every_op_both_ways(tmp_path):
-    out = tmp_path / "ops.csv"
-    proc = run_script("bench_linear_ops_cpu.py", "--densities", "0.1", "--repeats", "2", "--out", str(out))
+def run_cpu_benchmark(script: str, out: Path, *args: str) -> list[dict]:
+    proc = run_script(script, *args, "--repeats", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     with open(out, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def test_linear_ops_cpu_benchmark_writes_every_op_both_ways(tmp_path):
+    rows = run_cpu_benchmark("bench_linear_ops_cpu.py", tmp_path / "ops.csv", "--densities", "0.1")
     ops = _load("bench_linear_ops_cpu")
     got = {(r["shape"], r["op"], r["impl"]) for r in rows}
     assert got == {(f"{r}x{c}", op, impl) for r, c, _ in ops.SHAPES
@@ -338,10 +341,7 @@ def test_linear_ops_cpu_benchmark_writes_every_op_both_ways(tmp_path):
 
 def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
     out = tmp_path / "layers.csv"
-    proc = run_script("bench_layers_cpu.py", "--densities", "0.05", "--repeats", "2", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    with open(out, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--densities", "0.05")
     impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
     assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in ("lenet300_100_train_step_b60",
                                                                       "linear1024_fwd_bwd_b256") for i in impls}
