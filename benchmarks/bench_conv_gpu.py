@@ -13,6 +13,9 @@ p80):
   dense_mask_amp     the same under torch.autocast(bfloat16)
   unfold_csr         F.unfold + torch.sparse CSR matmul (cuSPARSE) + F.fold; weight gradient by
                      torch.sparse.sampled_addmm; fp32
+  sparse_lth_layer   what a user gets: SparseConv2d through autograd after ``layer.time_paths`` (the automatic
+                     choice: dense path, or sparse path with each op on the kernels or on cuDNN; the ``path``
+                     column names it), fp32 with TF32 on (PyTorch's default) and under bf16 autocast
 
 and writes one row per measurement to benchmarks/results/conv_<device-slug>.csv, then prints a table with speedups
 against dense masking (fp32 rows against TF32-on dense masking, bf16 rows against bf16-autocast dense masking).
@@ -51,9 +54,9 @@ DENSITIES = (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01)
 DRY_RUN_DENSITIES = (1.0, 0.1)
 DRY_RUN_CALLS = 3  # --dry-run: timed calls per row
 DIRECTIONS = ("forward", "backward", "both")
-IMPLS = ("triton_sparse", "dense_mask", "dense_mask_amp", "unfold_csr")
+IMPLS = ("triton_sparse", "dense_mask", "dense_mask_amp", "unfold_csr", "sparse_lth_layer")
 FIELDS = ["layer", "shape", "batch", "density", "dtype", "impl", "direction", "median_ms", "p20_ms", "p80_ms",
-          "peak_mem_bytes", "device", "commit", "count", "nnz"]
+          "peak_mem_bytes", "device", "commit", "count", "nnz", "path"]
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,45 @@ def make_dense_mask(layer, x, dy, weight, mask, bias, dtype, autocast):
     return dict(forward=fwd, backward=bwd, both=both)
 
 
+def make_layer(layer, x, dy, weight, mask, bias, autocast):
+    """SparseConv2d after its automatic choice, timed on this device (under autocast when asked)."""
+    import torch
+
+    from sparse_lth.layers import SparseConv2d
+
+    conv = torch.nn.Conv2d(layer.c_in, layer.c_out, layer.k, layer.stride, layer.pad, bias=bias is not None,
+                           device=x.device)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if bias is not None:
+            conv.bias.copy_(bias)
+    mod = SparseConv2d.from_dense(conv, mask, path="dense", backend="triton" if x.device.type == "cuda" else
+                                  "interpret")
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        label = mod.time_paths(tuple(x.shape), reps=3 if x.device.type == "cpu" else 10)
+    xg = x.clone().requires_grad_()
+    params = [xg] + list(mod.parameters())
+
+    def run_fwd():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return mod(xg)
+
+    y_saved = run_fwd()
+    dy_ = dy.to(y_saved.dtype)
+
+    def fwd():
+        with torch.no_grad():
+            return run_fwd()
+
+    def bwd():
+        return torch.autograd.grad(y_saved, params, dy_, retain_graph=True)
+
+    def both():
+        return torch.autograd.grad(run_fwd(), params, dy_)
+
+    return dict(forward=fwd, backward=bwd, both=both, path=label)
+
+
 def make_unfold_csr(layer, x, dy, weight, mask, bias, dtype):
     """F.unfold + torch.sparse CSR x dense (cuSPARSE) + F.fold; dW at the live positions by sampled_addmm."""
     import torch
@@ -397,6 +439,11 @@ def run(args):
                 if "unfold_csr" in args.impls:
                     variants += [("unfold_csr", "fp32",
                                   lambda: make_unfold_csr(layer, x, dy, weight, mask, bias, torch.float32), None)]
+                if "sparse_lth_layer" in args.impls:
+                    variants += [("sparse_lth_layer", "fp32-tf32",
+                                  lambda: make_layer(layer, x, dy, weight, mask, bias, False), True),
+                                 ("sparse_lth_layer", "bf16-autocast",
+                                  lambda: make_layer(layer, x, dy, weight, mask, bias, True), None)]
                 for impl, dtype_name, make, tf32 in variants:
                     prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
                     if tf32 is not None:
@@ -409,7 +456,8 @@ def run(args):
                                        dtype=dtype_name, impl=impl, direction=direction, median_ms=f"{med:.5f}",
                                        p20_ms=f"{p20:.5f}", p80_ms=f"{p80:.5f}",
                                        peak_mem_bytes="" if peak is None else peak,
-                                       device=device_name, commit=commit, count=layer.count, nnz=nnz)
+                                       device=device_name, commit=commit, count=layer.count, nnz=nnz,
+                                       path=fns.get("path", ""))
                             writer.writerow(row)
                             fh.flush()
                             rows.append(row)

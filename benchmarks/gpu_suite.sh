@@ -23,7 +23,8 @@
 #                         choice vs dense masking; the 4096x4096 ops time the
 #                         gather and slab kernels against each other (variants_*.csv; ~16 extra compiles)
 #   optim-targets (60)    bench_optim.py on CUDA, fp32: VGG-19 and 4096x4096 at 100/20/5/1 %
-#   conv-targets (90)     bench_conv_gpu.py: VGG-19's 512->512 3x3 layers at 4x4 and 2x2 pixels, fwd+bwd
+#   conv-targets (90)     bench_conv_gpu.py: VGG-19's 512->512 3x3 layers at 4x4 and 2x2 pixels, fwd+bwd,
+#                         the kernels and SparseConv2d after its automatic choice vs dense masking
 #   model-vgg19-targets (90)  bench_model_step.py: a VGG-19 step at 100 % and 1.5 % weights remaining
 #   linear | optim | conv-vgg19 | conv-resnet20 | conv-conv6 | model-vgg19 | model-lenet (290 each)
 #                         the full sweeps (every layer, density, op, precision, implementation), for later calls
@@ -48,7 +49,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # sparse_lth (and its ker
 PY=${PYTHON:-python3}
 
 if [ $# -eq 0 ]; then
-    sed -n 2,36p "$0"
+    sed -n 2,37p "$0"
     exit 2
 fi
 
@@ -129,7 +130,7 @@ for part in "${parts[@]}"; do
             ;;
         conv-targets)
             timeout "$LIMIT" $PY benchmarks/bench_conv_gpu.py --layers vgg19/conv10-12 vgg19/conv13-16 \
-                --densities 0.02 0.01 0.05 0.1 0.2 0.5 1 --directions both --impls triton_sparse dense_mask \
+                --densities 0.02 0.01 0.05 0.1 0.2 0.5 1 --directions both --impls triton_sparse dense_mask sparse_lth_layer \
                 --warmup 10 --rep 40 \
                 --out "benchmarks/results/conv_targets_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;

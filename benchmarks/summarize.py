@@ -138,17 +138,25 @@ def conv_speedups(rows) -> dict:
     med = {(r["layer"], r["direction"], _dens(r["density"]), r["impl"], r["dtype"]): _f(r["median_ms"])
            for r in rows}
     out = {}
+    paths = {(r["layer"], r["direction"], _dens(r["density"]), r["dtype"]): r.get("path") or ""
+             for r in rows if r["impl"] == "sparse_lth_layer"}
     for (layer, direction, d, impl, dtype), t in med.items():
         if impl != "triton_sparse":
             continue
         if dtype == "fp32":
+            tf32 = med.get((layer, direction, d, "dense_mask", "fp32-tf32"))
             out[(layer, direction, d, "fp32")] = {
-                "vs_tf32": ratio(med.get((layer, direction, d, "dense_mask", "fp32-tf32")), t),
+                "vs_tf32": ratio(tf32, t),
                 "vs_ieee": ratio(med.get((layer, direction, d, "dense_mask", "fp32-ieee")), t),
-                "vs_csr": ratio(med.get((layer, direction, d, "unfold_csr", "fp32")), t), "ms": t}
+                "vs_csr": ratio(med.get((layer, direction, d, "unfold_csr", "fp32")), t), "ms": t,
+                "layer_vs_tf32": ratio(tf32, med.get((layer, direction, d, "sparse_lth_layer", "fp32-tf32"))),
+                "path": paths.get((layer, direction, d, "fp32-tf32"), "")}
         else:
+            amp = med.get((layer, direction, d, "dense_mask_amp", "bf16-autocast"))
             out[(layer, direction, d, dtype)] = {
-                "vs_bf16": ratio(med.get((layer, direction, d, "dense_mask_amp", "bf16-autocast")), t), "ms": t}
+                "vs_bf16": ratio(amp, t), "ms": t,
+                "layer_vs_bf16": ratio(amp, med.get((layer, direction, d, "sparse_lth_layer", "bf16-autocast"))),
+                "path": paths.get((layer, direction, d, "bf16-autocast"), "")}
     return out
 
 
@@ -157,22 +165,30 @@ def conv_section(rows, targets: list[Target]) -> list[str]:
     lines = ["## Sparse conv2d (bench_conv_gpu.py), forward + backward", "",
              "Speedup of the Triton fp32 kernels over dense masking with cuDNN, TF32 on (PyTorch's default for "
              "convolutions) and off (IEEE fp32), over unfold + torch.sparse CSR; bf16 kernels over dense masking "
-             "under bf16 autocast.", "",
-             "| layer | density | triton fp32 ms | vs TF32 | vs IEEE | vs unfold+CSR | triton bf16 ms | vs bf16 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "under bf16 autocast; `auto layer` = `SparseConv2d` through autograd after its automatic choice "
+             "(measured), against dense masking in the same precision, with the configuration it chose.", "",
+             "| layer | density | triton fp32 ms | vs TF32 | vs IEEE | vs unfold+CSR | triton bf16 ms | vs bf16 | "
+             "auto layer fp32 vs TF32 (chosen) | auto layer bf16 vs bf16 (chosen) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(k[0], k[2]) for k in sp if k[1] == "both"}, key=lambda t: (t[0], -t[1]))
     for layer, d in keys:
         a = sp.get((layer, "both", d, "fp32"), {})
         b = sp.get((layer, "both", d, "bf16"), {})
         lines.append(f"| {layer} | {d:g} | {a.get('ms', math.nan):.4g} | {fmt_x(a.get('vs_tf32', math.nan))} | "
                      f"{fmt_x(a.get('vs_ieee', math.nan))} | {fmt_x(a.get('vs_csr', math.nan))} | "
-                     f"{b.get('ms', math.nan):.4g} | {fmt_x(b.get('vs_bf16', math.nan))} |")
+                     f"{b.get('ms', math.nan):.4g} | {fmt_x(b.get('vs_bf16', math.nan))} | "
+                     f"{fmt_x(a.get('layer_vs_tf32', math.nan))} ({a.get('path') or '-'}) | "
+                     f"{fmt_x(b.get('layer_vs_bf16', math.nan))} ({b.get('path') or '-'}) |")
     for layer, px in (("vgg19/conv10-12", "4x4"), ("vgg19/conv13-16", "2x2")):
         v = sp.get((layer, "both", 0.02, "fp32"), {})
         targets.append(Target("#5", f"512->512 3x3 at {px} px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on", 2,
                               v.get("vs_tf32", math.nan)))
         targets.append(Target("#5", f"512->512 3x3 at {px} px, fwd+bwd, 98% sparse, fp32 vs cuDNN IEEE fp32", 2,
                               v.get("vs_ieee", math.nan)))
+    for dtype, key in (("fp32", "layer_vs_tf32"), ("bf16", "layer_vs_bf16")):
+        auto = [v[key] for k, v in sp.items() if k[1] == "both" and k[3] == dtype and math.isfinite(v.get(key, math.nan))]
+        targets.append(Target("#5", f"conv layers {dtype} fwd+bwd, automatic choice (SparseConv2d), worst layer and "
+                              "density (never slower: >= ~1)", 0.95, min(auto) if auto else math.nan))
     return lines
 
 

@@ -158,6 +158,7 @@ CONV_VARIANTS = {  # impl -> the dtype column of its rows
     "dense_mask": ("fp32-tf32", "fp32-ieee"),
     "dense_mask_amp": ("bf16-autocast",),
     "unfold_csr": ("fp32",),
+    "sparse_lth_layer": ("fp32-tf32", "bf16-autocast"),
 }
 
 
@@ -184,6 +185,10 @@ def test_conv_dry_run(tmp_path):
         assert row["device"] == DRY
         assert row["peak_mem_bytes"] == ""
         assert row["commit"]
+        if row["impl"] == "sparse_lth_layer":  # the configuration its automatic choice kept
+            assert re.fullmatch(r"dense|sparse(/(forward|input_grad|weight_grad):dense)*", row["path"]), row
+        else:
+            assert row["path"] == "", row
 
     assert "FAILED" not in proc.stdout and "skipped: none" in proc.stdout
     n_checks = len(layers) * len(conv.DRY_RUN_DENSITIES)

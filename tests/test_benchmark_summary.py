@@ -68,7 +68,10 @@ def results(tmp_path):
                                 ("triton_sparse", "fp32", tri), ("unfold_csr", "fp32", 4.0)):
             conv.append(dict(layer=layer, shape="512x512x3x3", batch=128, density=0.02, dtype=dtype, impl=impl,
                              direction="both", median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mem_bytes=0, device=DEV,
-                             commit="abc", count=3, nnz=94372))
+                             commit="abc", count=3, nnz=94372, path=""))
+    conv += [dict(conv[0], impl="sparse_lth_layer", dtype="fp32-tf32", median_ms=1.25, path="sparse"),  # 2.5/1.25
+             dict(conv[4], impl="sparse_lth_layer", dtype="fp32-tf32", median_ms=1.1,                   # 1.0/1.1
+                  path="sparse/weight_grad:dense")]
     _write(tmp_path / f"conv_vgg19_{SLUG}.csv", conv)
     optim = [dict(op="sgd", model="vgg19", params=20_000_000, density=1.0, nnz=20_000_000, dtype="float32",
                   impl=impl, median_ms=ms, p20_ms=ms, p80_ms=ms, bytes=nbytes, GBps=1.0, device=DEV, commit="abc")
@@ -118,6 +121,12 @@ def test_targets_are_computed_from_the_rows(results):
     assert t["512->512 3x3 at 4x4 px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on"] == ("2.50x", "met")
     assert t["512->512 3x3 at 2x2 px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on"] == ("1.00x", "NOT met")
     assert t["512->512 3x3 at 2x2 px, fwd+bwd, 98% sparse, fp32 vs cuDNN IEEE fp32"] == ("3.00x", "met")
+    assert t["conv layers fp32 fwd+bwd, automatic choice (SparseConv2d), worst layer and density (never slower: "
+             ">= ~1)"] == ("0.91x", "NOT met")
+    assert t["conv layers bf16 fwd+bwd, automatic choice (SparseConv2d), worst layer and density (never slower: "
+             ">= ~1)"] == ("-", "not measured")
+    assert "| vgg19/conv10-12 | 0.02 | 1 | 2.50x | 5.00x | 4.00x | nan | - | 2.00x (sparse) | - (-) |" in md
+    assert "2.00x (sparse) | - (-) |" in md and "0.91x (sparse/weight_grad:dense) | - (-) |" in md
     assert t["dense path vs torch.optim fused + masking (worst row)"] == ("2.50x", "met")
     # 1e9 bytes at 2000 GB/s = 0.5 ms; the dense path took 1 ms
     assert t["dense path time / bytes-at-measured-bandwidth floor (worst row)"] == ("2.00x", "NOT met")
