@@ -538,10 +538,10 @@ def _swap_target(module: nn.Module):
 
 
 def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, path: str = "auto",
-             backend: str | None = None) -> nn.Module:
+             backend: str | None = None, ops="auto") -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (in place) for its sparse twin; return the model.
 
-    ``masks``: optional ``{module_name: mask}``. Linear layers inside ``nn.MultiheadAttention`` (which reads
+    ``masks``: optional ``{module_name: mask}``; ``path``, ``backend``, ``ops``: as for the layers. Linear layers inside ``nn.MultiheadAttention`` (which reads
     their weights directly) are left alone. A bare ``nn.Linear``/``nn.Conv2d`` is returned swapped.
     """
     if path not in PATHS:
@@ -549,7 +549,7 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
     masks = dict(masks or {})
     target = _swap_target(model)
     if target is not None:
-        return target.from_dense(model, masks.pop("", None), path=path, backend=backend)
+        return target.from_dense(model, masks.pop("", None), path=path, backend=backend, ops=ops)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
             continue
@@ -558,7 +558,8 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
             if target is None or isinstance(module, nn.MultiheadAttention):
                 continue
             full = f"{name}.{child_name}" if name else child_name
-            setattr(module, child_name, target.from_dense(child, masks.pop(full, None), path=path, backend=backend))
+            setattr(module, child_name, target.from_dense(child, masks.pop(full, None), path=path, backend=backend,
+                                                          ops=ops))
     if masks:
         raise KeyError(f"sparsify: masks given for modules that are not Linear/Conv2d layers: {sorted(masks)}")
     return model

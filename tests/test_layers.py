@@ -422,3 +422,19 @@ def test_timed_choice_with_forced_ops_or_no_per_op_choice(monkeypatch):
     conv = SparseConv2d(3, 4, 3, path="sparse", backend="torch")  # its torch sparse path is dense convolutions
     conv.set_mask(random_mask(conv.weight_shape, 0.2, gen))
     assert conv._time_paths((2, 3, 6, 6), reps=1) == "sparse" and seen == ["dense", "sparse"]
+
+
+def test_choose_paths_timed_times_every_auto_layer_on_any_backend():
+    gen = torch.Generator().manual_seed(26)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    sparsify(model, masks={"0": random_mask((16, 20), 0.1, gen), "2": random_mask((4, 16), 0.5, gen)},
+             ops={"weight_grad": "dense"})
+    model[2].path_request = "dense"  # a forced layer is left as it is
+    before = [p.detach().clone() for p in (model[0].dense_weight(), model[2].dense_weight())]
+    paths = choose_paths(model, torch.randn(8, 20, generator=gen), timed=True)
+    assert set(model[0].path_timings) == {"dense", "sparse/weight_grad:dense"}  # the forced ops: one sparse config
+    assert model[2].path_timings == {} and paths["2"] == model[2].path
+    assert paths["0"] == model[0].path and model[0].path_label in model[0].path_timings
+    for p, b in zip((model[0].dense_weight(), model[2].dense_weight()), before):
+        assert torch.equal(p.detach(), b)
+    grads_vs_reference(model[0], torch.randn(3, 20, generator=gen), lambda x, w, b: F.linear(x, w, b))
