@@ -209,11 +209,18 @@ def make_dense_mask(layer, x, dy, weight, mask, bias, dtype, autocast):
     b = bias.clone().requires_grad_() if bias is not None else None
     xg = x.clone().requires_grad_()
     s, p = layer.stride, layer.pad
-    params = [xg, w] + ([b] if b is not None else [])
+    return autograd_directions(lambda: F.conv2d(xg, w * m, b, s, p), [xg, w] + ([b] if b is not None else []),
+                               dy, autocast)
+
+
+def autograd_directions(forward, params, dy, autocast: bool) -> dict:
+    """{forward, backward, both} closures for a module-like ``forward()`` through autograd: backward replays one
+    saved graph (retain_graph), both runs the forward again; under bf16 autocast when asked."""
+    import torch
 
     def run_fwd():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            return F.conv2d(xg, w * m, b, s, p)
+        with torch.autocast(dy.device.type, dtype=torch.bfloat16, enabled=autocast):
+            return forward()
 
     y_saved = run_fwd()
     dy_ = dy.to(y_saved.dtype)
@@ -226,8 +233,7 @@ def make_dense_mask(layer, x, dy, weight, mask, bias, dtype, autocast):
         return torch.autograd.grad(y_saved, params, dy_, retain_graph=True)
 
     def both():
-        y = run_fwd()
-        return torch.autograd.grad(y, params, dy_)
+        return torch.autograd.grad(run_fwd(), params, dy_)
 
     return dict(forward=fwd, backward=bwd, both=both)
 
@@ -249,26 +255,7 @@ def make_layer(layer, x, dy, weight, mask, bias, autocast):
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         label = mod.time_paths(tuple(x.shape), reps=3 if x.device.type == "cpu" else 10)
     xg = x.clone().requires_grad_()
-    params = [xg] + list(mod.parameters())
-
-    def run_fwd():
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-            return mod(xg)
-
-    y_saved = run_fwd()
-    dy_ = dy.to(y_saved.dtype)
-
-    def fwd():
-        with torch.no_grad():
-            return run_fwd()
-
-    def bwd():
-        return torch.autograd.grad(y_saved, params, dy_, retain_graph=True)
-
-    def both():
-        return torch.autograd.grad(run_fwd(), params, dy_)
-
-    return dict(forward=fwd, backward=bwd, both=both, path=label)
+    return dict(autograd_directions(lambda: mod(xg), [xg] + list(mod.parameters()), dy, autocast), path=label)
 
 
 def make_unfold_csr(layer, x, dy, weight, mask, bias, dtype):
