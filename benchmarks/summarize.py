@@ -186,7 +186,8 @@ def conv_section(rows, targets: list[Target]) -> list[str]:
         targets.append(Target("#5", f"512->512 3x3 at {px} px, fwd+bwd, 98% sparse, fp32 vs cuDNN IEEE fp32", 2,
                               v.get("vs_ieee", math.nan)))
     for dtype, key in (("fp32", "layer_vs_tf32"), ("bf16", "layer_vs_bf16")):
-        auto = [v[key] for k, v in sp.items() if k[1] == "both" and k[3] == dtype and math.isfinite(v.get(key, math.nan))]
+        auto = [v[key] for k, v in sp.items()
+                if k[1] == "both" and k[3] == dtype and math.isfinite(v.get(key, math.nan))]
         targets.append(Target("#5", f"conv layers {dtype} fwd+bwd, automatic choice (SparseConv2d), worst layer and "
                               "density (never slower: >= ~1)", 0.95, min(auto) if auto else math.nan))
     return lines

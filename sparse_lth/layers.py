@@ -541,8 +541,9 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
              backend: str | None = None, ops="auto") -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (in place) for its sparse twin; return the model.
 
-    ``masks``: optional ``{module_name: mask}``; ``path``, ``backend``, ``ops``: as for the layers. Linear layers inside ``nn.MultiheadAttention`` (which reads
-    their weights directly) are left alone. A bare ``nn.Linear``/``nn.Conv2d`` is returned swapped.
+    ``masks``: optional ``{module_name: mask}``; ``path``, ``backend``, ``ops``: as for the layers. Linear layers
+    inside ``nn.MultiheadAttention`` (which reads their weights directly) are left alone. A bare
+    ``nn.Linear``/``nn.Conv2d`` is returned swapped.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")

@@ -321,7 +321,8 @@ def test_linear_every_op_combination_matches_reference(ops, activation):
     gen = torch.Generator().manual_seed(21)
     layer = SparseLinear(37, 19, path="sparse", backend="torch", activation=activation, ops=ops)
     layer.set_mask(random_mask((19, 37), 0.3, gen))
-    assert layer.path == "sparse" and layer.ops == ops and [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    assert layer.path == "sparse" and layer.ops == ops
+    assert [n for n, _ in layer.named_parameters()] == ["values", "bias"]
     ref = (lambda x, w, b: torch.relu(F.linear(x, w, b))) if activation else (lambda x, w, b: F.linear(x, w, b))
     for x in (torch.randn(3, 5, 37, generator=gen), torch.randn(1, 37, generator=gen),  # 3-D input, batch 1,
               torch.randn(37, 6, generator=gen).t()):  # non-contiguous
