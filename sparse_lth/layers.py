@@ -87,7 +87,6 @@ class _SparseLayer(nn.Module):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         self.ops_request = _ops_request(ops)
         self._dense_ops = ALL_SPARSE
-        self._timed_ops: tuple | None = None
         self.path_request = path
         self.backend_request = backend
         self.mask_gradients = mask_gradients
@@ -180,28 +179,29 @@ class _SparseLayer(nn.Module):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         if ops is not None:
             self.ops_request = _ops_request(ops)
-        self._timed_ops = None
         backend = self.backend
         if path == "sparse":
             self._check_sparse_possible(backend)
         w = self.dense_weight().detach() * mask
         self.weight_mask = mask.clone()
         self._nnz = int(mask.sum())
+        dense_ops = None
         if path == "auto":
-            path = self._auto_path(backend)
-        self._install(w, path)
+            path, dense_ops = self._auto_path(backend)
+        self._install(w, path, dense_ops)
 
-    def _auto_path(self, backend: str) -> str:
+    def _auto_path(self, backend: str) -> tuple[str, tuple | None]:
+        """``(path, dense_ops)`` for ``path="auto"``; ``dense_ops`` None: the ``ops_request``'s default."""
         d = self.density
         if d >= 1.0 or not self._sparse_possible(backend):
-            return "dense"
+            return "dense", None
         if backend == "triton":
             if self._last_input_shape is not None:
                 return self._time_paths(self._last_input_shape)
-            return "sparse" if d <= CUDA_SPARSE_MAX_DENSITY else "dense"
+            return ("sparse" if d <= CUDA_SPARSE_MAX_DENSITY else "dense"), None
         if self.weight_mask.device.type != "cpu" or not self._cpu_sparse_pays():
-            return "dense"
-        return "sparse" if d <= CPU_LINEAR_SPARSE_MAX_DENSITY else "dense"
+            return "dense", None
+        return ("sparse" if d <= CPU_LINEAR_SPARSE_MAX_DENSITY else "dense"), None
 
     def _cpu_sparse_pays(self) -> bool:
         return False
@@ -215,7 +215,7 @@ class _SparseLayer(nn.Module):
     def _install(self, w: torch.Tensor, path: str, dense_ops: tuple | None = None) -> None:
         if dense_ops is None:
             req = self.ops_request
-            dense_ops = req if isinstance(req, tuple) else (self._timed_ops or ALL_SPARSE)
+            dense_ops = req if isinstance(req, tuple) else ALL_SPARSE
         self._dense_ops = tuple(dense_ops)
         requires_grad = self._current_requires_grad()
         for name in ("weight", "values"):
@@ -256,67 +256,76 @@ class _SparseLayer(nn.Module):
         demand and on any backend. Run it under the autocast context the layer will run under; the medians are
         in ``path_timings``. The trainable parameters may be replaced: build the optimizer afterwards."""
         self._check_sparse_possible(self.backend)
-        self._timed_ops = None
-        path = self._time_paths(tuple(input_shape), reps)
-        self._install(self.dense_weight().detach().clone(), path)
+        path, dense_ops = self._time_paths(tuple(input_shape), reps)
+        self._install(self.dense_weight().detach().clone(), path, dense_ops)
         return self.path_label
 
     def _per_op_choice(self) -> bool:
         """Can the sparse path run single ops dense (with this backend)? The torch conv path is dense already."""
         return True
 
-    def _time_paths(self, input_shape: tuple, reps: int = 10) -> str:
-        """Time forward+backward of the dense path and of the sparse path on the layer's device; return the faster
-        path. With ``ops_request == "auto"`` the sparse path is timed with all ops sparse and with each op flipped
-        to dense alone; the flips that were faster are combined (and that combination timed), and the fastest
-        configuration measured is kept for the sparse path. ``path_timings`` holds every median (seconds)."""
+    def _time_paths(self, input_shape: tuple, reps: int = 10) -> tuple[str, tuple | None]:
+        """Time forward+backward of the dense path and of the sparse path on the layer's device and return the
+        faster as ``(path, dense_ops)`` (``dense_ops`` None for the dense path). With ``ops_request == "auto"``
+        the sparse path is timed with all ops sparse and with each op flipped to dense alone, in one interleaved
+        batch with the dense path; the flips that were faster than all-sparse are then combined and that
+        combination is timed in a second batch against the first batch's winner. The fastest configuration
+        measured is kept. ``path_timings`` holds every median (seconds; a configuration timed in both batches
+        keeps its second figure). The layer itself is not changed: every configuration runs on a copy."""
         dev = self.weight_mask.device
         x = torch.randn(input_shape, device=dev, dtype=self.dense_weight().dtype, requires_grad=True)
         times: dict[str, float] = {}
-        configs: dict[str, tuple] = {}
+        configs: dict[str, tuple | None] = {}
 
-        def measure(path: str, dense_ops: tuple | None = None) -> float:
-            label = "dense" if path == "dense" else _ops_label(dense_ops)
-            if label not in times:
+        def label_of(path: str, dense_ops: tuple | None) -> str:
+            return "dense" if path == "dense" else _ops_label(dense_ops)
+
+        def measure(candidates: list[tuple[str, tuple | None]]) -> None:
+            probes = {}
+            for path, dense_ops in candidates:
+                label = label_of(path, dense_ops)
                 probe = copy.deepcopy(self)
                 probe._install(probe.dense_weight().detach().clone(), path, dense_ops)
-                times[label] = self._time_step(probe, x, reps)
+                probes[label] = probe
                 configs[label] = dense_ops
-            return times[label]
+            times.update(self._time_steps(probes, x, reps))
 
-        measure("dense")
         if isinstance(self.ops_request, tuple):
-            measure("sparse", self.ops_request)
+            measure([("dense", None), ("sparse", self.ops_request)])
         else:
-            base = measure("sparse", ALL_SPARSE)
             flips = [tuple(j == i for j in range(len(OPS))) for i in range(len(OPS))] if self._per_op_choice() else []
-            faster = [f for f in flips if measure("sparse", f) < base]
+            measure([("dense", None), ("sparse", ALL_SPARSE)] + [("sparse", f) for f in flips])
+            base = times[_ops_label(ALL_SPARSE)]
+            faster = [f for f in flips if times[_ops_label(f)] < base]
             if len(faster) > 1:
-                measure("sparse", tuple(any(f[i] for f in faster) for i in range(len(OPS))))
+                best = min(times, key=times.get)
+                combined = tuple(any(f[i] for f in faster) for i in range(len(OPS)))
+                measure([("sparse", combined), ("dense" if best == "dense" else "sparse", configs[best])])
         self.path_timings = times
         best = min(times, key=times.get)
-        if best == "dense":
-            return "dense"
-        if not isinstance(self.ops_request, tuple):
-            self._timed_ops = configs[best]
-        return "sparse"
+        return ("dense", None) if best == "dense" else ("sparse", configs[best])
 
     @staticmethod
-    def _time_step(probe: nn.Module, x: torch.Tensor, reps: int) -> float:
-        """Median seconds of ``probe(x).sum().backward()`` on x's device (two warm-up runs)."""
+    def _time_steps(probes: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
+        """Median seconds of ``probe(x).sum().backward()`` for each probe on x's device, interleaved: two warm-up
+        rounds, then ``reps`` rounds that each run every probe once, in an order rotated every round, so that a
+        drift of the clock or a burst of other work is spread over all candidates instead of landing on one."""
         dev = x.device
-        samples = []
+        labels = list(probes)
+        samples: dict[str, list[float]] = {label: [] for label in labels}
         with torch.enable_grad():
             for i in range(reps + 2):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                probe(x).sum().backward()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if i >= 2:
-                    samples.append(time.perf_counter() - t0)
-        return statistics.median(samples)
+                shift = i % len(labels)
+                for label in labels[shift:] + labels[:shift]:
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    t0 = time.perf_counter()
+                    probes[label](x).sum().backward()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    if i >= 2:
+                        samples[label].append(time.perf_counter() - t0)
+        return {label: statistics.median(s) for label, s in samples.items()}
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):

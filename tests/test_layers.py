@@ -2,6 +2,7 @@
 state_dict compatibility, the pruned-weights-stay-zero invariant under torch optimizers, and bad input."""
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 
 from sparse_lth.backend import resolve_backend
-from sparse_lth.layers import (CPU_LINEAR_SPARSE_MAX_DENSITY, SparseConv2d, SparseLinear, choose_paths, densify, sparse_layers, sparsify,
-                               strip_masks)
+from sparse_lth.layers import (CPU_LINEAR_SPARSE_MAX_DENSITY, SparseConv2d, SparseLinear, _ops_label, choose_paths, densify,
+                               sparse_layers, sparsify, strip_masks)
 
 
 
@@ -295,10 +296,12 @@ def test_timed_path_choice_runs_and_keeps_the_layer_intact():
         layer.set_mask(random_mask(layer.weight_shape, 0.1, gen))
         before = layer.dense_weight().detach().clone()
         shape = (4, 40) if isinstance(layer, SparseLinear) else (2, 3, 6, 6)
-        choice = layer._time_paths(shape, reps=3)
+        path, dense_ops = layer._time_paths(shape, reps=3)
         timings = layer.path_timings
         assert all(t > 0 for t in timings.values())
-        assert choice == ("dense" if min(timings, key=timings.get) == "dense" else "sparse")
+        best = min(timings, key=timings.get)
+        assert path == ("dense" if best == "dense" else "sparse")
+        assert (dense_ops is None) if path == "dense" else (_ops_label(dense_ops) == best)
         if isinstance(layer, SparseLinear):  # all sparse, and each op flipped to dense alone (maybe a combination)
             singles = {"dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense", "sparse/weight_grad:dense"}
             assert singles <= set(timings) and len(timings) <= len(singles) + 1
@@ -371,13 +374,14 @@ def test_ops_request_is_checked_and_kept_across_masks():
 
 
 def _cost_model(costs):
-    """A stand-in for _time_step: the probe's configuration's cost from ``costs`` (label -> seconds)."""
+    """A stand-in for _time_steps: each probe's configuration's cost from ``costs`` (label -> seconds). ``seen``
+    gets one list of labels per timed batch."""
     seen = []
 
-    def fake(probe, x, reps):
-        label = probe.path_label
-        seen.append(label)
-        return costs[label]
+    def fake(probes, x, reps):
+        assert all(label == probe.path_label for label, probe in probes.items())
+        seen.append(list(probes))
+        return {label: costs[label] for label in probes}
     return fake, seen
 
 
@@ -388,11 +392,13 @@ def test_timed_choice_combines_the_ops_that_were_faster_dense(monkeypatch):
     costs = {"dense": 10.0, "sparse": 8.0, "sparse/forward:dense": 9.0, "sparse/input_grad:dense": 7.0,
              "sparse/weight_grad:dense": 6.0, "sparse/input_grad:dense/weight_grad:dense": 5.0}
     fake, seen = _cost_model(costs)
-    monkeypatch.setattr(SparseLinear, "_time_step", staticmethod(fake))
+    monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
     before = layer.dense_weight().detach().clone()
-    assert layer._time_paths((4, 20), reps=1) == "sparse"
-    assert seen == ["dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense",
-                    "sparse/weight_grad:dense", "sparse/input_grad:dense/weight_grad:dense"]
+    assert layer._time_paths((4, 20), reps=1) == ("sparse", (False, True, True))
+    # one interleaved batch of dense, all sparse and each single flip; then the combination of the faster flips
+    # against the first batch's winner
+    assert seen == [["dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense", "sparse/weight_grad:dense"],
+                    ["sparse/input_grad:dense/weight_grad:dense", "sparse/weight_grad:dense"]]
     assert layer.path_timings == costs and layer.ops["forward"] == "sparse"  # the layer itself is untouched
     assert torch.equal(layer.dense_weight().detach(), before)
     # the choice is what an auto set_mask installs
@@ -413,16 +419,52 @@ def test_timed_choice_with_forced_ops_or_no_per_op_choice(monkeypatch):
     gen = torch.Generator().manual_seed(25)
     costs = {"dense": 3.0, "sparse": 2.0, "sparse/forward:dense": 1.0}
     fake, seen = _cost_model(costs)
-    monkeypatch.setattr(SparseLinear, "_time_step", staticmethod(fake))
-    monkeypatch.setattr(SparseConv2d, "_time_step", staticmethod(fake))
+    monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
+    monkeypatch.setattr(SparseConv2d, "_time_steps", staticmethod(fake))
     layer = SparseLinear(20, 10, path="sparse", backend="torch", ops={"forward": "dense"})
     layer.set_mask(random_mask((10, 20), 0.2, gen))
-    assert layer._time_paths((4, 20), reps=1) == "sparse" and seen == ["dense", "sparse/forward:dense"]
+    assert layer._time_paths((4, 20), reps=1) == ("sparse", (True, False, False))
+    assert seen == [["dense", "sparse/forward:dense"]]
     assert layer.ops["forward"] == "dense"
     seen.clear()
     conv = SparseConv2d(3, 4, 3, path="sparse", backend="torch")  # its torch sparse path is dense convolutions
     conv.set_mask(random_mask(conv.weight_shape, 0.2, gen))
-    assert conv._time_paths((2, 3, 6, 6), reps=1) == "sparse" and seen == ["dense", "sparse"]
+    assert conv._time_paths((2, 3, 6, 6), reps=1) == ("sparse", (False, False, False))
+    assert seen == [["dense", "sparse"]]
+    costs["dense"] = 0.5
+    seen.clear()
+    assert conv._time_paths((2, 3, 6, 6), reps=1) == ("dense", None)
+
+
+class _Logged(nn.Module):
+    """A probe for _time_steps that logs each run and costs ``cost`` seconds of busy waiting."""
+
+    def __init__(self, name, log, cost=0.0):
+        super().__init__()
+        self.name, self.log, self.cost = name, log, cost
+
+    def forward(self, x):
+        self.log.append(self.name)
+        end = time.perf_counter() + self.cost
+        while time.perf_counter() < end:
+            pass
+        return x * 2
+
+
+def test_time_steps_interleaves_the_candidates_and_ranks_them():
+    """The real timer: two warm-up rounds and ``reps`` timed rounds, each running every candidate once in a
+    rotated order (no candidate is timed in one block), with each median from the timed runs only."""
+    log = []
+    probes = {n: _Logged(n, log, cost) for n, cost in (("a", 0.004), ("b", 0.0), ("c", 0.002))}
+    x = torch.randn(3, requires_grad=True)
+    times = SparseLinear._time_steps(probes, x, reps=4)
+    assert len(log) == 3 * 6
+    rounds = [log[i:i + 3] for i in range(0, len(log), 3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert [r[0] for r in rounds] == ["a", "b", "c", "a", "b", "c"]  # the order rotates every round
+    assert set(times) == {"a", "b", "c"} and times["a"] >= 0.004 and times["c"] >= 0.002
+    assert min(times, key=times.get) == "b" and max(times, key=times.get) == "a"
+    assert torch.equal(x.grad, torch.full((3,), 2.0 * 3 * 6))  # every run did its backward
 
 
 def test_choose_paths_timed_times_every_auto_layer_on_any_backend():

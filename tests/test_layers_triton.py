@@ -144,11 +144,11 @@ def test_timed_choice_on_triton_times_each_op_both_ways(kernel_device, backend):
     gen = torch.Generator().manual_seed(16)
     layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend).to(kernel_device)
     layer.set_mask(random_mask(layer.weight_shape, 0.2, gen))
-    choice = layer._time_paths((2, 3, 6, 6), reps=1)
+    path, dense_ops = layer._time_paths((2, 3, 6, 6), reps=1)
     t = layer.path_timings
     assert {"dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense", "sparse/weight_grad:dense"} <= set(t)
     best = min(t, key=t.get)
-    assert choice == ("dense" if best == "dense" else "sparse")
-    layer._install(layer.dense_weight().detach().clone(), choice)
+    assert path == ("dense" if best == "dense" else "sparse")
+    layer._install(layer.dense_weight().detach().clone(), path, dense_ops)
     assert layer.path_label == best
     grads_vs_reference(layer, torch.randn(2, 3, 6, 6).to(kernel_device), lambda x, w, b: F.conv2d(x, w, b, 1, 1))
