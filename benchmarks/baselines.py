@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import platform
+import random
 import statistics
 import subprocess
 import tempfile
@@ -189,6 +190,33 @@ def quantiles_ms(samples: list[float]) -> tuple[float, float, float]:
         return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
     return statistics.median(xs), q(0.2), q(0.8)
+
+
+def interleaved_samples(fns: dict, repeats: int, time_one, warmup: int = 3) -> dict[str, list[float]]:
+    """``{name: [ms, ...]}``: ``warmup`` untimed calls of each function, then ``repeats`` rounds that each time
+    every function once with ``time_one(fn) -> ms``, in a fresh (seeded) random order every round. A fixed
+    order, or a rotated one, which keeps every function's predecessor, lets the neighbour bias the figures: on
+    the 2-core CPU here the run right after dense masking was ~15 % slower than the same configuration after
+    another sparse one."""
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    names = list(fns)
+    order = random.Random(0)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for _ in range(repeats):
+        order.shuffle(names)
+        for k in names:
+            samples[k].append(time_one(fns[k]))
+    return samples
+
+
+def wall_ms(fn, inner: int = 1) -> float:
+    """Mean milliseconds of ``inner`` back-to-back calls of ``fn``, by the host clock (CPU work)."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner * 1e3
 
 
 def time_ms(fn, device: torch.device, *, warmup: int = 25, rep: int = 100, cpu_calls: int = 3

@@ -4,9 +4,9 @@ Cases (issue 2): a LeNet-300-100 training step (batch 60, Adam) and a 1024x1024 
 (batch 256), at densities 100/20/5/2/1%. The baseline is DESIGN.md's dense masking: an eager model whose forward
 multiplies each weight by its mask, torch.optim, gradients masked and weights re-masked after each step. fp32.
 
-    python benchmarks/bench_layers_cpu.py            # writes benchmarks/results/layers_cpu_<machine>.{csv,md}
+    python benchmarks/bench_layers_cpu.py            # writes benchmarks/results/layers_cpu_<machine>-<N>-threads.{csv,md}
 
-Implementations timed against each other, interleaved within every repeat so machine noise hits all alike:
+Implementations timed against each other, interleaved within every repeat (in a random order drawn anew every repeat) so machine noise hits all alike:
 ``dense_masking`` (the baseline), ``sparse_lth_auto`` (the layer's own path choice: on the CPU by density),
 ``sparse_lth_timed`` (the choice by timing, as on CUDA: ``choose_paths(..., timed=True)`` / ``layer.time_paths``,
 the sparse path with each op on the sparse ops or dense), and the layer forced onto each path
@@ -18,14 +18,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_name, git_commit, masked_baseline, path_letter,
-                       plain_step, random_masks, slug, write_rows)
+from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_name, git_commit, interleaved_samples, masked_baseline,
+                       path_letter, plain_step, random_masks, slug, wall_ms, write_rows)
 
 from sparse_lth.layers import SparseLinear, choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model
@@ -37,17 +36,7 @@ DENSITIES = (1.0, 0.2, 0.05, 0.02, 0.01)
 
 # ------------------------------------------------------------------------- timing
 def interleaved_medians(fns: dict, repeats: int, inner: int, warmup: int = 3) -> dict[str, list[float]]:
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    samples = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                f()
-            samples[k].append((time.perf_counter() - t0) / inner * 1e3)
-    return samples
+    return interleaved_samples(fns, repeats, lambda f: wall_ms(f, inner), warmup)
 
 
 def quantiles(xs: list[float]) -> tuple[float, float, float]:
@@ -107,7 +96,7 @@ def bench_linear(density: float, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=21, help="timed repeats per implementation (median taken)")
+    ap.add_argument("--repeats", type=int, default=61, help="timed repeats per implementation (median taken)")
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -131,7 +120,7 @@ def main(argv=None) -> int:
                              "dtype": "float32", **meta})
                 print(f"{case:30s} d={d:<5} {impl:18s} {rows[-1]['path']:12s} median {med:8.3f} ms  "
                       f"x{base_med / med:5.2f}", flush=True)
-    out = args.out or RESULTS / f"layers_cpu_{slug(dev_name)}.csv"
+    out = args.out or RESULTS / f"layers_cpu_{slug(dev_name)}-{torch.get_num_threads()}-threads.csv"
     write_rows(rows, out)
     md = out.with_suffix(".md")
     with open(md, "w") as f:

@@ -16,13 +16,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from baselines import RESULTS, cpu_name, git_commit, slug, write_rows
+from baselines import RESULTS, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
 
 from sparse_lth.functional import scatter_values
 from sparse_lth.kernels import torch_ops
@@ -51,7 +50,7 @@ def ops_for(rows: int, cols: int, batch: int, density: float, gen: torch.Generat
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=101)
     ap.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None)
@@ -64,16 +63,7 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(0)
     for r, c, b in SHAPES:
         for d in args.densities:
-            fns = ops_for(r, c, b, d, gen)
-            for f in fns.values():
-                for _ in range(3):
-                    f()
-            samples = {k: [] for k in fns}
-            for _ in range(args.repeats):
-                for k, f in fns.items():
-                    t0 = time.perf_counter()
-                    f()
-                    samples[k].append((time.perf_counter() - t0) * 1e3)
+            samples = interleaved_samples(ops_for(r, c, b, d, gen), args.repeats, wall_ms)
             med = {k: statistics.median(xs) for k, xs in samples.items()}
             for (op, impl), ms in med.items():
                 rows.append({"shape": f"{r}x{c}", "batch": b, "density": d, "op": op, "impl": impl,

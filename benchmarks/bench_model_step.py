@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from baselines import (RESULTS, baseline_step, device_name, git_commit, masked_baseline, path_letter, plain_step,
-                       random_masks, slug, write_rows)
+from baselines import (RESULTS, baseline_step, device_name, git_commit, interleaved_samples, masked_baseline, path_letter,
+                       plain_step, random_masks, slug, write_rows)
 from sparse_lth import optim as sl_optim
 from sparse_lth.layers import choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model, paper_hparams
@@ -89,13 +89,7 @@ def main(argv=None) -> int:
             o = make_optimizer(module, m.parameters(), kind, hp["lr"])
             impls[name] = lambda m=m, o=o: plain_step(m, o, x, y)
             paths[name] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
-        for fn in impls.values():
-            for _ in range(args.warmup):
-                fn()
-        samples = {k: [] for k in impls}
-        for _ in range(args.repeats):
-            for k, fn in impls.items():
-                samples[k].append(time_step(fn, dev))
+        samples = interleaved_samples(impls, args.repeats, lambda fn: time_step(fn, dev), args.warmup)
         base_med = statistics.median(samples["dense_masking"])
         for k, xs in samples.items():
             med = statistics.median(xs)

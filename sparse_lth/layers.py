@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import random
 import statistics
 import time
 
@@ -308,15 +309,18 @@ class _SparseLayer(nn.Module):
     @staticmethod
     def _time_steps(probes: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
         """Median seconds of ``probe(x).sum().backward()`` for each probe on x's device, interleaved: two warm-up
-        rounds, then ``reps`` rounds that each run every probe once, in an order rotated every round, so that a
-        drift of the clock or a burst of other work is spread over all candidates instead of landing on one."""
+        rounds, then ``reps`` rounds that each run every probe once, in a (seeded) random order drawn anew every
+        round, so that a drift of the clock or a burst of other work is spread over all candidates instead of
+        landing on one, and no candidate always runs after the same neighbour (whose cache footprint or
+        leftover work would bias it)."""
         dev = x.device
         labels = list(probes)
+        order = random.Random(0)
         samples: dict[str, list[float]] = {label: [] for label in labels}
         with torch.enable_grad():
             for i in range(reps + 2):
-                shift = i % len(labels)
-                for label in labels[shift:] + labels[:shift]:
+                order.shuffle(labels)
+                for label in labels:
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                     t0 = time.perf_counter()

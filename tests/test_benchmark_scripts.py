@@ -356,3 +356,26 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
             assert re.fullmatch(r"[dsh]/[dsh]/[dsh]", r["path"]), r
     md = out.with_suffix(".md").read_text()
     assert "| timed ms (path) |" in md and md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
+
+
+def test_interleaved_samples_draws_a_new_order_every_round():
+    """The CPU benchmarks' interleaver: warm-up calls untimed, every function timed once per round, and the
+    order changes between rounds so that no function always runs after the same neighbour."""
+    base = _load("baselines")
+    log = []
+    fns = {k: (lambda k=k: log.append(k)) for k in "abcd"}
+    timed = []
+
+    def time_one(fn):
+        fn()
+        timed.append(log[-1])
+        return float(len(timed))
+
+    samples = base.interleaved_samples(fns, repeats=12, time_one=time_one, warmup=2)
+    assert log[:8] == list("aabbccdd") and len(log) == 8 + 4 * 12
+    rounds = [timed[i:i + 4] for i in range(0, len(timed), 4)]
+    assert all(sorted(r) == list("abcd") for r in rounds)
+    assert all(len(samples[k]) == 12 for k in "abcd")
+    assert sorted(x for xs in samples.values() for x in xs) == [float(i) for i in range(1, 49)]
+    predecessors = {k: {r[r.index(k) - 1] for r in rounds if r.index(k) > 0} for k in "abcd"}
+    assert all(len(p) >= 2 for p in predecessors.values())
