@@ -128,8 +128,9 @@ def _cmd_train(args, names) -> int:
     tr = load_dataset(dataset, "train", root=args.data, device=device, limit=args.data_limit or None)
     te = load_dataset(dataset, "test", root=args.data, device=device, limit=args.test_limit or None)
     if args.layers == "sparse":
-        from .layers import sparsify
-        model = sparsify(model, path=args.path, backend=None if args.backend == "auto" else args.backend)
+        from .layers import parse_ops, sparsify
+        model = sparsify(model, path=args.path, backend=None if args.backend == "auto" else args.backend,
+                         ops=parse_ops(args.ops))
     masks = get_masks(model)
     if args.density < 1.0:
         if not 0.0 < args.density <= 1.0:
@@ -144,6 +145,9 @@ def _cmd_train(args, names) -> int:
             masks = magnitude_prune(weights, masks, {n: 1.0 - args.density for n in masks})
     if args.layers != "dense":
         apply_masks(model, masks, path=None if args.path == "auto" else args.path)
+    if args.layers == "sparse" and args.path == "auto" and (device.type == "cuda" or args.timed_paths):
+        from .layers import choose_paths  # time the paths (and the sparse path's ops) with a real batch
+        choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths)
     out = train(model, tr, te, cfg, desc=f"{args.model} {args.layers}")
     counts = count_masks(masks)
     live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
@@ -215,6 +219,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pt.add_argument("--mask", choices=("magnitude", "random"), default="magnitude",
                     help="how the --density mask is drawn (magnitude of the initial weights, or random)")
     pt.add_argument("--path", choices=("auto", "dense", "sparse"), default="auto")
+    pt.add_argument("--ops", default="auto",
+                    help="the sparse path's ops: auto, sparse, dense, or op=impl pairs such as "
+                         "weight_grad=dense,forward=dense (default auto)")
+    pt.add_argument("--timed-paths", action="store_true",
+                    help="choose the auto paths by timing on this device (CUDA always does; the CPU goes by "
+                         "density otherwise)")
     pt.add_argument("--backend", default="auto")
     pt.add_argument("--data-limit", type=int, default=0)
     pt.add_argument("--test-limit", type=int, default=0)

@@ -93,6 +93,8 @@ class ImpHparams:
     # layers
     layer_impl: str = "sparse"      # sparse (sparse_lth.layers) | masked (plain layers, dense masking)
     path: str = "auto"              # auto | dense | sparse: the sparse layers' path
+    ops: str = "auto"               # the sparse path's ops: auto | sparse | dense | op=impl,... (sparse_lth.layers)
+    timed_paths: bool = False       # choose "auto" paths by timing on any device (CUDA always times)
     backend: str = "auto"           # auto | torch | triton | interpret
     # replicate
     seed: int = 0                   # model init and data order; not part of the experiment's hash
@@ -333,6 +335,8 @@ class Experiment:
             raise ValueError(f"unknown layer_impl {hp.layer_impl!r}; choose one of {LAYER_IMPLS}")
         if hp.path not in PATHS:
             raise ValueError(f"unknown path {hp.path!r}; choose one of {PATHS}")
+        from .layers import parse_ops
+        parse_ops(hp.ops)
         if hp.augment not in ("auto", "on", "off"):
             raise ValueError(f"augment must be auto, on or off; got {hp.augment!r}")
         for name in ("prune_fc", "prune_conv", "prune_output"):
@@ -422,8 +426,9 @@ class Experiment:
         if sparse:
             model = model.to(self.device)
             if hp.layer_impl == "sparse":
-                from .layers import sparsify
-                model = sparsify(model, path=hp.path, backend=None if hp.backend == "auto" else hp.backend)
+                from .layers import parse_ops, sparsify
+                model = sparsify(model, path=hp.path, backend=None if hp.backend == "auto" else hp.backend,
+                                 ops=parse_ops(hp.ops))
         return model
 
     def _rates(self, model: nn.Module) -> dict[str, float]:
@@ -542,9 +547,9 @@ class Experiment:
             else:
                 _load_weights(model, torch.load(rewind_path, map_location=self.device, weights_only=False))
             apply_masks(model, masks, path=path)
-            if hp.layer_impl == "sparse" and hp.path == "auto" and self.device.type == "cuda":
+            if hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
                 from .layers import choose_paths  # time both paths on the device with a real batch
-                choose_paths(model, train_data.batch(0, cfg.batch_size, seed)[0])
+                choose_paths(model, train_data.batch(0, cfg.batch_size, seed)[0], timed=hp.timed_paths)
             if on_round_start is not None:
                 on_round_start(r, model)
 

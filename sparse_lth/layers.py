@@ -41,7 +41,7 @@ from .kernels.format import SparseFormat, build_format, check_mask, to_values
 
 __all__ = [
     "SparseLinear", "SparseConv2d", "sparsify", "densify", "sparse_layers", "choose_paths", "strip_masks",
-    "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CUDA_SPARSE_MAX_DENSITY",
+    "parse_path_label", "parse_ops", "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CUDA_SPARSE_MAX_DENSITY",
 ]
 
 PATHS = ("auto", "dense", "sparse")
@@ -63,6 +63,44 @@ def _ops_request(ops):
 def _ops_label(dense: tuple) -> str:
     """How the timings name a sparse-path configuration: "sparse", or e.g. "sparse/weight_grad:dense"."""
     return "sparse" + "".join(f"/{op}:dense" for op, d in zip(OPS, dense) if d)
+
+
+def parse_path_label(label: str) -> tuple[str, tuple | None]:
+    """The inverse of ``layer.path_label``: ``"dense"`` -> ``("dense", None)``, ``"sparse"`` or e.g.
+    ``"sparse/weight_grad:dense"`` -> ``("sparse", dense flags per op)``; anything else is refused clearly."""
+    if label == "dense":
+        return "dense", None
+    parts = str(label).split("/")
+    if parts[0] != "sparse":
+        raise ValueError(f"not a path label: {label!r} (expected 'dense', 'sparse' or e.g. "
+                         f"'sparse/weight_grad:dense')")
+    dense = set()
+    for part in parts[1:]:
+        op, _, impl = part.partition(":")
+        if op not in OPS or impl != "dense" or op in dense:
+            raise ValueError(f"not a path label: {label!r} ({part!r}: expected one of "
+                             f"{[o + ':dense' for o in OPS]}, each at most once)")
+        dense.add(op)
+    return "sparse", tuple(op in dense for op in OPS)
+
+
+def parse_ops(text) -> str | dict:
+    """``ops`` as a command line writes it: "auto", "sparse", "dense", or ``op=impl`` pairs separated by commas
+    (e.g. "weight_grad=dense,forward=dense"); checked like the layers' ``ops`` argument."""
+    if not isinstance(text, str):
+        return text
+    t = text.strip()
+    if t in ("auto", "sparse", "dense"):
+        return t
+    out = {}
+    for item in t.split(","):
+        op, sep, impl = item.partition("=")
+        if not sep:
+            raise ValueError(f"ops must be 'auto', 'sparse', 'dense' or op=impl pairs such as "
+                             f"'weight_grad=dense,forward=dense'; got {text!r}")
+        out[op.strip()] = impl.strip()
+    _ops_request(out)  # the same checks (and messages) as the layers' ops=
+    return out
 
 
 class _SparseLayer(nn.Module):
@@ -260,6 +298,17 @@ class _SparseLayer(nn.Module):
         path, dense_ops = self._time_paths(tuple(input_shape), reps)
         self._install(self.dense_weight().detach().clone(), path, dense_ops)
         return self.path_label
+
+    @torch.no_grad()
+    def restore_path(self, label: str) -> None:
+        """Put the layer on the configuration a ``path_label`` names (e.g. one recorded in a checkpoint), keeping
+        its mask, weights, ``path_request`` and ``ops_request``. The trainable parameters may be replaced: build
+        the optimizer afterwards."""
+        path, dense_ops = parse_path_label(label)
+        if path == "sparse":
+            self._check_sparse_possible(self.backend)
+        if label != self.path_label:
+            self._install(self.dense_weight().detach().clone(), path, dense_ops)
 
     def _per_op_choice(self) -> bool:
         """Can the sparse path run single ops dense (with this backend)? The torch conv path is dense already."""

@@ -113,8 +113,11 @@ def plain_masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def layer_paths(model: nn.Module) -> dict[str, str]:
-    """``{name: path}`` of every sparse layer (``"dense"``/``"sparse"``) and ``"masked"`` for plain masked ones."""
-    out = {n: str(m.path) for n, m in model.named_modules() if hasattr(m, "set_mask") and hasattr(m, "path")}
+    """``{name: path label}`` of every sparse layer (``"dense"``, ``"sparse"``, or e.g.
+    ``"sparse/weight_grad:dense"`` when some ops of its sparse path run dense) and ``"masked"`` for plain masked
+    ones."""
+    out = {n: str(getattr(m, "path_label", m.path)) for n, m in model.named_modules()
+           if hasattr(m, "set_mask") and hasattr(m, "path")}
     out.update({n: "masked" for n, _ in plain_masked_modules(model)})
     return out
 
@@ -127,14 +130,18 @@ def layer_backends(model: nn.Module) -> dict[str, str]:
 
 
 def force_paths(model: nn.Module, paths: dict[str, str]) -> None:
-    """Put every sparse layer back on its recorded path (after ``load_state_dict``, before building the
-    optimizer)."""
+    """Put every sparse layer back on its recorded path and per-op configuration (``layer_paths``' labels; after
+    ``load_state_dict``, before building the optimizer), so that a resumed run computes what the interrupted one
+    did even where a timed choice would now pick differently."""
     mods = dict(model.named_modules())
-    for name, path in paths.items():
+    for name, label in paths.items():
         m = mods.get(name)
-        if m is not None and hasattr(m, "set_mask") and path in ("dense", "sparse"):
-            if getattr(m, "path", None) != path:
-                m.set_mask(m.mask, path=path)
+        if m is None or not hasattr(m, "set_mask") or label == "masked":
+            continue
+        if hasattr(m, "restore_path"):
+            m.restore_path(label)
+        elif label in ("dense", "sparse") and getattr(m, "path", None) != label:
+            m.set_mask(m.mask, path=label)
 
 
 # --------------------------------------------------------------------------------------------------- evaluation

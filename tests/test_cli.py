@@ -93,3 +93,21 @@ def test_train_command(tmp_path, capsys):
     m = json.loads(out.read_text())
     assert set(m["paths"].values()) == {"sparse"} and abs(m["percent_remaining"] - 20.0) < 0.01
     assert [c["iteration"] for c in m["curve"]] == [0, 10, 20] and 0 <= m["test_acc"] <= 1
+
+
+def test_train_command_ops_and_timed_paths(tmp_path, capsys):
+    """--ops forces the sparse path's ops (recorded as path labels); --timed-paths times the auto choice on the
+    CPU; a bad --ops is a clear error (exit 2)."""
+    common = ["train", "--data", mnist_root(), "--density", "0.05", "--iterations", "4", "--eval-every", "2",
+              "--data-limit", "200", "--test-limit", "100", "--no-progress"]
+    out = tmp_path / "ops.json"
+    assert main(common + ["--path", "sparse", "--ops", "weight_grad=dense", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["paths"].values()) == {"sparse/weight_grad:dense"}
+    out = tmp_path / "timed.json"
+    assert main(common + ["--timed-paths", "--out", str(out)]) == 0
+    paths = json.loads(out.read_text())["paths"]
+    assert set(paths) == {"fc1", "fc2", "fc3"}
+    assert all(p == "dense" or p.startswith("sparse") for p in paths.values())
+    capsys.readouterr()
+    assert main(common + ["--ops", "weight_grad:dense"]) == 2
+    assert "op=impl pairs" in capsys.readouterr().err

@@ -375,3 +375,14 @@ def test_apply_masks_checks_input():
     masks["fc1"][0, :5] = False
     apply_masks(model, masks)  # plain layers: weight_mask buffer, pruned weights zeroed
     assert (model.fc1.weight[0, :5] == 0).all() and model.fc1.weight_mask.dtype == torch.bool
+
+
+def test_ops_hparam_reaches_the_layers_and_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="unknown op"):
+        run(tiny_hp(ops="backward=dense"), tmp_path / "bad")
+    out = run(tiny_hp(rounds=1, path="sparse", ops="weight_grad=dense,forward=dense"), tmp_path / "ops")
+    for m in out.metrics[0]:
+        assert set(m["paths"].values()) == {"sparse/forward:dense/weight_grad:dense"}
+    assert "ops" in non_default(tiny_hp(ops="dense")) and "ops" not in non_default(tiny_hp())
+    timed = run(tiny_hp(rounds=1, path="auto", timed_paths=True), tmp_path / "timed")
+    assert set(timed.metrics[0][1]["paths"]) == {"fc1", "fc2", "fc3"}

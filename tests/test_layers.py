@@ -484,3 +484,60 @@ def test_choose_paths_timed_times_every_auto_layer_on_any_backend():
     for p, b in zip((model[0].dense_weight(), model[2].dense_weight()), before):
         assert torch.equal(p.detach(), b)
     grads_vs_reference(model[0], torch.randn(3, 20, generator=gen), lambda x, w, b: F.linear(x, w, b))
+
+
+# ---------------------------------------------------------------------- path labels (checkpoints, command line)
+def test_path_labels_and_ops_text_parse_and_refuse_clearly():
+    from sparse_lth.layers import parse_ops, parse_path_label
+    assert parse_path_label("dense") == ("dense", None)
+    assert parse_path_label("sparse") == ("sparse", (False, False, False))
+    assert parse_path_label("sparse/input_grad:dense/weight_grad:dense") == ("sparse", (False, True, True))
+    for dense_ops in itertools.product((False, True), repeat=3):  # the inverse of the labels the layers write
+        assert parse_path_label(_ops_label(dense_ops)) == ("sparse", dense_ops)
+    for bad in ("masked", "sparse/backward:dense", "sparse/forward:sparse", "sparse/forward:dense/forward:dense",
+                "dense/forward:dense", ""):
+        with pytest.raises(ValueError, match="not a path label"):
+            parse_path_label(bad)
+    assert parse_ops("auto") == "auto" and parse_ops(" dense ") == "dense"
+    assert parse_ops("weight_grad=dense, forward=dense") == {"weight_grad": "dense", "forward": "dense"}
+    assert parse_ops({"forward": "dense"}) == {"forward": "dense"}
+    with pytest.raises(ValueError, match="op=impl pairs"):
+        parse_ops("weight_grad:dense")
+    with pytest.raises(ValueError, match="unknown op"):
+        parse_ops("backward=dense")
+    with pytest.raises(ValueError, match=r"ops\['forward'\] must be one of"):
+        parse_ops("forward=cusparse")
+
+
+def test_restore_path_installs_a_recorded_configuration_and_keeps_the_requests():
+    gen = torch.Generator().manual_seed(27)
+    mask = random_mask((10, 20), 0.3, gen)
+    layer = SparseLinear(20, 10, path="auto", backend="torch")
+    layer.set_mask(mask)
+    before = layer.dense_weight().detach().clone()
+    for label in ("sparse/weight_grad:dense", "sparse", "dense", "sparse/forward:dense/input_grad:dense"):
+        layer.restore_path(label)
+        assert layer.path_label == label and layer.path_request == "auto" and layer.ops_request == "auto"
+        assert torch.equal(layer.dense_weight().detach(), before) and torch.equal(layer.weight_mask, mask)
+        grads_vs_reference(layer, torch.randn(4, 20, generator=gen), lambda x, w, b: F.linear(x, w, b))
+        layer.zero_grad()
+    with pytest.raises(ValueError, match="not a path label"):
+        layer.restore_path("sparse/everything:dense")
+
+
+def test_force_paths_puts_a_resumed_model_back_on_the_recorded_ops():
+    """A checkpoint records path labels; resuming restores the per-op configuration, not only the path."""
+    from sparse_lth.train import force_paths, layer_paths
+    gen = torch.Generator().manual_seed(28)
+    masks = {"0": random_mask((16, 20), 0.1, gen), "2": random_mask((4, 16), 0.5, gen)}
+    a = sparsify(nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)), masks=masks, path="sparse")
+    a[0].restore_path("sparse/weight_grad:dense")
+    a[2].restore_path("dense")
+    recorded = layer_paths(a)
+    assert recorded == {"0": "sparse/weight_grad:dense", "2": "dense"}
+    b = sparsify(nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4)), masks=masks, path="sparse")
+    assert layer_paths(b) == {"0": "sparse", "2": "sparse"}
+    force_paths(b, recorded)
+    assert layer_paths(b) == recorded
+    force_paths(b, {"0": "sparse", "2": "sparse"})  # the labels older checkpoints hold
+    assert layer_paths(b) == {"0": "sparse", "2": "sparse"}
