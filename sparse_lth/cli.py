@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -29,9 +31,26 @@ def _parse_tuple(kind):
     return parse
 
 
+def _field_comments(cls) -> dict[str, str]:
+    """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source (the
+    flags' help); empty where the source cannot be read."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    out = {}
+    for line in lines:
+        m = re.match(r"\s+(\w+)\s*:[^#]*#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group_title=None) -> list[str]:
-    """One flag per field of ``cls`` (default None = "not given"); returns the field names."""
+    """One flag per field of ``cls`` (default None = "not given"), its help from the field's comment; returns
+    the field names."""
     hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
     group = parser.add_argument_group(group_title) if group_title else parser
     names = []
     defaults = cls()
@@ -41,7 +60,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group_ti
         t = hints[f.name]
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        helptext = f"(default {default!r})"
+        helptext = f"{comments[f.name]} (default {default!r})" if f.name in comments else f"(default {default!r})"
+        helptext = helptext.replace("%", "%%")  # argparse formats help strings
         origin = typing.get_origin(t)
         if t is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
@@ -49,7 +69,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group_ti
         elif origin is tuple:
             kind = typing.get_args(t)[0]
             group.add_argument(flag, dest=f.name, type=_parse_tuple(kind), default=None, metavar="A,B,...",
-                               help=f"comma-separated {kind.__name__}s {helptext}")
+                               help=f"comma-separated {kind.__name__}s: {helptext}" if f.name in comments
+                               else f"comma-separated {kind.__name__}s {helptext}")
         else:
             group.add_argument(flag, dest=f.name, type=t, default=None, metavar=t.__name__.upper(), help=helptext)
         names.append(f.name)

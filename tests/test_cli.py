@@ -111,3 +111,16 @@ def test_train_command_ops_and_timed_paths(tmp_path, capsys):
     capsys.readouterr()
     assert main(common + ["--ops", "weight_grad:dense"]) == 2
     assert "op=impl pairs" in capsys.readouterr().err
+
+
+def test_hyperparameter_flags_carry_their_fields_comments(capsys):
+    """Every dataclass flag's help is its field's comment in the source, then its default."""
+    with pytest.raises(SystemExit):
+        main(["imp", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--prune-fc FLOAT fraction of the SURVIVING weights pruned per round, per layer type (default 0.2)" in text
+    assert "--milestones A,B,... comma-separated ints: lr multiplied by gamma at these iterations (default ())" in text
+    assert "--timed-paths, --no-timed-paths choose \"auto\" paths by timing on any device" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--momentum FLOAT sgd only (default 0.0)" in " ".join(capsys.readouterr().out.split())
