@@ -19,16 +19,13 @@ from .kernels import torch_ops
 from .kernels.format import SparseFormat
 
 
-def _as_is(t, nnz):
-    return t
-
-
 def _linear_ops(backend: str):
     """(prepare, forward, backward_input, backward_weight). ``prepare(t, nnz)`` turns a dense operand into the form
     the ops read without a copy (the Triton kernels: batch-minor, or in place when small); an operand that feeds
     two ops is prepared once, so a layout copy, when one is needed, is made once per step, not once per op."""
     if backend == "torch":
-        return _as_is, torch_ops.linear_forward, torch_ops.linear_backward_input, torch_ops.linear_backward_weight
+        return (torch_ops.prepare_operand, torch_ops.linear_forward, torch_ops.linear_backward_input,
+                torch_ops.linear_backward_weight)
     from .kernels import sparse_linear as k
 
     return k.prepare_operand, k.sparse_linear_forward, k.sparse_linear_backward_input, k.sparse_linear_backward_weight

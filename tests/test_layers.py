@@ -541,3 +541,29 @@ def test_force_paths_puts_a_resumed_model_back_on_the_recorded_ops():
     assert layer_paths(b) == recorded
     force_paths(b, {"0": "sparse", "2": "sparse"})  # the labels older checkpoints hold
     assert layer_paths(b) == {"0": "sparse", "2": "sparse"}
+
+
+def test_torch_backend_operands_are_transposed_once_and_give_the_same_results():
+    """The torch backend reads its dense operands batch-minor (prepare_operand): prepared or not, every op gives
+    the same result; preparing is idempotent and leaves a batch-minor tensor (a sparse layer's output) alone."""
+    from sparse_lth.kernels import torch_ops
+    from sparse_lth.kernels.format import build_format
+    gen = torch.Generator().manual_seed(29)
+    mask = random_mask((13, 21), 0.3, gen)
+    fmt = build_format(mask)
+    values = torch.randn(fmt.nnz, generator=gen)
+    x, dy = torch.randn(7, 21, generator=gen), torch.randn(7, 13, generator=gen)
+    xp, dyp = torch_ops.prepare_operand(x), torch_ops.prepare_operand(dy)
+    assert xp.stride() == (1, 7) and torch.equal(xp, x) and torch_ops.prepare_operand(xp) is xp
+    one = torch.randn(1, 21, generator=gen)
+    assert torch_ops.prepare_operand(one) is one
+    y = torch_ops.linear_forward(x, values, fmt)
+    assert y.stride(0) == 1 and torch_ops.prepare_operand(y) is y  # outputs come batch-minor
+    torch.testing.assert_close(torch_ops.linear_forward(xp, values, fmt), y, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch_ops.linear_backward_input(dyp, values, fmt),
+                               torch_ops.linear_backward_input(dy, values, fmt), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch_ops.linear_backward_weight(dyp, xp, fmt),
+                               torch_ops.linear_backward_weight(dy, x, fmt), rtol=0, atol=1e-6)
+    w = torch.zeros(13, 21)
+    w[mask] = values
+    torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
