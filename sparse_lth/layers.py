@@ -133,6 +133,7 @@ class _SparseLayer(nn.Module):
         self._path = "dense"
         self._nnz = weight.numel()
         self._last_input_shape: tuple | None = None
+        self._last_input_batch_minor = False  # was that input (B, n) with strides (1, B), e.g. a sparse layer's output?
         self.register_parameter("weight", nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
         self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=weight.device))
         self.set_mask(torch.ones_like(self.weight_mask) if mask is None else mask, path=path)
@@ -323,7 +324,12 @@ class _SparseLayer(nn.Module):
         measured is kept. ``path_timings`` holds every median (seconds; a configuration timed in both batches
         keeps its second figure). The layer itself is not changed: every configuration runs on a copy."""
         dev = self.weight_mask.device
-        x = torch.randn(input_shape, device=dev, dtype=self.dense_weight().dtype, requires_grad=True)
+        dtype = self.dense_weight().dtype
+        if self._last_input_batch_minor and len(input_shape) == 2 and tuple(input_shape) == self._last_input_shape:
+            # the layout the layer really gets: the sparse path reads a batch-minor input without a copy
+            x = torch.randn(tuple(input_shape)[::-1], device=dev, dtype=dtype).t().requires_grad_(True)
+        else:
+            x = torch.randn(input_shape, device=dev, dtype=dtype, requires_grad=True)
         times: dict[str, float] = {}
         configs: dict[str, tuple | None] = {}
 
@@ -484,6 +490,7 @@ class SparseLinear(_SparseLayer):
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dimension, "
                              f"expected {self.in_features} (input shape {tuple(x.shape)})")
         self._last_input_shape = tuple(x.shape)
+        self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
         if self._path == "dense":
             y = F.linear(x, self.weight, self.bias)
             return torch.relu(y) if self.activation == "relu" else y

@@ -567,3 +567,22 @@ def test_torch_backend_operands_are_transposed_once_and_give_the_same_results():
     w = torch.zeros(13, 21)
     w[mask] = values
     torch.testing.assert_close(y, x @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_timed_choice_times_with_the_layout_of_the_real_input(monkeypatch):
+    """A layer fed batch-minor inputs (a sparse layer's output) is timed on a batch-minor probe input, since its
+    sparse path then needs no transpose; a row-major input is timed row-major."""
+    strides = []
+
+    def fake(probes, x, reps):
+        strides.append(x.stride())
+        return {label: 1.0 for label in probes}
+    monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
+    gen = torch.Generator().manual_seed(30)
+    layer = SparseLinear(20, 10, path="auto", backend="torch")
+    layer.set_mask(random_mask((10, 20), 0.1, gen))
+    layer(torch.randn(20, 6, generator=gen).t())
+    layer.time_paths((6, 20))
+    layer(torch.randn(6, 20, generator=gen))
+    layer.time_paths((6, 20))
+    assert strides == [(1, 6), (20, 1)]
