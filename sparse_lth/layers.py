@@ -65,6 +65,11 @@ def _ops_label(dense: tuple) -> str:
     return "sparse" + "".join(f"/{op}:dense" for op, d in zip(OPS, dense) if d)
 
 
+def _path_label(path: str, dense_ops: tuple | None) -> str:
+    """``layer.path_label`` of a configuration: "dense", or the sparse path's ``_ops_label``."""
+    return "dense" if path == "dense" else _ops_label(dense_ops)
+
+
 def parse_path_label(label: str) -> tuple[str, tuple | None]:
     """The inverse of ``layer.path_label``: ``"dense"`` -> ``("dense", None)``, ``"sparse"`` or e.g.
     ``"sparse/weight_grad:dense"`` -> ``("sparse", dense flags per op)``; anything else is refused clearly."""
@@ -156,7 +161,7 @@ class _SparseLayer(nn.Module):
     @property
     def path_label(self) -> str:
         """The path, with the ops that the sparse path runs dense: "dense", "sparse", "sparse/weight_grad:dense"."""
-        return "dense" if self._path == "dense" else _ops_label(self._dense_ops)
+        return _path_label(self._path, self._dense_ops)
 
     @property
     def nnz(self) -> int:
@@ -333,13 +338,10 @@ class _SparseLayer(nn.Module):
         times: dict[str, float] = {}
         configs: dict[str, tuple | None] = {}
 
-        def label_of(path: str, dense_ops: tuple | None) -> str:
-            return "dense" if path == "dense" else _ops_label(dense_ops)
-
         def measure(candidates: list[tuple[str, tuple | None]]) -> None:
             probes = {}
             for path, dense_ops in candidates:
-                label = label_of(path, dense_ops)
+                label = _path_label(path, dense_ops)
                 probe = copy.deepcopy(self)
                 probe._install(probe.dense_weight().detach().clone(), path, dense_ops)
                 probes[label] = probe
