@@ -24,8 +24,9 @@ reads p, g, m, v and writes p, m, v (28 B); a mask adds 1 B per masked element. 
 tensors, compact impls the compact ones. ``GBps`` = bytes / median time: the effective bandwidth of that yardstick
 (an impl making several passes moves more than ``bytes``).
 
-On CPU the torch backend is timed (time.perf_counter, median and 20/80 % quantiles of --repeats steps after a
-warm-up); on CUDA the Triton backend and torch.optim on CUDA are timed with triton.testing.do_bench. Rows go to
+On CPU the torch backend is timed by the host clock: median and 20/80 % quantiles of --repeats steps after a warm-up
+step, the impls of one row interleaved (one step of each per round, in a fresh random order every round: a fixed
+order biased the benchmarks here by up to ~15 %, see ``baselines.interleaved_samples``); on CUDA the Triton backend and torch.optim on CUDA are timed with triton.testing.do_bench. Rows go to
 benchmarks/results/optim_<device-slug>.csv. ``--backend interpret`` (CPU, TRITON_INTERPRET=1 in the environment)
 runs sparse_lth's Triton kernels through Triton's interpreter: a check of the code path the CUDA run takes, not a
 measurement; its rows go to a fresh temporary folder unless --out is given.
@@ -40,14 +41,13 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from baselines import dry_run_out, git_commit, interpreting, quantiles_ms, slug
+from baselines import (device_name, dry_run_out, git_commit, interleaved_samples, interpreting, quantiles_ms,
+                       slug, wall_ms)
 from sparse_lth.optim import MASK_ATTR, SGD, Adam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,17 +154,6 @@ def build_impls(op, dense, compact, device, backend):
     return impls
 
 
-def time_cpu(fn, repeats, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return quantiles_ms(ts)  # (statistics.quantiles needs two samples: --repeats 1 used to crash here)
-
-
 def time_cuda(fn):
     from triton.testing import do_bench
 
@@ -172,22 +161,21 @@ def time_cuda(fn):
     return med, p20, p80
 
 
-def device_name(device: torch.device) -> str:
+def time_impls(impls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """``{impl: (median, p20, p80) ms}``. On CUDA each impl on its own with do_bench. On CPU the impls are timed
+    interleaved, one step of each per round in a fresh random order (``baselines.interleaved_samples``), after a
+    warm-up step each, so the machine's drift and each impl's neighbour hit all of them alike."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name} ({torch.get_num_threads()} threads)"
+        return {name: time_cuda(fn) for name, (_, fn) in impls.items()}
+    samples = interleaved_samples({name: fn for name, (_, fn) in impls.items()}, max(1, repeats), wall_ms,
+                                  warmup=1)
+    return {name: quantiles_ms(ts) for name, ts in samples.items()}
 
 
-
-
+def bench_device_name(device: torch.device) -> str:
+    """``baselines.device_name``, with the thread count on CPU (it is part of the result file's name)."""
+    name = device_name(device)
+    return name if device.type == "cuda" else f"{name} ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None):
@@ -197,7 +185,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=MODELS)
     ap.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--repeats", type=int, default=5, help="CPU: timed steps per row")
+    ap.add_argument("--repeats", type=int, default=11, help="CPU: timed steps per row (interleaved rounds)")
     ap.add_argument("--backend", default="auto", choices=BACKENDS,
                     help="sparse_lth.optim backend: auto = triton on CUDA, torch on CPU; interpret = the Triton "
                          "kernels on CPU through Triton's interpreter (needs TRITON_INTERPRET=1 in the environment; "
@@ -220,7 +208,7 @@ def main(argv=None):
     if backend == "interpret" and (device.type != "cpu" or not interpreting()):
         ap.error("--backend interpret runs the Triton kernels on CPU through Triton's interpreter: it needs --device "
                  "cpu and TRITON_INTERPRET=1 in the environment (set before Triton is imported)")
-    dev_name = device_name(device)
+    dev_name = bench_device_name(device)
     if args.out:
         out = Path(args.out)
     elif backend == "interpret":  # a check of the code path, not results
@@ -242,11 +230,9 @@ def main(argv=None):
             for op in args.ops:
                 per_elt = OPS[op][3] - 3 * (4 - elt)  # p, g, p (param dtype); state stays fp32
                 impls = build_impls(op, dense, compact, device, backend)
-                for impl, (kind, fn) in impls.items():
-                    if device.type == "cuda":
-                        med, p20, p80 = time_cuda(fn)
-                    else:
-                        med, p20, p80 = time_cpu(fn, args.repeats)
+                times = time_impls(impls, device, args.repeats)
+                for impl, (kind, _) in impls.items():
+                    med, p20, p80 = times[impl]
                     nbytes = per_elt * (n_params if kind == "dense" else nnz) + (n_masked if kind == "dense" else 0)
                     row = dict(op=op, model=model, params=n_params, density=density, nnz=nnz, dtype=args.dtype,
                                impl=impl, median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
