@@ -9,7 +9,12 @@ Parameter sets:
 
 Densities 100/20/5/1 %. Implementations (``impl``):
 - ``torch.optim-foreach+mask`` / ``torch.optim-fused+mask``: the dense-masking baseline: ``grad *= mask`` (foreach),
-  ``torch.optim`` step (foreach=True / fused=True), ``p *= mask`` (foreach), over the dense tensors.
+  ``torch.optim`` step (foreach=True / fused=True), ``p *= mask`` (foreach), over the dense tensors, with the masks
+  in the parameters' dtype (as the layer benchmarks' baseline, ``torch.nn.utils.prune`` and open_lth keep them).
+- ``torch.optim-foreach+boolmask`` / ``torch.optim-fused+boolmask``: the same with bool masks, which move 1 byte
+  per weight instead of 4 (the faster choice on a GPU) but take a slow type-promoting path on the CPU (a bool mask
+  multiply of a 4096x4096 tensor: 42 ms against 4.7 ms with a float mask, one thread here). Both are timed so the
+  baseline is the better of the two on every device; ``summarize.py`` compares against the faster fused row.
 - ``sparse_lth-<backend>-dense``: sparse_lth.optim with the masks attached (the dense path of a layer).
 - ``sparse_lth-<backend>-compact``: sparse_lth.optim on compact vectors of the live weights (the sparse path of a
   layer: nnz elements per weight, no mask) plus the biases.
@@ -113,9 +118,9 @@ def build_impls(op, dense, compact, device, backend):
     ours_cls, ref_cls, kw, _ = OPS[op]
     impls = {}
 
-    def baseline(kind):
+    def baseline(kind, bool_mask):
         ps = params_with_grads([(w, g) for w, g, _ in dense])
-        masks = [m for _, _, m in dense]
+        masks = [m if m is None or bool_mask else m.to(w.dtype) for w, _, m in dense]
         mp = [p for p, m in zip(ps, masks) if m is not None]
         mg = [p.grad for p in mp]
         mm = [m for m in masks if m is not None]
@@ -129,12 +134,14 @@ def build_impls(op, dense, compact, device, backend):
         return step
 
     for kind in ("foreach", "fused"):
-        try:
-            step = baseline(kind)
-            step()
-            impls[f"torch.optim-{kind}+mask"] = ("dense", step)
-        except (RuntimeError, ValueError) as e:  # fused not available for this device/dtype
-            print(f"  (skipping torch.optim {kind}: {e})", file=sys.stderr)
+        for bool_mask in (False, True):
+            name = f"torch.optim-{kind}+{'boolmask' if bool_mask else 'mask'}"
+            try:
+                step = baseline(kind, bool_mask)
+                step()
+                impls[name] = ("dense", step)
+            except (RuntimeError, ValueError) as e:  # fused not available for this device/dtype
+                print(f"  (skipping {name}: {e})", file=sys.stderr)
 
     ps = params_with_grads([(w, g) for w, g, _ in dense])
     for p, (_, _, m) in zip(ps, dense):
@@ -157,7 +164,7 @@ def build_impls(op, dense, compact, device, backend):
 def time_cuda(fn):
     from triton.testing import do_bench
 
-    med, p20, p80 = do_bench(fn, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8])
+    med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])  # 7 impls per row: keep the part within its limit
     return med, p20, p80
 
 

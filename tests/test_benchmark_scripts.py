@@ -208,7 +208,8 @@ def test_optim_interpret(tmp_path):
     proc = run_script("bench_optim.py", "--device", "cpu", "--backend", "interpret", "--models", "tiny",
                       "--densities", *map(str, densities), "--repeats", "2", "--threads", "1", "--out", str(out))
     rows = read_csv(out, optim.FIELDS)
-    impls = ["torch.optim-foreach+mask", "torch.optim-fused+mask", "sparse_lth-interpret-dense",
+    impls = ["torch.optim-foreach+mask", "torch.optim-fused+mask", "torch.optim-foreach+boolmask",
+             "torch.optim-fused+boolmask", "sparse_lth-interpret-dense",
              "sparse_lth-interpret-compact", "torch.optim-fused-compact"]
     expected = {(op, "tiny", d, impl) for op in optim.OPS for d in densities for impl in impls}
     got = [(r["op"], r["model"], float(r["density"]), r["impl"]) for r in rows]
