@@ -595,6 +595,26 @@ def test_non_finite_gradient_at_pruned_positions_is_ignored(backend_device, cls,
         assert_matches(ours, ref, opt, ref_opt)
 
 
+def test_what_step_does_to_grad(backend_device):
+    """On CPU the torch backend masks a masked parameter's .grad in place (the dense-masking recipe; no second
+    gradient-sized buffer) and leaves other gradients alone; the Triton backends leave every .grad as it was."""
+    make, device = backend_device, backend_device.device
+    ours = Model(device)
+    opt = make(SGD, ours.groups(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        ours.set_grads(gen, mask_them=False)
+        before = {k: p.grad.clone() for k, p in ours.params.items() if p.grad is not None}
+        opt.step()
+        for k, g in before.items():
+            got = ours.params[k].grad
+            if k in Model.MASKED and backend_device.backend == "torch" and device.type == "cpu":
+                assert torch.equal(got, g * ours.masks[k]) and (got[~ours.masks[k]] == 0).all()
+                assert (g[~ours.masks[k]] != 0).any()  # there was something to mask
+            else:
+                assert torch.equal(got, g)
+
+
 def test_few_launches_per_step(kernel_device, monkeypatch):
     """The kernel backend updates all parameters of all groups with one launch per (dtype, mask/no mask)."""
     import sparse_lth.optim as so
