@@ -359,6 +359,34 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
     assert "| timed ms (path) |" in md and md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
 
 
+def test_crossover_cpu_benchmark_times_every_configuration(tmp_path):
+    out = tmp_path / "crossover.csv"
+    rows = run_cpu_benchmark("bench_crossover_cpu.py", out, "--shapes", "100x300x60", "--densities", "0.3", "0.05")
+    cross = _load("bench_crossover_cpu")
+    assert {(r["shape"], float(r["density"]), r["config"]) for r in rows} == \
+        {("100x300", d, c) for d in (0.3, 0.05) for c in cross.CONFIGS}
+    assert len(rows) == 2 * len(cross.CONFIGS)
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["speedup_vs_dense_path"]) > 0
+        assert (r["config"] != "dense") or float(r["speedup_vs_dense_path"]) == 1.0
+    md = out.with_suffix(".md").read_text()
+    assert md.count("| 100x300 | 60 |") == 2 and "- 100x300 at batch 60: the all-sparse path wins" in md
+
+
+def test_crossover_is_the_top_of_the_winning_run_from_the_lowest_density():
+    cross = _load("bench_crossover_cpu").crossover
+    assert cross({0.05: 3.0, 0.1: 2.0, 0.2: 1.2, 0.3: 0.9, 0.5: 1.1}) == 0.2  # a noisy win above a loss: ignored
+    assert cross({0.05: 0.9, 0.1: 1.5}) is None
+    assert cross({0.05: 1.5, 0.5: 1.01}) == 0.5
+
+
+@pytest.mark.parametrize("args,message", [(["--shapes", "7x7x7"], "unknown shape"), (["--densities", "1.0"], "(0, 1)")])
+def test_crossover_cpu_refuses_bad_arguments(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        _load("bench_crossover_cpu").main([*args, "--out", str(tmp_path / "x.csv")])
+    assert e.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "x.csv").exists()
+
+
 def test_interleaved_samples_draws_a_new_order_every_round():
     """The CPU benchmarks' interleaver: warm-up calls untimed, every function timed once per round, and the
     order changes between rounds so that no function always runs after the same neighbour."""
