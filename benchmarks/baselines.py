@@ -100,6 +100,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """``cpu_name()`` with the CPU family and model numbers from /proc/cpuinfo ("AMD EPYC (family 25, model 17)"):
+    hosts that report the same name can differ in speed, and the CPU benchmarks' rows say which one ran. File
+    names keep the plain ``cpu_name()``."""
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    if "cpu family" in fields and "model" in fields:
+        return f"{cpu_name()} (family {fields['cpu family']}, model {fields['model']})"
+    return cpu_name()
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":

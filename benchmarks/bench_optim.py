@@ -51,8 +51,8 @@ from pathlib import Path
 
 import torch
 
-from baselines import (device_name, dry_run_out, git_commit, interleaved_samples, interpreting, quantiles_ms,
-                       slug, wall_ms)
+from baselines import (cpu_id, cpu_name, device_name, dry_run_out, git_commit, interleaved_samples, interpreting,
+                       quantiles_ms, slug, wall_ms)
 from sparse_lth.optim import MASK_ATTR, SGD, Adam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,8 @@ def build_impls(op, dense, compact, device, backend):
 def time_cuda(fn):
     from triton.testing import do_bench
 
-    med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])  # 7 impls per row: keep the part within its limit
+    # rep 100 ms: 7 impls per row, and the suite's optim part has a time limit
+    med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
     return med, p20, p80
 
 
@@ -179,10 +180,12 @@ def time_impls(impls: dict, device: torch.device, repeats: int) -> dict[str, tup
     return {name: quantiles_ms(ts) for name, ts in samples.items()}
 
 
-def bench_device_name(device: torch.device) -> str:
-    """``baselines.device_name``, with the thread count on CPU (it is part of the result file's name)."""
-    name = device_name(device)
-    return name if device.type == "cuda" else f"{name} ({torch.get_num_threads()} threads)"
+def bench_device_name(device: torch.device, detailed: bool = True) -> str:
+    """``baselines.device_name``, with the thread count on CPU (it is part of the result file's name) and, unless
+    ``detailed`` is False (the file name), the CPU's family and model (``baselines.cpu_id``)."""
+    if device.type == "cuda":
+        return device_name(device)
+    return f"cpu: {cpu_id() if detailed else cpu_name()} ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None):
@@ -221,7 +224,7 @@ def main(argv=None):
     elif backend == "interpret":  # a check of the code path, not results
         out = dry_run_out(f"optim_interpret_{slug(dev_name)}.csv")
     else:
-        out = ROOT / "benchmarks" / "results" / f"optim_{slug(dev_name)}.csv"
+        out = ROOT / "benchmarks" / "results" / f"optim_{slug(bench_device_name(device, detailed=False))}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
     elt = torch.tensor([], dtype=dtype).element_size()

@@ -204,7 +204,8 @@ def optim_section(rows, ceilings, targets: list[Target]) -> list[str]:
     lines = ["## Optimizer step (bench_optim.py)", "",
              f"Floor = the step's unavoidable bytes / the measured copy bandwidth ({bw:.4g} GB/s, "
              "bench_ceilings.py)." if math.isfinite(bw) else "No ceilings file: the floor is not computed.", "",
-             "| op | params | dtype | density | impl | ms | GB/s | x floor | speedup vs torch fused+mask (faster mask dtype) |",
+             "| op | params | dtype | density | impl | ms | GB/s | x floor | speedup vs torch fused+mask "
+             "(faster mask dtype) |",
              "|---|---|---|---|---|---|---|---|---|"]
     worst_dense, worst_floor = math.inf, 0.0
     compact = defaultdict(dict)

@@ -218,7 +218,8 @@ def test_optim_interpret(tmp_path):
     for row in rows:
         assert_times(row, "median_ms", "p20_ms", "p80_ms")
         assert int(row["params"]) == n_params and 0 < int(row["nnz"]) <= n_params and int(row["bytes"]) > 0
-        assert row["device"].startswith("cpu: ") and row["device"].endswith(" (1 threads)") and row["dtype"] == "float32"
+        assert row["device"].startswith("cpu: ") and row["device"].endswith(" (1 threads)")
+        assert row["dtype"] == "float32"
     assert f"wrote {len(rows)} rows" in proc.stdout
     assert sum(" tiny " in line and " ms " in line for line in proc.stdout.splitlines()) == len(rows)
 
