@@ -152,8 +152,9 @@ def write_rows(rows: list[dict], out: Path | str) -> None:
 
 
 def git_commit() -> str:
-    """The short commit hash, with "-dirty" when tracked files differ from it; ``$SPARSE_LTH_COMMIT`` when set (a
-    copy of the tree without .git, e.g. on a lent GPU machine: see gpu_suite.sh)."""
+    """The short commit hash, with "-dirty" when tracked files outside benchmarks/results/ differ from it;
+    ``$SPARSE_LTH_COMMIT`` when set (a copy of the tree without .git, e.g. on a lent GPU machine: see
+    gpu_suite.sh)."""
     env = os.environ.get("SPARSE_LTH_COMMIT", "").strip()
     if env:
         return env
@@ -161,7 +162,9 @@ def git_commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # results/ is what the benchmarks write: a rerun that rewrites its own rows does not make the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except Exception:
