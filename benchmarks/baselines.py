@@ -118,6 +118,11 @@ def cpu_id() -> str:
     return cpu_name()
 
 
+def cpu_device_label() -> str:
+    """The device column of the CPU benchmarks: ``cpu: <cpu_id()> (<cores> cores, <torch threads> threads)``."""
+    return f"cpu: {cpu_id()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":

@@ -21,7 +21,6 @@ Speed is reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from baselines import RESULTS, cpu_id, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
+from baselines import RESULTS, cpu_device_label, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
 
 from sparse_lth.layers import CPU_LINEAR_SPARSE_MAX_DENSITY, OPS, SparseLinear
 
@@ -101,7 +100,7 @@ def main(argv=None) -> int:
         shapes = [known[s] for s in args.shapes]
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = f"cpu: {cpu_id()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    device = cpu_device_label()
     meta = {"device": device, "torch": torch.__version__, "commit": git_commit()}
     print(f"{device}; torch {torch.__version__}; commit {meta['commit']}; {args.repeats} interleaved repeats")
     rows = []

@@ -15,7 +15,6 @@ the sparse path with each op on the sparse ops or dense), and the layer forced o
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_id, cpu_name, git_commit, interleaved_samples,
+from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_device_label, cpu_name, git_commit, interleaved_samples,
                        masked_baseline, path_letter, plain_step, random_masks, slug, wall_ms, write_rows)
 
 from sparse_lth.layers import SparseLinear, choose_paths, sparse_layers, sparsify
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev_name = cpu_name()
-    meta = {"device": f"cpu: {cpu_id()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+    meta = {"device": cpu_device_label(),
             "torch": torch.__version__, "commit": git_commit()}
     rows = []
     for case, fn in (("lenet300_100_train_step_b60", bench_lenet), ("linear1024_fwd_bwd_b256", bench_linear)):

@@ -13,7 +13,6 @@ fp32, random masks, medians of interleaved repeats. Speed is reported, never ass
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from baselines import RESULTS, cpu_id, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
+from baselines import RESULTS, cpu_device_label, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
 
 from sparse_lth.functional import scatter_values
 from sparse_lth.kernels import torch_ops
@@ -57,7 +56,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = f"cpu: {cpu_id()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    device = cpu_device_label()
     meta = {"device": device, "torch": torch.__version__, "commit": git_commit()}
     rows = []
     gen = torch.Generator().manual_seed(0)

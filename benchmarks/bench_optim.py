@@ -31,8 +31,8 @@ tensors, compact impls the compact ones. ``GBps`` = bytes / median time: the eff
 
 On CPU the torch backend is timed by the host clock: median and 20/80 % quantiles of --repeats steps after a warm-up
 step, the impls of one row interleaved (one step of each per round, in a fresh random order every round: a fixed
-order biased the benchmarks here by up to ~15 %, see ``baselines.interleaved_samples``); on CUDA the Triton backend and torch.optim on CUDA are timed with triton.testing.do_bench. Rows go to
-benchmarks/results/optim_<device-slug>.csv. ``--backend interpret`` (CPU, TRITON_INTERPRET=1 in the environment)
+order biased the benchmarks here by up to ~15 %, see ``baselines.interleaved_samples``); on CUDA the Triton backend
+and torch.optim on CUDA are timed with triton.testing.do_bench. Rows go to benchmarks/results/optim_<device-slug>.csv. ``--backend interpret`` (CPU, TRITON_INTERPRET=1 in the environment)
 runs sparse_lth's Triton kernels through Triton's interpreter: a check of the code path the CUDA run takes, not a
 measurement; its rows go to a fresh temporary folder unless --out is given.
 
@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 from baselines import (cpu_id, cpu_name, device_name, dry_run_out, git_commit, interleaved_samples, interpreting,
-                       quantiles_ms, slug, wall_ms)
+                       quantiles_ms, slug, time_ms, wall_ms)
 from sparse_lth.optim import MASK_ATTR, SGD, Adam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,20 +161,13 @@ def build_impls(op, dense, compact, device, backend):
     return impls
 
 
-def time_cuda(fn):
-    from triton.testing import do_bench
-
-    # rep 100 ms: 7 impls per row, and the suite's optim part has a time limit
-    med, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-    return med, p20, p80
-
-
 def time_impls(impls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
     """``{impl: (median, p20, p80) ms}``. On CUDA each impl on its own with do_bench. On CPU the impls are timed
     interleaved, one step of each per round in a fresh random order (``baselines.interleaved_samples``), after a
     warm-up step each, so the machine's drift and each impl's neighbour hit all of them alike."""
     if device.type == "cuda":
-        return {name: time_cuda(fn) for name, (_, fn) in impls.items()}
+        # rep 100 ms: 7 impls per row, and the suite's optim part has a time limit
+        return {name: time_ms(fn, device, warmup=25, rep=100) for name, (_, fn) in impls.items()}
     samples = interleaved_samples({name: fn for name, (_, fn) in impls.items()}, max(1, repeats), wall_ms,
                                   warmup=1)
     return {name: quantiles_ms(ts) for name, ts in samples.items()}

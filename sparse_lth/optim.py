@@ -16,8 +16,8 @@ Backends, per parameter device (:func:`sparse_lth.backend.resolve_backend`): ``t
 multi-tensor Triton kernels of :mod:`sparse_lth.kernels.optim` (one pass over memory per parameter, a few launches
 per step for a whole model); ``torch`` runs torch's fused optimizer kernels on CPU and ``torch._foreach_*`` ops
 elsewhere (``opt.torch_impl = "fused" | "foreach" | "auto"`` overrides), with the mask applied around them. On CPU
-the torch backend masks a masked parameter's ``.grad`` in place (as the dense-masking recipe and a dense-path layer
-do); the Triton backends leave ``.grad`` as it is.
+the torch backend masks a masked fp32 parameter's contiguous ``.grad`` in place (as the dense-masking recipe and a
+dense-path layer do; other gradients are masked on a copy); the Triton backends leave ``.grad`` as it is.
 
 State-dict keys are torch.optim's (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``),
 so state dicts load across these optimizers and their torch.optim counterparts.
@@ -237,9 +237,9 @@ class _MaskedOptimizer(Optimizer):
     def _torch_group_update(self, group: dict, items: list[_Item]) -> None:
         """The torch backend for one parameter group: per (device, dtype) bucket, fp32 work lists, foreach ops.
 
-        Masked parameters: the gradient is masked (NaN-safe; on CPU in place, elsewhere into another tensor), the weight is zeroed at pruned
-        positions before the update, and when the mask differs from the one the state last saw (a new IMP round)
-        the state is zeroed there once. With p, the masked gradient and the state zero at pruned positions, the
+        Masked parameters: the gradient is masked (NaN-safe; on CPU in place, elsewhere into another tensor), the
+        weight is zeroed at pruned positions before the update, and when the mask differs from the one the state
+        last saw (a new IMP round) the state is zeroed there once. With p, the masked gradient and the state zero at pruned positions, the
         update keeps all of them exactly zero there, so no re-mask pass is needed after it (except Adam with
         eps == 0, where 0/0 would appear; then p is re-masked).
         """
