@@ -1,11 +1,14 @@
-"""CPU benchmark: where the sparse path of ``SparseLinear`` starts to beat its dense path (the CPU density rule).
+"""CPU benchmark: where the sparse path of ``SparseLinear`` / ``SparseConv2d`` starts to beat its dense path (the
+CPU density rules).
 
-On the CPU ``path="auto"`` does not time layers (runs stay bit-reproducible); it applies a density threshold,
-``sparse_lth.layers.CPU_LINEAR_SPARSE_MAX_DENSITY``. This script measures what that threshold should be: one
-``SparseLinear`` forward + backward (input and weight gradients, bias), fp32, at each shape and density, on
+On the CPU ``path="auto"`` does not time layers (runs stay bit-reproducible); it applies density thresholds,
+``sparse_lth.layers.CPU_LINEAR_SPARSE_MAX_DENSITY`` and ``CPU_CONV_SPARSE_MAX_DENSITY``. This script measures what
+they should be: one layer forward + backward (input and weight gradients, bias; no input gradient for a network's
+first conv layer, as in training), fp32, at each shape and density, on
 
-* ``dense``                   the dense path (MKL ``F.linear``, gradient masked as it lands);
-* ``sparse``                  the sparse path, every op on the ``torch`` backend's sparse products;
+* ``dense``                   the dense path (MKL / oneDNN, gradient masked as it lands);
+* ``sparse``                  the sparse path, every op on the ``torch`` backend's sparse products (CSR products
+                              for linear layers, shifted CSR products for conv layers: ``kernels/torch_conv.py``);
 * ``sparse/<op>:dense``       the sparse path with one op run dense on the scattered values.
 
 Configurations of one (shape, density) are timed interleaved, in a fresh random order every repeat
@@ -15,6 +18,9 @@ faster too.
 
     python benchmarks/bench_crossover_cpu.py --threads 2
         # writes benchmarks/results/crossover_cpu_<machine>-<N>-threads.{csv,md}
+    python benchmarks/bench_crossover_cpu.py --kind conv --threads 2
+        # the conv layers of Conv-6 (batch 60), ResNet-20 and VGG-19 (CIFAR-10, batch 128):
+        # benchmarks/results/crossover_conv_cpu_<machine>-<N>-threads.{csv,md}
 
 Speed is reported, never asserted.
 """
@@ -30,30 +36,40 @@ import torch.nn as nn
 
 from baselines import RESULTS, cpu_device_label, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
 
-from sparse_lth.layers import CPU_LINEAR_SPARSE_MAX_DENSITY, OPS, SparseLinear
+from sparse_lth.layers import (CPU_CONV_SPARSE_MAX_DENSITY, CPU_LINEAR_SPARSE_MAX_DENSITY, OPS, SparseConv2d,
+                               SparseLinear)
 
 # (out_features, in_features, batch, inner calls per sample): the LeNet-300-100 layers at the paper's batch, a
 # mid-sized layer, and a VGG-19 conv layer as a matrix product (512 x 512*3*3) at a CPU-sized batch
 SHAPES = [(300, 784, 60, 10), (100, 300, 60, 20), (1024, 1024, 256, 3), (512, 4608, 256, 2)]
 DENSITIES = [0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05]
+# 3x3 conv layers, padding 1, as (name, c_in, c_out, input height = width, stride, batch, input gradient): every
+# distinct shape of Conv-6 (batch 60) and ResNet-20 (batch 128), VGG-19's deepest (batch 128; its wider early
+# layers are the shapes of the others' at more channels)
+CONV_SHAPES = [
+    ("conv6.1", 3, 64, 32, 1, 60, False), ("conv6.2", 64, 64, 32, 1, 60, True),
+    ("conv6.3", 64, 128, 16, 1, 60, True), ("conv6.4", 128, 128, 16, 1, 60, True),
+    ("conv6.5", 128, 256, 8, 1, 60, True), ("conv6.6", 256, 256, 8, 1, 60, True),
+    ("resnet20.16", 16, 16, 32, 1, 128, True), ("resnet20.16-32s2", 16, 32, 32, 2, 128, True),
+    ("resnet20.32", 32, 32, 16, 1, 128, True), ("resnet20.64", 64, 64, 8, 1, 128, True),
+    ("vgg19.512@4", 512, 512, 4, 1, 128, True), ("vgg19.512@2", 512, 512, 2, 1, 128, True),
+]
+CONV_DENSITIES = [0.2, 0.1, 0.05, 0.03, 0.02, 0.01]
 CONFIGS = ["dense", "sparse"] + [f"sparse/{op}:dense" for op in OPS]
 
 
-def layer_for(ref: nn.Linear, mask: torch.Tensor, config: str) -> SparseLinear:
+def layer_for(ref: nn.Module, mask: torch.Tensor, config: str):
+    cls = SparseLinear if isinstance(ref, nn.Linear) else SparseConv2d
     if config == "dense":
-        return SparseLinear.from_dense(ref, mask, path="dense")
-    layer = SparseLinear.from_dense(ref, mask, path="sparse")
+        return cls.from_dense(ref, mask, path="dense")
+    layer = cls.from_dense(ref, mask, path="sparse")
     if config != "sparse":
         layer.restore_path(config)
     assert layer.path_label == config, (layer.path_label, config)
     return layer
 
 
-def step_fns(rows: int, cols: int, batch: int, density: float, gen: torch.Generator) -> dict:
-    mask = torch.rand(rows, cols, generator=gen) < density
-    ref = nn.Linear(cols, rows)
-    x = torch.randn(batch, cols, generator=gen).requires_grad_(True)
-    dy = torch.randn(batch, rows, generator=gen)
+def _fns(ref: nn.Module, mask: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) -> dict:
     fns = {}
     for config in CONFIGS:
         layer = layer_for(ref, mask, config)
@@ -65,6 +81,21 @@ def step_fns(rows: int, cols: int, batch: int, density: float, gen: torch.Genera
 
         fns[config] = step
     return fns
+
+
+def step_fns(rows: int, cols: int, batch: int, density: float, gen: torch.Generator) -> dict:
+    mask = torch.rand(rows, cols, generator=gen) < density
+    x = torch.randn(batch, cols, generator=gen).requires_grad_(True)
+    return _fns(nn.Linear(cols, rows), mask, x, torch.randn(batch, rows, generator=gen))
+
+
+def conv_step_fns(c_in: int, c_out: int, hw: int, stride: int, batch: int, input_grad: bool, density: float,
+                  gen: torch.Generator) -> dict:
+    ref = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
+    mask = torch.rand(ref.weight.shape, generator=gen) < density
+    x = torch.randn(batch, c_in, hw, hw, generator=gen).requires_grad_(input_grad)
+    out_hw = (hw - 1) // stride + 1
+    return _fns(ref, mask, x, torch.randn(batch, c_out, out_hw, out_hw, generator=gen))
 
 
 def crossover(speedup_by_density: dict[float, float]) -> float | None:
@@ -80,20 +111,30 @@ def crossover(speedup_by_density: dict[float, float]) -> float | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=31)
-    ap.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
+    ap.add_argument("--kind", choices=("linear", "conv"), default="linear")
+    ap.add_argument("--repeats", type=int, default=None, help="default: 31 (linear), 11 (conv)")
+    ap.add_argument("--densities", type=float, nargs="+", default=None,
+                    help="default: " + " ".join(map(str, DENSITIES)) + " (linear), " +
+                         " ".join(map(str, CONV_DENSITIES)) + " (conv)")
     ap.add_argument("--shapes", nargs="+", default=None,
-                    help="subset of the shapes, as OUTxINxBATCH (default: " +
-                         " ".join(f"{r}x{c}x{b}" for r, c, b, _ in SHAPES) + ")")
+                    help="subset of the shapes: OUTxINxBATCH for linear (default: " +
+                         " ".join(f"{r}x{c}x{b}" for r, c, b, _ in SHAPES) + "), layer names for conv (" +
+                         " ".join(c[0] for c in CONV_SHAPES) + ")")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="CSV path (the .md summary goes beside it)")
     args = ap.parse_args(argv)
+    conv = args.kind == "conv"
+    args.repeats = args.repeats or (11 if conv else 31)
+    args.densities = args.densities or (CONV_DENSITIES if conv else DENSITIES)
     for d in args.densities:
         if not 0.0 < d < 1.0:
             ap.error(f"--densities must lie in (0, 1), got {d}")
-    shapes = SHAPES
-    if args.shapes:
+    if conv:
+        known = {c[0]: c for c in CONV_SHAPES}
+    else:
         known = {f"{r}x{c}x{b}": (r, c, b, n) for r, c, b, n in SHAPES}
+    shapes = list(known.values())
+    if args.shapes:
         unknown = [s for s in args.shapes if s not in known]
         if unknown:
             ap.error(f"unknown shape(s) {unknown}; choose from {sorted(known)}")
@@ -106,36 +147,48 @@ def main(argv=None) -> int:
     rows = []
     gen = torch.Generator().manual_seed(0)
     table: dict[tuple, dict[float, dict[str, float]]] = {}
-    for r, c, b, inner in shapes:
+    for case in shapes:
+        if conv:
+            name, c_in, c_out, hw, stride, b, input_grad = case
+            shape, inner = f"{name} {c_in}->{c_out} {hw}x{hw}" + (f" s{stride}" if stride > 1 else ""), 1
+        else:
+            r, c, b, inner = case
+            shape = f"{r}x{c}"
         for d in sorted(args.densities, reverse=True):
-            samples = interleaved_samples(step_fns(r, c, b, d, gen), args.repeats, lambda f: wall_ms(f, inner))
+            fns = (conv_step_fns(c_in, c_out, hw, stride, b, input_grad, d, gen) if conv
+                   else step_fns(r, c, b, d, gen))
+            samples = interleaved_samples(fns, args.repeats, lambda f: wall_ms(f, inner))
             med = {k: statistics.median(v) for k, v in samples.items()}
-            table.setdefault((r, c, b), {})[d] = med
+            table.setdefault((shape, b), {})[d] = med
             for config, ms in med.items():
-                rows.append({"shape": f"{r}x{c}", "batch": b, "density": d, "config": config,
+                rows.append({"shape": shape, "batch": b, "density": d, "config": config,
                              "median_ms": round(ms, 4), "speedup_vs_dense_path": round(med["dense"] / ms, 3),
                              "repeats": args.repeats, "dtype": "float32", **meta})
-            print(f"{r}x{c} b{b} d={d:<5} dense {med['dense']:.3f} ms | " + " | ".join(
+            print(f"{shape} b{b} d={d:<5} dense {med['dense']:.3f} ms | " + " | ".join(
                 f"{k} {med['dense'] / med[k]:.2f}x" for k in CONFIGS[1:]), flush=True)
-    out = args.out or RESULTS / f"crossover_cpu_{slug(cpu_name())}-{torch.get_num_threads()}-threads.csv"
+    stem = "crossover_conv_cpu" if conv else "crossover_cpu"
+    out = args.out or RESULTS / f"{stem}_{slug(cpu_name())}-{torch.get_num_threads()}-threads.csv"
     write_rows(rows, out)
     md = out.with_suffix(".md")
+    what = ("SparseConv2d (3x3, padding 1) forward + backward (input gradient except for a first layer, weight and "
+            "bias gradients)" if conv else "SparseLinear forward + backward (input, weight and bias gradients)")
+    rule = CPU_CONV_SPARSE_MAX_DENSITY if conv else CPU_LINEAR_SPARSE_MAX_DENSITY
     lines = [f"# {out.stem}", "",
-             f"{device}, torch {torch.__version__}, commit {meta['commit']}, fp32, one SparseLinear forward + "
-             f"backward (input, weight and bias gradients), median of {args.repeats} interleaved repeats. Cells: "
-             "speedup of each sparse-path configuration over the dense path (dense-path ms / config ms). "
-             f"`python benchmarks/bench_crossover_cpu.py`; the rule in use: sparse at or below "
-             f"{CPU_LINEAR_SPARSE_MAX_DENSITY:g} density.", "",
+             f"{device}, torch {torch.__version__}, commit {meta['commit']}, fp32, one {what}, median of "
+             f"{args.repeats} interleaved repeats. Cells: speedup of each sparse-path configuration over the dense "
+             "path (dense-path ms / config ms). "
+             f"`python benchmarks/bench_crossover_cpu.py --kind {args.kind}`; the rule in use: sparse at or below "
+             f"{rule:g} density.", "",
              "| shape | batch | density | dense path ms | " + " | ".join(CONFIGS[1:]) + " |",
              "|---|---|---|---|" + "---|" * (len(CONFIGS) - 1)]
     crossings = []
-    for (r, c, b), per in table.items():
+    for (shape, b), per in table.items():
         for d in sorted(per, reverse=True):
             med = per[d]
-            lines.append(f"| {r}x{c} | {b} | {d:g} | {med['dense']:.3f} | " +
+            lines.append(f"| {shape} | {b} | {d:g} | {med['dense']:.3f} | " +
                          " | ".join(f"{med['dense'] / med[k]:.2f}x" for k in CONFIGS[1:]) + " |")
         x = crossover({d: per[d]["dense"] / per[d]["sparse"] for d in per})
-        crossings.append(f"- {r}x{c} at batch {b}: the all-sparse path wins at and below "
+        crossings.append(f"- {shape} at batch {b}: the all-sparse path wins at and below "
                          f"{'no measured density' if x is None else f'{x:g}'}")
     lines += ["", "Crossover (highest measured density below which the all-sparse path wins throughout):", ""]
     lines += crossings

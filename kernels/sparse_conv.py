@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, check_launch, interpreting, offset_dtype
-from .format import SparseFormat, to_dense
+from ._conv_geometry import (FLOAT_DTYPES as _FLOAT_DTYPES, check_fmt as _check_fmt, check_tensor4 as _check_tensor4,
+                             check_values as _check_values, geometry as _geometry, out_size as _out_size)
+from .format import to_dense
 
 if HAS_TRITON:
     import triton
@@ -41,7 +43,6 @@ __all__ = [
     "reference_forward", "reference_backward_input", "reference_backward_weight",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
 
@@ -248,65 +249,6 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------------------------
 # argument checks
 # ----------------------------------------------------------------------------------------------------------------
-def _pair(v, name: str, *, minimum: int) -> tuple[int, int]:
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
-        v = (v, v)
-    try:
-        v = tuple(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    if len(v) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if min(v) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
-def _geometry(kernel_size, stride, padding, dilation):
-    return (_pair(kernel_size, "kernel_size", minimum=1), _pair(stride, "stride", minimum=1),
-            _pair(padding, "padding", minimum=0), _pair(dilation, "dilation", minimum=1))
-
-
-def _out_size(h, w, k, s, p, d, op):
-    oh = (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
-    ow = (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"{op}: input {h}x{w} with kernel_size {k}, stride {s}, padding {p}, dilation {d} gives "
-                         f"an empty output ({oh}x{ow})")
-    return oh, ow
-
-
-def _check_tensor4(t, name, op):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{op}: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-
-
-def _check_fmt(fmt, k, op):
-    if not isinstance(fmt, SparseFormat):
-        raise TypeError(f"{op}: fmt must be a SparseFormat (kernels.format.build_format), got {type(fmt).__name__}")
-    fmt.validate()
-    khw = k[0] * k[1]
-    if fmt.cols % khw != 0:
-        raise ValueError(f"{op}: fmt has {fmt.cols} columns, not a multiple of kh*kw = {khw} "
-                         f"(kernel_size {k}); expected cols = C_in*kh*kw")
-    return fmt.cols // khw
-
-
-def _check_values(values, fmt, dtype, op, name="values"):
-    if not isinstance(values, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(values).__name__}")
-    if values.dim() != 1 or values.numel() != fmt.nnz:
-        raise ValueError(f"{op}: {name} must be 1-D of length fmt.nnz = {fmt.nnz}, got shape {tuple(values.shape)}")
-    if values.dtype != dtype:
-        raise TypeError(f"{op}: {name} has dtype {values.dtype}, the activations {dtype}; they must match")
-
-
 def _check_devices(op, fmt, **tensors):
     devs = {name: t.device for name, t in tensors.items() if t is not None}
     devs["fmt"] = fmt.device

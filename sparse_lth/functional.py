@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import torch_ops
+from .kernels import torch_conv, torch_ops
 from .kernels.format import SparseFormat
 
 
@@ -131,56 +131,77 @@ def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", ac
 
 
 class SparseConv2dFunction(torch.autograd.Function):
-    """Direct sparse conv2d on the Triton backends (NCHW, groups=1, zero padding).
+    """Direct sparse conv2d (NCHW, groups=1, zero padding) on the Triton kernels (``backend`` "triton" or
+    "interpret") or the torch backend's shifted CSR products (``backend="torch"``, which needs ``taps``, the
+    format grouped by kernel tap: :func:`~sparse_lth.kernels.torch_conv.build_conv_taps`).
 
-    ``dense``: per-op flags as for :class:`SparseLinearFunction`; a dense op runs cuDNN on the scattered weight
-    (``flat_index`` indexes the flattened ``(C_out, C_in * kh * kw)`` weight)."""
+    ``dense``: per-op flags as for :class:`SparseLinearFunction`; a dense op runs cuDNN/MKL-DNN on the scattered
+    weight (``flat_index`` indexes the flattened ``(C_out, C_in * kh * kw)`` weight)."""
 
     @staticmethod
     def forward(ctx, x, values, bias, fmt: SparseFormat, kernel_size, stride, padding, dilation,
-                dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
-        from .kernels import sparse_conv as k
-
-        d_fwd, d_dx, _ = dense
+                dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None, backend: str = "triton",
+                taps=None):
+        d_fwd, d_dx, d_dw = dense
         w_shape = (fmt.rows, fmt.cols // (kernel_size[0] * kernel_size[1])) + tuple(kernel_size)
-        w = None
+        w = xg = grid = None
+        if backend == "torch":
+            if taps is None:
+                raise ValueError("SparseConv2dFunction: the torch backend needs taps (torch_conv.build_conv_taps)")
+            grid = torch_conv.ShiftGrid(x.shape, taps, stride, padding, dilation, "SparseConv2dFunction")
+            if not (d_fwd and d_dw):  # the grid the forward reads is the one the weight gradient reads
+                xg = torch_conv.input_grid(x, grid, torch_conv.compute_dtype(x.dtype))
         if d_fwd:
             w = scatter_values(values, flat_index, w_shape)
             y = F.conv2d(x, w, bias, stride, padding, dilation)
+        elif backend == "torch":
+            y = torch_conv.forward_grid(xg, values, taps, grid, bias, x.dtype)
         else:
+            from .kernels import sparse_conv as k
+
             y = k.sparse_conv2d_forward(x, values, fmt, kernel_size, bias, stride, padding, dilation)
         ctx.fmt, ctx.geom, ctx.has_bias = fmt, (kernel_size, stride, padding, dilation), bias is not None
-        ctx.dense, ctx.w_shape = dense, w_shape
-        ctx.save_for_backward(x, values, w if d_dx else None, flat_index)
+        ctx.dense, ctx.w_shape, ctx.backend, ctx.taps, ctx.grid = dense, w_shape, backend, taps, grid
+        ctx.save_for_backward(x, values, w if d_dx else None, flat_index, xg if not d_dw else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        from .kernels import sparse_conv as k
-
-        x, values, w, flat_index = ctx.saved_tensors
+        x, values, w, flat_index, xg = ctx.saved_tensors
         kernel_size, stride, padding, dilation = ctx.geom
         _, d_dx, d_dw = ctx.dense
         dy = dy.to(x.dtype)
         dx = dv = db = None
-        if ctx.needs_input_grad[0]:
+        need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dyg = None
+        if ctx.backend == "torch" and ((need_dx and not d_dx) or (need_dv and not d_dw)):
+            dyg = torch_conv.grad_output_grid(dy, ctx.grid, torch_conv.compute_dtype(dy.dtype))  # for both
+        if need_dx:
             if d_dx:
                 if w is None:
                     w = scatter_values(values, flat_index, ctx.w_shape)
                 dx = torch.nn.grad.conv2d_input(tuple(x.shape), w.to(dy.dtype), dy, stride, padding, dilation)
+            elif ctx.backend == "torch":
+                dx = torch_conv.backward_input_grid(dyg, values, ctx.taps, ctx.grid, dy.dtype)
             else:
+                from .kernels import sparse_conv as k
+
                 dx = k.sparse_conv2d_backward_input(dy, values, ctx.fmt, tuple(x.shape), kernel_size, stride,
                                                     padding, dilation)
-        if ctx.needs_input_grad[1]:
+        if need_dv:
             if d_dw:
                 g = torch.nn.grad.conv2d_weight(x, ctx.w_shape, dy, stride, padding, dilation)
                 dv = _gather_grad(g, flat_index, values.dtype)
+            elif ctx.backend == "torch":
+                dv = torch_conv.backward_weight_grid(dyg, xg, ctx.taps, ctx.grid, values.dtype)
             else:
+                from .kernels import sparse_conv as k
+
                 dv = k.sparse_conv2d_backward_weight(dy, x, ctx.fmt, kernel_size, stride, padding, dilation,
                                                      out_dtype=values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
-        return dx, dv, db, None, None, None, None, None, None, None
+        return dx, dv, db, None, None, None, None, None, None, None, None, None
 
 
 def scatter_values(values: torch.Tensor, flat_index: torch.Tensor, shape) -> torch.Tensor:

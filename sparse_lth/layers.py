@@ -38,17 +38,20 @@ import torch.nn.functional as F
 from .backend import resolve_backend
 from .functional import ALL_SPARSE, OPS, SparseConv2dFunction, check_ops, ops_dict, scatter_values, sparse_linear
 from .kernels.format import SparseFormat, build_format, check_mask, to_values
+from .kernels.torch_conv import build_conv_taps
 
 __all__ = [
     "SparseLinear", "SparseConv2d", "sparsify", "densify", "sparse_layers", "choose_paths", "strip_masks",
-    "parse_path_label", "parse_ops", "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CUDA_SPARSE_MAX_DENSITY",
+    "parse_path_label", "parse_ops", "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CPU_CONV_SPARSE_MAX_DENSITY",
+    "CUDA_SPARSE_MAX_DENSITY",
 ]
 
 PATHS = ("auto", "dense", "sparse")
-# At or below this density the torch backend's CSR linear (forward + both gradients) beats dense masking on a
-# 2-core CPU (benchmarks/bench_cpu_layers.py, results in benchmarks/results/). Conv layers stay dense on the CPU:
-# their torch sparse path is a scatter plus a dense convolution, which saves memory but never time.
+# At or below these densities the torch backend's sparse path (forward + both gradients) beats the dense path on a
+# 2-core CPU (benchmarks/bench_crossover_cpu.py, results in benchmarks/results/crossover_cpu_*): CSR products for
+# linear layers, shifted CSR products for conv layers (kernels/torch_conv.py).
 CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
+CPU_CONV_SPARSE_MAX_DENSITY = 0.02
 # Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
 CUDA_SPARSE_MAX_DENSITY = 0.05
 # the index tensors of a SparseFormat, kept as the layer's buffers
@@ -244,12 +247,15 @@ class _SparseLayer(nn.Module):
             if self._last_input_shape is not None:
                 return self._time_paths(self._last_input_shape)
             return ("sparse" if d <= CUDA_SPARSE_MAX_DENSITY else "dense"), None
-        if self.weight_mask.device.type != "cpu" or not self._cpu_sparse_pays():
+        limit = self._cpu_sparse_max_density()
+        if self.weight_mask.device.type != "cpu" or limit is None:
             return "dense", None
-        return ("sparse" if d <= CPU_LINEAR_SPARSE_MAX_DENSITY else "dense"), None
+        return ("sparse" if d <= limit else "dense"), None
 
-    def _cpu_sparse_pays(self) -> bool:
-        return False
+    def _cpu_sparse_max_density(self) -> float | None:
+        """The density at or below which the torch backend's sparse path beats the dense path on a CPU (None:
+        never)."""
+        return None
 
     def _sparse_possible(self, backend: str) -> bool:
         return True
@@ -483,8 +489,8 @@ class SparseLinear(_SparseLayer):
                 m.bias.copy_(self.bias)
         return m
 
-    def _cpu_sparse_pays(self) -> bool:
-        return True
+    def _cpu_sparse_max_density(self) -> float | None:
+        return CPU_LINEAR_SPARSE_MAX_DENSITY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -556,7 +562,23 @@ class SparseConv2d(_SparseLayer):
         return backend == "torch" or self._triton_geometry_ok()
 
     def _per_op_choice(self) -> bool:
-        return self.backend != "torch"
+        return self._triton_geometry_ok()  # the torch backend's other geometries: a scatter and a dense conv
+
+    def _cpu_sparse_max_density(self) -> float | None:
+        return CPU_CONV_SPARSE_MAX_DENSITY if self._triton_geometry_ok() else None
+
+    def _install(self, w: torch.Tensor, path: str, dense_ops: tuple | None = None) -> None:
+        super()._install(w, path, dense_ops)
+        self._taps_cache = None
+
+    def _taps(self):
+        """The torch backend's per-tap grouping of the format (built at the first sparse forward after a mask or
+        device change)."""
+        taps = self.__dict__.get("_taps_cache")
+        if taps is None or taps.device != self.weight_mask.device:
+            taps = build_conv_taps(self.fmt, _pair(self.kernel_size))
+            self._taps_cache = taps
+        return taps
 
     def _check_sparse_possible(self, backend: str) -> None:
         if not self._sparse_possible(backend):
@@ -578,18 +600,22 @@ class SparseConv2d(_SparseLayer):
         if self._path == "dense":
             return self._conv(x, self.weight, self.bias)
         backend = self.backend
-        if backend == "torch":
+        if backend == "torch" and not self._triton_geometry_ok():
             return self._conv(x, self._scatter_weight(), self.bias)
         values, bias = self.values, self.bias
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             x, values = x.to(dt), values.to(dt)
             bias = None if bias is None else bias.to(dt)
+        elif x.dtype != values.dtype:
+            raise TypeError(f"SparseConv2d: input dtype {x.dtype} differs from the weight's {values.dtype}")
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
+        taps = self._taps() if backend == "torch" else None
         y = SparseConv2dFunction.apply(x, values, bias, self.fmt, _pair(self.kernel_size), _pair(self.stride),
-                                       _pair(self.padding), _pair(self.dilation), self._dense_ops, self._flat_index)
+                                       _pair(self.padding), _pair(self.dilation), self._dense_ops, self._flat_index,
+                                       backend, taps)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

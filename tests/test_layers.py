@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 
 from sparse_lth.backend import resolve_backend
-from sparse_lth.layers import (CPU_LINEAR_SPARSE_MAX_DENSITY, SparseConv2d, SparseLinear, _ops_label, choose_paths, densify,
-                               sparse_layers, sparsify, strip_masks)
+from sparse_lth.layers import (CPU_CONV_SPARSE_MAX_DENSITY, CPU_LINEAR_SPARSE_MAX_DENSITY, SparseConv2d, SparseLinear,
+                               _ops_label, choose_paths, densify, sparse_layers, sparsify, strip_masks)
 
 
 
@@ -233,14 +233,22 @@ def test_auto_path_on_cpu():
     assert lin.path == "sparse"
     lin.set_mask(random_mask((64, 64), 0.6, gen))
     assert lin.path == "dense"
-    conv = SparseConv2d(4, 4, 3)
-    conv.set_mask(random_mask(conv.weight_shape, 0.02, gen))
-    assert conv.path == "dense"  # the torch conv sparse path never pays on the CPU
+    conv = SparseConv2d(16, 16, 3)
+    n = conv.weight_mask.numel()
+    for live in (round(CPU_CONV_SPARSE_MAX_DENSITY * n), round(CPU_CONV_SPARSE_MAX_DENSITY * n) + 1, n // 10):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.randperm(n, generator=gen)[:live]] = True
+        conv.set_mask(mask.view(conv.weight_shape))
+        assert conv.path == ("sparse" if conv.density <= CPU_CONV_SPARSE_MAX_DENSITY else "dense"), live
+    assert conv.path == "dense"
+    grouped = SparseConv2d(4, 4, 3, groups=2)  # its torch sparse path is a scatter and a dense conv: never chosen
+    grouped.set_mask(random_mask(grouped.weight_shape, 0.01, gen))
+    assert grouped.path == "dense"
     model = sparsify(Small())
     for _, layer in sparse_layers(model):
         layer.set_mask(random_mask(layer.weight_shape, 0.05, gen))
     paths = choose_paths(model, torch.randn(2, 3, 12, 12))
-    assert paths["conv"] == "dense"
+    assert paths["conv"] == ("sparse" if 0.05 <= CPU_CONV_SPARSE_MAX_DENSITY else "dense")
     for name in ("head.1", "head.3"):
         layer = dict(sparse_layers(model))[name]
         assert paths[name] == ("sparse" if layer.density <= CPU_LINEAR_SPARSE_MAX_DENSITY else "dense")
@@ -292,20 +300,21 @@ def test_mask_accepts_zero_one_numbers_and_env_backend(monkeypatch):
 def test_timed_path_choice_runs_and_keeps_the_layer_intact():
     """The timing-based choice (used on CUDA) measures both paths on copies and leaves the layer untouched."""
     gen = torch.Generator().manual_seed(9)
-    for layer in (SparseLinear(40, 30, path="sparse"), SparseConv2d(3, 4, 3, padding=1, path="sparse")):
+    for layer in (SparseLinear(40, 30, path="sparse"), SparseConv2d(3, 4, 3, padding=1, path="sparse"),
+                  SparseConv2d(4, 4, 3, padding=1, groups=2, path="sparse")):
         layer.set_mask(random_mask(layer.weight_shape, 0.1, gen))
         before = layer.dense_weight().detach().clone()
-        shape = (4, 40) if isinstance(layer, SparseLinear) else (2, 3, 6, 6)
+        shape = (4, 40) if isinstance(layer, SparseLinear) else (2, layer.in_channels, 6, 6)
         path, dense_ops = layer._time_paths(shape, reps=3)
         timings = layer.path_timings
         assert all(t > 0 for t in timings.values())
         best = min(timings, key=timings.get)
         assert path == ("dense" if best == "dense" else "sparse")
         assert (dense_ops is None) if path == "dense" else (_ops_label(dense_ops) == best)
-        if isinstance(layer, SparseLinear):  # all sparse, and each op flipped to dense alone (maybe a combination)
+        if getattr(layer, "groups", 1) == 1:  # all sparse, and each op flipped to dense alone (maybe combined)
             singles = {"dense", "sparse", "sparse/forward:dense", "sparse/input_grad:dense", "sparse/weight_grad:dense"}
             assert singles <= set(timings) and len(timings) <= len(singles) + 1
-        else:  # the torch conv sparse path: no per-op choice
+        else:  # a grouped conv's torch sparse path is a scatter and a dense conv: no per-op choice
             assert set(timings) == {"dense", "sparse"}
         assert layer.path == "sparse" and layer.values.grad is None
         assert torch.equal(layer.dense_weight().detach(), before)
@@ -331,6 +340,47 @@ def test_linear_every_op_combination_matches_reference(ops, activation):
               torch.randn(37, 6, generator=gen).t()):  # non-contiguous
         layer.zero_grad()
         grads_vs_reference(layer, x, ref)
+
+
+@pytest.mark.parametrize("ops", OP_COMBOS, ids=lambda o: "-".join(v[0] for v in o.values()))
+def test_conv_torch_sparse_path_every_op_combination(ops):
+    """SparseConv2d's torch sparse path (shifted CSR products, kernels/torch_conv.py) with any mix of dense ops:
+    the forward and both gradients of F.conv2d on the masked weight, batched and unbatched, strided."""
+    gen = torch.Generator().manual_seed(23)
+    for k, s, p, d in ((3, 1, 1, 1), (3, 2, 1, 1), (1, 2, 0, 1), (5, 1, 2, 2)):
+        layer = SparseConv2d(3, 5, k, stride=s, padding=p, dilation=d, path="sparse", backend="torch", ops=ops)
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+        assert layer.path == "sparse" and layer.ops == ops
+        assert [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+        ref = lambda x, w, b: F.conv2d(x, w, b, s, p, d)  # noqa: E731
+        for x in (torch.randn(2, 3, 9, 7, generator=gen), torch.randn(3, 8, 8, generator=gen),
+                  torch.randn(2, 8, 8, 3, generator=gen).permute(0, 3, 1, 2)):
+            layer.zero_grad()
+            grads_vs_reference(layer, x, ref)
+
+
+def test_conv_torch_sparse_path_autocast_dtype_check_and_device_move():
+    gen = torch.Generator().manual_seed(24)
+    layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend="torch")
+    layer.set_mask(random_mask(layer.weight_shape, 0.2, gen))
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = F.conv2d(x.bfloat16().double(), layer.dense_weight().detach().bfloat16().double(),
+                   layer.bias.detach().bfloat16().double(), 1, 1)
+    torch.testing.assert_close(y.double(), ref, atol=5e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert layer.values.grad.dtype == torch.float32 and layer.values.grad.shape == (layer.nnz,)
+    with pytest.raises(TypeError, match="dtype"):
+        layer(x.double())
+    taps = layer._taps()
+    assert layer._taps() is taps  # built once per mask
+    layer.set_mask(random_mask(layer.weight_shape, 0.2, gen))
+    assert layer._taps() is not taps and layer._taps().nnz == layer.nnz
+    layer.zero_grad()
+    layer.double()
+    grads_vs_reference(layer, x.double(), lambda x, w, b: F.conv2d(x, w, b, 1, 1))
 
 
 def test_linear_dense_ops_under_autocast_and_without_grads():
@@ -427,13 +477,14 @@ def test_timed_choice_with_forced_ops_or_no_per_op_choice(monkeypatch):
     assert seen == [["dense", "sparse/forward:dense"]]
     assert layer.ops["forward"] == "dense"
     seen.clear()
-    conv = SparseConv2d(3, 4, 3, path="sparse", backend="torch")  # its torch sparse path is dense convolutions
+    # a grouped conv's torch sparse path is a scatter and a dense convolution: no per-op choice
+    conv = SparseConv2d(4, 4, 3, groups=2, path="sparse", backend="torch")
     conv.set_mask(random_mask(conv.weight_shape, 0.2, gen))
-    assert conv._time_paths((2, 3, 6, 6), reps=1) == ("sparse", (False, False, False))
+    assert conv._time_paths((2, 4, 6, 6), reps=1) == ("sparse", (False, False, False))
     assert seen == [["dense", "sparse"]]
     costs["dense"] = 0.5
     seen.clear()
-    assert conv._time_paths((2, 3, 6, 6), reps=1) == ("dense", None)
+    assert conv._time_paths((2, 4, 6, 6), reps=1) == ("dense", None)
 
 
 class _Logged(nn.Module):
