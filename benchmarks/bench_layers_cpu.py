@@ -1,10 +1,12 @@
 """CPU benchmark: sparse-lth's layers against the dense-masking baseline, in one run.
 
 Cases (issue 2): a LeNet-300-100 training step (batch 60, Adam) and a 1024x1024 linear layer forward+backward
-(batch 256), at densities 100/20/5/2/1%. The baseline is DESIGN.md's dense masking: an eager model whose forward
+(batch 256), at densities 100/20/5/2/1%; with ``--cases conv6``, a Conv-6 training step on CIFAR-10-shaped
+synthetic data (batch 60, Adam 3e-4, every layer at the density: 6 conv layers, 3 linear). The baseline is DESIGN.md's dense masking: an eager model whose forward
 multiplies each weight by its mask, torch.optim, gradients masked and weights re-masked after each step. fp32.
 
     python benchmarks/bench_layers_cpu.py            # writes benchmarks/results/layers_cpu_<machine>-<N>-threads.{csv,md}
+    python benchmarks/bench_layers_cpu.py --cases conv6 --repeats 11   # layers_conv6_cpu_<machine>-<N>-threads.*
 
 Implementations timed against each other, interleaved within every repeat (in a random order drawn anew every repeat) so machine noise hits all alike:
 ``dense_masking`` (the baseline), ``sparse_lth_auto`` (the layer's own path choice: on the CPU by density),
@@ -43,23 +45,31 @@ def quantiles(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), q[1], q[7]
 
 
-def bench_lenet(density: float, repeats: int) -> dict:
+def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float, repeats: int, inner: int) -> dict:
+    """One training step of ``model_name`` (Adam, every layer at ``density``): dense masking against sparse-lth."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(60, 1, 28, 28)
-    y = torch.randint(0, 10, (60,))
-    masks = random_masks(build_model("lenet300_100", seed=0), density, gen)
+    y = torch.randint(0, 10, (x.shape[0],), generator=gen)
+    masks = random_masks(build_model(model_name, seed=0), density, gen)
     fns, paths = {}, {}
-    b = masked_baseline(build_model("lenet300_100", seed=0), masks)
-    bo = torch.optim.Adam(b.parameters(), lr=1.2e-3)
+    b = masked_baseline(build_model(model_name, seed=0), masks)
+    bo = torch.optim.Adam(b.parameters(), lr=lr)
     fns["dense_masking"] = lambda: baseline_step(b, bo, x, y)
     for path in ("auto", "timed", "dense", "sparse"):
-        m = sparsify(build_model("lenet300_100", seed=0), masks=masks, path="auto" if path == "timed" else path)
+        m = sparsify(build_model(model_name, seed=0), masks=masks, path="auto" if path == "timed" else path)
         if path == "timed":
             choose_paths(m, x, timed=True)
-        o = torch.optim.Adam(m.parameters(), lr=1.2e-3)
+        o = torch.optim.Adam(m.parameters(), lr=lr)
         fns[f"sparse_lth_{path}"] = (lambda m=m, o=o: plain_step(m, o, x, y))
         paths[f"sparse_lth_{path}"] = "/".join(path_letter(l) for _, l in sparse_layers(m))
-    return {"samples": interleaved_medians(fns, repeats, inner=10), "paths": paths}
+    return {"samples": interleaved_medians(fns, repeats, inner=inner), "paths": paths}
+
+
+def bench_lenet(density: float, repeats: int) -> dict:
+    return bench_model_step("lenet300_100", torch.randn(60, 1, 28, 28), 1.2e-3, density, repeats, inner=10)
+
+
+def bench_conv6(density: float, repeats: int) -> dict:
+    return bench_model_step("conv6", torch.randn(60, 3, 32, 32), 3e-4, density, repeats, inner=1)
 
 
 def bench_linear(density: float, repeats: int) -> dict:
@@ -99,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--densities", type=float, nargs="+", default=list(DENSITIES))
     ap.add_argument("--out", type=Path, default=None, help="CSV path (default benchmarks/results/...)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--cases", choices=("linear", "conv6"), default="linear",
+                    help="linear: the LeNet-300-100 step and the 1024x1024 layer (default); conv6: the Conv-6 step")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,7 +119,9 @@ def main(argv=None) -> int:
     meta = {"device": cpu_device_label(),
             "torch": torch.__version__, "commit": git_commit()}
     rows = []
-    for case, fn in (("lenet300_100_train_step_b60", bench_lenet), ("linear1024_fwd_bwd_b256", bench_linear)):
+    cases = ([("conv6_train_step_b60", bench_conv6)] if args.cases == "conv6" else
+             [("lenet300_100_train_step_b60", bench_lenet), ("linear1024_fwd_bwd_b256", bench_linear)])
+    for case, fn in cases:
         for d in args.densities:
             r = fn(d, args.repeats)
             base_med = statistics.median(r["samples"]["dense_masking"])
@@ -119,7 +133,8 @@ def main(argv=None) -> int:
                              "dtype": "float32", **meta})
                 print(f"{case:30s} d={d:<5} {impl:18s} {rows[-1]['path']:12s} median {med:8.3f} ms  "
                       f"x{base_med / med:5.2f}", flush=True)
-    out = args.out or RESULTS / f"layers_cpu_{slug(dev_name)}-{torch.get_num_threads()}-threads.csv"
+    stem = "layers_conv6_cpu" if args.cases == "conv6" else "layers_cpu"
+    out = args.out or RESULTS / f"{stem}_{slug(dev_name)}-{torch.get_num_threads()}-threads.csv"
     write_rows(rows, out)
     md = out.with_suffix(".md")
     with open(md, "w") as f:

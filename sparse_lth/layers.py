@@ -43,15 +43,20 @@ from .kernels.torch_conv import build_conv_taps
 __all__ = [
     "SparseLinear", "SparseConv2d", "sparsify", "densify", "sparse_layers", "choose_paths", "strip_masks",
     "parse_path_label", "parse_ops", "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CPU_CONV_SPARSE_MAX_DENSITY",
-    "CUDA_SPARSE_MAX_DENSITY",
+    "CPU_CONV_SPARSE_MIN_IN_CHANNELS", "CUDA_SPARSE_MAX_DENSITY",
 ]
 
 PATHS = ("auto", "dense", "sparse")
 # At or below these densities the torch backend's sparse path (forward + both gradients) beats the dense path on a
-# 2-core CPU (benchmarks/bench_crossover_cpu.py, results in benchmarks/results/crossover_cpu_*): CSR products for
-# linear layers, shifted CSR products for conv layers (kernels/torch_conv.py).
+# 2-core CPU (benchmarks/bench_crossover_cpu.py, results in benchmarks/results/crossover_*cpu_*): CSR products for
+# linear layers, shifted CSR products for conv layers (kernels/torch_conv.py). The conv rule holds for stride-1
+# layers with at least CPU_CONV_SPARSE_MIN_IN_CHANNELS input channels (measured: every 3x3 layer of Conv-6,
+# ResNet-20 and VGG-19's deepest win at 3 %, most already at 5 %); a first layer (3 channels: a memory-bound
+# pass per kernel tap against a tiny dense conv) loses at every density, a strided one breaks even, so they stay
+# dense unless timed.
 CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
-CPU_CONV_SPARSE_MAX_DENSITY = 0.02
+CPU_CONV_SPARSE_MAX_DENSITY = 0.03
+CPU_CONV_SPARSE_MIN_IN_CHANNELS = 16
 # Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
 CUDA_SPARSE_MAX_DENSITY = 0.05
 # the index tensors of a SparseFormat, kept as the layer's buffers
@@ -565,7 +570,10 @@ class SparseConv2d(_SparseLayer):
         return self._triton_geometry_ok()  # the torch backend's other geometries: a scatter and a dense conv
 
     def _cpu_sparse_max_density(self) -> float | None:
-        return CPU_CONV_SPARSE_MAX_DENSITY if self._triton_geometry_ok() else None
+        if (self._triton_geometry_ok() and self.in_channels >= CPU_CONV_SPARSE_MIN_IN_CHANNELS
+                and _pair(self.stride) == (1, 1)):
+            return CPU_CONV_SPARSE_MAX_DENSITY
+        return None
 
     def _install(self, w: torch.Tensor, path: str, dense_ops: tuple | None = None) -> None:
         super()._install(w, path, dense_ops)

@@ -360,6 +360,17 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
     assert "| timed ms (path) |" in md and md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
 
 
+def test_layers_cpu_benchmark_conv6_step(tmp_path):
+    out = tmp_path / "layers_conv6.csv"
+    rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--cases", "conv6", "--densities", "0.02")
+    impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
+    assert {(r["case"], r["impl"]) for r in rows} == {("conv6_train_step_b60", i) for i in impls}
+    paths = {r["impl"]: r["path"] for r in rows}
+    # 6 conv + 3 linear layers; at 2 % the CPU rule puts conv 2-6 and every linear layer on the sparse path
+    assert paths["sparse_lth_auto"] == "d/s/s/s/s/s/s/s/s" and paths["sparse_lth_dense"] == "/".join("d" * 9)
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
 def test_crossover_cpu_benchmark_times_every_configuration(tmp_path):
     out = tmp_path / "crossover.csv"
     rows = run_cpu_benchmark("bench_crossover_cpu.py", out, "--shapes", "100x300x60", "--densities", "0.3", "0.05")
@@ -374,6 +385,20 @@ def test_crossover_cpu_benchmark_times_every_configuration(tmp_path):
     assert md.count("| 100x300 | 60 |") == 2 and "- 100x300 at batch 60: the all-sparse path wins" in md
 
 
+def test_crossover_cpu_benchmark_conv_layers(tmp_path):
+    """--kind conv: a first layer (no input gradient) and a strided layer, every configuration, real timings."""
+    out = tmp_path / "crossover_conv.csv"
+    rows = run_cpu_benchmark("bench_crossover_cpu.py", out, "--kind", "conv", "--shapes", "conv6.1",
+                             "resnet20.16-32s2", "--densities", "0.05")
+    cross = _load("bench_crossover_cpu")
+    shapes = {"conv6.1 3->64 32x32", "resnet20.16-32s2 16->32 32x32 s2"}
+    assert {(r["shape"], r["config"]) for r in rows} == {(s, c) for s in shapes for c in cross.CONFIGS}
+    assert {r["batch"] for r in rows} == {"60", "128"}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    md = out.with_suffix(".md").read_text()
+    assert "SparseConv2d" in md and "--kind conv" in md and md.count("| conv6.1 3->64 32x32 | 60 | 0.05 |") == 1
+
+
 def test_crossover_is_the_top_of_the_winning_run_from_the_lowest_density():
     cross = _load("bench_crossover_cpu").crossover
     assert cross({0.05: 3.0, 0.1: 2.0, 0.2: 1.2, 0.3: 0.9, 0.5: 1.1}) == 0.2  # a noisy win above a loss: ignored
@@ -381,7 +406,8 @@ def test_crossover_is_the_top_of_the_winning_run_from_the_lowest_density():
     assert cross({0.05: 1.5, 0.5: 1.01}) == 0.5
 
 
-@pytest.mark.parametrize("args,message", [(["--shapes", "7x7x7"], "unknown shape"), (["--densities", "1.0"], "(0, 1)")])
+@pytest.mark.parametrize("args,message", [(["--shapes", "7x7x7"], "unknown shape"), (["--densities", "1.0"], "(0, 1)"),
+                                          (["--kind", "conv", "--shapes", "100x300x60"], "unknown shape")])
 def test_crossover_cpu_refuses_bad_arguments(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         _load("bench_crossover_cpu").main([*args, "--out", str(tmp_path / "x.csv")])

@@ -241,14 +241,15 @@ def test_auto_path_on_cpu():
         conv.set_mask(mask.view(conv.weight_shape))
         assert conv.path == ("sparse" if conv.density <= CPU_CONV_SPARSE_MAX_DENSITY else "dense"), live
     assert conv.path == "dense"
-    grouped = SparseConv2d(4, 4, 3, groups=2)  # its torch sparse path is a scatter and a dense conv: never chosen
-    grouped.set_mask(random_mask(grouped.weight_shape, 0.01, gen))
-    assert grouped.path == "dense"
+    # a grouped conv (its torch sparse path is a scatter and a dense conv), a first layer, a strided one: dense
+    for other in (SparseConv2d(16, 16, 3, groups=2), SparseConv2d(3, 64, 3), SparseConv2d(16, 16, 3, stride=2)):
+        other.set_mask(random_mask(other.weight_shape, 0.01, gen))
+        assert other.path == "dense"
     model = sparsify(Small())
     for _, layer in sparse_layers(model):
         layer.set_mask(random_mask(layer.weight_shape, 0.05, gen))
     paths = choose_paths(model, torch.randn(2, 3, 12, 12))
-    assert paths["conv"] == ("sparse" if 0.05 <= CPU_CONV_SPARSE_MAX_DENSITY else "dense")
+    assert paths["conv"] == "dense"  # 3 input channels
     for name in ("head.1", "head.3"):
         layer = dict(sparse_layers(model))[name]
         assert paths[name] == ("sparse" if layer.density <= CPU_LINEAR_SPARSE_MAX_DENSITY else "dense")
