@@ -693,8 +693,9 @@ def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = Fa
     ``path_request == "auto"`` choose its path again (on CUDA: by timing the dense path and the sparse path, the
     latter with each op on the kernels or dense, see :meth:`_SparseLayer.time_paths`). Returns ``{name: path}``;
     ``layer.path_label`` / ``layer.ops`` tell which ops a sparse layer runs dense. ``timed=True`` times every
-    such layer whatever its backend (on the CPU too, where "auto" otherwise goes by density). Build the optimizer
-    afterwards."""
+    such layer whatever its backend (on the CPU too, where "auto" otherwise goes by density), except a layer with
+    every weight live, which stays dense as ``path="auto"`` keeps it (a sparse path cannot win there, and timing
+    it can take seconds per call). Build the optimizer afterwards."""
     was_training = model.training
     model.eval()
     model(example_input)
@@ -702,7 +703,8 @@ def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = Fa
     out = {}
     for name, layer in sparse_layers(model):
         if layer.path_request == "auto":
-            if timed and layer._last_input_shape is not None and layer._sparse_possible(layer.backend):
+            if (timed and layer.density < 1.0 and layer._last_input_shape is not None
+                    and layer._sparse_possible(layer.backend)):
                 layer.time_paths(layer._last_input_shape)
             else:
                 layer.set_mask(layer.weight_mask)

@@ -524,7 +524,7 @@ def test_time_steps_interleaves_the_candidates_and_ranks_them():
 
 def test_choose_paths_timed_times_every_auto_layer_on_any_backend():
     gen = torch.Generator().manual_seed(26)
-    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 4))
     sparsify(model, masks={"0": random_mask((16, 20), 0.1, gen), "2": random_mask((4, 16), 0.5, gen)},
              ops={"weight_grad": "dense"})
     model[2].path_request = "dense"  # a forced layer is left as it is
@@ -532,6 +532,7 @@ def test_choose_paths_timed_times_every_auto_layer_on_any_backend():
     paths = choose_paths(model, torch.randn(8, 20, generator=gen), timed=True)
     assert set(model[0].path_timings) == {"dense", "sparse/weight_grad:dense"}  # the forced ops: one sparse config
     assert model[2].path_timings == {} and paths["2"] == model[2].path
+    assert model[3].path_timings == {} and paths["3"] == "dense"  # every weight live: not timed, dense as auto
     assert paths["0"] == model[0].path and model[0].path_label in model[0].path_timings
     for p, b in zip((model[0].dense_weight(), model[2].dense_weight()), before):
         assert torch.equal(p.detach(), b)
