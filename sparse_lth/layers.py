@@ -529,8 +529,9 @@ def _pair(v) -> tuple[int, int]:
 class SparseConv2d(_SparseLayer):
     """A drop-in ``nn.Conv2d`` whose weight is masked; see the module docstring.
 
-    The Triton sparse path supports ``groups=1`` with zero padding given as integers; other configurations run
-    on the dense path (or the torch sparse path, if forced)."""
+    The sparse path (Triton kernels on CUDA, shifted CSR products of ``kernels/torch_conv.py`` on the torch
+    backend) supports ``groups=1`` with zero padding given as integers; other configurations run on the dense
+    path, or, forced onto the torch sparse path, as a dense convolution of the scattered live weights."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
