@@ -9,7 +9,10 @@ first conv layer, as in training), fp32, at each shape and density, on
 * ``dense``                   the dense path (MKL / oneDNN, gradient masked as it lands);
 * ``sparse``                  the sparse path, every op on the ``torch`` backend's sparse products (CSR products
                               for linear layers, shifted CSR products for conv layers: ``kernels/torch_conv.py``);
-* ``sparse/<op>:dense``       the sparse path with one op run dense on the scattered values.
+* ``sparse/<op>:dense``       the sparse path with one op run dense on the scattered values;
+* ``unfold_csr`` (conv only)  the im2col alternative: ``F.unfold`` + CSR products + ``F.fold``, weight gradient
+                              by ``sampled_addmm`` (``bench_conv_gpu.make_unfold_csr``; it always computes the
+                              input gradient).
 
 Configurations of one (shape, density) are timed interleaved, in a fresh random order every repeat
 (``baselines.interleaved_samples``). The summary gives, per shape, the sparse path's speedup over the dense path
@@ -31,11 +34,14 @@ import statistics
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
 import torch.nn as nn
 
 from baselines import RESULTS, cpu_device_label, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
 
+from bench_conv_gpu import make_unfold_csr
 from sparse_lth.layers import (CPU_CONV_SPARSE_MAX_DENSITY, CPU_LINEAR_SPARSE_MAX_DENSITY, OPS, SparseConv2d,
                                SparseLinear)
 
@@ -56,6 +62,7 @@ CONV_SHAPES = [
 ]
 CONV_DENSITIES = [0.2, 0.1, 0.05, 0.03, 0.02, 0.01]
 CONFIGS = ["dense", "sparse"] + [f"sparse/{op}:dense" for op in OPS]
+CONV_CONFIGS = CONFIGS + ["unfold_csr"]
 
 
 def layer_for(ref: nn.Module, mask: torch.Tensor, config: str):
@@ -95,7 +102,12 @@ def conv_step_fns(c_in: int, c_out: int, hw: int, stride: int, batch: int, input
     mask = torch.rand(ref.weight.shape, generator=gen) < density
     x = torch.randn(batch, c_in, hw, hw, generator=gen).requires_grad_(input_grad)
     out_hw = (hw - 1) // stride + 1
-    return _fns(ref, mask, x, torch.randn(batch, c_out, out_hw, out_hw, generator=gen))
+    dy = torch.randn(batch, c_out, out_hw, out_hw, generator=gen)
+    fns = _fns(ref, mask, x, dy)
+    spec = SimpleNamespace(batch=batch, out_size=out_hw, k=3, stride=stride, pad=1, size=hw)
+    fns["unfold_csr"] = make_unfold_csr(spec, x.detach(), dy, ref.weight.detach(), mask, ref.bias.detach(),
+                                        torch.float32)["both"]
+    return fns
 
 
 def crossover(speedup_by_density: dict[float, float]) -> float | None:
@@ -124,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="CSV path (the .md summary goes beside it)")
     args = ap.parse_args(argv)
     conv = args.kind == "conv"
+    configs = CONV_CONFIGS if conv else CONFIGS
     args.repeats = args.repeats or (11 if conv else 31)
     args.densities = args.densities or (CONV_DENSITIES if conv else DENSITIES)
     for d in args.densities:
@@ -165,7 +178,7 @@ def main(argv=None) -> int:
                              "median_ms": round(ms, 4), "speedup_vs_dense_path": round(med["dense"] / ms, 3),
                              "repeats": args.repeats, "dtype": "float32", **meta})
             print(f"{shape} b{b} d={d:<5} dense {med['dense']:.3f} ms | " + " | ".join(
-                f"{k} {med['dense'] / med[k]:.2f}x" for k in CONFIGS[1:]), flush=True)
+                f"{k} {med['dense'] / med[k]:.2f}x" for k in configs[1:]), flush=True)
     stem = "crossover_conv_cpu" if conv else "crossover_cpu"
     out = args.out or RESULTS / f"{stem}_{slug(cpu_name())}-{torch.get_num_threads()}-threads.csv"
     write_rows(rows, out)
@@ -179,14 +192,14 @@ def main(argv=None) -> int:
              "path (dense-path ms / config ms). "
              f"`python benchmarks/bench_crossover_cpu.py --kind {args.kind}`; the rule in use: sparse at or below "
              f"{rule:g} density.", "",
-             "| shape | batch | density | dense path ms | " + " | ".join(CONFIGS[1:]) + " |",
-             "|---|---|---|---|" + "---|" * (len(CONFIGS) - 1)]
+             "| shape | batch | density | dense path ms | " + " | ".join(configs[1:]) + " |",
+             "|---|---|---|---|" + "---|" * (len(configs) - 1)]
     crossings = []
     for (shape, b), per in table.items():
         for d in sorted(per, reverse=True):
             med = per[d]
             lines.append(f"| {shape} | {b} | {d:g} | {med['dense']:.3f} | " +
-                         " | ".join(f"{med['dense'] / med[k]:.2f}x" for k in CONFIGS[1:]) + " |")
+                         " | ".join(f"{med['dense'] / med[k]:.2f}x" for k in configs[1:]) + " |")
         x = crossover({d: per[d]["dense"] / per[d]["sparse"] for d in per})
         crossings.append(f"- {shape} at batch {b}: the all-sparse path wins at and below "
                          f"{'no measured density' if x is None else f'{x:g}'}")

@@ -392,7 +392,7 @@ def test_crossover_cpu_benchmark_conv_layers(tmp_path):
                              "resnet20.16-32s2", "--densities", "0.05")
     cross = _load("bench_crossover_cpu")
     shapes = {"conv6.1 3->64 32x32", "resnet20.16-32s2 16->32 32x32 s2"}
-    assert {(r["shape"], r["config"]) for r in rows} == {(s, c) for s in shapes for c in cross.CONFIGS}
+    assert {(r["shape"], r["config"]) for r in rows} == {(s, c) for s in shapes for c in cross.CONV_CONFIGS}
     assert {r["batch"] for r in rows} == {"60", "128"}
     assert all(float(r["median_ms"]) > 0 for r in rows)
     md = out.with_suffix(".md").read_text()
