@@ -235,12 +235,12 @@ def test_auto_path_on_cpu():
     assert lin.path == "dense"
     conv = SparseConv2d(16, 16, 3)
     n = conv.weight_mask.numel()
-    for live in (round(CPU_CONV_SPARSE_MAX_DENSITY * n), round(CPU_CONV_SPARSE_MAX_DENSITY * n) + 1, n // 10):
+    at_limit = int(CPU_CONV_SPARSE_MAX_DENSITY * n)  # the most live weights the rule puts on the sparse path
+    for live, path in ((at_limit, "sparse"), (at_limit + 1, "dense"), (n // 10, "dense"), (1, "sparse")):
         mask = torch.zeros(n, dtype=torch.bool)
         mask[torch.randperm(n, generator=gen)[:live]] = True
         conv.set_mask(mask.view(conv.weight_shape))
-        assert conv.path == ("sparse" if conv.density <= CPU_CONV_SPARSE_MAX_DENSITY else "dense"), live
-    assert conv.path == "dense"
+        assert conv.path == path, (live, conv.density)
     # a grouped conv (its torch sparse path is a scatter and a dense conv), a first layer, a strided one: dense
     for other in (SparseConv2d(16, 16, 3, groups=2), SparseConv2d(3, 64, 3), SparseConv2d(16, 16, 3, stride=2)):
         other.set_mask(random_mask(other.weight_shape, 0.01, gen))
