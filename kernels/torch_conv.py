@@ -6,19 +6,21 @@ into one ``C_out x C_in`` CSR matrix per kernel tap ``(ky, kx)`` that has a live
 
 **Shifts instead of im2col.** The input is copied once into a zero-padded, channel-major grid ``(C_in, N, Hq, Wq)``
 flattened to ``(C_in, L)``. On that grid the input pixel a tap reads for output pixel ``j`` (flattened over
-``(N, Hq, Wq)`` with the same row pitch) is pixel ``j + off(tap)``: every tap is one CSR product with a column
-*slice* of the grid, accumulated into the output grid, ``Y[:, :M] += W_tap @ X[:, off:off + M]``; the output
-pixels of the grid's padding columns are computed and thrown away (``Wq / OW`` extra work per row). With stride
-``s > 1`` the padded input is split once into its ``s_h * s_w`` phases (``x[..., a::s_h, b::s_w]``) and each tap
-reads a shifted slice of one phase, so strided convolutions also cost one product per tap and no wasted pixels
-beyond the padding. Dilation only changes the offsets. Memory traffic per op is ``O(taps * pixels * channels)``
-in the worst case instead of im2col's ``kh*kw``-fold copy of the input, and the products skip pruned weights.
+``(N, Hq, Wq)`` with the same row pitch) is pixel ``j + off(tap)``: every tap is one CSR product with the grid
+buffer viewed ``off`` elements further on, a *contiguous* ``(C_in, L)`` view (a column slice would be copied
+inside ``torch.sparse``'s products), accumulated into the output grid, ``Y += W_tap @ X[off:]``; grid pixels that
+are no output are computed and thrown away. For stride 1 with padding no wider than the kernel's reach (the
+usual "same" conv) rows share their padding columns and images their padding rows, so an image takes
+``(H + p_h) x (W + p_w)`` grid pixels. With stride ``s > 1`` the padded input is split once into its
+``s_h * s_w`` phases (``x[..., a::s_h, b::s_w]``) and each tap reads a shifted view of one phase. Dilation only
+changes the offsets. Memory traffic per op is one pass over the grid per tap instead of im2col's ``kh*kw``-fold
+copy of the input, and the products skip pruned weights.
 
 * :func:`conv2d_forward`: ``y = conv2d(x, W) + b``.
-* :func:`conv2d_backward_input`: ``dx``, the transposed products ``dX[:, off:off + M] += W_tap^T @ dY[:, :M]``
-  on the zero-filled output-gradient grid, then the phases put back and the padding cut.
+* :func:`conv2d_backward_input`: ``dx``, the transposed products ``dX[off:] += W_tap^T @ dY`` on the output-gradient
+  grid (zero at every pixel that is no output), then the phases put back and the padding cut.
 * :func:`conv2d_backward_weight`: the weight gradient at the live positions only, one sampled dense-dense
-  product (``torch.sparse.sampled_addmm``) per tap between the output-gradient grid and the shifted input slice.
+  product (``torch.sparse.sampled_addmm``) per tap between the output-gradient grid and the shifted input view.
 
 The :class:`~sparse_lth.functional.SparseConv2dFunction` of the torch backend uses the grid-level functions
 (:func:`input_grid`, :func:`forward_grid`, :func:`grad_output_grid`, ...) so that the input grid built for the
@@ -124,25 +126,38 @@ class ShiftGrid:
         self.n, self.c, self.h, self.w = n, c, h, w
         self.k, self.s, self.p, self.d = k, s, p, d
         self.oh, self.ow = out_size(h, w, k, s, p, d, op)
-        reach_h, reach_w = (d[0] * (k[0] - 1)) // s[0], (d[1] * (k[1] - 1)) // s[1]
-        self.hq, self.wq = self.oh + reach_h, self.ow + reach_w  # each phase's rows and columns
+        reach_h, reach_w = d[0] * (k[0] - 1), d[1] * (k[1] - 1)  # how far a tap reaches, in input pixels
         self.phases = s[0] * s[1]
+        # Stride 1 with padding no wider than the reach ("same" or "valid" convs, the usual case): neighbouring
+        # rows share their zero padding columns and neighbouring images their zero padding rows, so an image
+        # takes (H + p_h) x (W + p_w) grid pixels (VGG-19's 2x2 layers: 9 instead of 16): a pixel left of column
+        # 0 is the previous row's padding, one above row 0 the previous image's; ``lead`` zeros in front of the
+        # buffer stand in for both before the first row. Otherwise each phase holds every padded output's reach
+        # on its own (the padding written inside each image's block).
+        self.shared = self.phases == 1 and p[0] <= reach_h and p[1] <= reach_w
+        if self.shared:
+            self.hq, self.wq = h + p[0], w + p[1]
+            self.lead, self.row0, self.col0 = p[0] * self.wq + p[1], 0, 0
+        else:
+            self.hq, self.wq = self.oh + reach_h // s[0], self.ow + reach_w // s[1]  # each phase's rows, columns
+            self.lead, self.row0, self.col0 = 0, p[0], p[1]
         self.length = n * self.hq * self.wq
-        self.m = self.length - (reach_h * self.wq + reach_w)  # every output pixel lies below this grid column
         self.c_len = c * self.length
-        self.tail = self.length - self.m  # zeros after the last channel: the farthest tap's shifted view ends there
         # the phase and the offset of every tap with live weights
         self.tap_at = [(((ky * d[0]) % s[0]) * s[1] + (kx * d[1]) % s[1],
                         ((ky * d[0]) // s[0]) * self.wq + (kx * d[1]) // s[1]) for ky, kx in taps.taps]
-        # the padded input's rows/columns that lie in the grid (the rest is never read)
-        self.h_in = max(0, min(h, self.hq * s[0] - p[0]))
-        self.w_in = max(0, min(w, self.wq * s[1] - p[1]))
+        # zeros after the last channel, so that the farthest tap's shifted view ends inside the buffer
+        self.tail = max(0, (reach_h // s[0]) * self.wq + reach_w // s[1] - self.lead)
+        # the input rows/columns that lie in the grid (the rest is never read)
+        self.h_in = max(0, min(h, self.hq * s[0] - self.row0))
+        self.w_in = max(0, min(w, self.wq * s[1] - self.col0))
 
 
 def _shifted(buf: torch.Tensor, phase: int, off: int, grid: ShiftGrid) -> torch.Tensor:
     """Phase ``phase`` of a grid buffer seen ``off`` pixels further on: a contiguous ``(C, L)`` view whose row
-    ``c`` is channel ``c``'s pixels ``off, off + 1, ...``; its last ``off`` columns run into the next channel (or
-    the buffer's zero tail), which only output pixels ``>= M`` (never a real output) read."""
+    ``c`` reads, for output pixel ``j``, the input pixel tap ``off`` needs (channel ``c``'s data starts ``lead``
+    elements into its row). Near the end of a row the view runs into the next channel (or the buffer's zero
+    tail): only grid pixels that are no output read there."""
     return buf[phase, off:off + grid.c_len].view(-1, grid.length)
 
 
@@ -151,13 +166,13 @@ def input_grid(x: torch.Tensor, grid: ShiftGrid, dtype: torch.dtype) -> torch.Te
     two when strided); :func:`_shifted` views it per tap."""
     g = grid
     s0, s1 = g.s
-    buf = x.new_zeros((g.phases, g.c_len + g.tail), dtype=dtype)
+    buf = x.new_zeros((g.phases, g.lead + g.c_len + g.tail), dtype=dtype)
     if g.phases == 1:
-        xp = buf[0, :g.c_len].view(g.c, g.n, g.hq, g.wq)
+        xp = buf[0, g.lead:g.lead + g.c_len].view(g.c, g.n, g.hq, g.wq)
     else:
         xp = x.new_zeros((g.c, g.n, g.hq * s0, g.wq * s1), dtype=dtype)
     if g.h_in and g.w_in:
-        xp[:, :, g.p[0]:g.p[0] + g.h_in, g.p[1]:g.p[1] + g.w_in] = x[:, :, :g.h_in, :g.w_in].transpose(0, 1)
+        xp[:, :, g.row0:g.row0 + g.h_in, g.col0:g.col0 + g.w_in] = x[:, :, :g.h_in, :g.w_in].transpose(0, 1)
     if g.phases > 1:
         buf[:, :g.c_len].view(s0, s1, g.c, g.n, g.hq, g.wq).copy_(
             xp.view(g.c, g.n, g.hq, s0, g.wq, s1).permute(3, 5, 0, 1, 2, 4))
@@ -202,13 +217,13 @@ def backward_input_grid(dyg: torch.Tensor, values: torch.Tensor, taps: ConvTaps,
     """``dx`` (N, C_in, H, W), contiguous, from the output-gradient grid of :func:`grad_output_grid`."""
     g = grid
     s0, s1 = g.s
-    dbuf = dyg.new_zeros((g.phases, g.c_len + g.tail))
+    dbuf = dyg.new_zeros((g.phases, g.lead + g.c_len + g.tail))
     v = values.to(dyg.dtype)[taps.t_perm]
     for i, (phase, off) in enumerate(g.tap_at):
-        # what lands in a view's last columns comes from output pixels >= M, where dyg is zero
+        # grid pixels that are no output carry a zero dyg: what they add is zero
         _shifted(dbuf, phase, off, g).addmm_(_tap_csr(v, taps, i, True), dyg)
     if g.phases == 1:
-        dxp = dbuf[0, :g.c_len].view(g.c, g.n, g.hq, g.wq)
+        dxp = dbuf[0, g.lead:g.lead + g.c_len].view(g.c, g.n, g.hq, g.wq)
     else:
         dxp = dbuf[:, :g.c_len].view(s0, s1, g.c, g.n, g.hq, g.wq).permute(2, 3, 4, 0, 5, 1).reshape(
             g.c, g.n, g.hq * s0, g.wq * s1)
@@ -217,7 +232,7 @@ def backward_input_grid(dyg: torch.Tensor, values: torch.Tensor, taps: ConvTaps,
     else:  # input rows/columns that no output reads get a zero gradient
         dx = torch.zeros((g.n, g.c, g.h, g.w), dtype=out_dtype, device=dyg.device)
     if g.h_in and g.w_in:
-        dx[:, :, :g.h_in, :g.w_in] = dxp[:, :, g.p[0]:g.p[0] + g.h_in, g.p[1]:g.p[1] + g.w_in].transpose(0, 1)
+        dx[:, :, :g.h_in, :g.w_in] = dxp[:, :, g.row0:g.row0 + g.h_in, g.col0:g.col0 + g.w_in].transpose(0, 1)
     return dx
 
 
@@ -230,7 +245,7 @@ def backward_weight_grid(dyg: torch.Tensor, xg: torch.Tensor, taps: ConvTaps, gr
     for i, (phase, off) in enumerate(g.tap_at):
         a, b = taps.bounds[i], taps.bounds[i + 1]
         # full-length contiguous operands (sliced ones are copied inside sampled_addmm, ~10x slower); the
-        # columns >= M pair a zero of dyg with whatever the shifted view holds there
+        # grid pixels that are no output pair a zero of dyg with whatever the shifted view holds there
         dv_taps[a:b] = torch.sparse.sampled_addmm(_tap_csr(zeros, taps, i, False), dyg,
                                                   _shifted(xg, phase, off, g).t(), beta=0.0).values()
     out = _alloc(taps.nnz, out_dtype, dyg.device)

@@ -197,3 +197,19 @@ def test_bad_input():
         bww(dy.double(), x, taps, 1, 1)
     with pytest.raises(TypeError, match="out_dtype"):
         bww(dy, x, taps, 1, 1, out_dtype=torch.int32)
+
+
+def test_grid_shares_padding_where_it_can():
+    """Stride 1 with padding within the kernel's reach: rows share padding columns, images padding rows (an image
+    takes (H + p) x (W + p) grid pixels); padding wider than the reach, or a stride, gives every image its own."""
+    _, _, _, taps3, _ = make_case(1, 1, 2, 2, 4, 4, 3, 1.0)
+    _, _, _, taps1, _ = make_case(1, 1, 2, 2, 4, 4, 1, 1.0)
+    g = tc.ShiftGrid((2, 2, 2, 3), taps3, 1, 1, 1)
+    assert g.shared and (g.hq, g.wq, g.lead) == (3, 4, 5) and g.length == 2 * 3 * 4
+    assert not tc.ShiftGrid((2, 2, 2, 3), taps1, 1, 1, 1).shared  # 1x1 with padding 1: wider than its reach
+    assert not tc.ShiftGrid((2, 2, 6, 6), taps3, 2, 1, 1).shared
+    g = tc.ShiftGrid((2, 2, 5, 5), taps3, 1, 2, 2)  # dilation 2 reaches 4: padding 2 shares too
+    assert g.shared and (g.hq, g.wq) == (7, 7)
+    for k, p, d, h, w in ((3, 1, 1, 2, 3), (1, 1, 1, 2, 3), (3, 0, 1, 4, 5), (3, 2, 2, 5, 5), (3, 1, 2, 5, 6)):
+        x, v, fmt, taps, b = make_case(2, 3, 2, 2, h, w, k, 0.7, torch.float64)
+        all_three(x, v, fmt, taps, b, k, 1, p, d, torch.float64)
