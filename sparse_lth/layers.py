@@ -51,12 +51,11 @@ PATHS = ("auto", "dense", "sparse")
 # 2-core CPU (benchmarks/bench_crossover_cpu.py, results in benchmarks/results/crossover_*cpu_*): CSR products for
 # linear layers, shifted CSR products for conv layers (kernels/torch_conv.py). The conv rule holds for stride-1
 # layers with at least CPU_CONV_SPARSE_MIN_IN_CHANNELS input channels: every 3x3 layer of Conv-6, ResNet-20 and
-# VGG-19's deepest measured wins at 2 % (>= 1.13x in two runs) and 1 %, while at 3 % ResNet-20's 16/32-channel
-# layers break even (0.98-1.12x); the threshold sits between. A first layer (3 channels: a memory-bound pass per
-# kernel tap against a tiny dense conv) loses at every density, a strided one breaks even, so they stay dense
-# unless timed.
+# VGG-19's deepest measured wins at 3 % (>= 1.23x) and all but one at 5 % (0.99x); the threshold sits between
+# (notes/sparse_conv.md). A first layer (3 channels: a memory-bound pass per kernel tap against a tiny dense conv)
+# loses at every density, a strided one mostly breaks even or loses, so they stay dense unless timed.
 CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
-CPU_CONV_SPARSE_MAX_DENSITY = 0.025
+CPU_CONV_SPARSE_MAX_DENSITY = 0.04
 CPU_CONV_SPARSE_MIN_IN_CHANNELS = 16
 # Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
 CUDA_SPARSE_MAX_DENSITY = 0.05
@@ -148,6 +147,7 @@ class _SparseLayer(nn.Module):
         self._nnz = weight.numel()
         self._last_input_shape: tuple | None = None
         self._last_input_batch_minor = False  # was that input (B, n) with strides (1, B), e.g. a sparse layer's output?
+        self._last_input_requires_grad = True  # did it need a gradient (not a network's first layer)?
         self.register_parameter("weight", nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
         self.register_buffer("weight_mask", torch.ones(self.weight_shape, dtype=torch.bool, device=weight.device))
         self.set_mask(torch.ones_like(self.weight_mask) if mask is None else mask, path=path)
@@ -342,11 +342,16 @@ class _SparseLayer(nn.Module):
         keeps its second figure). The layer itself is not changed: every configuration runs on a copy."""
         dev = self.weight_mask.device
         dtype = self.dense_weight().dtype
-        if self._last_input_batch_minor and len(input_shape) == 2 and tuple(input_shape) == self._last_input_shape:
+        seen = tuple(input_shape) == self._last_input_shape
+        # time the input gradient only if the layer's input needed one (a first layer's does not), unless nothing
+        # else would need a backward pass
+        input_grad = (self._last_input_requires_grad or not seen
+                      or not any(p.requires_grad for p in self.parameters()))
+        if self._last_input_batch_minor and len(input_shape) == 2 and seen:
             # the layout the layer really gets: the sparse path reads a batch-minor input without a copy
-            x = torch.randn(tuple(input_shape)[::-1], device=dev, dtype=dtype).t().requires_grad_(True)
+            x = torch.randn(tuple(input_shape)[::-1], device=dev, dtype=dtype).t().requires_grad_(input_grad)
         else:
-            x = torch.randn(input_shape, device=dev, dtype=dtype, requires_grad=True)
+            x = torch.randn(input_shape, device=dev, dtype=dtype, requires_grad=input_grad)
         times: dict[str, float] = {}
         configs: dict[str, tuple | None] = {}
 
@@ -505,6 +510,7 @@ class SparseLinear(_SparseLayer):
                              f"expected {self.in_features} (input shape {tuple(x.shape)})")
         self._last_input_shape = tuple(x.shape)
         self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
+        self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense":
             y = F.linear(x, self.weight, self.bias)
             return torch.relu(y) if self.activation == "relu" else y
@@ -607,6 +613,7 @@ class SparseConv2d(_SparseLayer):
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         self._last_input_shape = tuple(x.shape)
+        self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense":
             return self._conv(x, self.weight, self.bias)
         backend = self.backend
@@ -700,7 +707,8 @@ def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = Fa
     it can take seconds per call). Build the optimizer afterwards."""
     was_training = model.training
     model.eval()
-    model(example_input)
+    with torch.enable_grad():  # so that each layer sees whether its input needs a gradient (a first layer's not)
+        model(example_input)
     model.train(was_training)
     out = {}
     for name, layer in sparse_layers(model):

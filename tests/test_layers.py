@@ -436,6 +436,37 @@ def _cost_model(costs):
     return fake, seen
 
 
+def test_timed_choice_times_the_input_gradient_only_where_the_network_needs_it(monkeypatch):
+    """A network's first layer gets an input that needs no gradient: its timing must not pay for one (the
+    sparse and dense input gradients differ most there), while a layer after it must."""
+    got = {}
+
+    def fake(probes, x, reps):
+        got[next(iter(probes.values())).in_features] = x.requires_grad
+        probe = next(iter(probes.values()))
+        with torch.enable_grad():  # as _time_steps: a backward pass works without an input gradient
+            probe(x).sum().backward()
+        return {label: 1.0 for label in probes}
+
+    monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
+    gen = torch.Generator().manual_seed(27)
+    model = sparsify(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)),
+                     masks={"0": random_mask((8, 12), 0.2, gen), "2": random_mask((4, 8), 0.2, gen)})
+    choose_paths(model, torch.randn(5, 12, generator=gen), timed=True)
+    assert got == {12: False, 8: True}
+    layer = SparseLinear(6, 3, path="sparse")
+    layer.set_mask(random_mask((3, 6), 0.5, gen))
+    layer._time_paths((2, 6), reps=1)  # a shape the layer has not seen: with the input gradient
+    assert got[6] is True
+    with torch.no_grad():
+        layer(torch.randn(2, 6))  # under no_grad the layer cannot tell: it assumes an input gradient
+    layer._time_paths((2, 6), reps=1)
+    assert got[6] is True
+    layer(torch.randn(2, 6))
+    layer._time_paths((2, 6), reps=1)
+    assert got[6] is False
+
+
 def test_timed_choice_combines_the_ops_that_were_faster_dense(monkeypatch):
     gen = torch.Generator().manual_seed(24)
     layer = SparseLinear(20, 10, path="auto", backend="torch")
