@@ -36,6 +36,7 @@ import torch
 
 from ._conv_geometry import check_fmt, check_tensor4, check_values, geometry, out_size
 from .format import SparseFormat
+from .torch_ops import _compute_dtype
 
 __all__ = [
     "ConvTaps", "ShiftGrid", "build_conv_taps", "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
@@ -53,7 +54,8 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    """The dtype the CPU sparse products run in (the linear ops' rule: float32/float64, else float32)."""
+    return _compute_dtype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
