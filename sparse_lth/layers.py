@@ -283,13 +283,11 @@ class _SparseLayer(nn.Module):
             self._buffers.pop(name, None)
         mask = self.weight_mask
         if path == "dense":
-            p = nn.Parameter(w.contiguous(), requires_grad=requires_grad)
-            p._sparse_lth_mask = mask
-            self.register_parameter("weight", p)
+            self.register_parameter("weight", nn.Parameter(w.contiguous(), requires_grad=requires_grad))
             if self._nnz < mask.numel():
                 # the weight-dtype copy of the mask: multiplying by a bool tensor is ~4x slower on CPU
                 self.register_buffer("_grad_mask", mask.to(w.dtype), persistent=False)
-                p.register_post_accumulate_grad_hook(self._mask_accumulated_grad)
+            self._hook_dense_weight()
         else:
             fmt = build_format(mask)
             for f in _FMT_FIELDS:
@@ -411,6 +409,27 @@ class _SparseLayer(nn.Module):
         if x.device != self.weight_mask.device:
             raise ValueError(f"{type(self).__name__}: input is on {x.device}, the layer on {self.weight_mask.device}")
 
+    def _hook_dense_weight(self) -> None:
+        """Dense path: attach the mask to ``weight`` (``weight._sparse_lth_mask``, for :mod:`sparse_lth.optim`) and,
+        if the weight is pruned and trainable, register the hook that masks its gradient as it lands. Run when the
+        weight is made, when the layer is rebuilt from its state (``copy.deepcopy`` and unpickling keep neither the
+        attribute nor the hook), on device and dtype moves, and by ``forward`` for a weight unfrozen since (a hook
+        cannot be put on a tensor that needs no gradient). Registers at most one hook per parameter."""
+        p = self._parameters.get("weight")
+        if p is None:
+            return
+        p._sparse_lth_mask = self.weight_mask
+        if p.requires_grad and "_grad_mask" in self._buffers and not getattr(p, "_sparse_lth_grad_hook", False):
+            p.register_post_accumulate_grad_hook(self._mask_accumulated_grad)
+            p._sparse_lth_grad_hook = True
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        p = self._parameters.get("weight")
+        if p is not None:  # unpickled: the attribute came back, the hook did not
+            p._sparse_lth_grad_hook = False
+            self._hook_dense_weight()
+
     def _mask_accumulated_grad(self, p: torch.Tensor) -> None:
         """Dense path: zero the gradient at pruned positions in place, once it is accumulated into ``.grad``."""
         m = self._buffers.get("_grad_mask")
@@ -420,9 +439,7 @@ class _SparseLayer(nn.Module):
     # ------------------------------------------------------------------ device moves and state_dict
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        w = self._parameters.get("weight")
-        if w is not None:
-            w._sparse_lth_mask = self.weight_mask
+        self._hook_dense_weight()
         return out
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -512,6 +529,9 @@ class SparseLinear(_SparseLayer):
         self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
         self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense":
+            if self.weight.requires_grad and "_grad_mask" in self._buffers \
+                    and not getattr(self.weight, "_sparse_lth_grad_hook", False):
+                self._hook_dense_weight()  # unfrozen since its hook was due
             y = F.linear(x, self.weight, self.bias)
             return torch.relu(y) if self.activation == "relu" else y
         values, bias = self.values, self.bias
@@ -615,6 +635,9 @@ class SparseConv2d(_SparseLayer):
         self._last_input_shape = tuple(x.shape)
         self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense":
+            if self.weight.requires_grad and "_grad_mask" in self._buffers \
+                    and not getattr(self.weight, "_sparse_lth_grad_hook", False):
+                self._hook_dense_weight()  # unfrozen since its hook was due
             return self._conv(x, self.weight, self.bias)
         backend = self.backend
         if backend == "torch" and not self._triton_geometry_ok():

@@ -225,6 +225,51 @@ def test_pruned_weights_stay_zero_under_optimizers(path, opt):
         assert not torch.equal(w[layer.weight_mask], before[n][layer.weight_mask]), f"{n} did not train"
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "unfrozen", "frozen_timed"])
+def test_dense_path_masks_gradients_of_copied_pickled_and_unfrozen_layers(how):
+    """copy.deepcopy and unpickling rebuild a Parameter without its gradient hook or mask attribute, and a frozen
+    weight cannot take the hook: each must still get its gradient masked once it trains, under torch.optim."""
+    import copy
+    import io
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(11)
+    model = sparsify(Small(), path="dense")
+    for _, layer in sparse_layers(model):
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+    x, y = torch.randn(4, 3, 12, 12), torch.randint(0, 4, (4,))
+    if how == "deepcopy":
+        model = copy.deepcopy(model)
+    elif how == "pickle":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        model = torch.load(buf, weights_only=False)
+    else:
+        model = sparsify(Small(), path="dense")
+        model.requires_grad_(False)
+        for _, layer in sparse_layers(model):
+            layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))  # frozen: no hook can be registered yet
+        if how == "frozen_timed":
+            model(x)  # records each layer's input shape
+            for _, layer in sparse_layers(model):
+                assert layer.time_paths(layer._last_input_shape, reps=1).split("/")[0] in ("dense", "sparse")  # raised
+                layer.restore_path("dense")
+        model.requires_grad_(True)
+    for _, layer in sparse_layers(model):
+        assert layer.weight._sparse_lth_mask is layer.weight_mask
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for n, layer in sparse_layers(model):
+            g = layer.weight.grad
+            assert torch.all(g[~layer.weight_mask] == 0), n
+            assert g[layer.weight_mask].abs().sum() > 0, n
+        opt.step()
+    for n, layer in sparse_layers(model):
+        assert torch.all(layer.weight.detach()[~layer.weight_mask] == 0), n
+        assert len(layer.weight._post_accumulate_grad_hooks) == 1, n  # one masking pass, not one per copy
+
 def test_auto_path_on_cpu():
     gen = torch.Generator().manual_seed(8)
     lin = SparseLinear(64, 64)
