@@ -10,6 +10,7 @@ The dense references that every kernel is tested against live beside the kernels
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -29,6 +30,19 @@ _SPARSE_DTYPES = (torch.float32, torch.float64)
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in _SPARSE_DTYPES else torch.float32
+
+
+def _no_autocast(op):
+    """Run ``op`` with autocast off on its first argument's device: autocast would cast the float32 operands of
+    the CSR products (``addmm``) back to bfloat16/float16, which the CPU's sparse kernels do not take."""
+    @functools.wraps(op)
+    def run(t: torch.Tensor, *args, **kwargs):
+        dev = t.device.type
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return op(t, *args, **kwargs)
+        return op(t, *args, **kwargs)
+    return run
 
 
 def _csr(ptr: torch.Tensor, idx: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
@@ -69,6 +83,7 @@ def prepare_operand(t: torch.Tensor, nnz: int = 0) -> torch.Tensor:
     return t.t().contiguous().t()
 
 
+@_no_autocast
 def linear_forward(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, bias: torch.Tensor | None = None,
                    activation: str | None = None) -> torch.Tensor:
     """y = x W^T + b (optionally ReLU), x: (B, cols) -> (B, rows)."""
@@ -84,6 +99,7 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, bia
     return y.to(x.dtype)
 
 
+@_no_autocast
 def linear_backward_input(dy: torch.Tensor, values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
     """dx = dy W, dy: (B, rows) -> (B, cols)."""
     _check(dy, values, fmt, fmt.rows, "dy", "linear_backward_input")
@@ -93,6 +109,7 @@ def linear_backward_input(dy: torch.Tensor, values: torch.Tensor, fmt: SparseFor
     return torch.sparse.mm(weight_t_csr(values.to(ct), fmt), dy.to(ct).t().contiguous()).t().to(dy.dtype)
 
 
+@_no_autocast
 def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """dvalues[k] = sum_b dy[b, row_idx[k]] * x[b, col_idx[k]]: the weight gradient at live positions only."""

@@ -108,6 +108,29 @@ def test_conv_matches_reference(path, density, case):
     grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(x, w, b, s, p, d, g))
 
 
+def check_empty_batch(layer, shape):
+    """An empty batch gives an empty output and zero parameter gradients, as nn.Linear / nn.Conv2d do (the torch
+    conv path used to raise on it)."""
+    x = torch.randn(shape, device=layer.weight_mask.device, requires_grad=True)
+    y = layer(x)
+    ref = layer.to_dense_module()(x)
+    assert y.shape == ref.shape and y.numel() == 0
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.all(p.grad == 0), name
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_empty_batch(path):
+    gen = torch.Generator().manual_seed(5)
+    for layer, shape in ((SparseLinear(12, 7), (0, 12)), (SparseConv2d(16, 8, 3, padding=1), (0, 16, 7, 9)),
+                         (SparseConv2d(3, 4, 3, stride=2), (0, 3, 9, 7))):
+        layer.set_mask(random_mask(layer.weight_shape, 0.05, gen), path=path)
+        assert layer.path == path
+        check_empty_batch(layer, shape)
+
+
 def test_conv_padding_mode_and_unbatched():
     layer = SparseConv2d(2, 3, 3, padding=1, padding_mode="reflect", path="sparse")
     layer.set_mask(random_mask(layer.weight_shape, 0.5, torch.Generator().manual_seed(3)))
@@ -429,20 +452,29 @@ def test_conv_torch_sparse_path_autocast_dtype_check_and_device_move():
     grads_vs_reference(layer, x.double(), lambda x, w, b: F.conv2d(x, w, b, 1, 1))
 
 
-def test_linear_dense_ops_under_autocast_and_without_grads():
+@pytest.mark.parametrize("ops", ["sparse", {"weight_grad": "dense", "forward": "dense"}], ids=["sparse", "dense"])
+def test_linear_ops_under_autocast_and_without_grads(ops):
+    """CPU autocast casts a float32 CSR product back to bfloat16, which the CPU sparse kernels do not take (the
+    all-sparse path raised NotImplementedError): the torch backend's products run with autocast off."""
     gen = torch.Generator().manual_seed(22)
     mask = random_mask((16, 24), 0.2, gen)
-    layer = SparseLinear(24, 16, path="sparse", backend="torch", ops={"weight_grad": "dense", "forward": "dense"})
+    layer = SparseLinear(24, 16, path="sparse", backend="torch", ops=ops, activation="relu")
     layer.set_mask(mask)
     x = torch.randn(8, 24, generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
-    assert y.dtype == torch.bfloat16
+        ref = torch.relu(F.linear(x, layer.dense_weight().detach(), layer.bias.detach()))
+        assert y.dtype == ref.dtype == torch.bfloat16
+        torch.testing.assert_close(y, ref, atol=3e-2, rtol=2e-2)
+        y.float().sum().backward()  # a backward inside the autocast region runs under it too (CPU)
+    layer.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
     y.float().sum().backward()
     assert layer.values.grad.dtype == torch.float32 and layer.values.grad.shape == (int(mask.sum()),)
     w = layer.dense_weight().detach().requires_grad_(True)
-    F.linear(x, w, layer.bias).sum().backward()
-    torch.testing.assert_close(layer.values.grad, w.grad[mask], rtol=2e-2, atol=2e-2)
+    torch.relu(F.linear(x, w, layer.bias)).sum().backward()
+    torch.testing.assert_close(layer.values.grad, w.grad[mask], rtol=2e-2, atol=5e-2)
     layer.values.requires_grad_(False)  # no weight gradient wanted: only the input gradient runs
     x.requires_grad_(True)
     layer(x).sum().backward()
