@@ -160,7 +160,7 @@ def _shifted(buf: torch.Tensor, phase: int, off: int, grid: ShiftGrid) -> torch.
     ``c`` reads, for output pixel ``j``, the input pixel tap ``off`` needs (channel ``c``'s data starts ``lead``
     elements into its row). Near the end of a row the view runs into the next channel (or the buffer's zero
     tail): only grid pixels that are no output read there."""
-    return buf[phase, off:off + grid.c_len].view(-1, grid.length)
+    return buf[phase, off:off + grid.c_len].view(grid.c, grid.length)
 
 
 def input_grid(x: torch.Tensor, grid: ShiftGrid, dtype: torch.dtype) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from sparse_lth.layers import SparseConv2d, SparseLinear
 
-from test_layers import grads_vs_reference, random_mask
+from test_layers import check_empty_batch, grads_vs_reference, random_mask
 
 
 @pytest.fixture
@@ -35,6 +35,16 @@ def test_sparse_conv_on_triton(kernel_device, backend, case):
     layer.set_mask(random_mask(layer.weight_shape, density, gen))
     x = torch.randn(2, cin, 7, 9).to(kernel_device)
     grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(x, w, b, s, p, d))
+
+
+def test_empty_batch_on_triton(kernel_device, backend):
+    gen = torch.Generator().manual_seed(13)
+    for layer, shape in ((SparseLinear(12, 7, backend=backend), (0, 12)),
+                         (SparseConv2d(4, 8, 3, padding=1, backend=backend), (0, 4, 7, 9))):
+        layer = layer.to(kernel_device)
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen), path="sparse")
+        assert layer.backend == backend
+        check_empty_batch(layer, shape)
 
 
 def test_triton_training_steps_match_torch_backend(kernel_device, backend):

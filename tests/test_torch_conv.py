@@ -93,6 +93,16 @@ def test_densities_float32(geom, density):
     all_three(x, v, fmt, taps, b, k, s, p, d, torch.float32)
 
 
+@pytest.mark.parametrize("geom", [(3, 1, 1, 1), (3, 2, 1, 1), (1, 1, 0, 1)], ids=["same", "strided", "1x1"])
+def test_empty_batch(geom):
+    """Batch 0: empty outputs and input gradient, a weight gradient of zeros (a view of the empty grid used to
+    raise: 'cannot reshape tensor of 0 elements')."""
+    k, s, p, d = geom
+    x, v, fmt, taps, b = make_case(4, 0, 16, 8, 7, 9, k, 0.1)
+    all_three(x, v, fmt, taps, b, k, s, p, d, torch.float32)
+    assert torch.all(tc.conv2d_backward_weight(torch.zeros(0, 8, 7, 9)[:, :, ::s, ::s], x, taps, s, p, d) == 0)
+
+
 def test_lottery_ticket_layer_shape():
     """A Conv-6-like 3x3 layer at 2 % (many taps, every filter partly live), fp32."""
     x, v, fmt, taps, b = make_case(9, 2, 16, 24, 8, 8, 3, 0.02)
