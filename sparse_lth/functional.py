@@ -90,12 +90,16 @@ class SparseLinearFunction(torch.autograd.Function):
             y = fwd(x2, values, fmt, bias, activation)
         ctx.fmt, ctx.backend, ctx.activation, ctx.x_shape = fmt, backend, activation, x.shape
         ctx.has_bias, ctx.dense = bias is not None, dense
-        ctx.save_for_backward(x2, values, y if activation == "relu" else None, w if d_dx else None, flat_index)
+        # x itself too (no copy): x2 may be a batch-minor copy made here, which double backward cannot trace to x
+        ctx.save_for_backward(x2, values, y if activation == "relu" else None, w if d_dx else None, flat_index,
+                              x if x2 is not x else None)
         return y.reshape(*lead, fmt.rows)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, values, y, w, flat_index = ctx.saved_tensors
+        x2, values, y, w, flat_index, x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (Hessian-vector products, gradient penalties)
+            return _double_differentiable_linear_backward(ctx, dy, x2 if x is None else x, values, y, flat_index)
         prep, _, bwd_in, bwd_w = _linear_ops(ctx.backend)
         _, d_dx, d_dw = ctx.dense
         dy2 = dy.reshape(-1, ctx.fmt.rows)
@@ -121,6 +125,37 @@ class SparseLinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return dx, dv, db, None, None, None, None, None
+
+
+def _flat_index_of(fmt: SparseFormat, flat_index: torch.Tensor | None) -> torch.Tensor:
+    if flat_index is not None:
+        return flat_index
+    return fmt.row_idx.long() * fmt.cols + fmt.col_idx.long()
+
+
+def _vjp(out: torch.Tensor, grad_out: torch.Tensor, inputs: list, needs: list) -> list:
+    """``d<out, grad_out>/d input`` for the inputs whose gradient is asked (None for the others), with a graph."""
+    want = [t for t, n in zip(inputs, needs) if n]
+    got = iter(torch.autograd.grad(out, want, grad_out, create_graph=True, allow_unused=True) if want else ())
+    res = []
+    for t, n in zip(inputs, needs):
+        g = next(got) if n else None
+        res.append(torch.zeros_like(t) if n and g is None else g)
+    return res
+
+
+def _double_differentiable_linear_backward(ctx, dy, x, values, y, flat_index):
+    """The backward of :class:`SparseLinearFunction` as differentiable torch ops on the scattered weight, used when
+    autograd records the backward (``create_graph=True``): the sparse kernels' results carry no graph. It costs a
+    dense product; plain training never takes it."""
+    dy2 = dy.reshape(-1, ctx.fmt.rows)
+    if ctx.activation == "relu":
+        dy2 = dy2 * (y > 0)  # ReLU's second derivative is zero
+    w = scatter_values(values, _flat_index_of(ctx.fmt, flat_index), ctx.fmt.shape)
+    pre = F.linear(x.reshape(-1, ctx.fmt.cols).to(w.dtype), w)
+    dx, dv = _vjp(pre, dy2.to(pre.dtype), [x, values], list(ctx.needs_input_grad[:2]))
+    db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dv, db, None, None, None, None, None
 
 
 def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", activation: str | None = None,
@@ -169,6 +204,12 @@ class SparseConv2dFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, values, w, flat_index, xg = ctx.saved_tensors
         kernel_size, stride, padding, dilation = ctx.geom
+        if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops on the scattered weight
+            w = scatter_values(values, _flat_index_of(ctx.fmt, flat_index), ctx.w_shape)
+            pre = F.conv2d(x.to(w.dtype), w, None, stride, padding, dilation)
+            dx, dv = _vjp(pre, dy.to(pre.dtype), [x, values], list(ctx.needs_input_grad[:2]))
+            db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return dx, dv, db, None, None, None, None, None, None, None, None, None
         _, d_dx, d_dw = ctx.dense
         dy = dy.to(x.dtype)
         dx = dv = db = None
