@@ -1,8 +1,10 @@
-"""The ``sparse-lth`` command line: ``train``, ``imp`` and ``report``.
+"""The ``sparse-lth`` command line: ``train``, ``imp``, ``report``, ``stability`` and ``landscape``.
 
     sparse-lth imp --preset lenet_quick --data /work/shared/data        # an IMP run (resumes if interrupted)
     sparse-lth imp --preset lenet_quick --control reinit                # its random-reinitialization control
     sparse-lth report runs/                                             # figures + table for every experiment
+    sparse-lth stability runs/lenet300_100_imp_<hash> --rounds 0,4,8    # instability analysis of those rounds
+    sparse-lth landscape runs/lenet300_100_imp_<hash> --top 3           # Hessian eigenvalues, distances, ...
     sparse-lth train --model lenet300_100 --density 0.1 --iterations 1000
 
 The flags of ``imp`` (and of ``train``) are generated from the hyperparameter dataclasses
@@ -198,6 +200,94 @@ def _cmd_report(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- stability
+def _open_experiment(exp_dir: str, args):
+    """(experiment, its folder, seeds) of one RUN_DIR of an analysis command, with --seeds, --device, --data."""
+    import glob
+
+    from .imp import Experiment, hparams_from_dict
+    exp_dir = exp_dir.rstrip("/")
+    hp_path = os.path.join(exp_dir, "hparams.json")
+    if not os.path.exists(hp_path):
+        raise FileNotFoundError(f"{exp_dir} is not an experiment folder (no hparams.json); give the folder "
+                                "`sparse-lth imp` printed")
+    with open(hp_path) as f:
+        hp = hparams_from_dict(json.load(f))
+    seeds = list(args.seeds) if args.seeds else sorted(
+        int(os.path.basename(d)[5:]) for d in glob.glob(os.path.join(exp_dir, "seed_*")) if os.path.isdir(d))
+    if not seeds:
+        raise FileNotFoundError(f"{exp_dir} holds no replicate (seed_*) yet: run the IMP experiment first")
+    exp = Experiment(dataclasses.replace(hp, seed=seeds[0]), run_dir=exp_dir, device=args.device,
+                     data_root=args.data, progress=not args.no_progress,
+                     checkpoint_every=getattr(args, "checkpoint_every", 1000))
+    return exp, exp_dir, seeds
+
+
+def _rounds_of(exp, exp_dir: str, seed: int, rounds) -> list[int]:
+    import glob
+    found = rounds if rounds else sorted(
+        int(os.path.basename(os.path.dirname(m))[6:])
+        for m in glob.glob(os.path.join(exp.seed_dir(seed), "round_*", "metrics.json")))
+    if not found:
+        raise FileNotFoundError(f"seed {seed} of {exp_dir} has no finished round: run the IMP experiment first "
+                                "or name the rounds with --rounds")
+    return list(found)
+
+
+def _analyse(args, name: str, per_round, load, markdown, write) -> int:
+    """Run ``per_round(exp, seed, round)`` over every RUN_DIR's seeds and rounds, then write the joint report."""
+    if args.data:
+        os.environ["SPARSE_LTH_DATA"] = args.data
+    _setup_threads(args.threads)
+    opened = [_open_experiment(d, args) for d in args.run_dirs]  # refuse a bad folder before any work
+    results, model = [], opened[0][0].hp.model
+    for exp, exp_dir, seeds in opened:
+        for s in seeds:
+            for r in _rounds_of(exp, exp_dir, s, args.rounds):
+                per_round(exp, s, r)
+        results += [d for d in load(exp_dir) if d["seed"] in seeds]
+    if args.out:
+        out = args.out
+    elif len(opened) == 1:
+        out = os.path.join(opened[0][1], name)
+    else:
+        out = os.path.join(os.path.commonpath([os.path.abspath(o[1]) for o in opened]), name)
+    files = write(results, out, title=model)
+    print(markdown(results), end="")
+    for k, v in files.items():
+        print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_stability(args) -> int:
+    from .stability import instability, load_stability, stability_markdown, write_stability_report
+    noise = tuple(args.noise_seeds) if args.noise_seeds else None
+    if noise is not None and len(noise) != 2:
+        raise ValueError(f"--noise-seeds takes two seeds, got {args.noise_seeds}")
+    printed = []
+
+    def one(exp, s, r):
+        d = instability(exp, s, r, noise_seeds=noise, points=args.points, bn_reset_batches=args.bn_reset)
+        if not printed:
+            _write(f"{'control':>12} {'seed':>4} {'round':>5} {'% left':>8} {'test barrier':>12} "
+                   f"{'train barrier':>13}")
+        printed.append(1)
+        _write(f"{d['control']:>12} {s:>4} {r:>5} {d['percent_remaining']:>8.2f} {100 * d['test_barrier']:>11.2f}% "
+               f"{100 * d['train_barrier']:>12.2f}%")
+    return _analyse(args, "stability", one, load_stability, stability_markdown, write_stability_report)
+
+
+def _cmd_landscape(args) -> int:
+    from .landscape import landscape, landscape_markdown, load_landscape, write_landscape_report
+
+    def one(exp, s, r):
+        d = landscape(exp, s, r, top=args.top, examples=args.examples, iters=args.iters, tol=args.tol)
+        eig = ", ".join(f"{e:.4g}" for e in d["eigenvalues"])
+        _write(f"{d['control']} seed {s} round {r:>2} ({d['percent_remaining']:.2f}% left): top eigenvalues {eig}"
+               f"{'' if d['hessian_converged'] else ' (not converged: raise --iters)'}")
+    return _analyse(args, "landscape", one, load_landscape, landscape_markdown, write_landscape_report)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from .imp import CONTROLS, ImpHparams
     from .presets import PRESET_NAMES
@@ -258,6 +348,51 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders, or run roots holding them")
     pr.add_argument("--out", help="output folder (default: <experiment>/report, or <common parent>/report)")
     pr.add_argument("--title")
+
+    ps = sub.add_parser("stability", help="instability analysis (linear mode connectivity) of IMP rounds",
+                        description="For each round: train two copies from the round's rewind point with different "
+                        "SGD noise (data order, augmentation), evaluate the network along the straight line between "
+                        "their final weights, and report the error barrier (Frankle et al. 2020). Finished copies "
+                        "are reused on re-run; interrupted ones resume.")
+    ps.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="experiment folders written by `sparse-lth imp` (e.g. IMP and a control, for one figure)")
+    ps.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                    help="rounds to analyse (default: every finished round)")
+    ps.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                    help="replicates (default: every seed_* folder)")
+    ps.add_argument("--noise-seeds", type=_parse_tuple(int), default=None, metavar="A,B",
+                    help="data-order seeds of the two copies (default: two seeds no IMP replicate uses)")
+    ps.add_argument("--points", type=int, default=11, help="points on the path, ends included (default 11)")
+    ps.add_argument("--bn-reset", type=int, default=0, metavar="N",
+                    help="recompute batch-norm statistics on N training batches at every point (default 0: "
+                         "interpolate them)")
+    ps.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+    ps.add_argument("--device", default="cpu")
+    ps.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint the copies every N iterations")
+    ps.add_argument("--no-progress", action="store_true")
+    ps.add_argument("--out", help="report folder (default: <RUN_DIR>/stability, or <common parent>/stability)")
+    ps.add_argument("--threads", type=int, default=None)
+
+    pl = sub.add_parser("landscape", help="loss-landscape measures of IMP's solutions (Hessian eigenvalues, ...)",
+                        description="For each finished round: the largest eigenvalues of the loss Hessian over the "
+                        "live weights at the round's final weights (Lanczos), the distance to the next round's "
+                        "solution, and the loss of the solution pruned to the next round's mask (Saleem et al.).")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="experiment folders written by `sparse-lth imp` (e.g. IMP and a control, for one figure)")
+    pl.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                    help="rounds (default: every finished round)")
+    pl.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                    help="replicates (default: every seed_* folder)")
+    pl.add_argument("--top", type=int, default=3, help="how many eigenvalues (default 3)")
+    pl.add_argument("--examples", type=int, default=1000,
+                    help="training examples the Hessian is taken over (default 1000)")
+    pl.add_argument("--iters", type=int, default=60, help="Lanczos steps at most (default 60)")
+    pl.add_argument("--tol", type=float, default=1e-3, help="relative residual to stop at (default 1e-3)")
+    pl.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+    pl.add_argument("--device", default="cpu")
+    pl.add_argument("--no-progress", action="store_true")
+    pl.add_argument("--out", help="report folder (default: <RUN_DIR>/landscape, or <common parent>/landscape)")
+    pl.add_argument("--threads", type=int, default=None)
     return p, {"imp": imp_names, "train": train_names}
 
 
@@ -269,6 +404,10 @@ def main(argv=None) -> int:
             return _cmd_imp(args, names["imp"])
         if args.command == "train":
             return _cmd_train(args, names["train"])
+        if args.command == "stability":
+            return _cmd_stability(args)
+        if args.command == "landscape":
+            return _cmd_landscape(args)
         return _cmd_report(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"sparse-lth {args.command}: error: {e}", file=sys.stderr)

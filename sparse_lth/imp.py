@@ -529,27 +529,7 @@ class Experiment:
                     if on_round_end is not None:
                         on_round_end(reused)
                     continue
-            model = self._build_model(seed)
-            init_state = torch.load(init_path, map_location=self.device, weights_only=False)
-            _load_weights(model, init_state)
-            masks = self._round_masks(model, seed, r)
-            path = None if hp.path == "auto" else hp.path
-            start = 0 if r == 0 else k
-            # starting weights
-            if r == 0:
-                pass  # θ0
-            elif hp.control == "reinit":
-                fresh = self._build_model(_reinit_seed(seed, r), sparse=False)
-                _load_weights(model, fresh.state_dict())
-            elif hp.control == "continue":
-                _load_weights(model, torch.load(os.path.join(self.round_dir(seed, r - 1), "final.pt"),
-                                                map_location=self.device, weights_only=False))
-            else:
-                _load_weights(model, torch.load(rewind_path, map_location=self.device, weights_only=False))
-            apply_masks(model, masks, path=path)
-            if hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
-                from .layers import choose_paths  # time both paths on the device with a real batch
-                choose_paths(model, train_data.batch(0, cfg.batch_size, seed)[0], timed=hp.timed_paths)
+            model, masks, start = self.prepare_round(seed, r)
             if on_round_start is not None:
                 on_round_start(r, model)
 
@@ -576,6 +556,39 @@ class Experiment:
             if on_round_end is not None:
                 on_round_end(metrics)
         return all_metrics
+
+    def prepare_round(self, seed: int, r: int, *, from_rewind_point: bool = False
+                      ) -> tuple[nn.Module, dict[str, torch.Tensor], int]:
+        """Round ``r`` of replicate ``seed`` ready to train: ``(model, masks, start_iteration)``, the model on
+        the device with the round's starting weights (θ0 for round 0, the rewind point after, fresh weights for
+        ``reinit``, the previous round's final weights for ``continue``), its masks applied and its paths chosen.
+        ``from_rewind_point``: start round 0 at the rewind iteration from the rewind point too (the dense
+        network's copies of the stability analysis), not at iteration 0 from θ0."""
+        hp = dataclasses.replace(self.hp, seed=seed)
+        sdir = self.seed_dir(seed)
+        init_path = os.path.join(sdir, "init.pt")
+        rewind_path = os.path.join(sdir, "rewind.pt")
+        k = self.rewind_iteration
+        model = self._build_model(seed)
+        _load_weights(model, torch.load(init_path, map_location=self.device, weights_only=False))
+        masks = self._round_masks(model, seed, r)
+        start = 0 if (r == 0 and not from_rewind_point) else k
+        if r == 0 and start == 0:
+            pass  # θ0
+        elif r > 0 and hp.control == "reinit":
+            fresh = self._build_model(_reinit_seed(seed, r), sparse=False)
+            _load_weights(model, fresh.state_dict())
+        elif r > 0 and hp.control == "continue":
+            _load_weights(model, torch.load(os.path.join(self.round_dir(seed, r - 1), "final.pt"),
+                                            map_location=self.device, weights_only=False))
+        else:
+            _load_weights(model, torch.load(rewind_path, map_location=self.device, weights_only=False))
+        apply_masks(model, masks, path=None if hp.path == "auto" else hp.path)
+        if hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
+            from .layers import choose_paths  # time both paths on the device with a real batch
+            train_data = self.data[0]
+            choose_paths(model, train_data.batch(0, self.train_cfg.batch_size, seed)[0], timed=hp.timed_paths)
+        return model, masks, start
 
     def _reuse_dense_round(self, seed: int, init_path: str, rewind_path: str) -> dict | None:
         """A control's round 0 trains the dense network from the same θ0 with the same hyperparameters as the IMP

@@ -1,0 +1,309 @@
+"""The loss landscape of IMP's solutions (Saleem, Ahuja, Prasad & Lall, "Insights into the Lottery Ticket
+Hypothesis and Iterative Magnitude Pruning"): the top eigenvalues of the loss Hessian at each level's minimum
+(smaller: a wider basin), the distance between consecutive levels' solutions, and the loss of one level's
+solution projected onto the next level's mask (the network right after pruning, before retraining).
+
+- :func:`hessian_vector_product` and :func:`top_hessian_eigenvalues` work on any model: the Hessian is that of
+  the mean cross-entropy over the batches given, with respect to the trainable parameters, restricted to the
+  live weights. A layer on the sparse path trains its live values only, so its Hessian is already the
+  restricted one; a dense-path layer's weight (and a plain layer with a ``weight_mask`` buffer) is projected
+  onto its mask on both sides, so a pruned coordinate never enters. The model is evaluated in eval mode (batch
+  norm with its running statistics, no dropout).
+- :func:`landscape` computes the three measures for a finished round of an IMP experiment and writes
+  ``<experiment>/seed_S/round_RR/landscape.json``; :func:`write_landscape_report` draws them against the
+  weights remaining.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .train import evaluate
+
+
+# controls whose next round neither prunes this round's solution nor starts from it: no distance or projection
+_NOT_CHAINED = ("reinit", "random_prune")
+
+
+def masked_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(parameter, mask or None)`` for every trainable parameter of ``model``: the mask a dense-path sparse
+    layer attached to its weight (``weight._sparse_lth_mask``), a plain layer's ``weight_mask`` buffer, or None."""
+    plain = {}
+    for m in model.modules():
+        if not hasattr(m, "set_mask") and isinstance(getattr(m, "weight_mask", None), torch.Tensor) and \
+                isinstance(getattr(m, "weight", None), torch.Tensor):
+            plain[id(m.weight)] = m.weight_mask
+    out = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        mask = getattr(p, "_sparse_lth_mask", None)
+        if mask is None:
+            mask = plain.get(id(p))
+        if mask is not None and mask.shape != p.shape:
+            raise ValueError(f"a mask of shape {tuple(mask.shape)} on a parameter of shape {tuple(p.shape)}")
+        out.append((p, None if mask is None else mask.to(device=p.device, dtype=p.dtype)))
+    return out
+
+
+def _project(vs, masks):
+    return [v if m is None else v * m for v, m in zip(vs, masks)]
+
+
+def _dot(a, b) -> torch.Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+
+def hessian_vector_product(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vector,
+                           params=None) -> list[torch.Tensor]:
+    """``H v`` for the Hessian of the mean cross-entropy over ``batches`` (a list of ``(x, y)``; all of them make
+    one loss) with respect to ``params`` (default :func:`masked_parameters`), projected onto the masks."""
+    params = masked_parameters(model) if params is None else params
+    ps, masks = [p for p, _ in params], [m for _, m in params]
+    v = _project([t.to(p.dtype) for t, p in zip(vector, ps)], masks)
+    total = sum(int(y.numel()) for _, y in batches)
+    if total == 0:
+        raise ValueError("the Hessian needs at least one example")
+    was_training = model.training
+    model.eval()
+    out = [torch.zeros_like(p) for p in ps]
+    try:
+        for x, y in batches:
+            logits = model(x)
+            if logits.dtype in (torch.float16, torch.bfloat16):
+                logits = logits.float()
+            loss = F.cross_entropy(logits, y, reduction="sum") / total
+            grads = torch.autograd.grad(loss, ps, create_graph=True, allow_unused=True)
+            pairs = [(g, t) for g, t in zip(grads, v) if g is not None]
+            if not pairs:
+                continue
+            dot = sum((g * t).sum() for g, t in pairs)
+            hv = torch.autograd.grad(dot, ps, allow_unused=True)
+            for o, h in zip(out, hv):
+                if h is not None:
+                    o.add_(h.detach())
+    finally:
+        model.train(was_training)
+    return _project(out, masks)
+
+
+def top_hessian_eigenvalues(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int = 1,
+                            iters: int = 60, tol: float = 1e-3, seed: int = 0) -> dict:
+    """The ``k`` largest (algebraic) eigenvalues of the masked loss Hessian over ``batches``, by the Lanczos
+    method with full reorthogonalization: at most ``iters`` Hessian-vector products, fewer once every one of the
+    ``k`` Ritz values has a residual bound ``|beta_j s_j|`` below ``tol`` times its size. Keeps ``iters`` vectors
+    of the live parameters' size. Returns ``dict(eigenvalues=[largest first], residuals, iterations,
+    converged, parameters=number of live coordinates)``."""
+    if k < 1 or iters < 1:
+        raise ValueError(f"k and iters must be >= 1, got k={k}, iters={iters}")
+    params = masked_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameter")
+    masks = [m for _, m in params]
+    n_live = sum(int(p.numel() if m is None else m.count_nonzero()) for p, m in params)
+    if k > n_live:
+        raise ValueError(f"k={k} eigenvalues asked of a Hessian over {n_live} live coordinates")
+    steps = min(int(iters), n_live)
+    if steps < k:
+        raise ValueError(f"iters={iters} Lanczos steps cannot give k={k} eigenvalues")
+    g = torch.Generator().manual_seed(seed)
+    q = _project([torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype) for p, _ in params], masks)
+    norm = math.sqrt(float(_dot(q, q)))
+    q = [t / norm for t in q]
+    basis, alphas, betas = [], [], []
+    theta = resid = None
+    converged = False
+    for j in range(steps):
+        basis.append(q)
+        w = hessian_vector_product(model, batches, q, params)
+        alphas.append(float(_dot(w, q)))
+        for _ in range(2):  # full reorthogonalization, twice: keeps the Ritz values free of ghost copies
+            for b in basis:
+                c = _dot(b, w)
+                w = [x - c.to(x.dtype) * y for x, y in zip(w, b)]
+        beta = math.sqrt(float(_dot(w, w)))
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        evals, evecs = torch.linalg.eigh(t)
+        top = min(k, len(alphas))
+        theta = evals.flip(0)[:top]
+        resid = (beta * evecs[-1].flip(0)[:top]).abs()
+        scale = max(float(evals.abs().max()), 1e-30)
+        if len(alphas) >= k and bool((resid <= tol * torch.clamp(theta.abs(), min=1e-12 * scale)).all()):
+            converged = True
+            break
+        if beta <= 1e-12 * scale:  # an invariant subspace: the Ritz values are exact
+            converged = len(alphas) >= k
+            break
+        betas.append(beta)
+        q = [x / beta for x in w]
+    return dict(eigenvalues=[float(v) for v in theta], residuals=[float(r) for r in resid], iterations=len(alphas),
+                converged=converged, parameters=n_live)
+
+
+# ------------------------------------------------------------------------------------------- on an IMP run
+def _subset(data, n: int, bs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    x, y = data.x[:n], data.y[:n]
+    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, x.shape[0], bs)]
+
+
+def _load(path: str, device) -> dict:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, iters: int = 60, tol: float = 1e-3,
+              batch_size: int = 500) -> dict:
+    """Landscape measures of the solution of round ``r`` of replicate ``seed`` of ``exp``
+    (:class:`sparse_lth.imp.Experiment`), written to ``round_RR/landscape.json`` and returned:
+
+    - ``eigenvalues``: the ``top`` largest Hessian eigenvalues at the round's final weights, over the first
+      ``examples`` training examples (without augmentation);
+    - ``distance_to_next``: the L2 distance between this round's and the next round's final prunable weights
+      (when the next round has finished), and ``distance_to_next_relative`` (divided by this round's norm);
+    - ``projected``: the final weights of this round with the next round's mask applied (what magnitude pruning
+      leaves before rewinding): train loss/accuracy on the same examples and test loss/accuracy, next to
+      ``final`` for the unpruned solution (when there is a next round).
+
+    The controls ``reinit`` and ``random_prune`` get neither of the last two (None): their next round's mask
+    does not come from this solution, nor do its weights start from it.
+    """
+    rdir = exp.round_dir(seed, r)
+    final_path = os.path.join(rdir, "final.pt")
+    if not os.path.exists(final_path):
+        raise FileNotFoundError(f"round {r} of seed {seed} has not finished ({final_path} is missing): run the IMP "
+                                "experiment through it first")
+    settings = dict(top=int(top), examples=int(examples), iters=int(iters), tol=float(tol))
+    out_path = os.path.join(rdir, "landscape.json")
+    nxt = r + 1 if r < exp.n_rounds() else None
+    next_final = None if nxt is None else os.path.join(exp.round_dir(seed, nxt), "final.pt")
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            done = json.load(f)
+        complete = (nxt is None or exp.hp.control in _NOT_CHAINED or done.get("distance_to_next") is not None
+                    or not os.path.exists(next_final))
+        if {k_: done.get(k_) for k_ in settings} == settings and complete:
+            return done
+    train_data, test_data = exp.data
+    batches = _subset(train_data, examples, batch_size)
+    final = _load(final_path, exp.device)
+    model, masks, _ = exp.prepare_round(seed, r)
+    model.load_state_dict(final)
+    hess = top_hessian_eigenvalues(model, batches, k=top, iters=iters, tol=tol, seed=seed)
+    own = dict(train=evaluate(model, batches), test=evaluate(model, test_data.eval_batches(1000)))
+    live = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    result = dict(round=r, seed=seed, model=exp.hp.model, control=exp.hp.control,
+                  percent_remaining=100.0 * live / total, **settings, eigenvalues=hess["eigenvalues"],
+                  hessian_iterations=hess["iterations"], hessian_converged=hess["converged"],
+                  live_parameters=hess["parameters"],
+                  final=dict(train_loss=own["train"][0], train_acc=own["train"][1], test_loss=own["test"][0],
+                             test_acc=own["test"][1]),
+                  distance_to_next=None, distance_to_next_relative=None, projected=None)
+    if nxt is not None and exp.hp.control not in _NOT_CHAINED:
+        pmodel, pmasks, _ = exp.prepare_round(seed, nxt)  # the next round's mask (computed as IMP does)
+        state = dict(final)
+        for n, mk in pmasks.items():
+            mk = mk.to(exp.device)
+            state[f"{n}.weight"] = final[f"{n}.weight"] * mk
+            state[f"{n}.weight_mask"] = mk
+        pmodel.load_state_dict(state)
+        tr_loss, tr_acc = evaluate(pmodel, batches)
+        te_loss, te_acc = evaluate(pmodel, test_data.eval_batches(1000))
+        result["projected"] = dict(train_loss=tr_loss, train_acc=tr_acc, test_loss=te_loss, test_acc=te_acc,
+                                   percent_remaining=100.0 * sum(int(m.sum()) for m in pmasks.values()) / total)
+        if os.path.exists(next_final):
+            other = _load(next_final, exp.device)
+            d2 = sum(float(((final[f"{n}.weight"] - other[f"{n}.weight"]).double() ** 2).sum()) for n in masks)
+            n2 = sum(float((final[f"{n}.weight"].double() ** 2).sum()) for n in masks)
+            result["distance_to_next"] = math.sqrt(d2)
+            result["distance_to_next_relative"] = math.sqrt(d2 / n2) if n2 > 0 else None
+    tmp = out_path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, out_path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def load_landscape(exp_dir: str) -> list[dict]:
+    import glob
+    rows = []
+    for p in glob.glob(os.path.join(exp_dir, "seed_*", "round_*", "landscape.json")):
+        with open(p) as f:
+            rows.append(json.load(f))
+    return sorted(rows, key=lambda d: (d["seed"], d["round"]))
+
+
+def _fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def landscape_markdown(results: Sequence[dict]) -> str:
+    lines = ["| experiment | seed | round | % remaining | top Hessian eigenvalues | train loss | distance to next "
+             "(relative) | after pruning to the next mask: train loss / test acc (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in results:
+        eig = ", ".join(f"{e:.4g}" for e in d["eigenvalues"])
+        p = d["projected"]
+        proj = "-" if p is None else f"{p['train_loss']:.4f} / {100 * p['test_acc']:.2f}"
+        lines.append(f"| {d.get('control', 'imp')} | {d['seed']} | {d['round']} | {d['percent_remaining']:.2f} | {eig} | "
+                     f"{d['final']['train_loss']:.4f} | {_fmt(d['distance_to_next'], '.3f')} "
+                     f"({_fmt(d['distance_to_next_relative'], '.3f')}) | {proj} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_landscape_report(results: Sequence[dict], out_dir: str, title: str = "") -> dict:
+    """``landscape.png`` (top eigenvalue, distance to the next level, and the train loss before and after
+    pruning, against the weights remaining) and ``landscape.md`` into ``out_dir``."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    if not results:
+        raise ValueError("no landscape results to report")
+    os.makedirs(out_dir, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    from .stability import _groups
+    for label, rows in _groups(results):
+        xs = [d["percent_remaining"] for d in rows]
+        axes[0].plot(xs, [d["eigenvalues"][0] for d in rows], "o-", label=label)
+        dist = [(d["percent_remaining"], d["distance_to_next_relative"]) for d in rows
+                if d["distance_to_next_relative"] is not None]
+        if dist:
+            axes[1].plot(*zip(*dist), "o-", label=label)
+        proj = [(d["percent_remaining"], d["final"]["train_loss"], d["projected"]["train_loss"]) for d in rows
+                if d["projected"] is not None]
+        if proj:
+            px, before, after = zip(*proj)
+            axes[2].plot(px, before, "o-", label=f"{label}: trained solution")
+            axes[2].plot(px, after, "s--", label=f"{label}: pruned to the next mask")
+    from .report import _setup_axis
+    all_x = [d["percent_remaining"] for d in results]
+    for ax, ylabel, name in ((axes[0], "largest Hessian eigenvalue", "sharpness at each level's minimum"),
+                             (axes[1], "||theta_r - theta_r+1|| / ||theta_r||", "distance to the next level"),
+                             (axes[2], "train loss", "loss before and after pruning")):
+        _setup_axis(ax, all_x)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}: {name}" if title else name, fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[2].set_yscale("log")
+    fig.tight_layout()
+    files = {"figure": os.path.join(out_dir, "landscape.png")}
+    fig.savefig(files["figure"], dpi=110)
+    plt.close(fig)
+    files["summary"] = os.path.join(out_dir, "landscape.md")
+    with open(files["summary"], "w") as f:
+        f.write(f"# Loss landscape of IMP's solutions{': ' + title if title else ''}\n\nTop eigenvalues of the "
+                "loss Hessian (over the live weights) at each round's final weights; L2 distance between "
+                "consecutive rounds' final weights; the final weights pruned to the next round's mask.\n\n")
+        f.write(landscape_markdown(results))
+    return files

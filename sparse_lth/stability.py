@@ -1,0 +1,325 @@
+"""Linear mode connectivity and instability analysis (Frankle, Dziugaite, Roy & Carbin, "Linear Mode
+Connectivity and the Lottery Ticket Hypothesis", ICML 2020).
+
+A network is *stable* to SGD noise at iteration k when two copies trained on from it with different SGD noise
+(data order and augmentation) reach minima joined by a straight line along which the error does not rise. The
+*error barrier* of a path is the largest error on it minus the mean of its two ends' errors; a barrier near 0
+means the two minima are linearly connected. The paper finds that IMP subnetworks reach the dense network's
+accuracy exactly when they are stable at their rewind point.
+
+- :func:`interpolate_state` and :func:`linear_path` evaluate ``(1 - a) * A + a * B`` at evenly spaced ``a``,
+  for any model, on test data and on a training subset; :func:`error_barrier` reads the barrier off a path.
+- :func:`instability` runs the analysis on a round of an IMP experiment: it takes the round's mask and its
+  starting weights at the rewind iteration (round 0: the dense network at the rewind point), trains two copies
+  with the noise seeds given (through :func:`sparse_lth.train.train`, with the round's hyperparameters, each
+  from a fresh optimizer state as IMP's rounds start), and interpolates between them. Its files go into
+  ``<experiment>/seed_S/round_RR/stability/``; a finished copy is not trained again and an interrupted one
+  resumes from its checkpoint.
+- :func:`write_stability_report` draws the error along the paths and the barrier against the weights remaining.
+
+Masks: both ends of a path carry the same mask (the copies share it), so every point of the path does too; an
+interpolation between states with different masks is refused. Batch norm: by default the running statistics
+are interpolated like every other floating-point entry of the state; ``bn_reset_batches=N`` instead recomputes
+them on N training batches at every point of the path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .train import evaluate, save_atomic, train
+
+_NOISE_BASE = 7_340_033
+
+
+def noise_seeds_for(seed: int) -> tuple[int, int]:
+    """The default noise seeds of the two copies of replicate ``seed`` (distinct from every replicate's data
+    seed used by IMP itself)."""
+    return (_NOISE_BASE + 2 * int(seed), _NOISE_BASE + 2 * int(seed) + 1)
+
+
+# ------------------------------------------------------------------------------------------- interpolation
+def interpolate_state(a: dict, b: dict, alpha: float) -> dict:
+    """``(1 - alpha) * a + alpha * b`` entry by entry for floating-point tensors. Other entries (masks, batch
+    norm's ``num_batches_tracked``) are taken from ``a``; masks (keys ending in ``weight_mask``) must be equal in
+    both states."""
+    if set(a) != set(b):
+        only = sorted(set(a) ^ set(b))
+        raise ValueError(f"the two states have different entries: {only[:5]}{' ...' if len(only) > 5 else ''}")
+    alpha = float(alpha)
+    out = {}
+    for k, va in a.items():
+        vb = b[k]
+        if not isinstance(va, torch.Tensor):
+            out[k] = va
+            continue
+        if va.shape != vb.shape:
+            raise ValueError(f"{k}: shapes differ ({tuple(va.shape)} and {tuple(vb.shape)})")
+        if k.endswith("weight_mask"):
+            if not torch.equal(va.to(vb.device), vb):
+                raise ValueError(f"{k}: the two states have different masks; a linear path between networks "
+                                 "with different masks leaves both")
+            out[k] = va.clone()
+        elif va.is_floating_point():
+            out[k] = torch.lerp(va, vb.to(device=va.device, dtype=va.dtype), alpha)
+        else:
+            out[k] = va.clone()
+    return out
+
+
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def reset_bn_statistics(model: nn.Module, train_data, batches: int, batch_size: int, seed: int = 0) -> None:
+    """Recompute every batch norm's running mean and variance as the plain average over ``batches`` training
+    batches (``train_data.batch(i, batch_size, seed)``, with its augmentation); other modules stay in eval
+    mode."""
+    bns = _bn_modules(model)
+    if not bns or batches <= 0:
+        return
+    was_training = model.training
+    saved = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the mean over the batches seen
+        m.train()
+    try:
+        for i in range(batches):
+            model(train_data.batch(i, batch_size, seed)[0])
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+
+
+def _train_subset(train_data, n: int, bs: int):
+    x, y = train_data.x[:n], train_data.y[:n]
+    for i in range(0, x.shape[0], bs):
+        yield x[i:i + bs], y[i:i + bs]
+
+
+def linear_path(model: nn.Module, state_a: dict, state_b: dict, test_data, *, points: int = 11,
+                train_data=None, train_eval_size: int = 1000, eval_batch_size: int = 1000,
+                bn_reset_batches: int = 0, bn_batch_size: int = 128, bn_seed: int = 0) -> list[dict]:
+    """Evaluate ``model`` loaded with ``interpolate_state(state_a, state_b, alpha)`` at ``points`` evenly spaced
+    ``alpha`` in [0, 1] (both ends included). Returns one row per point: ``alpha``, ``test_loss``,
+    ``test_acc``, ``test_error`` and, with ``train_data``, the same on its first ``train_eval_size`` examples
+    (``train_*``). The model's own weights are put back afterwards."""
+    if int(points) < 2:
+        raise ValueError(f"points must be >= 2 (the two ends), got {points}")
+    if bn_reset_batches and train_data is None:
+        raise ValueError("bn_reset_batches needs train_data")
+    keep = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = []
+    try:
+        for i in range(int(points)):
+            alpha = i / (int(points) - 1)
+            model.load_state_dict(interpolate_state(state_a, state_b, alpha))
+            if bn_reset_batches:
+                reset_bn_statistics(model, train_data, bn_reset_batches, bn_batch_size, bn_seed)
+            loss, acc = evaluate(model, test_data.eval_batches(eval_batch_size))
+            row = dict(alpha=alpha, test_loss=loss, test_acc=acc, test_error=1.0 - acc)
+            if train_data is not None and train_eval_size:
+                loss, acc = evaluate(model, _train_subset(train_data, train_eval_size, eval_batch_size))
+                row.update(train_loss=loss, train_acc=acc, train_error=1.0 - acc)
+            rows.append(row)
+    finally:
+        model.load_state_dict(keep)
+    return rows
+
+
+def error_barrier(path: Sequence[dict], split: str = "test") -> float:
+    """The paper's instability of a path: the largest error along it minus the mean error of its two ends
+    (>= 0, since the ends are on the path)."""
+    key = f"{split}_error"
+    if len(path) < 2 or any(key not in r for r in path):
+        raise ValueError(f"a path of at least two points with {key!r} is needed")
+    errs = [float(r[key]) for r in sorted(path, key=lambda r: r["alpha"])]
+    return max(errs) - 0.5 * (errs[0] + errs[-1])
+
+
+# ------------------------------------------------------------------------------------------- on an IMP run
+def stability_dir(exp, seed: int, r: int) -> str:
+    return os.path.join(exp.round_dir(seed, r), "stability")
+
+
+def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None = None, points: int = 11,
+                bn_reset_batches: int = 0, progress: bool | None = None, checkpoint_every: int | None = None
+                ) -> dict:
+    """Instability analysis of round ``r`` of replicate ``seed`` of the IMP experiment ``exp``
+    (:class:`sparse_lth.imp.Experiment`): train two copies of the round from its rewind point with
+    ``noise_seeds`` (default :func:`noise_seeds_for`), interpolate between their final weights and return
+    (and write to ``stability.json``) ``dict(round, seed, rewind_iteration, start_iteration, noise_seeds,
+    percent_remaining, path, test_barrier, train_barrier, copies=[final test/train accuracy per copy])``.
+
+    Needs the experiment's ``init.pt`` and, for a rewind point after iteration 0 or for round 1 on, its
+    ``rewind.pt`` (written during round 0) and the round's masks (or the previous round's final weights, from
+    which they are computed as IMP would)."""
+    from .imp import count_masks
+    seeds = tuple(int(s) for s in (noise_seeds if noise_seeds is not None else noise_seeds_for(seed)))
+    if len(seeds) != 2 or seeds[0] == seeds[1]:
+        raise ValueError(f"noise_seeds must be two different seeds, got {noise_seeds}")
+    if not 0 <= r <= exp.n_rounds():
+        raise ValueError(f"round {r} is not a round of this experiment (0 .. {exp.n_rounds()})")
+    sdir = exp.seed_dir(seed)
+    init_path = os.path.join(sdir, "init.pt")
+    need = [init_path]
+    if r > 0 or exp.rewind_iteration > 0:
+        need.append(os.path.join(sdir, "rewind.pt"))
+    missing = [p for p in need if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"the instability analysis of seed {seed} round {r} needs {missing}: run the IMP "
+                                "experiment (at least through round 0) first")
+    if r > 0 and not os.path.exists(os.path.join(exp.round_dir(seed, r), "masks.pt")) and \
+            not os.path.exists(os.path.join(exp.round_dir(seed, r - 1), "final.pt")):
+        raise FileNotFoundError(f"round {r} of seed {seed} has no masks yet and round {r - 1} has not finished: "
+                                "run the IMP experiment through that round first")
+    out_dir = stability_dir(exp, seed, r)
+    result_path = os.path.join(out_dir, "stability.json")
+    settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            done = json.load(f)
+        if {k: done.get(k) for k in settings} == settings:
+            return done
+    os.makedirs(out_dir, exist_ok=True)
+    train_data, test_data = exp.data
+    progress = exp.progress if progress is None else progress
+    every = exp.checkpoint_every if checkpoint_every is None else int(checkpoint_every)
+    finals, copies = [], []
+    model = masks = None
+    for copy, noise in enumerate(seeds):
+        final_path = os.path.join(out_dir, f"copy_{noise}.pt")
+        model, masks, start = exp.prepare_round(seed, r, from_rewind_point=True)
+        if os.path.exists(final_path):
+            state = torch.load(final_path, map_location=exp.device, weights_only=False)
+            model.load_state_dict(state)
+        else:
+            cfg = dataclasses.replace(exp.train_cfg, seed=noise, progress=progress)
+            ck = os.path.join(out_dir, f"checkpoint_{noise}.pt")
+            train(model, train_data, test_data, cfg, start_iteration=start, checkpoint_path=ck,
+                  checkpoint_every=every, desc=f"seed {seed} round {r} copy {copy} (noise {noise})")
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_atomic(state, final_path)
+            if os.path.exists(ck):
+                os.remove(ck)
+        finals.append(state)
+        test_loss, test_acc = evaluate(model, test_data.eval_batches(exp.train_cfg.eval_batch_size))
+        copies.append(dict(noise_seed=noise, test_acc=test_acc, test_loss=test_loss))
+    path = linear_path(model, finals[0], finals[1], test_data, points=points, train_data=train_data,
+                       train_eval_size=exp.train_cfg.train_eval_size or 1000,
+                       eval_batch_size=exp.train_cfg.eval_batch_size, bn_reset_batches=bn_reset_batches,
+                       bn_batch_size=exp.train_cfg.batch_size, bn_seed=seeds[0])
+    counts = count_masks(masks)
+    live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    result = dict(round=r, seed=seed, control=exp.hp.control, model=exp.hp.model,
+                  rewind_iteration=exp.rewind_iteration, start_iteration=exp.rewind_iteration,
+                  iterations=exp.iterations, percent_remaining=100.0 * live / total, **settings,
+                  test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
+                  copies=copies, path=path)
+    tmp = result_path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, result_path)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def load_stability(exp_dir: str) -> list[dict]:
+    """Every ``stability.json`` of an experiment folder, ordered by seed and round."""
+    import glob
+    rows = []
+    for p in glob.glob(os.path.join(exp_dir, "seed_*", "round_*", "stability", "stability.json")):
+        with open(p) as f:
+            rows.append(json.load(f))
+    return sorted(rows, key=lambda d: (d["seed"], d["round"]))
+
+
+def stability_markdown(results: Sequence[dict]) -> str:
+    lines = ["| experiment | seed | round | % remaining | test error at a=0 / a=1 (%) | max test error on the path (%) "
+             "| test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|---|"]
+    for d in results:
+        errs = [r["test_error"] for r in d["path"]]
+        lines.append(f"| {d.get('control', 'imp')} | {d['seed']} | {d['round']} | {d['percent_remaining']:.2f} | "
+                     f"{100 * errs[0]:.2f} / {100 * errs[-1]:.2f} | {100 * max(errs):.2f} | "
+                     f"{100 * d['test_barrier']:.2f} | {100 * d['train_barrier']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _groups(results: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """Results by (experiment, seed), labelled, each ordered by round."""
+    keys = sorted({(d.get("control", "imp"), d["seed"]) for d in results})
+    many_controls = len({k[0] for k in keys}) > 1
+    out = []
+    for control, seed in keys:
+        rows = sorted((d for d in results if (d.get("control", "imp"), d["seed"]) == (control, seed)),
+                      key=lambda d: d["round"])
+        out.append((f"{control + ', ' if many_controls else ''}seed {seed}", rows))
+    return out
+
+
+def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "") -> dict:
+    """``error_along_path.png`` (test error against alpha, one line per round), ``barrier_vs_remaining.png``
+    (test and train barrier against the weights remaining) and ``stability.md`` into ``out_dir``."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    if not results:
+        raise ValueError("no stability results to report")
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    k = results[0]["rewind_iteration"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    cmap = plt.get_cmap("viridis")
+    groups = _groups(results)
+    styles = ["-o", "--s", ":^", "-.v"]
+    for g, (label, rows) in enumerate(groups):
+        for i, d in enumerate(rows):
+            xs = [r["alpha"] for r in d["path"]]
+            ax.plot(xs, [100 * r["test_error"] for r in d["path"]], styles[g % len(styles)], ms=3,
+                    color=cmap(i / max(len(rows) - 1, 1)),
+                    label=f"{d['percent_remaining']:.1f}% (round {d['round']}, {label})")
+    ax.set_xlabel("interpolation a between the two copies")
+    ax.set_ylabel("test error (%)")
+    ax.set_title(f"{title}: error along the linear path (copies from iteration {k})", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    files["paths"] = os.path.join(out_dir, "error_along_path.png")
+    fig.savefig(files["paths"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [d["percent_remaining"] for d in results]
+    for i, (label, rows) in enumerate(_groups(results)):
+        color = f"C{i}"
+        px = [d["percent_remaining"] for d in rows]
+        ax.plot(px, [100 * d["test_barrier"] for d in rows], "o-", color=color, label=f"{label}: test error")
+        ax.plot(px, [100 * d["train_barrier"] for d in rows], "s--", color=color, alpha=0.6,
+                label=f"{label}: train error")
+    from .report import _setup_axis
+    _setup_axis(ax, xs)
+    ax.set_ylabel("error barrier (percentage points)")
+    ax.set_title(f"{title}: instability at iteration {k}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files["barrier"] = os.path.join(out_dir, "barrier_vs_remaining.png")
+    fig.savefig(files["barrier"], dpi=110)
+    plt.close(fig)
+
+    files["summary"] = os.path.join(out_dir, "stability.md")
+    with open(files["summary"], "w") as f:
+        f.write(f"# Instability analysis{': ' + title if title else ''}\n\nTwo copies of each round trained from "
+                f"iteration {k} with different SGD noise; barrier = largest error along the linear path between "
+                "them minus the mean of the two ends' errors, in percentage points.\n\n")
+        f.write(stability_markdown(results))
+    return files

@@ -1,0 +1,279 @@
+"""Linear mode connectivity / instability analysis: interpolation, the error barrier, batch-norm statistics, the
+analysis of IMP rounds (its copies are IMP's own rounds under another data order) and the ``stability`` CLI."""
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_data
+from sparse_lth import stability
+from sparse_lth.data import DeviceDataset
+from sparse_lth.imp import Experiment, ImpHparams, run_imp
+from sparse_lth.layers import sparsify
+from sparse_lth.stability import (error_barrier, instability, interpolate_state, linear_path, noise_seeds_for,
+                                  reset_bn_statistics)
+from sparse_lth.train import evaluate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small_mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+# ------------------------------------------------------------------------------------------- interpolation
+def test_interpolate_state_lerps_floats_and_keeps_masks_and_counters():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(3), "l.weight_mask": torch.tensor([True, False])}
+    b = {"w": torch.tensor([4.0, -2.0]), "n": torch.tensor(7), "l.weight_mask": torch.tensor([True, False])}
+    for alpha, want in ((0.0, [0.0, 2.0]), (0.25, [1.0, 1.0]), (1.0, [4.0, -2.0])):
+        out = interpolate_state(a, b, alpha)
+        assert out["w"].tolist() == want
+        assert out["n"].item() == 3 and out["l.weight_mask"].tolist() == [True, False]
+    out["l.weight_mask"][0] = False  # a copy, not a's tensor
+    assert a["l.weight_mask"][0]
+    with pytest.raises(ValueError, match="different masks"):
+        interpolate_state(a, {**b, "l.weight_mask": torch.tensor([True, True])}, 0.5)
+    with pytest.raises(ValueError, match="different entries"):
+        interpolate_state(a, {"w": b["w"]}, 0.5)
+    with pytest.raises(ValueError, match="shapes differ"):
+        interpolate_state(a, {**b, "w": torch.zeros(3)}, 0.5)
+
+
+def test_error_barrier():
+    path = [dict(alpha=0.0, test_error=0.1), dict(alpha=1.0, test_error=0.2), dict(alpha=0.5, test_error=0.3)]
+    assert error_barrier(path) == pytest.approx(0.3 - 0.15)
+    flat = [dict(alpha=a / 4, test_error=0.1) for a in range(5)]
+    assert error_barrier(flat) == 0.0
+    # the paper's definition measures from the mean of the ends: a straight line from 10% to 18% has 4 points
+    line = [dict(alpha=a / 4, test_error=0.1 + 0.02 * a) for a in range(5)]
+    assert error_barrier(line) == pytest.approx(0.04)
+    with pytest.raises(ValueError):
+        error_barrier(path, "train")
+    with pytest.raises(ValueError):
+        error_barrier(path[:1])
+
+
+@pytest.mark.parametrize("layers", ["plain", "sparse"])
+def test_linear_path_evaluates_each_interpolated_network(layers):
+    tr, te = tiny_data(120, 60)
+    a, b = small_mlp(0), small_mlp(1)
+    model = small_mlp(2)
+    if layers == "sparse":  # the same mask on both ends, on the sparse path
+        g = torch.Generator().manual_seed(0)
+        masks = {n: torch.rand(m.weight.shape, generator=g) < 0.3 for n, m in model.named_modules()
+                 if isinstance(m, nn.Linear)}
+        a, b, model = (sparsify(m, masks, path="sparse") for m in (a, b, model))
+    sa, sb = a.state_dict(), b.state_dict()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    path = linear_path(model, sa, sb, te, points=5, train_data=tr, train_eval_size=50, eval_batch_size=32)
+    assert [r["alpha"] for r in path] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    # every point is the network with the interpolated weights, evaluated as `evaluate` does
+    ref = small_mlp(3)
+    for row in path:
+        sd = {k: torch.lerp(sa[k].float(), sb[k].float(), row["alpha"]) for k in ref.state_dict()}
+        ref.load_state_dict(sd)
+        loss, acc = evaluate(ref, te.eval_batches(32))
+        assert row["test_loss"] == pytest.approx(loss, rel=1e-4) and row["test_acc"] == acc
+        assert row["test_error"] == pytest.approx(1 - acc)
+        loss, acc = evaluate(ref, [(tr.x[:50], tr.y[:50])])
+        assert row["train_loss"] == pytest.approx(loss, rel=1e-4) and row["train_acc"] == acc
+    if layers == "sparse":  # the mid-point keeps the mask: pruned weights stay zero
+        mid = interpolate_state(sa, sb, 0.5)
+        for n in masks:
+            assert (mid[f"{n}.weight"][~masks[n]] == 0).all()
+    for k, v in model.state_dict().items():  # the model's own weights are back
+        assert torch.equal(v, own[k])
+    with pytest.raises(ValueError, match="points"):
+        linear_path(model, sa, sb, te, points=1)
+
+
+def test_reset_bn_statistics_averages_the_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 26 * 26, 10),
+                          nn.Dropout(0.5))
+    data = DeviceDataset(torch.randn(64, 1, 28, 28) * 3 + 1, torch.randint(0, 10, (64,)))
+    bn = model[1]
+    bn.running_mean.fill_(5.0)
+    model.train()
+    reset_bn_statistics(model, data, batches=4, batch_size=16, seed=3)
+    with torch.no_grad():
+        means = [model[0](data.batch(i, 16, 3)[0]).mean(dim=(0, 2, 3)) for i in range(4)]
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    assert bn.momentum == 0.1 and model.training and model[5].training  # settings put back
+    assert bn.num_batches_tracked.item() == 4
+
+
+def test_linear_path_with_bn_reset_changes_only_the_statistics():
+    torch.manual_seed(0)
+    tr, te = tiny_data(96, 48)
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(1, 2, 3, stride=3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(2 * 9 * 9, 10))
+    a, b, model = net(0), net(1), net(2)
+    for m in (a, b):  # give them different, non-trivial statistics
+        m.train()
+        with torch.no_grad():
+            m(tr.x[:48] * (2 if m is a else 0.5))
+    plain = linear_path(model, a.state_dict(), b.state_dict(), te, points=3)
+    reset = linear_path(model, a.state_dict(), b.state_dict(), te, points=3, train_data=tr, bn_reset_batches=2,
+                        bn_batch_size=48)
+    assert plain[0]["test_loss"] != pytest.approx(reset[0]["test_loss"], rel=1e-3)
+    ref = net(3)  # a=0 with reset = a's weights with the statistics of two training batches
+    ref.load_state_dict(a.state_dict())
+    reset_bn_statistics(ref, tr, 2, 48, 0)
+    assert reset[0]["test_loss"] == pytest.approx(evaluate(ref, te.eval_batches(1000))[0], rel=1e-5)
+    with pytest.raises(ValueError, match="train_data"):
+        linear_path(model, a.state_dict(), b.state_dict(), te, bn_reset_batches=2)
+
+
+# ------------------------------------------------------------------------------------------- on an IMP run
+def tiny_hp(**kw) -> ImpHparams:
+    base = dict(model="lenet300_100", width=0.1, optimizer="adam", lr=3e-3, batch_size=16, iterations="20it",
+                eval_every=5, train_eval_size=64, rounds=2, prune_fc=0.5, prune_output=0.2, layer_impl="sparse",
+                path="dense")
+    base.update(kw)
+    return ImpHparams(**base)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("rewind", ["0it", "5it"])
+def test_instability_of_imp_rounds(tmp_path, rewind, monkeypatch):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rewind=rewind)
+    res = run_imp(hp, str(tmp_path), progress=False, checkpoint_every=5, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, checkpoint_every=5, data=data)
+    k = exp.rewind_iteration
+    results = {}
+    for r in range(3):
+        rdir = exp.round_dir(0, r)
+        # noise seed 0 is the replicate's own data order: from round 1 on (and in round 0 when it starts at
+        # iteration 0) that copy IS the IMP round, bit for bit on CPU
+        d = results[r] = instability(exp, 0, r, noise_seeds=(0, 11), points=3)
+        sdir = os.path.join(rdir, "stability")
+        copy0, copy1 = load(os.path.join(sdir, "copy_0.pt")), load(os.path.join(sdir, "copy_11.pt"))
+        if r > 0 or k == 0:
+            final = load(os.path.join(rdir, "final.pt"))
+            assert all(torch.equal(copy0[n], final[n]) for n in final)
+        masks = load(os.path.join(rdir, "masks.pt"))["masks"]
+        for n, mk in masks.items():
+            assert torch.equal(copy0[f"{n}.weight_mask"], mk) and torch.equal(copy1[f"{n}.weight_mask"], mk)
+            assert (copy1[f"{n}.weight"][~mk] == 0).all()
+        assert any(not torch.equal(copy0[n], copy1[n]) for n in copy0 if n.endswith(".weight"))
+        assert d["round"] == r and d["start_iteration"] == k and d["noise_seeds"] == [0, 11]
+        assert d["percent_remaining"] == pytest.approx(res.metrics[0][r]["percent_remaining"])
+        assert [p["alpha"] for p in d["path"]] == [0.0, 0.5, 1.0]
+        # the ends of the path are the copies themselves
+        assert d["path"][0]["test_acc"] == d["copies"][0]["test_acc"]
+        assert d["path"][-1]["test_acc"] == d["copies"][1]["test_acc"]
+        assert d["test_barrier"] == pytest.approx(error_barrier(d["path"])) and d["test_barrier"] >= 0
+        assert d["train_barrier"] == pytest.approx(error_barrier(d["path"], "train"))
+        with open(os.path.join(sdir, "stability.json")) as f:
+            assert json.load(f) == json.loads(json.dumps(d))
+        assert not [f for f in os.listdir(sdir) if f.startswith("checkpoint")]
+    # a finished analysis is read back, not trained again; other settings reuse the trained copies
+    monkeypatch.setattr(stability, "train", lambda *a, **kw: pytest.fail("trained again"))
+    again = instability(exp, 0, 1, noise_seeds=(0, 11), points=3)
+    assert again == json.loads(json.dumps(results[1]))
+    five = instability(exp, 0, 1, noise_seeds=(0, 11), points=5)
+    assert len(five["path"]) == 5 and five["path"][0]["test_acc"] == again["path"][0]["test_acc"]
+    assert five["path"][2]["test_acc"] == again["path"][1]["test_acc"]
+
+
+def test_instability_resumes_an_interrupted_copy(tmp_path):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    run_imp(hp, str(tmp_path), progress=False, checkpoint_every=5, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, checkpoint_every=5, data=data)
+    ref = instability(exp, 0, 1, noise_seeds=(3, 4), points=3)
+    sdir = stability.stability_dir(exp, 0, 1)
+    ref_copy = load(os.path.join(sdir, "copy_4.pt"))
+    for f in os.listdir(sdir):
+        os.remove(os.path.join(sdir, f))
+
+    calls = []
+    real_train = stability.train
+
+    def stop_after_12(*a, **kw):  # the second copy is killed after 12 of its 20 iterations
+        calls.append(1)
+        if len(calls) == 2:
+            def cb(it, m):
+                if it == 12:
+                    raise KeyboardInterrupt
+            kw["callback"] = cb
+        return real_train(*a, **kw)
+    stability.train = stop_after_12
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            instability(exp, 0, 1, noise_seeds=(3, 4), points=3)
+    finally:
+        stability.train = real_train
+    assert os.path.exists(os.path.join(sdir, "checkpoint_4.pt")) and os.path.exists(os.path.join(sdir, "copy_3.pt"))
+    out = instability(exp, 0, 1, noise_seeds=(3, 4), points=3)
+    resumed = load(os.path.join(sdir, "copy_4.pt"))
+    assert all(torch.equal(resumed[n], ref_copy[n]) for n in ref_copy)
+    assert out["path"] == ref["path"] and out["test_barrier"] == ref["test_barrier"]
+
+
+def test_instability_refuses_bad_requests(tmp_path):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+    with pytest.raises(FileNotFoundError, match="run the IMP experiment"):
+        instability(exp, 0, 0)
+    run_imp(hp, str(tmp_path), progress=False, data=data)
+    with pytest.raises(ValueError, match="two different seeds"):
+        instability(exp, 0, 1, noise_seeds=(2, 2))
+    with pytest.raises(ValueError, match="not a round"):
+        instability(exp, 0, 5)
+    assert noise_seeds_for(0) != noise_seeds_for(1) and len(set(noise_seeds_for(0))) == 2
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def test_stability_cli(tmp_path, capsys):
+    from conftest import require_shared_data
+    from sparse_lth.cli import main
+    data = str(require_shared_data())  # fails, never skips, when the data is missing
+    assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
+                 "30it", "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300",
+                 "--test-limit", "200", "--batch-size", "20", "--no-progress", "--no-report"]) == 0
+    exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
+    capsys.readouterr()
+    argv = ["stability", str(exp), "--data", data, "--rounds", "0,2", "--points", "3", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] == ["imp"]]
+    assert [r[1:3] for r in rows] == [["0", "0"], ["0", "2"]]
+    assert "| experiment | seed | round |" in out
+    for name in ("error_along_path.png", "barrier_vs_remaining.png", "stability.md"):
+        assert (exp / "stability" / name).stat().st_size > 0
+    for r in (0, 2):
+        with open(exp / "seed_0" / f"round_{r:02d}" / "stability" / "stability.json") as f:
+            d = json.load(f)
+        assert d["noise_seeds"] == list(noise_seeds_for(0)) and len(d["path"]) == 3
+    table = out[out.index("| seed |"):].split("error_along_path")[0]
+    assert main(argv) == 0  # a re-run reads the finished analyses back: the same table
+    assert table in capsys.readouterr().out
+    # IMP and its random-reinit control in one report
+    assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
+                 "30it", "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300",
+                 "--test-limit", "200", "--batch-size", "20", "--no-progress", "--no-report",
+                 "--control", "reinit"]) == 0
+    reinit = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_reinit_"))
+    capsys.readouterr()
+    assert main(["stability", str(exp), str(reinit), "--data", data, "--rounds", "2", "--points", "3",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| imp | 0 | 2 |" in out and "| reinit | 0 | 2 |" in out and "| imp | 0 | 0 |" in out
+    assert (tmp_path / "stability" / "barrier_vs_remaining.png").stat().st_size > 0  # the common parent
+    assert main(["stability", str(tmp_path), "--data", data]) == 2
+    assert "not an experiment folder" in capsys.readouterr().err
+    assert main(["stability", str(exp), "--data", data, "--noise-seeds", "1,2,3"]) == 2
+    assert "two seeds" in capsys.readouterr().err
