@@ -26,12 +26,14 @@ def tiny_imp_args(root, *extra):
 
 
 def test_help(capsys):
-    for argv in (["--help"], ["imp", "--help"], ["train", "--help"], ["report", "--help"]):
+    for argv in (["--help"], ["imp", "--help"], ["train", "--help"], ["report", "--help"], ["stability", "--help"],
+                 ["landscape", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--preset", "--prune-fc", "--rewind", "--control", "--replicates", "--milestones", "--density"):
+    for flag in ("--preset", "--prune-fc", "--rewind", "--control", "--replicates", "--milestones", "--density",
+                 "--noise-seeds", "--bn-reset", "--top"):
         assert flag in out
     r = subprocess.run([sys.executable, "-m", "sparse_lth.cli", "--help"], capture_output=True, text=True,
                        timeout=120)
