@@ -225,22 +225,16 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
             n2 = sum(float((final[f"{n}.weight"].double() ** 2).sum()) for n in masks)
             result["distance_to_next"] = math.sqrt(d2)
             result["distance_to_next_relative"] = math.sqrt(d2 / n2) if n2 > 0 else None
-    tmp = out_path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, out_path)
+    from .imp import _write_json_atomic
+    _write_json_atomic(result, out_path)
     return result
 
 
 # ---------------------------------------------------------------------------------------------------- report
 def load_landscape(exp_dir: str) -> list[dict]:
-    import glob
-    rows = []
-    for p in glob.glob(os.path.join(exp_dir, "seed_*", "round_*", "landscape.json")):
-        with open(p) as f:
-            rows.append(json.load(f))
-    return sorted(rows, key=lambda d: (d["seed"], d["round"]))
+    """Every ``landscape.json`` of an experiment folder, ordered by seed and round."""
+    from .stability import load_rows
+    return load_rows(exp_dir, "landscape.json")
 
 
 def _fmt(v, spec):

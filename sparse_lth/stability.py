@@ -225,23 +225,25 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
                   iterations=exp.iterations, percent_remaining=100.0 * live / total, **settings,
                   test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
                   copies=copies, path=path)
-    tmp = result_path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, result_path)
+    from .imp import _write_json_atomic
+    _write_json_atomic(result, result_path)
     return result
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def load_stability(exp_dir: str) -> list[dict]:
-    """Every ``stability.json`` of an experiment folder, ordered by seed and round."""
+def load_rows(exp_dir: str, *parts: str) -> list[dict]:
+    """Every ``<exp_dir>/seed_*/round_*/<parts...>`` JSON file, ordered by seed and round."""
     import glob
     rows = []
-    for p in glob.glob(os.path.join(exp_dir, "seed_*", "round_*", "stability", "stability.json")):
+    for p in glob.glob(os.path.join(exp_dir, "seed_*", "round_*", *parts)):
         with open(p) as f:
             rows.append(json.load(f))
     return sorted(rows, key=lambda d: (d["seed"], d["round"]))
+
+
+def load_stability(exp_dir: str) -> list[dict]:
+    """Every ``stability.json`` of an experiment folder, ordered by seed and round."""
+    return load_rows(exp_dir, "stability", "stability.json")
 
 
 def stability_markdown(results: Sequence[dict]) -> str:

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import test_stability
 from conftest import tiny_data
+from test_stability import load
 from sparse_lth import landscape as ls
-from sparse_lth.imp import Experiment, ImpHparams, run_imp
+from sparse_lth.imp import Experiment, run_imp
 from sparse_lth.layers import sparsify
 from sparse_lth.landscape import hessian_vector_product, masked_parameters, top_hessian_eigenvalues
 from sparse_lth.train import evaluate
@@ -111,15 +113,7 @@ def test_eigenvalue_requests_are_checked():
 
 # ------------------------------------------------------------------------------------------- on an IMP run
 def tiny_hp(**kw):
-    base = dict(model="lenet300_100", width=0.1, optimizer="adam", lr=3e-3, batch_size=16, iterations="20it",
-                eval_every=5, train_eval_size=64, rounds=2, prune_fc=0.5, prune_output=0.2, layer_impl="sparse",
-                path="auto")
-    base.update(kw)
-    return ImpHparams(**base)
-
-
-def load(p):
-    return torch.load(p, map_location="cpu", weights_only=False)
+    return test_stability.tiny_hp(**{"path": "auto", **kw})
 
 
 def test_landscape_of_imp_rounds(tmp_path, monkeypatch):

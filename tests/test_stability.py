@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import test_imp
 from conftest import tiny_data
 from sparse_lth import stability
 from sparse_lth.data import DeviceDataset
@@ -133,11 +134,7 @@ def test_linear_path_with_bn_reset_changes_only_the_statistics():
 
 # ------------------------------------------------------------------------------------------- on an IMP run
 def tiny_hp(**kw) -> ImpHparams:
-    base = dict(model="lenet300_100", width=0.1, optimizer="adam", lr=3e-3, batch_size=16, iterations="20it",
-                eval_every=5, train_eval_size=64, rounds=2, prune_fc=0.5, prune_output=0.2, layer_impl="sparse",
-                path="dense")
-    base.update(kw)
-    return ImpHparams(**base)
+    return test_imp.tiny_hp(**{"rounds": 2, "prune_fc": 0.5, "prune_output": 0.2, **kw})
 
 
 def load(path):
