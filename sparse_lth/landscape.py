@@ -94,7 +94,8 @@ def hessian_vector_product(model: nn.Module, batches: Sequence[tuple[torch.Tenso
 
 
 def top_hessian_eigenvalues(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], k: int = 1,
-                            iters: int = 60, tol: float = 1e-3, seed: int = 0) -> dict:
+                            iters: int = 60, tol: float = 1e-3, seed: int = 0, progress: bool = False,
+                            desc: str = "Lanczos") -> dict:
     """The ``k`` largest (algebraic) eigenvalues of the masked loss Hessian over ``batches``, by the Lanczos
     method with full reorthogonalization: at most ``iters`` Hessian-vector products, fewer once every one of the
     ``k`` Ritz values has a residual bound ``|beta_j s_j|`` below ``tol`` times its size. Keeps ``iters`` vectors
@@ -116,6 +117,18 @@ def top_hessian_eigenvalues(model: nn.Module, batches: Sequence[tuple[torch.Tens
     q = _project([torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype) for p, _ in params], masks)
     norm = math.sqrt(float(_dot(q, q)))
     q = [t / norm for t in q]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=steps, desc=desc, dynamic_ncols=True, leave=False)
+    try:
+        return _lanczos(model, batches, params, masks, q, steps, k, tol, n_live, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _lanczos(model, batches, params, masks, q, steps, k, tol, n_live, bar) -> dict:
     basis, alphas, betas = [], [], []
     theta = resid = None
     converged = False
@@ -137,6 +150,9 @@ def top_hessian_eigenvalues(model: nn.Module, batches: Sequence[tuple[torch.Tens
         theta = evals.flip(0)[:top]
         resid = (beta * evecs[-1].flip(0)[:top]).abs()
         scale = max(float(evals.abs().max()), 1e-30)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(top=f"{float(theta[0]):.4g}", residual=f"{float(resid.max()):.2g}")
         if len(alphas) >= k and bool((resid <= tol * torch.clamp(theta.abs(), min=1e-12 * scale)).all()):
             converged = True
             break
@@ -196,7 +212,8 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     final = _load(final_path, exp.device)
     model, masks, _ = exp.prepare_round(seed, r)
     model.load_state_dict(final)
-    hess = top_hessian_eigenvalues(model, batches, k=top, iters=iters, tol=tol, seed=seed)
+    hess = top_hessian_eigenvalues(model, batches, k=top, iters=iters, tol=tol, seed=seed, progress=exp.progress,
+                                   desc=f"seed {seed} round {r} Hessian")
     own = dict(train=evaluate(model, batches), test=evaluate(model, test_data.eval_batches(1000)))
     live = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
