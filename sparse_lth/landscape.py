@@ -217,7 +217,8 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     own = dict(train=evaluate(model, batches), test=evaluate(model, test_data.eval_batches(1000)))
     live = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    result = dict(round=r, seed=seed, model=exp.hp.model, control=exp.hp.control,
+    result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), round=r, seed=seed, model=exp.hp.model,
+                  control=exp.hp.control, rewind_iteration=exp.rewind_iteration,
                   percent_remaining=100.0 * live / total, **settings, eigenvalues=hess["eigenvalues"],
                   hessian_iterations=hess["iterations"], hessian_converged=hess["converged"],
                   live_parameters=hess["parameters"],
@@ -259,14 +260,15 @@ def _fmt(v, spec):
 
 
 def landscape_markdown(results: Sequence[dict]) -> str:
-    lines = ["| experiment | seed | round | % remaining | top Hessian eigenvalues | train loss | distance to next "
+    lines = ["| experiment | k | seed | round | % remaining | top Hessian eigenvalues | train loss | distance to next "
              "(relative) | after pruning to the next mask: train loss / test acc (%) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for d in results:
         eig = ", ".join(f"{e:.4g}" for e in d["eigenvalues"])
         p = d["projected"]
         proj = "-" if p is None else f"{p['train_loss']:.4f} / {100 * p['test_acc']:.2f}"
-        lines.append(f"| {d.get('control', 'imp')} | {d['seed']} | {d['round']} | {d['percent_remaining']:.2f} | {eig} | "
+        lines.append(f"| {d.get('control', 'imp')} | {d.get('rewind_iteration', '-')} | {d['seed']} | {d['round']} | "
+                     f"{d['percent_remaining']:.2f} | {eig} | "
                      f"{d['final']['train_loss']:.4f} | {_fmt(d['distance_to_next'], '.3f')} "
                      f"({_fmt(d['distance_to_next_relative'], '.3f')}) | {proj} |")
     return "\n".join(lines) + "\n"

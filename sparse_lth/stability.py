@@ -220,7 +220,8 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
                        bn_batch_size=exp.train_cfg.batch_size, bn_seed=seeds[0])
     counts = count_masks(masks)
     live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
-    result = dict(round=r, seed=seed, control=exp.hp.control, model=exp.hp.model,
+    result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), round=r, seed=seed,
+                  control=exp.hp.control, model=exp.hp.model,
                   rewind_iteration=exp.rewind_iteration, start_iteration=exp.rewind_iteration,
                   iterations=exp.iterations, percent_remaining=100.0 * live / total, **settings,
                   test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
@@ -237,7 +238,9 @@ def load_rows(exp_dir: str, *parts: str) -> list[dict]:
     rows = []
     for p in glob.glob(os.path.join(exp_dir, "seed_*", "round_*", *parts)):
         with open(p) as f:
-            rows.append(json.load(f))
+            row = json.load(f)
+        row.setdefault("experiment", os.path.basename(os.path.normpath(exp_dir)))  # (files written before it)
+        rows.append(row)
     return sorted(rows, key=lambda d: (d["seed"], d["round"]))
 
 
@@ -247,25 +250,44 @@ def load_stability(exp_dir: str) -> list[dict]:
 
 
 def stability_markdown(results: Sequence[dict]) -> str:
-    lines = ["| experiment | seed | round | % remaining | test error at a=0 / a=1 (%) | max test error on the path (%) "
-             "| test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| experiment | k | seed | round | % remaining | test error at a=0 / a=1 (%) | max test error on the "
+             "path (%) | test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|---|---|"]
     for d in results:
         errs = [r["test_error"] for r in d["path"]]
-        lines.append(f"| {d.get('control', 'imp')} | {d['seed']} | {d['round']} | {d['percent_remaining']:.2f} | "
+        lines.append(f"| {d.get('control', 'imp')} | {d['rewind_iteration']} | {d['seed']} | {d['round']} | "
+                     f"{d['percent_remaining']:.2f} | "
                      f"{100 * errs[0]:.2f} / {100 * errs[-1]:.2f} | {100 * max(errs):.2f} | "
                      f"{100 * d['test_barrier']:.2f} | {100 * d['train_barrier']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
+def experiment_label(d: dict, results: Sequence[dict]) -> str:
+    """What tells ``d``'s experiment from the others in ``results``: its control, its rewind iteration, or
+    (when those agree) its folder's name; empty when it is the only experiment."""
+    exps = {r.get("experiment") for r in results}
+    if len(exps) <= 1:
+        return ""
+    parts = []
+    if len({r.get("control", "imp") for r in results}) > 1:
+        parts.append(d.get("control", "imp"))
+    if len({r.get("rewind_iteration") for r in results}) > 1:
+        parts.append(f"k={d.get('rewind_iteration')}")
+    same = [r.get("experiment") for r in results if r.get("control", "imp") == d.get("control", "imp")
+            and r.get("rewind_iteration") == d.get("rewind_iteration")]
+    if len(set(same)) > 1 or not parts:
+        parts.append(str(d.get("experiment")))
+    return ", ".join(parts)
+
+
 def _groups(results: Sequence[dict]) -> list[tuple[str, list[dict]]]:
     """Results by (experiment, seed), labelled, each ordered by round."""
-    keys = sorted({(d.get("control", "imp"), d["seed"]) for d in results})
-    many_controls = len({k[0] for k in keys}) > 1
+    keys = sorted({(d.get("experiment") or "", d["seed"]) for d in results})
     out = []
-    for control, seed in keys:
-        rows = sorted((d for d in results if (d.get("control", "imp"), d["seed"]) == (control, seed)),
+    for exp, seed in keys:
+        rows = sorted((d for d in results if ((d.get("experiment") or ""), d["seed"]) == (exp, seed)),
                       key=lambda d: d["round"])
-        out.append((f"{control + ', ' if many_controls else ''}seed {seed}", rows))
+        label = experiment_label(rows[0], results)
+        out.append((f"{label + ', ' if label else ''}seed {seed}", rows))
     return out
 
 
@@ -279,7 +301,8 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
         raise ValueError("no stability results to report")
     os.makedirs(out_dir, exist_ok=True)
     files = {}
-    k = results[0]["rewind_iteration"]
+    ks = sorted({d["rewind_iteration"] for d in results})
+    start = f"iteration {ks[0]}" if len(ks) == 1 else "each experiment's rewind point"
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     cmap = plt.get_cmap("viridis")
     groups = _groups(results)
@@ -292,7 +315,7 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
                     label=f"{d['percent_remaining']:.1f}% (round {d['round']}, {label})")
     ax.set_xlabel("interpolation a between the two copies")
     ax.set_ylabel("test error (%)")
-    ax.set_title(f"{title}: error along the linear path (copies from iteration {k})", fontsize=9)
+    ax.set_title(f"{title}: error along the linear path (copies from {start})", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -311,7 +334,7 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
     from .report import _setup_axis
     _setup_axis(ax, xs)
     ax.set_ylabel("error barrier (percentage points)")
-    ax.set_title(f"{title}: instability at iteration {k}", fontsize=9)
+    ax.set_title(f"{title}: instability at {start}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     files["barrier"] = os.path.join(out_dir, "barrier_vs_remaining.png")
@@ -321,7 +344,7 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
     files["summary"] = os.path.join(out_dir, "stability.md")
     with open(files["summary"], "w") as f:
         f.write(f"# Instability analysis{': ' + title if title else ''}\n\nTwo copies of each round trained from "
-                f"iteration {k} with different SGD noise; barrier = largest error along the linear path between "
+                f"{start} (k) with different SGD noise; barrier = largest error along the linear path between "
                 "them minus the mean of the two ends' errors, in percentage points.\n\n")
         f.write(stability_markdown(results))
     return files

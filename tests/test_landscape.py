@@ -164,7 +164,7 @@ def test_landscape_of_imp_rounds(tmp_path, monkeypatch):
     assert rd["control"] == "reinit" and len(rd["eigenvalues"]) == 1
     assert rd["projected"] is None and rd["distance_to_next"] is None
     files = ls.write_landscape_report(ls.load_landscape(exp.dir), str(tmp_path / "rep"), title="tiny")
-    assert os.path.getsize(files["figure"]) > 0 and "| imp | 0 | 2 |" in open(files["summary"]).read()
+    assert os.path.getsize(files["figure"]) > 0 and "| imp | 0 | 0 | 2 |" in open(files["summary"]).read()
 
 
 def test_landscape_needs_a_finished_round(tmp_path):
@@ -185,7 +185,7 @@ def test_landscape_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["landscape", str(exp), "--data", data, "--top", "2", "--examples", "100", "--iters", "30"]) == 0
     out = capsys.readouterr().out
-    assert "seed 0 round  0" in out and "seed 0 round  1" in out and "| experiment | seed | round |" in out
+    assert "seed 0 round  0" in out and "seed 0 round  1" in out and "| experiment | k | seed | round |" in out
     for r in (0, 1):
         with open(exp / "seed_0" / f"round_{r:02d}" / "landscape.json") as f:
             assert len(json.load(f)["eigenvalues"]) == 2

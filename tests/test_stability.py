@@ -219,6 +219,36 @@ def test_instability_resumes_an_interrupted_copy(tmp_path):
     assert out["path"] == ref["path"] and out["test_barrier"] == ref["test_barrier"]
 
 
+def test_reports_tell_experiments_apart(tmp_path):
+    """Two IMP experiments that differ only in their rewind point get one line each, labelled by k; a control
+    is labelled by its name; files written before results named their experiment still group by folder."""
+    data = tiny_data(240, 120)
+    results = []
+    for rewind in ("0it", "5it"):
+        hp = tiny_hp(rounds=1, rewind=rewind)
+        run_imp(hp, str(tmp_path), progress=False, data=data)
+        exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+        d = instability(exp, 0, 1, noise_seeds=(1, 2), points=3)
+        assert d["experiment"] == os.path.basename(exp.dir)
+        results += stability.load_stability(exp.dir)
+    groups = stability._groups(results)
+    assert sorted(g[0] for g in groups) == ["k=0, seed 0", "k=5, seed 0"]
+    assert all(len(rows) == 1 for _, rows in groups)
+    files = stability.write_stability_report(results, str(tmp_path / "rep"), title="tiny")
+    text = open(files["summary"]).read()
+    assert "| imp | 0 | 0 | 1 |" in text and "| imp | 5 | 0 | 1 |" in text and "each experiment's rewind" in text
+    # a result file without its experiment's name (older files) is named by its folder when loaded
+    old = dict(results[0])
+    old.pop("experiment")
+    path = os.path.join(tmp_path, results[0]["experiment"], "seed_0", "round_01", "stability", "stability.json")
+    with open(path, "w") as f:
+        json.dump(old, f)
+    assert stability.load_stability(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(path)))))[0][
+        "experiment"] == results[0]["experiment"]
+    # one experiment alone: no experiment label
+    assert [g[0] for g in stability._groups(results[:1])] == ["seed 0"]
+
+
 def test_instability_refuses_bad_requests(tmp_path):
     data = tiny_data(240, 120)
     hp = tiny_hp(rounds=1)
@@ -248,7 +278,7 @@ def test_stability_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = [ln.split() for ln in out.splitlines() if ln.split()[:1] == ["imp"]]
     assert [r[1:3] for r in rows] == [["0", "0"], ["0", "2"]]
-    assert "| experiment | seed | round |" in out
+    assert "| experiment | k | seed | round |" in out
     for name in ("error_along_path.png", "barrier_vs_remaining.png", "stability.md"):
         assert (exp / "stability" / name).stat().st_size > 0
     for r in (0, 2):
@@ -268,7 +298,7 @@ def test_stability_cli(tmp_path, capsys):
     assert main(["stability", str(exp), str(reinit), "--data", data, "--rounds", "2", "--points", "3",
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "| imp | 0 | 2 |" in out and "| reinit | 0 | 2 |" in out and "| imp | 0 | 0 |" in out
+    assert "| imp | 0 | 0 | 2 |" in out and "| reinit | 0 | 0 | 2 |" in out and "| imp | 0 | 0 | 0 |" in out
     assert (tmp_path / "stability" / "barrier_vs_remaining.png").stat().st_size > 0  # the common parent
     assert main(["stability", str(tmp_path), "--data", data]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
