@@ -234,8 +234,8 @@ def _rounds_of(exp, exp_dir: str, seed: int, rounds) -> list[int]:
     return list(found)
 
 
-def _analyse(args, name: str, per_round, load, markdown, write) -> int:
-    """Run ``per_round(exp, seed, round)`` over every RUN_DIR's seeds and rounds, then write the joint report."""
+def _analyse(args, name: str, per_seed, load, markdown, write) -> int:
+    """Run ``per_seed(exp, exp_dir, seed)`` over every RUN_DIR's seeds, then write the joint report."""
     if args.data:
         os.environ["SPARSE_LTH_DATA"] = args.data
     _setup_threads(args.threads)
@@ -243,8 +243,7 @@ def _analyse(args, name: str, per_round, load, markdown, write) -> int:
     results, model = [], opened[0][0].hp.model
     for exp, exp_dir, seeds in opened:
         for s in seeds:
-            for r in _rounds_of(exp, exp_dir, s, args.rounds):
-                per_round(exp, s, r)
+            per_seed(exp, exp_dir, s)
         results += [d for d in load(exp_dir) if d["seed"] in seeds]
     if args.out:
         out = args.out
@@ -260,31 +259,49 @@ def _analyse(args, name: str, per_round, load, markdown, write) -> int:
 
 
 def _cmd_stability(args) -> int:
-    from .stability import instability, load_stability, stability_markdown, write_stability_report
+    from . import stability as st
     noise = tuple(args.noise_seeds) if args.noise_seeds else None
     if noise is not None and len(noise) != 2:
         raise ValueError(f"--noise-seeds takes two seeds, got {args.noise_seeds}")
     printed = []
 
-    def one(exp, s, r):
-        d = instability(exp, s, r, noise_seeds=noise, points=args.points, bn_reset_batches=args.bn_reset)
+    def header(text):
         if not printed:
-            _write(f"{'control':>12} {'seed':>4} {'round':>5} {'% left':>8} {'test barrier':>12} "
-                   f"{'train barrier':>13}")
+            _write(text)
         printed.append(1)
-        _write(f"{d['control']:>12} {s:>4} {r:>5} {d['percent_remaining']:>8.2f} {100 * d['test_barrier']:>11.2f}% "
-               f"{100 * d['train_barrier']:>12.2f}%")
-    return _analyse(args, "stability", one, load_stability, stability_markdown, write_stability_report)
+
+    def rounds(exp, exp_dir, s):
+        for r in _rounds_of(exp, exp_dir, s, args.rounds):
+            d = st.instability(exp, s, r, noise_seeds=noise, points=args.points, bn_reset_batches=args.bn_reset)
+            header(f"{'control':>12} {'seed':>4} {'round':>5} {'% left':>8} {'test barrier':>12} {'train barrier':>13}")
+            _write(f"{d['control']:>12} {s:>4} {r:>5} {d['percent_remaining']:>8.2f} "
+                   f"{100 * d['test_barrier']:>11.2f}% {100 * d['train_barrier']:>12.2f}%")
+
+    def dense(exp, exp_dir, s):
+        for d in st.dense_instability(exp, s, args.dense_at, noise_seeds=noise, points=args.points,
+                                      bn_reset_batches=args.bn_reset):
+            header(f"{'dense':>12} {'seed':>4} {'k':>7} {'test barrier':>12} {'train barrier':>13}")
+            _write(f"{d['control']:>12} {s:>4} {d['iteration']:>7} {100 * d['test_barrier']:>11.2f}% "
+                   f"{100 * d['train_barrier']:>12.2f}%")
+
+    if args.dense_at:
+        _analyse(args, "stability", dense, st.load_dense_stability, st.dense_stability_markdown,
+                 st.write_dense_stability_report)
+        if not args.rounds:
+            return 0
+        printed.clear()
+    return _analyse(args, "stability", rounds, st.load_stability, st.stability_markdown, st.write_stability_report)
 
 
 def _cmd_landscape(args) -> int:
     from .landscape import landscape, landscape_markdown, load_landscape, write_landscape_report
 
-    def one(exp, s, r):
-        d = landscape(exp, s, r, top=args.top, examples=args.examples, iters=args.iters, tol=args.tol)
-        eig = ", ".join(f"{e:.4g}" for e in d["eigenvalues"])
-        _write(f"{d['control']} seed {s} round {r:>2} ({d['percent_remaining']:.2f}% left): top eigenvalues {eig}"
-               f"{'' if d['hessian_converged'] else ' (not converged: raise --iters)'}")
+    def one(exp, exp_dir, s):
+        for r in _rounds_of(exp, exp_dir, s, args.rounds):
+            d = landscape(exp, s, r, top=args.top, examples=args.examples, iters=args.iters, tol=args.tol)
+            eig = ", ".join(f"{e:.4g}" for e in d["eigenvalues"])
+            _write(f"{d['control']} seed {s} round {r:>2} ({d['percent_remaining']:.2f}% left): top eigenvalues "
+                   f"{eig}{'' if d['hessian_converged'] else ' (not converged: raise --iters)'}")
     return _analyse(args, "landscape", one, load_landscape, landscape_markdown, write_landscape_report)
 
 
@@ -362,6 +379,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="replicates (default: every seed_* folder)")
     ps.add_argument("--noise-seeds", type=_parse_tuple(int), default=None, metavar="A,B",
                     help="data-order seeds of the two copies (default: two seeds no IMP replicate uses)")
+    ps.add_argument("--dense-at", type=_parse_tuple(int), default=None, metavar="K1,K2,...",
+                    help="the dense network's instability instead: copies from these iterations of its training "
+                         "(e.g. 0,100,500,2000; with --rounds, both analyses)")
     ps.add_argument("--points", type=int, default=11, help="points on the path, ends included (default 11)")
     ps.add_argument("--bn-reset", type=int, default=0, metavar="N",
                     help="recompute batch-norm statistics on N training batches at every point (default 0: "

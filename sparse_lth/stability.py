@@ -151,6 +151,57 @@ def stability_dir(exp, seed: int, r: int) -> str:
     return os.path.join(exp.round_dir(seed, r), "stability")
 
 
+def _fork(exp, seed: int, out_dir: str, seeds: tuple[int, int], make_start, desc: str, progress, checkpoint_every,
+          points: int, bn_reset_batches: int) -> tuple[list[dict], list[dict], dict]:
+    """Train (or reload) the two copies ``make_start()`` gives (``(model, masks, start_iteration)``, the model
+    at its starting weights) with the noise seeds, into ``out_dir``; return (linear path, copies, masks)."""
+    os.makedirs(out_dir, exist_ok=True)
+    train_data, test_data = exp.data
+    progress = exp.progress if progress is None else progress
+    every = exp.checkpoint_every if checkpoint_every is None else int(checkpoint_every)
+    finals, copies = [], []
+    model = masks = None
+    for copy, noise in enumerate(seeds):
+        final_path = os.path.join(out_dir, f"copy_{noise}.pt")
+        model, masks, start = make_start()
+        if os.path.exists(final_path):
+            state = torch.load(final_path, map_location=exp.device, weights_only=False)
+            model.load_state_dict(state)
+        else:
+            cfg = dataclasses.replace(exp.train_cfg, seed=noise, progress=progress)
+            ck = os.path.join(out_dir, f"checkpoint_{noise}.pt")
+            train(model, train_data, test_data, cfg, start_iteration=start, checkpoint_path=ck,
+                  checkpoint_every=every, desc=f"{desc} copy {copy} (noise {noise})")
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_atomic(state, final_path)
+            if os.path.exists(ck):
+                os.remove(ck)
+        finals.append(state)
+        test_loss, test_acc = evaluate(model, test_data.eval_batches(exp.train_cfg.eval_batch_size))
+        copies.append(dict(noise_seed=noise, test_acc=test_acc, test_loss=test_loss))
+    path = linear_path(model, finals[0], finals[1], test_data, points=points, train_data=train_data,
+                       train_eval_size=exp.train_cfg.train_eval_size or 1000,
+                       eval_batch_size=exp.train_cfg.eval_batch_size, bn_reset_batches=bn_reset_batches,
+                       bn_batch_size=exp.train_cfg.batch_size, bn_seed=seeds[0])
+    return path, copies, masks
+
+
+def _noise_pair(seed: int, noise_seeds) -> tuple[int, int]:
+    seeds = tuple(int(s) for s in (noise_seeds if noise_seeds is not None else noise_seeds_for(seed)))
+    if len(seeds) != 2 or seeds[0] == seeds[1]:
+        raise ValueError(f"noise_seeds must be two different seeds, got {noise_seeds}")
+    return seeds
+
+
+def _cached(result_path: str, settings: dict) -> dict | None:
+    if os.path.exists(result_path):
+        with open(result_path) as f:
+            done = json.load(f)
+        if {k: done.get(k) for k in settings} == settings:
+            return done
+    return None
+
+
 def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None = None, points: int = 11,
                 bn_reset_batches: int = 0, progress: bool | None = None, checkpoint_every: int | None = None
                 ) -> dict:
@@ -164,9 +215,7 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
     ``rewind.pt`` (written during round 0) and the round's masks (or the previous round's final weights, from
     which they are computed as IMP would)."""
     from .imp import count_masks
-    seeds = tuple(int(s) for s in (noise_seeds if noise_seeds is not None else noise_seeds_for(seed)))
-    if len(seeds) != 2 or seeds[0] == seeds[1]:
-        raise ValueError(f"noise_seeds must be two different seeds, got {noise_seeds}")
+    seeds = _noise_pair(seed, noise_seeds)
     if not 0 <= r <= exp.n_rounds():
         raise ValueError(f"round {r} is not a round of this experiment (0 .. {exp.n_rounds()})")
     sdir = exp.seed_dir(seed)
@@ -185,39 +234,11 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
     out_dir = stability_dir(exp, seed, r)
     result_path = os.path.join(out_dir, "stability.json")
     settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            done = json.load(f)
-        if {k: done.get(k) for k in settings} == settings:
-            return done
-    os.makedirs(out_dir, exist_ok=True)
-    train_data, test_data = exp.data
-    progress = exp.progress if progress is None else progress
-    every = exp.checkpoint_every if checkpoint_every is None else int(checkpoint_every)
-    finals, copies = [], []
-    model = masks = None
-    for copy, noise in enumerate(seeds):
-        final_path = os.path.join(out_dir, f"copy_{noise}.pt")
-        model, masks, start = exp.prepare_round(seed, r, from_rewind_point=True)
-        if os.path.exists(final_path):
-            state = torch.load(final_path, map_location=exp.device, weights_only=False)
-            model.load_state_dict(state)
-        else:
-            cfg = dataclasses.replace(exp.train_cfg, seed=noise, progress=progress)
-            ck = os.path.join(out_dir, f"checkpoint_{noise}.pt")
-            train(model, train_data, test_data, cfg, start_iteration=start, checkpoint_path=ck,
-                  checkpoint_every=every, desc=f"seed {seed} round {r} copy {copy} (noise {noise})")
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save_atomic(state, final_path)
-            if os.path.exists(ck):
-                os.remove(ck)
-        finals.append(state)
-        test_loss, test_acc = evaluate(model, test_data.eval_batches(exp.train_cfg.eval_batch_size))
-        copies.append(dict(noise_seed=noise, test_acc=test_acc, test_loss=test_loss))
-    path = linear_path(model, finals[0], finals[1], test_data, points=points, train_data=train_data,
-                       train_eval_size=exp.train_cfg.train_eval_size or 1000,
-                       eval_batch_size=exp.train_cfg.eval_batch_size, bn_reset_batches=bn_reset_batches,
-                       bn_batch_size=exp.train_cfg.batch_size, bn_seed=seeds[0])
+    done = _cached(result_path, settings)
+    if done is not None:
+        return done
+    path, copies, masks = _fork(exp, seed, out_dir, seeds, lambda: exp.prepare_round(seed, r, from_rewind_point=True),
+                                f"seed {seed} round {r}", progress, checkpoint_every, points, bn_reset_batches)
     counts = count_masks(masks)
     live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), round=r, seed=seed,
@@ -229,6 +250,83 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
     from .imp import _write_json_atomic
     _write_json_atomic(result, result_path)
     return result
+
+
+class _Reached(Exception):
+    pass
+
+
+def dense_stability_dir(exp, seed: int) -> str:
+    return os.path.join(exp.seed_dir(seed), "dense_stability")
+
+
+def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds: tuple[int, int] | None = None,
+                      points: int = 11, bn_reset_batches: int = 0, progress: bool | None = None,
+                      checkpoint_every: int | None = None) -> list[dict]:
+    """Instability of the dense network at each iteration k of ``iterations`` (the paper's "stable from
+    iteration k on"): the dense network of replicate ``seed`` is trained from θ0 with the round's
+    hyperparameters and the replicate's own data order up to k (the trajectory of IMP's round 0, bit for bit on
+    CPU), then two copies go on from k with the noise seeds, each from a fresh optimizer state as IMP's rewound
+    rounds do, and are interpolated. Returns one result per k (also written to
+    ``seed_S/dense_stability/k_<k>/stability.json``); the weights at each k are kept beside them."""
+    ks = sorted({int(k) for k in iterations})
+    if not ks:
+        raise ValueError("no iterations given")
+    bad = [k for k in ks if not 0 <= k < exp.iterations]
+    if bad:
+        raise ValueError(f"iterations {bad} are not in [0, {exp.iterations}) (the training budget per round)")
+    seeds = _noise_pair(seed, noise_seeds)
+    if not os.path.exists(os.path.join(exp.seed_dir(seed), "init.pt")):
+        raise FileNotFoundError(f"seed {seed} of {exp.dir} has no init.pt: run the IMP experiment (its round 0 "
+                                "may still be running) first")
+    base = dense_stability_dir(exp, seed)
+    os.makedirs(base, exist_ok=True)
+    settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
+    state_path = {k: os.path.join(base, f"state_{k}.pt") for k in ks if k > 0}
+    todo = [k for k in ks if _cached(os.path.join(base, f"k_{k:06d}", "stability.json"), settings) is None]
+    missing = sorted(k for k in todo if k > 0 and not os.path.exists(state_path[k]))
+    if missing:  # the dense trajectory up to the last missing k, saving the weights at each
+        model, _, _ = exp.prepare_round(seed, 0)
+        cfg = dataclasses.replace(exp.train_cfg, seed=seed, progress=exp.progress if progress is None else progress)
+        train_data, test_data = exp.data
+
+        def capture(it, m):
+            if it in missing:
+                save_atomic({k_: v.detach().clone() for k_, v in m.state_dict().items()}, state_path[it])
+            if it >= missing[-1]:
+                raise _Reached
+        try:
+            train(model, train_data, test_data, cfg, callback=capture,
+                  desc=f"seed {seed} dense trajectory to iteration {missing[-1]}")
+        except _Reached:
+            pass
+
+    def start_at(k):
+        def make():
+            model, masks, _ = exp.prepare_round(seed, 0)
+            if k > 0:
+                model.load_state_dict(torch.load(state_path[k], map_location=exp.device, weights_only=False))
+            return model, masks, k
+        return make
+
+    out = []
+    for k in ks:
+        out_dir = os.path.join(base, f"k_{k:06d}")
+        result_path = os.path.join(out_dir, "stability.json")
+        done = _cached(result_path, settings)
+        if done is not None:
+            out.append(done)
+            continue
+        path, copies, _ = _fork(exp, seed, out_dir, seeds, start_at(k), f"seed {seed} dense at iteration {k}",
+                                progress, checkpoint_every, points, bn_reset_batches)
+        result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), kind="dense", seed=seed,
+                      iteration=k, control=exp.hp.control, model=exp.hp.model, iterations=exp.iterations,
+                      **settings, test_barrier=error_barrier(path, "test"),
+                      train_barrier=error_barrier(path, "train"), copies=copies, path=path)
+        from .imp import _write_json_atomic
+        _write_json_atomic(result, result_path)
+        out.append(result)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -280,12 +378,12 @@ def experiment_label(d: dict, results: Sequence[dict]) -> str:
 
 
 def _groups(results: Sequence[dict]) -> list[tuple[str, list[dict]]]:
-    """Results by (experiment, seed), labelled, each ordered by round."""
+    """Results by (experiment, seed), labelled, each ordered by round (or by iteration: the dense analysis)."""
     keys = sorted({(d.get("experiment") or "", d["seed"]) for d in results})
     out = []
     for exp, seed in keys:
         rows = sorted((d for d in results if ((d.get("experiment") or ""), d["seed"]) == (exp, seed)),
-                      key=lambda d: d["round"])
+                      key=lambda d: d.get("round", d.get("iteration", 0)))
         label = experiment_label(rows[0], results)
         out.append((f"{label + ', ' if label else ''}seed {seed}", rows))
     return out
@@ -347,4 +445,62 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
                 f"{start} (k) with different SGD noise; barrier = largest error along the linear path between "
                 "them minus the mean of the two ends' errors, in percentage points.\n\n")
         f.write(stability_markdown(results))
+    return files
+
+
+# ------------------------------------------------------------------------------------- report: dense network
+def load_dense_stability(exp_dir: str) -> list[dict]:
+    """Every dense-network result (``seed_*/dense_stability/k_*/stability.json``), by seed and iteration."""
+    import glob
+    rows = []
+    for p in glob.glob(os.path.join(exp_dir, "seed_*", "dense_stability", "k_*", "stability.json")):
+        with open(p) as f:
+            rows.append(json.load(f))
+    return sorted(rows, key=lambda d: (d["seed"], d["iteration"]))
+
+
+def dense_stability_markdown(results: Sequence[dict]) -> str:
+    lines = ["| experiment | seed | copies from iteration k | test error at a=0 / a=1 (%) | max test error on the "
+             "path (%) | test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|"]
+    for d in results:
+        errs = [r["test_error"] for r in d["path"]]
+        lines.append(f"| {d['experiment']} | {d['seed']} | {d['iteration']} | {100 * errs[0]:.2f} / "
+                     f"{100 * errs[-1]:.2f} | {100 * max(errs):.2f} | {100 * d['test_barrier']:.2f} | "
+                     f"{100 * d['train_barrier']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_dense_stability_report(results: Sequence[dict], out_dir: str, title: str = "") -> dict:
+    """``dense_barrier_vs_iteration.png`` (the dense network's test and train barrier against the iteration k
+    the copies start from, symmetric-log axis) and ``dense_stability.md`` into ``out_dir``."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    if not results:
+        raise ValueError("no dense-network stability results to report")
+    os.makedirs(out_dir, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (label, rows) in enumerate(_groups(results)):
+        ks = [d["iteration"] for d in rows]
+        ax.plot(ks, [100 * d["test_barrier"] for d in rows], "o-", color=f"C{i}", label=f"{label}: test error")
+        ax.plot(ks, [100 * d["train_barrier"] for d in rows], "s--", color=f"C{i}", alpha=0.6,
+                label=f"{label}: train error")
+    positive = [d["iteration"] for d in results if d["iteration"] > 0]
+    ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)
+    ax.set_xlabel("iteration k the two copies start from")
+    ax.set_ylabel("error barrier (percentage points)")
+    ax.set_title(f"{title}: instability of the dense network" if title else "instability of the dense network",
+                 fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    files = {"dense_barrier": os.path.join(out_dir, "dense_barrier_vs_iteration.png")}
+    fig.savefig(files["dense_barrier"], dpi=110)
+    plt.close(fig)
+    files["dense_summary"] = os.path.join(out_dir, "dense_stability.md")
+    with open(files["dense_summary"], "w") as f:
+        f.write(f"# Instability of the dense network{': ' + title if title else ''}\n\nThe dense network trained "
+                "to iteration k, then two copies trained on with different SGD noise; barrier as in stability.md."
+                "\n\n")
+        f.write(dense_stability_markdown(results))
     return files

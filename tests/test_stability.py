@@ -249,6 +249,44 @@ def test_reports_tell_experiments_apart(tmp_path):
     assert [g[0] for g in stability._groups(results[:1])] == ["seed 0"]
 
 
+def test_dense_instability_forks_the_dense_trajectory(tmp_path, monkeypatch):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1, rewind="5it")
+    run_imp(hp, str(tmp_path), progress=False, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+    out = stability.dense_instability(exp, 0, [12, 0, 5], noise_seeds=(0, 9), points=3)
+    assert [d["iteration"] for d in out] == [0, 5, 12]
+    base = stability.dense_stability_dir(exp, 0)
+    # the weights at k are IMP's round 0 at k: its rewind point, bit for bit on CPU
+    rewind = load(os.path.join(exp.seed_dir(0), "rewind.pt"))
+    state5 = load(os.path.join(base, "state_5.pt"))
+    assert all(torch.equal(state5[k], rewind[k]) for k in rewind)
+    # copies from k=5 are the round-0 copies of the round analysis, which also start at the rewind point
+    r0 = instability(exp, 0, 0, noise_seeds=(0, 9), points=3)
+    assert out[1]["path"] == r0["path"] and out[1]["test_barrier"] == r0["test_barrier"]
+    for d in out:
+        assert d["kind"] == "dense" and d["test_barrier"] == pytest.approx(error_barrier(d["path"]))
+        assert os.path.exists(os.path.join(base, f"k_{d['iteration']:06d}", "stability.json"))
+    c12 = load(os.path.join(base, "k_000012", "copy_9.pt"))
+    c0 = load(os.path.join(base, "k_000000", "copy_9.pt"))
+    assert any(not torch.equal(c12[k], c0[k]) for k in c12 if k.endswith(".weight"))
+    # finished iterations are read back; a new one trains only what it lacks
+    calls = []
+    real = stability.train
+    monkeypatch.setattr(stability, "train", lambda *a, **k: calls.append(k.get("desc")) or real(*a, **k))
+    again = stability.dense_instability(exp, 0, [0, 5, 12], noise_seeds=(0, 9), points=3)
+    assert again == json.loads(json.dumps(out)) and calls == []
+    more = stability.dense_instability(exp, 0, [5, 8], noise_seeds=(0, 9), points=3)
+    assert more[0] == again[1] and len(calls) == 3 and "to iteration 8" in calls[0]
+    assert [d["iteration"] for d in stability.load_dense_stability(exp.dir)] == [0, 5, 8, 12]
+    files = stability.write_dense_stability_report(stability.load_dense_stability(exp.dir), str(tmp_path / "r"))
+    assert os.path.getsize(files["dense_barrier"]) > 0 and "| 0 | 12 |" in open(files["dense_summary"]).read()
+    with pytest.raises(ValueError, match="not in"):
+        stability.dense_instability(exp, 0, [20])
+    with pytest.raises(ValueError, match="no iterations"):
+        stability.dense_instability(exp, 0, [])
+
+
 def test_instability_refuses_bad_requests(tmp_path):
     data = tiny_data(240, 120)
     hp = tiny_hp(rounds=1)
@@ -288,6 +326,11 @@ def test_stability_cli(tmp_path, capsys):
     table = out[out.index("| seed |"):].split("error_along_path")[0]
     assert main(argv) == 0  # a re-run reads the finished analyses back: the same table
     assert table in capsys.readouterr().out
+    # the dense network's instability at chosen iterations
+    assert main(["stability", str(exp), "--data", data, "--dense-at", "0,10", "--points", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"| {exp.name} | 0 | 10 |" in out and f"| {exp.name} | 0 | 0 |" in out and "| imp | 0 | 0 | 2 |" not in out
+    assert (exp / "stability" / "dense_barrier_vs_iteration.png").stat().st_size > 0
     # IMP and its random-reinit control in one report
     assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
                  "30it", "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300",
