@@ -15,7 +15,14 @@ accuracy exactly when they are stable at their rewind point.
   from a fresh optimizer state as IMP's rounds start), and interpolates between them. Its files go into
   ``<experiment>/seed_S/round_RR/stability/``; a finished copy is not trained again and an interrupted one
   resumes from its checkpoint.
-- :func:`write_stability_report` draws the error along the paths and the barrier against the weights remaining.
+- :func:`dense_instability` does the same for the dense network at chosen iterations k of its training (the
+  paper's "the dense network becomes stable early in training").
+- :func:`write_stability_report` draws the error along the paths and the barrier against the weights remaining;
+  :func:`write_dense_stability_report` the dense network's barrier against k.
+
+On a CPU the trajectories are bit-for-bit reproducible for a given number of threads. A different
+``torch.set_num_threads`` changes the order of float reductions, and training amplifies that into different
+copies, so compare analyses made with the same thread count.
 
 Masks: both ends of a path carry the same mask (the copies share it), so every point of the path does too; an
 interpolation between states with different masks is refused. Batch norm: by default the running statistics
@@ -487,6 +494,10 @@ def write_dense_stability_report(results: Sequence[dict], out_dir: str, title: s
                 label=f"{label}: train error")
     positive = [d["iteration"] for d in results if d["iteration"] > 0]
     ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)
+    ticks = sorted({d["iteration"] for d in results})
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(k) for k in ticks], fontsize=8)
+    ax.minorticks_off()
     ax.set_xlabel("iteration k the two copies start from")
     ax.set_ylabel("error barrier (percentage points)")
     ax.set_title(f"{title}: instability of the dense network" if title else "instability of the dense network",
