@@ -96,7 +96,7 @@ for part in "${parts[@]}"; do
         tests|tests-core)
             nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$log"
             $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
-            files="tests/test_kernels_linear.py tests/test_kernels_conv.py tests/test_optim.py tests/test_layers_triton.py"
+            files="tests/test_kernels_linear.py tests/test_kernels_conv.py tests/test_optim.py tests/test_layers_triton.py tests/test_double_backward.py"
             par=""
             if [ "$part" = tests ]; then
                 files="$files tests/test_layers.py"

@@ -37,14 +37,20 @@ def second_order(model, x, y, vecs):
 
 
 @pytest.mark.parametrize("backend,ops", [("torch", "sparse"), ("torch", "dense"), ("torch", {"weight_grad": "dense"}),
-                                         ("torch", {"forward": "dense"}), ("interpret", "sparse")])
-def test_hvp_and_gradient_penalty_match_dense_masking(backend, ops):
+                                         ("torch", {"forward": "dense"}), ("triton", "sparse")])
+def test_hvp_and_gradient_penalty_match_dense_masking(backend, ops, kernel_device, monkeypatch):
+    """``triton``: the Triton kernels, compiled on a GPU, through the interpreter on the CPU."""
+    device = torch.device("cpu")
+    if backend == "triton":
+        device = kernel_device
+        backend = "triton" if device.type == "cuda" else "interpret"
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the fp32 reference, exactly
     dtype = torch.float64 if backend == "torch" else torch.float32  # the Triton kernels take no float64
     tol = dict(rtol=1e-7, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
-    x = torch.randn(3, 2, 7, 7, dtype=dtype)
-    y = torch.tensor([0, 3, 4])
-    ref = net(dtype)
-    masks = masks_for(ref)
+    x = torch.randn(3, 2, 7, 7, dtype=dtype).to(device)
+    y = torch.tensor([0, 3, 4], device=device)
+    ref = net(dtype).to(device)
+    masks = {n: m.to(device) for n, m in masks_for(ref).items()}
     with torch.no_grad():
         for n, m in ref.named_modules():
             if n in masks:
@@ -53,7 +59,7 @@ def test_hvp_and_gradient_penalty_match_dense_masking(backend, ops):
     g = torch.Generator().manual_seed(2)
     dense_vecs = []
     for n, p in ref.named_parameters():
-        v = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        v = torch.randn(p.shape, generator=g, dtype=p.dtype).to(device)
         layer = n.rsplit(".", 1)[0]
         if n.endswith("weight"):
             v = v * masks[layer]
@@ -63,7 +69,8 @@ def test_hvp_and_gradient_penalty_match_dense_masking(backend, ops):
     flat_ref = {n: (h, p) for n, h, p in zip([n for n, _ in ref.named_parameters()], want_hv, want_pen)}
 
     for path in ("sparse", "dense"):
-        model = sparsify(net(dtype), masks, path=path, backend=backend, ops=ops if path == "sparse" else "auto")
+        model = sparsify(net(dtype).to(device), masks, path=path, backend=backend,
+                         ops=ops if path == "sparse" else "auto")
         vecs, names = [], []
         for n, p in model.named_parameters():
             layer, kind = n.rsplit(".", 1)
