@@ -1,10 +1,11 @@
-"""The ``sparse-lth`` command line: ``train``, ``imp``, ``report``, ``stability`` and ``landscape``.
+"""The ``sparse-lth`` command line: ``train``, ``imp``, ``report``, ``stability``, ``landscape`` and ``anatomy``.
 
     sparse-lth imp --preset lenet_quick --data /work/shared/data        # an IMP run (resumes if interrupted)
     sparse-lth imp --preset lenet_quick --control reinit                # its random-reinitialization control
     sparse-lth report runs/                                             # figures + table for every experiment
     sparse-lth stability runs/lenet300_100_imp_<hash> --rounds 0,4,8    # instability analysis of those rounds
     sparse-lth landscape runs/lenet300_100_imp_<hash> --top 3           # Hessian eigenvalues, distances, ...
+    sparse-lth anatomy runs/lenet300_100_imp_<hash>                     # starting weights, connectivity, ...
     sparse-lth train --model lenet300_100 --density 0.1 --iterations 1000
 
 The flags of ``imp`` (and of ``train``) are generated from the hyperparameter dataclasses
@@ -305,6 +306,36 @@ def _cmd_landscape(args) -> int:
     return _analyse(args, "landscape", one, load_landscape, landscape_markdown, write_landscape_report)
 
 
+def _cmd_anatomy(args) -> int:
+    import glob
+
+    from .anatomy import anatomy, anatomy_markdown, write_anatomy_report
+    results = []
+    dirs = [d.rstrip("/") for d in args.run_dirs]
+    for d in dirs:
+        if not os.path.exists(os.path.join(d, "hparams.json")):
+            raise FileNotFoundError(f"{d} is not an experiment folder (no hparams.json); give the folder "
+                                    "`sparse-lth imp` printed")
+    for d in dirs:
+        seeds = list(args.seeds) if args.seeds else sorted(
+            int(os.path.basename(s)[5:]) for s in glob.glob(os.path.join(d, "seed_*")) if os.path.isdir(s))
+        if not seeds:
+            raise FileNotFoundError(f"{d} holds no replicate (seed_*) yet: run the IMP experiment first")
+        for s in seeds:
+            results.append(anatomy(d, s, rounds=list(args.rounds) if args.rounds else None))
+    if args.out:
+        out = args.out
+    elif len(dirs) == 1:
+        out = os.path.join(dirs[0], "anatomy")
+    else:
+        out = os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs]), "anatomy")
+    files = write_anatomy_report(results, out, title=results[0]["model"] or "")
+    print(anatomy_markdown(results), end="")
+    for k, v in files.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from .imp import CONTROLS, ImpHparams
     from .presets import PRESET_NAMES
@@ -413,6 +444,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pl.add_argument("--no-progress", action="store_true")
     pl.add_argument("--out", help="report folder (default: <RUN_DIR>/landscape, or <common parent>/landscape)")
     pl.add_argument("--threads", type=int, default=None)
+
+    pa = sub.add_parser("anatomy", help="what the tickets look like: starting weights, connectivity, movement, gap",
+                        description="Read off an IMP run's saved files (no training): the survivors' starting "
+                        "values against all (bimodal?), incoming vs outgoing connectivity per unit, how far "
+                        "weights moved in the dense round by the round they were pruned in, and the "
+                        "generalization gap per round (Frankle & Carbin's other observations).")
+    pa.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders written by `sparse-lth imp`")
+    pa.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                    help="replicates (default: every seed_* folder)")
+    pa.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                    help="rounds whose starting-weight histograms to draw (default: 0, the middle and the last)")
+    pa.add_argument("--out", help="report folder (default: <RUN_DIR>/anatomy, or <common parent>/anatomy)")
     return p, {"imp": imp_names, "train": train_names}
 
 
@@ -428,6 +471,8 @@ def main(argv=None) -> int:
             return _cmd_stability(args)
         if args.command == "landscape":
             return _cmd_landscape(args)
+        if args.command == "anatomy":
+            return _cmd_anatomy(args)
         return _cmd_report(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"sparse-lth {args.command}: error: {e}", file=sys.stderr)

@@ -1,0 +1,302 @@
+"""What a winning ticket looks like: the "other observations" of Frankle & Carbin (ICLR 2019), read off an IMP
+run's saved files with no training.
+
+- **Initial weights** (:func:`init_weight_stats`): the values the survivors are reset to (θ0, or the rewind point
+  with late rewinding), against all initial weights. The paper finds the ticket's initial weights bimodal,
+  shifted away from zero. The summary is the survivors' mean |w| over the layer's, and the fraction of survivors
+  within half a standard deviation of zero, against that fraction for all weights.
+- **Connectivity** (:func:`connectivity_stats`): per layer and round, the fraction of each unit's incoming and of
+  each input unit's outgoing weights that survive (for a conv layer an input channel's outgoing weights cover all
+  its kernel taps). The paper finds units keep similar incoming but very different outgoing connectivity; the
+  summary is the coefficient of variation (std / mean) of each.
+- **Movement** (:func:`movement_stats`): how far each weight moved in the dense round's training, |θ_T - θ_k|,
+  grouped by the round in which IMP pruned it (survivors of the last round apart). The paper finds that
+  weights that survive move further than weights pruned early. Only for ``imp`` and ``oneshot`` experiments,
+  whose masks come from their own trained weights.
+- **Generalization gap** (:func:`generalization_gap`): train accuracy minus test accuracy at the early-stopping
+  iteration, per round. The train accuracy is on the run's ``train_eval_size`` training examples. The paper
+  finds the gap smaller for tickets.
+
+:func:`anatomy` computes all of it for one replicate; :func:`write_anatomy_report` draws it for one or more
+experiments.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from typing import Sequence
+
+import torch
+
+
+def _load(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _round_dirs(seed_dir: str) -> dict[int, str]:
+    out = {}
+    for name in os.listdir(seed_dir):
+        if name.startswith("round_") and os.path.exists(os.path.join(seed_dir, name, "metrics.json")):
+            out[int(name[6:])] = os.path.join(seed_dir, name)
+    return dict(sorted(out.items()))
+
+
+def _cv(x: torch.Tensor) -> float | None:
+    x = x.double()
+    m = float(x.mean())
+    return float(x.std(unbiased=False)) / m if m > 0 else None
+
+
+# ---------------------------------------------------------------------------------------------------- measures
+def init_weight_stats(start: torch.Tensor, mask: torch.Tensor, bins: int = 60) -> dict:
+    """The survivors' starting values against all of the layer's: mean |w| ratio, the fraction within half a
+    standard deviation of zero (survivors and all), and a histogram of both over the same bins."""
+    w = start.double().reshape(-1)
+    live = w[mask.reshape(-1).bool()]
+    sd = float(w.std(unbiased=False)) or 1.0
+    lo, hi = float(w.min()), float(w.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    out = dict(n=int(w.numel()), live=int(live.numel()), std=sd,
+               mean_abs_ratio=(float(live.abs().mean()) / float(w.abs().mean())) if live.numel() and
+               float(w.abs().mean()) > 0 else None,
+               near_zero_live=float((live.abs() < 0.5 * sd).double().mean()) if live.numel() else None,
+               near_zero_all=float((w.abs() < 0.5 * sd).double().mean()),
+               edges=edges.tolist(),
+               hist_all=torch.histc(w, bins, lo, hi).tolist(),
+               hist_live=torch.histc(live, bins, lo, hi).tolist() if live.numel() else [0.0] * bins)
+    return out
+
+
+def connectivity_stats(mask: torch.Tensor) -> dict:
+    """Surviving fraction of each output unit's incoming and each input unit's outgoing weights (rows and
+    columns of a linear weight; output and input channels of a conv weight), with their coefficients of
+    variation and the fraction of input units left with no outgoing weight."""
+    m = mask.bool()
+    incoming = m.reshape(m.shape[0], -1).double().mean(1)
+    per_in = m.transpose(0, 1).reshape(m.shape[1], -1).double().mean(1)
+    return dict(density=float(m.double().mean()), incoming_cv=_cv(incoming), outgoing_cv=_cv(per_in),
+                incoming_min=float(incoming.min()), incoming_max=float(incoming.max()),
+                outgoing_min=float(per_in.min()), outgoing_max=float(per_in.max()),
+                inputs_disconnected=float((per_in == 0).double().mean()))
+
+
+def movement_stats(start: dict, trained: dict, masks_by_round: dict[int, dict], layers: Sequence[str]) -> dict:
+    """Mean |θ_T - θ_k| of the dense round's training for the weights IMP pruned in each round, and for the
+    survivors of the last round (key ``"survivors"``), pooled over ``layers`` and per layer."""
+    rounds = sorted(masks_by_round)
+    last = rounds[-1]
+    pooled: dict = {}
+    per_layer: dict = {}
+    for n in layers:
+        move = (trained[f"{n}.weight"].double() - start[f"{n}.weight"].double()).abs().reshape(-1)
+        alive = torch.ones_like(move, dtype=torch.bool)
+        groups = {}
+        for r in rounds[1:]:
+            mk = masks_by_round[r][n].reshape(-1).bool()
+            pruned_now = alive & ~mk
+            groups[r] = move[pruned_now]
+            alive = alive & mk
+        groups["survivors"] = move[alive]
+        per_layer[n] = {str(k): (float(v.mean()) if v.numel() else None) for k, v in groups.items()}
+        for k, v in groups.items():
+            pooled.setdefault(k, []).append(v)
+    pooled_mean = {}
+    for k, vs in pooled.items():
+        v = torch.cat(vs)
+        pooled_mean[str(k)] = dict(mean=float(v.mean()) if v.numel() else None, count=int(v.numel()))
+    return dict(last_round=last, pooled=pooled_mean, per_layer=per_layer)
+
+
+def generalization_gap(metrics: dict) -> dict:
+    """Train minus test accuracy at the early-stopping evaluation and at the end of training (None where the run
+    measured no train accuracy)."""
+    es = metrics["early_stop_iteration"]
+    row = next((c for c in metrics["curve"] if c["iteration"] == es), None)
+    at_es = None
+    if row is not None and row.get("train_acc") is not None:
+        at_es = row["train_acc"] - row["test_acc"]
+    end = None if metrics.get("train_acc") is None else metrics["train_acc"] - metrics["test_acc"]
+    return dict(at_early_stop=at_es, at_end=end)
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) -> dict:
+    """Every measure above for replicate ``seed`` of the experiment folder ``exp_dir`` (finished rounds only),
+    written to ``seed_S/anatomy.json`` and returned. ``rounds``: the rounds whose initial-weight histograms are
+    kept (default: round 0, the last and the one nearest the middle in weights remaining)."""
+    with open(os.path.join(exp_dir, "hparams.json")) as f:
+        hp = json.load(f)
+    sdir = os.path.join(exp_dir, f"seed_{seed}")
+    if not os.path.isdir(sdir):
+        raise FileNotFoundError(f"{exp_dir} has no replicate {seed} (no {sdir})")
+    rdirs = _round_dirs(sdir)
+    if not rdirs:
+        raise FileNotFoundError(f"seed {seed} of {exp_dir} has no finished round: run the IMP experiment first")
+    start_path = os.path.join(sdir, "rewind.pt")
+    if not os.path.exists(start_path):
+        start_path = os.path.join(sdir, "init.pt")
+    start = _load(start_path)
+    masks = {r: _load(os.path.join(d, "masks.pt"))["masks"] for r, d in rdirs.items()}
+    metrics = {}
+    for r, d in rdirs.items():
+        with open(os.path.join(d, "metrics.json")) as f:
+            metrics[r] = json.load(f)
+    layers = list(masks[min(masks)])
+    remaining = {r: m["percent_remaining"] for r, m in metrics.items()}
+    if rounds is None:
+        last = max(rdirs)
+        mid = min(rdirs, key=lambda r: abs(math.log(max(remaining[r], 1e-9) / math.sqrt(100.0 * remaining[last]))))
+        rounds = sorted({min(rdirs), mid, last})
+    bad = [r for r in rounds if r not in rdirs]
+    if bad:
+        raise ValueError(f"rounds {bad} have not finished (finished: {list(rdirs)})")
+    control = hp.get("control", "imp")
+    # reinit resets to fresh weights and continue to the previous round's: their survivors do not start at θk
+    init = None if control in ("reinit", "continue") else {
+        str(r): {n: init_weight_stats(start[f"{n}.weight"], masks[r][n]) for n in layers} for r in rounds}
+    conn = {str(r): {n: connectivity_stats(masks[r][n]) for n in layers} for r in rdirs}
+    move = None
+    if control in ("imp", "oneshot") and 0 in rdirs and len(rdirs) > 1 and \
+            os.path.exists(os.path.join(rdirs[0], "final.pt")) and list(rdirs) == list(range(len(rdirs))):
+        move = movement_stats(start, _load(os.path.join(rdirs[0], "final.pt")), masks, layers)
+    gap = {str(r): generalization_gap(m) for r, m in metrics.items()}
+    result = dict(experiment=os.path.basename(os.path.normpath(exp_dir)), control=control,
+                  model=hp.get("model"), seed=seed, start=os.path.basename(start_path),
+                  remaining={str(r): v for r, v in remaining.items()}, init_weights=init, connectivity=conn,
+                  movement=move, generalization_gap=gap)
+    from .imp import _write_json_atomic
+    _write_json_atomic(result, os.path.join(sdir, "anatomy.json"))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _label(d: dict, results: Sequence[dict]) -> str:
+    many = len({r["experiment"] for r in results}) > 1
+    return f"{d['control'] + ', ' if many else ''}seed {d['seed']}"
+
+
+def anatomy_markdown(results: Sequence[dict]) -> str:
+    out = []
+    for d in results:
+        out.append(f"## {d['experiment']} (seed {d['seed']}, control {d['control']})\n")
+        out.append("| round | % remaining | gap at early stop (pp) | incoming CV | outgoing CV | inputs cut off |")
+        out.append("|---|---|---|---|---|---|")
+        for r, pct in d["remaining"].items():
+            c = d["connectivity"][r]
+            g = d["generalization_gap"][r]["at_early_stop"]
+            ins = statistics.fmean(v["incoming_cv"] or 0.0 for v in c.values())
+            outs = statistics.fmean(v["outgoing_cv"] or 0.0 for v in c.values())
+            cut = max(v["inputs_disconnected"] for v in c.values())
+            out.append(f"| {r} | {pct:.2f} | {'-' if g is None else f'{100 * g:.2f}'} | {ins:.3f} | {outs:.3f} | "
+                       f"{100 * cut:.1f}% |")
+        out.append("\n(CV: coefficient of variation over units, the mean over layers; inputs cut off: the largest "
+                   "fraction of any layer's input units left with no outgoing weight.)\n")
+        if d["init_weights"]:
+            out.append("| round | layer | survivors' mean abs / layer's | within 0.5 std of zero: survivors / all |")
+            out.append("|---|---|---|---|")
+            for r, layers in d["init_weights"].items():
+                for n, s in layers.items():
+                    ratio = "-" if s["mean_abs_ratio"] is None else f"{s['mean_abs_ratio']:.3f}"
+                    nz = "-" if s["near_zero_live"] is None else f"{100 * s['near_zero_live']:.1f}%"
+                    out.append(f"| {r} | {n} | {ratio} | {nz} / {100 * s['near_zero_all']:.1f}% |")
+            out.append("")
+        if d["movement"]:
+            out.append("| pruned in round | weights | mean abs(theta_T - theta_k) in the dense round |")
+            out.append("|---|---|---|")
+            for k, v in d["movement"]["pooled"].items():
+                mean = "-" if v["mean"] is None else f"{v['mean']:.4f}"
+                out.append(f"| {k} | {v['count']} | {mean} |")
+            out.append("")
+    return "\n".join(out) + "\n"
+
+
+def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "") -> dict:
+    """``anatomy.png`` (generalization gap, connectivity CVs and movement by pruning round), ``init_weights.png``
+    (histograms of the survivors' starting values per layer) and ``anatomy.md`` into ``out_dir``."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from .report import _setup_axis
+    if not results:
+        raise ValueError("no anatomy results to report")
+    os.makedirs(out_dir, exist_ok=True)
+    files = {}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    all_x = [v for d in results for v in d["remaining"].values()]
+    for i, d in enumerate(results):
+        label, color = _label(d, results), f"C{i}"
+        rs = list(d["remaining"])
+        xs = [d["remaining"][r] for r in rs]
+        gaps = [d["generalization_gap"][r]["at_early_stop"] for r in rs]
+        pts = [(x, 100 * g) for x, g in zip(xs, gaps) if g is not None]
+        if pts:
+            axes[0].plot(*zip(*pts), "o-", color=color, label=label)
+        ins = [statistics.fmean(v["incoming_cv"] or 0.0 for v in d["connectivity"][r].values()) for r in rs]
+        outs = [statistics.fmean(v["outgoing_cv"] or 0.0 for v in d["connectivity"][r].values()) for r in rs]
+        axes[1].plot(xs, ins, "o-", color=color, label=f"{label}: incoming")
+        axes[1].plot(xs, outs, "s--", color=color, label=f"{label}: outgoing")
+        if d["movement"]:
+            pooled = d["movement"]["pooled"]
+            keys = [k for k in pooled if k != "survivors" and pooled[k]["mean"] is not None]
+            axes[2].plot([int(k) for k in keys], [pooled[k]["mean"] for k in keys], "o-", color=color, label=label)
+            if pooled["survivors"]["mean"] is not None:
+                axes[2].axhline(pooled["survivors"]["mean"], color=color, ls=":",
+                                label=f"{label}: survivors of round {d['movement']['last_round']}")
+    for ax in axes[:2]:
+        _setup_axis(ax, all_x)
+    axes[0].set_ylabel("train - test accuracy at early stop (points)")
+    axes[0].set_title(f"{title}: generalization gap" if title else "generalization gap", fontsize=9)
+    axes[1].set_ylabel("coefficient of variation over units")
+    axes[1].set_title("connectivity: incoming vs outgoing (mean over layers)", fontsize=9)
+    axes[2].set_xlabel("round in which IMP pruned the weight")
+    axes[2].set_ylabel("mean abs(theta_T - theta_k), dense round")
+    axes[2].set_title("how far weights moved, by when they were pruned", fontsize=9)
+    axes[2].grid(True, alpha=0.3)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    files["figure"] = os.path.join(out_dir, "anatomy.png")
+    fig.savefig(files["figure"], dpi=110)
+    plt.close(fig)
+
+    with_init = [d for d in results if d["init_weights"]]
+    if with_init:
+        d = with_init[0]
+        layers = list(next(iter(d["init_weights"].values())))
+        fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.6), squeeze=False)
+        for ax, n in zip(axes[0], layers):
+            first = next(iter(d["init_weights"].values()))[n]
+            edges = first["edges"]
+            centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+            width = edges[1] - edges[0]
+            tot = sum(first["hist_all"]) or 1.0
+            ax.plot(centers, [h / tot / width for h in first["hist_all"]], color="grey", lw=1.5,
+                    label="all weights")
+            for j, (r, layer_stats) in enumerate(d["init_weights"].items()):
+                s = layer_stats[n]
+                tl = sum(s["hist_live"])
+                if r == "0" or not tl:
+                    continue
+                ax.plot(centers, [h / tl / width for h in s["hist_live"]], color=f"C{j}",
+                        label=f"survivors, {d['remaining'][r]:.1f}% left")
+            ax.set_title(n, fontsize=9)
+            ax.set_xlabel(f"starting value ({d['start'].replace('.pt', '')})")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("density")
+        fig.suptitle(f"{title}: the ticket's starting weights ({_label(d, results)})", fontsize=10)
+        fig.tight_layout()
+        files["init_weights"] = os.path.join(out_dir, "init_weights.png")
+        fig.savefig(files["init_weights"], dpi=110)
+        plt.close(fig)
+    files["summary"] = os.path.join(out_dir, "anatomy.md")
+    with open(files["summary"], "w") as f:
+        f.write(f"# Anatomy of the tickets{': ' + title if title else ''}\n\n")
+        f.write(anatomy_markdown(results))
+    return files

@@ -1,0 +1,118 @@
+"""Ticket anatomy: starting-weight statistics, connectivity, movement by pruning round and the generalization gap,
+on hand-made tensors, on a tiny IMP run and through the ``anatomy`` CLI."""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_data
+from sparse_lth.anatomy import (anatomy, connectivity_stats, generalization_gap, init_weight_stats, movement_stats,
+                                write_anatomy_report)
+from sparse_lth.imp import run_imp
+from test_stability import tiny_hp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_init_weight_stats():
+    w = torch.tensor([-2.0, -1.0, -0.1, 0.0, 0.1, 1.0, 2.0, 0.05])
+    mask = torch.tensor([True, False, False, False, False, False, True, False])
+    s = init_weight_stats(w, mask, bins=4)
+    mean_abs_all = w.abs().mean().item()
+    assert s["mean_abs_ratio"] == pytest.approx(2.0 / mean_abs_all)
+    sd = w.double().std(unbiased=False).item()
+    assert s["near_zero_all"] == pytest.approx(float((w.abs() < 0.5 * sd).double().mean()))
+    assert s["near_zero_live"] == 0.0 and s["live"] == 2 and s["n"] == 8
+    assert sum(s["hist_all"]) == 8 and sum(s["hist_live"]) == 2 and len(s["edges"]) == 5
+    assert init_weight_stats(w, torch.zeros(8, dtype=torch.bool))["mean_abs_ratio"] is None
+
+
+def test_connectivity_stats_linear_and_conv():
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)  # 2 outputs, 3 inputs
+    s = connectivity_stats(m)
+    inc = torch.tensor([2 / 3, 1 / 3], dtype=torch.float64)
+    out = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    assert s["incoming_cv"] == pytest.approx(float(inc.std(unbiased=False) / inc.mean()))
+    assert s["outgoing_cv"] == pytest.approx(float(out.std(unbiased=False) / out.mean()))
+    assert s["inputs_disconnected"] == pytest.approx(1 / 3) and s["density"] == pytest.approx(0.5)
+    conv = torch.zeros(2, 3, 2, 2, dtype=torch.bool)  # input channel 0 feeds everything, channel 2 nothing
+    conv[:, 0] = True
+    conv[0, 1, 0, 0] = True
+    c = connectivity_stats(conv)
+    assert c["outgoing_max"] == 1.0 and c["outgoing_min"] == 0.0 and c["inputs_disconnected"] == pytest.approx(1 / 3)
+    assert c["incoming_max"] == pytest.approx(5 / 12) and c["incoming_min"] == pytest.approx(4 / 12)
+    assert connectivity_stats(torch.zeros(2, 2, dtype=torch.bool))["incoming_cv"] is None
+
+
+def test_movement_by_pruning_round():
+    start = {"a.weight": torch.zeros(2, 2)}
+    trained = {"a.weight": torch.tensor([[1.0, -2.0], [3.0, 4.0]])}
+    masks = {0: {"a": torch.ones(2, 2, dtype=torch.bool)},
+             1: {"a": torch.tensor([[False, True], [True, True]])},   # pruned 1.0 in round 1
+             2: {"a": torch.tensor([[False, False], [True, True]])}}  # pruned -2.0 in round 2
+    m = movement_stats(start, trained, masks, ["a"])
+    assert m["last_round"] == 2
+    assert m["pooled"]["1"] == dict(mean=1.0, count=1) and m["pooled"]["2"] == dict(mean=2.0, count=1)
+    assert m["pooled"]["survivors"] == dict(mean=3.5, count=2)
+    assert m["per_layer"]["a"] == {"1": 1.0, "2": 2.0, "survivors": 3.5}
+
+
+def test_generalization_gap():
+    metrics = dict(early_stop_iteration=10, train_acc=0.99, test_acc=0.95,
+                   curve=[dict(iteration=0, test_acc=0.1, train_acc=0.1), dict(iteration=10, test_acc=0.9,
+                                                                                train_acc=0.97)])
+    g = generalization_gap(metrics)
+    assert g["at_early_stop"] == pytest.approx(0.07) and g["at_end"] == pytest.approx(0.04)
+    metrics["curve"][1].pop("train_acc")
+    metrics["train_acc"] = None
+    assert generalization_gap(metrics) == dict(at_early_stop=None, at_end=None)
+
+
+def test_anatomy_of_an_imp_run_and_its_reinit_control(tmp_path):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=3)
+    res = run_imp(hp, str(tmp_path), progress=False, data=data)
+    d = anatomy(res.experiment_dir, 0)
+    assert d["control"] == "imp" and list(d["remaining"]) == ["0", "1", "2", "3"]
+    assert {"0", "3"} <= set(d["init_weights"]) and len(d["init_weights"]) in (2, 3)  # first, middle, last
+    final_masks = torch.load(os.path.join(res.experiment_dir, "seed_0", "round_03", "masks.pt"),
+                             weights_only=False)["masks"]
+    pooled = d["movement"]["pooled"]
+    total = sum(m.numel() for m in final_masks.values())
+    assert sum(v["count"] for v in pooled.values()) == total
+    assert pooled["survivors"]["count"] == sum(int(m.sum()) for m in final_masks.values())
+    for r, layers in d["connectivity"].items():
+        for n, c in layers.items():
+            assert 0 < c["density"] <= 1
+    with open(os.path.join(res.experiment_dir, "seed_0", "anatomy.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(d))
+    ctl = run_imp(tiny_hp(rounds=3, control="reinit"), str(tmp_path), progress=False, data=data)
+    c = anatomy(ctl.experiment_dir, 0, rounds=[0, 2])
+    assert c["init_weights"] is None and c["movement"] is None and c["connectivity"]["2"] == d["connectivity"]["2"]
+    files = write_anatomy_report([d, c], str(tmp_path / "rep"), title="tiny")
+    for k in ("figure", "init_weights", "summary"):
+        assert os.path.getsize(files[k]) > 0
+    text = open(files["summary"]).read()
+    assert "control imp" in text and "control reinit" in text and "| survivors |" in text
+    with pytest.raises(ValueError, match="have not finished"):
+        anatomy(res.experiment_dir, 0, rounds=[7])
+    with pytest.raises(FileNotFoundError, match="no replicate"):
+        anatomy(res.experiment_dir, 4)
+
+
+def test_anatomy_cli(tmp_path, capsys):
+    from conftest import require_shared_data
+    from sparse_lth.cli import main
+    data = str(require_shared_data())
+    assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
+                 "30it", "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300",
+                 "--test-limit", "200", "--batch-size", "20", "--no-progress", "--no-report"]) == 0
+    exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
+    capsys.readouterr()
+    assert main(["anatomy", str(exp)]) == 0
+    out = capsys.readouterr().out
+    assert "| round | % remaining | gap at early stop (pp) |" in out and "| survivors |" in out
+    assert (exp / "anatomy" / "init_weights.png").stat().st_size > 0
+    assert main(["anatomy", str(tmp_path)]) == 2
+    assert "not an experiment folder" in capsys.readouterr().err
