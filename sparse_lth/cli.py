@@ -202,22 +202,39 @@ def _cmd_report(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- stability
-def _open_experiment(exp_dir: str, args):
-    """(experiment, its folder, seeds) of one RUN_DIR of an analysis command, with --seeds, --device, --data."""
-    import glob
-
-    from .imp import Experiment, hparams_from_dict
+def _check_experiment_dir(exp_dir: str) -> str:
     exp_dir = exp_dir.rstrip("/")
-    hp_path = os.path.join(exp_dir, "hparams.json")
-    if not os.path.exists(hp_path):
+    if not os.path.exists(os.path.join(exp_dir, "hparams.json")):
         raise FileNotFoundError(f"{exp_dir} is not an experiment folder (no hparams.json); give the folder "
                                 "`sparse-lth imp` printed")
-    with open(hp_path) as f:
-        hp = hparams_from_dict(json.load(f))
+    return exp_dir
+
+
+def _seeds_of(exp_dir: str, args) -> list[int]:
+    import glob
     seeds = list(args.seeds) if args.seeds else sorted(
         int(os.path.basename(d)[5:]) for d in glob.glob(os.path.join(exp_dir, "seed_*")) if os.path.isdir(d))
     if not seeds:
         raise FileNotFoundError(f"{exp_dir} holds no replicate (seed_*) yet: run the IMP experiment first")
+    return seeds
+
+
+def _report_dir(args, exp_dirs: list[str], name: str) -> str:
+    if args.out:
+        return args.out
+    if len(exp_dirs) == 1:
+        return os.path.join(exp_dirs[0], name)
+    return os.path.join(os.path.commonpath([os.path.abspath(d) for d in exp_dirs]), name)
+
+
+def _open_experiment(exp_dir: str, args):
+    """(experiment, its folder, seeds) of one RUN_DIR of an analysis command, with --seeds, --device, --data."""
+    from .imp import Experiment, hparams_from_dict
+    exp_dir = _check_experiment_dir(exp_dir)
+    hp_path = os.path.join(exp_dir, "hparams.json")
+    with open(hp_path) as f:
+        hp = hparams_from_dict(json.load(f))
+    seeds = _seeds_of(exp_dir, args)
     exp = Experiment(dataclasses.replace(hp, seed=seeds[0]), run_dir=exp_dir, device=args.device,
                      data_root=args.data, progress=not args.no_progress,
                      checkpoint_every=getattr(args, "checkpoint_every", 1000))
@@ -246,13 +263,7 @@ def _analyse(args, name: str, per_seed, load, markdown, write) -> int:
         for s in seeds:
             per_seed(exp, exp_dir, s)
         results += [d for d in load(exp_dir) if d["seed"] in seeds]
-    if args.out:
-        out = args.out
-    elif len(opened) == 1:
-        out = os.path.join(opened[0][1], name)
-    else:
-        out = os.path.join(os.path.commonpath([os.path.abspath(o[1]) for o in opened]), name)
-    files = write(results, out, title=model)
+    files = write(results, _report_dir(args, [o[1] for o in opened], name), title=model)
     print(markdown(results), end="")
     for k, v in files.items():
         print(f"{k}: {v}")
@@ -307,33 +318,33 @@ def _cmd_landscape(args) -> int:
 
 
 def _cmd_anatomy(args) -> int:
-    import glob
-
     from .anatomy import anatomy, anatomy_markdown, write_anatomy_report
-    results = []
-    dirs = [d.rstrip("/") for d in args.run_dirs]
-    for d in dirs:
-        if not os.path.exists(os.path.join(d, "hparams.json")):
-            raise FileNotFoundError(f"{d} is not an experiment folder (no hparams.json); give the folder "
-                                    "`sparse-lth imp` printed")
-    for d in dirs:
-        seeds = list(args.seeds) if args.seeds else sorted(
-            int(os.path.basename(s)[5:]) for s in glob.glob(os.path.join(d, "seed_*")) if os.path.isdir(s))
-        if not seeds:
-            raise FileNotFoundError(f"{d} holds no replicate (seed_*) yet: run the IMP experiment first")
-        for s in seeds:
-            results.append(anatomy(d, s, rounds=list(args.rounds) if args.rounds else None))
-    if args.out:
-        out = args.out
-    elif len(dirs) == 1:
-        out = os.path.join(dirs[0], "anatomy")
-    else:
-        out = os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs]), "anatomy")
-    files = write_anatomy_report(results, out, title=results[0]["model"] or "")
+    dirs = [_check_experiment_dir(d) for d in args.run_dirs]
+    results = [anatomy(d, s, rounds=list(args.rounds) if args.rounds else None)
+               for d in dirs for s in _seeds_of(d, args)]
+    files = write_anatomy_report(results, _report_dir(args, dirs, "anatomy"), title=results[0]["model"] or "")
     print(anatomy_markdown(results), end="")
     for k, v in files.items():
         print(f"{k}: {v}")
     return 0
+
+
+def _analysis_parser(sub, name: str, help_text: str, description: str, rounds_help: str, training: bool = True):
+    """A subcommand that analyses experiment folders: RUN_DIR..., --rounds, --seeds, --out (and, for the ones
+    that evaluate or train, --data, --device, --no-progress, --threads)."""
+    p = sub.add_parser(name, help=help_text, description=description)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="experiment folders written by `sparse-lth imp` (e.g. IMP and a control, for one figure)")
+    p.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...", help=rounds_help)
+    p.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                   help="replicates (default: every seed_* folder)")
+    p.add_argument("--out", help=f"report folder (default: <RUN_DIR>/{name}, or <common parent>/{name})")
+    if training:
+        p.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--no-progress", action="store_true")
+        p.add_argument("--threads", type=int, default=None)
+    return p
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -397,17 +408,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pr.add_argument("--out", help="output folder (default: <experiment>/report, or <common parent>/report)")
     pr.add_argument("--title")
 
-    ps = sub.add_parser("stability", help="instability analysis (linear mode connectivity) of IMP rounds",
-                        description="For each round: train two copies from the round's rewind point with different "
-                        "SGD noise (data order, augmentation), evaluate the network along the straight line between "
-                        "their final weights, and report the error barrier (Frankle et al. 2020). Finished copies "
-                        "are reused on re-run; interrupted ones resume.")
-    ps.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                    help="experiment folders written by `sparse-lth imp` (e.g. IMP and a control, for one figure)")
-    ps.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...",
-                    help="rounds to analyse (default: every finished round)")
-    ps.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
-                    help="replicates (default: every seed_* folder)")
+    ps = _analysis_parser(
+        sub, "stability", "instability analysis (linear mode connectivity) of IMP rounds",
+        "For each round: train two copies from the round's rewind point with different SGD noise (data order, "
+        "augmentation), evaluate the network along the straight line between their final weights, and report the "
+        "error barrier (Frankle et al. 2020). Finished copies are reused on re-run; interrupted ones resume.",
+        "rounds to analyse (default: every finished round)")
     ps.add_argument("--noise-seeds", type=_parse_tuple(int), default=None, metavar="A,B",
                     help="data-order seeds of the two copies (default: two seeds no IMP replicate uses)")
     ps.add_argument("--dense-at", type=_parse_tuple(int), default=None, metavar="K1,K2,...",
@@ -417,45 +423,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     ps.add_argument("--bn-reset", type=int, default=0, metavar="N",
                     help="recompute batch-norm statistics on N training batches at every point (default 0: "
                          "interpolate them)")
-    ps.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
-    ps.add_argument("--device", default="cpu")
     ps.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint the copies every N iterations")
-    ps.add_argument("--no-progress", action="store_true")
-    ps.add_argument("--out", help="report folder (default: <RUN_DIR>/stability, or <common parent>/stability)")
-    ps.add_argument("--threads", type=int, default=None)
 
-    pl = sub.add_parser("landscape", help="loss-landscape measures of IMP's solutions (Hessian eigenvalues, ...)",
-                        description="For each finished round: the largest eigenvalues of the loss Hessian over the "
-                        "live weights at the round's final weights (Lanczos), the distance to the next round's "
-                        "solution, and the loss of the solution pruned to the next round's mask (Saleem et al.).")
-    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                    help="experiment folders written by `sparse-lth imp` (e.g. IMP and a control, for one figure)")
-    pl.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...",
-                    help="rounds (default: every finished round)")
-    pl.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
-                    help="replicates (default: every seed_* folder)")
+    pl = _analysis_parser(
+        sub, "landscape", "loss-landscape measures of IMP's solutions (Hessian eigenvalues, ...)",
+        "For each finished round: the largest eigenvalues of the loss Hessian over the live weights at the round's "
+        "final weights (Lanczos), the distance to the next round's solution, and the loss of the solution pruned to "
+        "the next round's mask (Saleem et al.).", "rounds (default: every finished round)")
     pl.add_argument("--top", type=int, default=3, help="how many eigenvalues (default 3)")
     pl.add_argument("--examples", type=int, default=1000,
                     help="training examples the Hessian is taken over (default 1000)")
     pl.add_argument("--iters", type=int, default=60, help="Lanczos steps at most (default 60)")
     pl.add_argument("--tol", type=float, default=1e-3, help="relative residual to stop at (default 1e-3)")
-    pl.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
-    pl.add_argument("--device", default="cpu")
-    pl.add_argument("--no-progress", action="store_true")
-    pl.add_argument("--out", help="report folder (default: <RUN_DIR>/landscape, or <common parent>/landscape)")
-    pl.add_argument("--threads", type=int, default=None)
 
-    pa = sub.add_parser("anatomy", help="what the tickets look like: starting weights, connectivity, movement, gap",
-                        description="Read off an IMP run's saved files (no training): the survivors' starting "
-                        "values against all (bimodal?), incoming vs outgoing connectivity per unit, how far "
-                        "weights moved in the dense round by the round they were pruned in, and the "
-                        "generalization gap per round (Frankle & Carbin's other observations).")
-    pa.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders written by `sparse-lth imp`")
-    pa.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
-                    help="replicates (default: every seed_* folder)")
-    pa.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...",
-                    help="rounds whose starting-weight histograms to draw (default: 0, the middle and the last)")
-    pa.add_argument("--out", help="report folder (default: <RUN_DIR>/anatomy, or <common parent>/anatomy)")
+    _analysis_parser(
+        sub, "anatomy", "what the tickets look like: starting weights, connectivity, movement, gap",
+        "Read off an IMP run's saved files (no training): the survivors' starting values against all (bimodal?), "
+        "incoming vs outgoing connectivity per unit, how far weights moved in the dense round by the round they "
+        "were pruned in, and the generalization gap per round (Frankle & Carbin's other observations).",
+        "rounds whose starting-weight histograms to draw (default: 0, the middle and the last)", training=False)
     return p, {"imp": imp_names, "train": train_names}
 
 

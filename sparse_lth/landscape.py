@@ -252,7 +252,7 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
 def load_landscape(exp_dir: str) -> list[dict]:
     """Every ``landscape.json`` of an experiment folder, ordered by seed and round."""
     from .stability import load_rows
-    return load_rows(exp_dir, "landscape.json")
+    return load_rows(exp_dir, "round_*", "landscape.json")
 
 
 def _fmt(v, spec):

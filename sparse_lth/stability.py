@@ -337,32 +337,36 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def load_rows(exp_dir: str, *parts: str) -> list[dict]:
-    """Every ``<exp_dir>/seed_*/round_*/<parts...>`` JSON file, ordered by seed and round."""
+def load_rows(exp_dir: str, *parts: str, key: str = "round") -> list[dict]:
+    """Every ``<exp_dir>/seed_*/<parts...>`` JSON file (glob patterns allowed), ordered by seed and ``key``."""
     import glob
     rows = []
-    for p in glob.glob(os.path.join(exp_dir, "seed_*", "round_*", *parts)):
+    for p in glob.glob(os.path.join(exp_dir, "seed_*", *parts)):
         with open(p) as f:
             row = json.load(f)
         row.setdefault("experiment", os.path.basename(os.path.normpath(exp_dir)))  # (files written before it)
         rows.append(row)
-    return sorted(rows, key=lambda d: (d["seed"], d["round"]))
+    return sorted(rows, key=lambda d: (d["seed"], d[key]))
 
 
 def load_stability(exp_dir: str) -> list[dict]:
     """Every ``stability.json`` of an experiment folder, ordered by seed and round."""
-    return load_rows(exp_dir, "stability", "stability.json")
+    return load_rows(exp_dir, "round_*", "stability", "stability.json")
+
+
+def _path_cells(d: dict) -> str:
+    """The table cells of one path: test error at both ends, its largest, and the two barriers (percent)."""
+    errs = [r["test_error"] for r in d["path"]]
+    return (f"{100 * errs[0]:.2f} / {100 * errs[-1]:.2f} | {100 * max(errs):.2f} | {100 * d['test_barrier']:.2f} | "
+            f"{100 * d['train_barrier']:.2f}")
 
 
 def stability_markdown(results: Sequence[dict]) -> str:
     lines = ["| experiment | k | seed | round | % remaining | test error at a=0 / a=1 (%) | max test error on the "
              "path (%) | test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|---|---|"]
     for d in results:
-        errs = [r["test_error"] for r in d["path"]]
         lines.append(f"| {d.get('control', 'imp')} | {d['rewind_iteration']} | {d['seed']} | {d['round']} | "
-                     f"{d['percent_remaining']:.2f} | "
-                     f"{100 * errs[0]:.2f} / {100 * errs[-1]:.2f} | {100 * max(errs):.2f} | "
-                     f"{100 * d['test_barrier']:.2f} | {100 * d['train_barrier']:.2f} |")
+                     f"{d['percent_remaining']:.2f} | {_path_cells(d)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -458,22 +462,14 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
 # ------------------------------------------------------------------------------------- report: dense network
 def load_dense_stability(exp_dir: str) -> list[dict]:
     """Every dense-network result (``seed_*/dense_stability/k_*/stability.json``), by seed and iteration."""
-    import glob
-    rows = []
-    for p in glob.glob(os.path.join(exp_dir, "seed_*", "dense_stability", "k_*", "stability.json")):
-        with open(p) as f:
-            rows.append(json.load(f))
-    return sorted(rows, key=lambda d: (d["seed"], d["iteration"]))
+    return load_rows(exp_dir, "dense_stability", "k_*", "stability.json", key="iteration")
 
 
 def dense_stability_markdown(results: Sequence[dict]) -> str:
     lines = ["| experiment | seed | copies from iteration k | test error at a=0 / a=1 (%) | max test error on the "
              "path (%) | test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|"]
     for d in results:
-        errs = [r["test_error"] for r in d["path"]]
-        lines.append(f"| {d['experiment']} | {d['seed']} | {d['iteration']} | {100 * errs[0]:.2f} / "
-                     f"{100 * errs[-1]:.2f} | {100 * max(errs):.2f} | {100 * d['test_barrier']:.2f} | "
-                     f"{100 * d['train_barrier']:.2f} |")
+        lines.append(f"| {d['experiment']} | {d['seed']} | {d['iteration']} | {_path_cells(d)} |")
     return "\n".join(lines) + "\n"
 
 

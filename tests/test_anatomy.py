@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_data
+from test_cli import tiny_imp_args
 from sparse_lth.anatomy import (anatomy, connectivity_stats, generalization_gap, init_weight_stats, movement_stats,
                                 write_anatomy_report)
 from sparse_lth.imp import run_imp
@@ -102,12 +103,8 @@ def test_anatomy_of_an_imp_run_and_its_reinit_control(tmp_path):
 
 
 def test_anatomy_cli(tmp_path, capsys):
-    from conftest import require_shared_data
     from sparse_lth.cli import main
-    data = str(require_shared_data())
-    assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
-                 "30it", "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300",
-                 "--test-limit", "200", "--batch-size", "20", "--no-progress", "--no-report"]) == 0
+    assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
     exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
     capsys.readouterr()
     assert main(["anatomy", str(exp)]) == 0

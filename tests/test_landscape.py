@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 import test_stability
 from conftest import tiny_data
+from test_cli import tiny_imp_args
 from test_stability import load
 from sparse_lth import landscape as ls
 from sparse_lth.imp import Experiment, run_imp
@@ -178,9 +179,7 @@ def test_landscape_cli(tmp_path, capsys):
     from conftest import require_shared_data
     from sparse_lth.cli import main
     data = str(require_shared_data())
-    assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
-                 "30it", "--eval-every", "10", "--rounds", "1", "--width", "0.1", "--data-limit", "300",
-                 "--test-limit", "200", "--batch-size", "20", "--no-progress", "--no-report"]) == 0
+    assert main(tiny_imp_args(tmp_path, "--no-report", "--rounds", "1")) == 0
     exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
     capsys.readouterr()
     assert main(["landscape", str(exp), "--data", data, "--top", "2", "--examples", "100", "--iters", "30"]) == 0

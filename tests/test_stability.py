@@ -9,6 +9,7 @@ from torch import nn
 
 import test_imp
 from conftest import tiny_data
+from test_cli import tiny_imp_args
 from sparse_lth import stability
 from sparse_lth.data import DeviceDataset
 from sparse_lth.imp import Experiment, ImpHparams, run_imp
@@ -306,9 +307,7 @@ def test_stability_cli(tmp_path, capsys):
     from conftest import require_shared_data
     from sparse_lth.cli import main
     data = str(require_shared_data())  # fails, never skips, when the data is missing
-    assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
-                 "30it", "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300",
-                 "--test-limit", "200", "--batch-size", "20", "--no-progress", "--no-report"]) == 0
+    assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
     exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
     capsys.readouterr()
     argv = ["stability", str(exp), "--data", data, "--rounds", "0,2", "--points", "3", "--no-progress"]
@@ -332,10 +331,7 @@ def test_stability_cli(tmp_path, capsys):
     assert f"| {exp.name} | 0 | 10 |" in out and f"| {exp.name} | 0 | 0 |" in out and "| imp | 0 | 0 | 2 |" not in out
     assert (exp / "stability" / "dense_barrier_vs_iteration.png").stat().st_size > 0
     # IMP and its random-reinit control in one report
-    assert main(["imp", "--preset", "lenet_quick", "--data", data, "--runs", str(tmp_path), "--iterations",
-                 "30it", "--eval-every", "10", "--rounds", "2", "--width", "0.1", "--data-limit", "300",
-                 "--test-limit", "200", "--batch-size", "20", "--no-progress", "--no-report",
-                 "--control", "reinit"]) == 0
+    assert main(tiny_imp_args(tmp_path, "--no-report", "--control", "reinit")) == 0
     reinit = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_reinit_"))
     capsys.readouterr()
     assert main(["stability", str(exp), str(reinit), "--data", data, "--rounds", "2", "--points", "3",
