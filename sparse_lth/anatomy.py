@@ -155,8 +155,9 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) ->
     if bad:
         raise ValueError(f"rounds {bad} have not finished (finished: {list(rdirs)})")
     control = hp.get("control", "imp")
-    # reinit resets to fresh weights and continue to the previous round's: their survivors do not start at θk
-    init = None if control in ("reinit", "continue") else {
+    # reinit resets to fresh weights, continue to the previous round's, noise to θk plus noise: their survivors
+    # do not start at θk
+    init = None if control in ("reinit", "continue", "noise") else {
         str(r): {n: init_weight_stats(start[f"{n}.weight"], masks[r][n]) for n in layers} for r in rounds}
     conn = {str(r): {n: connectivity_stats(masks[r][n]) for n in layers} for r in rdirs}
     move = None

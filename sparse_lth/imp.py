@@ -18,6 +18,9 @@
   layer's weights kept, or of the pooled weights with global pruning) or, when unset, the sparsity that
   ``rounds`` iterative rounds would reach.
 - ``continue``: prune as IMP but keep training the trained weights, without resetting them, each round.
+- ``noise``: the ticket's masks (as ``reinit`` takes them) and its starting weights θk plus Gaussian noise of
+  ``noise_std`` times the standard deviation of each layer's θ0 (the paper's test of how much a ticket depends on
+  its exact initial values), drawn anew for every round.
 
 A control's round 0 (the dense network) is the ``imp`` experiment's: when that has finished round 0 for the seed
 from the same θ0, the control takes its masks, final weights, rewind point and metrics (``reused_from`` in its
@@ -48,7 +51,8 @@ from torch import nn
 
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
-CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue")
+CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
+SOURCE_MASK_CONTROLS = ("reinit", "noise")  # controls that train the imp experiment's masks
 LAYER_IMPLS = ("sparse", "masked")
 PATHS = ("auto", "dense", "sparse")
 
@@ -87,8 +91,9 @@ class ImpHparams:
     prune_global: bool = False      # global magnitude pruning (within each layer type) instead of layer-wise
     dense_layers: tuple[str, ...] = ()  # module names left dense
     rewind: str = "0it"             # rewind point: "Nit" or "Nep"; 0 = the original initialization
-    control: str = "imp"            # imp | reinit | random_prune | oneshot | continue
+    control: str = "imp"            # imp | reinit | random_prune | oneshot | continue | noise
     oneshot_remaining: float = 0.0  # oneshot: fraction of weights kept (0: what `rounds` rounds of IMP keep)
+    noise_std: float = 0.0          # noise: Gaussian noise on the ticket's starting weights, in units of each layer's θ0 std
     reuse_dense_round: bool = True  # controls: take round 0 (the dense network) from the finished IMP run
     # layers
     layer_impl: str = "sparse"      # sparse (sparse_lth.layers) | masked (plain layers, dense masking)
@@ -349,6 +354,11 @@ class Experiment:
             raise ValueError(f"oneshot_remaining={hp.oneshot_remaining} must lie in (0, 1)")
         if hp.oneshot_remaining and hp.control != "oneshot":
             raise ValueError("oneshot_remaining is only used with control 'oneshot'")
+        if hp.control == "noise" and not (hp.noise_std > 0 and math.isfinite(hp.noise_std)):
+            raise ValueError(f"control 'noise' needs noise_std > 0 (in units of each layer's initial std), "
+                             f"got {hp.noise_std}")
+        if hp.noise_std and hp.control != "noise":
+            raise ValueError("noise_std is only used with control 'noise'")
         if hp.data_limit < 0 or hp.test_limit < 0:
             raise ValueError("data_limit and test_limit must be >= 0")
         # training config (optimizer, lr, ...) is checked by TrainConfig; steps need the dataset size
@@ -367,7 +377,7 @@ class Experiment:
             raise ValueError(f"dense_layers {bad} are not prunable layers of {hp.model}; "
                              f"those are {list(layers)}")
         rates = self._rates(model)
-        if hp.rounds > 0 and hp.control != "reinit" and not any(r > 0 for r in rates.values()):
+        if hp.rounds > 0 and hp.control not in SOURCE_MASK_CONTROLS and not any(r > 0 for r in rates.values()):
             raise ValueError("no layer would be pruned: all pruning fractions are 0 or the layers are dense_layers")
         # the run folder: refuse one that holds another experiment
         existing = os.path.join(self.dir, "hparams.json")
@@ -462,7 +472,7 @@ class Experiment:
 
     def source(self) -> "Experiment":
         """The ``imp`` experiment with the same hyperparameters (the ticket that controls compare with)."""
-        hp = dataclasses.replace(self.hp, control="imp", oneshot_remaining=0.0)
+        hp = dataclasses.replace(self.hp, control="imp", oneshot_remaining=0.0, noise_std=0.0)
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
                           checkpoint_every=self.checkpoint_every, data=self._data)
 
@@ -561,7 +571,8 @@ class Experiment:
                       ) -> tuple[nn.Module, dict[str, torch.Tensor], int]:
         """Round ``r`` of replicate ``seed`` ready to train: ``(model, masks, start_iteration)``, the model on
         the device with the round's starting weights (θ0 for round 0, the rewind point after, fresh weights for
-        ``reinit``, the previous round's final weights for ``continue``), its masks applied and its paths chosen.
+        ``reinit``, the previous round's final weights for ``continue``, the rewind point plus noise for
+        ``noise``), its masks applied and its paths chosen.
         ``from_rewind_point``: start round 0 at the rewind iteration from the rewind point too (the dense
         network's copies of the stability analysis), not at iteration 0 from θ0."""
         hp = dataclasses.replace(self.hp, seed=seed)
@@ -581,6 +592,8 @@ class Experiment:
         elif r > 0 and hp.control == "continue":
             _load_weights(model, torch.load(os.path.join(self.round_dir(seed, r - 1), "final.pt"),
                                             map_location=self.device, weights_only=False))
+        elif r > 0 and hp.control == "noise":
+            _load_weights(model, self._noisy_start(seed, r, init_path, rewind_path, masks))
         else:
             _load_weights(model, torch.load(rewind_path, map_location=self.device, weights_only=False))
         apply_masks(model, masks, path=None if hp.path == "auto" else hp.path)
@@ -589,6 +602,19 @@ class Experiment:
             train_data = self.data[0]
             choose_paths(model, train_data.batch(0, self.train_cfg.batch_size, seed)[0], timed=hp.timed_paths)
         return model, masks, start
+
+    def _noisy_start(self, seed: int, r: int, init_path: str, rewind_path: str, masks: dict) -> dict:
+        """θk with N(0, (noise_std * std of the layer's θ0)^2) added to every prunable weight (control ``noise``);
+        the generator is seeded from (seed, round), so a resumed round draws the same noise."""
+        start = torch.load(rewind_path, map_location="cpu", weights_only=False)
+        init = torch.load(init_path, map_location="cpu", weights_only=False)
+        g = torch.Generator().manual_seed(_reinit_seed(seed, r) + 29)
+        out = dict(start)
+        for n in sorted(masks):
+            w = start[f"{n}.weight"]
+            std = float(init[f"{n}.weight"].double().std())
+            out[f"{n}.weight"] = w + (self.hp.noise_std * std) * torch.randn(w.shape, generator=g, dtype=w.dtype)
+        return {k: v.to(self.device) for k, v in out.items()}
 
     def _reuse_dense_round(self, seed: int, init_path: str, rewind_path: str) -> dict | None:
         """A control's round 0 trains the dense network from the same θ0 with the same hyperparameters as the IMP
@@ -628,7 +654,7 @@ class Experiment:
         rates = self._rates(model)
         if r == 0:
             masks = {n: torch.ones(s, dtype=torch.bool) for n, s in shapes.items()}
-        elif hp.control == "reinit":
+        elif hp.control in SOURCE_MASK_CONTROLS:
             masks = self._source_masks(seed, r, required=True)
         elif hp.control == "random_prune":
             src = self._source_masks(seed, r, required=hp.prune_global)

@@ -28,7 +28,7 @@ from .train import evaluate
 
 
 # controls whose next round neither prunes this round's solution nor starts from it: no distance or projection
-_NOT_CHAINED = ("reinit", "random_prune")
+_NOT_CHAINED = ("reinit", "random_prune", "noise")
 
 
 def masked_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -188,8 +188,8 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
       leaves before rewinding): train loss/accuracy on the same examples and test loss/accuracy, next to
       ``final`` for the unpruned solution (when there is a next round).
 
-    The controls ``reinit`` and ``random_prune`` get neither of the last two (None): their next round's mask
-    does not come from this solution, nor do its weights start from it.
+    The controls ``reinit``, ``random_prune`` and ``noise`` get neither of the last two (None): their next
+    round's mask does not come from this solution, nor do its weights start from it.
     """
     rdir = exp.round_dir(seed, r)
     final_path = os.path.join(rdir, "final.pt")

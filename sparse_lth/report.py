@@ -19,8 +19,9 @@ import os
 import statistics
 
 CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "random_prune": "random pruning",
-                  "oneshot": "one-shot", "continue": "continued training (no reset)"}
-CONTROL_ORDER = ["imp", "reinit", "random_prune", "oneshot", "continue"]
+                  "oneshot": "one-shot", "continue": "continued training (no reset)",
+                  "noise": "ticket + Gaussian noise"}
+CONTROL_ORDER = ["imp", "reinit", "random_prune", "oneshot", "continue", "noise"]
 
 
 def load_experiment(path: str) -> dict:
@@ -98,20 +99,27 @@ def _series(exp: dict, field: str):
     return rows
 
 
-def _label(exp: dict, all_exps: list[dict]) -> str:
+def _base_label(exp: dict) -> str:
     control = exp["hparams"].get("control", "imp")
-    same = [e for e in all_exps if e["hparams"].get("control", "imp") == control]
     base = CONTROL_LABELS.get(control, control)
     if control == "oneshot" and exp["hparams"].get("oneshot_remaining"):
         base += f" ({100 * exp['hparams']['oneshot_remaining']:.1f}%)"
-    if len(same) > 1:
+    if control == "noise":
+        base += f" (σ = {exp['hparams'].get('noise_std', 0):g} x init std)"
+    return base
+
+
+def _label(exp: dict, all_exps: list[dict]) -> str:
+    base = _base_label(exp)
+    if sum(1 for e in all_exps if _base_label(e) == base) > 1:
         base += f" [{exp['name']}]"
     return base
 
 
 def _sorted(exps):
     return sorted(exps, key=lambda e: (CONTROL_ORDER.index(e["hparams"].get("control", "imp"))
-                                       if e["hparams"].get("control", "imp") in CONTROL_ORDER else 99, e["name"]))
+                                       if e["hparams"].get("control", "imp") in CONTROL_ORDER else 99,
+                                       e["hparams"].get("noise_std", 0.0), e["name"]))
 
 
 def _setup_axis(ax, xs):
@@ -130,11 +138,16 @@ def _setup_axis(ax, xs):
 def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None:
     """One line per experiment: the mean of ``field`` over replicates against weights remaining, with a
     min-max band when there is more than one replicate."""
+    seen: dict[str, int] = {}
     for e in exps:
         rows = _series(e, field)
         if not rows:
             continue
-        st = styles.get(e["hparams"].get("control", "imp"), {})
+        control = e["hparams"].get("control", "imp")
+        st = dict(styles.get(control, {}))
+        k = seen[control] = seen.get(control, -1) + 1
+        if k:  # another experiment of the same control (e.g. noise at another sigma): another line style
+            st["linestyle"] = ["--", ":", "-."][(k - 1) % 3]
         x = [r[0] for r in rows]
         ax.plot(x, [scale * r[1] for r in rows], label=_label(e, exps), ms=4, **st)
         if max(r[4] for r in rows) > 1:
@@ -157,7 +170,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     files = {}
     styles = {"imp": dict(color="tab:blue", marker="o"), "reinit": dict(color="tab:orange", marker="s"),
               "random_prune": dict(color="tab:green", marker="^"), "oneshot": dict(color="tab:red", marker="D"),
-              "continue": dict(color="tab:purple", marker="v")}
+              "continue": dict(color="tab:purple", marker="v"), "noise": dict(color="tab:brown", marker="P")}
     all_x = [row[0] for e in exps for row in _series(e, "test_acc")]
 
     # --- accuracy vs weights remaining

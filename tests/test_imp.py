@@ -169,6 +169,42 @@ def test_reinit_keeps_masks_changes_values_and_random_prune_keeps_sparsity(tmp_p
         assert re.metrics[0][r]["remaining"] == imp.metrics[0][r]["remaining"]
 
 
+def test_noise_control_adds_gaussian_noise_to_the_ticket(tmp_path):
+    """control noise: the ticket's masks, θk plus N(0, (sigma * std of the layer's θ0)^2) on the live weights,
+    drawn anew each round; sigma is part of the experiment."""
+    data = tiny_data(240, 120)
+    imp_starts, nz_starts = {}, {}
+
+    def grab(store):
+        return lambda r, model: store.__setitem__(r, {n: m.dense_weight().detach().clone()
+                                                      for n, m in prunable_layers(model)})
+    hp = tiny_hp(rounds=2, width=0.5)  # 784-150-50-10: enough weights per layer for the statistics
+    imp = run(hp, tmp_path, data=data, on_round_start=grab(imp_starts))
+    nz = run(dataclasses.replace(hp, control="noise", noise_std=2.0), tmp_path, data=data,
+             on_round_start=grab(nz_starts))
+    nz1 = run(dataclasses.replace(hp, control="noise", noise_std=1.0), tmp_path, data=data)
+    assert len({imp.experiment_dir, nz.experiment_dir, nz1.experiment_dir}) == 3
+    init = torch.load(os.path.join(imp.experiment_dir, "seed_0", "init.pt"), weights_only=False)
+    assert nz.metrics[0][0]["reused_from"]  # the dense round is the IMP run's
+    for r in (1, 2):
+        mi, mn = load_masks(imp.experiment_dir, 0, r), load_masks(nz.experiment_dir, 0, r)
+        for n in mi:
+            assert torch.equal(mi[n], mn[n])                       # the ticket's masks
+            live = mi[n]
+            assert (nz_starts[r][n][~live] == 0).all()
+            diff = (nz_starts[r][n] - imp_starts[r][n])[live].double()
+            want = 2.0 * init[f"{n}.weight"].double().std().item()
+            assert diff.std().item() == pytest.approx(want, rel=0.15) and abs(diff.mean().item()) < 0.2 * want
+    d1 = (nz_starts[1]["fc1"] - imp_starts[1]["fc1"])[load_masks(imp.experiment_dir, 0, 2)["fc1"]]
+    d2 = (nz_starts[2]["fc1"] - imp_starts[2]["fc1"])[load_masks(imp.experiment_dir, 0, 2)["fc1"]]
+    assert not torch.allclose(d1, d2)  # new noise each round
+    # the report names the noise level of each noise experiment
+    from sparse_lth.report import write_report
+    files = write_report([imp.experiment_dir, nz.experiment_dir, nz1.experiment_dir], str(tmp_path / "rep"))
+    text = open(files["summary"]).read()
+    assert "σ = 1 x init std" in text and "σ = 2 x init std" in text
+
+
 def test_controls_reuse_the_dense_round_of_the_imp_run(tmp_path):
     """A control's round 0 is the IMP run's (same θ0, same training): taken from it, not trained again, with the
     very metrics (and rewind point) that training it here gives."""
@@ -332,6 +368,9 @@ def test_resume_after_sigkill(tmp_path):
     (dict(control="oneshot", oneshot_remaining=1.2), "oneshot_remaining"),
     (dict(prune_fc=0.0, prune_output=0.0), "no layer would be pruned"),
     (dict(layer_impl="fast"), "layer_impl"),
+    (dict(control="noise"), "noise_std > 0"),
+    (dict(control="noise", noise_std=float("nan")), "noise_std > 0"),
+    (dict(noise_std=0.5), "only used with control 'noise'"),
 ])
 def test_bad_hparams_refused_before_training(tmp_path, kw, msg):
     steps = []
