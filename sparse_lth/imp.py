@@ -385,6 +385,8 @@ class Experiment:
             with open(existing) as f:
                 old = json.load(f)
             mine = {k: v for k, v in hparams_dict(hp).items() if k not in NOT_HASHED}
+            # a hyperparameter added since the folder was written had its default there (the hash skips defaults)
+            old = {**hparams_dict(ImpHparams()), **old}
             old = {k: v for k, v in old.items() if k not in NOT_HASHED}
             if old != mine:
                 diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))

@@ -379,6 +379,28 @@ def test_bad_hparams_refused_before_training(tmp_path, kw, msg):
     assert steps == [] and not os.path.exists(tmp_path / "x") and list(tmp_path.iterdir()) == []
 
 
+def test_run_folder_from_before_a_new_hyperparameter_still_resumes(tmp_path):
+    """hparams.json written before a field existed (here noise_std) is the same experiment: the field had its
+    default, which the folder's hash leaves out."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    res = run(hp, tmp_path, data=data)
+    path = os.path.join(res.experiment_dir, "hparams.json")
+    with open(path) as f:
+        d = json.load(f)
+    del d["noise_std"]
+    with open(path, "w") as f:
+        json.dump(d, f)
+    again = run(hp, tmp_path, data=data)
+    assert again.experiment_dir == res.experiment_dir and strip_times(again.metrics[0][1]) == strip_times(
+        res.metrics[0][1])
+    with pytest.raises(ValueError, match="holds another experiment"):  # a real difference is still refused
+        d["lr"] = 1.0
+        with open(path, "w") as f:
+            json.dump(d, f)
+        run(hp, tmp_path, data=data)
+
+
 def test_run_folder_of_another_experiment_refused(tmp_path):
     hp = tiny_hp(rounds=1)
     res = run(hp, tmp_path)
