@@ -146,8 +146,11 @@ def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None
         control = e["hparams"].get("control", "imp")
         st = dict(styles.get(control, {}))
         k = seen[control] = seen.get(control, -1) + 1
-        if k:  # another experiment of the same control (e.g. noise at another sigma): another line style
+        if k:  # another experiment of the same control (e.g. noise at another sigma): another style, darker
+            from matplotlib.colors import to_rgb
             st["linestyle"] = ["--", ":", "-."][(k - 1) % 3]
+            if "color" in st:
+                st["color"] = tuple(c * max(0.25, 1 - 0.2 * k) for c in to_rgb(st["color"]))
         x = [r[0] for r in rows]
         ax.plot(x, [scale * r[1] for r in rows], label=_label(e, exps), ms=4, **st)
         if max(r[4] for r in rows) > 1:
