@@ -90,9 +90,10 @@ class SparseLinearFunction(torch.autograd.Function):
             y = fwd(x2, values, fmt, bias, activation)
         ctx.fmt, ctx.backend, ctx.activation, ctx.x_shape = fmt, backend, activation, x.shape
         ctx.has_bias, ctx.dense = bias is not None, dense
-        # x itself too (no copy): x2 may be a batch-minor copy made here, which double backward cannot trace to x
+        # x itself too when it needs a gradient (no copy): x2 may be a batch-minor copy made here, which double
+        # backward cannot trace to x
         ctx.save_for_backward(x2, values, y if activation == "relu" else None, w if d_dx else None, flat_index,
-                              x if x2 is not x else None)
+                              x if (x2 is not x and x.requires_grad) else None)
         return y.reshape(*lead, fmt.rows)
 
     @staticmethod
