@@ -131,6 +131,7 @@ def _cmd_imp(args, names) -> int:
             print(line(m))
     if not args.no_report:
         print(f"report: {os.path.join(res.experiment_dir, 'report')}")
+    print(f"analyses: sparse-lth stability|landscape|anatomy {res.experiment_dir}")
     return 0
 
 

@@ -8,7 +8,9 @@
   experiment (IMP, random reinit, random pruning, ...), the mean over replicates with a min/max band;
 - ``early_stop_vs_remaining.png``: the early-stopping iteration (minimum test loss) vs weights remaining;
 - ``curves.png``: test accuracy over training iterations for selected rounds (IMP solid, controls dashed);
-- ``summary.md``: one table per experiment, and a comparison table by round.
+- ``summary.md``: one table per experiment, and a comparison table by round;
+- and the figures and tables of the analyses already run on these experiments (``sparse-lth stability``,
+  ``landscape``, ``anatomy``), drawn again from their results.
 """
 from __future__ import annotations
 
@@ -247,6 +249,30 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     files["summary"] = os.path.join(out_dir, "summary.md")
     with open(files["summary"], "w") as f:
         f.write(summary_markdown(exps))
+    files.update(_analyses(exps, out_dir, title))
+    return files
+
+
+def _analyses(exps: list[dict], out_dir: str, title: str) -> dict:
+    """The figures and tables of the analyses already run on these experiments (``sparse-lth stability``,
+    ``landscape``, ``anatomy``): nothing is computed here, finished results are only drawn again."""
+    from . import anatomy, landscape, stability
+    dirs = [e["dir"] for e in exps]
+    files = {}
+    for load, write in ((stability.load_stability, stability.write_stability_report),
+                        (stability.load_dense_stability, stability.write_dense_stability_report),
+                        (landscape.load_landscape, landscape.write_landscape_report)):
+        results = [d for x in dirs for d in load(x)]
+        if results:
+            files.update({f"analysis_{k}": v for k, v in write(results, out_dir, title=title).items()})
+    done = []
+    for x in dirs:
+        for p in sorted(glob.glob(os.path.join(x, "seed_*", "anatomy.json"))):
+            with open(p) as f:
+                done.append(json.load(f))
+    if done:
+        files.update({f"analysis_anatomy_{k}": v
+                      for k, v in anatomy.write_anatomy_report(done, out_dir, title=title).items()})
     return files
 
 

@@ -111,5 +111,8 @@ def test_anatomy_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| round | % remaining | gap at early stop (pp) |" in out and "| survivors |" in out
     assert (exp / "anatomy" / "init_weights.png").stat().st_size > 0
+    assert main(["report", str(exp), "--out", str(tmp_path / "rep")]) == 0  # drawn again by `report`
+    assert (tmp_path / "rep" / "anatomy.png").stat().st_size > 0 and (tmp_path / "rep" / "anatomy.md").exists()
+    assert not (tmp_path / "rep" / "stability.md").exists()  # no stability analysis was run
     assert main(["anatomy", str(tmp_path)]) == 2
     assert "not an experiment folder" in capsys.readouterr().err

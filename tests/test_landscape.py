@@ -189,5 +189,7 @@ def test_landscape_cli(tmp_path, capsys):
         with open(exp / "seed_0" / f"round_{r:02d}" / "landscape.json") as f:
             assert len(json.load(f)["eigenvalues"]) == 2
     assert (exp / "landscape" / "landscape.png").stat().st_size > 0
+    assert main(["report", str(exp), "--out", str(tmp_path / "rep")]) == 0  # drawn again by `report`
+    assert (tmp_path / "rep" / "landscape.png").stat().st_size > 0
     assert main(["landscape", str(exp / "seed_0"), "--data", data]) == 2
     assert "not an experiment folder" in capsys.readouterr().err

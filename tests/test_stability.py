@@ -330,6 +330,12 @@ def test_stability_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"| {exp.name} | 0 | 10 |" in out and f"| {exp.name} | 0 | 0 |" in out and "| imp | 0 | 0 | 2 |" not in out
     assert (exp / "stability" / "dense_barrier_vs_iteration.png").stat().st_size > 0
+    # `report` draws the finished analyses again beside its own figures
+    assert main(["report", str(exp), "--out", str(tmp_path / "rep")]) == 0
+    capsys.readouterr()
+    for name in ("accuracy_vs_remaining.png", "barrier_vs_remaining.png", "dense_barrier_vs_iteration.png",
+                 "stability.md", "dense_stability.md"):
+        assert (tmp_path / "rep" / name).stat().st_size > 0
     # IMP and its random-reinit control in one report
     assert main(tiny_imp_args(tmp_path, "--no-report", "--control", "reinit")) == 0
     reinit = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_reinit_"))
