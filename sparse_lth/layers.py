@@ -51,11 +51,12 @@ PATHS = ("auto", "dense", "sparse")
 # 2-core CPU (benchmarks/bench_crossover_cpu.py, results in benchmarks/results/crossover_*cpu_*): CSR products for
 # linear layers, shifted CSR products for conv layers (kernels/torch_conv.py). The conv rule holds for stride-1
 # layers with at least CPU_CONV_SPARSE_MIN_IN_CHANNELS input channels: every 3x3 layer of Conv-6, ResNet-20 and
-# VGG-19's deepest measured wins at 3 % (>= 1.23x) and all but one at 5 % (0.99x); the threshold sits between
-# (notes/sparse_conv.md). A first layer (3 channels: a memory-bound pass per kernel tap against a tiny dense conv)
-# loses at every density, a strided one mostly breaks even or loses, so they stay dense unless timed.
+# VGG-19 measured wins at 3 % (>= 1.23x), and at 5 % all are at least even in two sessions (0.99-1.81x; at 7 % four
+# lose, 0.86-0.98x: crossover_conv_near_cutoff_cpu_*), hence 5 % (notes/sparse_conv.md). A first layer (3
+# channels: a memory-bound pass per kernel tap against a tiny dense conv) loses at every density, a strided one
+# mostly breaks even or loses, so they stay dense unless timed.
 CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
-CPU_CONV_SPARSE_MAX_DENSITY = 0.04
+CPU_CONV_SPARSE_MAX_DENSITY = 0.05
 CPU_CONV_SPARSE_MIN_IN_CHANNELS = 16
 # Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
 CUDA_SPARSE_MAX_DENSITY = 0.05
@@ -256,7 +257,9 @@ class _SparseLayer(nn.Module):
         limit = self._cpu_sparse_max_density()
         if self.weight_mask.device.type != "cpu" or limit is None:
             return "dense", None
-        return ("sparse" if d <= limit else "dense"), None
+        # by count: "at or below 5 %" takes the live count nearest 5 % of the weights (a density a rounding above
+        # 0.05 stays in)
+        return ("sparse" if self.nnz <= round(limit * self.weight_mask.numel()) else "dense"), None
 
     def _cpu_sparse_max_density(self) -> float | None:
         """The density at or below which the torch backend's sparse path beats the dense path on a CPU (None:

@@ -303,7 +303,7 @@ def test_auto_path_on_cpu():
     assert lin.path == "dense"
     conv = SparseConv2d(16, 16, 3)
     n = conv.weight_mask.numel()
-    at_limit = int(CPU_CONV_SPARSE_MAX_DENSITY * n)  # the most live weights the rule puts on the sparse path
+    at_limit = round(CPU_CONV_SPARSE_MAX_DENSITY * n)  # the most live weights the rule puts on the sparse path
     for live, path in ((at_limit, "sparse"), (at_limit + 1, "dense"), (n // 10, "dense"), (1, "sparse")):
         mask = torch.zeros(n, dtype=torch.bool)
         mask[torch.randperm(n, generator=gen)[:live]] = True
