@@ -19,6 +19,7 @@ from sparse_lth import landscape as ls
 from sparse_lth.imp import Experiment, run_imp
 from sparse_lth.layers import sparsify
 from sparse_lth.landscape import hessian_vector_product, masked_parameters, top_hessian_eigenvalues
+from sparse_lth.stability import instability
 from sparse_lth.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,6 +167,26 @@ def test_landscape_of_imp_rounds(tmp_path, monkeypatch):
     assert rd["projected"] is None and rd["distance_to_next"] is None
     files = ls.write_landscape_report(ls.load_landscape(exp.dir), str(tmp_path / "rep"), title="tiny")
     assert os.path.getsize(files["figure"]) > 0 and "| imp | 0 | 0 | 2 |" in open(files["summary"]).read()
+
+
+def test_landscape_is_the_same_on_dense_masking_and_sparse_layers(tmp_path):
+    """The dense-masking baseline (plain layers with weight_mask buffers) and sparse-lth's layers train the same
+    network here (the dense path), so their Hessians at each solution agree; the stability analysis runs on the
+    baseline too, and its copy with the replicate's seed is the IMP round."""
+    data = tiny_data(240, 120)
+    out = {}
+    for impl in ("masked", "sparse"):
+        hp = test_stability.tiny_hp(layer_impl=impl, rounds=1)
+        run_imp(hp, str(tmp_path), progress=False, data=data)
+        exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+        out[impl] = ls.landscape(exp, 0, 1, top=2, examples=100, iters=40, tol=1e-6)
+        if impl == "masked":
+            instability(exp, 0, 1, noise_seeds=(0, 3), points=3)
+            final = load(os.path.join(exp.round_dir(0, 1), "final.pt"))
+            copy = load(os.path.join(exp.round_dir(0, 1), "stability", "copy_0.pt"))
+            assert all(torch.equal(final[k], copy[k]) for k in final)
+    assert out["masked"]["live_parameters"] == out["sparse"]["live_parameters"]
+    assert out["masked"]["eigenvalues"] == pytest.approx(out["sparse"]["eigenvalues"], rel=1e-5)
 
 
 def test_landscape_needs_a_finished_round(tmp_path):
