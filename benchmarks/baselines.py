@@ -85,9 +85,17 @@ def plain_step(model, opt, x, y):
 
 
 def random_masks(model: nn.Module, density: float, gen: torch.Generator, skip=()) -> dict[str, torch.Tensor]:
-    """A random mask at ``density`` for every nn.Linear / nn.Conv2d of ``model`` (on the weight's device)."""
-    return {n: (torch.rand(m.weight.shape, generator=gen) < density).to(m.weight.device)
-            for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and n not in skip}
+    """A random mask with exactly ``round(density * numel)`` live weights for every nn.Linear / nn.Conv2d of
+    ``model`` (on the weight's device). Exact counts, as IMP's masks have: a Bernoulli draw lands a few weights
+    either side of the density, and a path rule whose cutoff is that density then decides by chance."""
+    out = {}
+    for n, m in model.named_modules():
+        if type(m) in (nn.Linear, nn.Conv2d) and n not in skip:
+            numel = m.weight.numel()
+            flat = torch.zeros(numel, dtype=torch.bool)
+            flat[torch.randperm(numel, generator=gen)[:round(density * numel)]] = True
+            out[n] = flat.view(m.weight.shape).to(m.weight.device)
+    return out
 
 
 def cpu_name() -> str:
