@@ -35,14 +35,6 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def _round_dirs(seed_dir: str) -> dict[int, str]:
-    out = {}
-    for name in os.listdir(seed_dir):
-        if name.startswith("round_") and os.path.exists(os.path.join(seed_dir, name, "metrics.json")):
-            out[int(name[6:])] = os.path.join(seed_dir, name)
-    return dict(sorted(out.items()))
-
-
 def _cv(x: torch.Tensor) -> float | None:
     x = x.double()
     m = float(x.mean())
@@ -133,7 +125,8 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) ->
     sdir = os.path.join(exp_dir, f"seed_{seed}")
     if not os.path.isdir(sdir):
         raise FileNotFoundError(f"{exp_dir} has no replicate {seed} (no {sdir})")
-    rdirs = _round_dirs(sdir)
+    from .imp import finished_rounds
+    rdirs = finished_rounds(sdir)
     if not rdirs:
         raise FileNotFoundError(f"seed {seed} of {exp_dir} has no finished round: run the IMP experiment first")
     start_path = os.path.join(sdir, "rewind.pt")
@@ -175,6 +168,12 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------------------- report
+def load_anatomy(exp_dir: str) -> list[dict]:
+    """Every ``seed_*/anatomy.json`` of an experiment folder, by seed."""
+    from .stability import load_rows
+    return load_rows(exp_dir, "anatomy.json", key="seed")
+
+
 def _label(d: dict, results: Sequence[dict]) -> str:
     many = len({r["experiment"] for r in results}) > 1
     return f"{d['control'] + ', ' if many else ''}seed {d['seed']}"
@@ -222,7 +221,7 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .report import _setup_axis
+    from .report import _setup_axis, save_figure
     if not results:
         raise ValueError("no anatomy results to report")
     os.makedirs(out_dir, exist_ok=True)
@@ -261,10 +260,7 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
     for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    files["figure"] = os.path.join(out_dir, "anatomy.png")
-    fig.savefig(files["figure"], dpi=110)
-    plt.close(fig)
+    files["figure"] = save_figure(fig, os.path.join(out_dir, "anatomy.png"))
 
     with_init = [d for d in results if d["init_weights"]]
     if with_init:
@@ -292,10 +288,7 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
             ax.legend(fontsize=7)
         axes[0][0].set_ylabel("density")
         fig.suptitle(f"{title}: the ticket's starting weights ({_label(d, results)})", fontsize=10)
-        fig.tight_layout()
-        files["init_weights"] = os.path.join(out_dir, "init_weights.png")
-        fig.savefig(files["init_weights"], dpi=110)
-        plt.close(fig)
+        files["init_weights"] = save_figure(fig, os.path.join(out_dir, "init_weights.png"))
     files["summary"] = os.path.join(out_dir, "anatomy.md")
     with open(files["summary"], "w") as f:
         f.write(f"# Anatomy of the tickets{': ' + title if title else ''}\n\n")

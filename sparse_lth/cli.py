@@ -243,10 +243,8 @@ def _open_experiment(exp_dir: str, args):
 
 
 def _rounds_of(exp, exp_dir: str, seed: int, rounds) -> list[int]:
-    import glob
-    found = rounds if rounds else sorted(
-        int(os.path.basename(os.path.dirname(m))[6:])
-        for m in glob.glob(os.path.join(exp.seed_dir(seed), "round_*", "metrics.json")))
+    from .imp import finished_rounds
+    found = rounds if rounds else list(finished_rounds(exp.seed_dir(seed)))
     if not found:
         raise FileNotFoundError(f"seed {seed} of {exp_dir} has no finished round: run the IMP experiment first "
                                 "or name the rounds with --rounds")

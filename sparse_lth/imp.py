@@ -703,6 +703,16 @@ class Experiment:
             paths=out["paths"], backends=out["backends"], device=str(self.device), curve=out["curve"])
 
 
+def finished_rounds(seed_dir: str) -> dict[int, str]:
+    """``{round: folder}`` of the rounds of a replicate folder that have finished (their metrics.json exists)."""
+    out = {}
+    if os.path.isdir(seed_dir):
+        for name in os.listdir(seed_dir):
+            if name.startswith("round_") and os.path.exists(os.path.join(seed_dir, name, "metrics.json")):
+                out[int(name[6:])] = os.path.join(seed_dir, name)
+    return dict(sorted(out.items()))
+
+
 def _write_json_atomic(obj, path: str, indent: int = 1, sort_keys: bool = False) -> None:
     """JSON to ``path`` through a temporary file and a rename (a kill never leaves half a file)."""
     tmp = path + f".tmp{os.getpid()}"

@@ -15,7 +15,6 @@ solution projected onto the next level's mask (the network right after pruning, 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Sequence
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .train import evaluate
+from .train import _subset_batches, evaluate
 
 
 # controls whose next round neither prunes this round's solution nor starts from it: no distance or projection
@@ -166,11 +165,6 @@ def _lanczos(model, batches, params, masks, q, steps, k, tol, n_live, bar) -> di
 
 
 # ------------------------------------------------------------------------------------------- on an IMP run
-def _subset(data, n: int, bs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    x, y = data.x[:n], data.y[:n]
-    return [(x[i:i + bs], y[i:i + bs]) for i in range(0, x.shape[0], bs)]
-
-
 def _load(path: str, device) -> dict:
     return torch.load(path, map_location=device, weights_only=False)
 
@@ -200,15 +194,13 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     out_path = os.path.join(rdir, "landscape.json")
     nxt = r + 1 if r < exp.n_rounds() else None
     next_final = None if nxt is None else os.path.join(exp.round_dir(seed, nxt), "final.pt")
-    if os.path.exists(out_path):
-        with open(out_path) as f:
-            done = json.load(f)
-        complete = (nxt is None or exp.hp.control in _NOT_CHAINED or done.get("distance_to_next") is not None
-                    or not os.path.exists(next_final))
-        if {k_: done.get(k_) for k_ in settings} == settings and complete:
-            return done
+    from .stability import _cached
+    done = _cached(out_path, settings)
+    if done is not None and (nxt is None or exp.hp.control in _NOT_CHAINED or not os.path.exists(next_final)
+                             or done.get("distance_to_next") is not None):
+        return done  # (a next round that finished since then adds its distance)
     train_data, test_data = exp.data
-    batches = _subset(train_data, examples, batch_size)
+    batches = list(_subset_batches(train_data, examples, batch_size))
     final = _load(final_path, exp.device)
     model, masks, _ = exp.prepare_round(seed, r)
     model.load_state_dict(final)
@@ -298,7 +290,7 @@ def write_landscape_report(results: Sequence[dict], out_dir: str, title: str = "
             px, before, after = zip(*proj)
             axes[2].plot(px, before, "o-", label=f"{label}: trained solution")
             axes[2].plot(px, after, "s--", label=f"{label}: pruned to the next mask")
-    from .report import _setup_axis
+    from .report import _setup_axis, save_figure
     all_x = [d["percent_remaining"] for d in results]
     for ax, ylabel, name in ((axes[0], "largest Hessian eigenvalue", "sharpness at each level's minimum"),
                              (axes[1], "||theta_r - theta_r+1|| / ||theta_r||", "distance to the next level"),
@@ -309,10 +301,7 @@ def write_landscape_report(results: Sequence[dict], out_dir: str, title: str = "
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     axes[2].set_yscale("log")
-    fig.tight_layout()
-    files = {"figure": os.path.join(out_dir, "landscape.png")}
-    fig.savefig(files["figure"], dpi=110)
-    plt.close(fig)
+    files = {"figure": save_figure(fig, os.path.join(out_dir, "landscape.png"))}
     files["summary"] = os.path.join(out_dir, "landscape.md")
     with open(files["summary"], "w") as f:
         f.write(f"# Loss landscape of IMP's solutions{': ' + title if title else ''}\n\nTop eigenvalues of the "

@@ -124,6 +124,15 @@ def _sorted(exps):
                                        e["hparams"].get("noise_std", 0.0), e["name"]))
 
 
+def save_figure(fig, path: str) -> str:
+    """Lay out, write (110 dpi) and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _setup_axis(ax, xs):
     ax.set_xscale("log")
     ax.invert_xaxis()
@@ -187,10 +196,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
         ax.set_ylabel(f"{name} (%)")
         ax.set_title(f"{title}: {name}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["accuracy"] = os.path.join(out_dir, "accuracy_vs_remaining.png")
-    fig.savefig(files["accuracy"], dpi=110)
-    plt.close(fig)
+    files["accuracy"] = save_figure(fig, os.path.join(out_dir, "accuracy_vs_remaining.png"))
 
     # --- early-stopping iteration vs weights remaining
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -199,10 +205,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     ax.set_ylabel("early-stopping iteration (min test loss)")
     ax.set_title(f"{title}: early-stopping iteration")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["early_stop"] = os.path.join(out_dir, "early_stop_vs_remaining.png")
-    fig.savefig(files["early_stop"], dpi=110)
-    plt.close(fig)
+    files["early_stop"] = save_figure(fig, os.path.join(out_dir, "early_stop_vs_remaining.png"))
 
     # --- test accuracy over training for selected rounds
     ref = exps[0]
@@ -241,10 +244,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     ax.set_title(f"{title}: test accuracy during training ({'solid' if len(exps) > 1 else ''} "
                  f"{_label(ref, exps)}{', dashed: controls' if len(exps) > 1 else ''})", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    files["curves"] = os.path.join(out_dir, "curves.png")
-    fig.savefig(files["curves"], dpi=110)
-    plt.close(fig)
+    files["curves"] = save_figure(fig, os.path.join(out_dir, "curves.png"))
 
     files["summary"] = os.path.join(out_dir, "summary.md")
     with open(files["summary"], "w") as f:
@@ -265,11 +265,7 @@ def _analyses(exps: list[dict], out_dir: str, title: str) -> dict:
         results = [d for x in dirs for d in load(x)]
         if results:
             files.update({f"analysis_{k}": v for k, v in write(results, out_dir, title=title).items()})
-    done = []
-    for x in dirs:
-        for p in sorted(glob.glob(os.path.join(x, "seed_*", "anatomy.json"))):
-            with open(p) as f:
-                done.append(json.load(f))
+    done = [d for x in dirs for d in anatomy.load_anatomy(x)]
     if done:
         files.update({f"analysis_anatomy_{k}": v
                       for k, v in anatomy.write_anatomy_report(done, out_dir, title=title).items()})

@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .train import evaluate, save_atomic, train
+from .train import _subset_batches, evaluate, save_atomic, train
 
 _NOISE_BASE = 7_340_033
 
@@ -107,12 +107,6 @@ def reset_bn_statistics(model: nn.Module, train_data, batches: int, batch_size: 
         model.train(was_training)
 
 
-def _train_subset(train_data, n: int, bs: int):
-    x, y = train_data.x[:n], train_data.y[:n]
-    for i in range(0, x.shape[0], bs):
-        yield x[i:i + bs], y[i:i + bs]
-
-
 def linear_path(model: nn.Module, state_a: dict, state_b: dict, test_data, *, points: int = 11,
                 train_data=None, train_eval_size: int = 1000, eval_batch_size: int = 1000,
                 bn_reset_batches: int = 0, bn_batch_size: int = 128, bn_seed: int = 0) -> list[dict]:
@@ -135,7 +129,7 @@ def linear_path(model: nn.Module, state_a: dict, state_b: dict, test_data, *, po
             loss, acc = evaluate(model, test_data.eval_batches(eval_batch_size))
             row = dict(alpha=alpha, test_loss=loss, test_acc=acc, test_error=1.0 - acc)
             if train_data is not None and train_eval_size:
-                loss, acc = evaluate(model, _train_subset(train_data, train_eval_size, eval_batch_size))
+                loss, acc = evaluate(model, _subset_batches(train_data, train_eval_size, eval_batch_size))
                 row.update(train_loss=loss, train_acc=acc, train_error=1.0 - acc)
             rows.append(row)
     finally:
@@ -193,6 +187,14 @@ def _fork(exp, seed: int, out_dir: str, seeds: tuple[int, int], make_start, desc
     return path, copies, masks
 
 
+def _result(exp, seed: int, settings: dict, path: list[dict], copies: list[dict], **fields) -> dict:
+    """The result of one fork (written to its stability.json): what ran, the path and its barriers."""
+    return dict(experiment=os.path.basename(os.path.normpath(exp.dir)), seed=seed, control=exp.hp.control,
+                model=exp.hp.model, iterations=exp.iterations, **fields, **settings,
+                test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
+                copies=copies, path=path)
+
+
 def _noise_pair(seed: int, noise_seeds) -> tuple[int, int]:
     seeds = tuple(int(s) for s in (noise_seeds if noise_seeds is not None else noise_seeds_for(seed)))
     if len(seeds) != 2 or seeds[0] == seeds[1]:
@@ -248,12 +250,8 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
                                 f"seed {seed} round {r}", progress, checkpoint_every, points, bn_reset_batches)
     counts = count_masks(masks)
     live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
-    result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), round=r, seed=seed,
-                  control=exp.hp.control, model=exp.hp.model,
-                  rewind_iteration=exp.rewind_iteration, start_iteration=exp.rewind_iteration,
-                  iterations=exp.iterations, percent_remaining=100.0 * live / total, **settings,
-                  test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
-                  copies=copies, path=path)
+    result = _result(exp, seed, settings, path, copies, round=r, rewind_iteration=exp.rewind_iteration,
+                     start_iteration=exp.rewind_iteration, percent_remaining=100.0 * live / total)
     from .imp import _write_json_atomic
     _write_json_atomic(result, result_path)
     return result
@@ -326,10 +324,7 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
             continue
         path, copies, _ = _fork(exp, seed, out_dir, seeds, start_at(k), f"seed {seed} dense at iteration {k}",
                                 progress, checkpoint_every, points, bn_reset_batches)
-        result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), kind="dense", seed=seed,
-                      iteration=k, control=exp.hp.control, model=exp.hp.model, iterations=exp.iterations,
-                      **settings, test_barrier=error_barrier(path, "test"),
-                      train_barrier=error_barrier(path, "train"), copies=copies, path=path)
+        result = _result(exp, seed, settings, path, copies, kind="dense", iteration=k)
         from .imp import _write_json_atomic
         _write_json_atomic(result, result_path)
         out.append(result)
@@ -400,12 +395,22 @@ def _groups(results: Sequence[dict]) -> list[tuple[str, list[dict]]]:
     return out
 
 
+def _barrier_lines(ax, results: Sequence[dict], x: str) -> None:
+    """Test (solid) and train (dashed) barrier of each (experiment, seed) against the field ``x``."""
+    for i, (label, rows) in enumerate(_groups(results)):
+        xs = [d[x] for d in rows]
+        ax.plot(xs, [100 * d["test_barrier"] for d in rows], "o-", color=f"C{i}", label=f"{label}: test error")
+        ax.plot(xs, [100 * d["train_barrier"] for d in rows], "s--", color=f"C{i}", alpha=0.6,
+                label=f"{label}: train error")
+
+
 def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "") -> dict:
     """``error_along_path.png`` (test error against alpha, one line per round), ``barrier_vs_remaining.png``
     (test and train barrier against the weights remaining) and ``stability.md`` into ``out_dir``."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from .report import _setup_axis, save_figure
     if not results:
         raise ValueError("no stability results to report")
     os.makedirs(out_dir, exist_ok=True)
@@ -427,28 +432,15 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
     ax.set_title(f"{title}: error along the linear path (copies from {start})", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    files["paths"] = os.path.join(out_dir, "error_along_path.png")
-    fig.savefig(files["paths"], dpi=110)
-    plt.close(fig)
+    files["paths"] = save_figure(fig, os.path.join(out_dir, "error_along_path.png"))
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    xs = [d["percent_remaining"] for d in results]
-    for i, (label, rows) in enumerate(_groups(results)):
-        color = f"C{i}"
-        px = [d["percent_remaining"] for d in rows]
-        ax.plot(px, [100 * d["test_barrier"] for d in rows], "o-", color=color, label=f"{label}: test error")
-        ax.plot(px, [100 * d["train_barrier"] for d in rows], "s--", color=color, alpha=0.6,
-                label=f"{label}: train error")
-    from .report import _setup_axis
-    _setup_axis(ax, xs)
+    _barrier_lines(ax, results, "percent_remaining")
+    _setup_axis(ax, [d["percent_remaining"] for d in results])
     ax.set_ylabel("error barrier (percentage points)")
     ax.set_title(f"{title}: instability at {start}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files["barrier"] = os.path.join(out_dir, "barrier_vs_remaining.png")
-    fig.savefig(files["barrier"], dpi=110)
-    plt.close(fig)
+    files["barrier"] = save_figure(fig, os.path.join(out_dir, "barrier_vs_remaining.png"))
 
     files["summary"] = os.path.join(out_dir, "stability.md")
     with open(files["summary"], "w") as f:
@@ -479,15 +471,12 @@ def write_dense_stability_report(results: Sequence[dict], out_dir: str, title: s
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from .report import save_figure
     if not results:
         raise ValueError("no dense-network stability results to report")
     os.makedirs(out_dir, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, (label, rows) in enumerate(_groups(results)):
-        ks = [d["iteration"] for d in rows]
-        ax.plot(ks, [100 * d["test_barrier"] for d in rows], "o-", color=f"C{i}", label=f"{label}: test error")
-        ax.plot(ks, [100 * d["train_barrier"] for d in rows], "s--", color=f"C{i}", alpha=0.6,
-                label=f"{label}: train error")
+    _barrier_lines(ax, results, "iteration")
     positive = [d["iteration"] for d in results if d["iteration"] > 0]
     ax.set_xscale("symlog", linthresh=min(positive) if positive else 1)
     ticks = sorted({d["iteration"] for d in results})
@@ -500,10 +489,7 @@ def write_dense_stability_report(results: Sequence[dict], out_dir: str, title: s
                  fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    files = {"dense_barrier": os.path.join(out_dir, "dense_barrier_vs_iteration.png")}
-    fig.savefig(files["dense_barrier"], dpi=110)
-    plt.close(fig)
+    files = {"dense_barrier": save_figure(fig, os.path.join(out_dir, "dense_barrier_vs_iteration.png"))}
     files["dense_summary"] = os.path.join(out_dir, "dense_stability.md")
     with open(files["dense_summary"], "w") as f:
         f.write(f"# Instability of the dense network{': ' + title if title else ''}\n\nThe dense network trained "
