@@ -47,6 +47,14 @@ __all__ = [
 ]
 
 PATHS = ("auto", "dense", "sparse")
+
+
+def _under_transform() -> bool:
+    """Whether a :mod:`torch.func` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``...) is running.
+    Under one, the layers compute the dense-masking product with plain torch ops (``_transform_weight``): the same
+    function and gradients as autograd gets from them (pruned entries zero), at dense cost."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
 # At or below these densities the torch backend's sparse path (forward + both gradients) beats the dense path on a
 # 2-core CPU (benchmarks/bench_crossover_cpu.py, results in benchmarks/results/crossover_*cpu_*): CSR products for
 # linear layers, shifted CSR products for conv layers (kernels/torch_conv.py). The conv rule holds for stride-1
@@ -201,6 +209,17 @@ class _SparseLayer(nn.Module):
 
     def _scatter_weight(self) -> torch.Tensor:
         return scatter_values(self._parameters["values"], self._flat_index, self.weight_shape)
+
+    def _transform_weight(self) -> torch.Tensor:
+        """The weight as plain differentiable torch ops, for :mod:`torch.func` transforms (see :func:`_under_transform`):
+        ``weight * mask`` on the dense path (its gradient hook sits on the module's own Parameter, which
+        ``torch.func.functional_call`` replaces, so the product masks the gradient instead), the scattered live
+        values on the sparse path (its autograd Functions run kernels that the transforms cannot trace)."""
+        if self._path == "dense":
+            w = self._parameters["weight"]
+            m = self._buffers.get("_grad_mask")
+            return w if m is None else w * m
+        return self._scatter_weight()
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight (zeros at pruned positions), differentiable with respect to the live weights."""
@@ -528,6 +547,9 @@ class SparseLinear(_SparseLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dimension, "
                              f"expected {self.in_features} (input shape {tuple(x.shape)})")
+        if _under_transform():
+            y = F.linear(x, self._transform_weight(), self.bias)
+            return torch.relu(y) if self.activation == "relu" else y
         self._last_input_shape = tuple(x.shape)
         self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
         self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
@@ -635,6 +657,8 @@ class SparseConv2d(_SparseLayer):
         self._check_input(x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        if _under_transform():
+            return self._conv(x, self._transform_weight(), self.bias)
         self._last_input_shape = tuple(x.shape)
         self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense":

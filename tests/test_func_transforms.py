@@ -1,0 +1,144 @@
+"""``torch.func`` transforms through the sparse layers: ``grad`` over ``functional_call``, per-sample gradients
+(``vmap`` of ``grad``), ``jacrev`` and ``hessian``. The sparse path's autograd Functions run kernels the transforms
+cannot trace, and the dense path masks its gradient with a hook on the module's own Parameter, which
+``functional_call`` replaces; so under a transform the layers compute the dense-masking product with plain torch
+ops. Each result is checked against ordinary autograd through the layers (the sparse kernels, the gradient hook)
+or against the same network with masked ``nn`` layers."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+from sparse_lth.layers import sparsify
+
+
+def net(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(),
+                         nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 5)).to(dtype)
+
+
+def masks_for(model, density=0.5):
+    g = torch.Generator().manual_seed(1)
+    out = {n: torch.rand(m.weight.shape, generator=g) < density for n, m in model.named_modules()
+           if isinstance(m, (nn.Linear, nn.Conv2d))}
+    for mk in out.values():
+        mk.view(-1)[0] = True
+    return out
+
+
+def setup(path, backend, kernel_device):
+    device = torch.device("cpu")
+    if backend == "triton":
+        device = kernel_device
+        backend = "triton" if device.type == "cuda" else "interpret"
+    dtype = torch.float64 if backend == "torch" else torch.float32  # the Triton kernels take no float64
+    masks = {n: m.to(device) for n, m in masks_for(net(dtype)).items()}
+    model = sparsify(net(dtype).to(device), masks, path=path, backend=backend, ops="sparse" if path == "sparse"
+                     else "auto")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2, 7, 7, generator=g, dtype=dtype).to(device)
+    y = torch.tensor([0, 3, 4, 1], device=device)
+    tol = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=2e-4, atol=1e-5)
+    return model, masks, x, y, tol
+
+
+def loss_of(model):
+    def loss(params, x, y):
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+    return loss
+
+
+CASES = [("dense", "torch"), ("sparse", "torch"), ("sparse", "triton")]
+
+
+@pytest.mark.parametrize("path,backend", CASES)
+def test_func_grad_equals_autograd_through_the_layers(path, backend, kernel_device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model, masks, x, y, tol = setup(path, backend, kernel_device)
+    assert all(m.path == path for m in model.modules() if hasattr(m, "weight_mask"))
+    F.cross_entropy(model(x), y).backward()  # the sparse kernels / the dense path's gradient hook
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    got = grad(loss_of(model))(params, x, y)
+    assert got.keys() == want.keys()
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], **tol, msg=n)
+        if path == "dense" and n.endswith("weight"):  # functional_call bypasses the hook: the product masks
+            assert (got[n][~masks[n.rsplit(".", 1)[0]]] == 0).all(), n
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_per_sample_gradients_equal_one_backward_per_example(path, kernel_device):
+    model, masks, x, y, tol = setup(path, "torch", kernel_device)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    loss = loss_of(model)
+    per = vmap(grad(lambda p, xi, yi: loss(p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(per[n][i], p.grad, **tol, msg=f"{n}, example {i}")
+    if path == "sparse":
+        assert per["0.values"].shape == (x.shape[0], int(masks["0"].sum()))  # per-sample grads of live weights
+
+
+@pytest.mark.parametrize("path,backend", CASES)
+def test_jacrev_wrt_input_equals_autograd_jacobian(path, backend, kernel_device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model, _, x, _, tol = setup(path, backend, kernel_device)
+    x1 = x[:1]
+    want = torch.autograd.functional.jacobian(model, x1)  # runs the layers' own backward, one row at a time
+    got = jacrev(model)(x1)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_hessian_over_live_weights_equals_the_masked_networks():
+    """``torch.func.hessian`` with respect to the sparse path's live values is the dense-masking network's Hessian
+    restricted to the live positions."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    masks = masks_for(dense, 0.6)
+    with torch.no_grad():
+        for n, m in dense.named_modules():
+            if n in masks:
+                m.weight.mul_(masks[n])
+    model = sparsify(copy.deepcopy(dense), masks, path="sparse", backend="torch")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    vals = {n: p.detach() for n, p in model.named_parameters() if n.endswith("values")}
+    rest = {n: p.detach() for n, p in model.named_parameters() if not n.endswith("values")}
+
+    def loss_sparse(v):
+        return F.cross_entropy(functional_call(model, {**v, **rest}, (x,)), y)
+    h = hessian(loss_sparse)(vals)
+
+    w = {n: p.detach() for n, p in dense.named_parameters() if n.endswith("weight")}
+    others = {n: p.detach() for n, p in dense.named_parameters() if not n.endswith("weight")}
+    h_ref = hessian(lambda ww: F.cross_entropy(functional_call(dense, {**ww, **others}, (x,)), y))(w)
+    idx = {n.rsplit(".", 1)[0]: model.get_submodule(n.rsplit(".", 1)[0])._flat_index for n in vals}
+    for a in vals:
+        for b in vals:
+            la, lb = a.rsplit(".", 1)[0], b.rsplit(".", 1)[0]
+            ref = h_ref[f"{la}.weight"][f"{lb}.weight"].reshape(masks[la].numel(), masks[lb].numel())
+            torch.testing.assert_close(h[a][b], ref[idx[la]][:, idx[lb]], rtol=1e-9, atol=1e-12, msg=f"{a}, {b}")
+    assert h["0.values"]["2.values"].abs().sum() > 0  # the cross-layer block is there
+
+
+def test_layers_run_their_own_ops_again_after_a_transform():
+    model, masks, x, y, _ = setup("sparse", "torch", None)
+    dense_model, _, _, _, _ = setup("dense", "torch", None)
+    shapes = [m._last_input_shape for m in model.modules() if hasattr(m, "weight_mask")]
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    vmap(grad(lambda p, xi, yi: loss_of(model)(p, xi[None], yi[None])), in_dims=(None, 0, 0))(params, x, y)
+    dparams = {n: p.detach() for n, p in dense_model.named_parameters()}
+    grad(loss_of(dense_model))(dparams, x, y)
+    # a transform leaves no trace: the input shapes the path timing uses, and the autograd graph outside it
+    assert [m._last_input_shape for m in model.modules() if hasattr(m, "weight_mask")] == shapes
+    assert "SparseLinearFunction" in type(model[4](torch.zeros(2, 36, dtype=x.dtype)).grad_fn).__name__
+    F.cross_entropy(dense_model(x), y).backward()
+    for n, m in dense_model.named_modules():
+        if n in masks:
+            assert (m.weight.grad[~masks[n]] == 0).all(), n  # the gradient hook still masks
