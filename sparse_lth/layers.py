@@ -51,8 +51,9 @@ PATHS = ("auto", "dense", "sparse")
 
 def _under_transform() -> bool:
     """Whether a :mod:`torch.func` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``...) is running.
-    Under one, the layers compute the dense-masking product with plain torch ops (``_transform_weight``): the same
-    function and gradients as autograd gets from them (pruned entries zero), at dense cost."""
+    Under one, the sparse path computes the dense-masking product on its scattered live values with plain torch ops
+    (its autograd Functions run kernels the transforms cannot trace): the same function and gradients as autograd
+    gets from it, at dense cost. The dense path needs nothing more (``_dense_path_weight``)."""
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active is not None and active())
 # At or below these densities the torch backend's sparse path (forward + both gradients) beats the dense path on a
@@ -210,16 +211,19 @@ class _SparseLayer(nn.Module):
     def _scatter_weight(self) -> torch.Tensor:
         return scatter_values(self._parameters["values"], self._flat_index, self.weight_shape)
 
-    def _transform_weight(self) -> torch.Tensor:
-        """The weight as plain differentiable torch ops, for :mod:`torch.func` transforms (see :func:`_under_transform`):
-        ``weight * mask`` on the dense path (its gradient hook sits on the module's own Parameter, which
-        ``torch.func.functional_call`` replaces, so the product masks the gradient instead), the scattered live
-        values on the sparse path (its autograd Functions run kernels that the transforms cannot trace)."""
-        if self._path == "dense":
-            w = self._parameters["weight"]
-            m = self._buffers.get("_grad_mask")
+    def _dense_path_weight(self) -> torch.Tensor:
+        """The dense path's weight for ``forward``: the layer's own Parameter, whose hook masks the gradient that
+        lands in ``.grad`` (registered here for a weight unfrozen since its hook was due). A tensor put in its place
+        (``torch.func.functional_call``, under a transform or not) is multiplied by the mask: the hook does not see
+        it, ``torch.autograd.grad`` never fires it, and an update made outside the layer (a meta-learning inner
+        step) may have revived pruned entries."""
+        w = self._parameters["weight"]
+        m = self._buffers.get("_grad_mask")
+        if getattr(w, "_sparse_lth_mask", None) is not self.weight_mask:
             return w if m is None else w * m
-        return self._scatter_weight()
+        if w.requires_grad and m is not None and not getattr(w, "_sparse_lth_grad_hook", False):
+            self._hook_dense_weight()
+        return w
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight (zeros at pruned positions), differentiable with respect to the live weights."""
@@ -547,17 +551,14 @@ class SparseLinear(_SparseLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dimension, "
                              f"expected {self.in_features} (input shape {tuple(x.shape)})")
-        if _under_transform():
-            y = F.linear(x, self._transform_weight(), self.bias)
-            return torch.relu(y) if self.activation == "relu" else y
-        self._last_input_shape = tuple(x.shape)
-        self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
-        self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
-        if self._path == "dense":
-            if self.weight.requires_grad and "_grad_mask" in self._buffers \
-                    and not getattr(self.weight, "_sparse_lth_grad_hook", False):
-                self._hook_dense_weight()  # unfrozen since its hook was due
-            y = F.linear(x, self.weight, self.bias)
+        transform = _under_transform()
+        if not transform:
+            self._last_input_shape = tuple(x.shape)
+            self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
+            self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
+        if self._path == "dense" or transform:
+            w = self._dense_path_weight() if self._path == "dense" else self._scatter_weight()
+            y = F.linear(x, w, self.bias)
             return torch.relu(y) if self.activation == "relu" else y
         values, bias = self.values, self.bias
         if torch.is_autocast_enabled(x.device.type):
@@ -657,15 +658,13 @@ class SparseConv2d(_SparseLayer):
         self._check_input(x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if _under_transform():
-            return self._conv(x, self._transform_weight(), self.bias)
-        self._last_input_shape = tuple(x.shape)
-        self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
-        if self._path == "dense":
-            if self.weight.requires_grad and "_grad_mask" in self._buffers \
-                    and not getattr(self.weight, "_sparse_lth_grad_hook", False):
-                self._hook_dense_weight()  # unfrozen since its hook was due
-            return self._conv(x, self.weight, self.bias)
+        transform = _under_transform()
+        if not transform:
+            self._last_input_shape = tuple(x.shape)
+            self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
+        if self._path == "dense" or transform:
+            w = self._dense_path_weight() if self._path == "dense" else self._scatter_weight()
+            return self._conv(x, w, self.bias)
         backend = self.backend
         if backend == "torch" and not self._triton_geometry_ok():
             return self._conv(x, self._scatter_weight(), self.bias)

@@ -142,3 +142,41 @@ def test_layers_run_their_own_ops_again_after_a_transform():
     for n, m in dense_model.named_modules():
         if n in masks:
             assert (m.weight.grad[~masks[n]] == 0).all(), n  # the gradient hook still masks
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_functional_call_with_an_inner_step_update(path):
+    """A meta-learning inner step outside any transform: ``torch.autograd.grad`` (which no ``.grad`` hook sees)
+    gives ``g``, and ``functional_call`` runs the layers on the non-leaf ``params - lr * g``. The layers compute
+    the masked network of the updated weights (a revived pruned entry does not count), and the outer gradient is
+    zero at pruned positions. Before, the dense path tried to hook the substituted non-leaf tensor and raised."""
+    model, masks, x, y, tol = setup(path, "torch", None)
+    params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
+    loss = loss_of(model)
+    g = torch.autograd.grad(loss(params, x, y), list(params.values()), create_graph=True)
+    fast = {n: p - 0.1 * gi for (n, p), gi in zip(params.items(), g)}
+    outer = loss(fast, x[:2], y[:2])
+    outer_g = dict(zip(params, torch.autograd.grad(outer, list(params.values()))))
+
+    ref = net(x.dtype)  # the same inner step on plain layers with weight * mask in the forward
+    ref_params = {n: p.detach().clone().requires_grad_() for n, p in ref.named_parameters()}
+    with torch.no_grad():
+        for n, p in ref_params.items():
+            if n.endswith("weight"):
+                p.mul_(masks[n.rsplit(".", 1)[0]])
+
+    def ref_loss(ps, xx, yy):
+        masked = {n: p * masks[n.rsplit(".", 1)[0]] if n.endswith("weight") else p for n, p in ps.items()}
+        return F.cross_entropy(functional_call(ref, masked, (xx,)), yy)
+    rg = torch.autograd.grad(ref_loss(ref_params, x, y), list(ref_params.values()), create_graph=True)
+    ref_fast = {n: p - 0.1 * gi for (n, p), gi in zip(ref_params.items(), rg)}
+    ref_outer = ref_loss(ref_fast, x[:2], y[:2])
+    ref_g = dict(zip(ref_params, torch.autograd.grad(ref_outer, list(ref_params.values()))))
+    torch.testing.assert_close(outer, ref_outer, **tol)
+    for n in params:
+        layer, kind = n.rsplit(".", 1)
+        want = ref_g[f"{layer}.weight"].reshape(-1)[model.get_submodule(layer)._flat_index] if kind == "values" \
+            else ref_g[n]
+        torch.testing.assert_close(outer_g[n], want, **tol, msg=n)
+        if kind == "weight":
+            assert (outer_g[n][~masks[layer]] == 0).all(), n
