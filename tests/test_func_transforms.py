@@ -13,21 +13,7 @@ from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 from sparse_lth.layers import sparsify
-
-
-def net(dtype):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(),
-                         nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 5)).to(dtype)
-
-
-def masks_for(model, density=0.5):
-    g = torch.Generator().manual_seed(1)
-    out = {n: torch.rand(m.weight.shape, generator=g) < density for n, m in model.named_modules()
-           if isinstance(m, (nn.Linear, nn.Conv2d))}
-    for mk in out.values():
-        mk.view(-1)[0] = True
-    return out
+from test_double_backward import masks_for, net  # the same small conv + linear network
 
 
 def setup(path, backend, kernel_device):
