@@ -406,23 +406,34 @@ class _SparseLayer(nn.Module):
 
     @staticmethod
     def _time_steps(probes: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
-        """Median seconds of ``probe(x).sum().backward()`` for each probe on x's device, interleaved: two warm-up
-        rounds, then ``reps`` rounds that each run every probe once, in a (seeded) random order drawn anew every
-        round, so that a drift of the clock or a burst of other work is spread over all candidates instead of
-        landing on one, and no candidate always runs after the same neighbour (whose cache footprint or
-        leftover work would bias it)."""
+        """Median seconds of a training step's forward and backward, ``probe(x).backward(dy)``, for each probe on
+        x's device, interleaved: two warm-up rounds, then ``reps`` rounds that each run every probe once, in a
+        (seeded) random order drawn anew every round, so that a drift of the clock or a burst of other work is
+        spread over all candidates instead of landing on one, and no candidate always runs after the same
+        neighbour (whose cache footprint or leftover work would bias it). ``dy`` is a dense random gradient in the
+        output's layout, as a loss gives (``.sum().backward()`` would hand the kernels a stride-0 tensor of ones:
+        every gather one address, a best case training never sees), drawn from its own generator; gradients are
+        cleared before each step, as ``zero_grad()`` does, so none is timed accumulating."""
         dev = x.device
         labels = list(probes)
         order = random.Random(0)
         samples: dict[str, list[float]] = {label: [] for label in labels}
+        dy = None
         with torch.enable_grad():
             for i in range(reps + 2):
                 order.shuffle(labels)
                 for label in labels:
+                    probe = probes[label]
+                    for p in probe.parameters():
+                        p.grad = None
+                    x.grad = None
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                     t0 = time.perf_counter()
-                    probes[label](x).sum().backward()
+                    y = probe(x)
+                    if dy is None:  # in the first warm-up run
+                        dy = torch.empty_like(y).normal_(generator=torch.Generator(device=dev).manual_seed(0))
+                    y.backward(dy)
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                     if i >= 2:
@@ -666,7 +677,7 @@ class SparseConv2d(_SparseLayer):
             w = self._dense_path_weight() if self._path == "dense" else self._scatter_weight()
             return self._conv(x, w, self.bias)
         backend = self.backend
-        if backend == "torch" and not self._triton_geometry_ok():
+        if not self._triton_geometry_ok():  # forced sparse on the torch backend, then moved to CUDA: not a Triton case
             return self._conv(x, self._scatter_weight(), self.bias)
         values, bias = self.values, self.bias
         if torch.is_autocast_enabled(x.device.type):

@@ -601,14 +601,16 @@ class _Logged(nn.Module):
 
     def __init__(self, name, log, cost=0.0):
         super().__init__()
-        self.name, self.log, self.cost = name, log, cost
+        self.name, self.log, self.cost, self.dys = name, log, cost, []
 
     def forward(self, x):
         self.log.append(self.name)
         end = time.perf_counter() + self.cost
         while time.perf_counter() < end:
             pass
-        return x * 2
+        y = x * 2
+        y.register_hook(lambda g: self.dys.append(g))  # the gradient the layer's backward gets
+        return y
 
 
 def test_time_steps_interleaves_the_candidates_and_ranks_them():
@@ -627,7 +629,12 @@ def test_time_steps_interleaves_the_candidates_and_ranks_them():
     assert all(len(p) == 2 for p in predecessors.values())  # each candidate ran after both others
     assert set(times) == {"a", "b", "c"} and times["a"] >= 0.004 and times["c"] >= 0.002
     assert min(times, key=times.get) == "b" and max(times, key=times.get) == "a"
-    assert torch.equal(x.grad, torch.full((3,), 2.0 * 3 * 12))  # every run did its backward
+    # every run did its backward, with one dense random gradient in the output's layout: not the stride-0 tensor
+    # of ones ``.sum().backward()`` gives (each gather one address), and nothing accumulated between steps
+    dys = [g for p in probes.values() for g in p.dys]
+    assert len(dys) == 3 * 12
+    assert all(torch.equal(g, dys[0]) for g in dys) and dys[0].stride() == (1,) and len(set(dys[0].tolist())) == 3
+    assert torch.equal(x.grad, 2 * dys[0])
 
 
 def test_choose_paths_timed_times_every_auto_layer_on_any_backend():

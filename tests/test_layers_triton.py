@@ -162,3 +162,22 @@ def test_timed_choice_on_triton_times_each_op_both_ways(kernel_device, backend):
     layer._install(layer.dense_weight().detach().clone(), path, dense_ops)
     assert layer.path_label == best
     grads_vs_reference(layer, torch.randn(2, 3, 6, 6).to(kernel_device), lambda x, w, b: F.conv2d(x, w, b, 1, 1))
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_padding_mode_conv_forced_sparse_then_moved_to_triton(kernel_device, backend, mode, monkeypatch):
+    """A conv the Triton kernels cannot run (padding_mode other than zeros), forced onto the torch backend's sparse
+    path, whose backend then becomes Triton (``.cuda()`` under ``backend=None``; on the CPU, $SPARSE_LTH_BACKEND):
+    it keeps computing its padding mode (a dense conv of the scattered live weights); the kernels, which
+    zero-pad, gave wrong outputs before."""
+    gen = torch.Generator().manual_seed(13)
+    layer = SparseConv2d(3, 4, 3, padding=1, padding_mode=mode, path="sparse")
+    layer.set_mask(random_mask(layer.weight_shape, 0.5, gen))
+    assert layer.backend == "torch" and layer.path == "sparse"
+    if kernel_device.type == "cuda":
+        layer = layer.to(kernel_device)
+    else:
+        monkeypatch.setenv("SPARSE_LTH_BACKEND", backend)
+    assert layer.backend == backend
+    x = torch.randn(2, 3, 6, 7).to(kernel_device)
+    grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), w, b))
