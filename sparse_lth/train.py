@@ -56,6 +56,15 @@ class TrainConfig:
         check_train_config(self)
 
 
+DISPLAY_ONLY = ("progress",)  # TrainConfig fields that change nothing a run computes
+
+
+def _trajectory(config: dict) -> dict:
+    """A checkpoint's configuration without its display-only fields: a run killed with the progress bar on
+    resumes with it off, and the other way round."""
+    return {k: v for k, v in config.items() if k not in DISPLAY_ONLY}
+
+
 def check_train_config(cfg: TrainConfig) -> None:
     """Raise ``ValueError`` with a clear message for a bad configuration."""
     if cfg.optimizer not in OPTIMIZERS:
@@ -239,7 +248,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     ck = None
     if checkpoint_path and os.path.exists(checkpoint_path):
         ck = torch.load(checkpoint_path, map_location=x_dev, weights_only=False)
-        if ck.get("config") != dataclasses.asdict(cfg) or ck.get("start_iteration") != start_iteration:
+        if _trajectory(ck.get("config") or {}) != _trajectory(dataclasses.asdict(cfg)) \
+                or ck.get("start_iteration") != start_iteration:
             raise ValueError(f"checkpoint {checkpoint_path} was written by a different training configuration; "
                              "delete it to start over")
         model.load_state_dict(ck["model"])
