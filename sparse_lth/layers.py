@@ -30,10 +30,12 @@ import math
 import random
 import statistics
 import time
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .backend import resolve_backend
 from .functional import ALL_SPARSE, OPS, SparseConv2dFunction, check_ops, ops_dict, scatter_values, sparse_linear
@@ -47,6 +49,36 @@ __all__ = [
 ]
 
 PATHS = ("auto", "dense", "sparse")
+
+
+# Parameters a sparse layer dropped (a mask or path change gives it new ones, and sparsify / densify swap whole
+# modules): an optimizer built before would step tensors the model no longer uses, so the weights would silently
+# stop training while the biases go on. A global optimizer pre-step hook refuses that, loudly.
+# {id: weak reference}: tensors compare by value, so neither a WeakSet nor a WeakKeyDictionary can hold them.
+_REPLACED: dict[int, weakref.ref] = {}
+
+
+def _retire(params) -> None:
+    for p in params:
+        _REPLACED[id(p)] = weakref.ref(p, lambda _, key=id(p): _REPLACED.pop(key, None))
+
+
+def _refuse_replaced_parameters(optimizer, args, kwargs) -> None:
+    if not _REPLACED:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = _REPLACED.get(id(p))
+            if ref is not None and ref() is p:
+                raise RuntimeError(
+                    f"{type(optimizer).__name__}.step(): it holds a {tuple(p.shape)} parameter that sparse-lth "
+                    "replaced (a sparse layer gets new trainable parameters when its mask or path changes: "
+                    "set_mask, load_state_dict with another mask, time_paths, restore_path, choose_paths; and "
+                    "sparsify / densify swap whole layers), so it would train a tensor the model no longer uses. "
+                    "Build the optimizer after setting or loading masks.")
+
+
+register_optimizer_step_pre_hook(_refuse_replaced_parameters)
 
 
 def _under_transform() -> bool:
@@ -155,7 +187,7 @@ class _SparseLayer(nn.Module):
         self.path_timings: dict[str, float] = {}
         self._path = "dense"
         self._nnz = weight.numel()
-        self._last_input_shape: tuple | None = None
+        self._last_input_shape: tuple | None = None  # of a training forward (one with grad on) if any was seen
         self._last_input_batch_minor = False  # was that input (B, n) with strides (1, B), e.g. a sparse layer's output?
         self._last_input_requires_grad = True  # did it need a gradient (not a network's first layer)?
         self.register_parameter("weight", nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad))
@@ -224,6 +256,15 @@ class _SparseLayer(nn.Module):
         if w.requires_grad and m is not None and not getattr(w, "_sparse_lth_grad_hook", False):
             self._hook_dense_weight()
         return w
+
+    def _copy_into_dense(self, m: nn.Module, w: torch.Tensor) -> None:
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        m.weight.requires_grad_(self._current_requires_grad())
+        if self.bias is not None:
+            m.bias.requires_grad_(self.bias.requires_grad)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight (zeros at pruned positions), differentiable with respect to the live weights."""
@@ -302,7 +343,9 @@ class _SparseLayer(nn.Module):
         self._dense_ops = tuple(dense_ops)
         requires_grad = self._current_requires_grad()
         for name in ("weight", "values"):
-            self._parameters.pop(name, None)
+            old = self._parameters.pop(name, None)
+            if old is not None:
+                _retire([old])
         has_bias = "bias" in self._parameters
         bias = self._parameters.pop("bias", None)
         for name in [f"_fmt_{f}" for f in _FMT_FIELDS] + ["_flat_index", "_grad_mask"]:
@@ -545,14 +588,13 @@ class SparseLinear(_SparseLayer):
         self.activation = getattr(ref, "activation", None)
         self.weight_shape = tuple(ref.weight.shape)
 
-    def to_dense_module(self) -> nn.Linear:
+    def to_dense_module(self) -> nn.Module:
+        """The plain ``nn.Linear`` with this layer's (masked) weights and ``requires_grad``; with
+        ``activation="relu"``, ``nn.Sequential(linear, nn.ReLU())``, so that the outputs stay the same."""
         w = self.dense_weight().detach()
         m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(w)
-            if self.bias is not None:
-                m.bias.copy_(self.bias)
-        return m
+        self._copy_into_dense(m, w)
+        return nn.Sequential(m, nn.ReLU()) if self.activation == "relu" else m
 
     def _cpu_sparse_max_density(self) -> float | None:
         return CPU_LINEAR_SPARSE_MAX_DENSITY
@@ -563,7 +605,7 @@ class SparseLinear(_SparseLayer):
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dimension, "
                              f"expected {self.in_features} (input shape {tuple(x.shape)})")
         transform = _under_transform()
-        if not transform:
+        if not transform and (torch.is_grad_enabled() or self._last_input_shape is None):  # not an evaluation's
             self._last_input_shape = tuple(x.shape)
             self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
             self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
@@ -619,10 +661,7 @@ class SparseConv2d(_SparseLayer):
         m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                       self.dilation, self.groups, self.bias is not None, self.padding_mode, device=w.device,
                       dtype=w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(w)
-            if self.bias is not None:
-                m.bias.copy_(self.bias)
+        self._copy_into_dense(m, w)
         return m
 
     def _triton_geometry_ok(self) -> bool:
@@ -670,7 +709,7 @@ class SparseConv2d(_SparseLayer):
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         transform = _under_transform()
-        if not transform:
+        if not transform and (torch.is_grad_enabled() or self._last_input_shape is None):  # not an evaluation's
             self._last_input_shape = tuple(x.shape)
             self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense" or transform:
@@ -735,6 +774,7 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
             full = f"{name}.{child_name}" if name else child_name
             setattr(module, child_name, target.from_dense(child, masks.pop(full, None), path=path, backend=backend,
                                                           ops=ops))
+            _retire(child.parameters())
     if masks:
         raise KeyError(f"sparsify: masks given for modules that are not Linear/Conv2d layers: {sorted(masks)}")
     return model
@@ -748,6 +788,7 @@ def densify(model: nn.Module) -> nn.Module:
         for child_name, child in list(module.named_children()):
             if isinstance(child, _SparseLayer):
                 setattr(module, child_name, child.to_dense_module())
+                _retire(child.parameters())
     return model
 
 

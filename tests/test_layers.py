@@ -179,6 +179,51 @@ def test_sparsify_densify_round_trip(path):
     assert not res.missing_keys
 
 
+def test_densify_keeps_a_fused_relu_and_frozen_parameters():
+    gen = torch.Generator().manual_seed(3)
+    layer = SparseLinear(6, 5, activation="relu", mask=random_mask((5, 6), 0.5, gen))
+    layer.bias.requires_grad_(False)
+    x = torch.randn(4, 6, generator=gen)
+    plain = densify(layer)
+    assert isinstance(plain, nn.Sequential) and type(plain[0]) is nn.Linear and isinstance(plain[1], nn.ReLU)
+    torch.testing.assert_close(plain(x), layer(x))
+    assert plain[0].weight.requires_grad and not plain[0].bias.requires_grad
+    conv = SparseConv2d(2, 3, 3, mask=random_mask((3, 2, 3, 3), 0.5, gen))
+    conv.weight.requires_grad_(False)
+    assert not densify(conv).weight.requires_grad
+
+
+@pytest.mark.parametrize("how", ["set_mask", "load_state_dict", "sparsify", "densify"])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_an_optimizer_built_before_the_parameters_changed_is_refused(how, path):
+    """A mask change gives a layer new trainable parameters (and sparsify / densify swap layers): an optimizer
+    built before would go on stepping the old tensors, the weights silently frozen while the biases train. Its
+    step raises instead; one built afterwards trains."""
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    if how != "sparsify":
+        sparsify(model, path=path)
+    before = torch.optim.SGD(model.parameters(), lr=0.1)
+    masks = {"0": random_mask((5, 6), 0.5, gen), "2": random_mask((3, 5), 0.5, gen)}
+    if how == "set_mask":
+        model[0].set_mask(masks["0"], path=path)
+    elif how == "load_state_dict":  # a checkpoint with other masks into the model first built
+        other = sparsify(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), masks, path=path)
+        model.load_state_dict(other.state_dict())
+    elif how == "sparsify":
+        sparsify(model, masks, path=path)
+    else:
+        densify(model)
+    x = torch.randn(4, 6, generator=gen)
+    model(x).sum().backward()
+    with pytest.raises(RuntimeError, match="Build the optimizer after setting or loading masks"):
+        before.step()
+    after = torch.optim.SGD(model.parameters(), lr=0.1)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    after.step()
+    assert all(not torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+
+
 def test_sparsify_torchvision_resnet():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
@@ -754,3 +799,20 @@ def test_timed_choice_times_with_the_layout_of_the_real_input(monkeypatch):
     layer(torch.randn(6, 20, generator=gen))
     layer.time_paths((6, 20))
     assert strides == [(1, 6), (20, 1)]
+
+
+def test_an_evaluation_does_not_change_the_input_the_path_timing_uses():
+    """The timed choice times the last training input a layer saw: an evaluation after it (no grad, another
+    batch size, a first layer's input that needs no gradient either way) leaves it; with nothing seen before,
+    an evaluation's shape is used."""
+    model = sparsify(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)))
+    model(torch.randn(8, 6))
+    seen = [(m._last_input_shape, m._last_input_requires_grad) for _, m in sparse_layers(model)]
+    assert seen == [((8, 6), False), ((8, 5), True)]
+    with torch.no_grad():
+        model(torch.randn(100, 6))
+    assert [(m._last_input_shape, m._last_input_requires_grad) for _, m in sparse_layers(model)] == seen
+    fresh = sparsify(nn.Linear(6, 5))
+    with torch.no_grad():
+        fresh(torch.randn(100, 6))
+    assert fresh._last_input_shape == (100, 6)
