@@ -259,12 +259,13 @@ def _analyses(exps: list[dict], out_dir: str, title: str) -> dict:
     from . import anatomy, landscape, stability
     dirs = [e["dir"] for e in exps]
     files = {}
-    for load, write in ((stability.load_stability, stability.write_stability_report),
-                        (stability.load_dense_stability, stability.write_dense_stability_report),
-                        (landscape.load_landscape, landscape.write_landscape_report)):
+    for name, load, write in (("stability", stability.load_stability, stability.write_stability_report),
+                              ("dense_stability", stability.load_dense_stability,
+                               stability.write_dense_stability_report),
+                              ("landscape", landscape.load_landscape, landscape.write_landscape_report)):
         results = [d for x in dirs for d in load(x)]
-        if results:
-            files.update({f"analysis_{k}": v for k, v in write(results, out_dir, title=title).items()})
+        if results:  # each writer names its files "summary", "figure"...: keyed by analysis, none hides another
+            files.update({f"analysis_{name}_{k}": v for k, v in write(results, out_dir, title=title).items()})
     done = [d for x in dirs for d in anatomy.load_anatomy(x)]
     if done:
         files.update({f"analysis_anatomy_{k}": v
@@ -320,10 +321,13 @@ def summary_markdown(exps: list[dict]) -> str:
                 if not ms:
                     cells.append("-")
                     continue
-                pct = pct if pct is not None else statistics.fmean(m["percent_remaining"] for m in ms)
+                own = statistics.fmean(m["percent_remaining"] for m in ms)
+                pct = pct if pct is not None else own
                 mean, lo, hi = _stats([m["early_stop_test_acc"] for m in ms])
                 es = statistics.fmean(m["early_stop_iteration"] for m in ms)
-                cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}")
+                # a round at another sparsity than the row's (one-shot's single round) says its own
+                at = f" ({own:.2f} %)" if abs(own - pct) >= 0.005 else ""
+                cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}{at}")
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -1,0 +1,36 @@
+"""The report's tables and file lists, on hand-made experiment records (no training)."""
+from sparse_lth import anatomy, landscape, report, stability
+
+
+def exp(name, control, pcts, accs):
+    rounds = {r: [dict(percent_remaining=p, early_stop_iteration=100, early_stop_test_acc=a, test_acc=a,
+                       train_acc=a, wall_time=1.0, time_per_step=0.001)] for r, (p, a) in enumerate(zip(pcts, accs))}
+    return dict(name=name, dir=f"/nonexistent/{name}", seeds=[0], rounds=rounds,
+                hparams=dict(control=control, model="lenet300_100"))
+
+
+def test_comparison_table_names_a_round_at_another_sparsity():
+    """One-shot's single round sits at the target sparsity, not at IMP's round 1: its cell says so."""
+    imp = exp("a", "imp", [100.0, 80.04, 64.06], [0.97, 0.975, 0.976])
+    one = exp("b", "oneshot", [100.0, 64.06], [0.97, 0.901])
+    md = report.summary_markdown([imp, one])
+    table = md[md.index("## Comparison by round"):]
+    row1 = next(line for line in table.splitlines() if line.startswith("| 1 |"))
+    assert row1.startswith("| 1 | 80.04 |") and "97.50 @ 100 |" in row1 and "90.10 @ 100 (64.06 %)" in row1
+    row0 = next(line for line in table.splitlines() if line.startswith("| 0 |"))
+    assert "%)" not in row0  # same sparsity: nothing added
+
+
+def test_report_lists_every_analysis_file(monkeypatch, tmp_path):
+    """Every analysis writer names its files "summary", "figure"...: none may hide another's in the list."""
+    for mod, load, write, stem in ((stability, "load_stability", "write_stability_report", "stability"),
+                                   (stability, "load_dense_stability", "write_dense_stability_report",
+                                    "dense_stability"),
+                                   (landscape, "load_landscape", "write_landscape_report", "landscape")):
+        monkeypatch.setattr(mod, load, lambda d: [{"dir": d}])
+        monkeypatch.setattr(mod, write, lambda results, out, title="", stem=stem: {
+            "summary": f"{out}/{stem}.md", "figure": f"{out}/{stem}.png"})
+    monkeypatch.setattr(anatomy, "load_anatomy", lambda d: [])
+    files = report._analyses([exp("a", "imp", [100.0], [0.9])], str(tmp_path), "t")
+    assert sorted(files.values()) == sorted(f"{tmp_path}/{s}.{x}" for s in ("stability", "dense_stability",
+                                                                           "landscape") for x in ("md", "png"))
