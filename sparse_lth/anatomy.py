@@ -22,13 +22,14 @@ experiments.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 from typing import Sequence
 
 import torch
+
+from ._files import read_json
 
 
 def _load(path: str) -> dict:
@@ -120,8 +121,7 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) ->
     """Every measure above for replicate ``seed`` of the experiment folder ``exp_dir`` (finished rounds only),
     written to ``seed_S/anatomy.json`` and returned. ``rounds``: the rounds whose initial-weight histograms are
     kept (default: round 0, the last and the one nearest the middle in weights remaining)."""
-    with open(os.path.join(exp_dir, "hparams.json")) as f:
-        hp = json.load(f)
+    hp = read_json(os.path.join(exp_dir, "hparams.json"))
     sdir = os.path.join(exp_dir, f"seed_{seed}")
     if not os.path.isdir(sdir):
         raise FileNotFoundError(f"{exp_dir} has no replicate {seed} (no {sdir})")
@@ -136,8 +136,7 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) ->
     masks = {r: _load(os.path.join(d, "masks.pt"))["masks"] for r, d in rdirs.items()}
     metrics = {}
     for r, d in rdirs.items():
-        with open(os.path.join(d, "metrics.json")) as f:
-            metrics[r] = json.load(f)
+        metrics[r] = read_json(os.path.join(d, "metrics.json"))
     layers = list(masks[min(masks)])
     remaining = {r: m["percent_remaining"] for r, m in metrics.items()}
     if rounds is None:

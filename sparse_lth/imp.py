@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ._files import read_json
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
 CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
@@ -107,6 +108,10 @@ class ImpHparams:
     def __post_init__(self):
         self.milestones = tuple(int(m) for m in self.milestones)
         self.dense_layers = tuple(str(d) for d in self.dense_layers)
+        # one spelling per step count ("3000", 3000 and "3000it"; "2ep" and "2.0ep"), so that the experiment's
+        # name (a hash of the hyperparameters) does not depend on how they were written
+        self.iterations = canonical_steps(self.iterations)
+        self.rewind = canonical_steps(self.rewind)
 
 
 # Hyperparameters that do not change the experiment's identity (replicates live in the same experiment; a reused
@@ -141,6 +146,20 @@ def hparams_from_dict(d: dict) -> ImpHparams:
 
 
 # ------------------------------------------------------------------------------------------------ step counts
+def canonical_steps(value) -> str:
+    """``"Nit"`` for a whole number of iterations however written (``3000``, ``"3000"``, ``"3000it"``, ``"3e3"``),
+    ``"Xep"`` with ``X`` in its shortest form for epochs; anything else unchanged (:func:`parse_steps` refuses
+    it with a clear message when the experiment is validated)."""
+    s = str(value).strip().lower()
+    try:
+        if s.endswith("ep"):
+            return f"{float(s[:-2]):g}ep"
+        n = float(s[:-2] if s.endswith("it") else s)
+    except ValueError:
+        return str(value)
+    return f"{int(n)}it" if math.isfinite(n) and n == int(n) else str(value)
+
+
 def parse_steps(value, iterations_per_epoch: int, what: str) -> int:
     """``"500it"`` -> 500, ``"2ep"`` -> 2 * iterations_per_epoch, ``500``/``"500"`` -> 500."""
     s = str(value).strip().lower()
@@ -312,8 +331,9 @@ class Experiment:
 
     def __init__(self, hparams: ImpHparams, run_root: str = "runs", *, device: str | torch.device = "cpu",
                  data_root: str | None = None, progress: bool = True, checkpoint_every: int = 1000,
-                 run_dir: str | None = None, wait_for_source: float = 0.0, data=None):
+                 run_dir: str | None = None, wait_for_source: float = 0.0, data=None, source_dir: str | None = None):
         self.hp = hparams
+        self.source_dir = source_dir  # controls: the IMP run's folder (default: <run_root>/<its name>)
         self.run_root = str(run_root)
         self.device = torch.device(device)
         self.data_root = data_root
@@ -340,6 +360,13 @@ class Experiment:
             raise ValueError(f"unknown layer_impl {hp.layer_impl!r}; choose one of {LAYER_IMPLS}")
         if hp.path not in PATHS:
             raise ValueError(f"unknown path {hp.path!r}; choose one of {PATHS}")
+        if hp.layer_impl == "masked":
+            forced = [n for n, v, d in (("path", hp.path, "auto"), ("ops", hp.ops, "auto"),
+                                        ("timed_paths", hp.timed_paths, False), ("backend", hp.backend, "auto"))
+                      if v != d]
+            if forced:
+                raise ValueError(f"{', '.join(forced)} choose how the sparse layers run: layer_impl 'masked' "
+                                 "(plain layers, dense masking) has none")
         from .layers import parse_ops
         parse_ops(hp.ops)
         if hp.augment not in ("auto", "on", "off"):
@@ -379,11 +406,25 @@ class Experiment:
         rates = self._rates(model)
         if hp.rounds > 0 and hp.control not in SOURCE_MASK_CONTROLS and not any(r > 0 for r in rates.values()):
             raise ValueError("no layer would be pruned: all pruning fractions are 0 or the layers are dense_layers")
-        # the run folder: refuse one that holds another experiment
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device}: torch sees no CUDA GPU here (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        if hp.layer_impl == "sparse":
+            from .backend import resolve_backend
+            try:
+                resolve_backend(self.device, None if hp.backend == "auto" else hp.backend)
+            except RuntimeError as e:
+                raise ValueError(str(e)) from None
+        # the run folder: refuse one that holds another experiment, or something that is not an experiment
+        if os.path.exists(self.dir) and not os.path.isdir(self.dir):
+            raise ValueError(f"run folder {self.dir} is a file, not a folder")
         existing = os.path.join(self.dir, "hparams.json")
+        if os.path.isdir(self.dir) and not os.path.exists(existing) and os.listdir(self.dir):
+            raise ValueError(f"run folder {self.dir} is not empty and holds no experiment (no hparams.json): give "
+                             "an experiment folder `sparse-lth imp` made, or a new or empty one (a run root such as "
+                             "runs/ is given with --runs)")
         if os.path.exists(existing):
-            with open(existing) as f:
-                old = json.load(f)
+            old = read_json(existing)
             mine = {k: v for k, v in hparams_dict(hp).items() if k not in NOT_HASHED}
             # a hyperparameter added since the folder was written had its default there (the hash skips defaults)
             old = {**hparams_dict(ImpHparams()), **old}
@@ -476,7 +517,27 @@ class Experiment:
         """The ``imp`` experiment with the same hyperparameters (the ticket that controls compare with)."""
         hp = dataclasses.replace(self.hp, control="imp", oneshot_remaining=0.0, noise_std=0.0)
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
-                          checkpoint_every=self.checkpoint_every, data=self._data)
+                          checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
+
+    def _check_source(self, seeds) -> None:
+        """A control that trains the IMP ticket's masks (and random_prune with global pruning, which copies their
+        per-layer counts) refuses to start, before round 0 trains, when the IMP run has no round-1 masks and it
+        is not told to wait for them."""
+        needs = self.hp.control in SOURCE_MASK_CONTROLS or (self.hp.control == "random_prune"
+                                                           and self.hp.prune_global)
+        if not needs or self.n_rounds() < 1 or self.wait_for_source > 0:
+            return
+        src = self.source()
+        missing = [os.path.join(src.round_dir(s, 1), "masks.pt") for s in seeds
+                   if not os.path.exists(os.path.join(self.round_dir(s, 1), "masks.pt"))]  # not begun here
+        missing = [p for p in missing if not os.path.exists(p)]
+        if missing:
+            path = missing[0]
+            where = "the folder given as its source" if self.source_dir else "the default place for it"
+            raise FileNotFoundError(
+                f"control {self.hp.control!r} needs the IMP ticket's masks ({path}, {where}); run the 'imp' "
+                "experiment with the same hyperparameters first, name its folder with source_dir (the CLI's "
+                "--source) if it is not <runs>/<its name>, or wait for it (--wait-for-source SECONDS)")
 
     def _source_masks(self, seed: int, r: int, required: bool) -> dict | None:
         path = os.path.join(self.source().round_dir(seed, r), "masks.pt")
@@ -487,7 +548,8 @@ class Experiment:
                     return None
                 raise FileNotFoundError(
                     f"control {self.hp.control!r} needs the IMP ticket's masks of round {r} ({path}); run the "
-                    f"'imp' experiment with the same hyperparameters and run root first")
+                    f"'imp' experiment with the same hyperparameters first (and name its folder with source_dir, "
+                    f"the CLI's --source, if it is not <runs>/<its name>)")
             time.sleep(5)
         return torch.load(path, map_location="cpu", weights_only=False)["masks"]
 
@@ -502,6 +564,8 @@ class Experiment:
     def run(self, seeds=None, callback: Callable | None = None,
             on_round_start: Callable | None = None, on_round_end: Callable | None = None) -> ImpResult:
         seeds = [self.hp.seed] if seeds is None else list(seeds)
+        self._check_source(seeds)
+        self.data  # load the data (a missing data folder fails here) before anything is written
         self.write_hparams()
         res = ImpResult(self.dir, self.hp)
         for s in seeds:
@@ -530,8 +594,7 @@ class Experiment:
             rdir = self.round_dir(seed, r)
             mpath = os.path.join(rdir, "metrics.json")
             if os.path.exists(mpath):
-                with open(mpath) as f:
-                    all_metrics.append(json.load(f))
+                all_metrics.append(read_json(mpath))
                 continue
             os.makedirs(rdir, exist_ok=True)
             if r == 0 and hp.control != "imp" and hp.reuse_dense_round:
@@ -639,8 +702,7 @@ class Experiment:
             shutil.copyfile(f, os.path.join(rdir, os.path.basename(f)))
         if not os.path.exists(rewind_path):
             shutil.copyfile(src_rewind, rewind_path)
-        with open(files[0]) as f:
-            metrics = json.load(f)
+        metrics = read_json(files[0])
         metrics.update(control=self.hp.control, reused_from=os.path.relpath(sdir, self.dir))
         _write_json_atomic(metrics, os.path.join(rdir, "metrics.json"))  # last: a cut-short copy is redone
         return metrics
@@ -741,12 +803,14 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
             device: str | torch.device = "cpu", data_root: str | None = None, progress: bool = True,
             checkpoint_every: int = 1000, run_dir: str | None = None, wait_for_source: float = 0.0,
             callback: Callable | None = None, on_round_start: Callable | None = None,
-            on_round_end: Callable | None = None, report: bool = False, data=None) -> ImpResult:
+            on_round_end: Callable | None = None, report: bool = False, data=None,
+            source_dir: str | None = None) -> ImpResult:
     """Run (or resume) an IMP experiment; see the module docstring.
 
     ``seeds`` (list) or ``replicates`` (n: seeds ``hparams.seed .. hparams.seed + n - 1``); default: the single
     seed ``hparams.seed``. ``data``: ``(train, test)`` datasets to use instead of loading ``hparams.dataset``
-    (the caller is then responsible for giving the same data on a re-run). ``callback(round, iteration, model)``
+    (the caller is then responsible for giving the same data on a re-run). ``source_dir``: for a control, the
+    folder of the IMP run it compares with (default: ``<run_root>/<that experiment's name>``). ``callback(round, iteration, model)``
     runs after every training step (an exception there stops the run; re-running resumes);
     ``on_round_start(round, model)`` before a round trains, ``on_round_end(metrics)`` after. ``report``: write the report (figures and table) into
     ``<experiment>/report`` at the end, including sibling control experiments found in ``run_root``.
@@ -755,7 +819,7 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
         seeds = [hparams.seed + i for i in range(replicates or 1)]
     exp = Experiment(hparams, run_root, device=device, data_root=data_root, progress=progress,
                      checkpoint_every=checkpoint_every, run_dir=run_dir, wait_for_source=wait_for_source,
-                     data=data)
+                     data=data, source_dir=source_dir)
     res = exp.run(seeds, callback=callback, on_round_start=on_round_start, on_round_end=on_round_end)
     if report:
         from .report import write_report, related_experiments

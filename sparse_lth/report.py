@@ -20,6 +20,8 @@ import math
 import os
 import statistics
 
+from ._files import read_json
+
 CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "random_prune": "random pruning",
                   "oneshot": "one-shot", "continue": "continued training (no reset)",
                   "noise": "ticket + Gaussian noise"}
@@ -31,13 +33,11 @@ def load_experiment(path: str) -> dict:
     hp_path = os.path.join(path, "hparams.json")
     if not os.path.isfile(hp_path):
         raise FileNotFoundError(f"{path} is not an experiment folder (no hparams.json)")
-    with open(hp_path) as f:
-        hp = json.load(f)
+    hp = read_json(hp_path)
     rounds: dict[int, list[dict]] = {}
     seeds = set()
     for mp in sorted(glob.glob(os.path.join(path, "seed_*", "round_*", "metrics.json"))):
-        with open(mp) as f:
-            m = json.load(f)
+        m = read_json(mp)
         rounds.setdefault(int(m["round"]), []).append(m)
         seeds.add(m["seed"])
     return dict(dir=os.path.normpath(path), name=os.path.basename(os.path.normpath(path)), hparams=hp,
@@ -62,8 +62,7 @@ def find_experiments(paths) -> list[str]:
 
 def related_experiments(exp_dir: str) -> list[str]:
     """``exp_dir`` and its sibling experiments that differ only in the control (the comparison to plot)."""
-    with open(os.path.join(exp_dir, "hparams.json")) as f:
-        hp = json.load(f)
+    hp = read_json(os.path.join(exp_dir, "hparams.json"))
 
     def key(d):
         return {k: v for k, v in d.items() if k not in ("control", "oneshot_remaining")}

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def tiny_hp(**kw) -> ImpHparams:
     base = dict(model="lenet300_100", width=0.1, optimizer="adam", lr=3e-3, batch_size=16, iterations="20it",
                 eval_every=5, train_eval_size=64, rounds=3, prune_fc=0.2, prune_output=0.1, layer_impl="sparse",
-                path="dense")
+                path="dense" if kw.get("layer_impl", "sparse") == "sparse" else "auto")  # masked layers: no path
     base.update(kw)
     return ImpHparams(**base)
 
@@ -371,6 +371,10 @@ def test_resume_after_sigkill(tmp_path):
     (dict(control="noise"), "noise_std > 0"),
     (dict(control="noise", noise_std=float("nan")), "noise_std > 0"),
     (dict(noise_std=0.5), "only used with control 'noise'"),
+    (dict(layer_impl="masked", path="sparse"), "path choose how the sparse layers run"),
+    (dict(layer_impl="masked", timed_paths=True, backend="torch"), "timed_paths, backend"),
+    (dict(backend="warp"), "unknown backend"),
+    (dict(backend="triton"), "needs CUDA tensors"),
 ])
 def test_bad_hparams_refused_before_training(tmp_path, kw, msg):
     steps = []
@@ -447,3 +451,68 @@ def test_ops_hparam_reaches_the_layers_and_is_checked(tmp_path):
     assert "ops" in non_default(tiny_hp(ops="dense")) and "ops" not in non_default(tiny_hp())
     timed = run(tiny_hp(rounds=1, path="auto", timed_paths=True), tmp_path / "timed")
     assert set(timed.metrics[0][1]["paths"]) == {"fc1", "fc2", "fc3"}
+
+
+def test_step_counts_name_one_experiment_however_written(tmp_path):
+    a = tiny_hp()
+    for kw in (dict(iterations="20"), dict(iterations=20), dict(iterations=" 20IT "), dict(rewind="0"),
+               dict(rewind=0)):
+        assert experiment_name(tiny_hp(**kw)) == experiment_name(a), kw
+    assert tiny_hp(iterations="2.0ep").iterations == "2ep" and tiny_hp(iterations="1e2").iterations == "100it"
+    assert experiment_name(tiny_hp(iterations="21it")) != experiment_name(a)
+    with pytest.raises(ValueError, match="iterations must look like"):  # still refused clearly
+        run(tiny_hp(iterations="2.5"), tmp_path)
+
+
+def test_control_without_its_source_is_refused_before_training(tmp_path):
+    steps = []
+    for control in ("reinit", "noise"):
+        with pytest.raises(FileNotFoundError, match="--source"):
+            run(tiny_hp(control=control, noise_std=1.0 if control == "noise" else 0.0), tmp_path,
+                callback=lambda r, it, m: steps.append(it))
+    assert steps == [] and list(tmp_path.iterdir()) == []
+
+
+def test_control_finds_an_imp_run_in_a_folder_of_its_own(tmp_path):
+    """IMP in a folder named with run_dir (the CLI's --run-dir), its control pointed at it with source_dir
+    (--source): round 0 is reused and the ticket's masks are trained; a folder of another experiment is refused."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    src = str(tmp_path / "my_imp")
+    imp = run(hp, tmp_path, data=data, run_dir=src)
+    ctl = run(dataclasses.replace(hp, control="reinit"), tmp_path, data=data, source_dir=src)
+    assert ctl.metrics[0][0]["reused_from"] == os.path.relpath(os.path.join(src, "seed_0", "round_00"),
+                                                                ctl.experiment_dir)
+    masks = [torch.load(os.path.join(d, "seed_0", "round_01", "masks.pt"), weights_only=False)["masks"]
+             for d in (imp.experiment_dir, ctl.experiment_dir)]
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+    with pytest.raises(ValueError, match="another experiment"):
+        run(dataclasses.replace(hp, control="reinit", lr=1e-2), tmp_path, data=data, source_dir=src)
+
+
+def test_run_folder_that_is_no_experiment_is_refused(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "lenet300_100_imp_0123456789").mkdir()  # a run root, say
+    with pytest.raises(ValueError, match="not empty and holds no experiment"):
+        run(tiny_hp(), tmp_path, run_dir=str(tmp_path / "runs"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        run(tiny_hp(), tmp_path, run_dir=str(tmp_path / "afile"))
+    (tmp_path / "empty").mkdir()
+    assert run(tiny_hp(rounds=0), tmp_path, run_dir=str(tmp_path / "empty")).experiment_dir.endswith("empty")
+
+
+def test_missing_data_fails_before_anything_is_written(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        run_imp(tiny_hp(), str(tmp_path / "runs"), progress=False, data_root=str(tmp_path / "no_data"))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_damaged_json_file_is_named(tmp_path):
+    data = tiny_data(240, 120)
+    res = run(tiny_hp(rounds=1), tmp_path, data=data)
+    path = os.path.join(res.experiment_dir, "seed_0", "round_01", "metrics.json")
+    with open(path, "w") as f:
+        f.write("{")
+    with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
+        run(tiny_hp(rounds=1), tmp_path, data=data)
