@@ -32,13 +32,13 @@ them on N training batches at every point of the path.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from ._files import read_json
 from .train import _subset_batches, evaluate, save_atomic, train
 
 _NOISE_BASE = 7_340_033
@@ -202,10 +202,15 @@ def _noise_pair(seed: int, noise_seeds) -> tuple[int, int]:
     return seeds
 
 
+def _result_name(seed: int, seeds: tuple[int, int]) -> str:
+    """``stability.json`` for the default noise seeds, ``stability_noise_A_B.json`` for others: each pair keeps
+    its own result (the copies are kept per noise seed already)."""
+    return "stability.json" if tuple(seeds) == noise_seeds_for(seed) else f"stability_noise_{seeds[0]}_{seeds[1]}.json"
+
+
 def _cached(result_path: str, settings: dict) -> dict | None:
     if os.path.exists(result_path):
-        with open(result_path) as f:
-            done = json.load(f)
+        done = read_json(result_path)
         if {k: done.get(k) for k in settings} == settings:
             return done
     return None
@@ -241,7 +246,7 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
         raise FileNotFoundError(f"round {r} of seed {seed} has no masks yet and round {r - 1} has not finished: "
                                 "run the IMP experiment through that round first")
     out_dir = stability_dir(exp, seed, r)
-    result_path = os.path.join(out_dir, "stability.json")
+    result_path = os.path.join(out_dir, _result_name(seed, seeds))
     settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
     done = _cached(result_path, settings)
     if done is not None:
@@ -288,7 +293,7 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
     os.makedirs(base, exist_ok=True)
     settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
     state_path = {k: os.path.join(base, f"state_{k}.pt") for k in ks if k > 0}
-    todo = [k for k in ks if _cached(os.path.join(base, f"k_{k:06d}", "stability.json"), settings) is None]
+    todo = [k for k in ks if _cached(os.path.join(base, f"k_{k:06d}", _result_name(seed, seeds)), settings) is None]
     missing = sorted(k for k in todo if k > 0 and not os.path.exists(state_path[k]))
     if missing:  # the dense trajectory up to the last missing k, saving the weights at each
         model, _, _ = exp.prepare_round(seed, 0)
@@ -317,7 +322,7 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
     out = []
     for k in ks:
         out_dir = os.path.join(base, f"k_{k:06d}")
-        result_path = os.path.join(out_dir, "stability.json")
+        result_path = os.path.join(out_dir, _result_name(seed, seeds))
         done = _cached(result_path, settings)
         if done is not None:
             out.append(done)
@@ -337,16 +342,16 @@ def load_rows(exp_dir: str, *parts: str, key: str = "round") -> list[dict]:
     import glob
     rows = []
     for p in glob.glob(os.path.join(exp_dir, "seed_*", *parts)):
-        with open(p) as f:
-            row = json.load(f)
+        row = read_json(p)
         row.setdefault("experiment", os.path.basename(os.path.normpath(exp_dir)))  # (files written before it)
         rows.append(row)
     return sorted(rows, key=lambda d: (d["seed"], d[key]))
 
 
 def load_stability(exp_dir: str) -> list[dict]:
-    """Every ``stability.json`` of an experiment folder, ordered by seed and round."""
-    return load_rows(exp_dir, "round_*", "stability", "stability.json")
+    """Every ``stability*.json`` of an experiment folder (one per round and noise-seed pair), ordered by seed and
+    round."""
+    return load_rows(exp_dir, "round_*", "stability", "stability*.json")
 
 
 def _path_cells(d: dict) -> str:
@@ -360,8 +365,9 @@ def stability_markdown(results: Sequence[dict]) -> str:
     lines = ["| experiment | k | seed | round | % remaining | test error at a=0 / a=1 (%) | max test error on the "
              "path (%) | test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|---|---|"]
     for d in results:
-        lines.append(f"| {d.get('control', 'imp')} | {d['rewind_iteration']} | {d['seed']} | {d['round']} | "
-                     f"{d['percent_remaining']:.2f} | {_path_cells(d)} |")
+        noise = _noise_label(d, results)
+        lines.append(f"| {d.get('control', 'imp')} | {d['rewind_iteration']} | {d['seed']}{' (' + noise + ')' if noise else ''} "
+                     f"| {d['round']} | {d['percent_remaining']:.2f} | {_path_cells(d)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -383,15 +389,26 @@ def experiment_label(d: dict, results: Sequence[dict]) -> str:
     return ", ".join(parts)
 
 
+def _noise_key(d: dict) -> tuple:
+    return tuple(d.get("noise_seeds") or ())
+
+
+def _noise_label(d: dict, results: Sequence[dict]) -> str:
+    """``noise seeds A,B`` where one replicate was analysed with more than one pair of noise seeds, else ""."""
+    pairs = {_noise_key(r) for r in results if (r.get("experiment"), r["seed"]) == (d.get("experiment"), d["seed"])}
+    return f"noise seeds {','.join(map(str, _noise_key(d)))}" if len(pairs) > 1 else ""
+
+
 def _groups(results: Sequence[dict]) -> list[tuple[str, list[dict]]]:
-    """Results by (experiment, seed), labelled, each ordered by round (or by iteration: the dense analysis)."""
-    keys = sorted({(d.get("experiment") or "", d["seed"]) for d in results})
+    """Results by (experiment, seed, noise seeds), labelled, each ordered by round (or by iteration: the dense
+    analysis)."""
+    key = lambda d: (d.get("experiment") or "", d["seed"], _noise_key(d))  # noqa: E731
     out = []
-    for exp, seed in keys:
-        rows = sorted((d for d in results if ((d.get("experiment") or ""), d["seed"]) == (exp, seed)),
-                      key=lambda d: d.get("round", d.get("iteration", 0)))
-        label = experiment_label(rows[0], results)
-        out.append((f"{label + ', ' if label else ''}seed {seed}", rows))
+    for k in sorted({key(d) for d in results}):
+        rows = sorted((d for d in results if key(d) == k), key=lambda d: d.get("round", d.get("iteration", 0)))
+        label = ", ".join(x for x in (experiment_label(rows[0], results), f"seed {k[1]}",
+                                      _noise_label(rows[0], results)) if x)
+        out.append((label, rows))
     return out
 
 
@@ -454,14 +471,16 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
 # ------------------------------------------------------------------------------------- report: dense network
 def load_dense_stability(exp_dir: str) -> list[dict]:
     """Every dense-network result (``seed_*/dense_stability/k_*/stability.json``), by seed and iteration."""
-    return load_rows(exp_dir, "dense_stability", "k_*", "stability.json", key="iteration")
+    return load_rows(exp_dir, "dense_stability", "k_*", "stability*.json", key="iteration")
 
 
 def dense_stability_markdown(results: Sequence[dict]) -> str:
     lines = ["| experiment | seed | copies from iteration k | test error at a=0 / a=1 (%) | max test error on the "
              "path (%) | test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|"]
     for d in results:
-        lines.append(f"| {d['experiment']} | {d['seed']} | {d['iteration']} | {_path_cells(d)} |")
+        noise = _noise_label(d, results)
+        lines.append(f"| {d['experiment']} | {d['seed']}{' (' + noise + ')' if noise else ''} | {d['iteration']} | "
+                     f"{_path_cells(d)} |")
     return "\n".join(lines) + "\n"
 
 

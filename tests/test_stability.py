@@ -173,7 +173,7 @@ def test_instability_of_imp_rounds(tmp_path, rewind, monkeypatch):
         assert d["path"][-1]["test_acc"] == d["copies"][1]["test_acc"]
         assert d["test_barrier"] == pytest.approx(error_barrier(d["path"])) and d["test_barrier"] >= 0
         assert d["train_barrier"] == pytest.approx(error_barrier(d["path"], "train"))
-        with open(os.path.join(sdir, "stability.json")) as f:
+        with open(os.path.join(sdir, "stability_noise_0_11.json")) as f:  # not the default pair: its own file
             assert json.load(f) == json.loads(json.dumps(d))
         assert not [f for f in os.listdir(sdir) if f.startswith("checkpoint")]
     # a finished analysis is read back, not trained again; other settings reuse the trained copies
@@ -241,7 +241,8 @@ def test_reports_tell_experiments_apart(tmp_path):
     # a result file without its experiment's name (older files) is named by its folder when loaded
     old = dict(results[0])
     old.pop("experiment")
-    path = os.path.join(tmp_path, results[0]["experiment"], "seed_0", "round_01", "stability", "stability.json")
+    path = os.path.join(tmp_path, results[0]["experiment"], "seed_0", "round_01", "stability",
+                        "stability_noise_1_2.json")
     with open(path, "w") as f:
         json.dump(old, f)
     assert stability.load_stability(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(path)))))[0][
@@ -267,7 +268,7 @@ def test_dense_instability_forks_the_dense_trajectory(tmp_path, monkeypatch):
     assert out[1]["path"] == r0["path"] and out[1]["test_barrier"] == r0["test_barrier"]
     for d in out:
         assert d["kind"] == "dense" and d["test_barrier"] == pytest.approx(error_barrier(d["path"]))
-        assert os.path.exists(os.path.join(base, f"k_{d['iteration']:06d}", "stability.json"))
+        assert os.path.exists(os.path.join(base, f"k_{d['iteration']:06d}", "stability_noise_0_9.json"))
     c12 = load(os.path.join(base, "k_000012", "copy_9.pt"))
     c0 = load(os.path.join(base, "k_000000", "copy_9.pt"))
     assert any(not torch.equal(c12[k], c0[k]) for k in c12 if k.endswith(".weight"))
@@ -349,3 +350,26 @@ def test_stability_cli(tmp_path, capsys):
     assert "not an experiment folder" in capsys.readouterr().err
     assert main(["stability", str(exp), "--data", data, "--noise-seeds", "1,2,3"]) == 2
     assert "two seeds" in capsys.readouterr().err
+
+
+def test_each_pair_of_noise_seeds_keeps_its_result(tmp_path):
+    """A round analysed with two pairs of noise seeds keeps both results; the table and the figures tell them
+    apart (with one pair, nothing is added)."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    run_imp(hp, str(tmp_path), progress=False, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+    a = instability(exp, 0, 1, points=3)  # the default pair
+    b = instability(exp, 0, 1, noise_seeds=(1, 2), points=3)
+    sdir = os.path.join(exp.round_dir(0, 1), "stability")
+    assert sorted(f for f in os.listdir(sdir) if f.endswith(".json")) == ["stability.json",
+                                                                         "stability_noise_1_2.json"]
+    assert instability(exp, 0, 1, points=3) == a  # read back, not overwritten by the second pair
+    results = stability.load_stability(exp.dir)
+    assert sorted(tuple(d["noise_seeds"]) for d in results) == sorted([tuple(a["noise_seeds"]), (1, 2)])
+    labels = sorted(g[0] for g in stability._groups(results))
+    assert labels == sorted([f"seed 0, noise seeds {','.join(map(str, a['noise_seeds']))}",
+                             "seed 0, noise seeds 1,2"])
+    md = stability.stability_markdown(results)
+    assert "| imp | 0 | 0 (noise seeds 1,2) | 1 |" in md
+    assert "noise seeds" not in stability.stability_markdown([b])
