@@ -34,6 +34,34 @@ def _parse_tuple(kind):
     return parse
 
 
+def _at_least(low, kind=int):
+    """An argparse type: a ``kind`` number >= ``low`` (a clear usage error otherwise)."""
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+        if not x >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _nonneg(kind=int):
+    return _at_least(0, kind)
+
+
+def _density(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
+    if not 0.0 < x <= 1.0:
+        raise argparse.ArgumentTypeError(f"the fraction of weights kept must lie in (0, 1], got {v}")
+    return x
+
+
 def _field_comments(cls) -> dict[str, str]:
     """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source (the
     flags' help); empty where the source cannot be read."""
@@ -91,6 +119,18 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _device(name: str):
+    """``torch.device(name)``, refused clearly when it is not a device name or not on this machine."""
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    return device
+
+
 def _setup_threads(n: int | None) -> None:
     if n:
         import torch
@@ -103,6 +143,7 @@ def _cmd_imp(args, names) -> int:
     from .presets import get_preset
     given = _given(args, names)
     hp = get_preset(args.preset, **given) if args.preset else ImpHparams(**given)
+    _device(args.device)
     if args.data:
         os.environ["SPARSE_LTH_DATA"] = args.data
     _setup_threads(args.threads)
@@ -123,7 +164,8 @@ def _cmd_imp(args, names) -> int:
 
     res = run_imp(hp, args.runs, replicates=args.replicates, device=args.device, data_root=args.data,
                   progress=not args.no_progress, checkpoint_every=args.checkpoint_every, run_dir=args.run_dir,
-                  wait_for_source=args.wait_for_source, report=not args.no_report, on_round_end=round_done)
+                  wait_for_source=args.wait_for_source, report=not args.no_report, on_round_end=round_done,
+                  source_dir=args.source)
     print(f"experiment: {res.experiment_dir}  ({time.time() - t0:.0f} s)")
     print(header)
     for rounds in res.metrics.values():
@@ -143,11 +185,22 @@ def _cmd_train(args, names) -> int:
     from .imp import apply_masks, count_masks, get_masks, magnitude_prune, prunable_layers, random_masks
     from .models import build_model
     from .train import TrainConfig, train
+    if args.layers == "dense" and args.density < 1.0:
+        raise ValueError("--layers dense trains every weight: --density needs --layers sparse or masked")
+    if args.layers != "sparse":
+        forced = [f for f, v, d in (("--path", args.path, "auto"), ("--ops", args.ops, "auto"),
+                                    ("--backend", args.backend, "auto"), ("--timed-paths", args.timed_paths, False))
+                  if v != d]
+        if forced:
+            raise ValueError(f"{', '.join(forced)} choose how sparse layers run: they need --layers sparse, "
+                             f"not {args.layers}")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
     _setup_threads(args.threads)
     given = _given(args, names)
     cfg = TrainConfig(**{"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "eval_every": 100,
                          **given, "progress": not args.no_progress})
-    device = torch.device(args.device)
+    device = _device(args.device)
     model = build_model(args.model, seed=args.model_seed).to(device)
     dataset = args.dataset or model.dataset
     tr = load_dataset(dataset, "train", root=args.data, device=device, limit=args.data_limit or None)
@@ -158,8 +211,6 @@ def _cmd_train(args, names) -> int:
                          ops=parse_ops(args.ops))
     masks = get_masks(model)
     if args.density < 1.0:
-        if not 0.0 < args.density <= 1.0:
-            raise SystemExit("--density must lie in (0, 1]")
         if args.mask == "random":
             g = torch.Generator().manual_seed(args.model_seed)
             masks = random_masks({n: tuple(m.shape) for n, m in masks.items()},
@@ -231,10 +282,9 @@ def _report_dir(args, exp_dirs: list[str], name: str) -> str:
 def _open_experiment(exp_dir: str, args):
     """(experiment, its folder, seeds) of one RUN_DIR of an analysis command, with --seeds, --device, --data."""
     from .imp import Experiment, hparams_from_dict
+    from ._files import read_json
     exp_dir = _check_experiment_dir(exp_dir)
-    hp_path = os.path.join(exp_dir, "hparams.json")
-    with open(hp_path) as f:
-        hp = hparams_from_dict(json.load(f))
+    hp = hparams_from_dict(read_json(os.path.join(exp_dir, "hparams.json")))
     seeds = _seeds_of(exp_dir, args)
     exp = Experiment(dataclasses.replace(hp, seed=seeds[0]), run_dir=exp_dir, device=args.device,
                      data_root=args.data, progress=not args.no_progress,
@@ -256,6 +306,7 @@ def _analyse(args, name: str, per_seed, load, markdown, write) -> int:
     if args.data:
         os.environ["SPARSE_LTH_DATA"] = args.data
     _setup_threads(args.threads)
+    _device(args.device)
     opened = [_open_experiment(d, args) for d in args.run_dirs]  # refuse a bad folder before any work
     results, model = [], opened[0][0].hp.model
     for exp, exp_dir, seeds in opened:
@@ -342,7 +393,7 @@ def _analysis_parser(sub, name: str, help_text: str, description: str, rounds_he
         p.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
         p.add_argument("--device", default="cpu")
         p.add_argument("--no-progress", action="store_true")
-        p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--threads", type=_at_least(1), default=None)
     return p
 
 
@@ -363,12 +414,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pi.add_argument("--run-dir", help="use this experiment folder instead of <runs>/<name>_<hash>")
     pi.add_argument("--device", default="cpu")
     pi.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pi.add_argument("--replicates", type=int, default=1, help="seeds seed .. seed+N-1 (default 1)")
-    pi.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint every N iterations")
-    pi.add_argument("--wait-for-source", type=float, default=0.0,
-                    help="controls reinit/random_prune: wait up to this many seconds for the IMP run's masks")
+    pi.add_argument("--replicates", type=_at_least(1), default=1, help="seeds seed .. seed+N-1 (default 1)")
+    pi.add_argument("--checkpoint-every", type=_nonneg(), default=1000,
+                    help="checkpoint every N iterations (0: never; a killed round then starts over)")
+    pi.add_argument("--source", metavar="IMP_RUN_DIR",
+                    help="controls: the IMP run to compare with (default: <runs>/<its name>, where `imp` puts it "
+                         "without --run-dir)")
+    pi.add_argument("--wait-for-source", type=_nonneg(float), default=0.0,
+                    help="controls reinit/noise/random_prune: wait up to this many seconds for the IMP run's masks")
     pi.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    pi.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    pi.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads")
     imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (override the preset)")
     for a in pi._actions:
         if a.dest == "control":
@@ -384,7 +439,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pt.add_argument("--device", default="cpu")
     pt.add_argument("--layers", choices=("sparse", "masked", "dense"), default="sparse",
                     help="sparse layers, plain layers with dense masking, or plain dense layers")
-    pt.add_argument("--density", type=float, default=1.0, help="fraction of weights kept in every layer")
+    pt.add_argument("--density", type=_density, default=1.0, help="fraction of weights kept in every layer")
     pt.add_argument("--mask", choices=("magnitude", "random"), default="magnitude",
                     help="how the --density mask is drawn (magnitude of the initial weights, or random)")
     pt.add_argument("--path", choices=("auto", "dense", "sparse"), default="auto")
@@ -395,11 +450,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="choose the auto paths by timing on this device (CUDA always does; the CPU goes by "
                          "density otherwise)")
     pt.add_argument("--backend", default="auto")
-    pt.add_argument("--data-limit", type=int, default=0)
-    pt.add_argument("--test-limit", type=int, default=0)
+    pt.add_argument("--data-limit", type=_nonneg(), default=0, help="the first N training examples (0: all)")
+    pt.add_argument("--test-limit", type=_nonneg(), default=0, help="the first N test examples (0: all)")
     pt.add_argument("--no-progress", action="store_true")
     pt.add_argument("--out", help="write the metrics (and the curve) to this JSON file")
-    pt.add_argument("--threads", type=int, default=None)
+    pt.add_argument("--threads", type=_at_least(1), default=None)
     train_names = _add_dataclass_flags(pt, TrainConfig, skip=("progress",), group_title="training")
 
     pr = sub.add_parser("report", help="figures and a Markdown table from run folders")
@@ -418,22 +473,23 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     ps.add_argument("--dense-at", type=_parse_tuple(int), default=None, metavar="K1,K2,...",
                     help="the dense network's instability instead: copies from these iterations of its training "
                          "(e.g. 0,100,500,2000; with --rounds, both analyses)")
-    ps.add_argument("--points", type=int, default=11, help="points on the path, ends included (default 11)")
-    ps.add_argument("--bn-reset", type=int, default=0, metavar="N",
+    ps.add_argument("--points", type=_at_least(2), default=11, help="points on the path, ends included (default 11)")
+    ps.add_argument("--bn-reset", type=_nonneg(), default=0, metavar="N",
                     help="recompute batch-norm statistics on N training batches at every point (default 0: "
                          "interpolate them)")
-    ps.add_argument("--checkpoint-every", type=int, default=1000, help="checkpoint the copies every N iterations")
+    ps.add_argument("--checkpoint-every", type=_nonneg(), default=1000,
+                    help="checkpoint the copies every N iterations (0: never)")
 
     pl = _analysis_parser(
         sub, "landscape", "loss-landscape measures of IMP's solutions (Hessian eigenvalues, ...)",
         "For each finished round: the largest eigenvalues of the loss Hessian over the live weights at the round's "
         "final weights (Lanczos), the distance to the next round's solution, and the loss of the solution pruned to "
         "the next round's mask (Saleem et al.).", "rounds (default: every finished round)")
-    pl.add_argument("--top", type=int, default=3, help="how many eigenvalues (default 3)")
-    pl.add_argument("--examples", type=int, default=1000,
+    pl.add_argument("--top", type=_at_least(1), default=3, help="how many eigenvalues (default 3)")
+    pl.add_argument("--examples", type=_at_least(1), default=1000,
                     help="training examples the Hessian is taken over (default 1000)")
-    pl.add_argument("--iters", type=int, default=60, help="Lanczos steps at most (default 60)")
-    pl.add_argument("--tol", type=float, default=1e-3, help="relative residual to stop at (default 1e-3)")
+    pl.add_argument("--iters", type=_at_least(1), default=60, help="Lanczos steps at most (default 60)")
+    pl.add_argument("--tol", type=_nonneg(float), default=1e-3, help="relative residual to stop at (default 1e-3)")
 
     _analysis_parser(
         sub, "anatomy", "what the tickets look like: starting weights, connectivity, movement, gap",
@@ -459,8 +515,16 @@ def main(argv=None) -> int:
         if args.command == "anatomy":
             return _cmd_anatomy(args)
         return _cmd_report(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sparse-lth {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        again = {"imp": "; run the same command again to resume",
+                 "stability": "; run the same command again to resume (finished copies are kept)"}
+        print(f"\nsparse-lth {args.command}: interrupted{again.get(args.command, '')}", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        if os.environ.get("SPARSE_LTH_DEBUG"):
+            raise
+        hint = " (SPARSE_LTH_DEBUG=1 shows the traceback)" if isinstance(e, RuntimeError) else ""
+        print(f"sparse-lth {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
 
 

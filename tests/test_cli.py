@@ -126,3 +126,51 @@ def test_hyperparameter_flags_carry_their_fields_comments(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--momentum FLOAT sgd only (default 0.0)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_bad_numbers_and_conflicting_flags_are_usage_errors(tmp_path, capsys):
+    """Out-of-range numbers are refused by the parser (exit 2, the flag named); flags that cannot act together
+    are refused before any data is loaded or anything is trained."""
+    for argv, msg in ((["imp", "--replicates", "0"], "--replicates: must be >= 1"),
+                      (["imp", "--threads", "-1"], "--threads: must be >= 1"),
+                      (["imp", "--checkpoint-every", "-5"], "--checkpoint-every: must be >= 0"),
+                      (["train", "--density", "1.5"], "--density: the fraction of weights kept must lie in (0, 1]"),
+                      (["train", "--density", "-0.5"], "--density: the fraction"),
+                      (["train", "--data-limit", "-5"], "--data-limit: must be >= 0"),
+                      (["stability", "x", "--bn-reset", "-1"], "--bn-reset: must be >= 0"),
+                      (["stability", "x", "--points", "1"], "--points: must be >= 2"),
+                      (["landscape", "x", "--top", "0"], "--top: must be >= 1")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err, argv
+    missing = str(tmp_path / "no_data")  # none of these gets as far as loading it
+    for argv, msg in ((["train", "--layers", "dense", "--density", "0.1"], "--density needs --layers sparse"),
+                      (["train", "--layers", "masked", "--path", "sparse"], "--path choose how sparse layers run"),
+                      (["train", "--out", str(tmp_path / "nope" / "m.json")], "its folder does not exist"),
+                      (["train", "--device", "foo"], "--device foo"),
+                      (["imp", "--device", "foo", "--runs", str(tmp_path)], "--device foo")):
+        assert main(argv + ["--data", missing]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_and_runtime_errors_are_one_line(monkeypatch, capsys):
+    import sparse_lth.cli as cli
+
+    def interrupted(args, names):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_imp", interrupted)
+    assert main(["imp"]) == 130
+    assert capsys.readouterr().err.strip() == "sparse-lth imp: interrupted; run the same command again to resume"
+
+    def broken(args, names):
+        raise RuntimeError("backend 'triton' needs CUDA tensors")
+
+    monkeypatch.setattr(cli, "_cmd_imp", broken)
+    assert main(["imp"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparse-lth imp: error: backend 'triton' needs CUDA tensors") and "SPARSE_LTH_DEBUG" in err
+    monkeypatch.setenv("SPARSE_LTH_DEBUG", "1")
+    with pytest.raises(RuntimeError):  # the traceback, for a bug report
+        main(["imp"])
