@@ -539,6 +539,18 @@ class Experiment:
                 "experiment with the same hyperparameters first, name its folder with source_dir (the CLI's "
                 "--source) if it is not <runs>/<its name>, or wait for it (--wait-for-source SECONDS)")
 
+    def _check_model_takes_data(self) -> None:
+        """One example through the dense model: a model that does not fit the dataset (conv2 on Fashion-MNIST's
+        one channel) is refused clearly, before anything is written."""
+        x = self.data[0].x[:1].cpu()
+        model = self._build_model(self.hp.seed, sparse=False).eval()
+        try:
+            with torch.no_grad():
+                model(x)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"model {self.hp.model} does not take {self.dataset}'s examples (shape "
+                             f"{tuple(x.shape[1:])}): {e}") from None
+
     def _source_masks(self, seed: int, r: int, required: bool) -> dict | None:
         path = os.path.join(self.source().round_dir(seed, r), "masks.pt")
         deadline = time.time() + self.wait_for_source
@@ -565,7 +577,7 @@ class Experiment:
             on_round_start: Callable | None = None, on_round_end: Callable | None = None) -> ImpResult:
         seeds = [self.hp.seed] if seeds is None else list(seeds)
         self._check_source(seeds)
-        self.data  # load the data (a missing data folder fails here) before anything is written
+        self._check_model_takes_data()  # loads the data (a missing data folder fails here) before anything is written
         self.write_hparams()
         res = ImpResult(self.dir, self.hp)
         for s in seeds:

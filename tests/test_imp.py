@@ -516,3 +516,9 @@ def test_a_damaged_json_file_is_named(tmp_path):
         f.write("{")
     with pytest.raises(ValueError, match=f"{path} is not valid JSON"):
         run(tiny_hp(rounds=1), tmp_path, data=data)
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="model conv2 does not take .* examples .*3 channels"):
+        run(tiny_hp(model="conv2", prune_conv=0.1), tmp_path / "runs")  # MNIST-shaped data: one channel
+    assert not (tmp_path / "runs").exists()
