@@ -512,7 +512,9 @@ def _tuned_kernel(kind: str, n_b: int):
         if kind == "spmm":
             cfgs = [triton.Config({"BLOCK_R": r, "BLOCK_K": k, "BLOCK_B": b}, num_warps=w)
                     for r, k, b, w in _SPMM_CONFIGS if b <= cap]
-            _tuned[key] = triton.autotune(configs=cfgs, key=["n_out", "n_b", "nnz"],
+            # HAS_PERM tells the input gradient (transposed format) from the forward, whose sizes are the same for
+            # a square layer but whose row lengths are not: each gets its own tuned configuration
+            _tuned[key] = triton.autotune(configs=cfgs, key=["n_out", "n_b", "nnz", "HAS_PERM"],
                                          do_bench=autotune_bench())(_spmm_t_kernel)
         else:
             cfgs = [triton.Config({"BLOCK_NNZ": k, "BLOCK_B": b}, num_warps=w) for k, b, w in _SDDMM_CONFIGS
