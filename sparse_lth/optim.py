@@ -457,8 +457,10 @@ class Adam(_MaskedOptimizer):
         torch._foreach_add_(steps, 1)
         if self._use_fused(work_p):
             fused = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
+            dev = work_p[0].device  # the steps live on the CPU; torch's fused CUDA kernels want them beside p
+            fused_steps = steps if dev.type == "cpu" else [s.to(dev) for s in steps]
             fused(work_p, work_g, [it.state["exp_avg"] for it in items], [it.state["exp_avg_sq"] for it in items],
-                  [it.state["max_exp_avg_sq"] for it in items] if group["amsgrad"] else [], steps,
+                  [it.state["max_exp_avg_sq"] for it in items] if group["amsgrad"] else [], fused_steps,
                   amsgrad=bool(group["amsgrad"]), lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
                   maximize=False)
             if eps == 0:  # 0 / 0 at pruned positions
