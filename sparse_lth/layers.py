@@ -43,17 +43,18 @@ from .kernels.format import SparseFormat, build_format, check_mask, to_values
 from .kernels.torch_conv import build_conv_taps
 
 __all__ = [
-    "SparseLinear", "SparseConv2d", "sparsify", "densify", "sparse_layers", "choose_paths", "strip_masks",
-    "parse_path_label", "parse_ops", "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY", "CPU_CONV_SPARSE_MAX_DENSITY",
-    "CPU_CONV_SPARSE_MIN_IN_CHANNELS", "CUDA_SPARSE_MAX_DENSITY",
+    "SparseLinear", "SparseConv2d", "LinearReLU", "sparsify", "densify", "sparse_layers", "choose_paths",
+    "strip_masks", "parse_path_label", "parse_ops", "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY",
+    "CPU_CONV_SPARSE_MAX_DENSITY", "CPU_CONV_SPARSE_MIN_IN_CHANNELS", "CUDA_SPARSE_MAX_DENSITY",
 ]
 
 PATHS = ("auto", "dense", "sparse")
 
 
-# Parameters a sparse layer dropped (a mask or path change gives it new ones, and sparsify / densify swap whole
-# modules): an optimizer built before would step tensors the model no longer uses, so the weights would silently
-# stop training while the biases go on. A global optimizer pre-step hook refuses that, loudly.
+# Parameters a sparse layer dropped (a mask or path change gives it new ones): an optimizer built before would step
+# tensors the model no longer uses, so the weights would silently stop training while the biases go on. A global
+# optimizer pre-step hook refuses that, loudly. (sparsify / densify retire nothing: the modules they swap out may
+# still be used elsewhere, e.g. a weight tied to another layer.)
 # {id: weak reference}: tensors compare by value, so neither a WeakSet nor a WeakKeyDictionary can hold them.
 _REPLACED: dict[int, weakref.ref] = {}
 
@@ -73,8 +74,8 @@ def _refuse_replaced_parameters(optimizer, args, kwargs) -> None:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}.step(): it holds a {tuple(p.shape)} parameter that sparse-lth "
                     "replaced (a sparse layer gets new trainable parameters when its mask or path changes: "
-                    "set_mask, load_state_dict with another mask, time_paths, restore_path, choose_paths; and "
-                    "sparsify / densify swap whole layers), so it would train a tensor the model no longer uses. "
+                    "set_mask, load_state_dict with another mask, time_paths, restore_path, choose_paths), so it "
+                    "would train a tensor the model no longer uses. "
                     "Build the optimizer after setting or loading masks.")
 
 
@@ -252,7 +253,9 @@ class _SparseLayer(nn.Module):
         w = self._parameters["weight"]
         m = self._buffers.get("_grad_mask")
         if getattr(w, "_sparse_lth_mask", None) is not self.weight_mask:
-            return w if m is None else w * m
+            if m is None or not self.mask_gradients:  # mask_gradients=False: pruned gradients left as they are
+                return w
+            return w * (m if m.dtype == w.dtype else m.to(w.dtype))
         if w.requires_grad and m is not None and not getattr(w, "_sparse_lth_grad_hook", False):
             self._hook_dense_weight()
         return w
@@ -453,15 +456,16 @@ class _SparseLayer(nn.Module):
         x's device, interleaved: two warm-up rounds, then ``reps`` rounds that each run every probe once, in a
         (seeded) random order drawn anew every round, so that a drift of the clock or a burst of other work is
         spread over all candidates instead of landing on one, and no candidate always runs after the same
-        neighbour (whose cache footprint or leftover work would bias it). ``dy`` is a dense random gradient in the
-        output's layout, as a loss gives (``.sum().backward()`` would hand the kernels a stride-0 tensor of ones:
-        every gather one address, a best case training never sees), drawn from its own generator; gradients are
-        cleared before each step, as ``zero_grad()`` does, so none is timed accumulating."""
+        neighbour (whose cache footprint or leftover work would bias it). ``dy`` is a dense random gradient in each
+        probe's output layout (the same values for all), as a loss gives (``.sum().backward()`` would hand the
+        kernels a stride-0 tensor of ones: every gather one address, a best case training never sees), drawn from
+        its own generator; gradients are cleared before each step, as ``zero_grad()`` does, so none is timed
+        accumulating."""
         dev = x.device
         labels = list(probes)
         order = random.Random(0)
         samples: dict[str, list[float]] = {label: [] for label in labels}
-        dy = None
+        dy0, dys = None, {}
         with torch.enable_grad():
             for i in range(reps + 2):
                 order.shuffle(labels)
@@ -474,9 +478,12 @@ class _SparseLayer(nn.Module):
                         torch.cuda.synchronize(dev)
                     t0 = time.perf_counter()
                     y = probe(x)
-                    if dy is None:  # in the first warm-up run
-                        dy = torch.empty_like(y).normal_(generator=torch.Generator(device=dev).manual_seed(0))
-                    y.backward(dy)
+                    if label not in dys:  # in its first warm-up run: the same values, in this probe's layout
+                        if dy0 is None:
+                            dy0 = torch.empty(y.shape, device=dev, dtype=y.dtype).normal_(
+                                generator=torch.Generator(device=dev).manual_seed(0))
+                        dys[label] = torch.empty_like(y).copy_(dy0)
+                    y.backward(dys[label])
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                     if i >= 2:
@@ -549,6 +556,11 @@ class _SparseLayer(nn.Module):
         if self.bias is not None:
             if bkey not in state_dict:
                 missing_keys.append(bkey)
+            elif tuple(state_dict[bkey].shape) != tuple(self.bias.shape):
+                error_msgs.append(f"size mismatch for {bkey}: copying a param with shape "
+                                  f"{tuple(state_dict[bkey].shape)}, the shape in current model is "
+                                  f"{tuple(self.bias.shape)}.")
+                return
             else:
                 with torch.no_grad():
                     self.bias.copy_(state_dict[bkey])
@@ -588,13 +600,14 @@ class SparseLinear(_SparseLayer):
         self.activation = getattr(ref, "activation", None)
         self.weight_shape = tuple(ref.weight.shape)
 
-    def to_dense_module(self) -> nn.Module:
+    def to_dense_module(self) -> nn.Linear:
         """The plain ``nn.Linear`` with this layer's (masked) weights and ``requires_grad``; with
-        ``activation="relu"``, ``nn.Sequential(linear, nn.ReLU())``, so that the outputs stay the same."""
+        ``activation="relu"``, a :class:`LinearReLU` (the same outputs, the same state_dict keys)."""
         w = self.dense_weight().detach()
-        m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        cls = LinearReLU if self.activation == "relu" else nn.Linear
+        m = cls(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
         self._copy_into_dense(m, w)
-        return nn.Sequential(m, nn.ReLU()) if self.activation == "relu" else m
+        return m
 
     def _cpu_sparse_max_density(self) -> float | None:
         return CPU_LINEAR_SPARSE_MAX_DENSITY
@@ -740,12 +753,23 @@ class SparseConv2d(_SparseLayer):
 
 
 # ---------------------------------------------------------------------- whole models
+class LinearReLU(nn.Linear):
+    """``nn.Linear`` then a ReLU, in one module with ``nn.Linear``'s parameters and state_dict keys: what
+    :func:`densify` gives back for a ``SparseLinear(activation="relu")``, and what :func:`sparsify` turns into
+    one."""
+
+    activation = "relu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
 def _swap_target(module: nn.Module):
-    if isinstance(module, _SparseLayer):
-        return None
-    if isinstance(module, nn.Linear):
+    """The sparse twin of exactly ``nn.Linear``, :class:`LinearReLU` and ``nn.Conv2d``; a subclass (its own
+    forward, extra parameters, a lazy layer) is left alone rather than replaced by something else."""
+    if type(module) in (nn.Linear, LinearReLU):
         return SparseLinear
-    if isinstance(module, nn.Conv2d):
+    if type(module) is nn.Conv2d:
         return SparseConv2d
     return None
 
@@ -755,7 +779,9 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (in place) for its sparse twin; return the model.
 
     ``masks``: optional ``{module_name: mask}``; ``path``, ``backend``, ``ops``: as for the layers. Linear layers
-    inside ``nn.MultiheadAttention`` (which reads their weights directly) are left alone. A bare
+    inside ``nn.MultiheadAttention`` (which reads their weights directly) are left alone, and so are subclasses
+    (their own forward or parameters). A layer used under several names gets one twin (a mask under any of its
+    names). The twins copy their weights: a Parameter tied to another module is no longer tied. A bare
     ``nn.Linear``/``nn.Conv2d`` is returned swapped.
     """
     if path not in PATHS:
@@ -764,17 +790,28 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
     target = _swap_target(model)
     if target is not None:
         return target.from_dense(model, masks.pop("", None), path=path, backend=backend, ops=ops)
+    swapped: dict[int, tuple[nn.Module, str]] = {}  # a layer used in several places gets one sparse twin
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
             continue
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):  # every name, also a repeated module's
             target = _swap_target(child)
-            if target is None or isinstance(module, nn.MultiheadAttention):
+            if target is None:
                 continue
             full = f"{name}.{child_name}" if name else child_name
-            setattr(module, child_name, target.from_dense(child, masks.pop(full, None), path=path, backend=backend,
-                                                          ops=ops))
-            _retire(child.parameters())
+            mask = masks.pop(full, None)
+            if id(child) in swapped:
+                twin, first = swapped[id(child)]
+                if mask is not None:
+                    if first is None:
+                        twin.set_mask(mask)
+                    elif not torch.equal(check_mask(mask, twin.weight_shape), twin.weight_mask.cpu()):
+                        raise ValueError(f"sparsify: {full} is the same layer as an earlier name, with another mask")
+                setattr(module, child_name, twin)
+                continue
+            twin = target.from_dense(child, mask, path=path, backend=backend, ops=ops)
+            swapped[id(child)] = (twin, None if mask is None else full)
+            setattr(module, child_name, twin)
     if masks:
         raise KeyError(f"sparsify: masks given for modules that are not Linear/Conv2d layers: {sorted(masks)}")
     return model
@@ -784,11 +821,13 @@ def densify(model: nn.Module) -> nn.Module:
     """Swap every sparse layer of ``model`` (in place) back for a plain ``nn.Linear``/``nn.Conv2d``."""
     if isinstance(model, _SparseLayer):
         return model.to_dense_module()
+    twins: dict[int, nn.Module] = {}  # a layer used in several places gets one dense twin
     for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
+        for child_name, child in list(module._modules.items()):
             if isinstance(child, _SparseLayer):
-                setattr(module, child_name, child.to_dense_module())
-                _retire(child.parameters())
+                if id(child) not in twins:
+                    twins[id(child)] = child.to_dense_module()
+                setattr(module, child_name, twins[id(child)])
     return model
 
 

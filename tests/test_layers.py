@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 
 from sparse_lth.backend import resolve_backend
-from sparse_lth.layers import (CPU_CONV_SPARSE_MAX_DENSITY, CPU_LINEAR_SPARSE_MAX_DENSITY, SparseConv2d, SparseLinear,
-                               _ops_label, choose_paths, densify, sparse_layers, sparsify, strip_masks)
+from sparse_lth.layers import (CPU_CONV_SPARSE_MAX_DENSITY, CPU_LINEAR_SPARSE_MAX_DENSITY, LinearReLU, SparseConv2d,
+                               SparseLinear, _ops_label, choose_paths, densify, sparse_layers, sparsify, strip_masks)
 
 
 
@@ -184,36 +184,35 @@ def test_densify_keeps_a_fused_relu_and_frozen_parameters():
     layer = SparseLinear(6, 5, activation="relu", mask=random_mask((5, 6), 0.5, gen))
     layer.bias.requires_grad_(False)
     x = torch.randn(4, 6, generator=gen)
+    sd = strip_masks(layer.state_dict())
     plain = densify(layer)
-    assert isinstance(plain, nn.Sequential) and type(plain[0]) is nn.Linear and isinstance(plain[1], nn.ReLU)
+    assert type(plain) is LinearReLU and isinstance(plain, nn.Linear)
     torch.testing.assert_close(plain(x), layer(x))
-    assert plain[0].weight.requires_grad and not plain[0].bias.requires_grad
+    assert plain.weight.requires_grad and not plain.bias.requires_grad
+    plain.load_state_dict(sd)  # strictly: the same keys
+    again = sparsify(plain)  # and back, fused
+    assert type(again) is SparseLinear and again.activation == "relu"
+    torch.testing.assert_close(again(x), layer(x))
     conv = SparseConv2d(2, 3, 3, mask=random_mask((3, 2, 3, 3), 0.5, gen))
     conv.weight.requires_grad_(False)
     assert not densify(conv).weight.requires_grad
 
 
-@pytest.mark.parametrize("how", ["set_mask", "load_state_dict", "sparsify", "densify"])
+@pytest.mark.parametrize("how", ["set_mask", "load_state_dict"])
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_an_optimizer_built_before_the_parameters_changed_is_refused(how, path):
-    """A mask change gives a layer new trainable parameters (and sparsify / densify swap layers): an optimizer
-    built before would go on stepping the old tensors, the weights silently frozen while the biases train. Its
-    step raises instead; one built afterwards trains."""
+    """A mask change gives a layer new trainable parameters: an optimizer built before would go on stepping the
+    old tensors, the weights silently frozen while the biases train. Its step raises instead; one built
+    afterwards trains."""
     gen = torch.Generator().manual_seed(4)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    if how != "sparsify":
-        sparsify(model, path=path)
+    model = sparsify(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), path=path)
     before = torch.optim.SGD(model.parameters(), lr=0.1)
     masks = {"0": random_mask((5, 6), 0.5, gen), "2": random_mask((3, 5), 0.5, gen)}
     if how == "set_mask":
         model[0].set_mask(masks["0"], path=path)
-    elif how == "load_state_dict":  # a checkpoint with other masks into the model first built
+    else:  # a checkpoint with other masks into the model first built
         other = sparsify(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), masks, path=path)
         model.load_state_dict(other.state_dict())
-    elif how == "sparsify":
-        sparsify(model, masks, path=path)
-    else:
-        densify(model)
     x = torch.randn(4, 6, generator=gen)
     model(x).sum().backward()
     with pytest.raises(RuntimeError, match="Build the optimizer after setting or loading masks"):
@@ -222,6 +221,65 @@ def test_an_optimizer_built_before_the_parameters_changed_is_refused(how, path):
     w0 = [p.detach().clone() for p in model.parameters()]
     after.step()
     assert all(not torch.equal(a, p) for a, p in zip(w0, model.parameters()))
+
+
+def test_a_parameter_shared_with_a_swapped_layer_still_trains():
+    """sparsify swaps modules but retires none of their parameters: one tied to another layer (an embedding and
+    an output layer, say) or used by another model trains on with an optimizer built afterwards."""
+    emb = nn.Embedding(7, 4)
+    head = nn.Linear(4, 7, bias=False)
+    head.weight = emb.weight  # tied
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    other = nn.Sequential(head)  # the same layer in a model left plain
+    sparsify(model)
+    params = {id(p): p for p in list(model.parameters()) + list(other.parameters())}  # each once
+    opt = torch.optim.SGD(list(params.values()), lr=0.1)
+    loss = model["head"](model["emb"](torch.tensor([1, 2]))).sum() + other(torch.ones(1, 4)).sum()
+    loss.backward()
+    before = emb.weight.detach().clone()
+    opt.step()
+    assert not torch.equal(before, emb.weight)
+
+
+def test_sparsify_gives_a_shared_layer_one_twin():
+    """A layer used under two names (or in two blocks) stays one layer: one sparse twin, one mask, one set of
+    parameters; a mask may be given under either name, and two different ones are refused."""
+    gen = torch.Generator().manual_seed(8)
+    lin = nn.Linear(4, 4)
+    m = nn.Module()
+    m.enc, m.dec = lin, lin
+    blocks = nn.Sequential(nn.Sequential(lin), nn.Sequential(lin))
+    mask = random_mask((4, 4), 0.5, gen)
+    sparsify(m, masks={"dec": mask})
+    assert type(m.enc) is SparseLinear and m.enc is m.dec and torch.equal(m.enc.weight_mask, mask)
+    sparsify(blocks)
+    assert blocks[0][0] is blocks[1][0] and sum(p.numel() for p in blocks.parameters()) == 4 * 4 + 4
+    densify(blocks)  # and back: still one layer
+    assert type(blocks[0][0]) is nn.Linear and blocks[0][0] is blocks[1][0]
+    other = nn.Module()
+    other.a, other.b = nn.Linear(4, 4), None
+    other.b = other.a
+    with pytest.raises(ValueError, match="same layer as an earlier name, with another mask"):
+        sparsify(other, masks={"a": mask, "b": ~mask})
+
+
+def test_sparsify_leaves_subclasses_alone():
+    """A subclass of nn.Linear / nn.Conv2d has its own forward or parameters: swapping it for a plain sparse
+    layer would change the network, so it stays as it is."""
+    class Scaled(nn.Linear):
+        def __init__(self):
+            super().__init__(4, 3)
+            self.scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x):
+            return self.scale * super().forward(x)
+
+    model = nn.Sequential(Scaled(), nn.Linear(3, 2))
+    x = torch.randn(2, 4)
+    ref = model(x)
+    sparsify(model)
+    assert type(model[0]) is Scaled and type(model[1]) is SparseLinear
+    torch.testing.assert_close(model(x), ref)
 
 
 def test_sparsify_torchvision_resnet():
@@ -816,3 +874,33 @@ def test_an_evaluation_does_not_change_the_input_the_path_timing_uses():
     with torch.no_grad():
         fresh(torch.randn(100, 6))
     assert fresh._last_input_shape == (100, 6)
+
+
+class _Layout(nn.Module):
+    """A probe whose output is row-major or column-major; it records the gradient its output gets."""
+
+    def __init__(self, column_major):
+        super().__init__()
+        self.column_major, self.dys = column_major, []
+
+    def forward(self, x):
+        y = (x.t().contiguous().t() if self.column_major else x.contiguous()) * 2
+        y.register_hook(lambda g: self.dys.append(g))
+        return y
+
+
+def test_time_steps_gives_each_probe_dy_in_its_own_output_layout():
+    probes = {"rows": _Layout(False), "cols": _Layout(True)}
+    x = torch.randn(5, 3, requires_grad=True)
+    SparseLinear._time_steps(probes, x, reps=2)
+    rows, cols = probes["rows"].dys, probes["cols"].dys
+    assert rows[0].stride() == (3, 1) and cols[0].stride() == (1, 5)
+    assert torch.equal(rows[0], cols[0])  # the same values
+
+
+def test_load_state_dict_refuses_a_bias_of_another_shape():
+    layer = SparseLinear(4, 3)
+    for shape in ((1,), (5,)):
+        sd = {"weight": torch.zeros(3, 4), "bias": torch.zeros(shape), "weight_mask": torch.ones(3, 4, dtype=bool)}
+        with pytest.raises(RuntimeError, match=r"size mismatch for bias: copying a param with shape"):
+            layer.load_state_dict(sd)
