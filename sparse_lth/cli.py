@@ -144,6 +144,11 @@ def _cmd_imp(args, names) -> int:
     given = _given(args, names)
     hp = get_preset(args.preset, **given) if args.preset else ImpHparams(**given)
     _device(args.device)
+    if hp.layer_impl == "masked":  # a note, not an error: folders made so before must still resume
+        unused = [f"--{f.replace('_', '-')}" for f in ("path", "ops", "timed_paths", "backend") if f in given]
+        if unused:
+            _write(f"note: {', '.join(unused)} set how sparse layers run; --layer-impl masked (plain layers, "
+                   "dense masking) does not use them, but they still name the experiment")
     if args.data:
         os.environ["SPARSE_LTH_DATA"] = args.data
     _setup_threads(args.threads)
@@ -521,7 +526,7 @@ def main(argv=None) -> int:
         print(f"\nsparse-lth {args.command}: interrupted{again.get(args.command, '')}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
-        if os.environ.get("SPARSE_LTH_DEBUG"):
+        if os.environ.get("SPARSE_LTH_DEBUG", "0") not in ("", "0"):
             raise
         hint = " (SPARSE_LTH_DEBUG=1 shows the traceback)" if isinstance(e, RuntimeError) else ""
         print(f"sparse-lth {args.command}: error: {e}{hint}", file=sys.stderr)

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._files import read_json
+from ._files import canonical_hparams, read_json
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
 CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
@@ -108,10 +108,6 @@ class ImpHparams:
     def __post_init__(self):
         self.milestones = tuple(int(m) for m in self.milestones)
         self.dense_layers = tuple(str(d) for d in self.dense_layers)
-        # one spelling per step count ("3000", 3000 and "3000it"; "2ep" and "2.0ep"), so that the experiment's
-        # name (a hash of the hyperparameters) does not depend on how they were written
-        self.iterations = canonical_steps(self.iterations)
-        self.rewind = canonical_steps(self.rewind)
 
 
 # Hyperparameters that do not change the experiment's identity (replicates live in the same experiment; a reused
@@ -126,15 +122,27 @@ def hparams_dict(hp: ImpHparams) -> dict:
     return d
 
 
-def non_default(hp: ImpHparams) -> dict:
-    """The hyperparameters that differ from :class:`ImpHparams`' defaults (those that name the experiment)."""
-    ref = hparams_dict(ImpHparams())
-    return {k: v for k, v in hparams_dict(hp).items() if k not in NOT_HASHED and v != ref[k]}
+def non_default(hp: ImpHparams, canonical: bool = True) -> dict:
+    """The hyperparameters that differ from :class:`ImpHparams`' defaults (those that name the experiment), with
+    their step counts in one spelling (``canonical``; before, "3000" and "3000it" named two experiments)."""
+    norm = canonical_hparams if canonical else dict
+    ref = norm(hparams_dict(ImpHparams()))
+    return {k: v for k, v in norm(hparams_dict(hp)).items() if k not in NOT_HASHED and v != ref[k]}
 
 
-def experiment_name(hp: ImpHparams) -> str:
-    blob = json.dumps(non_default(hp), sort_keys=True)
+def experiment_name(hp: ImpHparams, canonical: bool = True) -> str:
+    """``<model>_<control>_<hash of the non-default hyperparameters>``; ``canonical=False``: the name that a run
+    folder made before step counts had one spelling has (the same for the usual spellings, "3000it")."""
+    blob = json.dumps(non_default(hp, canonical), sort_keys=True)
     return f"{hp.model}_{hp.control}_{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _default_dir(run_root: str, hp: ImpHparams) -> str:
+    """``<run_root>/<experiment_name>``, or the folder an older version named (a step count spelled "3000")
+    when only that exists, so that it is resumed rather than started again."""
+    path = os.path.join(run_root, experiment_name(hp))
+    legacy = os.path.join(run_root, experiment_name(hp, canonical=False))
+    return legacy if legacy != path and not os.path.isdir(path) and os.path.isdir(legacy) else path
 
 
 def hparams_from_dict(d: dict) -> ImpHparams:
@@ -146,20 +154,6 @@ def hparams_from_dict(d: dict) -> ImpHparams:
 
 
 # ------------------------------------------------------------------------------------------------ step counts
-def canonical_steps(value) -> str:
-    """``"Nit"`` for a whole number of iterations however written (``3000``, ``"3000"``, ``"3000it"``, ``"3e3"``),
-    ``"Xep"`` with ``X`` in its shortest form for epochs; anything else unchanged (:func:`parse_steps` refuses
-    it with a clear message when the experiment is validated)."""
-    s = str(value).strip().lower()
-    try:
-        if s.endswith("ep"):
-            return f"{float(s[:-2]):g}ep"
-        n = float(s[:-2] if s.endswith("it") else s)
-    except ValueError:
-        return str(value)
-    return f"{int(n)}it" if math.isfinite(n) and n == int(n) else str(value)
-
-
 def parse_steps(value, iterations_per_epoch: int, what: str) -> int:
     """``"500it"`` -> 500, ``"2ep"`` -> 2 * iterations_per_epoch, ``500``/``"500"`` -> 500."""
     s = str(value).strip().lower()
@@ -340,7 +334,7 @@ class Experiment:
         self.progress = progress
         self.checkpoint_every = int(checkpoint_every)
         self.wait_for_source = float(wait_for_source)
-        self.dir = run_dir or os.path.join(self.run_root, experiment_name(hparams))
+        self.dir = run_dir or _default_dir(self.run_root, hparams)
         self._data = None
         if data is not None:  # (train, test) DeviceDatasets given by the caller instead of hparams.dataset
             tr, te = data
@@ -360,13 +354,6 @@ class Experiment:
             raise ValueError(f"unknown layer_impl {hp.layer_impl!r}; choose one of {LAYER_IMPLS}")
         if hp.path not in PATHS:
             raise ValueError(f"unknown path {hp.path!r}; choose one of {PATHS}")
-        if hp.layer_impl == "masked":
-            forced = [n for n, v, d in (("path", hp.path, "auto"), ("ops", hp.ops, "auto"),
-                                        ("timed_paths", hp.timed_paths, False), ("backend", hp.backend, "auto"))
-                      if v != d]
-            if forced:
-                raise ValueError(f"{', '.join(forced)} choose how the sparse layers run: layer_impl 'masked' "
-                                 "(plain layers, dense masking) has none")
         from .layers import parse_ops
         parse_ops(hp.ops)
         if hp.augment not in ("auto", "on", "off"):
@@ -419,15 +406,17 @@ class Experiment:
         if os.path.exists(self.dir) and not os.path.isdir(self.dir):
             raise ValueError(f"run folder {self.dir} is a file, not a folder")
         existing = os.path.join(self.dir, "hparams.json")
-        if os.path.isdir(self.dir) and not os.path.exists(existing) and os.listdir(self.dir):
+        # (a hparams.json.tmp<pid> is one being written, or left by a kill while it was)
+        if os.path.isdir(self.dir) and not os.path.exists(existing) and \
+                [f for f in os.listdir(self.dir) if not f.startswith("hparams.json.tmp")]:
             raise ValueError(f"run folder {self.dir} is not empty and holds no experiment (no hparams.json): give "
                              "an experiment folder `sparse-lth imp` made, or a new or empty one (a run root such as "
                              "runs/ is given with --runs)")
         if os.path.exists(existing):
             old = read_json(existing)
-            mine = {k: v for k, v in hparams_dict(hp).items() if k not in NOT_HASHED}
+            mine = {k: v for k, v in canonical_hparams(hparams_dict(hp)).items() if k not in NOT_HASHED}
             # a hyperparameter added since the folder was written had its default there (the hash skips defaults)
-            old = {**hparams_dict(ImpHparams()), **old}
+            old = canonical_hparams({**hparams_dict(ImpHparams()), **old})
             old = {k: v for k, v in old.items() if k not in NOT_HASHED}
             if old != mine:
                 diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
@@ -523,6 +512,9 @@ class Experiment:
         """A control that trains the IMP ticket's masks (and random_prune with global pruning, which copies their
         per-layer counts) refuses to start, before round 0 trains, when the IMP run has no round-1 masks and it
         is not told to wait for them."""
+        if self.source_dir and not os.path.exists(os.path.join(self.source_dir, "hparams.json")):
+            raise FileNotFoundError(f"source {self.source_dir} is not an experiment folder (no hparams.json): give "
+                                    "the IMP run's folder that `sparse-lth imp` printed")
         needs = self.hp.control in SOURCE_MASK_CONTROLS or (self.hp.control == "random_prune"
                                                            and self.hp.prune_global)
         if not needs or self.n_rounds() < 1 or self.wait_for_source > 0:

@@ -20,7 +20,7 @@ import math
 import os
 import statistics
 
-from ._files import read_json
+from ._files import canonical_hparams, read_json
 
 CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "random_prune": "random pruning",
                   "oneshot": "one-shot", "continue": "continued training (no reset)",
@@ -65,7 +65,7 @@ def related_experiments(exp_dir: str) -> list[str]:
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
 
     def key(d):
-        return {k: v for k, v in d.items() if k not in ("control", "oneshot_remaining")}
+        return {k: v for k, v in canonical_hparams(d).items() if k not in ("control", "oneshot_remaining")}
 
     out = [os.path.normpath(exp_dir)]
     for h in sorted(glob.glob(os.path.join(os.path.dirname(os.path.normpath(exp_dir)), "*", "hparams.json"))):
@@ -325,7 +325,7 @@ def summary_markdown(exps: list[dict]) -> str:
                 mean, lo, hi = _stats([m["early_stop_test_acc"] for m in ms])
                 es = statistics.fmean(m["early_stop_iteration"] for m in ms)
                 # a round at another sparsity than the row's (one-shot's single round) says its own
-                at = f" ({own:.2f} %)" if abs(own - pct) >= 0.005 else ""
+                at = f" ({own:.2f} %)" if f"{own:.2f}" != f"{pct:.2f}" else ""
                 cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}{at}")
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -152,6 +152,11 @@ def test_bad_numbers_and_conflicting_flags_are_usage_errors(tmp_path, capsys):
         assert main(argv + ["--data", missing]) == 2, argv
         assert msg in capsys.readouterr().err, argv
     assert list(tmp_path.iterdir()) == []
+    # sparse-layer flags with plain masked layers: a note (folders made so before must still resume)
+    assert main(["imp", "--layer-impl", "masked", "--path", "sparse", "--runs", str(tmp_path), "--data", missing]) == 2
+    out = capsys.readouterr()
+    assert "note: --path set how sparse layers run" in out.out and "not found" in out.err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_interrupt_and_runtime_errors_are_one_line(monkeypatch, capsys):

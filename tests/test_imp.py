@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_data
+from sparse_lth._files import canonical_steps
 from sparse_lth.imp import (ImpHparams, apply_masks, experiment_name, magnitude_prune, non_default,
                             prunable_layers, random_masks, run_imp)
 from sparse_lth.presets import PRESET_NAMES, get_preset
@@ -371,8 +372,6 @@ def test_resume_after_sigkill(tmp_path):
     (dict(control="noise"), "noise_std > 0"),
     (dict(control="noise", noise_std=float("nan")), "noise_std > 0"),
     (dict(noise_std=0.5), "only used with control 'noise'"),
-    (dict(layer_impl="masked", path="sparse"), "path choose how the sparse layers run"),
-    (dict(layer_impl="masked", timed_paths=True, backend="torch"), "timed_paths, backend"),
     (dict(backend="warp"), "unknown backend"),
     (dict(backend="triton"), "needs CUDA tensors"),
 ])
@@ -456,12 +455,28 @@ def test_ops_hparam_reaches_the_layers_and_is_checked(tmp_path):
 def test_step_counts_name_one_experiment_however_written(tmp_path):
     a = tiny_hp()
     for kw in (dict(iterations="20"), dict(iterations=20), dict(iterations=" 20IT "), dict(rewind="0"),
-               dict(rewind=0)):
+               dict(rewind=0), dict(rewind="0ep")):
         assert experiment_name(tiny_hp(**kw)) == experiment_name(a), kw
-    assert tiny_hp(iterations="2.0ep").iterations == "2ep" and tiny_hp(iterations="1e2").iterations == "100it"
+    assert [canonical_steps(v) for v in ("2.0ep", "1e2", "1000.125ep", "1234567ep", "2.5")] == \
+        ["2ep", "100it", "1000.125ep", "1234567ep", "2.5"]  # exact: no digit of a budget is rounded away
     assert experiment_name(tiny_hp(iterations="21it")) != experiment_name(a)
     with pytest.raises(ValueError, match="iterations must look like"):  # still refused clearly
         run(tiny_hp(iterations="2.5"), tmp_path)
+
+
+def test_a_folder_named_before_step_counts_had_one_spelling_is_resumed(tmp_path):
+    """Before, "20" and "20it" named two folders: an experiment written as "20" then lives under the old name,
+    which is found (and reused, not trained again), and the same experiment written "20it" is accepted in it."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1, iterations="20")
+    old = tmp_path / experiment_name(hp, canonical=False)
+    assert old.name != experiment_name(hp)
+    first = run(hp, tmp_path, data=data, run_dir=str(old))
+    steps = []
+    again = run(hp, tmp_path, data=data, callback=lambda r, it, m: steps.append(it))
+    assert again.experiment_dir == str(old) and steps == [] and again.metrics == first.metrics
+    same = run(dataclasses.replace(hp, iterations="20it"), tmp_path, data=data, run_dir=str(old))
+    assert same.metrics == first.metrics
 
 
 def test_control_without_its_source_is_refused_before_training(tmp_path):
@@ -488,6 +503,8 @@ def test_control_finds_an_imp_run_in_a_folder_of_its_own(tmp_path):
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
     with pytest.raises(ValueError, match="another experiment"):
         run(dataclasses.replace(hp, control="reinit", lr=1e-2), tmp_path, data=data, source_dir=src)
+    with pytest.raises(FileNotFoundError, match="is not an experiment folder"):  # a mistyped --source, any control
+        run(dataclasses.replace(hp, control="oneshot"), tmp_path, data=data, source_dir=src + "_typo")
 
 
 def test_run_folder_that_is_no_experiment_is_refused(tmp_path):
@@ -499,6 +516,7 @@ def test_run_folder_that_is_no_experiment_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         run(tiny_hp(), tmp_path, run_dir=str(tmp_path / "afile"))
     (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "hparams.json.tmp4242").write_text("{")  # a kill while it was being written
     assert run(tiny_hp(rounds=0), tmp_path, run_dir=str(tmp_path / "empty")).experiment_dir.endswith("empty")
 
 
