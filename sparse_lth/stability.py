@@ -208,6 +208,26 @@ def _result_name(seed: int, seeds: tuple[int, int]) -> str:
     return "stability.json" if tuple(seeds) == noise_seeds_for(seed) else f"stability_noise_{seeds[0]}_{seeds[1]}.json"
 
 
+def _find_result(out_dir: str, seed: int, seeds, settings: dict) -> tuple[str, dict | None]:
+    """(the result file of this pair of noise seeds, its finished result or None). A folder written before each
+    pair had its own file holds a non-default pair in ``stability.json``: read back when its settings match."""
+    path = os.path.join(out_dir, _result_name(seed, seeds))
+    done = _cached(path, settings)
+    legacy = os.path.join(out_dir, "stability.json")
+    if done is None and path != legacy:
+        done = _cached(legacy, settings)
+    return path, done
+
+
+def _write_result(result: dict, path: str) -> None:
+    """Write a result to its file; a legacy ``stability.json`` of the same (non-default) pair is superseded."""
+    from .imp import _write_json_atomic
+    _write_json_atomic(result, path)
+    legacy = os.path.join(os.path.dirname(path), "stability.json")
+    if path != legacy and os.path.exists(legacy) and read_json(legacy).get("noise_seeds") == result["noise_seeds"]:
+        os.remove(legacy)
+
+
 def _cached(result_path: str, settings: dict) -> dict | None:
     if os.path.exists(result_path):
         done = read_json(result_path)
@@ -246,9 +266,8 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
         raise FileNotFoundError(f"round {r} of seed {seed} has no masks yet and round {r - 1} has not finished: "
                                 "run the IMP experiment through that round first")
     out_dir = stability_dir(exp, seed, r)
-    result_path = os.path.join(out_dir, _result_name(seed, seeds))
     settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
-    done = _cached(result_path, settings)
+    result_path, done = _find_result(out_dir, seed, seeds, settings)
     if done is not None:
         return done
     path, copies, masks = _fork(exp, seed, out_dir, seeds, lambda: exp.prepare_round(seed, r, from_rewind_point=True),
@@ -257,8 +276,7 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
     live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
     result = _result(exp, seed, settings, path, copies, round=r, rewind_iteration=exp.rewind_iteration,
                      start_iteration=exp.rewind_iteration, percent_remaining=100.0 * live / total)
-    from .imp import _write_json_atomic
-    _write_json_atomic(result, result_path)
+    _write_result(result, result_path)
     return result
 
 
@@ -293,7 +311,7 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
     os.makedirs(base, exist_ok=True)
     settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
     state_path = {k: os.path.join(base, f"state_{k}.pt") for k in ks if k > 0}
-    todo = [k for k in ks if _cached(os.path.join(base, f"k_{k:06d}", _result_name(seed, seeds)), settings) is None]
+    todo = [k for k in ks if _find_result(os.path.join(base, f"k_{k:06d}"), seed, seeds, settings)[1] is None]
     missing = sorted(k for k in todo if k > 0 and not os.path.exists(state_path[k]))
     if missing:  # the dense trajectory up to the last missing k, saving the weights at each
         model, _, _ = exp.prepare_round(seed, 0)
@@ -322,16 +340,14 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
     out = []
     for k in ks:
         out_dir = os.path.join(base, f"k_{k:06d}")
-        result_path = os.path.join(out_dir, _result_name(seed, seeds))
-        done = _cached(result_path, settings)
+        result_path, done = _find_result(out_dir, seed, seeds, settings)
         if done is not None:
             out.append(done)
             continue
         path, copies, _ = _fork(exp, seed, out_dir, seeds, start_at(k), f"seed {seed} dense at iteration {k}",
                                 progress, checkpoint_every, points, bn_reset_batches)
         result = _result(exp, seed, settings, path, copies, kind="dense", iteration=k)
-        from .imp import _write_json_atomic
-        _write_json_atomic(result, result_path)
+        _write_result(result, result_path)
         out.append(result)
     return out
 

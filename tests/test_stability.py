@@ -373,3 +373,21 @@ def test_each_pair_of_noise_seeds_keeps_its_result(tmp_path):
     md = stability.stability_markdown(results)
     assert "| imp | 0 | 0 (noise seeds 1,2) | 1 |" in md
     assert "noise seeds" not in stability.stability_markdown([b])
+
+
+def test_a_result_written_before_each_pair_had_its_file_is_read_back(tmp_path, monkeypatch):
+    """Before, every pair of noise seeds was written to stability.json. Such a file is read back for its pair
+    (nothing trained, one row); a new result for that pair replaces it (still one row)."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    run_imp(hp, str(tmp_path), progress=False, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+    b = instability(exp, 0, 1, noise_seeds=(1, 2), points=3)
+    sdir = os.path.join(exp.round_dir(0, 1), "stability")
+    os.replace(os.path.join(sdir, "stability_noise_1_2.json"), os.path.join(sdir, "stability.json"))  # as before
+    monkeypatch.setattr(stability, "train", lambda *a, **kw: pytest.fail("trained again"))
+    assert instability(exp, 0, 1, noise_seeds=(1, 2), points=3) == b
+    assert len(stability.load_stability(exp.dir)) == 1
+    c = instability(exp, 0, 1, noise_seeds=(1, 2), points=5)  # other settings: the saved copies, a new path
+    assert len(c["path"]) == 5 and [d["path"] for d in stability.load_stability(exp.dir)] == [c["path"]]
+    assert sorted(f for f in os.listdir(sdir) if f.endswith(".json")) == ["stability_noise_1_2.json"]
