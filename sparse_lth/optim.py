@@ -121,9 +121,21 @@ class _MaskedOptimizer(Optimizer):
         would round the fp32 state of bf16 parameters) and is made contiguous."""
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
+        if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
+            # (torch.optim checks the group sizes itself, below). The fused kernels read raw memory: a state of
+            # another shape would be read out of bounds, so it is refused before anything is loaded.
+            for pid, values in saved_state.items():
+                p = id_map.get(pid)
+                for key, val in values.items():
+                    if p is not None and key != "step" and isinstance(val, torch.Tensor) and val.shape != p.shape:
+                        raise ValueError(
+                            f"optimizer state {key!r} of shape {tuple(val.shape)} for a parameter of shape "
+                            f"{tuple(p.shape)}: the state dict is another model's, or the layer was on another path "
+                            "when it was saved (the sparse path's values hold one entry per live weight; "
+                            "restore_path puts a layer back on a recorded path)")
+        super().load_state_dict(state_dict)
         for pid, values in saved_state.items():
             p = id_map.get(pid)
             if p is None:

@@ -628,3 +628,19 @@ def test_few_launches_per_step(kernel_device, monkeypatch):
     m.set_grads(torch.Generator().manual_seed(14), mask_them=False)
     opt.step()
     assert launches == [2]  # masked weights (two groups) + the unmasked compact vector
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_state_of_another_shape_is_refused_at_load(name):
+    """The fused kernels read the state as raw memory: a state dict of another model (or of a layer saved on
+    another path) would be read out of bounds. It is refused, with nothing loaded."""
+    kw = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.1)
+    small, big = torch.nn.Linear(4, 2), torch.nn.Linear(40, 20)
+    cls = {"SGD": SGD, "Adam": Adam}[name]
+    opt_small = cls(small.parameters(), **kw)
+    small(torch.randn(3, 4)).sum().backward()
+    opt_small.step()
+    opt_big = cls(big.parameters(), **kw)
+    with pytest.raises(ValueError, match=r"of shape \(2, 4\) for a parameter of shape \(20, 40\)"):
+        opt_big.load_state_dict(opt_small.state_dict())
+    assert not opt_big.state  # nothing loaded
