@@ -159,6 +159,12 @@ def parse_ops(text) -> str | dict:
     return out
 
 
+# The sparse path's index structures (the CSR/CSC format and each live value's flat position) are plain tensor
+# attributes, moved by _apply, not buffers: whatever treats every buffer as state (AveragedModel(use_buffers=True)
+# averages them; functional_call over named_buffers()) would corrupt or substitute integer indices.
+_INDEX_ATTRS = tuple(f"_fmt_{f}" for f in _FMT_FIELDS) + ("_flat_index",)
+
+
 class _SparseLayer(nn.Module):
     """What SparseLinear and SparseConv2d share: mask, path, backend, formats, state_dict."""
 
@@ -351,8 +357,9 @@ class _SparseLayer(nn.Module):
                 _retire([old])
         has_bias = "bias" in self._parameters
         bias = self._parameters.pop("bias", None)
-        for name in [f"_fmt_{f}" for f in _FMT_FIELDS] + ["_flat_index", "_grad_mask"]:
-            self._buffers.pop(name, None)
+        for name in _INDEX_ATTRS + ("_grad_mask",):
+            self._buffers.pop(name, None)  # (index structures were buffers in modules saved before)
+            self.__dict__.pop(name, None)
         mask = self.weight_mask
         if path == "dense":
             self.register_parameter("weight", nn.Parameter(w.contiguous(), requires_grad=requires_grad))
@@ -363,9 +370,9 @@ class _SparseLayer(nn.Module):
         else:
             fmt = build_format(mask)
             for f in _FMT_FIELDS:
-                self.register_buffer("_fmt_" + f, getattr(fmt, f), persistent=False)
+                setattr(self, "_fmt_" + f, getattr(fmt, f))  # plain attributes, see _INDEX_ATTRS
             flat = fmt.row_idx.long() * fmt.cols + fmt.col_idx.long()
-            self.register_buffer("_flat_index", flat, persistent=False)
+            self._flat_index = flat
             self.register_parameter("values", nn.Parameter(to_values(w, mask), requires_grad=requires_grad))
         if has_bias:  # keep nn.Linear's parameter order: weight (or values), then bias
             self.register_parameter("bias", bias)
@@ -525,6 +532,10 @@ class _SparseLayer(nn.Module):
 
     # ------------------------------------------------------------------ device moves and state_dict
     def _apply(self, fn, *args, **kwargs):
+        for name in _INDEX_ATTRS:  # moved with the module (fn leaves integer tensors' dtype alone)
+            t = self.__dict__.get(name)
+            if isinstance(t, torch.Tensor):
+                self.__dict__[name] = fn(t)
         out = super()._apply(fn, *args, **kwargs)
         self._hook_dense_weight()
         return out

@@ -904,3 +904,19 @@ def test_load_state_dict_refuses_a_bias_of_another_shape():
         sd = {"weight": torch.zeros(3, 4), "bias": torch.zeros(shape), "weight_mask": torch.ones(3, 4, dtype=bool)}
         with pytest.raises(RuntimeError, match=r"size mismatch for bias: copying a param with shape"):
             layer.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_weight_averaging_over_buffers_leaves_the_index_structures(path):
+    """AveragedModel(use_buffers=True), torch's EMA for models with batch norm, averages every buffer: the sparse
+    path's integer index structures are not buffers, so an EMA of an unchanged model is the model."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    gen = torch.Generator().manual_seed(9)
+    layer = SparseLinear(16, 8, mask=random_mask((8, 16), 0.1, gen), path=path)
+    ema = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    for _ in range(3):
+        ema.update_parameters(layer)
+    x = torch.randn(3, 16, generator=gen)
+    torch.testing.assert_close(ema(x), layer(x))
+    assert torch.equal(ema.module.dense_weight(), layer.dense_weight())
+    assert {n for n, _ in layer.named_buffers()} <= {"weight_mask", "_grad_mask"}
