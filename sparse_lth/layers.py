@@ -30,6 +30,7 @@ import math
 import random
 import statistics
 import time
+import warnings
 import weakref
 
 import torch
@@ -51,32 +52,42 @@ __all__ = [
 PATHS = ("auto", "dense", "sparse")
 
 
-# Parameters a sparse layer dropped (a mask or path change gives it new ones): an optimizer built before would step
-# tensors the model no longer uses, so the weights would silently stop training while the biases go on. A global
-# optimizer pre-step hook refuses that, loudly. (sparsify / densify retire nothing: the modules they swap out may
-# still be used elsewhere, e.g. a weight tied to another layer.)
-# {id: weak reference}: tensors compare by value, so neither a WeakSet nor a WeakKeyDictionary can hold them.
-_REPLACED: dict[int, weakref.ref] = {}
+# Parameters sparse-lth replaced: an optimizer built before would step tensors the model no longer uses, so the
+# weights would silently stop training while the biases go on. A global optimizer pre-step hook catches that.
+# A sparse layer's own parameters, replaced when its mask or path changes, can be used by nothing else: the step
+# raises. The layers that sparsify / densify swap out may still be used elsewhere on purpose (by a model left
+# plain), so an optimizer holding their parameters gets a warning, once.
+# {id: (weak reference, hard)}: tensors compare by value, so neither a WeakSet nor a WeakKeyDictionary can hold them.
+_REPLACED: dict[int, tuple[weakref.ref, bool]] = {}
 
 
-def _retire(params) -> None:
+def _retire(params, hard: bool = True) -> None:
     for p in params:
-        _REPLACED[id(p)] = weakref.ref(p, lambda _, key=id(p): _REPLACED.pop(key, None))
+        _REPLACED[id(p)] = (weakref.ref(p, lambda _, key=id(p): _REPLACED.pop(key, None)), hard)
 
 
 def _refuse_replaced_parameters(optimizer, args, kwargs) -> None:
     if not _REPLACED:
         return
+    swapped = None
     for group in optimizer.param_groups:
         for p in group["params"]:
-            ref = _REPLACED.get(id(p))
-            if ref is not None and ref() is p:
+            entry = _REPLACED.get(id(p))
+            if entry is None or entry[0]() is not p:
+                continue
+            if entry[1]:
                 raise RuntimeError(
                     f"{type(optimizer).__name__}.step(): it holds a {tuple(p.shape)} parameter that sparse-lth "
                     "replaced (a sparse layer gets new trainable parameters when its mask or path changes: "
                     "set_mask, load_state_dict with another mask, time_paths, restore_path, choose_paths), so it "
                     "would train a tensor the model no longer uses. "
                     "Build the optimizer after setting or loading masks.")
+            swapped = p
+    if swapped is not None and not getattr(optimizer, "_sparse_lth_warned", False):
+        optimizer._sparse_lth_warned = True
+        warnings.warn(f"{type(optimizer).__name__}.step(): it holds a {tuple(swapped.shape)} parameter of a layer "
+                      "that sparsify/densify swapped out of its model; unless that layer is still used elsewhere on "
+                      "purpose, build the optimizer after sparsify/densify (and after setting masks)", stacklevel=3)
 
 
 register_optimizer_step_pre_hook(_refuse_replaced_parameters)
@@ -246,6 +257,16 @@ class _SparseLayer(nn.Module):
         if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
             return self._scatter_weight()
         return super().__getattr__(name)
+
+    def _index_follows_mask(self) -> None:
+        """Put the index structures on the mask's device if they are not (a replica that nn.DataParallel made:
+        it broadcasts parameters and buffers, and copies plain attributes as they are)."""
+        t = self.__dict__.get("_flat_index")
+        dev = self.weight_mask.device
+        if t is not None and t.device != dev:
+            for name in _INDEX_ATTRS:
+                self.__dict__[name] = self.__dict__[name].to(dev)
+            self.__dict__.pop("_taps_cache", None)
 
     def _scatter_weight(self) -> torch.Tensor:
         return scatter_values(self._parameters["values"], self._flat_index, self.weight_shape)
@@ -519,6 +540,9 @@ class _SparseLayer(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        for name in _INDEX_ATTRS:  # a module saved when the index structures were buffers
+            if name in self._buffers:
+                self.__dict__[name] = self._buffers.pop(name)
         p = self._parameters.get("weight")
         if p is not None:  # unpickled: the attribute came back, the hook did not
             p._sparse_lth_grad_hook = False
@@ -634,9 +658,12 @@ class SparseLinear(_SparseLayer):
             self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
             self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense" or transform:
+            if self._path != "dense":
+                self._index_follows_mask()
             w = self._dense_path_weight() if self._path == "dense" else self._scatter_weight()
             y = F.linear(x, w, self.bias)
             return torch.relu(y) if self.activation == "relu" else y
+        self._index_follows_mask()
         values, bias = self.values, self.bias
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
@@ -736,6 +763,8 @@ class SparseConv2d(_SparseLayer):
         if not transform and (torch.is_grad_enabled() or self._last_input_shape is None):  # not an evaluation's
             self._last_input_shape = tuple(x.shape)
             self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
+        if self._path != "dense":
+            self._index_follows_mask()
         if self._path == "dense" or transform:
             w = self._dense_path_weight() if self._path == "dense" else self._scatter_weight()
             return self._conv(x, w, self.bias)
@@ -802,6 +831,7 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
     if target is not None:
         return target.from_dense(model, masks.pop("", None), path=path, backend=backend, ops=ops)
     swapped: dict[int, tuple[nn.Module, str]] = {}  # a layer used in several places gets one sparse twin
+    originals: list[nn.Module] = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
             continue
@@ -816,16 +846,25 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
                 if mask is not None:
                     if first is None:
                         twin.set_mask(mask)
-                    elif not torch.equal(check_mask(mask, twin.weight_shape), twin.weight_mask.cpu()):
-                        raise ValueError(f"sparsify: {full} is the same layer as an earlier name, with another mask")
+                        swapped[id(child)] = (twin, full)
+                    elif not torch.equal(check_mask(mask, twin.weight_shape).cpu(), twin.weight_mask.cpu()):
+                        raise ValueError(f"sparsify: {full} is the same layer as {first}, with another mask")
                 setattr(module, child_name, twin)
                 continue
             twin = target.from_dense(child, mask, path=path, backend=backend, ops=ops)
             swapped[id(child)] = (twin, None if mask is None else full)
+            originals.append(child)
             setattr(module, child_name, twin)
     if masks:
         raise KeyError(f"sparsify: masks given for modules that are not Linear/Conv2d layers: {sorted(masks)}")
+    _retire_swapped(model, originals)
     return model
+
+
+def _retire_swapped(model: nn.Module, old_modules) -> None:
+    """Mark (softly) the parameters of swapped-out layers that the model no longer reaches (a tied one is kept)."""
+    alive = {id(p) for p in model.parameters()}
+    _retire((p for m in old_modules for p in m.parameters() if id(p) not in alive), hard=False)
 
 
 def densify(model: nn.Module) -> nn.Module:
@@ -833,12 +872,15 @@ def densify(model: nn.Module) -> nn.Module:
     if isinstance(model, _SparseLayer):
         return model.to_dense_module()
     twins: dict[int, nn.Module] = {}  # a layer used in several places gets one dense twin
+    swapped_out: list[nn.Module] = []
     for module in list(model.modules()):
         for child_name, child in list(module._modules.items()):
             if isinstance(child, _SparseLayer):
                 if id(child) not in twins:
                     twins[id(child)] = child.to_dense_module()
+                    swapped_out.append(child)
                 setattr(module, child_name, twins[id(child)])
+    _retire_swapped(model, swapped_out)
     return model
 
 

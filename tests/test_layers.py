@@ -1,8 +1,10 @@
 """SparseLinear / SparseConv2d on the torch backend against the dense masked reference, sparsify/densify,
 state_dict compatibility, the pruned-weights-stay-zero invariant under torch optimizers, and bad input."""
 
+import copy
 import itertools
 import time
+import warnings
 
 import pytest
 import torch
@@ -259,7 +261,7 @@ def test_sparsify_gives_a_shared_layer_one_twin():
     other = nn.Module()
     other.a, other.b = nn.Linear(4, 4), None
     other.b = other.a
-    with pytest.raises(ValueError, match="same layer as an earlier name, with another mask"):
+    with pytest.raises(ValueError, match="b is the same layer as a, with another mask"):
         sparsify(other, masks={"a": mask, "b": ~mask})
 
 
@@ -920,3 +922,45 @@ def test_weight_averaging_over_buffers_leaves_the_index_structures(path):
     torch.testing.assert_close(ema(x), layer(x))
     assert torch.equal(ema.module.dense_weight(), layer.dense_weight())
     assert {n for n, _ in layer.named_buffers()} <= {"weight_mask", "_grad_mask"}
+
+
+@pytest.mark.parametrize("swap", ["sparsify", "densify"])
+def test_an_optimizer_built_before_sparsify_or_densify_is_warned(swap):
+    """The layers sparsify / densify swap out might still be used elsewhere on purpose, so an optimizer holding
+    their parameters is warned (once), not refused; a parameter the model still reaches (tied) is not warned."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    if swap == "densify":
+        sparsify(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (sparsify if swap == "sparsify" else densify)(model)
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.warns(UserWarning, match="build the optimizer after sparsify/densify"):
+        opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # once per optimizer
+        torch.optim.SGD(model.parameters(), lr=0.1).step()  # built afterwards: silent
+
+
+def test_sparsify_refuses_a_third_name_with_another_mask():
+    gen = torch.Generator().manual_seed(10)
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), lin)
+    mask = random_mask((4, 4), 0.5, gen)
+    with pytest.raises(ValueError, match="4 is the same layer as 2, with another mask"):
+        sparsify(model, masks={"2": mask, "4": ~mask})
+
+
+def test_a_module_pickled_with_index_buffers_loads_them_as_attributes():
+    """Modules saved when the index structures were buffers: unpickled, they are plain attributes again (so an
+    EMA over buffers leaves them alone), and the layer computes the same."""
+    import pickle
+    gen = torch.Generator().manual_seed(11)
+    layer = SparseLinear(8, 4, mask=random_mask((4, 8), 0.3, gen), path="sparse")
+    x = torch.randn(2, 8, generator=gen)
+    old = copy.deepcopy(layer)
+    for name in ("_fmt_row_ptr", "_flat_index"):  # as the older version held them
+        old._buffers[name] = old.__dict__.pop(name)
+    back = pickle.loads(pickle.dumps(old))
+    assert "_flat_index" not in back._buffers and "_flat_index" in back.__dict__
+    torch.testing.assert_close(back(x), layer(x))
