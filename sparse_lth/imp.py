@@ -36,6 +36,7 @@ checkpoint and ends, on CPU, with exactly the masks and metrics of an uninterrup
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import math
@@ -138,11 +139,21 @@ def experiment_name(hp: ImpHparams, canonical: bool = True) -> str:
 
 
 def _default_dir(run_root: str, hp: ImpHparams) -> str:
-    """``<run_root>/<experiment_name>``, or the folder an older version named (a step count spelled "3000")
-    when only that exists, so that it is resumed rather than started again."""
+    """``<run_root>/<experiment_name>``, or, when only that exists, a folder an older version named from a step
+    count spelled otherwise ("3000" for "3000it"), so that it is resumed rather than started again."""
     path = os.path.join(run_root, experiment_name(hp))
-    legacy = os.path.join(run_root, experiment_name(hp, canonical=False))
-    return legacy if legacy != path and not os.path.isdir(path) and os.path.isdir(legacy) else path
+    if os.path.isdir(path) or not os.path.isdir(run_root):
+        return path
+    mine = {k: v for k, v in canonical_hparams(hparams_dict(hp)).items() if k not in NOT_HASHED}
+    defaults = hparams_dict(ImpHparams())
+    for cand in sorted(glob.glob(os.path.join(run_root, f"{hp.model}_{hp.control}_*", "hparams.json"))):
+        try:
+            old = canonical_hparams({**defaults, **read_json(cand)})
+        except (OSError, ValueError):
+            continue
+        if {k: v for k, v in old.items() if k not in NOT_HASHED} == mine:
+            return os.path.dirname(cand)
+    return path
 
 
 def hparams_from_dict(d: dict) -> ImpHparams:
@@ -512,7 +523,8 @@ class Experiment:
         """A control that trains the IMP ticket's masks (and random_prune with global pruning, which copies their
         per-layer counts) refuses to start, before round 0 trains, when the IMP run has no round-1 masks and it
         is not told to wait for them."""
-        if self.source_dir and not os.path.exists(os.path.join(self.source_dir, "hparams.json")):
+        if self.source_dir and self.wait_for_source <= 0 \
+                and not os.path.exists(os.path.join(self.source_dir, "hparams.json")):  # (waiting: it may come)
             raise FileNotFoundError(f"source {self.source_dir} is not an experiment folder (no hparams.json): give "
                                     "the IMP run's folder that `sparse-lth imp` printed")
         needs = self.hp.control in SOURCE_MASK_CONTROLS or (self.hp.control == "random_prune"

@@ -15,7 +15,7 @@ import torch
 
 from conftest import tiny_data
 from sparse_lth._files import canonical_steps
-from sparse_lth.imp import (ImpHparams, apply_masks, experiment_name, magnitude_prune, non_default,
+from sparse_lth.imp import (Experiment, ImpHparams, apply_masks, experiment_name, magnitude_prune, non_default,
                             prunable_layers, random_masks, run_imp)
 from sparse_lth.presets import PRESET_NAMES, get_preset
 
@@ -473,10 +473,12 @@ def test_a_folder_named_before_step_counts_had_one_spelling_is_resumed(tmp_path)
     assert old.name != experiment_name(hp)
     first = run(hp, tmp_path, data=data, run_dir=str(old))
     steps = []
-    again = run(hp, tmp_path, data=data, callback=lambda r, it, m: steps.append(it))
-    assert again.experiment_dir == str(old) and steps == [] and again.metrics == first.metrics
-    same = run(dataclasses.replace(hp, iterations="20it"), tmp_path, data=data, run_dir=str(old))
-    assert same.metrics == first.metrics
+    for spelled in ("20", "20it", 20, "2e1"):  # found however it is written now
+        again = run(dataclasses.replace(hp, iterations=spelled), tmp_path, data=data,
+                    callback=lambda r, it, m: steps.append(it))
+        assert again.experiment_dir == str(old) and steps == [] and again.metrics == first.metrics, spelled
+    ctl = run(dataclasses.replace(hp, iterations="20it", control="reinit"), tmp_path, data=data)
+    assert ctl.metrics[0][0]["reused_from"].startswith(os.path.join("..", old.name))  # the control finds it too
 
 
 def test_control_without_its_source_is_refused_before_training(tmp_path):
@@ -505,6 +507,10 @@ def test_control_finds_an_imp_run_in_a_folder_of_its_own(tmp_path):
         run(dataclasses.replace(hp, control="reinit", lr=1e-2), tmp_path, data=data, source_dir=src)
     with pytest.raises(FileNotFoundError, match="is not an experiment folder"):  # a mistyped --source, any control
         run(dataclasses.replace(hp, control="oneshot"), tmp_path, data=data, source_dir=src + "_typo")
+    # started beside its IMP run, waiting for it: a source folder that does not exist yet is fine
+    waiting = Experiment(dataclasses.replace(hp, control="reinit"), str(tmp_path), data=data,
+                         source_dir=str(tmp_path / "not_yet"), wait_for_source=1)
+    waiting._check_source([0])
 
 
 def test_run_folder_that_is_no_experiment_is_refused(tmp_path):
