@@ -219,13 +219,39 @@ def _find_result(out_dir: str, seed: int, seeds, settings: dict) -> tuple[str, d
     return path, done
 
 
+def _legacy_pair(out_dir: str) -> tuple | None:
+    """The noise seeds of ``out_dir``'s ``stability.json`` (None without one)."""
+    legacy = os.path.join(out_dir, "stability.json")
+    return tuple(read_json(legacy).get("noise_seeds") or ()) if os.path.exists(legacy) else None
+
+
 def _write_result(result: dict, path: str) -> None:
-    """Write a result to its file; a legacy ``stability.json`` of the same (non-default) pair is superseded."""
+    """Write a result to its file. An older version wrote every pair to ``stability.json``: one of another pair is
+    first moved to that pair's own file (when it has none), one of the same pair is superseded."""
     from .imp import _write_json_atomic
+    out_dir = os.path.dirname(path)
+    legacy = os.path.join(out_dir, "stability.json")
+    pair = _legacy_pair(out_dir)
+    if pair is not None and pair != tuple(result["noise_seeds"]) and len(pair) == 2:
+        own = os.path.join(out_dir, _result_name(result["seed"], pair))
+        if own != legacy:
+            if os.path.exists(own):
+                os.remove(legacy)
+            else:
+                os.replace(legacy, own)
     _write_json_atomic(result, path)
-    legacy = os.path.join(os.path.dirname(path), "stability.json")
-    if path != legacy and os.path.exists(legacy) and read_json(legacy).get("noise_seeds") == result["noise_seeds"]:
+    if path != legacy and _legacy_pair(out_dir) == tuple(result["noise_seeds"]):
         os.remove(legacy)
+
+
+def _superseded(path: str) -> bool:
+    """A ``stability.json`` that an older version wrote for a pair that now has its own file beside it."""
+    if os.path.basename(path) != "stability.json":
+        return False
+    row = read_json(path)
+    pair = tuple(row.get("noise_seeds") or ())
+    own = _result_name(row["seed"], pair) if len(pair) == 2 else "stability.json"
+    return own != "stability.json" and os.path.exists(os.path.join(os.path.dirname(path), own))
 
 
 def _cached(result_path: str, settings: dict) -> dict | None:
@@ -353,11 +379,14 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def load_rows(exp_dir: str, *parts: str, key: str = "round") -> list[dict]:
-    """Every ``<exp_dir>/seed_*/<parts...>`` JSON file (glob patterns allowed), ordered by seed and ``key``."""
+def load_rows(exp_dir: str, *parts: str, key: str = "round", skip=None) -> list[dict]:
+    """Every ``<exp_dir>/seed_*/<parts...>`` JSON file (glob patterns allowed) but those ``skip(path)`` names,
+    ordered by seed and ``key``."""
     import glob
     rows = []
     for p in glob.glob(os.path.join(exp_dir, "seed_*", *parts)):
+        if skip is not None and skip(p):
+            continue
         row = read_json(p)
         row.setdefault("experiment", os.path.basename(os.path.normpath(exp_dir)))  # (files written before it)
         rows.append(row)
@@ -367,7 +396,7 @@ def load_rows(exp_dir: str, *parts: str, key: str = "round") -> list[dict]:
 def load_stability(exp_dir: str) -> list[dict]:
     """Every ``stability*.json`` of an experiment folder (one per round and noise-seed pair), ordered by seed and
     round."""
-    return load_rows(exp_dir, "round_*", "stability", "stability*.json")
+    return load_rows(exp_dir, "round_*", "stability", "stability*.json", skip=_superseded)
 
 
 def _path_cells(d: dict) -> str:
@@ -487,7 +516,7 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
 # ------------------------------------------------------------------------------------- report: dense network
 def load_dense_stability(exp_dir: str) -> list[dict]:
     """Every dense-network result (``seed_*/dense_stability/k_*/stability.json``), by seed and iteration."""
-    return load_rows(exp_dir, "dense_stability", "k_*", "stability*.json", key="iteration")
+    return load_rows(exp_dir, "dense_stability", "k_*", "stability*.json", key="iteration", skip=_superseded)
 
 
 def dense_stability_markdown(results: Sequence[dict]) -> str:

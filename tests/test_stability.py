@@ -2,6 +2,7 @@
 analysis of IMP rounds (its copies are IMP's own rounds under another data order) and the ``stability`` CLI."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -391,3 +392,22 @@ def test_a_result_written_before_each_pair_had_its_file_is_read_back(tmp_path, m
     c = instability(exp, 0, 1, noise_seeds=(1, 2), points=5)  # other settings: the saved copies, a new path
     assert len(c["path"]) == 5 and [d["path"] for d in stability.load_stability(exp.dir)] == [c["path"]]
     assert sorted(f for f in os.listdir(sdir) if f.endswith(".json")) == ["stability_noise_1_2.json"]
+
+
+def test_legacy_results_survive_a_default_run_and_are_not_counted_twice(tmp_path, monkeypatch):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    run_imp(hp, str(tmp_path), progress=False, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+    b = instability(exp, 0, 1, noise_seeds=(1, 2), points=3)
+    sdir = os.path.join(exp.round_dir(0, 1), "stability")
+    own, legacy = os.path.join(sdir, "stability_noise_1_2.json"), os.path.join(sdir, "stability.json")
+    shutil.copyfile(own, legacy)  # both files, as an older version and this one would leave them
+    assert len(stability.load_stability(exp.dir)) == 1
+    os.remove(own)  # only the legacy file: the default pair's result moves it to its own file first
+    a = instability(exp, 0, 1, points=3)
+    assert a["noise_seeds"] != [1, 2] and os.path.exists(own)
+    monkeypatch.setattr(stability, "train", lambda *a, **kw: pytest.fail("trained again"))
+    assert instability(exp, 0, 1, noise_seeds=(1, 2), points=3) == b
+    assert sorted(tuple(d["noise_seeds"]) for d in stability.load_stability(exp.dir)) == sorted(
+        [tuple(a["noise_seeds"]), (1, 2)])
