@@ -830,6 +830,16 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
     target = _swap_target(model)
     if target is not None:
         return target.from_dense(model, masks.pop("", None), path=path, backend=backend, ops=ops)
+    # a module reached under several names (a shared container): a mask may be keyed by any of them
+    first: dict[int, str] = {}
+    alias = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        alias[n] = first.setdefault(id(m), n)
+    for k in [k for k in masks if alias.get(k, k) != k]:
+        mask, to = masks.pop(k), alias[k]
+        if to in masks and not torch.equal(check_mask(masks[to], mask.shape).cpu(), check_mask(mask, mask.shape).cpu()):
+            raise ValueError(f"sparsify: {k} is the same layer as {to}, with another mask")
+        masks.setdefault(to, mask)
     swapped: dict[int, tuple[nn.Module, str]] = {}  # a layer used in several places gets one sparse twin
     originals: list[nn.Module] = []
     for name, module in list(model.named_modules()):

@@ -942,12 +942,26 @@ def test_an_optimizer_built_before_sparsify_or_densify_is_warned(swap):
         torch.optim.SGD(model.parameters(), lr=0.1).step()  # built afterwards: silent
 
 
+def test_sparsify_takes_a_mask_under_the_second_name_of_a_shared_container():
+    gen = torch.Generator().manual_seed(12)
+    block = nn.Sequential(nn.Linear(4, 4))
+    model = nn.Module()
+    model.a, model.b = block, block
+    mask = random_mask((4, 4), 0.5, gen)
+    sparsify(model, masks={"b.0": mask})
+    assert model.a[0] is model.b[0] and torch.equal(model.a[0].weight_mask, mask)
+    other = nn.Module()
+    other.a = other.b = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="b.0 is the same layer as a.0, with another mask"):
+        sparsify(other, masks={"a.0": mask, "b.0": ~mask})
+
+
 def test_sparsify_refuses_a_third_name_with_another_mask():
     gen = torch.Generator().manual_seed(10)
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, nn.ReLU(), lin, nn.ReLU(), lin)
     mask = random_mask((4, 4), 0.5, gen)
-    with pytest.raises(ValueError, match="4 is the same layer as 2, with another mask"):
+    with pytest.raises(ValueError, match="4 is the same layer as 0, with another mask"):
         sparsify(model, masks={"2": mask, "4": ~mask})
 
 
