@@ -581,7 +581,7 @@ class Experiment:
             on_round_start: Callable | None = None, on_round_end: Callable | None = None) -> ImpResult:
         seeds = [self.hp.seed] if seeds is None else list(seeds)
         self._check_source(seeds)
-        self._check_model_takes_data()  # loads the data (a missing data folder fails here) before anything is written
+        self._check_model_takes_data()  # loads the data (a missing data folder fails here) before any write
         self.write_hparams()
         res = ImpResult(self.dir, self.hp)
         for s in seeds:
@@ -826,10 +826,11 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
     ``seeds`` (list) or ``replicates`` (n: seeds ``hparams.seed .. hparams.seed + n - 1``); default: the single
     seed ``hparams.seed``. ``data``: ``(train, test)`` datasets to use instead of loading ``hparams.dataset``
     (the caller is then responsible for giving the same data on a re-run). ``source_dir``: for a control, the
-    folder of the IMP run it compares with (default: ``<run_root>/<that experiment's name>``). ``callback(round, iteration, model)``
-    runs after every training step (an exception there stops the run; re-running resumes);
-    ``on_round_start(round, model)`` before a round trains, ``on_round_end(metrics)`` after. ``report``: write the report (figures and table) into
-    ``<experiment>/report`` at the end, including sibling control experiments found in ``run_root``.
+    folder of the IMP run it compares with (default: ``<run_root>/<that experiment's name>``).
+    ``callback(round, iteration, model)`` runs after every training step (an exception there stops the run;
+    re-running resumes); ``on_round_start(round, model)`` before a round trains, ``on_round_end(metrics)`` after.
+    ``report``: write the report (figures and table) into ``<experiment>/report`` at the end, including sibling
+    control experiments found in ``run_root``.
     """
     if seeds is None:
         seeds = [hparams.seed + i for i in range(replicates or 1)]

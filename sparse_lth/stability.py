@@ -411,8 +411,9 @@ def stability_markdown(results: Sequence[dict]) -> str:
              "path (%) | test barrier (pp) | train barrier (pp) |", "|---|---|---|---|---|---|---|---|---|"]
     for d in results:
         noise = _noise_label(d, results)
-        lines.append(f"| {d.get('control', 'imp')} | {d['rewind_iteration']} | {d['seed']}{' (' + noise + ')' if noise else ''} "
-                     f"| {d['round']} | {d['percent_remaining']:.2f} | {_path_cells(d)} |")
+        seed = f"{d['seed']} ({noise})" if noise else f"{d['seed']}"
+        lines.append(f"| {d.get('control', 'imp')} | {d['rewind_iteration']} | {seed} | {d['round']} | "
+                     f"{d['percent_remaining']:.2f} | {_path_cells(d)} |")
     return "\n".join(lines) + "\n"
 
 
