@@ -376,15 +376,21 @@ def test_each_pair_of_noise_seeds_keeps_its_result(tmp_path):
     assert "noise seeds" not in stability.stability_markdown([b])
 
 
-def test_a_result_written_before_each_pair_had_its_file_is_read_back(tmp_path, monkeypatch):
-    """Before, every pair of noise seeds was written to stability.json. Such a file is read back for its pair
-    (nothing trained, one row); a new result for that pair replaces it (still one row)."""
+def _round_one_with_pair(tmp_path):
+    """A one-round IMP run and the instability of its round 1 with noise seeds (1, 2): (experiment, result,
+    the round's stability folder)."""
     data = tiny_data(240, 120)
     hp = tiny_hp(rounds=1)
     run_imp(hp, str(tmp_path), progress=False, data=data)
     exp = Experiment(hp, str(tmp_path), progress=False, data=data)
     b = instability(exp, 0, 1, noise_seeds=(1, 2), points=3)
-    sdir = os.path.join(exp.round_dir(0, 1), "stability")
+    return exp, b, os.path.join(exp.round_dir(0, 1), "stability")
+
+
+def test_a_result_written_before_each_pair_had_its_file_is_read_back(tmp_path, monkeypatch):
+    """Before, every pair of noise seeds was written to stability.json. Such a file is read back for its pair
+    (nothing trained, one row); a new result for that pair replaces it (still one row)."""
+    exp, b, sdir = _round_one_with_pair(tmp_path)
     os.replace(os.path.join(sdir, "stability_noise_1_2.json"), os.path.join(sdir, "stability.json"))  # as before
     monkeypatch.setattr(stability, "train", lambda *a, **kw: pytest.fail("trained again"))
     assert instability(exp, 0, 1, noise_seeds=(1, 2), points=3) == b
@@ -395,12 +401,7 @@ def test_a_result_written_before_each_pair_had_its_file_is_read_back(tmp_path, m
 
 
 def test_legacy_results_survive_a_default_run_and_are_not_counted_twice(tmp_path, monkeypatch):
-    data = tiny_data(240, 120)
-    hp = tiny_hp(rounds=1)
-    run_imp(hp, str(tmp_path), progress=False, data=data)
-    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
-    b = instability(exp, 0, 1, noise_seeds=(1, 2), points=3)
-    sdir = os.path.join(exp.round_dir(0, 1), "stability")
+    exp, b, sdir = _round_one_with_pair(tmp_path)
     own, legacy = os.path.join(sdir, "stability_noise_1_2.json"), os.path.join(sdir, "stability.json")
     shutil.copyfile(own, legacy)  # both files, as an older version and this one would leave them
     assert len(stability.load_stability(exp.dir)) == 1
