@@ -220,7 +220,7 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .report import _setup_axis, save_figure
+    from .report import _setup_axis, save_figure, save_markdown
     if not results:
         raise ValueError("no anatomy results to report")
     os.makedirs(out_dir, exist_ok=True)
@@ -288,8 +288,6 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
         axes[0][0].set_ylabel("density")
         fig.suptitle(f"{title}: the ticket's starting weights ({_label(d, results)})", fontsize=10)
         files["init_weights"] = save_figure(fig, os.path.join(out_dir, "init_weights.png"))
-    files["summary"] = os.path.join(out_dir, "anatomy.md")
-    with open(files["summary"], "w") as f:
-        f.write(f"# Anatomy of the tickets{': ' + title if title else ''}\n\n")
-        f.write(anatomy_markdown(results))
+    files["summary"] = save_markdown(os.path.join(out_dir, "anatomy.md"), "Anatomy of the tickets", title, "",
+                                     anatomy_markdown(results))
     return files

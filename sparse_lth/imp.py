@@ -123,18 +123,16 @@ def hparams_dict(hp: ImpHparams) -> dict:
     return d
 
 
-def non_default(hp: ImpHparams, canonical: bool = True) -> dict:
+def non_default(hp: ImpHparams) -> dict:
     """The hyperparameters that differ from :class:`ImpHparams`' defaults (those that name the experiment), with
-    their step counts in one spelling (``canonical``; before, "3000" and "3000it" named two experiments)."""
-    norm = canonical_hparams if canonical else dict
-    ref = norm(hparams_dict(ImpHparams()))
-    return {k: v for k, v in norm(hparams_dict(hp)).items() if k not in NOT_HASHED and v != ref[k]}
+    their step counts in one spelling (before, "3000" and "3000it" named two experiments)."""
+    ref = canonical_hparams(hparams_dict(ImpHparams()))
+    return {k: v for k, v in canonical_hparams(hparams_dict(hp)).items() if k not in NOT_HASHED and v != ref[k]}
 
 
-def experiment_name(hp: ImpHparams, canonical: bool = True) -> str:
-    """``<model>_<control>_<hash of the non-default hyperparameters>``; ``canonical=False``: the name that a run
-    folder made before step counts had one spelling has (the same for the usual spellings, "3000it")."""
-    blob = json.dumps(non_default(hp, canonical), sort_keys=True)
+def experiment_name(hp: ImpHparams) -> str:
+    """``<model>_<control>_<hash of the non-default hyperparameters>``."""
+    blob = json.dumps(non_default(hp), sort_keys=True)
     return f"{hp.model}_{hp.control}_{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 

@@ -290,7 +290,7 @@ def write_landscape_report(results: Sequence[dict], out_dir: str, title: str = "
             px, before, after = zip(*proj)
             axes[2].plot(px, before, "o-", label=f"{label}: trained solution")
             axes[2].plot(px, after, "s--", label=f"{label}: pruned to the next mask")
-    from .report import _setup_axis, save_figure
+    from .report import _setup_axis, save_figure, save_markdown
     all_x = [d["percent_remaining"] for d in results]
     for ax, ylabel, name in ((axes[0], "largest Hessian eigenvalue", "sharpness at each level's minimum"),
                              (axes[1], "||theta_r - theta_r+1|| / ||theta_r||", "distance to the next level"),
@@ -302,10 +302,9 @@ def write_landscape_report(results: Sequence[dict], out_dir: str, title: str = "
             ax.legend(fontsize=7)
     axes[2].set_yscale("log")
     files = {"figure": save_figure(fig, os.path.join(out_dir, "landscape.png"))}
-    files["summary"] = os.path.join(out_dir, "landscape.md")
-    with open(files["summary"], "w") as f:
-        f.write(f"# Loss landscape of IMP's solutions{': ' + title if title else ''}\n\nTop eigenvalues of the "
-                "loss Hessian (over the live weights) at each round's final weights; L2 distance between "
-                "consecutive rounds' final weights; the final weights pruned to the next round's mask.\n\n")
-        f.write(landscape_markdown(results))
+    files["summary"] = save_markdown(
+        os.path.join(out_dir, "landscape.md"), "Loss landscape of IMP's solutions", title,
+        "Top eigenvalues of the loss Hessian (over the live weights) at each round's final weights; L2 distance "
+        "between consecutive rounds' final weights; the final weights pruned to the next round's mask.",
+        landscape_markdown(results))
     return files

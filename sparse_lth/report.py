@@ -132,6 +132,15 @@ def save_figure(fig, path: str) -> str:
     return path
 
 
+def save_markdown(path: str, heading: str, title: str, intro: str, body: str) -> str:
+    """Write an analysis's Markdown summary: ``# heading: title``, the ``intro`` paragraph (if any), the table
+    ``body``; returns ``path``."""
+    paragraphs = [f"# {heading}{': ' + title if title else ''}"] + ([intro] if intro else [])
+    with open(path, "w") as f:
+        f.write("\n\n".join(paragraphs) + "\n\n" + body)
+    return path
+
+
 def _setup_axis(ax, xs):
     ax.set_xscale("log")
     ax.invert_xaxis()

@@ -473,7 +473,7 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from .report import _setup_axis, save_figure
+    from .report import _setup_axis, save_figure, save_markdown
     if not results:
         raise ValueError("no stability results to report")
     os.makedirs(out_dir, exist_ok=True)
@@ -505,12 +505,11 @@ def write_stability_report(results: Sequence[dict], out_dir: str, title: str = "
     ax.legend(fontsize=8)
     files["barrier"] = save_figure(fig, os.path.join(out_dir, "barrier_vs_remaining.png"))
 
-    files["summary"] = os.path.join(out_dir, "stability.md")
-    with open(files["summary"], "w") as f:
-        f.write(f"# Instability analysis{': ' + title if title else ''}\n\nTwo copies of each round trained from "
-                f"{start} (k) with different SGD noise; barrier = largest error along the linear path between "
-                "them minus the mean of the two ends' errors, in percentage points.\n\n")
-        f.write(stability_markdown(results))
+    files["summary"] = save_markdown(
+        os.path.join(out_dir, "stability.md"), "Instability analysis", title,
+        f"Two copies of each round trained from {start} (k) with different SGD noise; barrier = largest error along "
+        "the linear path between them minus the mean of the two ends' errors, in percentage points.",
+        stability_markdown(results))
     return files
 
 
@@ -536,7 +535,7 @@ def write_dense_stability_report(results: Sequence[dict], out_dir: str, title: s
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
-    from .report import save_figure
+    from .report import save_figure, save_markdown
     if not results:
         raise ValueError("no dense-network stability results to report")
     os.makedirs(out_dir, exist_ok=True)
@@ -555,10 +554,8 @@ def write_dense_stability_report(results: Sequence[dict], out_dir: str, title: s
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     files = {"dense_barrier": save_figure(fig, os.path.join(out_dir, "dense_barrier_vs_iteration.png"))}
-    files["dense_summary"] = os.path.join(out_dir, "dense_stability.md")
-    with open(files["dense_summary"], "w") as f:
-        f.write(f"# Instability of the dense network{': ' + title if title else ''}\n\nThe dense network trained "
-                "to iteration k, then two copies trained on with different SGD noise; barrier as in stability.md."
-                "\n\n")
-        f.write(dense_stability_markdown(results))
+    files["dense_summary"] = save_markdown(
+        os.path.join(out_dir, "dense_stability.md"), "Instability of the dense network", title,
+        "The dense network trained to iteration k, then two copies trained on with different SGD noise; barrier as "
+        "in stability.md.", dense_stability_markdown(results))
     return files

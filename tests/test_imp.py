@@ -1,6 +1,7 @@
 """IMP driver: pruning counts, rewinding, the controls, run folders, resume after a crash or SIGKILL, and refusal of
 bad hyperparameters. Tiny LeNet (width 0.1: 784-30-10-10) on a small synthetic learnable data set."""
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -15,8 +16,8 @@ import torch
 
 from conftest import tiny_data
 from sparse_lth._files import canonical_steps
-from sparse_lth.imp import (Experiment, ImpHparams, apply_masks, experiment_name, magnitude_prune, non_default,
-                            prunable_layers, random_masks, run_imp)
+from sparse_lth.imp import (NOT_HASHED, Experiment, ImpHparams, apply_masks, experiment_name, hparams_dict,
+                            magnitude_prune, non_default, prunable_layers, random_masks, run_imp)
 from sparse_lth.presets import PRESET_NAMES, get_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,7 +470,10 @@ def test_a_folder_named_before_step_counts_had_one_spelling_is_resumed(tmp_path)
     which is found (and reused, not trained again), and the same experiment written "20it" is accepted in it."""
     data = tiny_data(240, 120)
     hp = tiny_hp(rounds=1, iterations="20")
-    old = tmp_path / experiment_name(hp, canonical=False)
+    # the name the older version gave it: the hash of the non-default values as written
+    ref = hparams_dict(ImpHparams())
+    raw = {k: v for k, v in hparams_dict(hp).items() if k not in NOT_HASHED and v != ref[k]}
+    old = tmp_path / f"lenet300_100_imp_{hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:10]}"
     assert old.name != experiment_name(hp)
     first = run(hp, tmp_path, data=data, run_dir=str(old))
     steps = []
