@@ -15,8 +15,10 @@
 - ``random_prune``: random masks with the ticket's per-layer sparsity (read from the ``imp`` experiment when it
   exists; computed by the layer-wise rule otherwise), weights rewound to θk as in IMP.
 - ``oneshot``: a single pruning round straight to the target: ``oneshot_remaining`` (fraction of each pruned
-  layer's weights kept, or of the pooled weights with global pruning) or, when unset, the sparsity that
-  ``rounds`` iterative rounds would reach.
+  layer's weights kept, or of the pooled weights with global pruning) or, when unset, exactly the live counts
+  that ``rounds`` iterative rounds reach. With ``oneshot_levels``, one round per level instead: round r prunes
+  the dense network's trained weights (round 0) at once to the live counts of IMP's round r, so that one
+  experiment gives the one-shot curve to set beside IMP's (the paper's comparison of the two).
 - ``continue``: prune as IMP but keep training the trained weights, without resetting them, each round.
 - ``noise``: the ticket's masks (as ``reinit`` takes them) and its starting weights θk plus Gaussian noise of
   ``noise_std`` times the standard deviation of each layer's θ0 (the paper's test of how much a ticket depends on
@@ -95,6 +97,7 @@ class ImpHparams:
     rewind: str = "0it"             # rewind point: "Nit" or "Nep"; 0 = the original initialization
     control: str = "imp"            # imp | reinit | random_prune | oneshot | continue | noise
     oneshot_remaining: float = 0.0  # oneshot: fraction of weights kept (0: what `rounds` rounds of IMP keep)
+    oneshot_levels: bool = False    # oneshot: round r prunes the dense network at once to IMP round r's sparsity
     noise_std: float = 0.0          # noise: Gaussian noise on the ticket's starting weights, in units of each layer's θ0 std
     reuse_dense_round: bool = True  # controls: take round 0 (the dense network) from the finished IMP run
     # layers
@@ -267,6 +270,23 @@ def _n_prune(fraction: float, live: int) -> int:
     return min(live, int(math.floor(fraction * live + 0.5)))
 
 
+def _oneshot_fractions(shapes: dict[str, tuple[int, ...]], rates: dict[str, float],
+                       groups: list[list[str]] | None, rounds: int) -> dict[str, float]:
+    """The fraction of each dense layer to prune at once so that exactly as many weights survive as ``rounds``
+    iterative rounds at ``rates`` leave (per layer, or per pool of ``groups`` with global pruning)."""
+    pools = [list(g) for g in (groups or []) if g]
+    pooled = {n for g in pools for n in g}
+    pools += [[n] for n in shapes if n not in pooled]
+    out = {}
+    for g in pools:
+        total = sum(math.prod(shapes[n]) for n in g)
+        live = total
+        for _ in range(rounds):
+            live -= _n_prune(rates[g[0]], live)
+        out.update({n: (total - live) / total if total else 0.0 for n in g})
+    return out
+
+
 def magnitude_prune(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                     fractions: dict[str, float], global_groups: list[list[str]] | None = None
                     ) -> dict[str, torch.Tensor]:
@@ -377,6 +397,11 @@ class Experiment:
             raise ValueError(f"oneshot_remaining={hp.oneshot_remaining} must lie in (0, 1)")
         if hp.oneshot_remaining and hp.control != "oneshot":
             raise ValueError("oneshot_remaining is only used with control 'oneshot'")
+        if hp.oneshot_levels and hp.control != "oneshot":
+            raise ValueError("oneshot_levels is only used with control 'oneshot'")
+        if hp.oneshot_levels and hp.oneshot_remaining:
+            raise ValueError("oneshot_levels prunes to the sparsity of each IMP round: it takes no "
+                             "oneshot_remaining")
         if hp.control == "noise" and not (hp.noise_std > 0 and math.isfinite(hp.noise_std)):
             raise ValueError(f"control 'noise' needs noise_std > 0 (in units of each layer's initial std), "
                              f"got {hp.noise_std}")
@@ -509,11 +534,19 @@ class Experiment:
         return os.path.join(self.seed_dir(seed), f"round_{r:02d}")
 
     def n_rounds(self) -> int:
-        return 1 if self.hp.control == "oneshot" else self.hp.rounds
+        return 1 if self.hp.control == "oneshot" and not self.hp.oneshot_levels else self.hp.rounds
+
+    def pruned_from(self, r: int) -> int | None:
+        """The round whose trained weights round ``r``'s masks are magnitude-pruned from: the previous one for
+        ``imp`` and ``continue``, the dense network (round 0) for ``oneshot``; None for round 0 and for the
+        controls whose masks come from elsewhere (``reinit``, ``noise``, ``random_prune``)."""
+        if r <= 0 or self.hp.control not in ("imp", "oneshot", "continue"):
+            return None
+        return 0 if self.hp.control == "oneshot" else r - 1
 
     def source(self) -> "Experiment":
         """The ``imp`` experiment with the same hyperparameters (the ticket that controls compare with)."""
-        hp = dataclasses.replace(self.hp, control="imp", oneshot_remaining=0.0, noise_std=0.0)
+        hp = dataclasses.replace(self.hp, control="imp", oneshot_remaining=0.0, oneshot_levels=False, noise_std=0.0)
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
                           checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
 
@@ -747,17 +780,18 @@ class Experiment:
                     keep[n] = live
             g = torch.Generator().manual_seed(_reinit_seed(seed, r) + 17)
             masks = random_masks(shapes, keep, g)
-        else:  # imp, oneshot, continue: magnitude pruning of the previous round's trained weights
-            prev = self.round_dir(seed, r - 1)
+        else:  # imp, oneshot, continue: magnitude pruning of trained weights (the previous round's, or round 0's)
+            prev = self.round_dir(seed, self.pruned_from(r))
             prev_masks = torch.load(os.path.join(prev, "masks.pt"), map_location="cpu", weights_only=False)["masks"]
             final = torch.load(os.path.join(prev, "final.pt"), map_location="cpu", weights_only=False)
             weights = {n: final[f"{n}.weight"] for n in shapes}
+            groups = self._groups(model, rates)
             if hp.control == "oneshot":
                 if hp.oneshot_remaining:
                     rates = {n: (1.0 - hp.oneshot_remaining if v > 0 else 0.0) for n, v in rates.items()}
                 else:
-                    rates = {n: (1.0 - (1.0 - v) ** hp.rounds if v > 0 else 0.0) for n, v in rates.items()}
-            masks = magnitude_prune(weights, prev_masks, rates, self._groups(model, rates))
+                    rates = _oneshot_fractions(shapes, rates, groups, r if hp.oneshot_levels else hp.rounds)
+            masks = magnitude_prune(weights, prev_masks, rates, groups)
         masks = {n: mk.cpu().bool() for n, mk in masks.items()}
         save_atomic({"masks": masks}, path)
         return masks

@@ -26,10 +26,6 @@ from torch import nn
 from .train import _subset_batches, evaluate
 
 
-# controls whose next round neither prunes this round's solution nor starts from it: no distance or projection
-_NOT_CHAINED = ("reinit", "random_prune", "noise")
-
-
 def masked_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """``(parameter, mask or None)`` for every trainable parameter of ``model``: the mask a dense-path sparse
     layer attached to its weight (``weight._sparse_lth_mask``), a plain layer's ``weight_mask`` buffer, or None."""
@@ -182,8 +178,9 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
       leaves before rewinding): train loss/accuracy on the same examples and test loss/accuracy, next to
       ``final`` for the unpruned solution (when there is a next round).
 
-    The controls ``reinit``, ``random_prune`` and ``noise`` get neither of the last two (None): their next
-    round's mask does not come from this solution, nor do its weights start from it.
+    A round whose next round's mask is not pruned from its solution gets neither of the last two (None): the
+    controls ``reinit``, ``random_prune`` and ``noise``, and ``oneshot`` at each level after round 0 (every
+    level prunes the dense network).
     """
     rdir = exp.round_dir(seed, r)
     final_path = os.path.join(rdir, "final.pt")
@@ -193,10 +190,11 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     settings = dict(top=int(top), examples=int(examples), iters=int(iters), tol=float(tol))
     out_path = os.path.join(rdir, "landscape.json")
     nxt = r + 1 if r < exp.n_rounds() else None
+    chained = nxt is not None and exp.pruned_from(nxt) == r
     next_final = None if nxt is None else os.path.join(exp.round_dir(seed, nxt), "final.pt")
     from .stability import _cached
     done = _cached(out_path, settings)
-    if done is not None and (nxt is None or exp.hp.control in _NOT_CHAINED or not os.path.exists(next_final)
+    if done is not None and (not chained or not os.path.exists(next_final)
                              or done.get("distance_to_next") is not None):
         return done  # (a next round that finished since then adds its distance)
     train_data, test_data = exp.data
@@ -217,7 +215,7 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
                   final=dict(train_loss=own["train"][0], train_acc=own["train"][1], test_loss=own["test"][0],
                              test_acc=own["test"][1]),
                   distance_to_next=None, distance_to_next_relative=None, projected=None)
-    if nxt is not None and exp.hp.control not in _NOT_CHAINED:
+    if chained:
         pmodel, pmasks, _ = exp.prepare_round(seed, nxt)  # the next round's mask (computed as IMP does)
         state = dict(final)
         for n, mk in pmasks.items():

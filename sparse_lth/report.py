@@ -65,7 +65,8 @@ def related_experiments(exp_dir: str) -> list[str]:
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
 
     def key(d):
-        return {k: v for k, v in canonical_hparams(d).items() if k not in ("control", "oneshot_remaining")}
+        return {k: v for k, v in canonical_hparams(d).items() if k not in ("control", "oneshot_remaining",
+                                                                               "oneshot_levels")}
 
     out = [os.path.normpath(exp_dir)]
     for h in sorted(glob.glob(os.path.join(os.path.dirname(os.path.normpath(exp_dir)), "*", "hparams.json"))):
@@ -105,6 +106,8 @@ def _base_label(exp: dict) -> str:
     base = CONTROL_LABELS.get(control, control)
     if control == "oneshot" and exp["hparams"].get("oneshot_remaining"):
         base += f" ({100 * exp['hparams']['oneshot_remaining']:.1f}%)"
+    if control == "oneshot" and exp["hparams"].get("oneshot_levels"):
+        base += " at each level"
     if control == "noise":
         base += f" (σ = {exp['hparams'].get('noise_std', 0):g} x init std)"
     return base

@@ -255,6 +255,43 @@ def test_oneshot_hits_target(tmp_path):
         assert abs(info["live"] - (1 - p) ** 3 * info["total"]) <= 1
 
 
+@pytest.mark.parametrize("prune_global", [False, True])
+def test_oneshot_at_each_level_prunes_the_dense_network_to_imp_counts(tmp_path, prune_global):
+    data = tiny_data(240, 120)
+    hp = dict(rounds=3, prune_global=prune_global, prune_fc=0.3)
+    imp = run(tiny_hp(**hp), tmp_path, data=data)
+    starts = {}
+    res = run(tiny_hp(control="oneshot", oneshot_levels=True, **hp), tmp_path, data=data,
+              on_round_start=lambda r, m: starts.__setitem__(r, {n: l.dense_weight().detach().clone()
+                                                                 for n, l in prunable_layers(m)}))
+    assert [m["round"] for m in res.metrics[0]] == [0, 1, 2, 3]
+    assert "reused_from" in res.metrics[0][0] and sorted(starts) == [1, 2, 3]  # round 0 is the IMP run's
+    dense = torch.load(os.path.join(imp.experiment_dir, "seed_0", "round_00", "final.pt"), weights_only=False)
+    init = torch.load(os.path.join(imp.experiment_dir, "seed_0", "init.pt"), weights_only=False)
+    prev = None
+    for r in (1, 2, 3):
+        mine, ticket = res.metrics[0][r]["remaining"], imp.metrics[0][r]["remaining"]
+        # the same live counts as IMP's round r: per layer, or per pool with global pruning
+        pools = [["fc1", "fc2"], ["fc3"]] if prune_global else [["fc1"], ["fc2"], ["fc3"]]
+        for pool in pools:
+            assert sum(mine[n]["live"] for n in pool) == sum(ticket[n]["live"] for n in pool)
+        masks = load_masks(res.experiment_dir, 0, r)
+        for pool in pools:  # survivors are the largest magnitudes of the DENSE network's trained weights
+            kept = torch.cat([dense[f"{n}.weight"].abs()[masks[n]] for n in pool])
+            gone = torch.cat([dense[f"{n}.weight"].abs()[~masks[n]] for n in pool])
+            assert gone.numel() > 0 and kept.min() >= gone.max()
+        for n in masks:  # rewound to θ0 (rewind 0) under the level's mask
+            assert torch.equal(starts[r][n], init[f"{n}.weight"] * masks[n])
+            assert prev is None or not (masks[n] & ~prev[n]).any()  # the levels nest
+        prev = masks
+    # not IMP: after round 1 the masks differ from the ticket's (IMP prunes each round's retrained weights)
+    assert any(not torch.equal(load_masks(res.experiment_dir, 0, 3)[n], load_masks(imp.experiment_dir, 0, 3)[n])
+               for n in prev)
+    exp = Experiment(tiny_hp(control="oneshot", oneshot_levels=True, **hp), str(tmp_path), data=data)
+    assert [exp.pruned_from(r) for r in range(4)] == [None, 0, 0, 0]
+    assert [Experiment(tiny_hp(**hp), str(tmp_path), data=data).pruned_from(r) for r in range(3)] == [None, 0, 1]
+
+
 def test_continue_keeps_trained_weights(tmp_path):
     starts = {}
     res = run(tiny_hp(rounds=2, control="continue"), tmp_path,
@@ -368,6 +405,8 @@ def test_resume_after_sigkill(tmp_path):
     (dict(lr=-1.0), "lr"),
     (dict(dense_layers=("fc9",)), "dense_layers"),
     (dict(control="oneshot", oneshot_remaining=1.2), "oneshot_remaining"),
+    (dict(oneshot_levels=True), "only used with control 'oneshot'"),
+    (dict(control="oneshot", oneshot_levels=True, oneshot_remaining=0.5), "takes no oneshot_remaining"),
     (dict(prune_fc=0.0, prune_output=0.0), "no layer would be pruned"),
     (dict(layer_impl="fast"), "layer_impl"),
     (dict(control="noise"), "noise_std > 0"),

@@ -165,6 +165,13 @@ def test_landscape_of_imp_rounds(tmp_path, monkeypatch):
     rd = ls.landscape(rexp, 0, 1, top=1, examples=100, iters=40, tol=1e-4)
     assert rd["control"] == "reinit" and len(rd["eigenvalues"]) == 1
     assert rd["projected"] is None and rd["distance_to_next"] is None
+    # one-shot at each level: round 1 is pruned from round 0's solution, round 2 is not (from round 0's too)
+    ohp = tiny_hp(control="oneshot", oneshot_levels=True)
+    run_imp(ohp, str(tmp_path), progress=False, data=data)
+    oexp = Experiment(ohp, str(tmp_path), progress=False, data=data)
+    o0, o1 = (ls.landscape(oexp, 0, r, top=1, examples=100, iters=40, tol=1e-4) for r in (0, 1))
+    assert o0["projected"] is not None and o0["distance_to_next"] is not None
+    assert o1["projected"] is None and o1["distance_to_next"] is None
     files = ls.write_landscape_report(ls.load_landscape(exp.dir), str(tmp_path / "rep"), title="tiny")
     assert os.path.getsize(files["figure"]) > 0 and "| imp | 0 | 0 | 2 |" in open(files["summary"]).read()
 

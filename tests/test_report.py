@@ -21,6 +21,17 @@ def test_comparison_table_names_a_round_at_another_sparsity():
     assert "%)" not in row0  # same sparsity: nothing added
 
 
+def test_one_shot_at_each_level_is_labelled_and_sits_in_imps_rows():
+    imp = exp("a", "imp", [100.0, 80.04, 64.06], [0.97, 0.975, 0.976])
+    one = exp("b", "oneshot", [100.0, 80.04, 64.06], [0.97, 0.972, 0.968])
+    one["hparams"]["oneshot_levels"] = True
+    assert report._label(one, [imp, one]) == "one-shot at each level"
+    md = report.summary_markdown([imp, one])
+    table = md[md.index("## Comparison by round"):]
+    row2 = next(line for line in table.splitlines() if line.startswith("| 2 |"))
+    assert row2.startswith("| 2 | 64.06 |") and row2.rstrip().endswith("96.80 @ 100 |")  # same sparsity: no note
+
+
 def test_report_lists_every_analysis_file(monkeypatch, tmp_path):
     """Every analysis writer names its files "summary", "figure"...: none may hide another's in the list."""
     for mod, load, write, stem in ((stability, "load_stability", "write_stability_report", "stability"),
