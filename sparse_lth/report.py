@@ -114,10 +114,24 @@ def _base_label(exp: dict) -> str:
 
 
 def _label(exp: dict, all_exps: list[dict]) -> str:
+    """The control's label; where several experiments share it, the hyperparameters in which they differ
+    (``[prune_global=True]``), or the folder's name when they differ in none."""
     base = _base_label(exp)
-    if sum(1 for e in all_exps if _base_label(e) == base) > 1:
-        base += f" [{exp['name']}]"
+    same = [e for e in all_exps if _base_label(e) == base]
+    if len(same) > 1:
+        from .imp import ImpHparams, hparams_dict
+        defaults = hparams_dict(ImpHparams())
+        hps = [canonical_hparams({**defaults, **e["hparams"]}) for e in same]
+        mine = canonical_hparams({**defaults, **exp["hparams"]})
+        keys = [k for k in mine if k != "seed" and len({json.dumps(h.get(k)) for h in hps}) > 1]
+        base += f" [{', '.join(f'{k}={_format_value(mine[k])}' for k in keys) if keys else exp['name']}]"
     return base
+
+
+def _format_value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "none"
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _sorted(exps):

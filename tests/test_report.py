@@ -32,6 +32,26 @@ def test_one_shot_at_each_level_is_labelled_and_sits_in_imps_rows():
     assert row2.startswith("| 2 | 64.06 |") and row2.rstrip().endswith("96.80 @ 100 |")  # same sparsity: no note
 
 
+def test_experiments_of_one_control_are_labelled_by_the_hyperparameters_they_differ_in():
+    layerwise = exp("a", "imp", [100.0, 80.0], [0.97, 0.975])
+    pooled = exp("b", "imp", [100.0, 80.0], [0.97, 0.976])
+    pooled["hparams"].update(prune_global=True, milestones=[5, 10], iterations="3000")
+    fast = exp("c", "imp", [100.0, 40.0], [0.97, 0.96])
+    fast["hparams"].update(prune_fc=0.6, iterations="3000it")
+    reinit = exp("d", "reinit", [100.0, 80.0], [0.97, 0.95])
+    exps = [layerwise, pooled, fast, reinit]
+    # (in the order of ImpHparams' fields; step counts in one spelling; defaults filled in)
+    assert report._label(layerwise, exps) == "IMP (winning ticket) [iterations=50000it, milestones=none, " \
+                                             "prune_fc=0.2, prune_global=False]"
+    assert report._label(pooled, exps) == "IMP (winning ticket) [iterations=3000it, milestones=5,10, " \
+                                          "prune_fc=0.2, prune_global=True]"
+    assert report._label(fast, exps) == "IMP (winning ticket) [iterations=3000it, milestones=none, " \
+                                        "prune_fc=0.6, prune_global=False]"
+    assert report._label(reinit, exps) == "random reinit"  # the only one of its control
+    twin = exp("e", "imp", [100.0, 80.0], [0.97, 0.975])  # same hyperparameters, another folder: its name
+    assert report._label(twin, [layerwise, twin]) == "IMP (winning ticket) [e]"
+
+
 def test_report_lists_every_analysis_file(monkeypatch, tmp_path):
     """Every analysis writer names its files "summary", "figure"...: none may hide another's in the list."""
     for mod, load, write, stem in ((stability, "load_stability", "write_stability_report", "stability"),
