@@ -8,7 +8,8 @@ Each layer holds a boolean mask (buffer ``weight_mask``) and runs on one of two 
   the Parameter as ``weight._sparse_lth_mask`` for mask-aware optimizers (:mod:`sparse_lth.optim`).
 * **sparse path**: the trainable parameter is ``values``, the compact vector of live weights (CSR order), so
   gradients and optimizer state scale with the number of live weights and no optimizer can ever revive a pruned
-  weight. Index structures are buffers built on the layer's device when the mask changes, never per step.
+  weight. Index structures are built on the layer's device when the mask changes, never per step (plain tensor
+  attributes that follow the module's device moves, not buffers: see ``_INDEX_ATTRS``).
 
 ``path="auto"`` picks the faster path: on CUDA by timing both on the device (given an input shape seen by the
 layer, see :func:`choose_paths`), on the CPU by the measured density crossover of the ``torch`` backend
