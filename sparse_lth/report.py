@@ -135,16 +135,19 @@ def _format_value(v) -> str:
 
 
 def _sorted(exps):
+    """By control (IMP first), then noise level; experiments of one control keep the order they were given in
+    (the first is drawn solid and in the control's colour)."""
     return sorted(exps, key=lambda e: (CONTROL_ORDER.index(e["hparams"].get("control", "imp"))
                                        if e["hparams"].get("control", "imp") in CONTROL_ORDER else 99,
-                                       e["hparams"].get("noise_std", 0.0), e["name"]))
+                                       e["hparams"].get("noise_std", 0.0)))
 
 
 def save_figure(fig, path: str) -> str:
-    """Lay out, write (110 dpi) and close a matplotlib figure; returns ``path``."""
+    """Lay out, write (110 dpi, cropped to what is drawn, a legend below the axes included) and close a
+    matplotlib figure; returns ``path``."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -171,6 +174,25 @@ def _setup_axis(ax, xs):
     ax.grid(True, alpha=0.3)
 
 
+def _legend(fig, axes, fontsize: int = 8) -> None:
+    """A legend in each of ``axes`` (their lines are the same experiments), or, when labels are long (the
+    hyperparameters that tell experiments of one control apart), one legend below the figure, where it hides
+    no data."""
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        return
+    if max(len(t) for t in labels) <= 40:
+        for ax in axes:
+            ax.legend(fontsize=fontsize)
+    else:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=fontsize,
+                   frameon=False)
+
+
+# colours of a second, third, ... experiment of one control (another sigma, other hyperparameters)
+_MORE_COLORS = ("black", "tab:cyan", "tab:olive", "tab:pink", "tab:gray", "navy")
+
+
 def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None:
     """One line per experiment: the mean of ``field`` over replicates against weights remaining, with a
     min-max band when there is more than one replicate."""
@@ -182,11 +204,9 @@ def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None
         control = e["hparams"].get("control", "imp")
         st = dict(styles.get(control, {}))
         k = seen[control] = seen.get(control, -1) + 1
-        if k:  # another experiment of the same control (e.g. noise at another sigma): another style, darker
-            from matplotlib.colors import to_rgb
+        if k:  # another experiment of the same control (noise at another sigma, other hyperparameters)
             st["linestyle"] = ["--", ":", "-."][(k - 1) % 3]
-            if "color" in st:
-                st["color"] = tuple(c * max(0.25, 1 - 0.2 * k) for c in to_rgb(st["color"]))
+            st["color"] = _MORE_COLORS[(k - 1) % len(_MORE_COLORS)]
         x = [r[0] for r in rows]
         ax.plot(x, [scale * r[1] for r in rows], label=_label(e, exps), ms=4, **st)
         if max(r[4] for r in rows) > 1:
@@ -220,7 +240,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
         _setup_axis(ax, all_x)
         ax.set_ylabel(f"{name} (%)")
         ax.set_title(f"{title}: {name}")
-        ax.legend(fontsize=8)
+    _legend(fig, axes)
     files["accuracy"] = save_figure(fig, os.path.join(out_dir, "accuracy_vs_remaining.png"))
 
     # --- early-stopping iteration vs weights remaining
@@ -229,7 +249,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     _setup_axis(ax, all_x)
     ax.set_ylabel("early-stopping iteration (min test loss)")
     ax.set_title(f"{title}: early-stopping iteration")
-    ax.legend(fontsize=8)
+    _legend(fig, [ax])
     files["early_stop"] = save_figure(fig, os.path.join(out_dir, "early_stop_vs_remaining.png"))
 
     # --- test accuracy over training for selected rounds

@@ -65,3 +65,27 @@ def test_report_lists_every_analysis_file(monkeypatch, tmp_path):
     files = report._analyses([exp("a", "imp", [100.0], [0.9])], str(tmp_path), "t")
     assert sorted(files.values()) == sorted(f"{tmp_path}/{s}.{x}" for s in ("stability", "dense_stability",
                                                                            "landscape") for x in ("md", "png"))
+
+
+def test_long_labels_go_into_one_legend_below_the_axes():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    for labels, below in ((["IMP (winning ticket)", "random reinit"], False),
+                          (["IMP (winning ticket) [rounds=16, prune_fc=0.2, prune_global=True]", "x"], True)):
+        fig, axes = plt.subplots(1, 2)
+        for ax in axes:
+            for t in labels:
+                ax.plot([1, 2], [3, 4], label=t)
+        report._legend(fig, list(axes))
+        assert [ax.get_legend() is not None for ax in axes] == [not below, not below]
+        assert len(fig.legends) == int(below)
+        if below:
+            assert [t.get_text() for t in fig.legends[0].get_texts()] == labels
+        plt.close(fig)
+
+
+def test_experiments_of_one_control_keep_the_order_given():
+    a, b, c = exp("z_first", "imp", [100.0], [0.9]), exp("a_second", "imp", [100.0], [0.9]), \
+        exp("m", "reinit", [100.0], [0.9])
+    assert [e["name"] for e in report._sorted([c, a, b])] == ["z_first", "a_second", "m"]
