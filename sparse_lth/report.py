@@ -61,12 +61,13 @@ def find_experiments(paths) -> list[str]:
 
 
 def related_experiments(exp_dir: str) -> list[str]:
-    """``exp_dir`` and its sibling experiments that differ only in the control (the comparison to plot)."""
+    """``exp_dir`` and its sibling experiments that differ only in the control and its settings (the comparison
+    to plot)."""
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
 
     def key(d):
-        return {k: v for k, v in canonical_hparams(d).items() if k not in ("control", "oneshot_remaining",
-                                                                               "oneshot_levels")}
+        return {k: v for k, v in canonical_hparams(d).items()
+                if k not in ("control", "oneshot_remaining", "oneshot_levels", "noise_std")}
 
     out = [os.path.normpath(exp_dir)]
     for h in sorted(glob.glob(os.path.join(os.path.dirname(os.path.normpath(exp_dir)), "*", "hparams.json"))):

@@ -89,3 +89,18 @@ def test_experiments_of_one_control_keep_the_order_given():
     a, b, c = exp("z_first", "imp", [100.0], [0.9]), exp("a_second", "imp", [100.0], [0.9]), \
         exp("m", "reinit", [100.0], [0.9])
     assert [e["name"] for e in report._sorted([c, a, b])] == ["z_first", "a_second", "m"]
+
+
+def test_related_experiments_are_the_controls_of_the_same_hyperparameters(tmp_path):
+    import json
+    import os
+    base = dict(model="lenet300_100", iterations="3000it", lr=0.0012)
+    folders = {"imp": dict(control="imp"), "reinit": dict(control="reinit"),
+               "oneshot": dict(control="oneshot", oneshot_levels=True),
+               "noise": dict(control="noise", noise_std=0.5), "other_lr": dict(control="reinit", lr=0.01),
+               "other_spelling": dict(control="continue", iterations="3000")}
+    for name, hp in folders.items():
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "hparams.json").write_text(json.dumps({**base, **hp}))
+    got = report.related_experiments(str(tmp_path / "imp"))
+    assert [os.path.basename(d) for d in got] == ["imp", "noise", "oneshot", "other_spelling", "reinit"]
