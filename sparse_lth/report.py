@@ -327,16 +327,33 @@ def _fmt_acc(mean, lo, hi, n):
     return f"{100 * mean:.2f}"
 
 
+def _describe(hp: dict) -> str:
+    """One line of an experiment's settings: model and data, optimizer, budget, pruning, rewind, layers (the
+    optional ones only where set)."""
+    opt = f"{hp.get('optimizer')} lr {hp.get('lr')}"
+    for key, name in (("momentum", "momentum"), ("weight_decay", "weight decay"), ("warmup", "warmup")):
+        if hp.get(key):
+            opt += f", {name} {hp[key]}"
+    if hp.get("nesterov"):
+        opt += " (Nesterov)"
+    if hp.get("milestones"):
+        opt += f", lr x{hp.get('gamma')} at {','.join(map(str, hp['milestones']))}"
+    model = f"model {hp.get('model')}" + (f" on {hp['dataset']}" if hp.get("dataset") else "")
+    for key in ("width", "dropout"):
+        if hp.get(key) not in (None, 1.0 if key == "width" else 0.0):
+            model += f", {key} {hp[key]}"
+    return (f"{model}, {opt}, batch {hp.get('batch_size')}, {hp.get('iterations')} per round, prune fc "
+            f"{hp.get('prune_fc')} / conv {hp.get('prune_conv')} / output {hp.get('prune_output')} per round "
+            f"({'global' if hp.get('prune_global') else 'layer-wise'}), rewind {hp.get('rewind')}, "
+            f"layers {hp.get('layer_impl')}")
+
+
 def summary_markdown(exps: list[dict]) -> str:
     lines = []
     for e in exps:
         hp = e["hparams"]
         lines.append(f"## {_label(e, exps)}: `{e['name']}`\n")
-        lines.append(f"model {hp.get('model')}, {hp.get('optimizer')} lr {hp.get('lr')}, batch {hp.get('batch_size')}, "
-                     f"{hp.get('iterations')} per round, prune fc {hp.get('prune_fc')} / conv {hp.get('prune_conv')} / "
-                     f"output {hp.get('prune_output')} per round "
-                     f"({'global' if hp.get('prune_global') else 'layer-wise'}), rewind {hp.get('rewind')}, "
-                     f"layers {hp.get('layer_impl')}; replicates: {len(e['seeds'])} (seeds {e['seeds']}). "
+        lines.append(f"{_describe(hp)}; replicates: {len(e['seeds'])} (seeds {e['seeds']}). "
                      f"Accuracies in %, mean [min, max] over replicates.\n")
         lines.append("| round | % weights remaining | early-stop iteration | test acc at early stop | "
                      "test acc at end | train acc at end | wall time / round (s) | ms / step | paths |")

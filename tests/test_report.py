@@ -104,3 +104,13 @@ def test_related_experiments_are_the_controls_of_the_same_hyperparameters(tmp_pa
         (tmp_path / name / "hparams.json").write_text(json.dumps({**base, **hp}))
     got = report.related_experiments(str(tmp_path / "imp"))
     assert [os.path.basename(d) for d in got] == ["imp", "noise", "oneshot", "other_spelling", "reinit"]
+
+
+def test_the_summary_names_the_data_and_the_optimizer_settings():
+    e = exp("a", "imp", [100.0], [0.9])
+    e["hparams"].update(dataset="fashion_mnist", optimizer="sgd", lr=0.01, momentum=0.9, batch_size=60,
+                        iterations="3000it", milestones=[100, 200], gamma=0.1, warmup=0, dropout=0.0)
+    line = report.summary_markdown([e]).splitlines()[2]
+    assert line.startswith("model lenet300_100 on fashion_mnist, sgd lr 0.01, momentum 0.9, lr x0.1 at 100,200, "
+                           "batch 60, 3000it per round")
+    assert "warmup" not in line and "dropout" not in line
