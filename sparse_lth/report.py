@@ -240,7 +240,8 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
         _plot_series(ax, exps, field, styles, scale=100)
         _setup_axis(ax, all_x)
         ax.set_ylabel(f"{name} (%)")
-        ax.set_title(f"{title}: {name}")
+        ax.set_title(name, fontsize=10)
+    fig.suptitle(title)  # (once: two panel titles of "title: name" ran into each other)
     _legend(fig, axes)
     files["accuracy"] = save_figure(fig, os.path.join(out_dir, "accuracy_vs_remaining.png"))
 
@@ -249,7 +250,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     _plot_series(ax, exps, "early_stop_iteration", styles)
     _setup_axis(ax, all_x)
     ax.set_ylabel("early-stopping iteration (min test loss)")
-    ax.set_title(f"{title}: early-stopping iteration")
+    ax.set_title(f"{title}: early-stopping iteration", fontsize=10)
     _legend(fig, [ax])
     files["early_stop"] = save_figure(fig, os.path.join(out_dir, "early_stop_vs_remaining.png"))
 
