@@ -340,8 +340,8 @@ def _describe(hp: dict) -> str:
     if hp.get("milestones"):
         opt += f", lr x{hp.get('gamma')} at {','.join(map(str, hp['milestones']))}"
     model = f"model {hp.get('model')}" + (f" on {hp['dataset']}" if hp.get("dataset") else "")
-    for key in ("width", "dropout"):
-        if hp.get(key) not in (None, 1.0 if key == "width" else 0.0):
+    for key, default in (("width", 1.0), ("dropout", 0.0)):
+        if hp.get(key, default) != default:
             model += f", {key} {hp[key]}"
     return (f"{model}, {opt}, batch {hp.get('batch_size')}, {hp.get('iterations')} per round, prune fc "
             f"{hp.get('prune_fc')} / conv {hp.get('prune_conv')} / output {hp.get('prune_output')} per round "
