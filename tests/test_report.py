@@ -113,4 +113,7 @@ def test_the_summary_names_the_data_and_the_optimizer_settings():
     line = report.summary_markdown([e]).splitlines()[2]
     assert line.startswith("model lenet300_100 on fashion_mnist, sgd lr 0.01, momentum 0.9, lr x0.1 at 100,200, "
                            "batch 60, 3000it per round")
-    assert "warmup" not in line and "dropout" not in line
+    assert "warmup" not in line and "dropout" not in line and "width" not in line
+    e["hparams"].update(width=0.5, dropout=0.1)
+    assert report.summary_markdown([e]).splitlines()[2].startswith(
+        "model lenet300_100 on fashion_mnist, width 0.5, dropout 0.1, sgd lr 0.01")
