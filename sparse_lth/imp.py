@@ -56,7 +56,9 @@ from ._files import canonical_hparams, read_json
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
 CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
-SOURCE_MASK_CONTROLS = ("reinit", "noise")  # controls that train the imp experiment's masks
+SOURCE_MASK_CONTROLS = ("reinit", "noise")
+# the hyperparameters that only a control uses: its IMP run (the source) has them at their defaults
+CONTROL_SETTINGS = ("oneshot_remaining", "oneshot_levels", "noise_std")  # controls that train the imp experiment's masks
 LAYER_IMPLS = ("sparse", "masked")
 PATHS = ("auto", "dense", "sparse")
 
@@ -546,7 +548,8 @@ class Experiment:
 
     def source(self) -> "Experiment":
         """The ``imp`` experiment with the same hyperparameters (the ticket that controls compare with)."""
-        hp = dataclasses.replace(self.hp, control="imp", oneshot_remaining=0.0, oneshot_levels=False, noise_std=0.0)
+        defaults = ImpHparams()
+        hp = dataclasses.replace(self.hp, control="imp", **{k: getattr(defaults, k) for k in CONTROL_SETTINGS})
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
                           checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
 

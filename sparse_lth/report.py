@@ -63,11 +63,11 @@ def find_experiments(paths) -> list[str]:
 def related_experiments(exp_dir: str) -> list[str]:
     """``exp_dir`` and its sibling experiments that differ only in the control and its settings (the comparison
     to plot)."""
+    from .imp import CONTROL_SETTINGS
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
 
     def key(d):
-        return {k: v for k, v in canonical_hparams(d).items()
-                if k not in ("control", "oneshot_remaining", "oneshot_levels", "noise_std")}
+        return {k: v for k, v in canonical_hparams(d).items() if k != "control" and k not in CONTROL_SETTINGS}
 
     out = [os.path.normpath(exp_dir)]
     for h in sorted(glob.glob(os.path.join(os.path.dirname(os.path.normpath(exp_dir)), "*", "hparams.json"))):
