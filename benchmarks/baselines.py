@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import csv
 import os
-import platform
 import random
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sparse_lth.environment import cpu_id, cpu_name, git_commit  # noqa: F401 (the benchmarks import them from here)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,34 +98,6 @@ def random_masks(model: nn.Module, density: float, gen: torch.Generator, skip=()
     return out
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_id() -> str:
-    """``cpu_name()`` with the CPU family and model numbers from /proc/cpuinfo ("AMD EPYC (family 25, model 17)"):
-    hosts that report the same name can differ in speed, and the CPU benchmarks' rows say which one ran. File
-    names keep the plain ``cpu_name()``."""
-    fields = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if not line.strip():
-                break  # the first processor's block is enough
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    if "cpu family" in fields and "model" in fields:
-        return f"{cpu_name()} (family {fields['cpu family']}, model {fields['model']})"
-    return cpu_name()
-
-
 def cpu_device_label() -> str:
     """The device column of the CPU benchmarks: ``cpu: <cpu_id()> (<cores> cores, <torch threads> threads)``."""
     return f"cpu: {cpu_id()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
@@ -162,26 +134,6 @@ def write_rows(rows: list[dict], out: Path | str) -> None:
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {out}")
-
-
-def git_commit() -> str:
-    """The short commit hash, with "-dirty" when tracked files outside benchmarks/results/ differ from it;
-    ``$SPARSE_LTH_COMMIT`` when set (a copy of the tree without .git, e.g. on a lent GPU machine: see
-    gpu_suite.sh)."""
-    env = os.environ.get("SPARSE_LTH_COMMIT", "").strip()
-    if env:
-        return env
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        # results/ is what the benchmarks write: a rerun that rewrites its own rows does not make the code dirty
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------------

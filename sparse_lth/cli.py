@@ -238,7 +238,7 @@ def _cmd_train(args, names) -> int:
     print(json.dumps(summary, indent=1))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**summary, "curve": out["curve"]}, f, indent=1)
+            json.dump({**summary, "environments": out["environments"], "curve": out["curve"]}, f, indent=1)
     return 0
 
 
@@ -458,7 +458,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pt.add_argument("--data-limit", type=_nonneg(), default=0, help="the first N training examples (0: all)")
     pt.add_argument("--test-limit", type=_nonneg(), default=0, help="the first N test examples (0: all)")
     pt.add_argument("--no-progress", action="store_true")
-    pt.add_argument("--out", help="write the metrics (and the curve) to this JSON file")
+    pt.add_argument("--out", help="write the metrics (with the curve and the environment) to this JSON file")
     pt.add_argument("--threads", type=_at_least(1), default=None)
     train_names = _add_dataclass_flags(pt, TrainConfig, skip=("progress",), group_title="training")
 

@@ -33,7 +33,10 @@ Run folders: ``<run_root>/<model>_<control>_<hash>/`` where the hash covers the 
 ``hparams.json`` and one ``seed_<s>/`` per replicate with ``init.pt`` (θ0), ``rewind.pt`` (θk) and per round
 ``round_<r>/masks.pt``, ``checkpoint.pt`` (while the round runs), ``final.pt`` (trained weights) and
 ``metrics.json`` (written last: a round that has it is skipped on re-run). A killed run resumes from its last
-checkpoint and ends, on CPU, with exactly the masks and metrics of an uninterrupted run (wall times excepted).
+checkpoint and ends, on CPU, with exactly the masks and metrics of an uninterrupted run (wall times excepted),
+as long as it resumes under the same numerics (torch version, device, CPU instruction set, threads: each round's
+``metrics.json`` records them under ``environments``, and a round or resume under others warns; see
+:mod:`sparse_lth.environment`).
 """
 from __future__ import annotations
 
@@ -53,6 +56,7 @@ import torch
 from torch import nn
 
 from ._files import canonical_hparams, read_json
+from .environment import environment, warn_if_changed
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
 CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
@@ -654,6 +658,9 @@ class Experiment:
                     if on_round_end is not None:
                         on_round_end(reused)
                     continue
+            previous = all_metrics[-1].get("environments") if all_metrics else None
+            if previous:
+                warn_if_changed(previous[-1], environment(self.device), f"seed {seed} round {r} runs")
             model, masks, start = self.prepare_round(seed, r)
             if on_round_start is not None:
                 on_round_start(r, model)
@@ -813,7 +820,8 @@ class Experiment:
             train_loss=out["train_loss"], early_stop_iteration=out["early_stop_iteration"],
             early_stop_test_acc=out["early_stop_test_acc"], wall_time=out["wall_time"],
             step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"],
-            paths=out["paths"], backends=out["backends"], device=str(self.device), curve=out["curve"])
+            paths=out["paths"], backends=out["backends"], device=str(self.device),
+            environments=out["environments"], curve=out["curve"])
 
 
 def finished_rounds(seed_dir: str) -> dict[int, str]:

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ._files import read_json
+from .environment import environment
 from .train import _subset_batches, evaluate, save_atomic, train
 
 _NOISE_BASE = 7_340_033
@@ -190,8 +191,8 @@ def _fork(exp, seed: int, out_dir: str, seeds: tuple[int, int], make_start, desc
 def _result(exp, seed: int, settings: dict, path: list[dict], copies: list[dict], **fields) -> dict:
     """The result of one fork (written to its stability.json): what ran, the path and its barriers."""
     return dict(experiment=os.path.basename(os.path.normpath(exp.dir)), seed=seed, control=exp.hp.control,
-                model=exp.hp.model, iterations=exp.iterations, **fields, **settings,
-                test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
+                model=exp.hp.model, iterations=exp.iterations, environment=environment(exp.device), **fields,
+                **settings, test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
                 copies=copies, path=path)
 
 

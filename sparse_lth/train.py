@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .environment import environment, warn_if_changed
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 OPTIMIZER_IMPLS = ("torch", "sparse_lth")
 
@@ -224,7 +226,9 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc}...],
     early_stop_iteration, early_stop_test_acc, test_acc, test_loss, train_acc, train_loss, iterations,
     steps, wall_time (steps + evaluations, summed over resumes), step_time, time_per_step, paths, backends,
-    resumed_from)``.
+    resumed_from, environments)``; ``environments``: the :func:`sparse_lth.environment.environment` of each
+    stretch of training that ran under another one, with the iteration it started from (one unless resumed
+    elsewhere; a resume under other numerics warns).
     """
     check_train_config(cfg)
     if not 0 <= start_iteration < cfg.iterations:
@@ -245,6 +249,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     elapsed = 0.0                   # time spent in training steps only
     steps_timed = 0
     resumed_from = None
+    env = environment(x_dev)
+    environments = [dict(from_iteration=start_iteration, **env)]
     ck = None
     if checkpoint_path and os.path.exists(checkpoint_path):
         ck = torch.load(checkpoint_path, map_location=x_dev, weights_only=False)
@@ -257,6 +263,13 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
         it, curve, elapsed, steps_timed = ck["iteration"], ck["curve"], ck["elapsed"], ck["steps_timed"]
         wall_before = ck["wall"]
         resumed_from = it
+        before = ck.get("environments") or []
+        if before:
+            last = {k: v for k, v in before[-1].items() if k != "from_iteration"}
+            warn_if_changed(last, env, f"training resumed at iteration {it} ({checkpoint_path})")
+            environments = before + ([dict(from_iteration=it, **env)] if last != env else [])
+        else:  # a checkpoint from before environments were recorded: only the resumed stretch is known
+            environments = [dict(from_iteration=it, **env)]
     optimizer = build_optimizer(model, cfg)
     if ck is not None:
         optimizer.load_state_dict(ck["optimizer"])
@@ -280,7 +293,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
         save_atomic(dict(config=dataclasses.asdict(cfg), start_iteration=start_iteration, iteration=i,
                          model=model.state_dict(), optimizer=optimizer.state_dict(), curve=curve,
                          paths=layer_paths(model), elapsed=elapsed, steps_timed=steps_timed,
-                         wall=wall_before + time.perf_counter() - t_start), checkpoint_path)
+                         environments=environments, wall=wall_before + time.perf_counter() - t_start), checkpoint_path)
 
     if resumed_from is None:
         if capture_at == it and on_capture is not None:
@@ -341,7 +354,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 iterations=cfg.iterations, start_iteration=start_iteration, steps=steps_timed,
                 wall_time=wall_before + time.perf_counter() - t_start, step_time=elapsed,
                 time_per_step=elapsed / max(steps_timed, 1),
-                paths=layer_paths(model), backends=layer_backends(model), resumed_from=resumed_from)
+                paths=layer_paths(model), backends=layer_backends(model), resumed_from=resumed_from,
+                environments=environments)
 
 
 def _copy_state(model: nn.Module) -> dict:

@@ -351,6 +351,35 @@ def test_resume_after_crash_gives_identical_result(tmp_path):
     assert out.metrics[0][1]["paths"]["fc1"] == "sparse"
 
 
+def test_each_round_records_its_environment_and_a_round_under_other_numerics_warns(tmp_path):
+    data = tiny_data(240, 120)
+    out = run(tiny_hp(rounds=1), tmp_path / "ref", data=data)
+    envs = [m["environments"] for m in out.metrics[0]]
+    assert all(len(e) == 1 and e[0]["from_iteration"] == 0 for e in envs)
+    assert envs[0][0]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert envs[0][0]["threads"] == torch.get_num_threads() == 1
+
+    class Boom(RuntimeError):
+        pass
+
+    def crash(r, it, model):
+        if r == 1:
+            raise Boom()
+    hp = tiny_hp(rounds=1)
+    with pytest.raises(Boom):
+        run(hp, tmp_path / "crash", data=data, callback=crash)
+    # as if round 0 had run on a CPU with another instruction set
+    mpath = os.path.join(str(tmp_path / "crash"), experiment_name(hp), "seed_0", "round_00", "metrics.json")
+    with open(mpath) as f:
+        m = json.load(f)
+    m["environments"][0]["cpu_capability"] = "OTHER"
+    with open(mpath, "w") as f:
+        json.dump(m, f)
+    with pytest.warns(RuntimeWarning, match="seed 0 round 1 runs under other numerics than before: "
+                                            "cpu_capability OTHER -> "):
+        run(hp, tmp_path / "crash", data=data)
+
+
 # The same experiment run in a subprocess that is SIGKILLed mid-round.
 _CHILD = """
 import sys, time, torch

@@ -135,10 +135,41 @@ def test_resume_from_checkpoint_is_exact(tmp_path, kind):
                 checkpoint_path=ck, checkpoint_every=4, callback=lambda it, m: its.append(it))
     assert its[0] == 9 and out["resumed_from"] == 8
     assert out["curve"] == ref["curve"]
+    assert out["environments"] == ref["environments"]  # resumed under the same numerics: one stretch, from 2
+    assert [e["from_iteration"] for e in out["environments"]] == [2]
     w_ref, w = weights(ref_model), weights(model2)
     assert all(torch.equal(w_ref[k], w[k]) for k in w_ref)
     with pytest.raises(ValueError, match="different training configuration"):
         train(model2, tr, te, dataclasses.replace(c, lr=1e-3), start_iteration=2, checkpoint_path=ck)
+
+
+def test_a_resume_under_other_numerics_warns_and_is_recorded(tmp_path):
+    """A checkpoint written under one CPU instruction set (say) and resumed under another: the run goes on, warns
+    that its numbers will not match, and the result lists both stretches."""
+    tr, te = tiny_data()
+    c = cfg(iterations=12, eval_every=4)
+    ck = str(tmp_path / "ck.pt")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(it, model):
+        if it == 9:
+            raise Stop
+
+    model, _ = tiny_model("sparse")
+    with pytest.raises(Stop):
+        train(model, tr, te, c, checkpoint_path=ck, checkpoint_every=4, callback=stop_at)
+    state = torch.load(ck, weights_only=False)
+    here = state["environments"][0]
+    assert here["from_iteration"] == 0 and here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    state["environments"] = [{**here, "cpu_capability": "OTHER"}]
+    torch.save(state, ck)
+    with pytest.warns(RuntimeWarning, match="resumed at iteration 8 .* under other numerics than before: "
+                                            "cpu_capability OTHER -> "):
+        out = train(tiny_model("sparse")[0], tr, te, c, checkpoint_path=ck, checkpoint_every=4)
+    assert [e["from_iteration"] for e in out["environments"]] == [0, 8]
+    assert [e["cpu_capability"] for e in out["environments"]] == ["OTHER", here["cpu_capability"]]
 
 
 def test_capture_hook_gives_weights_at_iteration_k():
