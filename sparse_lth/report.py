@@ -21,6 +21,7 @@ import os
 import statistics
 
 from ._files import canonical_hparams, read_json
+from .environment import describe as describe_environment
 
 CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "random_prune": "random pruning",
                   "oneshot": "one-shot", "continue": "continued training (no reset)",
@@ -328,6 +329,25 @@ def _fmt_acc(mean, lo, hi, n):
     return f"{100 * mean:.2f}"
 
 
+def _fmt_iteration(vals: list) -> str:
+    """Early-stop iterations over replicates: the mean, and [min, max] where they differ."""
+    mean, lo, hi = _stats(vals)
+    return f"{mean:.0f}" + (f" [{lo}, {hi}]" if lo != hi else "")
+
+
+def _ran_on(e: dict) -> str:
+    """Where an experiment's rounds ran (:func:`sparse_lth.environment.describe`), each distinct machine and code
+    once, with how many rounds ran there when there are several; "" for runs from before this was recorded."""
+    counts: dict[str, int] = {}
+    for ms in e["rounds"].values():
+        for m in ms:
+            for text in dict.fromkeys(describe_environment(env) for env in m.get("environments") or []):
+                counts[text] = counts.get(text, 0) + 1
+    if len(counts) <= 1:
+        return "".join(counts)
+    return "; ".join(f"{env} ({n} round{'s' if n != 1 else ''})" for env, n in counts.items())
+
+
 def _describe(hp: dict) -> str:
     """One line of an experiment's settings: model and data, optimizer, budget, pruning, rewind, layers (the
     optional ones only where set)."""
@@ -354,25 +374,27 @@ def summary_markdown(exps: list[dict]) -> str:
     for e in exps:
         hp = e["hparams"]
         lines.append(f"## {_label(e, exps)}: `{e['name']}`\n")
+        ran_on = _ran_on(e)
         lines.append(f"{_describe(hp)}; replicates: {len(e['seeds'])} (seeds {e['seeds']}). "
-                     f"Accuracies in %, mean [min, max] over replicates.\n")
+                     f"Accuracies in %, mean [min, max] over replicates." + (f" Ran on: {ran_on}." if ran_on else "")
+                     + "\n")
         lines.append("| round | % weights remaining | early-stop iteration | test acc at early stop | "
                      "test acc at end | train acc at end | wall time / round (s) | ms / step | paths |")
         lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r, ms in e["rounds"].items():
             n = len(ms)
             pct = statistics.fmean(m["percent_remaining"] for m in ms)
-            es = statistics.fmean(m["early_stop_iteration"] for m in ms)
+            es = _fmt_iteration([m["early_stop_iteration"] for m in ms])
             paths = sorted({f"{k}:{v}" for m in ms for k, v in m.get("paths", {}).items()})
             lines.append(
-                f"| {r} | {pct:.2f} | {es:.0f} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
+                f"| {r} | {pct:.2f} | {es} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m['test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m.get('train_acc') for m in ms]), n)} | "
                 f"{statistics.fmean(m['wall_time'] for m in ms):.0f} | "
                 f"{1000 * statistics.fmean(m['time_per_step'] for m in ms):.2f} | {', '.join(paths)} |")
         lines.append("")
     if len(exps) > 1:
-        lines.append("## Comparison by round (test accuracy at early stop, %; early-stop iteration)\n")
+        lines.append("## Comparison by round (test accuracy at early stop, %; mean early-stop iteration)\n")
         head = "| round | % remaining | " + " | ".join(_label(e, exps) for e in exps) + " |"
         lines.append(head)
         lines.append("|---:|---:|" + "---:|" * len(exps))

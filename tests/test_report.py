@@ -117,3 +117,24 @@ def test_the_summary_names_the_data_and_the_optimizer_settings():
     e["hparams"].update(width=0.5, dropout=0.1)
     assert report.summary_markdown([e]).splitlines()[2].startswith(
         "model lenet300_100 on fashion_mnist, width 0.5, dropout 0.1, sgd lr 0.01")
+
+
+def test_the_summary_gives_the_early_stop_range_and_where_the_rounds_ran():
+    """A mean early-stop iteration of 5500 can be 5000 and 6000: the table gives the range where seeds differ.
+    The settings line says on what machine and code the rounds ran, each distinct one once."""
+    e = exp("a", "imp", [100.0, 80.0], [0.97, 0.975])
+    env = dict(torch="2.14.1", device="cpu: AMD EPYC (family 25, model 17)", cpu_capability="AVX512", threads=1,
+               commit="cf80ff6aed2e", from_iteration=0)
+    r0 = e["rounds"][0][0]
+    e["rounds"][0] = [dict(r0, early_stop_iteration=5000, environments=[env]),
+                      dict(r0, early_stop_iteration=6000, environments=[env])]
+    e["rounds"][1][0]["environments"] = [env]
+    md = report.summary_markdown([e])
+    assert "| 0 | 100.00 | 5500 [5000, 6000] |" in md and "| 1 | 80.00 | 100 |" in md
+    assert ("Ran on: cpu: AMD EPYC (family 25, model 17), AVX512, 1 thread, torch 2.14.1, commit cf80ff6aed2e."
+            in md.splitlines()[2])
+    e["rounds"][1][0]["environments"] = [env, dict(env, cpu_capability="AVX2", from_iteration=10)]
+    line = report.summary_markdown([e]).splitlines()[2]
+    assert "AVX512, 1 thread, torch 2.14.1, commit cf80ff6aed2e (3 rounds); " in line
+    assert "AVX2, 1 thread, torch 2.14.1, commit cf80ff6aed2e (1 round)." in line
+    assert "Ran on" not in report.summary_markdown([exp("b", "imp", [100.0], [0.9])])  # not recorded: nothing said
