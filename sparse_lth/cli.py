@@ -1,4 +1,5 @@
-"""The ``sparse-lth`` command line: ``train``, ``imp``, ``report``, ``stability``, ``landscape`` and ``anatomy``.
+"""The ``sparse-lth`` command line: ``train``, ``imp``, ``report``, ``stability``, ``landscape``, ``anatomy`` and
+``env``.
 
     sparse-lth imp --preset lenet_quick --data /work/shared/data        # an IMP run (resumes if interrupted)
     sparse-lth imp --preset lenet_quick --control reinit                # its random-reinitialization control
@@ -7,6 +8,7 @@
     sparse-lth landscape runs/lenet300_100_imp_<hash> --top 3           # Hessian eigenvalues, distances, ...
     sparse-lth anatomy runs/lenet300_100_imp_<hash>                     # starting weights, connectivity, ...
     sparse-lth train --model lenet300_100 --density 0.1 --iterations 1000
+    sparse-lth env                                                      # what a run here will record
 
 The flags of ``imp`` (and of ``train``) are generated from the hyperparameter dataclasses
 (:class:`sparse_lth.imp.ImpHparams`, :class:`sparse_lth.train.TrainConfig`): ``--prune-fc 0.2``,
@@ -258,6 +260,51 @@ def _cmd_report(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- env
+def _cmd_env(args) -> int:
+    import torch
+
+    from .environment import describe, environment
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for d in devices:
+        if torch.device(d).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"no CUDA device here (torch.cuda.is_available() is False): --device {d}")
+    envs = {d: environment(d) for d in devices}
+    if args.json:
+        print(json.dumps(envs, indent=1))
+        return 0
+    for env in envs.values():
+        print(describe(env))
+        if env.get("cpu_capability"):
+            print("  (runs under another CPU instruction set or thread count give other numbers; "
+                  "ATEN_CPU_CAPABILITY=avx2, set before Python starts, picks PyTorch's AVX2 kernels on an AVX-512 "
+                  "host)")
+    try:
+        import triton
+    except ImportError:
+        print("triton: not installed (the sparse layers use the torch backend)")
+        return 0
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1: its interpreter runs the kernels)" if interpreted
+                                           else ""))
+    return 0
+    for d, env in envs.items():
+        print(f"{d}: {describe(env)}")
+        if env.get("cpu_capability"):
+            print(f"  PyTorch runs its {env['cpu_capability']} CPU kernels: runs made with another instruction set "
+                  "(or thread count) give other numbers; ATEN_CPU_CAPABILITY=avx2 (set before Python starts) runs "
+                  "the AVX2 ones")
+    try:
+        import triton
+        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1: kernels run in its interpreter)" if interp else ""))
+    except ImportError:
+        print("triton: not installed (the sparse layers use the torch backend)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- stability
 def _check_experiment_dir(exp_dir: str) -> str:
     exp_dir = exp_dir.rstrip("/")
@@ -467,6 +514,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pr.add_argument("--out", help="output folder (default: <experiment>/report, or <common parent>/report)")
     pr.add_argument("--title")
 
+    pe = sub.add_parser("env", help="the machine, versions and code a run here records (and whose numbers it gets)",
+                        description="What each IMP round records in its metrics.json: torch version, device, the "
+                                    "CPU instruction set PyTorch dispatches to, threads, commit. Runs reproduce bit "
+                                    "for bit only where these match.")
+    pe.add_argument("--device", help="only this device (default: cpu, and cuda where there is one)")
+    pe.add_argument("--threads", type=_at_least(1), default=None, help="as a run with --threads N would")
+    pe.add_argument("--json", action="store_true", help="the records as JSON")
+
     ps = _analysis_parser(
         sub, "stability", "instability analysis (linear mode connectivity) of IMP rounds",
         "For each round: train two copies from the round's rewind point with different SGD noise (data order, "
@@ -519,6 +574,8 @@ def main(argv=None) -> int:
             return _cmd_landscape(args)
         if args.command == "anatomy":
             return _cmd_anatomy(args)
+        if args.command == "env":
+            return _cmd_env(args)
         return _cmd_report(args)
     except KeyboardInterrupt:
         again = {"imp": "; run the same command again to resume",

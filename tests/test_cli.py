@@ -27,7 +27,7 @@ def tiny_imp_args(root, *extra):
 
 def test_help(capsys):
     for argv in (["--help"], ["imp", "--help"], ["train", "--help"], ["report", "--help"], ["stability", "--help"],
-                 ["landscape", "--help"], ["anatomy", "--help"]):
+                 ["landscape", "--help"], ["anatomy", "--help"], ["env", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
@@ -179,3 +179,18 @@ def test_interrupt_and_runtime_errors_are_one_line(monkeypatch, capsys):
     monkeypatch.setenv("SPARSE_LTH_DEBUG", "1")
     with pytest.raises(RuntimeError):  # the traceback, for a bug report
         main(["imp"])
+
+
+def test_env_prints_what_a_run_records(capsys):
+    import torch
+    assert main(["env", "--device", "cpu", "--threads", "1", "--json"]) == 0  # (one_thread restores the count)
+    env = json.loads(capsys.readouterr().out)["cpu"]
+    assert env["threads"] == 1 and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert main(["env", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cpu: ") and f", {env['cpu_capability']}, " in out and "ATEN_CPU_CAPABILITY=avx2" in out
+    rc = main(["env", "--device", "cuda"])
+    if torch.cuda.is_available():
+        assert rc == 0 and "torch" in capsys.readouterr().out
+    else:
+        assert rc == 2 and "no CUDA device here" in capsys.readouterr().err
