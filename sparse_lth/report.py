@@ -22,6 +22,7 @@ import statistics
 
 from ._files import canonical_hparams, read_json
 from .environment import describe as describe_environment
+from .environment import numerics_key
 
 CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "random_prune": "random pruning",
                   "oneshot": "one-shot", "continue": "continued training (no reset)",
@@ -395,6 +396,12 @@ def summary_markdown(exps: list[dict]) -> str:
         lines.append("")
     if len(exps) > 1:
         lines.append("## Comparison by round (test accuracy at early stop, %; mean early-stop iteration)\n")
+        numerics = {json.dumps(numerics_key(env), sort_keys=True) for e in exps for ms in e["rounds"].values()
+                    for m in ms for env in m.get("environments") or []}
+        if len(numerics) > 1:
+            lines.append("These rounds did not all run under the same numerics (torch version, device, CPU "
+                         "instruction set or threads: see each experiment's \"Ran on\"), so equal settings need "
+                         "not give equal digits.\n")
         head = "| round | % remaining | " + " | ".join(_label(e, exps) for e in exps) + " |"
         lines.append(head)
         lines.append("|---:|---:|" + "---:|" * len(exps))

@@ -138,3 +138,15 @@ def test_the_summary_gives_the_early_stop_range_and_where_the_rounds_ran():
     assert "AVX512, 1 thread, torch 2.14.1, commit cf80ff6aed2e (3 rounds); " in line
     assert "AVX2, 1 thread, torch 2.14.1, commit cf80ff6aed2e (1 round)." in line
     assert "Ran on" not in report.summary_markdown([exp("b", "imp", [100.0], [0.9])])  # not recorded: nothing said
+
+
+def test_the_comparison_says_when_experiments_ran_under_other_numerics():
+    env = dict(torch="2.14.1", device="cpu: AMD EPYC", cpu_capability="AVX512", threads=1, commit="a",
+               from_iteration=0)
+    a, b = exp("a", "imp", [100.0], [0.9]), exp("b", "reinit", [100.0], [0.9])
+    a["rounds"][0][0]["environments"] = [env]
+    b["rounds"][0][0]["environments"] = [dict(env, commit="b")]  # another commit alone: same numerics
+    assert "same numerics" not in report.summary_markdown([a, b])
+    b["rounds"][0][0]["environments"] = [dict(env, cpu_capability="AVX2")]
+    table = report.summary_markdown([a, b])
+    assert "did not all run under the same numerics" in table[table.index("## Comparison by round"):]
