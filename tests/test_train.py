@@ -108,6 +108,18 @@ def test_early_stop_picks_min_test_loss():
         early_stop([])
 
 
+def train_until_killed(model, tr, te, c, ck, kill_at, **kw):
+    """Train with a checkpoint every 4 iterations into ``ck``, stopped by an exception at iteration ``kill_at``."""
+    class Stop(Exception):
+        pass
+
+    def stop_at(it, model):
+        if it == kill_at:
+            raise Stop
+    with pytest.raises(Stop):
+        train(model, tr, te, c, checkpoint_path=ck, checkpoint_every=4, callback=stop_at, **kw)
+
+
 @pytest.mark.parametrize("kind", ["sparse", "masked"])
 def test_resume_from_checkpoint_is_exact(tmp_path, kind):
     tr, te = tiny_data()
@@ -116,17 +128,7 @@ def test_resume_from_checkpoint_is_exact(tmp_path, kind):
     ref = train(ref_model, tr, te, c, start_iteration=2)
 
     ck = str(tmp_path / "ck.pt")
-
-    class Stop(Exception):
-        pass
-
-    def stop_at(it, model):
-        if it == 11:
-            raise Stop
-
-    model, _ = tiny_model(kind, dropout=0.3)
-    with pytest.raises(Stop):
-        train(model, tr, te, c, start_iteration=2, checkpoint_path=ck, checkpoint_every=4, callback=stop_at)
+    train_until_killed(tiny_model(kind, dropout=0.3)[0], tr, te, c, ck, 11, start_iteration=2)
     assert torch.load(ck, weights_only=False)["iteration"] == 8
     model2, _ = tiny_model(kind, dropout=0.3, seed=1)  # different weights and masks: all come from the checkpoint
     its = []
@@ -149,17 +151,7 @@ def test_a_resume_under_other_numerics_warns_and_is_recorded(tmp_path):
     tr, te = tiny_data()
     c = cfg(iterations=12, eval_every=4)
     ck = str(tmp_path / "ck.pt")
-
-    class Stop(Exception):
-        pass
-
-    def stop_at(it, model):
-        if it == 9:
-            raise Stop
-
-    model, _ = tiny_model("sparse")
-    with pytest.raises(Stop):
-        train(model, tr, te, c, checkpoint_path=ck, checkpoint_every=4, callback=stop_at)
+    train_until_killed(tiny_model("sparse")[0], tr, te, c, ck, 9)
     state = torch.load(ck, weights_only=False)
     here = state["environments"][0]
     assert here["from_iteration"] == 0 and here["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
