@@ -1,9 +1,10 @@
 """What a run's numbers depend on besides its hyperparameters: the machine, the library versions and the code.
 
 Training is bit-reproducible only on the same *numerics*: the same torch version, the same device, and on a CPU the
-same instruction set PyTorch dispatches its kernels to (``torch.backends.cpu.get_cpu_capability()``: AVX2 and
-AVX-512 round matrix products differently, so two hosts that both call themselves "AMD EPYC" can give different
-accuracies from the first step on) and the same thread count. Each IMP round records :func:`environment` in its
+same instruction set PyTorch dispatches its own kernels to (``torch.backends.cpu.get_cpu_capability()``: its AVX2
+and AVX-512 kernels round differently, so two hosts that both call themselves "AMD EPYC" can give different
+accuracies from the first step on; MKL's and oneDNN's own instruction-set settings changed nothing for LeNet) and
+the same thread count. Each IMP round records :func:`environment` in its
 ``metrics.json``; :func:`numerics_key` is the part that must match for the same numbers, and
 :func:`describe_difference` says what differs. To reproduce a CPU run made where PyTorch used AVX2 on a host that
 has AVX-512, set ``ATEN_CPU_CAPABILITY=avx2`` before Python starts.
