@@ -154,6 +154,8 @@ def _cmd_imp(args, names) -> int:
     if args.data:
         os.environ["SPARSE_LTH_DATA"] = args.data
     _setup_threads(args.threads)
+    from .environment import describe, environment
+    _write(f"running on: {describe(environment(args.device))}")
     t0 = time.time()
     header = f"{'seed':>4} {'round':>5} {'% left':>8} {'ES iter':>8} {'acc@ES':>7} {'acc end':>7} {'s/round':>8}"
 

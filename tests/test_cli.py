@@ -47,8 +47,10 @@ def test_imp_control_and_report(tmp_path, capsys):
     assert len(exps) == 1 and "experiment:" in out
     # one line per round as it finishes (before the closing table), even without a progress bar
     live = out.split("experiment:")[0].splitlines()
-    assert live[0].split()[:2] == ["seed", "round"]
-    assert [ln.split()[:2] for ln in live[1:]] == [["0", "0"], ["0", "1"], ["0", "2"]]
+    # first, where it runs (what each round records)
+    assert live[0].startswith("running on: cpu: ") and "torch " in live[0] and "thread" in live[0]
+    assert live[1].split()[:2] == ["seed", "round"]
+    assert [ln.split()[:2] for ln in live[2:]] == [["0", "0"], ["0", "1"], ["0", "2"]]
     exp = tmp_path / exps[0]
     for r in range(3):
         assert (exp / "seed_0" / f"round_{r:02d}" / "metrics.json").exists()
@@ -66,7 +68,7 @@ def test_imp_control_and_report(tmp_path, capsys):
     # re-running the finished experiment trains nothing and prints the same table
     assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
     out = capsys.readouterr().out
-    assert out.startswith("experiment:")  # nothing trained, so no per-round lines
+    assert out.splitlines()[1].startswith("experiment:")  # nothing trained, so no per-round lines
     assert len([ln for ln in out.splitlines() if ln.split()[:1] == ["0"]]) == 3
     # report over the run root
     out_dir = tmp_path / "rep"
