@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .environment import environment
 from .train import _subset_batches, evaluate
 
 
@@ -208,6 +209,7 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     live = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), round=r, seed=seed, model=exp.hp.model,
+                  environment=environment(exp.device),
                   control=exp.hp.control, rewind_iteration=exp.rewind_iteration,
                   percent_remaining=100.0 * live / total, **settings, eigenvalues=hess["eigenvalues"],
                   hessian_iterations=hess["iterations"], hessian_converged=hess["converged"],

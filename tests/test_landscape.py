@@ -127,6 +127,7 @@ def test_landscape_of_imp_rounds(tmp_path, monkeypatch):
     tr, te = data
     for r, d in enumerate(out):
         assert d["round"] == r and len(d["eigenvalues"]) == 2 and d["eigenvalues"][0] >= d["eigenvalues"][1]
+        assert d["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         final = load(os.path.join(exp.round_dir(0, r), "final.pt"))
         masks = load(os.path.join(exp.round_dir(0, r), "masks.pt"))["masks"]
         assert d["live_parameters"] == sum(int(m.sum()) for m in masks.values()) + sum(

@@ -324,6 +324,7 @@ def test_stability_cli(tmp_path, capsys):
         with open(exp / "seed_0" / f"round_{r:02d}" / "stability" / "stability.json") as f:
             d = json.load(f)
         assert d["noise_seeds"] == list(noise_seeds_for(0)) and len(d["path"]) == 3
+        assert d["environment"]["threads"] == torch.get_num_threads()  # where the copies were trained
     table = out[out.index("| seed |"):].split("error_along_path")[0]
     assert main(argv) == 0  # a re-run reads the finished analyses back: the same table
     assert table in capsys.readouterr().out
