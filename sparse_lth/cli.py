@@ -292,19 +292,6 @@ def _cmd_env(args) -> int:
     print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1: its interpreter runs the kernels)" if interpreted
                                            else ""))
     return 0
-    for d, env in envs.items():
-        print(f"{d}: {describe(env)}")
-        if env.get("cpu_capability"):
-            print(f"  PyTorch runs its {env['cpu_capability']} CPU kernels: runs made with another instruction set "
-                  "(or thread count) give other numbers; ATEN_CPU_CAPABILITY=avx2 (set before Python starts) runs "
-                  "the AVX2 ones")
-    try:
-        import triton
-        interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        print(f"triton {triton.__version__}" + (" (TRITON_INTERPRET=1: kernels run in its interpreter)" if interp else ""))
-    except ImportError:
-        print("triton: not installed (the sparse layers use the torch backend)")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------- stability
