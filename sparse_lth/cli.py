@@ -267,13 +267,9 @@ def _cmd_env(args) -> int:
     import torch
 
     from .environment import describe, environment
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _setup_threads(args.threads)
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for d in devices:
-        if torch.device(d).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"no CUDA device here (torch.cuda.is_available() is False): --device {d}")
-    envs = {d: environment(d) for d in devices}
+    envs = {d: environment(_device(d)) for d in devices}
     if args.json:
         print(json.dumps(envs, indent=1))
         return 0

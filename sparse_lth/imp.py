@@ -60,9 +60,9 @@ from .environment import environment, warn_if_changed
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
 CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
-SOURCE_MASK_CONTROLS = ("reinit", "noise")
+SOURCE_MASK_CONTROLS = ("reinit", "noise")  # controls that train the imp experiment's masks
 # the hyperparameters that only a control uses: its IMP run (the source) has them at their defaults
-CONTROL_SETTINGS = ("oneshot_remaining", "oneshot_levels", "noise_std")  # controls that train the imp experiment's masks
+CONTROL_SETTINGS = ("oneshot_remaining", "oneshot_levels", "noise_std")
 LAYER_IMPLS = ("sparse", "masked")
 PATHS = ("auto", "dense", "sparse")
 

@@ -21,8 +21,7 @@ import os
 import statistics
 
 from ._files import canonical_hparams, read_json
-from .environment import describe as describe_environment
-from .environment import numerics_key
+from .environment import describe as describe_environment, numerics_key
 
 CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "random_prune": "random pruning",
                   "oneshot": "one-shot", "continue": "continued training (no reset)",

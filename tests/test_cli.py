@@ -195,4 +195,4 @@ def test_env_prints_what_a_run_records(capsys):
     if torch.cuda.is_available():
         assert rc == 0 and "torch" in capsys.readouterr().out
     else:
-        assert rc == 2 and "no CUDA device here" in capsys.readouterr().err
+        assert rc == 2 and "no CUDA GPU here" in capsys.readouterr().err
