@@ -190,9 +190,9 @@ def _cmd_imp(args, names) -> int:
 def _cmd_train(args, names) -> int:
     import torch
 
-    from .data import load_dataset
+    from .data import INPUT_SHAPES, load_dataset
     from .imp import apply_masks, count_masks, get_masks, magnitude_prune, prunable_layers, random_masks
-    from .models import build_model
+    from .models import build_model, default_dataset
     from .train import TrainConfig, train
     if args.layers == "dense" and args.density < 1.0:
         raise ValueError("--layers dense trains every weight: --density needs --layers sparse or masked")
@@ -210,8 +210,8 @@ def _cmd_train(args, names) -> int:
     cfg = TrainConfig(**{"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "eval_every": 100,
                          **given, "progress": not args.no_progress})
     device = _device(args.device)
-    model = build_model(args.model, seed=args.model_seed).to(device)
-    dataset = args.dataset or model.dataset
+    dataset = args.dataset or default_dataset(args.model)
+    model = build_model(args.model, seed=args.model_seed, input_shape=INPUT_SHAPES.get(dataset)).to(device)
     tr = load_dataset(dataset, "train", root=args.data, device=device, limit=args.data_limit or None)
     te = load_dataset(dataset, "test", root=args.data, device=device, limit=args.test_limit or None)
     if args.layers == "sparse":

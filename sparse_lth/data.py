@@ -38,7 +38,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DeviceDataset", "data_root", "load_dataset", "NORMALIZATION", "ENV_DATA"]
+__all__ = ["DATASETS", "DeviceDataset", "data_root", "load_dataset", "NORMALIZATION", "ENV_DATA", "INPUT_SHAPES"]
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 ENV_DATA = "SPARSE_LTH_DATA"
@@ -51,6 +51,12 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+# (C, H, W) of one example, as load_dataset gives it.
+INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
 }
 _NUM_CLASSES = 10
 _CROP_PAD = 4

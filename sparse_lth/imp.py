@@ -484,8 +484,7 @@ class Experiment:
         if self.hp.dataset:
             return self.hp.dataset
         from . import models
-        return models.PAPER_HPARAMS.get(self.hp.model, {}).get("dataset") or \
-            getattr(models.build_model(self.hp.model, seed=0), "dataset")
+        return models.PAPER_HPARAMS.get(self.hp.model, {}).get("dataset") or models.default_dataset(self.hp.model)
 
     @property
     def data(self):
@@ -502,8 +501,9 @@ class Experiment:
 
     def _build_model(self, seed: int, sparse: bool = True) -> nn.Module:
         from . import models
+        from .data import INPUT_SHAPES
         hp = self.hp
-        kw = dict(width=hp.width, dropout=hp.dropout, seed=seed)
+        kw = dict(width=hp.width, dropout=hp.dropout, seed=seed, input_shape=INPUT_SHAPES.get(self.dataset))
         model = models.build_model(hp.model, **kw)
         if sparse:
             model = model.to(self.device)

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MODEL_NAMES", "PAPER_HPARAMS", "build_model", "paper_hparams", "count_parameters"]
+__all__ = ["MODEL_NAMES", "PAPER_HPARAMS", "build_model", "default_dataset", "paper_hparams", "count_parameters"]
 
 MODEL_NAMES: tuple[str, ...] = ("lenet300_100", "conv2", "conv4", "conv6", "vgg11", "vgg13", "vgg16", "vgg19",
                                 "resnet20", "resnet18")
@@ -89,10 +89,11 @@ class LeNet300_100(nn.Module):
     """LeNet-300-100: flatten -> fc1 (300) -> ReLU -> fc2 (100) -> ReLU -> fc3 (classes); dropout after the
     hidden ReLUs when ``dropout > 0``."""
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.0, in_channels: int = 1):
+    def __init__(self, num_classes: int = 10, width: float = 1.0, dropout: float = 0.0, in_channels: int = 1,
+                 image_size: tuple[int, int] = _MNIST_SHAPE):
         super().__init__()
         h1, h2 = _scale(300, width), _scale(100, width)
-        self.fc1 = nn.Linear(in_channels * _MNIST_SHAPE[0] * _MNIST_SHAPE[1], h1)
+        self.fc1 = nn.Linear(in_channels * image_size[0] * image_size[1], h1)
         self.fc2 = nn.Linear(h1, h2)
         self.fc3 = nn.Linear(h2, num_classes)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -106,10 +107,11 @@ class LeNet300_100(nn.Module):
 
 class ConvN(nn.Module):
     """Conv-2/4/6 of the LTH paper: pairs of 3x3 convs (padding 1, ReLU) each followed by a 2x2 max-pool, then
-    fc1 (256) -> ReLU -> fc2 (256) -> ReLU -> fc3 (classes); dropout after the hidden fc ReLUs."""
+    fc1 (256) -> ReLU -> fc2 (256) -> ReLU -> fc3 (classes); dropout after the hidden fc ReLUs. fc1 takes the
+    last pool's output, whose size follows from ``image_size`` (32x32 -> 16x16 for Conv-2; 28x28 -> 14x14)."""
 
     def __init__(self, plan: list[int], num_classes: int = 10, width: float = 1.0, dropout: float = 0.0,
-                 in_channels: int = 3):
+                 in_channels: int = 3, image_size: tuple[int, int] = _CIFAR_SHAPE):
         super().__init__()
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         c = in_channels
@@ -121,9 +123,10 @@ class ConvN(nn.Module):
                 layers[f"pool{i // 2 + 1}"] = nn.MaxPool2d(2)
             c = ch
         self.features = nn.Sequential(layers)
-        side = _CIFAR_SHAPE[0] // 2 ** (len(plan) // 2)
+        pools = len(plan) // 2
+        h, w = image_size[0] // 2 ** pools, image_size[1] // 2 ** pools
         hidden = _scale(256, width)
-        self.fc1 = nn.Linear(c * side * side, hidden)
+        self.fc1 = nn.Linear(c * h * w, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
         self.fc3 = nn.Linear(hidden, num_classes)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -158,7 +161,8 @@ _VGG_PLANS = {
 class VGG(nn.Module):
     """VGG for CIFAR-10 as open_lth's ``cifar_vgg_N``: conv+BN+ReLU modules and 2x2 max-pools (4 pools: 32 -> 2),
     a 2x2 average pool (-> 1x1), and a single linear output layer ``fc`` (512 -> classes). No hidden FC layers,
-    hence no dropout."""
+    hence no dropout. The average pool is a global one (on CIFAR's 2x2 maps it is the same 2x2 pool, bit for
+    bit), so other image sizes (28x28: 1x1 maps) work too."""
 
     def __init__(self, plan: list, num_classes: int = 10, width: float = 1.0, in_channels: int = 3):
         super().__init__()
@@ -176,7 +180,7 @@ class VGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(x)
-        x = F.avg_pool2d(x, 2)
+        x = F.adaptive_avg_pool2d(x, 1)
         return self.fc(x.flatten(1))
 
 
@@ -245,13 +249,25 @@ def _check_number(name: str, value, kind, low, low_inclusive: bool, high=None) -
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
 
 
+def default_dataset(name: str) -> str:
+    """The dataset model ``name`` was made for in the papers: ``"mnist"`` for LeNet-300-100, else ``"cifar10"``."""
+    if not isinstance(name, str) or name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    return "mnist" if name == "lenet300_100" else "cifar10"
+
+
 def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout: float = 0.0,
-                in_channels: int | None = None, seed: int | None = None, bn_init: str = "fixed") -> nn.Module:
+                in_channels: int | None = None, seed: int | None = None, bn_init: str = "fixed",
+                input_shape: tuple[int, int, int] | None = None) -> nn.Module:
     """Build one of :data:`MODEL_NAMES`.
 
     ``width`` scales every hidden width (``max(1, round(w * width))``; the input and output sizes stay).
     ``dropout`` is applied after the hidden fully-connected layers (LeNet, Conv-2/4/6); VGG and the ResNets have
-    none, so ``dropout > 0`` is an error for them. ``in_channels`` defaults to 1 (MNIST) or 3 (CIFAR-10).
+    none, so ``dropout > 0`` is an error for them. ``input_shape`` = (C, H, W) of one example: the model's own
+    dataset's by default ((1, 28, 28) for LeNet, (3, 32, 32) for the others); give (1, 28, 28) to run Conv-2/4/6,
+    VGG or a ResNet on MNIST or Fashion-MNIST (the layer shapes after the convolutions follow from it; a VGG or
+    Conv-N whose pools would shrink the image to nothing is refused). ``in_channels`` sets C alone (an older
+    spelling; it must agree with ``input_shape`` if both are given).
     ``seed``: if given, every parameter is drawn under ``torch.manual_seed(seed)`` inside a forked RNG (the
     global RNG state is left untouched), so the same seed gives identical weights; if ``None`` the global RNG
     is used. ``bn_init``: ``"fixed"`` (BN weight 1, bias 0) or ``"uniform"`` (open_lth's default: U(0,1), 0).
@@ -259,13 +275,19 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
     The model carries ``output_layer`` (module path of its output layer, e.g. ``"fc3"``), ``dataset``
     (``"mnist"`` or ``"cifar10"``), ``input_shape`` ((C, H, W)), ``model_name`` and ``num_classes``.
     """
-    if not isinstance(name, str) or name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+    dataset = default_dataset(name)
     _check_number("num_classes", num_classes, int, 1, True)
     _check_number("width", width, (int, float), 0, False)
     _check_number("dropout", dropout, (int, float), 0, True, 1)
     if in_channels is not None:
         _check_number("in_channels", in_channels, int, 1, True)
+    if input_shape is not None:
+        if (not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in input_shape)):
+            raise ValueError(f"input_shape must be (C, H, W), three positive ints, got {input_shape!r}")
+        input_shape = tuple(input_shape)
+        if in_channels is not None and in_channels != input_shape[0]:
+            raise ValueError(f"in_channels={in_channels} disagrees with input_shape={input_shape}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if bn_init not in _BN_INITS:
@@ -274,17 +296,22 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
         raise ValueError(f"{name} has no hidden fully-connected layers, so dropout={dropout} cannot apply; "
                          "use dropout=0.0")
     width = float(width)
-    dataset = "mnist" if name == "lenet300_100" else "cifar10"
-    if in_channels is None:
-        in_channels = 1 if dataset == "mnist" else 3
+    if input_shape is None:
+        hw = _MNIST_SHAPE if dataset == "mnist" else _CIFAR_SHAPE
+        input_shape = (in_channels or (1 if dataset == "mnist" else 3), *hw)
+    in_channels, hw = input_shape[0], input_shape[1:]
+    pools = {"conv2": 1, "conv4": 2, "conv6": 3}.get(name, 4 if name in _VGG_PLANS else 0)
+    if min(hw) < 2 ** pools:
+        raise ValueError(f"{name} halves the image {pools} times: it needs at least {2 ** pools}x{2 ** pools} "
+                         f"pixels, got input_shape={input_shape}")
 
     def make() -> nn.Module:
         if name == "lenet300_100":
-            m, out = LeNet300_100(num_classes, width, dropout, in_channels), "fc3"
+            m, out = LeNet300_100(num_classes, width, dropout, in_channels, hw), "fc3"
             _init_glorot(m)
         elif name in ("conv2", "conv4", "conv6"):
             plan = [64, 64, 128, 128, 256, 256][: int(name[-1])]
-            m, out = ConvN(plan, num_classes, width, dropout, in_channels), "fc3"
+            m, out = ConvN(plan, num_classes, width, dropout, in_channels, hw), "fc3"
             _init_glorot(m)
         elif name in _VGG_PLANS:
             m, out = VGG(_VGG_PLANS[name], num_classes, width, in_channels), "fc"
@@ -301,10 +328,9 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model, output_layer = make()
-    hw = _MNIST_SHAPE if dataset == "mnist" else _CIFAR_SHAPE
     model.output_layer = output_layer
     model.dataset = dataset
-    model.input_shape = (in_channels, *hw)
+    model.input_shape = input_shape
     model.model_name = name
     model.num_classes = num_classes
     return model

@@ -99,6 +99,17 @@ def test_train_command(tmp_path, capsys):
     assert [c["iteration"] for c in m["curve"]] == [0, 10, 20] and 0 <= m["test_acc"] <= 1
 
 
+def test_train_command_conv_network_on_fashion_mnist(tmp_path):
+    """`train --model conv2 --dataset fashion_mnist`: the network is built for the dataset's 1x28x28 images."""
+    out = tmp_path / "conv.json"
+    assert main(["train", "--model", "conv2", "--dataset", "fashion_mnist", "--data", mnist_root(), "--density", "0.5",
+                 "--iterations", "2", "--eval-every", "2", "--batch-size", "8", "--data-limit", "64",
+                 "--test-limit", "32", "--no-progress", "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert set(m["paths"]) == {"features.conv1", "features.conv2", "fc1", "fc2", "fc3"}
+    assert abs(m["percent_remaining"] - 50.0) < 0.01 and 0 <= m["test_acc"] <= 1
+
+
 def test_train_command_ops_and_timed_paths(tmp_path, capsys):
     """--ops forces the sparse path's ops (recorded as path labels); --timed-paths times the auto choice on the
     CPU; a bad --ops is a clear error (exit 2)."""

@@ -614,6 +614,19 @@ def test_a_damaged_json_file_is_named(tmp_path):
         run(tiny_hp(rounds=1), tmp_path, data=data)
 
 
+def test_a_conv_network_on_one_channel_28x28_data(tmp_path):
+    """Conv-2 on Fashion-MNIST (or MNIST): the model is built for the dataset's (1, 28, 28) examples, and IMP
+    prunes its conv layers at the conv rate and its fc layers at theirs."""
+    hp = tiny_hp(model="conv2", dataset="fashion_mnist", width=0.125, prune_conv=0.1, rounds=1, iterations="4it",
+                 eval_every=2)
+    res = run(hp, tmp_path)
+    masks = load_masks(res.experiment_dir, 0, 1)
+    assert masks["features.conv1"].shape == (8, 1, 3, 3) and masks["fc1"].shape == (32, 8 * 14 * 14)
+    left = {n: m.float().mean().item() for n, m in masks.items()}
+    assert left["features.conv2"] == pytest.approx(0.9, abs=0.01) and left["fc1"] == pytest.approx(0.8, abs=0.01)
+    assert left["fc3"] == pytest.approx(0.9, abs=0.02)
+
+
 def test_a_model_that_does_not_fit_the_data_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="model conv2 does not take .* examples .*3 channels"):
         run(tiny_hp(model="conv2", prune_conv=0.1), tmp_path / "runs")  # MNIST-shaped data: one channel

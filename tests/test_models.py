@@ -178,6 +178,55 @@ def test_in_channels():
     assert m.input_shape == (1, 32, 32) and _forward(m).shape == (2, 10)
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_input_shape_of_mnist(name):
+    """Every network runs on MNIST/Fashion-MNIST's (1, 28, 28) examples; the layers after the convolutions take
+    the smaller maps (Conv-2: 64 x 14 x 14 into fc1 instead of 64 x 16 x 16)."""
+    m = build_model(name, input_shape=(1, 28, 28), seed=0)
+    assert m.input_shape == (1, 28, 28) and m.dataset == ("mnist" if name == "lenet300_100" else "cifar10")
+    out = _forward(m, batch=3)
+    assert out.shape == (3, 10) and torch.isfinite(out).all()
+    pooled = {"conv2": 64 * 14 * 14, "conv4": 128 * 7 * 7, "conv6": 256 * 3 * 3, "lenet300_100": 784}
+    if name in pooled:
+        assert m.fc1.in_features == pooled[name]
+    # the default is the model's own dataset, unchanged
+    assert build_model(name, seed=0).input_shape == ((1, 28, 28) if name == "lenet300_100" else (3, 32, 32))
+    assert count_parameters(build_model(name, input_shape=build_model(name).input_shape)) == \
+        count_parameters(build_model(name))
+
+
+def test_vgg_global_pool_is_cifars_2x2_pool():
+    """VGG's final pool became a global one so that 28x28 inputs work; on CIFAR's 2x2 maps it is bit for bit the
+    2x2 average pool open_lth uses, forward and backward."""
+    m = build_model("vgg11", width=0.25, seed=0).train()
+    x = torch.randn(4, 3, 32, 32)
+    feats = m.layers(x)
+    assert feats.shape[-2:] == (2, 2)
+    ref = m.fc(torch.nn.functional.avg_pool2d(feats, 2).flatten(1))
+    assert torch.equal(m(x), ref)
+    f1 = feats.detach().requires_grad_()
+    f2 = feats.detach().requires_grad_()
+    torch.nn.functional.avg_pool2d(f1, 2).square().sum().backward()
+    torch.nn.functional.adaptive_avg_pool2d(f2, 1).square().sum().backward()
+    assert torch.equal(f1.grad, f2.grad)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match="input_shape must be"):
+        build_model("conv2", input_shape=(28, 28))
+    with pytest.raises(ValueError, match="input_shape must be"):
+        build_model("conv2", input_shape=(1, 28, 0))
+    with pytest.raises(ValueError, match="input_shape must be"):
+        build_model("conv2", input_shape=(1.0, 28, 28))
+    with pytest.raises(ValueError, match="disagrees"):
+        build_model("conv2", in_channels=3, input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match="vgg19 halves the image 4 times: it needs at least 16x16"):
+        build_model("vgg19", input_shape=(3, 15, 32))
+    with pytest.raises(ValueError, match="conv6 halves the image 3 times"):
+        build_model("conv6", input_shape=(1, 7, 7))
+    assert _forward(build_model("conv6", input_shape=(1, 8, 8), width=0.1)).shape == (2, 10)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="lenet300_100.*resnet18"):
         build_model("resnet50")
