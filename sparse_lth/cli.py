@@ -458,7 +458,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="controls: the IMP run to compare with (default: <runs>/<its name>, where `imp` puts it "
                          "without --run-dir)")
     pi.add_argument("--wait-for-source", type=_nonneg(float), default=0.0,
-                    help="controls reinit/noise/random_prune: wait up to this many seconds for the IMP run's masks")
+                    help="controls: wait up to this many seconds for the IMP run's dense round (rather than "
+                         "train it again) and, for reinit/noise/random_prune, for its masks of each round")
     pi.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     pi.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads")
     imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (override the preset)")

@@ -26,7 +26,9 @@
 
 A control's round 0 (the dense network) is the ``imp`` experiment's: when that has finished round 0 for the seed
 from the same θ0, the control takes its masks, final weights, rewind point and metrics (``reused_from`` in its
-metrics) instead of training the same network again; ``reuse_dense_round=False`` trains it anyway.
+metrics) instead of training the same network again; ``reuse_dense_round=False`` trains it anyway. A control
+started beside its IMP run with ``wait_for_source`` waits for that round (up to that many seconds) rather than
+training it a second time.
 
 Run folders: ``<run_root>/<model>_<control>_<hash>/`` where the hash covers the hyperparameters that differ from
 :class:`ImpHparams`' defaults (except ``seed``), so the same experiment finds the same folder. It holds
@@ -593,18 +595,25 @@ class Experiment:
             raise ValueError(f"model {self.hp.model} does not take {self.dataset}'s examples (shape "
                              f"{tuple(x.shape[1:])}): {e}") from None
 
+    def _await_files(self, paths: list[str]) -> bool:
+        """Wait (polling every 5 s) up to ``wait_for_source`` seconds for every one of ``paths`` to exist; True
+        when they all do."""
+        deadline = time.time() + self.wait_for_source
+        while not all(os.path.exists(p) for p in paths):
+            if time.time() >= deadline:
+                return False
+            time.sleep(min(5.0, max(0.05, deadline - time.time())))
+        return True
+
     def _source_masks(self, seed: int, r: int, required: bool) -> dict | None:
         path = os.path.join(self.source().round_dir(seed, r), "masks.pt")
-        deadline = time.time() + self.wait_for_source
-        while not os.path.exists(path):
-            if time.time() >= deadline:
-                if not required:
-                    return None
-                raise FileNotFoundError(
-                    f"control {self.hp.control!r} needs the IMP ticket's masks of round {r} ({path}); run the "
-                    f"'imp' experiment with the same hyperparameters first (and name its folder with source_dir, "
-                    f"the CLI's --source, if it is not <runs>/<its name>)")
-            time.sleep(5)
+        if not self._await_files([path]):
+            if not required:
+                return None
+            raise FileNotFoundError(
+                f"control {self.hp.control!r} needs the IMP ticket's masks of round {r} ({path}); run the "
+                f"'imp' experiment with the same hyperparameters first (and name its folder with source_dir, "
+                f"the CLI's --source, if it is not <runs>/<its name>)")
         return torch.load(path, map_location="cpu", weights_only=False)["masks"]
 
     # ------------------------------------------------------------------------------------ running
@@ -748,7 +757,7 @@ class Experiment:
         files = [os.path.join(sdir, f) for f in ("metrics.json", "masks.pt", "final.pt")]
         src_init = os.path.join(src.seed_dir(seed), "init.pt")
         src_rewind = os.path.join(src.seed_dir(seed), "rewind.pt")
-        if not all(os.path.exists(f) for f in files + [src_init, src_rewind]):
+        if not self._await_files(files + [src_init, src_rewind]):  # a control started beside its IMP run waits
             return None
         mine = torch.load(init_path, map_location="cpu", weights_only=False)
         theirs = torch.load(src_init, map_location="cpu", weights_only=False)

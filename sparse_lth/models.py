@@ -18,7 +18,9 @@ resnet18       cifar10   ResNet-18 for CIFAR (He et al. 2016 / the common CIFAR 
                          shortcuts, global avg-pool, fc 512->10
 ============== ========= ============================================================================== ==========
 
-(Counts include biases and BatchNorm affine parameters, at width 1 and 10 classes.) The paper's table gives 266K,
+(Counts include biases and BatchNorm affine parameters, at width 1 and 10 classes, on the dataset named; every
+network also takes MNIST/Fashion-MNIST's 1x28x28 images with ``input_shape=(1, 28, 28)``, which IMP and the CLI
+pass for those datasets: Conv-2 then has 3,317,450 weights, fc1 taking 64x14x14.) The paper's table gives 266K,
 4.3M, 2.4M, 1.7M, 20.0M and 274K. All match the architectures above except Conv-6: the architecture the paper
 describes (and that this module builds) has 2.26M weights; the paper's "1.7M" does not follow from it.
 

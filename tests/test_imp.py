@@ -585,6 +585,35 @@ def test_control_finds_an_imp_run_in_a_folder_of_its_own(tmp_path):
     waiting._check_source([0])
 
 
+def test_a_control_started_beside_its_imp_run_waits_for_its_dense_round(tmp_path):
+    """A control told to wait for its source, started before the IMP run has finished round 0, waits for that
+    round and takes it (no second training of the same dense network), then the ticket's masks."""
+    import threading
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    src = str(tmp_path / "imp")
+    trained, out, errors = [], {}, []
+
+    def control():
+        try:
+            out["ctl"] = run(dataclasses.replace(hp, control="reinit"), tmp_path, data=data, source_dir=src,
+                             wait_for_source=120, on_round_start=lambda r, m: trained.append(r))
+        except Exception as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=control)
+    t.start()
+    time.sleep(0.5)  # the control is waiting: no IMP folder yet
+    assert trained == [] and t.is_alive()
+    imp = run(hp, tmp_path, data=data, run_dir=src)
+    t.join(timeout=120)
+    assert not errors, errors
+    assert trained == [1]  # round 0 was the IMP run's
+    assert out["ctl"].metrics[0][0]["reused_from"] == os.path.relpath(os.path.join(src, "seed_0", "round_00"),
+                                                                       out["ctl"].experiment_dir)
+    assert out["ctl"].metrics[0][0]["test_acc"] == imp.metrics[0][0]["test_acc"]
+
+
 def test_run_folder_that_is_no_experiment_is_refused(tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "lenet300_100_imp_0123456789").mkdir()  # a run root, say
