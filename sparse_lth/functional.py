@@ -63,6 +63,14 @@ def _gather_grad(g: torch.Tensor, flat_index: torch.Tensor, dtype: torch.dtype) 
     return g.reshape(-1).index_select(0, flat_index).to(dtype)
 
 
+def _not_a_view(y: torch.Tensor) -> torch.Tensor:
+    """``y`` as a tensor of its own for autograd when it is a view of a tensor made inside the forward (a
+    transposed product, a reshape): autograd refuses in-place ops on a custom Function's view outputs
+    (``nn.ReLU(inplace=True)`` after the layer), and nothing else holds that tensor. Same storage and version
+    counter, so an in-place op on it is still seen by what the backward saved."""
+    return y.detach() if y._base is not None else y
+
+
 class SparseLinearFunction(torch.autograd.Function):
     """y = x W^T + b (+ ReLU) with W given by ``values`` (nnz) and ``fmt``; x of shape (..., cols).
 
@@ -94,7 +102,7 @@ class SparseLinearFunction(torch.autograd.Function):
         # backward cannot trace to x
         ctx.save_for_backward(x2, values, y if activation == "relu" else None, w if d_dx else None, flat_index,
                               x if (x2 is not x and x.requires_grad) else None)
-        return y.reshape(*lead, fmt.rows)
+        return _not_a_view(y.reshape(*lead, fmt.rows))
 
     @staticmethod
     def backward(ctx, dy):
@@ -199,7 +207,7 @@ class SparseConv2dFunction(torch.autograd.Function):
         ctx.fmt, ctx.geom, ctx.has_bias = fmt, (kernel_size, stride, padding, dilation), bias is not None
         ctx.dense, ctx.w_shape, ctx.backend, ctx.taps, ctx.grid = dense, w_shape, backend, taps, grid
         ctx.save_for_backward(x, values, w if d_dx else None, flat_index, xg if not d_dw else None)
-        return y
+        return _not_a_view(y)
 
     @staticmethod
     def backward(ctx, dy):

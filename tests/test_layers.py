@@ -296,6 +296,76 @@ def test_sparsify_torchvision_resnet():
     torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
 
 
+def in_place_after_layer_matches_out_of_place(layer, x):
+    """An in-place activation on the layer's output (``nn.Hardswish(inplace=True)``, as torchvision's MobileNetV3
+    puts after its Linear layers) gives the out-of-place forward and gradients."""
+    results = []
+    for inplace in (False, True):
+        layer.zero_grad()
+        xi = x.detach().clone().requires_grad_(True)
+        z = F.hardswish(layer(xi), inplace=inplace)
+        z.backward(torch.linspace(-1, 1, z.numel(), device=z.device).view(z.shape))
+        p = layer.values if layer.path == "sparse" else layer.weight
+        results.append((z.detach(), xi.grad, p.grad.clone(), layer.bias.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ops", ["sparse", "dense"])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_in_place_op_after_a_layer(path, ops):
+    """Autograd refused any in-place op on a sparse-path layer's output (it was a view made inside the custom
+    Function: a transposed product, a reshape), so sparsify(mobilenet_v3_small) could not train."""
+    gen = torch.Generator().manual_seed(31)
+    lin = SparseLinear(16, 9, path=path, backend="torch", ops=ops)
+    lin.set_mask(random_mask((9, 16), 0.3, gen))
+    for x in (torch.randn(4, 16, generator=gen), torch.randn(16, generator=gen), torch.randn(2, 3, 16, generator=gen)):
+        in_place_after_layer_matches_out_of_place(lin, x)
+    conv = SparseConv2d(3, 5, 3, padding=1, path=path, backend="torch", ops=ops)
+    conv.set_mask(random_mask(conv.weight_shape, 0.3, gen))
+    for x in (torch.randn(2, 3, 6, 5, generator=gen), torch.randn(3, 6, 5, generator=gen)):
+        in_place_after_layer_matches_out_of_place(conv, x)
+
+
+def test_in_place_op_on_a_saved_output_is_still_caught():
+    """The fused ReLU saves its output for the backward: changing that output in place is refused, as autograd
+    refuses it after torch.relu (the output is no longer a view, but it shares its version counter)."""
+    gen = torch.Generator().manual_seed(32)
+    layer = SparseLinear(16, 9, path="sparse", backend="torch", activation="relu")
+    layer.set_mask(random_mask((9, 16), 0.3, gen))
+    y = layer(torch.randn(4, 16, generator=gen))
+    y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_sparsify_torchvision_mobilenet_v3_trains_on_the_sparse_path():
+    """MobileNetV3 (in-place Hardswish after its Linear layers, depthwise convs): sparsified, its Linear layers on
+    the sparse path, forward and backward give the dense masked network's outputs and gradients (in eval mode:
+    batch statistics of 1x1 maps over a small batch would magnify rounding differences)."""
+    torch.manual_seed(0)
+    ref = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    model = copy.deepcopy(ref)
+    sparsify(model)
+    gen = torch.Generator().manual_seed(33)
+    for name, layer in sparse_layers(model):
+        mask = random_mask(layer.weight_shape, 0.1, gen)
+        layer.set_mask(mask, path="sparse" if isinstance(layer, SparseLinear) else None)
+        with torch.no_grad():
+            ref.get_submodule(name).weight.mul_(mask)
+    assert {layer.path for layer in model.classifier if isinstance(layer, SparseLinear)} == {"sparse"}
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    out, out_ref = model(x), ref(x)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for name, layer in sparse_layers(model):
+        g_ref = ref.get_submodule(name).weight.grad * layer.weight_mask
+        got = layer.values.grad if layer.path == "sparse" else layer.weight.grad
+        want = g_ref[layer.weight_mask] if layer.path == "sparse" else g_ref
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_state_dict_between_sparse_models_carries_masks():
     gen = torch.Generator().manual_seed(5)
     a = SparseLinear(30, 20, path="sparse")

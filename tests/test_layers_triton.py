@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from sparse_lth.layers import SparseConv2d, SparseLinear
 
-from test_layers import check_empty_batch, grads_vs_reference, random_mask
+from test_layers import check_empty_batch, grads_vs_reference, in_place_after_layer_matches_out_of_place, random_mask
 
 
 @pytest.fixture
@@ -35,6 +35,17 @@ def test_sparse_conv_on_triton(kernel_device, backend, case):
     layer.set_mask(random_mask(layer.weight_shape, density, gen))
     x = torch.randn(2, cin, 7, 9).to(kernel_device)
     grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(x, w, b, s, p, d))
+
+
+def test_in_place_op_after_a_layer_on_triton(kernel_device, backend):
+    gen = torch.Generator().manual_seed(14)
+    lin = SparseLinear(16, 9, path="sparse", backend=backend).to(kernel_device)
+    lin.set_mask(random_mask((9, 16), 0.3, gen))
+    conv = SparseConv2d(3, 5, 3, padding=1, path="sparse", backend=backend).to(kernel_device)
+    conv.set_mask(random_mask(conv.weight_shape, 0.3, gen))
+    for layer, x in ((lin, torch.randn(4, 16)), (lin, torch.randn(2, 3, 16)), (conv, torch.randn(2, 3, 6, 5))):
+        assert layer.backend == backend and layer.path == "sparse"
+        in_place_after_layer_matches_out_of_place(layer, x.to(kernel_device))
 
 
 def test_empty_batch_on_triton(kernel_device, backend):
