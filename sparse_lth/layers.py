@@ -676,8 +676,9 @@ class SparseLinear(_SparseLayer):
                              self._flat_index)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"density={self.density:.4f}, path={self.path_label}")
+        act = f", activation={self.activation}" if self.activation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                f"{act}, density={self.density:.4f}, path={self.path_label}")
 
 
 def _pair(v) -> tuple[int, int]:
@@ -789,8 +790,17 @@ class SparseConv2d(_SparseLayer):
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, density={self.density:.4f}, path={self.path}")
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s + f", density={self.density:.4f}, path={self.path_label}"
 
 
 # ---------------------------------------------------------------------- whole models

@@ -668,6 +668,13 @@ def test_ops_request_is_checked_and_kept_across_masks():
     layer.set_mask(random_mask((5, 6), 0.5, gen))
     assert layer.ops["input_grad"] == "dense" and layer.path_label == "sparse/input_grad:dense"
     assert "path=sparse/input_grad:dense" in repr(layer)
+    assert repr(SparseLinear(4, 3, activation="relu")) == \
+        "SparseLinear(in_features=4, out_features=3, bias=True, activation=relu, density=1.0000, path=dense)"
+    conv = SparseConv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False, padding_mode="reflect",
+                        ops={"forward": "dense"})
+    conv.set_mask((torch.arange(conv.weight.numel()) % 2 == 0).view(conv.weight_shape), path="sparse")
+    assert repr(conv) == ("SparseConv2d(4, 6, kernel_size=(3, 3), stride=(1, 1), padding=(2, 2), dilation=(2, 2), "
+                          "groups=2, bias=False, padding_mode=reflect, density=0.5000, path=sparse/forward:dense)")
     layer.set_mask(random_mask((5, 6), 0.5, gen), ops="sparse")
     assert set(layer.ops.values()) == {"sparse"} and layer.path_label == "sparse"
     layer.set_mask(layer.weight_mask, path="dense")
