@@ -832,8 +832,9 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
     ``masks``: optional ``{module_name: mask}``; ``path``, ``backend``, ``ops``: as for the layers. Linear layers
     inside ``nn.MultiheadAttention`` (which reads their weights directly) are left alone, and so are subclasses
     (their own forward or parameters). A layer used under several names gets one twin (a mask under any of its
-    names). The twins copy their weights: a Parameter tied to another module is no longer tied. A bare
-    ``nn.Linear``/``nn.Conv2d`` is returned swapped.
+    names). A layer whose weight or bias is tied to another module (a language model's output layer sharing the
+    embedding's weight, say) is left alone too, with a warning: its twin would copy the weight and silently
+    untie it; a mask for it is an error. A bare ``nn.Linear``/``nn.Conv2d`` is returned swapped.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -851,6 +852,7 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
         if to in masks and not torch.equal(check_mask(masks[to], mask.shape).cpu(), check_mask(mask, mask.shape).cpu()):
             raise ValueError(f"sparsify: {k} is the same layer as {to}, with another mask")
         masks.setdefault(to, mask)
+    tied, left_alone = _tied_layers(model), set()
     swapped: dict[int, tuple[nn.Module, str]] = {}  # a layer used in several places gets one sparse twin
     originals: list[nn.Module] = []
     for name, module in list(model.named_modules()):
@@ -862,6 +864,16 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
                 continue
             full = f"{name}.{child_name}" if name else child_name
             mask = masks.pop(full, None)
+            if id(child) in tied:
+                mine, other = tied[id(child)]
+                if mask is not None:
+                    raise ValueError(f"sparsify: {full} cannot take a mask: its parameter {mine} is tied to {other}, "
+                                     "and a sparse twin would untie them")
+                if id(child) not in left_alone:  # once per layer
+                    left_alone.add(id(child))
+                    warnings.warn(f"sparsify: left {full} a plain {type(child).__name__}: its parameter {mine} is "
+                                  f"tied to {other}, and a sparse twin would copy it and untie them", stacklevel=2)
+                continue
             if id(child) in swapped:
                 twin, first = swapped[id(child)]
                 if mask is not None:
@@ -880,6 +892,27 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
         raise KeyError(f"sparsify: masks given for modules that are not Linear/Conv2d layers: {sorted(masks)}")
     _retire_swapped(model, originals)
     return model
+
+
+def _tied_layers(model: nn.Module) -> dict[int, tuple[str, str]]:
+    """``{id(layer): (its parameter's name, the other module's name for it)}`` for the Linear/Conv2d layers of
+    ``model`` that share a weight or bias Parameter with another module."""
+    owners: dict[int, dict[int, str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        for pn, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), {}).setdefault(id(m), f"{n}.{pn}" if n else pn)
+    tied = {}
+    for n, m in model.named_modules():
+        if _swap_target(m) is None:
+            continue
+        for pn in ("weight", "bias"):
+            p = m._parameters.get(pn)
+            others = [v for k, v in owners.get(id(p), {}).items() if k != id(m)] if p is not None else []
+            if others:
+                tied[id(m)] = (f"{n}.{pn}", others[0])
+                break
+    return tied
 
 
 def _retire_swapped(model: nn.Module, old_modules) -> None:

@@ -225,22 +225,47 @@ def test_an_optimizer_built_before_the_parameters_changed_is_refused(how, path):
     assert all(not torch.equal(a, p) for a, p in zip(w0, model.parameters()))
 
 
-def test_a_parameter_shared_with_a_swapped_layer_still_trains():
-    """sparsify swaps modules but retires none of their parameters: one tied to another layer (an embedding and
-    an output layer, say) or used by another model trains on with an optimizer built afterwards."""
+def test_a_layer_tied_to_another_module_is_left_alone():
+    """A Linear whose weight is an embedding's (a language model's output layer) would be untied by a sparse twin
+    that copies the weight: sparsify leaves it plain and warns, once; a mask for it is refused. Tied to another
+    Linear, both stay plain; an untied layer beside them is swapped."""
     emb = nn.Embedding(7, 4)
     head = nn.Linear(4, 7, bias=False)
-    head.weight = emb.weight  # tied
+    head.weight = emb.weight
+    model = nn.ModuleDict({"emb": emb, "head": head, "head2": head, "other": nn.Linear(4, 4)})
+    with pytest.warns(UserWarning, match=r"left head a plain Linear: its parameter head.weight is tied to emb.weight") \
+            as caught:
+        sparsify(model)
+    assert sum("tied" in str(w.message) for w in caught) == 1
+    assert model["head"] is head and model["head2"] is head and head.weight is emb.weight
+    assert type(model["other"]) is SparseLinear
+    with pytest.raises(ValueError, match="head cannot take a mask: its parameter head.weight is tied to emb.weight"):
+        sparsify(nn.ModuleDict({"emb": emb, "head": head}), masks={"head": torch.ones(7, 4)})
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.bias = a.bias
+    pair = nn.Sequential(a, b)
+    with pytest.warns(UserWarning, match="tied"):
+        sparsify(pair)
+    assert type(pair[0]) is nn.Linear and type(pair[1]) is nn.Linear
+
+
+def test_a_parameter_shared_with_a_swapped_layer_still_trains():
+    """sparsify swaps modules but retires none of their parameters: one used by another model (or an optimizer
+    built afterwards over both) trains on."""
+    emb = nn.Embedding(7, 4)
+    head = nn.Linear(4, 7, bias=False)
     model = nn.ModuleDict({"emb": emb, "head": head})
     other = nn.Sequential(head)  # the same layer in a model left plain
     sparsify(model)
+    assert type(model["head"]) is SparseLinear
     params = {id(p): p for p in list(model.parameters()) + list(other.parameters())}  # each once
     opt = torch.optim.SGD(list(params.values()), lr=0.1)
     loss = model["head"](model["emb"](torch.tensor([1, 2]))).sum() + other(torch.ones(1, 4)).sum()
     loss.backward()
-    before = emb.weight.detach().clone()
-    opt.step()
-    assert not torch.equal(before, emb.weight)
+    before = emb.weight.detach().clone(), head.weight.detach().clone()
+    with pytest.warns(UserWarning, match="unless that layer is still used elsewhere on purpose"):
+        opt.step()
+    assert not torch.equal(before[0], emb.weight) and not torch.equal(before[1], head.weight)
 
 
 def test_sparsify_gives_a_shared_layer_one_twin():
