@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 import typing
@@ -74,7 +75,7 @@ class ImpHparams:
     """Everything that defines an IMP experiment (defaults: LeNet-300-100 on MNIST as in the paper)."""
 
     # model and data
-    model: str = "lenet300_100"
+    model: str = "lenet300_100"     # a built-in network, or your own as "package.module:callable"
     dataset: str = ""               # "" = the model's dataset
     width: float = 1.0
     dropout: float = 0.0
@@ -144,7 +145,12 @@ def non_default(hp: ImpHparams) -> dict:
 def experiment_name(hp: ImpHparams) -> str:
     """``<model>_<control>_<hash of the non-default hyperparameters>``."""
     blob = json.dumps(non_default(hp), sort_keys=True)
-    return f"{hp.model}_{hp.control}_{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    return f"{_folder_safe(hp.model)}_{hp.control}_{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _folder_safe(model: str) -> str:
+    """The model's name as a folder name's part ("torchvision.models:resnet18" -> "torchvision.models-resnet18")."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", model)
 
 
 def _default_dir(run_root: str, hp: ImpHparams) -> str:
@@ -155,7 +161,7 @@ def _default_dir(run_root: str, hp: ImpHparams) -> str:
         return path
     mine = {k: v for k, v in canonical_hparams(hparams_dict(hp)).items() if k not in NOT_HASHED}
     defaults = hparams_dict(ImpHparams())
-    for cand in sorted(glob.glob(os.path.join(run_root, f"{hp.model}_{hp.control}_*", "hparams.json"))):
+    for cand in sorted(glob.glob(os.path.join(run_root, f"{_folder_safe(hp.model)}_{hp.control}_*", "hparams.json"))):
         try:
             old = canonical_hparams({**defaults, **read_json(cand)})
         except (OSError, ValueError):
@@ -383,8 +389,13 @@ class Experiment:
         """Refuse bad hyperparameters before anything is trained or written."""
         hp = self.hp
         from . import models
-        if hp.model not in models.MODEL_NAMES:
-            raise ValueError(f"unknown model {hp.model!r}; choose one of {sorted(models.MODEL_NAMES)}")
+        if models.is_import_path(hp.model):
+            models.import_model_fn(hp.model)  # importable, callable
+            if not hp.dataset:
+                models.default_dataset(hp.model)  # raises: a model of one's own needs its dataset named
+        elif hp.model not in models.MODEL_NAMES:
+            raise ValueError(f"unknown model {hp.model!r}; choose one of {sorted(models.MODEL_NAMES)}, or a model "
+                             "of your own as 'package.module:callable'")
         if hp.control not in CONTROLS:
             raise ValueError(f"unknown control {hp.control!r}; choose one of {CONTROLS}")
         if hp.layer_impl not in LAYER_IMPLS:

@@ -36,6 +36,8 @@ Initialization (every parameter is set explicitly, so a seed fixes all of them):
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import math
 from collections import OrderedDict
 
@@ -43,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MODEL_NAMES", "PAPER_HPARAMS", "build_model", "default_dataset", "paper_hparams", "count_parameters"]
+__all__ = ["MODEL_NAMES", "PAPER_HPARAMS", "build_model", "default_dataset", "is_import_path", "paper_hparams",
+           "count_parameters"]
 
 MODEL_NAMES: tuple[str, ...] = ("lenet300_100", "conv2", "conv4", "conv6", "vgg11", "vgg13", "vgg16", "vgg19",
                                 "resnet20", "resnet18")
@@ -251,17 +254,86 @@ def _check_number(name: str, value, kind, low, low_inclusive: bool, high=None) -
         raise ValueError(f"{name} must be in {rng}, got {value!r}")
 
 
+def is_import_path(name) -> bool:
+    """Whether ``name`` names a model of the user's own as ``"package.module:callable"``."""
+    return isinstance(name, str) and ":" in name
+
+
+def import_model_fn(path: str):
+    """The callable that ``"package.module:callable"`` (``callable`` may be dotted: ``"mod:Class.build"``)
+    names; a clear ValueError when it cannot be imported."""
+    mod, _, attr = path.partition(":")
+    if not mod or not attr:
+        raise ValueError(f"model {path!r}: a model of your own is named 'package.module:callable'")
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as e:
+        raise ValueError(f"model {path!r}: cannot import {mod!r} ({e}); it must be importable from where "
+                         "sparse-lth runs (installed, or on PYTHONPATH)") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {path!r}: {mod} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {path!r}: {attr} is not callable")
+    return obj
+
+
 def default_dataset(name: str) -> str:
-    """The dataset model ``name`` was made for in the papers: ``"mnist"`` for LeNet-300-100, else ``"cifar10"``."""
+    """The dataset model ``name`` was made for in the papers: ``"mnist"`` for LeNet-300-100, else ``"cifar10"``.
+    A model of your own (``"module:callable"``) has none: its dataset must be given."""
+    if is_import_path(name):
+        raise ValueError(f"model {name!r} is a model of your own: give its dataset (--dataset mnist|fashion_mnist|"
+                         "cifar10)")
     if not isinstance(name, str) or name not in MODEL_NAMES:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODEL_NAMES)}, or a model of your "
+                         "own as 'package.module:callable'")
     return "mnist" if name == "lenet300_100" else "cifar10"
+
+
+def _build_imported(name: str, *, num_classes: int, width: float, dropout: float, in_channels: int | None,
+                    seed: int | None, bn_init: str, input_shape) -> nn.Module:
+    """A model of the user's own: ``fn()`` of the callable ``name`` names, given ``num_classes`` when it takes
+    that argument (or ``**kwargs``, as torchvision's builders do) and ``input_shape`` / ``in_channels`` when it
+    names them; under the seed like the built-in networks."""
+    if width != 1.0 or dropout != 0.0 or bn_init != "fixed":
+        raise ValueError(f"model {name!r}: width, dropout and bn_init apply to the built-in networks only")
+    fn = import_model_fn(name)
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): call it bare
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kw = {}
+    if "num_classes" in params or takes_any:
+        kw["num_classes"] = num_classes
+    if input_shape is not None and "input_shape" in params:
+        kw["input_shape"] = tuple(input_shape)
+    c = input_shape[0] if input_shape is not None else in_channels
+    if c is not None and "in_channels" in params:
+        kw["in_channels"] = c
+    if seed is None:
+        model = fn(**kw)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = fn(**kw)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {name!r}: {fn!r} returned {type(model).__name__}, not an nn.Module")
+    model.model_name = name
+    model.num_classes = num_classes
+    if input_shape is not None:
+        model.input_shape = tuple(input_shape)
+    return model
 
 
 def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout: float = 0.0,
                 in_channels: int | None = None, seed: int | None = None, bn_init: str = "fixed",
                 input_shape: tuple[int, int, int] | None = None) -> nn.Module:
-    """Build one of :data:`MODEL_NAMES`.
+    """Build one of :data:`MODEL_NAMES`, or a model of your own named ``"package.module:callable"`` (any callable
+    that returns an ``nn.Module``, e.g. ``"torchvision.models:resnet18"``): it is called under the seed, given
+    ``num_classes`` if it takes that argument or ``**kwargs``, and ``input_shape`` / ``in_channels`` if it names
+    them; IMP finds its output layer as its ``output_layer`` attribute or else its last Linear layer.
 
     ``width`` scales every hidden width (``max(1, round(w * width))``; the input and output sizes stay).
     ``dropout`` is applied after the hidden fully-connected layers (LeNet, Conv-2/4/6); VGG and the ResNets have
@@ -277,7 +349,7 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
     The model carries ``output_layer`` (module path of its output layer, e.g. ``"fc3"``), ``dataset``
     (``"mnist"`` or ``"cifar10"``), ``input_shape`` ((C, H, W)), ``model_name`` and ``num_classes``.
     """
-    dataset = default_dataset(name)
+    dataset = None if is_import_path(name) else default_dataset(name)
     _check_number("num_classes", num_classes, int, 1, True)
     _check_number("width", width, (int, float), 0, False)
     _check_number("dropout", dropout, (int, float), 0, True, 1)
@@ -298,6 +370,9 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
         raise ValueError(f"{name} has no hidden fully-connected layers, so dropout={dropout} cannot apply; "
                          "use dropout=0.0")
     width = float(width)
+    if dataset is None:
+        return _build_imported(name, num_classes=num_classes, width=width, dropout=float(dropout),
+                               in_channels=in_channels, seed=seed, bn_init=bn_init, input_shape=input_shape)
     if input_shape is None:
         hw = _MNIST_SHAPE if dataset == "mnist" else _CIFAR_SHAPE
         input_shape = (in_channels or (1 if dataset == "mnist" else 3), *hw)

@@ -161,7 +161,11 @@ def test_bad_numbers_and_conflicting_flags_are_usage_errors(tmp_path, capsys):
                       (["train", "--layers", "masked", "--path", "sparse"], "--path choose how sparse layers run"),
                       (["train", "--out", str(tmp_path / "nope" / "m.json")], "its folder does not exist"),
                       (["train", "--device", "foo"], "--device foo"),
-                      (["imp", "--device", "foo", "--runs", str(tmp_path)], "--device foo")):
+                      (["imp", "--device", "foo", "--runs", str(tmp_path)], "--device foo"),
+                      (["imp", "--model", "user_models:small_cnn", "--runs", str(tmp_path)], "give its dataset"),
+                      (["train", "--model", "user_models:small_cnn"], "give its dataset"),
+                      (["imp", "--model", "user_models:nope", "--dataset", "mnist", "--runs", str(tmp_path)],
+                       "user_models has no attribute 'nope'")):
         assert main(argv + ["--data", missing]) == 2, argv
         assert msg in capsys.readouterr().err, argv
     assert list(tmp_path.iterdir()) == []

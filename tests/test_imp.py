@@ -656,6 +656,28 @@ def test_a_conv_network_on_one_channel_28x28_data(tmp_path):
     assert left["fc3"] == pytest.approx(0.9, abs=0.02)
 
 
+def test_imp_on_a_model_of_ones_own(tmp_path):
+    """IMP, a control and a re-run on a model named by import path: its folder name is made safe, its output layer
+    is its last Linear (pruned at the output rate), and the control reuses the dense round."""
+    hp = tiny_hp(model="user_models:small_cnn", dataset="fashion_mnist", width=1.0, prune_conv=0.1, rounds=1,
+                 iterations="4it", eval_every=2)
+    res = run(hp, tmp_path)
+    assert os.path.basename(res.experiment_dir).startswith("user_models-small_cnn_imp_")
+    masks = load_masks(res.experiment_dir, 0, 1)
+    assert set(masks) == {"0", "4", "6"}
+    left = {n: m.float().mean().item() for n, m in masks.items()}
+    assert left["0"] == pytest.approx(0.9, abs=0.03) and left["4"] == pytest.approx(0.8, abs=0.01)
+    assert left["6"] == pytest.approx(0.9, abs=0.02)  # the output layer
+    assert run(hp, tmp_path).metrics == res.metrics  # found again and skipped
+    ctl = run(dataclasses.replace(hp, control="reinit"), tmp_path)
+    assert ctl.metrics[0][0]["reused_from"]
+    with pytest.raises(ValueError, match="give its dataset"):
+        run(dataclasses.replace(hp, dataset=""), tmp_path / "b")
+    with pytest.raises(ValueError, match="cannot import"):
+        run(dataclasses.replace(hp, model="no_such_module:f"), tmp_path / "c")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
 def test_a_model_that_does_not_fit_the_data_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="model conv2 does not take .* examples .*3 channels"):
         run(tiny_hp(model="conv2", prune_conv=0.1), tmp_path / "runs")  # MNIST-shaped data: one channel

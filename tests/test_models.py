@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from sparse_lth.models import MODEL_NAMES, PAPER_HPARAMS, build_model, count_parameters, paper_hparams
+from sparse_lth.models import (MODEL_NAMES, PAPER_HPARAMS, build_model, count_parameters, default_dataset,
+                               is_import_path, paper_hparams)
 
 # Exact counts of the architectures as built (weights + biases + BN affine, 10 classes), computed by hand in
 # test_lenet_count_by_formula / the models docstring, and the LTH paper's figures (Figure 2 / PAPERS.md).
@@ -209,6 +210,41 @@ def test_vgg_global_pool_is_cifars_2x2_pool():
     torch.nn.functional.avg_pool2d(f1, 2).square().sum().backward()
     torch.nn.functional.adaptive_avg_pool2d(f2, 1).square().sum().backward()
     assert torch.equal(f1.grad, f2.grad)
+
+
+def test_a_model_of_ones_own_by_import_path():
+    """"package.module:callable": called under the seed (same seed, same weights), given num_classes (also through
+    **kwargs, as torchvision's builders take it) and input_shape when it names them."""
+    m = build_model("user_models:small_cnn", num_classes=7, input_shape=(1, 12, 10), seed=3)
+    assert m.model_name == "user_models:small_cnn" and m.input_shape == (1, 12, 10) and m.num_classes == 7
+    assert _forward(m).shape == (2, 7) and m[4].in_features == 4 * 6 * 5
+    again = build_model("user_models:small_cnn", num_classes=7, input_shape=(1, 12, 10), seed=3)
+    other = build_model("user_models:small_cnn", num_classes=7, input_shape=(1, 12, 10), seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), again.parameters()))
+    assert not torch.equal(m[0].weight, other[0].weight)
+    tv = build_model("torchvision.models:resnet18", num_classes=5, seed=0)
+    assert tv.fc.out_features == 5
+    assert build_model("user_models:takes_nothing", num_classes=3)[1].out_features == 10  # called bare
+    assert is_import_path("torchvision.models:resnet18") and not is_import_path("resnet18")
+
+
+def test_a_model_of_ones_own_that_cannot_be_built_is_a_clear_error():
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+        build_model("no_such_module:f")
+    with pytest.raises(ValueError, match="has no attribute 'missing'"):
+        build_model("user_models:missing")
+    with pytest.raises(ValueError, match="NOT_CALLABLE is not callable"):
+        build_model("user_models:NOT_CALLABLE")
+    with pytest.raises(ValueError, match="'package.module:callable'"):
+        build_model("user_models:")
+    with pytest.raises(TypeError, match="returned str, not an nn.Module"):
+        build_model("user_models:not_a_module")
+    with pytest.raises(ValueError, match="width, dropout and bn_init apply to the built-in networks only"):
+        build_model("user_models:small_cnn", width=0.5)
+    with pytest.raises(ValueError, match="give its dataset"):
+        default_dataset("user_models:small_cnn")
+    with pytest.raises(ValueError, match="or a model of your own as 'package.module:callable'"):
+        default_dataset("resnet50")
 
 
 def test_bad_input_shape():

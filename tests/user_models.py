@@ -1,0 +1,21 @@
+"""Models "of a user's own", named by import path in the tests ("user_models:small_cnn")."""
+import torch.nn as nn
+
+
+def small_cnn(num_classes=10, input_shape=(1, 28, 28)):
+    """A small CNN with in-place ReLUs, written as a user would, sized from the input shape it is given."""
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(4 * (h // 2) * (w // 2), 16), nn.ReLU(inplace=True),
+                         nn.Linear(16, num_classes))
+
+
+def takes_nothing():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+NOT_CALLABLE = 3
+
+
+def not_a_module(num_classes=10):
+    return "a string"
