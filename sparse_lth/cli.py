@@ -416,6 +416,26 @@ def _cmd_anatomy(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import torch
+
+    from .imp import count_masks, get_masks, load_ticket
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
+    run_dir = _check_experiment_dir(args.run_dir)
+    model = load_ticket(run_dir, args.round, seed=args.seed, weights=args.weights, data_root=args.data)
+    counts = count_masks(get_masks(model))
+    live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    out = args.out or f"ticket_{os.path.basename(os.path.abspath(run_dir))}_round{args.round:02d}_{args.weights}.pt"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, out)
+    print(f"{out}: round {args.round} of {run_dir}, {args.weights} weights, {100.0 * live / total:.2f}% of "
+          f"{total:,} weights remaining")
+    print("load it into the plain network with model.load_state_dict(torch.load(path), strict=False); the masks "
+          "are its '<layer>.weight_mask' entries, which a sparsified network's load_state_dict takes too")
+    return 0
+
+
 def _analysis_parser(sub, name: str, help_text: str, description: str, rounds_help: str, training: bool = True):
     """A subcommand that analyses experiment folders: RUN_DIR..., --rounds, --seeds, --out (and, for the ones
     that evaluate or train, --data, --device, --no-progress, --threads)."""
@@ -543,6 +563,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         "incoming vs outgoing connectivity per unit, how far weights moved in the dense round by the round they "
         "were pruned in, and the generalization gap per round (Frankle & Carbin's other observations).",
         "rounds whose starting-weight histograms to draw (default: 0, the middle and the last)", training=False)
+    px = sub.add_parser("export", help="save one round's subnetwork (masks and weights) as a state_dict file",
+                        description="The network of a finished round of an IMP run (or a control's): its masks and "
+                                    "the weights it started from (--weights start: what the round trained from) or "
+                                    "ended with (--weights final), as a state_dict with dense weights and "
+                                    "'<layer>.weight_mask' masks. The same from Python: "
+                                    "sparse_lth.imp.load_ticket(RUN_DIR, ROUND).")
+    px.add_argument("run_dir", metavar="RUN_DIR", help="an experiment folder written by `sparse-lth imp`")
+    px.add_argument("--round", type=_nonneg(), required=True, help="the round (0: the dense network)")
+    px.add_argument("--seed", type=int, default=None, help="the replicate (default: the lowest seed)")
+    px.add_argument("--weights", choices=("start", "final"), default="start",
+                    help="start: the weights the round trained from (the ticket); final: after its training")
+    px.add_argument("--out", help="file (default: ./ticket_<experiment>_round<R>_<weights>.pt)")
+    px.add_argument("--data", help="data folder; needed only for a training budget counted in epochs")
     return p, {"imp": imp_names, "train": train_names}
 
 
@@ -562,6 +595,8 @@ def main(argv=None) -> int:
             return _cmd_anatomy(args)
         if args.command == "env":
             return _cmd_env(args)
+        if args.command == "export":
+            return _cmd_export(args)
         return _cmd_report(args)
     except KeyboardInterrupt:
         again = {"imp": "; run the same command again to resume",

@@ -844,6 +844,45 @@ class Experiment:
             environments=out["environments"], curve=out["curve"])
 
 
+def load_ticket(run_dir: str, round: int, *, seed: int | None = None, weights: str = "start",
+                device: str | torch.device = "cpu", data_root: str | None = None) -> nn.Module:
+    """Round ``round`` of a finished IMP round (or a control's) in run folder ``run_dir``, as a model: its masks
+    applied (sparse layers, or masked plain layers for ``layer_impl="masked"``) and the weights it started from
+    (``weights="start"``: θ0 for round 0, the rewind point after, a reinit's fresh draw, the noise control's noisy
+    start) or the ones its training ended with (``"final"``). ``seed``: the replicate (default: the lowest one).
+    Reads the folder and writes nothing; the round must have finished. ``data_root`` is needed only when the
+    training budget is counted in epochs (to count them).
+
+    The model's ``state_dict()`` holds the dense weights and ``<layer>.weight_mask``: the plain network of the
+    same name (``build_model``) loads it with ``strict=False``."""
+    if weights not in ("start", "final"):
+        raise ValueError(f"weights must be 'start' or 'final', got {weights!r}")
+    run_dir = os.fspath(run_dir)
+    hp_path = os.path.join(run_dir, "hparams.json")
+    if not os.path.exists(hp_path):
+        raise FileNotFoundError(f"{run_dir} is not an experiment folder (no hparams.json)")
+    hp = hparams_from_dict(read_json(hp_path))
+    seeds = sorted(int(d[5:]) for d in os.listdir(run_dir)
+                   if d.startswith("seed_") and d[5:].isdigit() and os.path.isdir(os.path.join(run_dir, d)))
+    if seed is None:
+        if not seeds:
+            raise FileNotFoundError(f"{run_dir} holds no replicate (seed_*) yet")
+        seed = seeds[0]
+    elif seed not in seeds:
+        raise FileNotFoundError(f"{run_dir} has no replicate of seed {seed} (it has {seeds})")
+    exp = Experiment(dataclasses.replace(hp, seed=seed), run_dir=run_dir, device=device, data_root=data_root,
+                     progress=False)
+    done = finished_rounds(exp.seed_dir(seed))
+    if round not in done:
+        raise FileNotFoundError(f"round {round} of seed {seed} has not finished in {run_dir} (finished: "
+                                f"{sorted(done) or 'none'})")
+    model, _, _ = exp.prepare_round(seed, round)
+    if weights == "final":
+        _load_weights(model, torch.load(os.path.join(done[round], "final.pt"), map_location=exp.device,
+                                        weights_only=False))
+    return model
+
+
 def finished_rounds(seed_dir: str) -> dict[int, str]:
     """``{round: folder}`` of the rounds of a replicate folder that have finished (their metrics.json exists)."""
     out = {}

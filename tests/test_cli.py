@@ -27,7 +27,7 @@ def tiny_imp_args(root, *extra):
 
 def test_help(capsys):
     for argv in (["--help"], ["imp", "--help"], ["train", "--help"], ["report", "--help"], ["stability", "--help"],
-                 ["landscape", "--help"], ["anatomy", "--help"], ["env", "--help"]):
+                 ["landscape", "--help"], ["anatomy", "--help"], ["env", "--help"], ["export", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
@@ -108,6 +108,36 @@ def test_train_command_conv_network_on_fashion_mnist(tmp_path):
     m = json.loads(out.read_text())
     assert set(m["paths"]) == {"features.conv1", "features.conv2", "fc1", "fc2", "fc3"}
     assert abs(m["percent_remaining"] - 50.0) < 0.01 and 0 <= m["test_acc"] <= 1
+
+
+def test_export_command(tmp_path, capsys, monkeypatch):
+    """export: a finished round's masks and weights as a state_dict that the plain network loads; the sparsified
+    network loads it too and computes the same outputs."""
+    import torch
+
+    from sparse_lth.layers import sparse_layers, sparsify
+    from sparse_lth.models import build_model
+    assert main(tiny_imp_args(tmp_path, "--rounds", "1")) == 0
+    exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["export", str(exp), "--round", "1", "--weights", "final"]) == 0
+    out = tmp_path / f"ticket_{exp.name}_round01_final.pt"
+    assert str(out.name) in capsys.readouterr().out
+    state = torch.load(out, weights_only=False)
+    masks = torch.load(exp / "seed_0" / "round_01" / "masks.pt", weights_only=False)["masks"]
+    assert all(torch.equal(state[f"{n}.weight_mask"], m) for n, m in masks.items())
+    final = torch.load(exp / "seed_0" / "round_01" / "final.pt", weights_only=False)
+    assert all(torch.equal(state[f"{n}.weight"], final[f"{n}.weight"]) for n in masks)
+    plain = build_model("lenet300_100", width=0.1)
+    plain.load_state_dict(state, strict=False)
+    sparse = sparsify(build_model("lenet300_100", width=0.1))
+    sparse.load_state_dict(state)
+    assert all(torch.equal(m.weight_mask, masks[n]) for n, m in sparse_layers(sparse))
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(plain(x), sparse(x))
+    assert main(["export", str(exp), "--round", "2"]) == 2
+    assert "round 2 of seed 0 has not finished" in capsys.readouterr().err
 
 
 def test_train_command_ops_and_timed_paths(tmp_path, capsys):

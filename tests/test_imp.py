@@ -656,6 +656,44 @@ def test_a_conv_network_on_one_channel_28x28_data(tmp_path):
     assert left["fc3"] == pytest.approx(0.9, abs=0.02)
 
 
+@pytest.mark.parametrize("control", ["imp", "reinit"])
+def test_load_ticket_gives_the_rounds_network(tmp_path, control):
+    """load_ticket: a finished round's model with its masks and the weights it started from (what the round
+    trained from) or ended with (evaluated, the round's recorded test accuracy), read-only; clear errors."""
+    from sparse_lth.imp import load_ticket
+    from sparse_lth.layers import sparse_layers
+    from sparse_lth.train import evaluate
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=2)
+    imp = run(hp, tmp_path, data=data)
+    res = imp if control == "imp" else run(dataclasses.replace(hp, control="reinit"), tmp_path, data=data)
+    d = res.experiment_dir
+    before = sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs)
+    masks = load_masks(d, 0, 2)
+    final = load_ticket(d, 2, weights="final")
+    assert {n: m.weight_mask.cpu() for n, m in sparse_layers(final)}.keys() == masks.keys()
+    assert all(torch.equal(m.weight_mask.cpu(), masks[n]) for n, m in sparse_layers(final))
+    _, acc = evaluate(final, data[1].eval_batches(1000))
+    assert acc == pytest.approx(res.metrics[0][2]["test_acc"], abs=1e-9)
+    saved = torch.load(os.path.join(d, "seed_0", "round_02", "final.pt"), weights_only=False)
+    for n, m in sparse_layers(final):
+        assert torch.equal(m.dense_weight().detach(), saved[f"{n}.weight"])
+    start = load_ticket(d, 2)  # the weights round 2 trained from: θ0 (imp) or a fresh draw (reinit), masked
+    init = torch.load(os.path.join(d, "seed_0", "init.pt"), weights_only=False)
+    same_as_init = [torch.equal(m.dense_weight().detach(), init[f"{n}.weight"] * masks[n])
+                    for n, m in sparse_layers(start)]
+    assert all(same_as_init) if control == "imp" else not any(same_as_init)
+    assert sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs) == before  # nothing written
+    with pytest.raises(FileNotFoundError, match="round 3 of seed 0 has not finished .*finished: \\[0, 1, 2\\]"):
+        load_ticket(d, 3)
+    with pytest.raises(FileNotFoundError, match="no replicate of seed 5"):
+        load_ticket(d, 1, seed=5)
+    with pytest.raises(ValueError, match="weights must be 'start' or 'final'"):
+        load_ticket(d, 1, weights="trained")
+    with pytest.raises(FileNotFoundError, match="not an experiment folder"):
+        load_ticket(tmp_path, 1)
+
+
 def test_imp_on_a_model_of_ones_own(tmp_path):
     """IMP, a control and a re-run on a model named by import path: its folder name is made safe, its output layer
     is its last Linear (pruned at the output rate), and the control reuses the dense round."""
