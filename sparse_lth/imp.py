@@ -161,7 +161,8 @@ def _default_dir(run_root: str, hp: ImpHparams) -> str:
         return path
     mine = {k: v for k, v in canonical_hparams(hparams_dict(hp)).items() if k not in NOT_HASHED}
     defaults = hparams_dict(ImpHparams())
-    for cand in sorted(glob.glob(os.path.join(run_root, f"{_folder_safe(hp.model)}_{hp.control}_*", "hparams.json"))):
+    pattern = os.path.join(run_root, f"{_folder_safe(hp.model)}_{hp.control}_*", "hparams.json")
+    for cand in sorted(glob.glob(pattern)):
         try:
             old = canonical_hparams({**defaults, **read_json(cand)})
         except (OSError, ValueError):
@@ -846,7 +847,7 @@ class Experiment:
 
 def load_ticket(run_dir: str, round: int, *, seed: int | None = None, weights: str = "start",
                 device: str | torch.device = "cpu", data_root: str | None = None) -> nn.Module:
-    """Round ``round`` of a finished IMP round (or a control's) in run folder ``run_dir``, as a model: its masks
+    """The network of round ``round`` (finished) of the IMP run (or control) in ``run_dir``, as a model: its masks
     applied (sparse layers, or masked plain layers for ``layer_impl="masked"``) and the weights it started from
     (``weights="start"``: θ0 for round 0, the rewind point after, a reinit's fresh draw, the noise control's noisy
     start) or the ones its training ended with (``"final"``). ``seed``: the replicate (default: the lowest one).
