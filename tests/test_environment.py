@@ -47,6 +47,7 @@ def test_git_commit_is_the_checkouts_head_or_the_override(monkeypatch):
         return
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
+    envmod._checkout_commit.cache_clear()  # asked once per process: HEAD may have moved since (a commit mid-run)
     got = envmod.git_commit()
     assert re.fullmatch(r"[0-9a-f]{12}(-dirty)?", got) and got.split("-")[0] == head
 
