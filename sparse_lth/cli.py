@@ -191,7 +191,7 @@ def _cmd_train(args, names) -> int:
     import torch
 
     from .data import INPUT_SHAPES, load_dataset
-    from .imp import apply_masks, count_masks, get_masks, magnitude_prune, prunable_layers, random_masks
+    from .imp import apply_masks, get_masks, live_and_total, magnitude_prune, prunable_layers, random_masks
     from .models import build_model, default_dataset
     from .train import TrainConfig, train
     if args.layers == "dense" and args.density < 1.0:
@@ -234,8 +234,7 @@ def _cmd_train(args, names) -> int:
         from .layers import choose_paths  # time the paths (and the sparse path's ops) with a real batch
         choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths)
     out = train(model, tr, te, cfg, desc=f"{args.model} {args.layers}")
-    counts = count_masks(masks)
-    live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    live, total = live_and_total(masks)
     summary = {k: out[k] for k in ("test_acc", "test_loss", "train_acc", "early_stop_iteration",
                                    "early_stop_test_acc", "wall_time", "time_per_step", "paths", "backends")}
     summary["percent_remaining"] = 100.0 * live / total if args.layers != "dense" else 100.0
@@ -292,17 +291,13 @@ def _cmd_env(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- stability
 def _check_experiment_dir(exp_dir: str) -> str:
-    exp_dir = exp_dir.rstrip("/")
-    if not os.path.exists(os.path.join(exp_dir, "hparams.json")):
-        raise FileNotFoundError(f"{exp_dir} is not an experiment folder (no hparams.json); give the folder "
-                                "`sparse-lth imp` printed")
-    return exp_dir
+    from .imp import check_experiment_dir
+    return check_experiment_dir(exp_dir)
 
 
 def _seeds_of(exp_dir: str, args) -> list[int]:
-    import glob
-    seeds = list(args.seeds) if args.seeds else sorted(
-        int(os.path.basename(d)[5:]) for d in glob.glob(os.path.join(exp_dir, "seed_*")) if os.path.isdir(d))
+    from .imp import replicate_seeds
+    seeds = list(args.seeds) if args.seeds else replicate_seeds(exp_dir)
     if not seeds:
         raise FileNotFoundError(f"{exp_dir} holds no replicate (seed_*) yet: run the IMP experiment first")
     return seeds
@@ -318,14 +313,11 @@ def _report_dir(args, exp_dirs: list[str], name: str) -> str:
 
 def _open_experiment(exp_dir: str, args):
     """(experiment, its folder, seeds) of one RUN_DIR of an analysis command, with --seeds, --device, --data."""
-    from .imp import Experiment, hparams_from_dict
-    from ._files import read_json
+    from .imp import open_experiment
     exp_dir = _check_experiment_dir(exp_dir)
-    hp = hparams_from_dict(read_json(os.path.join(exp_dir, "hparams.json")))
     seeds = _seeds_of(exp_dir, args)
-    exp = Experiment(dataclasses.replace(hp, seed=seeds[0]), run_dir=exp_dir, device=args.device,
-                     data_root=args.data, progress=not args.no_progress,
-                     checkpoint_every=getattr(args, "checkpoint_every", 1000))
+    exp = open_experiment(exp_dir, seeds[0], device=args.device, data_root=args.data, progress=not args.no_progress,
+                          checkpoint_every=getattr(args, "checkpoint_every", 1000))
     return exp, exp_dir, seeds
 
 
@@ -419,13 +411,12 @@ def _cmd_anatomy(args) -> int:
 def _cmd_export(args) -> int:
     import torch
 
-    from .imp import count_masks, get_masks, load_ticket
+    from .imp import get_masks, live_and_total, load_ticket
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
     run_dir = _check_experiment_dir(args.run_dir)
     model = load_ticket(run_dir, args.round, seed=args.seed, weights=args.weights, data_root=args.data)
-    counts = count_masks(get_masks(model))
-    live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    live, total = live_and_total(get_masks(model))
     out = args.out or f"ticket_{os.path.basename(os.path.abspath(run_dir))}_round{args.round:02d}_{args.weights}.pt"
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save(state, out)

@@ -5,8 +5,9 @@ same instruction set PyTorch dispatches its own kernels to (``torch.backends.cpu
 and AVX-512 kernels round differently, so two hosts that both call themselves "AMD EPYC" can give different
 accuracies from the first step on; MKL's and oneDNN's own instruction-set settings changed nothing for LeNet) and
 the same thread count. Each IMP round records :func:`environment` in its ``metrics.json``; :func:`numerics_key` is
-the part that must match for the same numbers, and :func:`describe_difference` says what differs. To reproduce a CPU run made where PyTorch used AVX2 on a host that
-has AVX-512, set ``ATEN_CPU_CAPABILITY=avx2`` before Python starts.
+the part that must match for the same numbers, and :func:`describe_difference` says what differs. To reproduce a
+CPU run made where PyTorch used AVX2 on a host that has AVX-512, set ``ATEN_CPU_CAPABILITY=avx2`` before Python
+starts.
 """
 from __future__ import annotations
 

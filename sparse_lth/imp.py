@@ -206,7 +206,7 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def output_layer_name(model: nn.Module) -> str:
     name = getattr(model, "output_layer", None)
-    if name is None:  # the last Linear
+    if not isinstance(name, str):  # the last Linear (a model of one's own may hold a module by that name)
         lin = [n for n, m in prunable_layers(model) if _is_linear(m)]
         if not lin:
             raise ValueError("model has no output_layer attribute and no linear layer")
@@ -279,6 +279,12 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], path: str | No
 
 def count_masks(masks: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
     return {n: (int(mk.sum().item()), mk.numel()) for n, mk in masks.items()}
+
+
+def live_and_total(masks: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(live weights, all weights) over every layer of ``masks``."""
+    counts = count_masks(masks).values()
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def _n_prune(fraction: float, live: int) -> int:
@@ -829,8 +835,7 @@ class Experiment:
 
     def _round_metrics(self, model: nn.Module, masks: dict, out: dict, seed: int, r: int) -> dict:
         counts = count_masks(masks)
-        live = sum(c[0] for c in counts.values())
-        total = sum(c[1] for c in counts.values())
+        live, total = live_and_total(masks)
         return dict(
             round=r, seed=seed, control=self.hp.control, model=self.hp.model,
             rewind_iteration=self.rewind_iteration, start_iteration=out["start_iteration"],
@@ -843,6 +848,30 @@ class Experiment:
             step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"],
             paths=out["paths"], backends=out["backends"], device=str(self.device),
             environments=out["environments"], curve=out["curve"])
+
+
+def check_experiment_dir(run_dir: str) -> str:
+    """``run_dir`` (without a trailing slash) if it is an experiment folder (it has hparams.json), else a clear
+    FileNotFoundError."""
+    run_dir = os.fspath(run_dir).rstrip("/")
+    if not os.path.exists(os.path.join(run_dir, "hparams.json")):
+        raise FileNotFoundError(f"{run_dir} is not an experiment folder (no hparams.json); give the folder "
+                                "`sparse-lth imp` printed")
+    return run_dir
+
+
+def replicate_seeds(run_dir: str) -> list[int]:
+    """The seeds of an experiment folder's replicates (its ``seed_<s>`` folders), ascending."""
+    return sorted(int(d[5:]) for d in os.listdir(run_dir)
+                  if d.startswith("seed_") and d[5:].isdigit() and os.path.isdir(os.path.join(run_dir, d)))
+
+
+def open_experiment(run_dir: str, seed: int, **kwargs) -> Experiment:
+    """The :class:`Experiment` of an existing run folder, as replicate ``seed``; ``kwargs`` as for Experiment
+    (device, data_root, progress, checkpoint_every)."""
+    run_dir = check_experiment_dir(run_dir)
+    hp = hparams_from_dict(read_json(os.path.join(run_dir, "hparams.json")))
+    return Experiment(dataclasses.replace(hp, seed=seed), run_dir=run_dir, **kwargs)
 
 
 def load_ticket(run_dir: str, round: int, *, seed: int | None = None, weights: str = "start",
@@ -858,21 +887,15 @@ def load_ticket(run_dir: str, round: int, *, seed: int | None = None, weights: s
     same name (``build_model``) loads it with ``strict=False``."""
     if weights not in ("start", "final"):
         raise ValueError(f"weights must be 'start' or 'final', got {weights!r}")
-    run_dir = os.fspath(run_dir)
-    hp_path = os.path.join(run_dir, "hparams.json")
-    if not os.path.exists(hp_path):
-        raise FileNotFoundError(f"{run_dir} is not an experiment folder (no hparams.json)")
-    hp = hparams_from_dict(read_json(hp_path))
-    seeds = sorted(int(d[5:]) for d in os.listdir(run_dir)
-                   if d.startswith("seed_") and d[5:].isdigit() and os.path.isdir(os.path.join(run_dir, d)))
+    run_dir = check_experiment_dir(run_dir)
+    seeds = replicate_seeds(run_dir)
     if seed is None:
         if not seeds:
             raise FileNotFoundError(f"{run_dir} holds no replicate (seed_*) yet")
         seed = seeds[0]
     elif seed not in seeds:
         raise FileNotFoundError(f"{run_dir} has no replicate of seed {seed} (it has {seeds})")
-    exp = Experiment(dataclasses.replace(hp, seed=seed), run_dir=run_dir, device=device, data_root=data_root,
-                     progress=False)
+    exp = open_experiment(run_dir, seed, device=device, data_root=data_root, progress=False)
     done = finished_rounds(exp.seed_dir(seed))
     if round not in done:
         raise FileNotFoundError(f"round {round} of seed {seed} has not finished in {run_dir} (finished: "

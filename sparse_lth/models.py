@@ -291,11 +291,11 @@ def default_dataset(name: str) -> str:
     return "mnist" if name == "lenet300_100" else "cifar10"
 
 
-def _build_imported(name: str, *, num_classes: int, width: float, dropout: float, in_channels: int | None,
-                    seed: int | None, bn_init: str, input_shape) -> nn.Module:
-    """A model of the user's own: ``fn()`` of the callable ``name`` names, given ``num_classes`` when it takes
-    that argument (or ``**kwargs``, as torchvision's builders do) and ``input_shape`` / ``in_channels`` when it
-    names them; under the seed like the built-in networks."""
+def _imported_call(name: str, *, num_classes: int, width: float, dropout: float, in_channels: int | None,
+                   bn_init: str, input_shape) -> tuple:
+    """``(fn, kwargs)`` for a model of the user's own: the callable ``name`` names, given ``num_classes`` when it
+    takes that argument (or ``**kwargs``, as torchvision's builders do) and ``input_shape`` / ``in_channels`` when
+    it names them."""
     if width != 1.0 or dropout != 0.0 or bn_init != "fixed":
         raise ValueError(f"model {name!r}: width, dropout and bn_init apply to the built-in networks only")
     fn = import_model_fn(name)
@@ -312,19 +312,7 @@ def _build_imported(name: str, *, num_classes: int, width: float, dropout: float
     c = input_shape[0] if input_shape is not None else in_channels
     if c is not None and "in_channels" in params:
         kw["in_channels"] = c
-    if seed is None:
-        model = fn(**kw)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = fn(**kw)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model {name!r}: {fn!r} returned {type(model).__name__}, not an nn.Module")
-    model.model_name = name
-    model.num_classes = num_classes
-    if input_shape is not None:
-        model.input_shape = tuple(input_shape)
-    return model
+    return fn, kw
 
 
 def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout: float = 0.0,
@@ -370,20 +358,26 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
         raise ValueError(f"{name} has no hidden fully-connected layers, so dropout={dropout} cannot apply; "
                          "use dropout=0.0")
     width = float(width)
-    if dataset is None:
-        return _build_imported(name, num_classes=num_classes, width=width, dropout=float(dropout),
-                               in_channels=in_channels, seed=seed, bn_init=bn_init, input_shape=input_shape)
-    if input_shape is None:
-        hw = _MNIST_SHAPE if dataset == "mnist" else _CIFAR_SHAPE
-        input_shape = (in_channels or (1 if dataset == "mnist" else 3), *hw)
-    in_channels, hw = input_shape[0], input_shape[1:]
-    pools = {"conv2": 1, "conv4": 2, "conv6": 3}.get(name, 4 if name in _VGG_PLANS else 0)
-    if min(hw) < 2 ** pools:
-        raise ValueError(f"{name} halves the image {pools} times: it needs at least {2 ** pools}x{2 ** pools} "
-                         f"pixels, got input_shape={input_shape}")
+    if dataset is None:  # a model of one's own: its input shape stays what was given (or None)
+        fn, kw = _imported_call(name, num_classes=num_classes, width=width, dropout=float(dropout),
+                                in_channels=in_channels, bn_init=bn_init, input_shape=input_shape)
+    else:
+        if input_shape is None:
+            hw = _MNIST_SHAPE if dataset == "mnist" else _CIFAR_SHAPE
+            input_shape = (in_channels or (1 if dataset == "mnist" else 3), *hw)
+        in_channels, hw = input_shape[0], input_shape[1:]
+        pools = {"conv2": 1, "conv4": 2, "conv6": 3}.get(name, 4 if name in _VGG_PLANS else 0)
+        if min(hw) < 2 ** pools:
+            raise ValueError(f"{name} halves the image {pools} times: it needs at least {2 ** pools}x{2 ** pools} "
+                             f"pixels, got input_shape={input_shape}")
 
     def make() -> nn.Module:
-        if name == "lenet300_100":
+        if dataset is None:
+            m = fn(**kw)
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"model {name!r}: {fn!r} returned {type(m).__name__}, not an nn.Module")
+            out = None  # IMP takes its output_layer attribute if it names one, else its last Linear
+        elif name == "lenet300_100":
             m, out = LeNet300_100(num_classes, width, dropout, in_channels, hw), "fc3"
             _init_glorot(m)
         elif name in ("conv2", "conv4", "conv6"):
@@ -405,9 +399,9 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model, output_layer = make()
-    model.output_layer = output_layer
-    model.dataset = dataset
-    model.input_shape = input_shape
+    for attr, value in (("output_layer", output_layer), ("dataset", dataset), ("input_shape", input_shape)):
+        if value is not None:  # (a model of one's own keeps its attributes of those names)
+            setattr(model, attr, value)
     model.model_name = name
     model.num_classes = num_classes
     return model

@@ -275,7 +275,7 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
     Needs the experiment's ``init.pt`` and, for a rewind point after iteration 0 or for round 1 on, its
     ``rewind.pt`` (written during round 0) and the round's masks (or the previous round's final weights, from
     which they are computed as IMP would)."""
-    from .imp import count_masks
+    from .imp import live_and_total
     seeds = _noise_pair(seed, noise_seeds)
     if not 0 <= r <= exp.n_rounds():
         raise ValueError(f"round {r} is not a round of this experiment (0 .. {exp.n_rounds()})")
@@ -299,8 +299,7 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
         return done
     path, copies, masks = _fork(exp, seed, out_dir, seeds, lambda: exp.prepare_round(seed, r, from_rewind_point=True),
                                 f"seed {seed} round {r}", progress, checkpoint_every, points, bn_reset_batches)
-    counts = count_masks(masks)
-    live, total = sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values())
+    live, total = live_and_total(masks)
     result = _result(exp, seed, settings, path, copies, round=r, rewind_iteration=exp.rewind_iteration,
                      start_iteration=exp.rewind_iteration, percent_remaining=100.0 * live / total)
     _write_result(result, result_path)
