@@ -467,10 +467,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="checkpoint every N iterations (0: never; a killed round then starts over)")
     pi.add_argument("--source", metavar="IMP_RUN_DIR",
                     help="controls: the IMP run to compare with (default: <runs>/<its name>, where `imp` puts it "
-                         "without --run-dir)")
+                         "without --run-dir); IMP: a run to take the dense round 0 from, which may prune "
+                         "differently (--rounds, --prune-*, --dense-layers) but must otherwise be this one's")
     pi.add_argument("--wait-for-source", type=_nonneg(float), default=0.0,
-                    help="controls: wait up to this many seconds for the IMP run's dense round (rather than "
-                         "train it again) and, for reinit/noise/random_prune, for its masks of each round")
+                    help="controls, and IMP given --source: wait up to this many seconds for the source's dense "
+                         "round (rather than train it again) and, for reinit/noise/random_prune, for its masks of "
+                         "each round")
     pi.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     pi.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads")
     imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (override the preset)")

@@ -28,7 +28,9 @@ A control's round 0 (the dense network) is the ``imp`` experiment's: when that h
 from the same θ0, the control takes its masks, final weights, rewind point and metrics (``reused_from`` in its
 metrics) instead of training the same network again; ``reuse_dense_round=False`` trains it anyway. A control
 started beside its IMP run with ``wait_for_source`` waits for that round (up to that many seconds) rather than
-training it a second time.
+training it a second time. An IMP run given another IMP run as ``source_dir`` takes its round 0 the same way,
+when the two differ only in how they prune (:data:`PRUNING_SETTINGS`: pruning rates, rounds, global pruning,
+layers left dense): the variants of a pruning ablation then start from one and the same dense network.
 
 Run folders: ``<run_root>/<model>_<control>_<hash>/`` where the hash covers the hyperparameters that differ from
 :class:`ImpHparams`' defaults (except ``seed``), so the same experiment finds the same folder. It holds
@@ -66,6 +68,9 @@ CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
 SOURCE_MASK_CONTROLS = ("reinit", "noise")  # controls that train the imp experiment's masks
 # the hyperparameters that only a control uses: its IMP run (the source) has them at their defaults
 CONTROL_SETTINGS = ("oneshot_remaining", "oneshot_levels", "noise_std")
+# the hyperparameters that say how an experiment prunes, not how it trains the dense network: an IMP run may take
+# its round 0 from another IMP run (source_dir) that differs from it only in these
+PRUNING_SETTINGS = ("rounds", "prune_fc", "prune_conv", "prune_output", "prune_global", "dense_layers")
 LAYER_IMPLS = ("sparse", "masked")
 PATHS = ("auto", "dense", "sparse")
 
@@ -108,7 +113,7 @@ class ImpHparams:
     oneshot_remaining: float = 0.0  # oneshot: fraction of weights kept (0: what `rounds` rounds of IMP keep)
     oneshot_levels: bool = False    # oneshot: round r prunes the dense network at once to IMP round r's sparsity
     noise_std: float = 0.0          # noise: Gaussian noise on the ticket's starting weights, in units of each layer's θ0 std
-    reuse_dense_round: bool = True  # controls: take round 0 (the dense network) from the finished IMP run
+    reuse_dense_round: bool = True  # controls (and IMP given a source): take round 0 from the source run
     # layers
     layer_impl: str = "sparse"      # sparse (sparse_lth.layers) | masked (plain layers, dense masking)
     path: str = "auto"              # auto | dense | sparse: the sparse layers' path
@@ -377,7 +382,8 @@ class Experiment:
                  data_root: str | None = None, progress: bool = True, checkpoint_every: int = 1000,
                  run_dir: str | None = None, wait_for_source: float = 0.0, data=None, source_dir: str | None = None):
         self.hp = hparams
-        self.source_dir = source_dir  # controls: the IMP run's folder (default: <run_root>/<its name>)
+        # controls: the IMP run's folder (default: <run_root>/<its name>); IMP: a run to take round 0 from
+        self.source_dir = source_dir
         self.run_root = str(run_root)
         self.device = torch.device(device)
         self.data_root = data_root
@@ -577,14 +583,43 @@ class Experiment:
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
                           checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
 
+    def dense_source(self) -> "Experiment | None":
+        """The experiment whose round 0 (the dense network) this one takes instead of training it: a control's
+        :meth:`source`; for an IMP run, the run in ``source_dir`` (None without one), which must train the dense
+        network as this one does: the same hyperparameters except the pruning settings (:data:`PRUNING_SETTINGS`:
+        a run that prunes at other rates, or other layers, shares the dense network)."""
+        if self.hp.control != "imp":
+            return self.source()
+        if not self.source_dir:
+            return None
+        path = os.path.join(self.source_dir, "hparams.json")
+        theirs = hparams_from_dict(read_json(path))
+        mine = hparams_dict(self.hp)
+        differ = sorted(k for k, v in hparams_dict(theirs).items()
+                        if k not in PRUNING_SETTINGS + NOT_HASHED and mine.get(k) != v)
+        if differ:
+            raise ValueError(
+                f"source {self.source_dir} trains another dense network: it differs in "
+                + ", ".join(f"{k} ({hparams_dict(theirs)[k]!r} there, {mine[k]!r} here)" for k in differ)
+                + f"; an IMP run takes round 0 only from a run that differs from it in {', '.join(PRUNING_SETTINGS)}")
+        hp = dataclasses.replace(theirs, seed=self.hp.seed)
+        return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
+                          checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
+
     def _check_source(self, seeds) -> None:
-        """A control that trains the IMP ticket's masks (and random_prune with global pruning, which copies their
-        per-layer counts) refuses to start, before round 0 trains, when the IMP run has no round-1 masks and it
-        is not told to wait for them."""
+        """A source folder that is not an experiment is refused (unless waiting for it), and so is an IMP run's
+        source that trains another dense network. A control that trains the IMP ticket's masks (and
+        random_prune with global pruning, which copies their per-layer counts) refuses to start, before round 0
+        trains, when the IMP run has no round-1 masks and it is not told to wait for them."""
         if self.source_dir and self.wait_for_source <= 0 \
                 and not os.path.exists(os.path.join(self.source_dir, "hparams.json")):  # (waiting: it may come)
             raise FileNotFoundError(f"source {self.source_dir} is not an experiment folder (no hparams.json): give "
                                     "the IMP run's folder that `sparse-lth imp` printed")
+        if self.hp.control == "imp" and self.source_dir \
+                and os.path.exists(os.path.join(self.source_dir, "hparams.json")):
+            if os.path.abspath(self.source_dir) == os.path.abspath(self.dir):
+                raise ValueError(f"source {self.source_dir} is this experiment's own folder")
+            self.dense_source()  # raises if it trains another dense network
         needs = self.hp.control in SOURCE_MASK_CONTROLS or (self.hp.control == "random_prune"
                                                            and self.hp.prune_global)
         if not needs or self.n_rounds() < 1 or self.wait_for_source > 0:
@@ -678,7 +713,7 @@ class Experiment:
                 all_metrics.append(read_json(mpath))
                 continue
             os.makedirs(rdir, exist_ok=True)
-            if r == 0 and hp.control != "imp" and hp.reuse_dense_round:
+            if r == 0 and hp.reuse_dense_round and (hp.control != "imp" or self.source_dir):
                 reused = self._reuse_dense_round(seed, init_path, rewind_path)
                 if reused is not None:
                     all_metrics.append(reused)
@@ -767,10 +802,13 @@ class Experiment:
 
     def _reuse_dense_round(self, seed: int, init_path: str, rewind_path: str) -> dict | None:
         """A control's round 0 trains the dense network from the same θ0 with the same hyperparameters as the IMP
-        run it is compared with: when that run has finished its round 0 for this seed, from an identical θ0, take
-        its masks, final weights, rewind point and metrics instead of training again (the metrics name the
-        source: ``reused_from``). Returns the metrics, or None (then the round is trained here)."""
-        src = self.source()
+        run it is compared with (and an IMP run's, as its source's: :meth:`dense_source`): when that run has
+        finished its round 0 for this seed, from an identical θ0, take its masks, final weights, rewind point and
+        metrics instead of training again (the metrics name the source: ``reused_from``). Returns the metrics, or
+        None (then the round is trained here)."""
+        if self.hp.control == "imp" and not self._await_files([os.path.join(self.source_dir, "hparams.json")]):
+            return None  # (waited for a source that never came)
+        src = self.dense_source()
         sdir = src.round_dir(seed, 0)
         files = [os.path.join(sdir, f) for f in ("metrics.json", "masks.pt", "final.pt")]
         src_init = os.path.join(src.seed_dir(seed), "init.pt")

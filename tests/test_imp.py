@@ -585,6 +585,82 @@ def test_control_finds_an_imp_run_in_a_folder_of_its_own(tmp_path):
     waiting._check_source([0])
 
 
+def test_an_imp_variant_takes_the_dense_round_of_an_imp_run_that_prunes_otherwise(tmp_path):
+    """An IMP run given another IMP run as source_dir (--source) that differs only in how it prunes takes that
+    run's round 0 (the very round training gives here), then prunes by its own settings; a source that trains
+    another dense network, or its own folder, is refused before anything is written."""
+    data = tiny_data(240, 120)
+    base = tiny_hp(rounds=1, rewind="5it")
+    src = str(tmp_path / "base")
+    imp = run(base, tmp_path, data=data, run_dir=src)
+    variant = dataclasses.replace(base, rounds=2, prune_fc=0.5, prune_output=0.0, prune_global=True)
+    starts = []
+    trained = run(variant, tmp_path, data=data, on_round_start=lambda r, m: starts.append(r))  # no source
+    assert starts == [0, 1, 2] and "reused_from" not in trained.metrics[0][0]
+    shutil.rmtree(trained.experiment_dir)
+    starts.clear()
+    reused = run(variant, tmp_path, data=data, source_dir=src, on_round_start=lambda r, m: starts.append(r))
+    assert reused.experiment_dir == trained.experiment_dir  # the source is not part of the experiment
+    assert starts == [1, 2]                                 # round 0 was not trained
+    assert reused.metrics[0][0]["reused_from"] == os.path.relpath(os.path.join(src, "seed_0", "round_00"),
+                                                                   reused.experiment_dir)
+    for a, b in zip(trained.metrics[0], reused.metrics[0]):  # then the same rounds as training it here gives
+        assert strip_times(a) == strip_times({k: v for k, v in b.items() if k != "reused_from"})
+    for f in ("init.pt", "rewind.pt", os.path.join("round_00", "final.pt")):
+        a = torch.load(os.path.join(src, "seed_0", f), weights_only=False)
+        b = torch.load(os.path.join(reused.experiment_dir, "seed_0", f), weights_only=False)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # its own pruning: fc3 (the output layer, rate 0) keeps every weight, fc1/fc2 lose half per round, pooled
+    r1 = reused.metrics[0][1]["remaining"]
+    assert r1["fc3"]["density"] == 1.0 and imp.metrics[0][1]["remaining"]["fc3"]["density"] < 1.0
+    assert r1["fc1"]["live"] + r1["fc2"]["live"] == round(0.5 * (r1["fc1"]["total"] + r1["fc2"]["total"]))
+    # a source that trains another dense network: refused, naming what differs; nothing written
+    other = dataclasses.replace(variant, lr=1e-2)
+    with pytest.raises(ValueError, match=r"another dense network: it differs in lr \(0.003 there, 0.01 here\)"):
+        run(other, tmp_path, data=data, source_dir=src)
+    assert not os.path.exists(Experiment(other, str(tmp_path), data=data).dir)
+    with pytest.raises(ValueError, match="own folder"):
+        run(base, tmp_path, data=data, run_dir=src, source_dir=src)
+    # --no-reuse-dense-round trains it anyway
+    shutil.rmtree(reused.experiment_dir)
+    starts.clear()
+    run(dataclasses.replace(variant, reuse_dense_round=False), tmp_path, data=data, source_dir=src,
+        on_round_start=lambda r, m: starts.append(r))
+    assert starts == [0, 1, 2]
+
+
+def test_an_imp_variant_waits_for_its_source(tmp_path):
+    """Started beside its source with wait_for_source, an IMP variant waits for the source's folder and dense
+    round and takes it; when the source never comes, it trains round 0 itself after the wait."""
+    import threading
+    data = tiny_data(240, 120)
+    base = tiny_hp(rounds=1)
+    src = str(tmp_path / "base")
+    variant = dataclasses.replace(base, prune_fc=0.5)
+    trained, out, errors = [], {}, []
+
+    def start_variant():
+        try:
+            out["v"] = run(variant, tmp_path, data=data, source_dir=src, wait_for_source=120,
+                           on_round_start=lambda r, m: trained.append(r))
+        except Exception as e:  # re-raised below, in the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=start_variant)
+    t.start()
+    time.sleep(0.5)
+    assert trained == [] and t.is_alive()  # waiting: no source folder yet
+    imp = run(base, tmp_path, data=data, run_dir=src)
+    t.join(timeout=120)
+    assert not errors, errors
+    assert trained == [1] and out["v"].metrics[0][0]["test_acc"] == imp.metrics[0][0]["test_acc"]
+    shutil.rmtree(out["v"].experiment_dir)
+    trained.clear()
+    alone = run(variant, tmp_path, data=data, source_dir=str(tmp_path / "never"), wait_for_source=0.2,
+                on_round_start=lambda r, m: trained.append(r))
+    assert trained == [0, 1] and "reused_from" not in alone.metrics[0][0]
+
+
 def test_a_control_started_beside_its_imp_run_waits_for_its_dense_round(tmp_path):
     """A control told to wait for its source, started before the IMP run has finished round 0, waits for that
     round and takes it (no second training of the same dense network), then the ticket's masks."""
