@@ -64,6 +64,15 @@ def _density(v: str) -> float:
     return x
 
 
+def _remaining(v: str) -> str:
+    from .report import parse_remaining
+    try:
+        parse_remaining(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+
+
 def _field_comments(cls) -> dict[str, str]:
     """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source (the
     flags' help); empty where the source cannot be read."""
@@ -255,7 +264,7 @@ def _cmd_report(args) -> int:
         out = os.path.join(dirs[0], "report")
     else:
         out = os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")
-    files = write_report(dirs, out, title=args.title)
+    files = write_report(dirs, out, title=args.title, remaining=args.remaining)
     for k, v in files.items():
         print(f"{k}: {v}")
     return 0
@@ -512,6 +521,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders, or run roots holding them")
     pr.add_argument("--out", help="output folder (default: <experiment>/report, or <common parent>/report)")
     pr.add_argument("--title")
+    pr.add_argument("--remaining", type=_remaining, default="all", metavar="KINDS",
+                    help="x axis: percent of all weights remaining (all, the default), or of the weights of these "
+                         "layer kinds only: conv, fc, output, comma-separated (fc,output); to set side by side "
+                         "runs that prune only some layers")
 
     pe = sub.add_parser("env", help="the machine, versions and code a run here records (and whose numbers it gets)",
                         description="What each IMP round records in its metrics.json: torch version, device, the "

@@ -234,6 +234,13 @@ def layer_kind(name: str, m: nn.Module, output_name: str) -> str:
     return "fc" if _is_linear(m) else "conv"
 
 
+def layer_kinds(model: nn.Module) -> dict[str, str]:
+    """``{layer name: "conv" | "fc" | "output"}`` for the prunable layers of ``model`` (the kinds that IMP prunes
+    at their own rates)."""
+    out_name = output_layer_name(model)
+    return {n: layer_kind(n, m, out_name) for n, m in prunable_layers(model)}
+
+
 def dense_weight(m: nn.Module) -> torch.Tensor:
     """The layer's dense weight (zeros at pruned positions)."""
     if hasattr(m, "dense_weight"):
@@ -541,22 +548,16 @@ class Experiment:
 
     def _rates(self, model: nn.Module) -> dict[str, float]:
         hp = self.hp
-        out_name = output_layer_name(model)
-        rates = {}
-        for n, m in prunable_layers(model):
-            kind = layer_kind(n, m, out_name)
-            rates[n] = 0.0 if n in hp.dense_layers else {"fc": hp.prune_fc, "conv": hp.prune_conv,
-                                                         "output": hp.prune_output}[kind]
-        return rates
+        by_kind = {"fc": hp.prune_fc, "conv": hp.prune_conv, "output": hp.prune_output}
+        return {n: 0.0 if n in hp.dense_layers else by_kind[k] for n, k in layer_kinds(model).items()}
 
     def _groups(self, model: nn.Module, rates: dict[str, float]) -> list[list[str]] | None:
         if not self.hp.prune_global:
             return None
-        out_name = output_layer_name(model)
         groups: dict[str, list[str]] = {}
-        for n, m in prunable_layers(model):
+        for n, k in layer_kinds(model).items():
             if rates[n] > 0:
-                groups.setdefault(layer_kind(n, m, out_name), []).append(n)
+                groups.setdefault(k, []).append(n)
         return list(groups.values())
 
     def seed_dir(self, seed: int) -> str:
@@ -874,11 +875,13 @@ class Experiment:
     def _round_metrics(self, model: nn.Module, masks: dict, out: dict, seed: int, r: int) -> dict:
         counts = count_masks(masks)
         live, total = live_and_total(masks)
+        kinds = layer_kinds(model)
         return dict(
             round=r, seed=seed, control=self.hp.control, model=self.hp.model,
             rewind_iteration=self.rewind_iteration, start_iteration=out["start_iteration"],
             iterations=out["iterations"],
-            remaining={n: dict(live=c[0], total=c[1], density=c[0] / c[1]) for n, c in counts.items()},
+            remaining={n: dict(live=c[0], total=c[1], density=c[0] / c[1], kind=kinds.get(n))
+                       for n, c in counts.items()},
             remaining_total=live, total_weights=total, density=live / total, percent_remaining=100.0 * live / total,
             test_acc=out["test_acc"], test_loss=out["test_loss"], train_acc=out["train_acc"],
             train_loss=out["train_loss"], early_stop_iteration=out["early_stop_iteration"],

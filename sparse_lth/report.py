@@ -5,7 +5,10 @@
 
 - ``accuracy_vs_remaining.png``: test accuracy at the early-stopping iteration and at the end of training vs the
   percent of weights remaining (log x axis, reversed: sparser to the right, as in the paper); one line per
-  experiment (IMP, random reinit, random pruning, ...), the mean over replicates with a min/max band;
+  experiment (IMP, random reinit, random pruning, ...), the mean over replicates with a min/max band. With
+  ``remaining="conv"`` (or ``"fc"``, ``"output"``, ``"fc,output"``) the x axis is the percent remaining of those
+  layers' weights only: the arms of an ablation that prunes only some layers (conv only, fc only, both) set side
+  by side at equal sparsity of the layers they share;
 - ``early_stop_vs_remaining.png``: the early-stopping iteration (minimum test loss) vs weights remaining;
 - ``curves.png``: test accuracy over training iterations for selected rounds (IMP solid, controls dashed);
 - ``summary.md``: one table per experiment, and a comparison table by round;
@@ -92,6 +95,76 @@ def _stats(vals):
     return statistics.fmean(vals), min(vals), max(vals)
 
 
+LAYER_KINDS = ("conv", "fc", "output")
+
+
+def parse_remaining(spec) -> tuple[str, ...] | None:
+    """The layer kinds of a report's x axis: None for "all" (every prunable weight), else a tuple of
+    :data:`LAYER_KINDS` from a comma-separated string ("conv", "fc,output") or a sequence."""
+    if spec is None or spec == "all":
+        return None
+    kinds = [k.strip() for k in spec.split(",")] if isinstance(spec, str) else [str(k) for k in spec]
+    bad = [k for k in kinds if k not in LAYER_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"remaining={spec!r}: give 'all', or layer kinds among {', '.join(LAYER_KINDS)}, "
+                         "comma-separated (e.g. 'fc,output')")
+    return tuple(dict.fromkeys(kinds))
+
+
+def _layer_kinds(exp: dict) -> dict[str, str]:
+    """``{layer: kind}`` of an experiment: as its rounds recorded it, or (runs from before they did) from its
+    model, built again from ``hparams.json`` (no data needed)."""
+    for ms in exp["rounds"].values():
+        for m in ms:
+            rem = m.get("remaining") or {}
+            if rem and all(v.get("kind") for v in rem.values()):
+                return {n: v["kind"] for n, v in rem.items()}
+    from . import models
+    from .data import INPUT_SHAPES
+    from .imp import layer_kinds
+    hp = exp["hparams"]
+    name = hp.get("model", "lenet300_100")
+    dataset = hp.get("dataset") or models.default_dataset(name)
+    model = models.build_model(name, width=hp.get("width", 1.0), dropout=hp.get("dropout", 0.0), seed=0,
+                               input_shape=INPUT_SHAPES.get(dataset))
+    kinds = layer_kinds(model)
+    recorded = {n for ms in exp["rounds"].values() for m in ms for n in m.get("remaining") or {}}
+    if recorded and recorded != set(kinds):
+        raise ValueError(f"{exp['name']}: its model, built again, has other layers ({', '.join(sorted(kinds))}) "
+                         f"than its rounds recorded ({', '.join(sorted(recorded))}): the model's code changed "
+                         "since it ran; report it with remaining='all'")
+    return kinds
+
+
+def _set_axis_kinds(exps: list[dict], kinds: tuple[str, ...] | None) -> None:
+    """Make :func:`_percent` measure the layers of ``kinds`` (None: every prunable weight) in each experiment."""
+    for e in exps:
+        e["axis"] = None
+        if kinds is None:
+            continue
+        layer_of = _layer_kinds(e)
+        chosen = [n for n, k in layer_of.items() if k in kinds]
+        if not chosen:
+            raise ValueError(f"{e['name']} has no {' or '.join(kinds)} layers (its layers: "
+                             + ", ".join(f"{n} {k}" for n, k in layer_of.items()) + ")")
+        e["axis"] = chosen
+
+
+def _percent(exp: dict, m: dict) -> float:
+    """Percent of the weights remaining in one round's metrics ``m``: of all of them, or of the layers that
+    :func:`_set_axis_kinds` chose."""
+    layers = exp.get("axis")
+    if not layers:
+        return m["percent_remaining"]
+    rem = m["remaining"]
+    return 100.0 * sum(rem[n]["live"] for n in layers) / sum(rem[n]["total"] for n in layers)
+
+
+def _axis_label(kinds: tuple[str, ...] | None) -> str:
+    return "percent of weights remaining" if kinds is None else \
+        f"percent of {' + '.join(kinds)} weights remaining"
+
+
 def _series(exp: dict, field: str):
     """Rows (percent remaining, mean, min, max, n) per round with data."""
     rows = []
@@ -99,7 +172,7 @@ def _series(exp: dict, field: str):
         mean, lo, hi = _stats([m[field] for m in ms])
         if mean is None:
             continue
-        rows.append((statistics.fmean(m["percent_remaining"] for m in ms), mean, lo, hi, len(ms), r))
+        rows.append((statistics.fmean(_percent(exp, m) for m in ms), mean, lo, hi, len(ms), r))
     return rows
 
 
@@ -163,7 +236,7 @@ def save_markdown(path: str, heading: str, title: str, intro: str, body: str) ->
     return path
 
 
-def _setup_axis(ax, xs):
+def _setup_axis(ax, xs, label: str = "percent of weights remaining"):
     ax.set_xscale("log")
     ax.invert_xaxis()
     ticks = [100, 51.3, 21.1, 7.0, 3.6, 1.9, 0.7, 0.3]
@@ -172,7 +245,7 @@ def _setup_axis(ax, xs):
     ax.set_xticks(t)
     ax.set_xticklabels([f"{v:g}" for v in t])
     ax.minorticks_off()
-    ax.set_xlabel("percent of weights remaining")
+    ax.set_xlabel(label)
     ax.grid(True, alpha=0.3)
 
 
@@ -216,16 +289,22 @@ def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None
                             color=st.get("color"))
 
 
-def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, curve_rounds=None) -> dict:
-    """Write the figures and ``summary.md`` for ``experiment_dirs`` into ``out_dir``; returns their paths."""
+def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, curve_rounds=None,
+                 remaining="all") -> dict:
+    """Write the figures and ``summary.md`` for ``experiment_dirs`` into ``out_dir``; returns their paths.
+    ``remaining``: the x axis, percent of all weights remaining ("all"), or of the layers of some kinds only
+    ("conv", "fc", "output", or several, comma-separated)."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    kinds = parse_remaining(remaining)
     exps = _sorted([load_experiment(d) for d in find_experiments(list(experiment_dirs))])
     exps = [e for e in exps if e["rounds"]]
     if not exps:
         raise ValueError("no finished rounds to report (no metrics.json) in " + ", ".join(map(str, experiment_dirs)))
+    _set_axis_kinds(exps, kinds)
+    xlabel = _axis_label(kinds)
     os.makedirs(out_dir, exist_ok=True)
     title = title or exps[0]["hparams"].get("model", "")
     files = {}
@@ -239,7 +318,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     for ax, field, name in ((axes[0], "early_stop_test_acc", "test accuracy at early stop"),
                             (axes[1], "test_acc", "test accuracy at end of training")):
         _plot_series(ax, exps, field, styles, scale=100)
-        _setup_axis(ax, all_x)
+        _setup_axis(ax, all_x, xlabel)
         ax.set_ylabel(f"{name} (%)")
         ax.set_title(name, fontsize=10)
     fig.suptitle(title)  # (once: two panel titles of "title: name" ran into each other)
@@ -249,7 +328,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     # --- early-stopping iteration vs weights remaining
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     _plot_series(ax, exps, "early_stop_iteration", styles)
-    _setup_axis(ax, all_x)
+    _setup_axis(ax, all_x, xlabel)
     ax.set_ylabel("early-stopping iteration (min test loss)")
     ax.set_title(f"{title}: early-stopping iteration", fontsize=10)
     _legend(fig, [ax])
@@ -296,7 +375,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
 
     files["summary"] = os.path.join(out_dir, "summary.md")
     with open(files["summary"], "w") as f:
-        f.write(summary_markdown(exps))
+        f.write(summary_markdown(exps, kinds))
     files.update(_analyses(exps, out_dir, title))
     return files
 
@@ -369,8 +448,12 @@ def _describe(hp: dict) -> str:
             f"layers {hp.get('layer_impl')}")
 
 
-def summary_markdown(exps: list[dict]) -> str:
+def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str:
+    """One table per experiment and, for several, a comparison by round. ``kinds``: the layer kinds whose percent
+    remaining the comparison's rows give (and a column of each table), as :func:`write_report`'s ``remaining``
+    (call :func:`_set_axis_kinds` first)."""
     lines = []
+    part = "" if kinds is None else f" {' + '.join(kinds)}"
     for e in exps:
         hp = e["hparams"]
         lines.append(f"## {_label(e, exps)}: `{e['name']}`\n")
@@ -378,16 +461,21 @@ def summary_markdown(exps: list[dict]) -> str:
         lines.append(f"{_describe(hp)}; replicates: {len(e['seeds'])} (seeds {e['seeds']}). "
                      f"Accuracies in %, mean [min, max] over replicates." + (f" Ran on: {ran_on}." if ran_on else "")
                      + "\n")
-        lines.append("| round | % weights remaining | early-stop iteration | test acc at early stop | "
+        lines.append("| round | % weights remaining | " + (f"%{part} remaining | " if part else "")
+                     + "early-stop iteration | test acc at early stop | "
                      "test acc at end | train acc at end | wall time / round (s) | ms / step | paths |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        lines.append("|---:|---:|" + ("---:|" if part else "") + "---:|---:|---:|---:|---:|---:|---|")
         for r, ms in e["rounds"].items():
             n = len(ms)
             pct = statistics.fmean(m["percent_remaining"] for m in ms)
+            if part:
+                pct = f"{pct:.2f} | {statistics.fmean(_percent(e, m) for m in ms):.2f}"
+            else:
+                pct = f"{pct:.2f}"
             es = _fmt_iteration([m["early_stop_iteration"] for m in ms])
             paths = sorted({f"{k}:{v}" for m in ms for k, v in m.get("paths", {}).items()})
             lines.append(
-                f"| {r} | {pct:.2f} | {es} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
+                f"| {r} | {pct} | {es} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m['test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m.get('train_acc') for m in ms]), n)} | "
                 f"{statistics.fmean(m['wall_time'] for m in ms):.0f} | "
@@ -401,7 +489,7 @@ def summary_markdown(exps: list[dict]) -> str:
             lines.append("These rounds did not all run under the same numerics (torch version, device, CPU "
                          "instruction set or threads: see each experiment's \"Ran on\"), so equal settings need "
                          "not give equal digits.\n")
-        head = "| round | % remaining | " + " | ".join(_label(e, exps) for e in exps) + " |"
+        head = f"| round | %{part} remaining | " + " | ".join(_label(e, exps) for e in exps) + " |"
         lines.append(head)
         lines.append("|---:|---:|" + "---:|" * len(exps))
         rounds = sorted({r for e in exps for r in e["rounds"]})
@@ -413,7 +501,7 @@ def summary_markdown(exps: list[dict]) -> str:
                 if not ms:
                     cells.append("-")
                     continue
-                own = statistics.fmean(m["percent_remaining"] for m in ms)
+                own = statistics.fmean(_percent(e, m) for m in ms)
                 pct = pct if pct is not None else own
                 mean, lo, hi = _stats([m["early_stop_test_acc"] for m in ms])
                 es = statistics.fmean(m["early_stop_iteration"] for m in ms)

@@ -730,6 +730,14 @@ def test_a_conv_network_on_one_channel_28x28_data(tmp_path):
     left = {n: m.float().mean().item() for n, m in masks.items()}
     assert left["features.conv2"] == pytest.approx(0.9, abs=0.01) and left["fc1"] == pytest.approx(0.8, abs=0.01)
     assert left["fc3"] == pytest.approx(0.9, abs=0.02)
+    kinds = {n: v["kind"] for n, v in res.metrics[0][1]["remaining"].items()}  # recorded for the report's axes
+    assert kinds == {"features.conv1": "conv", "features.conv2": "conv", "fc1": "fc", "fc2": "fc", "fc3": "output"}
+    from sparse_lth.cli import main
+    assert main(["report", res.experiment_dir, "--remaining", "conv", "--out", str(tmp_path / "rep")]) == 0
+    assert "% conv remaining" in (tmp_path / "rep" / "summary.md").read_text()
+    with pytest.raises(SystemExit) as e:
+        main(["report", res.experiment_dir, "--remaining", "linear"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize("control", ["imp", "reinit"])

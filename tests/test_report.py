@@ -1,4 +1,6 @@
 """The report's tables and file lists, on hand-made experiment records (no training)."""
+import pytest
+
 from sparse_lth import anatomy, landscape, report, stability
 
 
@@ -50,6 +52,88 @@ def test_experiments_of_one_control_are_labelled_by_the_hyperparameters_they_dif
     assert report._label(reinit, exps) == "random reinit"  # the only one of its control
     twin = exp("e", "imp", [100.0, 80.0], [0.97, 0.975])  # same hyperparameters, another folder: its name
     assert report._label(twin, [layerwise, twin]) == "IMP (winning ticket) [e]"
+
+
+def layered(name, prune, rounds, conv=(1000, 3000), fc=(20000, 500), kinds=True, rates=(0.1, 0.2, 0.1)):
+    """An experiment record with per-layer counts: conv1/conv2 (conv), fc1 (fc), fc2 (output), each pruned at its
+    rate per round when its kind is in ``prune``."""
+    layers = {"conv1": ("conv", conv[0]), "conv2": ("conv", conv[1]), "fc1": ("fc", fc[0]), "fc2": ("output", fc[1])}
+    rate = dict(zip(("conv", "fc", "output"), rates))
+    out = exp(name, "imp", [], [])
+    for r in range(rounds + 1):
+        rem = {n: dict(live=round(t * (1 - rate[k]) ** r) if k in prune else t, total=t) for n, (k, t) in layers.items()}
+        for n, (k, _) in layers.items():
+            if kinds:
+                rem[n]["kind"] = k
+        live, total = sum(v["live"] for v in rem.values()), sum(v["total"] for v in rem.values())
+        out["rounds"][r] = [dict(percent_remaining=100 * live / total, remaining=rem, early_stop_iteration=100,
+                                 early_stop_test_acc=0.9 + r / 100, test_acc=0.9, train_acc=0.95, wall_time=1.0,
+                                 time_per_step=0.001)]
+    out["hparams"].update(prune_fc=rates[1] if "fc" in prune else 0.0,
+                          prune_conv=rates[0] if "conv" in prune else 0.0)
+    return out
+
+
+def test_the_x_axis_can_be_the_weights_remaining_of_some_layer_kinds():
+    """remaining="conv": the arms of a conv-only / fc-only / both ablation at equal conv sparsity (rows and
+    x values), with the total beside it in each experiment's table."""
+    both = layered("both", ("conv", "fc", "output"), 2)
+    conv_only = layered("conv_only", ("conv",), 2)
+    exps = [both, conv_only]
+    report._set_axis_kinds(exps, ("conv",))
+    for e in exps:
+        assert [round(x[0], 2) for x in report._series(e, "test_acc")] == [100.0, 90.0, 81.0]
+    md = report.summary_markdown(exps, ("conv",))
+    table = md[md.index("## Comparison by round"):]
+    assert "| round | % conv remaining |" in table
+    row2 = next(line for line in table.splitlines() if line.startswith("| 2 |"))
+    assert row2.startswith("| 2 | 81.00 |") and "(" not in row2  # both at 81% of the conv weights
+    own = md[md.index("`conv_only`"):md.index("## Comparison")]
+    assert "| % weights remaining | % conv remaining |" in own
+    total2 = 100 * (810 + 2430 + 20500) / 24500
+    assert f"| 2 | {total2:.2f} | 81.00 |" in own
+    # fc + output: the conv-only arm stays at 100%, so its rounds are marked with their own sparsity
+    report._set_axis_kinds(exps, ("fc", "output"))
+    assert report._series(conv_only, "test_acc")[2][0] == 100.0
+    row1 = next(line for line in report.summary_markdown(exps, ("fc", "output")).splitlines()
+                if line.startswith("| 1 |") and "(100.00 %)" in line)
+    assert row1.startswith(f"| 1 | {100 * (16000 + 450) / 20500:.2f} |")
+    # the default: every weight, and the tables as before
+    report._set_axis_kinds(exps, None)
+    assert report._series(both, "test_acc")[1][0] == both["rounds"][1][0]["percent_remaining"]
+    assert "% conv remaining" not in report.summary_markdown(exps)
+
+
+def test_layer_kinds_come_from_the_model_for_runs_that_did_not_record_them():
+    """A run from before the rounds recorded each layer's kind: LeNet-300-100 is built again from its hparams."""
+    old = exp("old", "imp", [], [])
+    sizes = {"fc1": 235200, "fc2": 30000, "fc3": 1000}
+    for r in (0, 1):
+        rem = {n: dict(live=t // (2 ** r), total=t) for n, t in sizes.items()}
+        old["rounds"][r] = [dict(percent_remaining=100 * sum(v["live"] for v in rem.values()) / 266200,
+                                 remaining=rem, early_stop_iteration=100, early_stop_test_acc=0.9, test_acc=0.9)]
+    assert report._layer_kinds(old) == {"fc1": "fc", "fc2": "fc", "fc3": "output"}
+    report._set_axis_kinds([old], ("output",))
+    assert [x[0] for x in report._series(old, "test_acc")] == [100.0, 50.0]
+    with pytest.raises(ValueError, match="old has no conv layers"):
+        report._set_axis_kinds([old], ("conv",))
+    for ms in old["rounds"].values():  # (say, a layer renamed since)
+        ms[0]["remaining"]["head"] = ms[0]["remaining"].pop("fc3")
+    with pytest.raises(ValueError, match=r"old: its model, built again, has other layers \(fc1, fc2, fc3\) than "
+                                         r"its rounds recorded \(fc1, fc2, head\)"):
+        report._set_axis_kinds([old], ("output",))
+
+
+@pytest.mark.parametrize("spec,want", [("all", None), (None, None), ("conv", ("conv",)),
+                                       ("fc,output", ("fc", "output")), (" fc , fc", ("fc",))])
+def test_parse_remaining(spec, want):
+    assert report.parse_remaining(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["", "linear", "conv,dense", ","])
+def test_parse_remaining_refuses_unknown_kinds(spec):
+    with pytest.raises(ValueError, match="layer kinds among conv, fc, output"):
+        report.parse_remaining(spec)
 
 
 def test_report_lists_every_analysis_file(monkeypatch, tmp_path):
