@@ -1,5 +1,5 @@
-"""The ``sparse-lth`` command line: ``train``, ``imp``, ``report``, ``stability``, ``landscape``, ``anatomy`` and
-``env``.
+"""The ``sparse-lth`` command line: ``train``, ``imp``, ``report``, ``stability``, ``landscape``, ``anatomy``,
+``export``, ``ls`` and ``env``.
 
     sparse-lth imp --preset lenet_quick --data /work/shared/data        # an IMP run (resumes if interrupted)
     sparse-lth imp --preset lenet_quick --control reinit                # its random-reinitialization control
@@ -9,6 +9,7 @@
     sparse-lth anatomy runs/lenet300_100_imp_<hash>                     # starting weights, connectivity, ...
     sparse-lth train --model lenet300_100 --density 0.1 --iterations 1000
     sparse-lth env                                                      # what a run here will record
+    sparse-lth ls runs/                                                 # the experiments and how far they got
 
 The flags of ``imp`` (and of ``train``) are generated from the hyperparameter dataclasses
 (:class:`sparse_lth.imp.ImpHparams`, :class:`sparse_lth.train.TrainConfig`): ``--prune-fc 0.2``,
@@ -271,6 +272,17 @@ def _cmd_report(args) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------- env
+def _cmd_ls(args) -> int:
+    from .listing import format_listing, list_experiments
+    paths = args.paths or ["runs"]
+    rows = list_experiments(paths)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "hparams"} for r in rows], indent=1))
+    else:
+        print(format_listing(rows))
+    return 0
+
+
 def _cmd_env(args) -> int:
     import torch
 
@@ -526,6 +538,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "layer kinds only: conv, fc, output, comma-separated (fc,output); to set side by side "
                          "runs that prune only some layers")
 
+    pls = sub.add_parser("ls", help="the experiments in run folders: what each is and how far it has got",
+                         description="One line per experiment (and replicate): its control, rounds finished of "
+                                     "those planned, the last and the best accuracy at early stop, and the round "
+                                     "and iteration of a round in progress (from its checkpoint) with the time of "
+                                     "the last write; under it, the hyperparameters that tell it apart from the "
+                                     "other experiments of its model. Reads files only.")
+    pls.add_argument("paths", nargs="*", metavar="PATH",
+                     help="experiment folders, or run roots holding them (default: runs)")
+    pls.add_argument("--json", action="store_true", help="the same as JSON")
+
     pe = sub.add_parser("env", help="the machine, versions and code a run here records (and whose numbers it gets)",
                         description="What each IMP round records in its metrics.json: torch version, device, the "
                                     "CPU instruction set PyTorch dispatches to, threads, commit. Runs reproduce bit "
@@ -603,6 +625,8 @@ def main(argv=None) -> int:
             return _cmd_env(args)
         if args.command == "export":
             return _cmd_export(args)
+        if args.command == "ls":
+            return _cmd_ls(args)
         return _cmd_report(args)
     except KeyboardInterrupt:
         again = {"imp": "; run the same command again to resume",

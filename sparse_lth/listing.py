@@ -1,0 +1,143 @@
+"""What the experiments in a run root are, and how far each has got (``sparse-lth ls``), read from their files.
+
+``list_experiments(paths)`` gives one dict per experiment folder (see :func:`experiment_status`);
+``format_listing(rows)`` lays them out as a table. Nothing is trained or written; a round in progress is read off
+its checkpoint (memory-mapped: only the iteration and the configuration are read, not the weights).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+
+from ._files import canonical_hparams, read_json
+
+
+def _planned_rounds(hp: dict) -> int:
+    """Rounds an experiment runs, the dense round 0 included (one-shot without levels: 0 and 1)."""
+    if hp.get("control") == "oneshot" and not hp.get("oneshot_levels"):
+        return 2
+    return int(hp.get("rounds", 15)) + 1
+
+
+def _checkpoint_progress(path: str) -> tuple[int, int] | None:
+    """(iteration, iterations) of a round's checkpoint, or None if it cannot be read (being written, damaged)."""
+    import torch
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return int(ck["iteration"]), int(ck["config"]["iterations"])
+    except Exception:  # (a half-written file, another format: the listing says "checkpoint" without numbers)
+        return None
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
+
+
+def experiment_status(exp_dir: str, now: float | None = None) -> dict:
+    """One experiment folder: ``dict(dir, name, control, model, dataset, hparams, planned (rounds per seed, round 0
+    included), seeds={seed: dict(done, last, best, running)}, state, last_write)``. Per seed: ``done`` rounds with
+    metrics.json, ``last`` (round, percent remaining, test accuracy at early stop) of the last one, ``best`` (the
+    same for the best accuracy at early stop), ``running`` (round, iteration, iterations) when an unfinished round
+    has a checkpoint. ``state``: "done", "not started", or where it stands, with the time of its last write (a
+    run killed long ago and one running look alike but for that)."""
+    now = time.time() if now is None else now
+    hp = read_json(os.path.join(exp_dir, "hparams.json"))
+    planned = _planned_rounds(hp)
+    seeds: dict[int, dict] = {}
+    last_write = os.path.getmtime(os.path.join(exp_dir, "hparams.json"))
+    for sdir in sorted(glob.glob(os.path.join(exp_dir, "seed_*"))):
+        tail = os.path.basename(sdir)[5:]
+        if not tail.isdigit() or not os.path.isdir(sdir):
+            continue
+        info = dict(done=0, last=None, best=None, running=None)
+        for rdir in sorted(glob.glob(os.path.join(sdir, "round_*"))):
+            for f in os.scandir(rdir):
+                last_write = max(last_write, f.stat().st_mtime)
+            mpath = os.path.join(rdir, "metrics.json")
+            if os.path.exists(mpath):
+                m = read_json(mpath)
+                point = (int(m["round"]), float(m["percent_remaining"]), float(m["early_stop_test_acc"]))
+                info["done"] += 1
+                info["last"] = point
+                if info["best"] is None or point[2] > info["best"][2]:
+                    info["best"] = point
+            elif os.path.exists(os.path.join(rdir, "checkpoint.pt")):
+                prog = _checkpoint_progress(os.path.join(rdir, "checkpoint.pt"))
+                r = int(os.path.basename(rdir)[6:])
+                info["running"] = (r,) + (prog if prog else (None, None))
+        seeds[int(tail)] = info
+    if not seeds:
+        state = "not started"
+    elif all(s["done"] >= planned for s in seeds.values()):
+        state = "done"
+    else:
+        parts = []
+        for s, info in seeds.items():
+            if info["done"] >= planned:
+                continue
+            run = info["running"]
+            if run and run[1] is not None:
+                parts.append(f"seed {s}: round {run[0]} at iteration {run[1]}/{run[2]}")
+            elif run:
+                parts.append(f"seed {s}: round {run[0]} (checkpoint)")
+            else:
+                parts.append(f"seed {s}: round {info['done']} next")
+        state = "; ".join(parts)
+    if state != "done":
+        state += f" (last write {_ago(now - last_write)})"
+    return dict(dir=os.path.normpath(exp_dir), name=os.path.basename(os.path.normpath(exp_dir)),
+                control=hp.get("control", "imp"), model=hp.get("model", ""), dataset=hp.get("dataset", ""),
+                hparams=hp, planned=planned, seeds=seeds, state=state, last_write=last_write)
+
+
+def list_experiments(paths, now: float | None = None) -> list[dict]:
+    """:func:`experiment_status` of every experiment among ``paths`` (experiment folders, or run roots holding
+    them), by model then name; each with ``differs``: the hyperparameters in which it differs from the other
+    experiments of its model and dataset (the control aside), as ``key=value`` strings."""
+    from .report import _format_value, find_experiments
+    rows = [experiment_status(d, now) for d in find_experiments(list(paths))]
+    rows.sort(key=lambda r: (r["model"], r["dataset"], r["name"]))
+    from .imp import CONTROL_SETTINGS, NOT_HASHED, ImpHparams, hparams_dict
+    defaults = hparams_dict(ImpHparams())
+    skip = {"control", *NOT_HASHED}
+    for r in rows:
+        peers = [p for p in rows if (p["model"], p["dataset"]) == (r["model"], r["dataset"])]
+        hps = [canonical_hparams({**defaults, **p["hparams"]}) for p in peers]
+        mine = canonical_hparams({**defaults, **r["hparams"]})
+        keys = [k for k in mine if k not in skip and len({json.dumps(h.get(k)) for h in hps}) > 1]
+        keys += [k for k in CONTROL_SETTINGS if k not in keys and mine.get(k) != defaults[k]]
+        r["differs"] = [f"{k}={_format_value(mine[k])}" for k in keys]
+    return rows
+
+
+def format_listing(rows: list[dict]) -> str:
+    """The rows of :func:`list_experiments` as a text table: one line per experiment (per replicate where it has
+    several), and under it the hyperparameters that tell it apart."""
+    if not rows:
+        return "no experiments"
+    head = ("experiment", "control", "seed", "rounds", "last: % left", "acc@ES", "best acc@ES (% left)", "state")
+    lines = []
+    for r in rows:
+        seeds = r["seeds"] or {None: dict(done=0, last=None, best=None)}
+        for i, (s, info) in enumerate(seeds.items()):
+            last, best = info["last"], info["best"]
+            lines.append((r["name"] if i == 0 else "", r["control"] if i == 0 else "", "-" if s is None else str(s),
+                          f"{info['done']}/{r['planned']}",
+                          f"{last[1]:.2f}" if last else "-", f"{100 * last[2]:.2f}" if last else "-",
+                          f"{100 * best[2]:.2f} ({best[1]:.1f})" if best else "-",
+                          r["state"] if i == 0 else ""))
+        if r["differs"]:
+            lines.append(("  " + ", ".join(r["differs"]),))
+    widths = [max(len(head[c]), *(len(ln[c]) for ln in lines if len(ln) > 1)) for c in range(len(head))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip()]
+    for ln in lines:
+        out.append(ln[0] if len(ln) == 1 else "  ".join(v.ljust(w) for v, w in zip(ln, widths)).rstrip())
+    return "\n".join(out)

@@ -1,0 +1,67 @@
+"""`sparse-lth ls`: the experiments of a run root, what tells them apart, and how far each got."""
+import dataclasses
+import json
+import os
+
+import pytest
+
+from conftest import tiny_data
+from sparse_lth.cli import main
+from sparse_lth.listing import format_listing, list_experiments
+from test_imp import run, tiny_hp
+
+
+class Stop(Exception):
+    pass
+
+
+def test_ls_lists_finished_and_interrupted_experiments(tmp_path, capsys):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=2)
+    done = run(hp, tmp_path, data=data)
+    run(dataclasses.replace(hp, control="reinit"), tmp_path, data=data)
+
+    def stop(r, it, m):  # killed in round 1 at iteration 10 (a checkpoint every 5)
+        if r == 1 and it == 10:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(dataclasses.replace(hp, prune_fc=0.5), tmp_path, data=data, callback=stop)
+    rows = {r["name"]: r for r in list_experiments([str(tmp_path)])}
+    assert len(rows) == 3
+    imp = rows[os.path.basename(done.experiment_dir)]
+    assert imp["state"] == "done" and imp["planned"] == 3 and imp["seeds"][0]["done"] == 3
+    last = done.metrics[0][2]
+    assert imp["seeds"][0]["last"] == (2, last["percent_remaining"], last["early_stop_test_acc"])
+    best = max(done.metrics[0], key=lambda m: m["early_stop_test_acc"])
+    assert imp["seeds"][0]["best"][2] == best["early_stop_test_acc"]
+    half = next(r for r in rows.values() if r["control"] == "imp" and r is not imp)
+    assert half["seeds"][0]["done"] == 1 and half["seeds"][0]["running"] == (1, 10, 20)
+    assert half["state"].startswith("seed 0: round 1 at iteration 10/20 (last write ") and "ago)" in half["state"]
+    # what tells them apart: the pruning rate between the two IMP runs; the reinit control shares the first's
+    assert half["differs"] == ["prune_fc=0.5"] and imp["differs"] == ["prune_fc=0.2"]
+    reinit = next(r for r in rows.values() if r["control"] == "reinit")
+    assert reinit["differs"] == ["prune_fc=0.2"] and reinit["state"] == "done"
+    # the command: one line per experiment, its differences under it
+    assert main(["ls", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["experiment", "control", "seed", "rounds"]
+    line = next(ln for ln in out if ln.startswith(half["name"]))
+    assert line.split()[1:4] == ["imp", "0", "1/3"] and "round 1 at iteration 10/20" in line
+    assert out[out.index(line) + 1] == "  prune_fc=0.5"
+    assert main(["ls", str(tmp_path), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(r["name"] for r in listed) == sorted(rows)
+
+
+def test_ls_of_an_experiment_not_started_and_of_nothing(tmp_path, capsys):
+    os.makedirs(tmp_path / "e")
+    with open(tmp_path / "e" / "hparams.json", "w") as f:
+        json.dump(dict(model="lenet300_100", control="oneshot", rounds=5), f)
+    rows = list_experiments([str(tmp_path / "e")])
+    assert rows[0]["planned"] == 2 and rows[0]["state"].startswith("not started (last write ")
+    assert rows[0]["differs"] == []
+    assert "e  " in format_listing(rows).splitlines()[1]
+    assert format_listing([]) == "no experiments"
+    assert main(["ls", str(tmp_path / "nothing")]) == 2  # a folder that is not there: a clear error
+    assert "no such folder" in capsys.readouterr().err
