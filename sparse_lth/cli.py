@@ -633,6 +633,12 @@ def main(argv=None) -> int:
                  "stability": "; run the same command again to resume (finished copies are kept)"}
         print(f"\nsparse-lth {args.command}: interrupted{again.get(args.command, '')}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head`, which has had enough: not an error of ours
+        try:
+            sys.stdout = open(os.devnull, "w")  # (Python's exit flush would raise again)
+        except OSError:
+            pass
+        return 0
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("SPARSE_LTH_DEBUG", "0") not in ("", "0"):
             raise

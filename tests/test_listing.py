@@ -65,3 +65,17 @@ def test_ls_of_an_experiment_not_started_and_of_nothing(tmp_path, capsys):
     assert format_listing([]) == "no experiments"
     assert main(["ls", str(tmp_path / "nothing")]) == 2  # a folder that is not there: a clear error
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_is_no_error(tmp_path):
+    """`sparse-lth ls | head -1`: the reader has gone before the table is written; no error, no traceback."""
+    import subprocess
+    import sys
+    os.makedirs(tmp_path / "e")
+    with open(tmp_path / "e" / "hparams.json", "w") as f:
+        json.dump(dict(model="lenet300_100"), f)
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from sparse_lth.cli import main; sys.exit(main())",
+                          "ls", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # before the child (still importing) writes anything
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and err == ""
