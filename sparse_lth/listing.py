@@ -98,12 +98,32 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                 hparams=hp, planned=planned, seeds=seeds, state=state, last_write=last_write)
 
 
+def find_experiments_below(paths) -> list[str]:
+    """Experiment folders (with hparams.json) among ``paths`` and in the folders below them, at any depth (run
+    roots inside run roots); an experiment folder's own subfolders are not searched."""
+    out = []
+    for p in paths:
+        if not os.path.isdir(p):
+            raise FileNotFoundError(f"{p}: no such folder")
+        found = []
+        for d, subdirs, files in os.walk(p):
+            if "hparams.json" in files:
+                found.append(os.path.normpath(d))
+                subdirs[:] = []
+            else:
+                subdirs.sort()
+        if not found:
+            raise FileNotFoundError(f"{p}: no experiment folders (with hparams.json) in it or below it")
+        out.extend(found)
+    return list(dict.fromkeys(out))
+
+
 def list_experiments(paths, now: float | None = None) -> list[dict]:
-    """:func:`experiment_status` of every experiment among ``paths`` (experiment folders, or run roots holding
-    them), by model then name; each with ``differs``: the hyperparameters in which it differs from the other
-    experiments of its model and dataset (the control aside), as ``key=value`` strings."""
-    from .report import _format_value, find_experiments
-    rows = [experiment_status(d, now) for d in find_experiments(list(paths))]
+    """:func:`experiment_status` of every experiment among ``paths`` (experiment folders, or folders holding
+    them at any depth), by model then name; each with ``differs``: the hyperparameters in which it differs from
+    the other experiments of its model and dataset (the control aside), as ``key=value`` strings."""
+    from .report import _format_value
+    rows = [experiment_status(d, now) for d in find_experiments_below(list(paths))]
     rows.sort(key=lambda r: (r["model"], r["dataset"], r["name"]))
     from .imp import CONTROL_SETTINGS, NOT_HASHED, ImpHparams, hparams_dict
     defaults = hparams_dict(ImpHparams())

@@ -63,6 +63,11 @@ def test_ls_of_an_experiment_not_started_and_of_nothing(tmp_path, capsys):
     assert rows[0]["differs"] == []
     assert "e  " in format_listing(rows).splitlines()[1]
     assert format_listing([]) == "no experiments"
+    os.makedirs(tmp_path / "root" / "inner" / "f")  # a run root inside a run root: found at any depth
+    os.rename(tmp_path / "e", tmp_path / "root" / "inner" / "e")
+    assert [r["name"] for r in list_experiments([str(tmp_path / "root")])] == ["e"]
+    assert main(["ls", str(tmp_path / "root" / "inner" / "f")]) == 2
+    assert "no experiment folders" in capsys.readouterr().err
     assert main(["ls", str(tmp_path / "nothing")]) == 2  # a folder that is not there: a clear error
     assert "no such folder" in capsys.readouterr().err
 
