@@ -184,7 +184,7 @@ def _cmd_imp(args, names) -> int:
     res = run_imp(hp, args.runs, replicates=args.replicates, device=args.device, data_root=args.data,
                   progress=not args.no_progress, checkpoint_every=args.checkpoint_every, run_dir=args.run_dir,
                   wait_for_source=args.wait_for_source, report=not args.no_report, on_round_end=round_done,
-                  source_dir=args.source)
+                  source_dir=args.source, on_start=lambda exp: _write(f"experiment folder: {exp.dir}"))
     print(f"experiment: {res.experiment_dir}  ({time.time() - t0:.0f} s)")
     print(header)
     for rounds in res.metrics.values():

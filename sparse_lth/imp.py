@@ -987,15 +987,18 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
             checkpoint_every: int = 1000, run_dir: str | None = None, wait_for_source: float = 0.0,
             callback: Callable | None = None, on_round_start: Callable | None = None,
             on_round_end: Callable | None = None, report: bool = False, data=None,
-            source_dir: str | None = None) -> ImpResult:
+            source_dir: str | None = None, on_start: Callable | None = None) -> ImpResult:
     """Run (or resume) an IMP experiment; see the module docstring.
 
     ``seeds`` (list) or ``replicates`` (n: seeds ``hparams.seed .. hparams.seed + n - 1``); default: the single
     seed ``hparams.seed``. ``data``: ``(train, test)`` datasets to use instead of loading ``hparams.dataset``
     (the caller is then responsible for giving the same data on a re-run). ``source_dir``: for a control, the
-    folder of the IMP run it compares with (default: ``<run_root>/<that experiment's name>``).
-    ``callback(round, iteration, model)`` runs after every training step (an exception there stops the run;
-    re-running resumes); ``on_round_start(round, model)`` before a round trains, ``on_round_end(metrics)`` after.
+    folder of the IMP run it compares with (default: ``<run_root>/<that experiment's name>``); for an IMP run, an
+    IMP run to take the dense round from (see the module docstring).
+    ``on_start(experiment)`` runs once the hyperparameters are checked, before anything trains (its folder is
+    ``experiment.dir``); ``callback(round, iteration, model)`` runs after every training step (an exception there
+    stops the run; re-running resumes); ``on_round_start(round, model)`` before a round trains,
+    ``on_round_end(metrics)`` after.
     ``report``: write the report (figures and table) into ``<experiment>/report`` at the end, including sibling
     control experiments found in ``run_root``.
     """
@@ -1004,6 +1007,8 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
     exp = Experiment(hparams, run_root, device=device, data_root=data_root, progress=progress,
                      checkpoint_every=checkpoint_every, run_dir=run_dir, wait_for_source=wait_for_source,
                      data=data, source_dir=source_dir)
+    if on_start is not None:
+        on_start(exp)
     res = exp.run(seeds, callback=callback, on_round_start=on_round_start, on_round_end=on_round_end)
     if report:
         from .report import write_report, related_experiments

@@ -49,8 +49,10 @@ def test_imp_control_and_report(tmp_path, capsys):
     live = out.split("experiment:")[0].splitlines()
     # first, where it runs (what each round records)
     assert live[0].startswith("running on: cpu: ") and "torch " in live[0] and "thread" in live[0]
-    assert live[1].split()[:2] == ["seed", "round"]
-    assert [ln.split()[:2] for ln in live[2:]] == [["0", "0"], ["0", "1"], ["0", "2"]]
+    # then the folder, before anything trains (to point a control at it, or `sparse-lth ls`)
+    assert live[1] == f"experiment folder: {tmp_path / exps[0]}"
+    assert live[2].split()[:2] == ["seed", "round"]
+    assert [ln.split()[:2] for ln in live[3:]] == [["0", "0"], ["0", "1"], ["0", "2"]]
     exp = tmp_path / exps[0]
     for r in range(3):
         assert (exp / "seed_0" / f"round_{r:02d}" / "metrics.json").exists()
@@ -68,7 +70,8 @@ def test_imp_control_and_report(tmp_path, capsys):
     # re-running the finished experiment trains nothing and prints the same table
     assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[1].startswith("experiment:")  # nothing trained, so no per-round lines
+    assert out.splitlines()[1].startswith("experiment folder:")
+    assert out.splitlines()[2].startswith("experiment:")  # nothing trained, so no per-round lines
     assert len([ln for ln in out.splitlines() if ln.split()[:1] == ["0"]]) == 3
     # report over the run root
     out_dir = tmp_path / "rep"
