@@ -323,6 +323,10 @@ class _SparseLayer(nn.Module):
         ``ops``: how the sparse path runs each op (see the module docstring; default: the layer's
         ``ops_request``). The trainable parameters are replaced: build the optimizer afterwards."""
         device = self.weight_mask.device
+        if device.type == "meta" or getattr(mask, "device", None) == torch.device("meta"):
+            raise ValueError("a sparse layer cannot live on the meta device: its layout depends on the mask's "
+                             "values; build the model (or sparsify it) on a real device, or sparsify after "
+                             "to_empty() and loading the weights")
         mask = check_mask(mask, self.weight_shape).to(device)
         path = self.path_request if path is None else path
         if path not in PATHS:

@@ -553,6 +553,14 @@ def test_bad_input_is_refused_clearly():
         resolve_backend("cpu", "cuda-magic")
     with pytest.raises(KeyError, match="not Linear/Conv2d"):
         sparsify(Small(), masks={"bn": torch.ones(8)})
+    # the meta device (deferred initialization): refused with what to do, not "Tensor.item() on meta tensors"
+    with torch.device("meta"):
+        with pytest.raises(ValueError, match="cannot live on the meta device.*to_empty"):
+            SparseLinear(4, 4)
+        with pytest.raises(ValueError, match="cannot live on the meta device"):
+            sparsify(nn.Sequential(nn.Conv2d(2, 4, 3)))
+    with pytest.raises(ValueError, match="cannot live on the meta device"):
+        layer.set_mask(torch.ones(3, 5, device="meta"))
 
 
 def test_mask_accepts_zero_one_numbers_and_env_backend(monkeypatch):
