@@ -7,11 +7,10 @@ its checkpoint (memory-mapped: only the iteration and the configuration are read
 from __future__ import annotations
 
 import glob
-import json
 import os
 import time
 
-from ._files import canonical_hparams, read_json
+from ._files import read_json
 
 
 def _planned_rounds(hp: dict) -> int:
@@ -122,19 +121,13 @@ def list_experiments(paths, now: float | None = None) -> list[dict]:
     """:func:`experiment_status` of every experiment among ``paths`` (experiment folders, or folders holding
     them at any depth), by model then name; each with ``differs``: the hyperparameters in which it differs from
     the other experiments of its model and dataset (the control aside), as ``key=value`` strings."""
-    from .report import _format_value
+    from .imp import NOT_HASHED
+    from .report import differing_hparams
     rows = [experiment_status(d, now) for d in find_experiments_below(list(paths))]
     rows.sort(key=lambda r: (r["model"], r["dataset"], r["name"]))
-    from .imp import CONTROL_SETTINGS, NOT_HASHED, ImpHparams, hparams_dict
-    defaults = hparams_dict(ImpHparams())
-    skip = {"control", *NOT_HASHED}
     for r in rows:
-        peers = [p for p in rows if (p["model"], p["dataset"]) == (r["model"], r["dataset"])]
-        hps = [canonical_hparams({**defaults, **p["hparams"]}) for p in peers]
-        mine = canonical_hparams({**defaults, **r["hparams"]})
-        keys = [k for k in mine if k not in skip and len({json.dumps(h.get(k)) for h in hps}) > 1]
-        keys += [k for k in CONTROL_SETTINGS if k not in keys and mine.get(k) != defaults[k]]
-        r["differs"] = [f"{k}={_format_value(mine[k])}" for k in keys]
+        peers = [p["hparams"] for p in rows if (p["model"], p["dataset"]) == (r["model"], r["dataset"])]
+        r["differs"] = differing_hparams(r["hparams"], peers, skip=("control", *NOT_HASHED))
     return rows
 
 

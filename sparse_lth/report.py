@@ -194,13 +194,21 @@ def _label(exp: dict, all_exps: list[dict]) -> str:
     base = _base_label(exp)
     same = [e for e in all_exps if _base_label(e) == base]
     if len(same) > 1:
-        from .imp import ImpHparams, hparams_dict
-        defaults = hparams_dict(ImpHparams())
-        hps = [canonical_hparams({**defaults, **e["hparams"]}) for e in same]
-        mine = canonical_hparams({**defaults, **exp["hparams"]})
-        keys = [k for k in mine if k != "seed" and len({json.dumps(h.get(k)) for h in hps}) > 1]
-        base += f" [{', '.join(f'{k}={_format_value(mine[k])}' for k in keys) if keys else exp['name']}]"
+        differ = differing_hparams(exp["hparams"], [e["hparams"] for e in same], skip=("seed",))
+        base += f" [{', '.join(differ) if differ else exp['name']}]"
     return base
+
+
+def differing_hparams(mine: dict, peers: list[dict], skip=()) -> list[str]:
+    """``key=value`` for each hyperparameter of ``mine`` (an ``hparams.json`` dict) whose value is not the same
+    in all of ``peers`` (``mine`` among them), defaults filled in and step counts in one spelling, in the order of
+    :class:`ImpHparams`' fields; keys in ``skip`` left out."""
+    from .imp import ImpHparams, hparams_dict
+    defaults = hparams_dict(ImpHparams())
+    hps = [canonical_hparams({**defaults, **h}) for h in peers]
+    full = canonical_hparams({**defaults, **mine})
+    return [f"{k}={_format_value(full[k])}" for k in full
+            if k not in skip and len({json.dumps(h.get(k)) for h in hps}) > 1]
 
 
 def _format_value(v) -> str:
