@@ -52,10 +52,9 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     planned = _planned_rounds(hp)
     seeds: dict[int, dict] = {}
     last_write = os.path.getmtime(os.path.join(exp_dir, "hparams.json"))
-    for sdir in sorted(glob.glob(os.path.join(exp_dir, "seed_*"))):
-        tail = os.path.basename(sdir)[5:]
-        if not tail.isdigit() or not os.path.isdir(sdir):
-            continue
+    from .imp import replicate_seeds
+    for seed in replicate_seeds(exp_dir):
+        sdir = os.path.join(exp_dir, f"seed_{seed}")
         info = dict(done=0, last=None, best=None, running=None)
         for rdir in sorted(glob.glob(os.path.join(sdir, "round_*"))):
             for f in os.scandir(rdir):
@@ -72,7 +71,7 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                 prog = _checkpoint_progress(os.path.join(rdir, "checkpoint.pt"))
                 r = int(os.path.basename(rdir)[6:])
                 info["running"] = (r,) + (prog if prog else (None, None))
-        seeds[int(tail)] = info
+        seeds[seed] = info
     if not seeds:
         state = "not started"
     elif all(s["done"] >= planned for s in seeds.values()):
