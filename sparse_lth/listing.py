@@ -44,8 +44,8 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     """One experiment folder: ``dict(dir, name, control, model, dataset, hparams, planned (rounds per seed, round 0
     included), seeds={seed: dict(done, last, best, running)}, state, last_write)``. Per seed: ``done`` rounds with
     metrics.json, ``last`` (round, percent remaining, test accuracy at early stop) of the last one, ``best`` (the
-    same for the best accuracy at early stop), ``running`` (round, iteration, iterations) when an unfinished round
-    has a checkpoint. ``state``: "done", "not started", or where it stands, with the time of its last write (a
+    same for the best accuracy at early stop), ``running`` (round, iteration, iterations) of a round begun and not
+    finished (iteration and iterations None until it has a checkpoint). ``state``: "done", "not started", or where it stands, with the time of its last write (a
     run killed long ago and one running look alike but for that)."""
     now = time.time() if now is None else now
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
@@ -67,10 +67,10 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                 info["last"] = point
                 if info["best"] is None or point[2] > info["best"][2]:
                     info["best"] = point
-            elif os.path.exists(os.path.join(rdir, "checkpoint.pt")):
-                prog = _checkpoint_progress(os.path.join(rdir, "checkpoint.pt"))
-                r = int(os.path.basename(rdir)[6:])
-                info["running"] = (r,) + (prog if prog else (None, None))
+            else:  # begun: its masks are written; iteration and budget from a checkpoint, if one was written
+                ck = os.path.join(rdir, "checkpoint.pt")
+                prog = _checkpoint_progress(ck) if os.path.exists(ck) else None
+                info["running"] = (int(os.path.basename(rdir)[6:]),) + (prog if prog else (None, None))
         seeds[seed] = info
     if not seeds:
         state = "not started"
@@ -85,7 +85,7 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
             if run and run[1] is not None:
                 parts.append(f"seed {s}: round {run[0]} at iteration {run[1]}/{run[2]}")
             elif run:
-                parts.append(f"seed {s}: round {run[0]} (checkpoint)")
+                parts.append(f"seed {s}: round {run[0]} begun (no checkpoint to read)")
             else:
                 parts.append(f"seed {s}: round {info['done']} next")
         state = "; ".join(parts)

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 
@@ -52,6 +53,13 @@ def test_ls_lists_finished_and_interrupted_experiments(tmp_path, capsys):
     assert main(["ls", str(tmp_path), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert sorted(r["name"] for r in listed) == sorted(rows)
+    os.remove(os.path.join(half["dir"], "seed_0", "round_01", "checkpoint.pt"))  # begun, not yet checkpointed
+    again = next(r for r in list_experiments([str(tmp_path)]) if r["name"] == half["name"])
+    assert again["seeds"][0]["running"] == (1, None, None)
+    assert again["state"].startswith("seed 0: round 1 begun (no checkpoint to read) (last write ")
+    shutil.rmtree(os.path.join(half["dir"], "seed_0", "round_01"))  # between rounds
+    again = next(r for r in list_experiments([str(tmp_path)]) if r["name"] == half["name"])
+    assert again["seeds"][0]["running"] is None and again["state"].startswith("seed 0: round 1 next (")
 
 
 def test_ls_of_an_experiment_not_started_and_of_nothing(tmp_path, capsys):
