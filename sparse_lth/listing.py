@@ -30,14 +30,18 @@ def _checkpoint_progress(path: str) -> tuple[int, int] | None:
         return None
 
 
-def _ago(seconds: float) -> str:
+def _duration(seconds: float) -> str:
     if seconds < 90:
-        return f"{seconds:.0f} s ago"
+        return f"{seconds:.0f} s"
     if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min ago"
+        return f"{seconds / 60:.0f} min"
     if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h ago"
-    return f"{seconds / 86400:.0f} days ago"
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def _ago(seconds: float) -> str:
+    return f"{_duration(seconds)} ago"
 
 
 def experiment_status(exp_dir: str, now: float | None = None) -> dict:
@@ -45,7 +49,8 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     included), seeds={seed: dict(done, last, best, running)}, state, last_write)``. Per seed: ``done`` rounds with
     metrics.json, ``last`` (round, percent remaining, test accuracy at early stop) of the last one, ``best`` (the
     same for the best accuracy at early stop), ``running`` (round, iteration, iterations) of a round begun and not
-    finished (iteration and iterations None until it has a checkpoint). ``state``: "done", "not started", or where it stands, with the time of its last write (a
+    finished (iteration and iterations None until it has a checkpoint), ``eta``: seconds left at the mean wall
+    time of the rounds trained so far (None before one has finished). ``state``: "done", "not started", or where it stands, with the time of its last write (a
     run killed long ago and one running look alike but for that)."""
     now = time.time() if now is None else now
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
@@ -56,6 +61,7 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     for seed in replicate_seeds(exp_dir):
         sdir = os.path.join(exp_dir, f"seed_{seed}")
         info = dict(done=0, last=None, best=None, running=None)
+        walls = []  # the wall times of the rounds trained here (not a round 0 taken from another run)
         for rdir in sorted(glob.glob(os.path.join(sdir, "round_*"))):
             for f in os.scandir(rdir):
                 last_write = max(last_write, f.stat().st_mtime)
@@ -65,12 +71,20 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                 point = (int(m["round"]), float(m["percent_remaining"]), float(m["early_stop_test_acc"]))
                 info["done"] += 1
                 info["last"] = point
+                if not m.get("reused_from") and m.get("wall_time"):
+                    walls.append(float(m["wall_time"]))
                 if info["best"] is None or point[2] > info["best"][2]:
                     info["best"] = point
             else:  # begun: its masks are written; iteration and budget from a checkpoint, if one was written
                 ck = os.path.join(rdir, "checkpoint.pt")
                 prog = _checkpoint_progress(ck) if os.path.exists(ck) else None
                 info["running"] = (int(os.path.basename(rdir)[6:]),) + (prog if prog else (None, None))
+        info["eta"] = None  # seconds to finish this seed at the mean pace of its rounds so far
+        if walls and info["done"] < planned:
+            per_round = sum(walls) / len(walls)
+            run = info["running"]
+            part = run[1] / run[2] if run and run[1] is not None and run[2] else 0.0
+            info["eta"] = per_round * (planned - info["done"] - part)
         seeds[seed] = info
     if not seeds:
         state = "not started"
@@ -88,6 +102,8 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                 parts.append(f"seed {s}: round {run[0]} begun (no checkpoint to read)")
             else:
                 parts.append(f"seed {s}: round {info['done']} next")
+            if info["eta"] is not None:
+                parts[-1] += f", about {_duration(info['eta'])} to go"
         state = "; ".join(parts)
     if state != "done":
         state += f" (last write {_ago(now - last_write)})"

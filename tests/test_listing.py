@@ -38,7 +38,11 @@ def test_ls_lists_finished_and_interrupted_experiments(tmp_path, capsys):
     assert imp["seeds"][0]["best"][2] == best["early_stop_test_acc"]
     half = next(r for r in rows.values() if r["control"] == "imp" and r is not imp)
     assert half["seeds"][0]["done"] == 1 and half["seeds"][0]["running"] == (1, 10, 20)
-    assert half["state"].startswith("seed 0: round 1 at iteration 10/20 (last write ") and "ago)" in half["state"]
+    # the time to go, at the pace of the rounds trained so far: 1.5 rounds left at round 0's wall time
+    wall0 = json.load(open(os.path.join(half["dir"], "seed_0", "round_00", "metrics.json")))["wall_time"]
+    assert half["seeds"][0]["eta"] == pytest.approx(1.5 * wall0) and imp["seeds"][0]["eta"] is None
+    assert half["state"].startswith("seed 0: round 1 at iteration 10/20, about ") and " to go (last write " in \
+        half["state"] and half["state"].endswith(" ago)")
     # what tells them apart: the pruning rate between the two IMP runs; the reinit control shares the first's
     assert half["differs"] == ["prune_fc=0.5"] and imp["differs"] == ["prune_fc=0.2"]
     reinit = next(r for r in rows.values() if r["control"] == "reinit")
@@ -56,10 +60,11 @@ def test_ls_lists_finished_and_interrupted_experiments(tmp_path, capsys):
     os.remove(os.path.join(half["dir"], "seed_0", "round_01", "checkpoint.pt"))  # begun, not yet checkpointed
     again = next(r for r in list_experiments([str(tmp_path)]) if r["name"] == half["name"])
     assert again["seeds"][0]["running"] == (1, None, None)
-    assert again["state"].startswith("seed 0: round 1 begun (no checkpoint to read) (last write ")
+    assert again["state"].startswith("seed 0: round 1 begun (no checkpoint to read), about ")
     shutil.rmtree(os.path.join(half["dir"], "seed_0", "round_01"))  # between rounds
     again = next(r for r in list_experiments([str(tmp_path)]) if r["name"] == half["name"])
-    assert again["seeds"][0]["running"] is None and again["state"].startswith("seed 0: round 1 next (")
+    assert again["seeds"][0]["running"] is None and again["state"].startswith("seed 0: round 1 next, about ")
+    assert again["seeds"][0]["eta"] == pytest.approx(2 * wall0)
 
 
 def test_ls_of_an_experiment_not_started_and_of_nothing(tmp_path, capsys):
