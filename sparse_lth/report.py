@@ -247,9 +247,15 @@ def save_markdown(path: str, heading: str, title: str, intro: str, body: str) ->
 def _setup_axis(ax, xs, label: str = "percent of weights remaining"):
     ax.set_xscale("log")
     ax.invert_xaxis()
-    ticks = [100, 51.3, 21.1, 7.0, 3.6, 1.9, 0.7, 0.3]
+    ticks = [100, 51.3, 21.1, 7.0, 3.6, 1.9, 0.7, 0.3]  # the paper's levels
     lo, hi = min(xs), max(xs)
-    t = [v for v in ticks if lo * 0.8 <= v <= hi * 1.25] or [lo, hi]
+    t = [v for v in ticks if lo * 0.8 <= v <= hi * 1.25]
+    if len(t) < 3:  # a narrow range (say, one layer kind's weights, 100 to 28%): round numbers, spaced out
+        t = []
+        for v in (100, 80, 60, 50, 40, 30, 20, 15, 10, 7, 5, 3, 2, 1, 0.5, 0.3, 0.2, 0.1):
+            if lo * 0.9 <= v <= hi * 1.1 and (not t or t[-1] / v >= 1.18):
+                t.append(v)
+        t = t or [lo, hi]
     ax.set_xticks(t)
     ax.set_xticklabels([f"{v:g}" for v in t])
     ax.minorticks_off()

@@ -234,3 +234,18 @@ def test_the_comparison_says_when_experiments_ran_under_other_numerics():
     b["rounds"][0][0]["environments"] = [dict(env, cpu_capability="AVX2")]
     table = report.summary_markdown([a, b])
     assert "did not all run under the same numerics" in table[table.index("## Comparison by round"):]
+
+
+def test_a_narrow_x_range_gets_round_ticks():
+    """The paper's levels (100, 51.3, 21.1, 7 ...) where they fit; round numbers, spaced out, in a narrow range
+    (one layer kind's weights from 100 to 28%)."""
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    report._setup_axis(ax, [100.0, 7.13])
+    assert list(ax.get_xticks()) == [100, 51.3, 21.1, 7.0]
+    report._setup_axis(ax, [100.0, 28.24], "percent of conv weights remaining")
+    assert list(ax.get_xticks()) == [100, 80, 60, 50, 40, 30]
+    assert ax.get_xlabel() == "percent of conv weights remaining"
+    plt.close(fig)
