@@ -271,7 +271,7 @@ def _cmd_report(args) -> int:
     return 0
 
 
-# ------------------------------------------------------------------------------------------------------- env
+# -------------------------------------------------------------------------------------------------------- ls
 def _cmd_ls(args) -> int:
     from .listing import format_listing, list_experiments
     paths = args.paths or ["runs"]
@@ -283,6 +283,7 @@ def _cmd_ls(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------- env
 def _cmd_env(args) -> int:
     import torch
 
@@ -541,9 +542,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pls = sub.add_parser("ls", help="the experiments in run folders: what each is and how far it has got",
                          description="One line per experiment (and replicate): its control, rounds finished of "
                                      "those planned, the last and the best accuracy at early stop, and the round "
-                                     "and iteration of a round in progress (from its checkpoint) with the time of "
-                                     "the last write; under it, the hyperparameters that tell it apart from the "
-                                     "other experiments of its model. Reads files only.")
+                                     "and iteration of a round in progress (from its checkpoint), the time to go "
+                                     "at the pace of its rounds so far and the time of the last write; under it, "
+                                     "the hyperparameters that tell it apart from the other experiments of its "
+                                     "model. Reads files only.")
     pls.add_argument("paths", nargs="*", metavar="PATH",
                      help="experiment folders, or run roots holding them (default: runs)")
     pls.add_argument("--json", action="store_true", help="the same as JSON")
