@@ -46,23 +46,23 @@ def _ago(seconds: float) -> str:
 
 def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     """One experiment folder: ``dict(dir, name, control, model, dataset, hparams, planned (rounds per seed, round 0
-    included), seeds={seed: dict(done, last, best, running)}, state, last_write)``. Per seed: ``done`` rounds with
-    metrics.json, ``last`` (round, percent remaining, test accuracy at early stop) of the last one, ``best`` (the
-    same for the best accuracy at early stop), ``running`` (round, iteration, iterations) of a round begun and not
-    finished (iteration and iterations None until it has a checkpoint), ``eta``: seconds left at the mean wall
-    time of the rounds trained so far (None before one has finished). ``state``: "done", "not started", or where it stands, with the time of its last write (a
-    run killed long ago and one running look alike but for that)."""
+    included), seeds={seed: dict(done, last, best, running, eta, state)}, state, last_write)``. Per seed: ``done``
+    rounds with metrics.json, ``last`` (round, percent remaining, test accuracy at early stop) of the last one,
+    ``best`` (the same for the best accuracy at early stop), ``running`` (round, iteration, iterations) of a round
+    begun and not finished (iteration and iterations None until it has a checkpoint), ``eta``: seconds left at the
+    mean wall time of the experiment's rounds trained so far (None before one has finished), ``state``: "done" or
+    where it stands. ``state``: "done", "not started", or where each unfinished replicate stands, with the time of
+    the last write (a run killed long ago and one running look alike but for that)."""
+    from .imp import replicate_seeds
     now = time.time() if now is None else now
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
     planned = _planned_rounds(hp)
     seeds: dict[int, dict] = {}
     last_write = os.path.getmtime(os.path.join(exp_dir, "hparams.json"))
-    from .imp import replicate_seeds
+    walls = []  # the wall times of the rounds trained here (not a round 0 taken from another run), all seeds
     for seed in replicate_seeds(exp_dir):
-        sdir = os.path.join(exp_dir, f"seed_{seed}")
-        info = dict(done=0, last=None, best=None, running=None)
-        walls = []  # the wall times of the rounds trained here (not a round 0 taken from another run)
-        for rdir in sorted(glob.glob(os.path.join(sdir, "round_*"))):
+        info = dict(done=0, last=None, best=None, running=None, eta=None, state="done")
+        for rdir in sorted(glob.glob(os.path.join(exp_dir, f"seed_{seed}", "round_*"))):
             for f in os.scandir(rdir):
                 last_write = max(last_write, f.stat().st_mtime)
             mpath = os.path.join(rdir, "metrics.json")
@@ -79,37 +79,34 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                 ck = os.path.join(rdir, "checkpoint.pt")
                 prog = _checkpoint_progress(ck) if os.path.exists(ck) else None
                 info["running"] = (int(os.path.basename(rdir)[6:]),) + (prog if prog else (None, None))
-        info["eta"] = None  # seconds to finish this seed at the mean pace of its rounds so far
-        if walls and info["done"] < planned:
-            per_round = sum(walls) / len(walls)
-            run = info["running"]
-            part = run[1] / run[2] if run and run[1] is not None and run[2] else 0.0
-            info["eta"] = per_round * (planned - info["done"] - part)
         seeds[seed] = info
+    for info in seeds.values():
+        if info["done"] >= planned:
+            continue
+        run = info["running"]
+        if run and run[1] is not None:
+            info["state"] = f"round {run[0]} at iteration {run[1]}/{run[2]}"
+        elif run:
+            info["state"] = f"round {run[0]} begun (no checkpoint to read)"
+        else:
+            info["state"] = f"round {info['done']} next"
+        if walls:  # seconds to finish this seed at the mean pace of the rounds so far
+            part = run[1] / run[2] if run and run[1] is not None and run[2] else 0.0
+            info["eta"] = sum(walls) / len(walls) * (planned - info["done"] - part)
+            info["state"] += f", about {_duration(info['eta'])} to go"
+    unfinished = {s: i for s, i in seeds.items() if i["done"] < planned}
     if not seeds:
         state = "not started"
-    elif all(s["done"] >= planned for s in seeds.values()):
+    elif not unfinished:
         state = "done"
     else:
-        parts = []
-        for s, info in seeds.items():
-            if info["done"] >= planned:
-                continue
-            run = info["running"]
-            if run and run[1] is not None:
-                parts.append(f"seed {s}: round {run[0]} at iteration {run[1]}/{run[2]}")
-            elif run:
-                parts.append(f"seed {s}: round {run[0]} begun (no checkpoint to read)")
-            else:
-                parts.append(f"seed {s}: round {info['done']} next")
-            if info["eta"] is not None:
-                parts[-1] += f", about {_duration(info['eta'])} to go"
-        state = "; ".join(parts)
+        state = "; ".join(f"seed {s}: {i['state']}" for s, i in unfinished.items())
     if state != "done":
         state += f" (last write {_ago(now - last_write)})"
     return dict(dir=os.path.normpath(exp_dir), name=os.path.basename(os.path.normpath(exp_dir)),
                 control=hp.get("control", "imp"), model=hp.get("model", ""), dataset=hp.get("dataset", ""),
-                hparams=hp, planned=planned, seeds=seeds, state=state, last_write=last_write)
+                hparams=hp, planned=planned, seeds=seeds, state=state, last_write=last_write,
+                last_write_ago=_ago(now - last_write))
 
 
 def find_experiments_below(paths) -> list[str]:
@@ -154,14 +151,16 @@ def format_listing(rows: list[dict]) -> str:
     head = ("experiment", "control", "seed", "rounds", "last: % left", "acc@ES", "best acc@ES (% left)", "state")
     lines = []
     for r in rows:
-        seeds = r["seeds"] or {None: dict(done=0, last=None, best=None)}
+        seeds = r["seeds"] or {None: dict(done=0, last=None, best=None, state=r["state"])}
         for i, (s, info) in enumerate(seeds.items()):
             last, best = info["last"], info["best"]
+            state = info["state"] if s is None or info["state"] == "done" else \
+                f"{info['state']} (last write {r['last_write_ago']})"
             lines.append((r["name"] if i == 0 else "", r["control"] if i == 0 else "", "-" if s is None else str(s),
                           f"{info['done']}/{r['planned']}",
                           f"{last[1]:.2f}" if last else "-", f"{100 * last[2]:.2f}" if last else "-",
                           f"{100 * best[2]:.2f} ({best[1]:.1f})" if best else "-",
-                          r["state"] if i == 0 else ""))
+                          state))
         if r["differs"]:
             lines.append(("  " + ", ".join(r["differs"]),))
     widths = [max(len(head[c]), *(len(ln[c]) for ln in lines if len(ln) > 1)) for c in range(len(head))]

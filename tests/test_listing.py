@@ -57,6 +57,17 @@ def test_ls_lists_finished_and_interrupted_experiments(tmp_path, capsys):
     assert main(["ls", str(tmp_path), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert sorted(r["name"] for r in listed) == sorted(rows)
+    # a second replicate, unfinished: each seed's line says where it stands
+    shutil.copytree(os.path.join(imp["dir"], "seed_0"), os.path.join(imp["dir"], "seed_1"))
+    shutil.rmtree(os.path.join(imp["dir"], "seed_1", "round_02"))
+    two = next(r for r in list_experiments([str(tmp_path)]) if r["name"] == imp["name"])
+    walls = [m["wall_time"] for m in done.metrics[0]] + [m["wall_time"] for m in done.metrics[0][:2]]  # both seeds
+    assert two["seeds"][0]["state"] == "done" and two["seeds"][1]["state"].startswith("round 2 next, about ")
+    assert two["seeds"][1]["eta"] == pytest.approx(sum(walls) / len(walls))  # the pace of all its rounds
+    assert two["state"].startswith("seed 1: round 2 next, about ") and "(last write " in two["state"]
+    text = format_listing([two]).splitlines()
+    assert text[1].split()[1:4] == ["imp", "0", "3/3"] and text[1].endswith("done")
+    assert text[2].split()[:2] == ["1", "2/3"] and "round 2 next, about " in text[2] and "last write" in text[2]
     os.remove(os.path.join(half["dir"], "seed_0", "round_01", "checkpoint.pt"))  # begun, not yet checkpointed
     again = next(r for r in list_experiments([str(tmp_path)]) if r["name"] == half["name"])
     assert again["seeds"][0]["running"] == (1, None, None)
