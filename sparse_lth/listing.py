@@ -15,9 +15,10 @@ from ._files import read_json
 
 def _planned_rounds(hp: dict) -> int:
     """Rounds an experiment runs, the dense round 0 included (one-shot without levels: 0 and 1)."""
+    from .imp import ImpHparams
     if hp.get("control") == "oneshot" and not hp.get("oneshot_levels"):
         return 2
-    return int(hp.get("rounds", 15)) + 1
+    return int(hp.get("rounds", ImpHparams.rounds)) + 1
 
 
 def _checkpoint_progress(path: str) -> tuple[int, int] | None:
@@ -26,7 +27,7 @@ def _checkpoint_progress(path: str) -> tuple[int, int] | None:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         return int(ck["iteration"]), int(ck["config"]["iterations"])
-    except Exception:  # (a half-written file, another format: the listing says "checkpoint" without numbers)
+    except Exception:  # (a half-written file, another format: the listing says the round has begun, no more)
         return None
 
 
