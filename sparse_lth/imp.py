@@ -581,6 +581,10 @@ class Experiment:
         """The ``imp`` experiment with the same hyperparameters (the ticket that controls compare with)."""
         defaults = ImpHparams()
         hp = dataclasses.replace(self.hp, control="imp", **{k: getattr(defaults, k) for k in CONTROL_SETTINGS})
+        return self._sibling(hp)
+
+    def _sibling(self, hp: ImpHparams) -> "Experiment":
+        """The experiment of ``hp`` in ``source_dir`` (or its default folder), on this one's device and data."""
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
                           checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
 
@@ -595,17 +599,14 @@ class Experiment:
             return None
         path = os.path.join(self.source_dir, "hparams.json")
         theirs = hparams_from_dict(read_json(path))
-        mine = hparams_dict(self.hp)
-        differ = sorted(k for k, v in hparams_dict(theirs).items()
-                        if k not in PRUNING_SETTINGS + NOT_HASHED and mine.get(k) != v)
+        mine, there = hparams_dict(self.hp), hparams_dict(theirs)
+        differ = sorted(k for k, v in there.items() if k not in PRUNING_SETTINGS + NOT_HASHED and mine.get(k) != v)
         if differ:
             raise ValueError(
                 f"source {self.source_dir} trains another dense network: it differs in "
-                + ", ".join(f"{k} ({hparams_dict(theirs)[k]!r} there, {mine[k]!r} here)" for k in differ)
+                + ", ".join(f"{k} ({there[k]!r} there, {mine[k]!r} here)" for k in differ)
                 + f"; an IMP run takes round 0 only from a run that differs from it in {', '.join(PRUNING_SETTINGS)}")
-        hp = dataclasses.replace(theirs, seed=self.hp.seed)
-        return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
-                          checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
+        return self._sibling(dataclasses.replace(theirs, seed=self.hp.seed))
 
     def _check_source(self, seeds) -> None:
         """A source folder that is not an experiment is refused (unless waiting for it), and so is an IMP run's
