@@ -60,6 +60,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import runlock
 from ._files import canonical_hparams, read_json
 from .environment import environment, warn_if_changed
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
@@ -694,8 +695,14 @@ class Experiment:
     def run_seed(self, seed: int, callback: Callable | None = None,
                  on_round_start: Callable | None = None, on_round_end: Callable | None = None) -> list[dict]:
         """Run (or resume) every round of replicate ``seed``; returns the per-round metrics.
-        ``on_round_end(metrics)`` is called after each round trained here (not for rounds found finished)."""
+        ``on_round_end(metrics)`` is called after each round trained here (not for rounds found finished).
+        The replicate's folder is locked meanwhile: a second process on it is refused (:mod:`sparse_lth.runlock`)."""
         self.write_hparams()
+        with runlock.hold(self.seed_dir(seed)):
+            return self._run_seed(seed, callback, on_round_start, on_round_end)
+
+    def _run_seed(self, seed: int, callback: Callable | None, on_round_start: Callable | None,
+                  on_round_end: Callable | None) -> list[dict]:
         hp = dataclasses.replace(self.hp, seed=seed)
         cfg = dataclasses.replace(self.train_cfg, seed=seed)
         sdir = self.seed_dir(seed)

@@ -10,6 +10,7 @@ import glob
 import os
 import time
 
+from . import runlock
 from ._files import read_json
 
 
@@ -45,15 +46,24 @@ def _ago(seconds: float) -> str:
     return f"{_duration(seconds)} ago"
 
 
+def _alive(info: dict, sep: str) -> str:
+    """Whether a replicate's process is running, as a few words ("running: pid ..." or "stopped") followed by
+    ``sep``; "" when its folder cannot tell (written before runs locked their folders)."""
+    words = runlock.describe(info["process"]) if info.get("process") else None
+    return words + sep if words else ""
+
+
 def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     """One experiment folder: ``dict(dir, name, control, model, dataset, hparams, planned (rounds per seed, round 0
     included), seeds={seed: dict(done, last, best, running, eta, state)}, state, last_write)``. Per seed: ``done``
     rounds with metrics.json, ``last`` (round, percent remaining, test accuracy at early stop) of the last one,
     ``best`` (the same for the best accuracy at early stop), ``running`` (round, iteration, iterations) of a round
     begun and not finished (iteration and iterations None until it has a checkpoint), ``eta``: seconds left at the
-    mean wall time of the experiment's rounds trained so far (None before one has finished), ``state``: "done" or
-    where it stands. ``state``: "done", "not started", or where each unfinished replicate stands, with the time of
-    the last write (a run killed long ago and one running look alike but for that)."""
+    mean wall time of the experiment's rounds trained so far (None before one has finished), ``process``: whether
+    a live process is running it (:func:`sparse_lth.runlock.lock_state`: state "running" with its pid, host, start
+    and command, "stopped", or "unknown" for a folder written before runs locked their folders), ``state``: "done"
+    or where it stands. ``state``: "done", "not started", or where each unfinished replicate stands and whether it
+    is running, with the time of the last write."""
     from .imp import replicate_seeds
     now = time.time() if now is None else now
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
@@ -62,7 +72,8 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     last_write = os.path.getmtime(os.path.join(exp_dir, "hparams.json"))
     walls = []  # the wall times of the rounds trained here (not a round 0 taken from another run), all seeds
     for seed in replicate_seeds(exp_dir):
-        info = dict(done=0, last=None, best=None, running=None, eta=None, state="done")
+        info = dict(done=0, last=None, best=None, running=None, eta=None, state="done",
+                    process=runlock.lock_state(os.path.join(exp_dir, f"seed_{seed}")))
         for rdir in sorted(glob.glob(os.path.join(exp_dir, f"seed_{seed}", "round_*"))):
             for f in os.scandir(rdir):
                 last_write = max(last_write, f.stat().st_mtime)
@@ -101,7 +112,8 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
     elif not unfinished:
         state = "done"
     else:
-        state = "; ".join(f"seed {s}: {i['state']}" for s, i in unfinished.items())
+        state = "; ".join(f"seed {s}: " + ", ".join(filter(None, (i["state"], _alive(i, ""))))
+                          for s, i in unfinished.items())
     if state != "done":
         state += f" (last write {_ago(now - last_write)})"
     return dict(dir=os.path.normpath(exp_dir), name=os.path.basename(os.path.normpath(exp_dir)),
@@ -156,7 +168,7 @@ def format_listing(rows: list[dict]) -> str:
         for i, (s, info) in enumerate(seeds.items()):
             last, best = info["last"], info["best"]
             state = info["state"] if s is None or info["state"] == "done" else \
-                f"{info['state']} (last write {r['last_write_ago']})"
+                f"{info['state']} ({_alive(info, '; ')}last write {r['last_write_ago']})"
             lines.append((r["name"] if i == 0 else "", r["control"] if i == 0 else "", "-" if s is None else str(s),
                           f"{info['done']}/{r['planned']}",
                           f"{last[1]:.2f}" if last else "-", f"{100 * last[2]:.2f}" if last else "-",
