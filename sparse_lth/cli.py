@@ -630,9 +630,12 @@ def main(argv=None) -> int:
         if args.command == "ls":
             return _cmd_ls(args)
         return _cmd_report(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         again = {"imp": "; run the same command again to resume",
                  "stability": "; run the same command again to resume (finished copies are kept)"}
+        if getattr(e, "signum", None):  # train.TrainingInterrupted: stopped between two steps, checkpoint written
+            print(f"sparse-lth {args.command}: {e}{again.get(args.command, '')}", file=sys.stderr)
+            return 128 + e.signum
         print(f"\nsparse-lth {args.command}: interrupted{again.get(args.command, '')}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head`, which has had enough: not an error of ours

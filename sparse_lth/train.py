@@ -15,9 +15,13 @@ masked here: its gradient is masked before each optimizer step and its weight re
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -56,6 +60,49 @@ class TrainConfig:
     def __post_init__(self):
         self.milestones = tuple(int(m) for m in self.milestones)
         check_train_config(self)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT (Ctrl-C) or SIGTERM after the step under way, with a checkpoint written at that
+    iteration: calling :func:`train` again with the same checkpoint resumes exactly there."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint_path: str):
+        self.signum, self.iteration, self.checkpoint_path = signum, iteration, checkpoint_path
+        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}, "
+                         f"checkpoint written ({checkpoint_path})")
+
+
+@contextlib.contextmanager
+def _stop_after_step(enabled: bool):
+    """While training with a checkpoint: SIGINT and SIGTERM only ask the loop to stop after the step under way
+    (``pending[0]`` becomes the signal); a second one of the same signal acts at once, as it would have
+    without this (the previous handler is put back at the first). Only in the main thread (where signals go)."""
+    pending: list = [None]
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield pending
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        if pending[0] is None:
+            pending[0] = signum
+            signal.signal(signum, previous[signum])  # the next one is not deferred
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (a second one "
+                  "stops at once)", file=sys.stderr, flush=True)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.getsignal(sig)
+        if previous[sig] is None:  # set from outside Python: cannot be put back, leave it alone
+            del previous[sig]
+            continue
+        signal.signal(sig, handler)
+    try:
+        yield pending
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    if pending[0] is not None:  # arrived after the loop's last look: deliver it as it would have been
+        signal.raise_signal(pending[0])
 
 
 DISPLAY_ONLY = ("progress",)  # TrainConfig fields that change nothing a run computes
@@ -222,6 +269,9 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
       steps (``k == start_iteration``: before any step), e.g. the rewind point of IMP.
     - ``callback(iteration, model)`` is called after every step (``iteration`` = steps done); an exception
       raised there stops training (the last checkpoint stays).
+    - With a ``checkpoint_path``, Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption, ``kill``) stops training
+      after the step under way, writes a checkpoint at that iteration and raises :class:`TrainingInterrupted` (a
+      ``KeyboardInterrupt``): nothing done is lost, and the resume is exact. A second signal acts at once.
 
     Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc}...],
     early_stop_iteration, early_stop_test_acc, test_acc, test_loss, train_acc, train_loss, iterations,
@@ -306,42 +356,47 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
         bar = tqdm(total=cfg.iterations, initial=it, desc=desc or "train", dynamic_ncols=True, leave=False)
     model.train()
     try:
-        while it < cfg.iterations:
-            t0 = time.perf_counter()
-            if stochastic:
-                torch.manual_seed(_step_seed(cfg.seed, it))
-            x, y = train_data.batch(it, cfg.batch_size, cfg.seed)
-            lr = lr_at(cfg, it)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            for m, fm in masked:
-                if m.weight.grad is not None:
-                    m.weight.grad.mul_(fm)
-            optimizer.step()
-            if masked:
-                with torch.no_grad():
-                    for m, fm in masked:
-                        m.weight.mul_(fm)
-            it += 1
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            elapsed += time.perf_counter() - t0
-            steps_timed += 1
-            if capture_at == it and on_capture is not None:
-                on_capture(it, _copy_state(model))
-            if it % cfg.eval_every == 0 or it == cfg.iterations:
-                do_eval(it)
+        with _stop_after_step(bool(checkpoint_path)) as stop:
+            while it < cfg.iterations:
+                t0 = time.perf_counter()
+                if stochastic:
+                    torch.manual_seed(_step_seed(cfg.seed, it))
+                x, y = train_data.batch(it, cfg.batch_size, cfg.seed)
+                lr = lr_at(cfg, it)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                for m, fm in masked:
+                    if m.weight.grad is not None:
+                        m.weight.grad.mul_(fm)
+                optimizer.step()
+                if masked:
+                    with torch.no_grad():
+                        for m, fm in masked:
+                            m.weight.mul_(fm)
+                it += 1
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                elapsed += time.perf_counter() - t0
+                steps_timed += 1
+                if capture_at == it and on_capture is not None:
+                    on_capture(it, _copy_state(model))
+                if it % cfg.eval_every == 0 or it == cfg.iterations:
+                    do_eval(it)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{curve[-1]['test_acc']:.4f}")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{curve[-1]['test_acc']:.4f}")
-            if bar is not None:
-                bar.update(1)
-            if checkpoint_path and checkpoint_every and it % checkpoint_every == 0 and it < cfg.iterations:
-                do_checkpoint(it)
-            if callback is not None:
-                callback(it, model)
+                    bar.update(1)
+                if checkpoint_path and checkpoint_every and it % checkpoint_every == 0 and it < cfg.iterations:
+                    do_checkpoint(it)
+                if callback is not None:
+                    callback(it, model)
+                if stop[0] is not None:  # SIGINT/SIGTERM during this step: keep what it did, then stop
+                    signum, stop[0] = stop[0], None
+                    do_checkpoint(it)
+                    raise TrainingInterrupted(signum, it, checkpoint_path)
     finally:
         if bar is not None:
             bar.close()

@@ -1,10 +1,14 @@
 """CLI smoke tests: --help, `imp` (+ a control, resume/skip, the report), `report`, `train`, bad input."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from conftest import require_shared_data
 from sparse_lth.cli import main
@@ -244,3 +248,38 @@ def test_env_prints_what_a_run_records(capsys):
         assert rc == 0 and "torch" in capsys.readouterr().out
     else:
         assert rc == 2 and "no CUDA GPU here" in capsys.readouterr().err
+
+
+def test_sigterm_stops_an_imp_run_with_a_checkpoint_and_it_resumes_there(tmp_path, capsys):
+    """`kill` (a cluster's preemption) of a running `sparse-lth imp`: it ends after the step under way with a
+    checkpoint at that iteration, exit status 128 + 15, and the same command resumes from that iteration."""
+    args = tiny_imp_args(tmp_path, "--iterations", "2000it", "--checkpoint-every", "100", "--eval-every", "500",
+                         "--rounds", "1", "--threads", "1")
+    p = subprocess.Popen([sys.executable, "-m", "sparse_lth.cli", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stdout.readline()
+        while not first.startswith("experiment folder: "):
+            assert first, p.stderr.read()
+            first = p.stdout.readline()
+        exp = first.split(": ", 1)[1].strip()
+        round0 = os.path.join(exp, "seed_0", "round_00")
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(round0, "checkpoint.pt")) and time.time() < deadline:
+            time.sleep(0.02)  # until round 0 is training (its first checkpoint, at iteration 100)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, err
+    said = re.search(r"sparse-lth imp: stopped by SIGTERM at iteration (\d+), checkpoint written \((.*)\); run the "
+                     r"same command again to resume", err)
+    assert said, err
+    stopped_at = int(said.group(1))
+    assert said.group(2) == os.path.join(round0, "checkpoint.pt") and 100 <= stopped_at < 2000
+    assert torch.load(said.group(2), weights_only=False)["iteration"] == stopped_at
+    assert main(args) == 0
+    capsys.readouterr()
+    with open(os.path.join(round0, "metrics.json")) as f:
+        assert json.load(f)["resumed_from"] == stopped_at
+    assert os.path.exists(os.path.join(exp, "seed_0", "round_01", "metrics.json"))

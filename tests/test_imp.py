@@ -46,7 +46,8 @@ def load_masks(exp_dir, seed, r):
 
 
 def strip_times(m):
-    return {k: v for k, v in m.items() if k not in ("wall_time", "step_time", "time_per_step")}
+    """A round's metrics without what says how it ran rather than what it computed (times, a resume's iteration)."""
+    return {k: v for k, v in m.items() if k not in ("wall_time", "step_time", "time_per_step", "resumed_from")}
 
 
 def expected_live(total, p, r):
@@ -341,6 +342,7 @@ def test_resume_after_crash_gives_identical_result(tmp_path):
     seen = []
     out = run(hp, tmp_path / "crash", data=data, callback=lambda r, it, m: seen.append((r, it)))
     assert seen[0] == (1, 11)  # resumed after the checkpoint at 10, round 0 skipped
+    assert out.metrics[0][1]["resumed_from"] == 10 and ref.metrics[0][1]["resumed_from"] is None
     assert [strip_times(m) for m in out.metrics[0]] == [strip_times(m) for m in ref.metrics[0]]
     for r in range(3):
         a, b = load_masks(ref.experiment_dir, 0, r), load_masks(exp, 0, r)

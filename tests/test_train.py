@@ -2,6 +2,7 @@
 stopping, bad configurations, and LeNet-300-100 on real MNIST with the sparse layers."""
 import dataclasses
 import os
+import signal
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from sparse_lth.data import load_dataset
 from sparse_lth.imp import apply_masks, prunable_layers, random_masks
 from sparse_lth.layers import sparsify
 from sparse_lth.models import build_model
-from sparse_lth.train import TrainConfig, early_stop, evaluate, lr_at, train
+from sparse_lth.train import TrainConfig, TrainingInterrupted, early_stop, evaluate, lr_at, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,3 +212,61 @@ def test_lenet_mnist_one_epoch_sparse_layers():
     out = train(model, tr, te, TrainConfig(optimizer="adam", lr=1.2e-3, batch_size=60, iterations=300,
                                            eval_every=300, train_eval_size=0, seed=0, progress=False))
     assert set(out["paths"].values()) == {"sparse"} and out["test_acc"] >= 0.88, out["test_acc"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_there(tmp_path, sig):
+    """Ctrl-C or SIGTERM in the middle of training: the step under way finishes, a checkpoint is written at that
+    iteration (not at the last periodic one), and the resume from it is exact."""
+    tr, te = tiny_data()
+    c = cfg(optimizer="adam", lr=3e-3, iterations=20, eval_every=5)
+    ref_model, _ = tiny_model("sparse", dropout=0.3)
+    ref = train(ref_model, tr, te, c)
+    before = signal.getsignal(sig)
+
+    def kill_at_11(it, m):
+        if it == 11:
+            os.kill(os.getpid(), sig)  # delivered here, between bytecodes, like a real one
+
+    ck = str(tmp_path / "ck.pt")
+    model, _ = tiny_model("sparse", dropout=0.3)
+    with pytest.raises(TrainingInterrupted, match=f"stopped by {sig.name} at iteration 11, checkpoint written") as e:
+        train(model, tr, te, c, checkpoint_path=ck, checkpoint_every=4, callback=kill_at_11)
+    assert e.value.signum == sig and e.value.iteration == 11 and isinstance(e.value, KeyboardInterrupt)
+    assert signal.getsignal(sig) == before  # the handlers are put back
+    assert torch.load(ck, weights_only=False)["iteration"] == 11  # not 8, the last periodic checkpoint
+    its = []
+    model2, _ = tiny_model("sparse", dropout=0.3, seed=1)
+    out = train(model2, tr, te, c, checkpoint_path=ck, checkpoint_every=4, callback=lambda it, m: its.append(it))
+    assert its[0] == 12 and out["resumed_from"] == 11 and out["curve"] == ref["curve"]
+    w_ref, w = weights(ref_model), weights(model2)
+    assert all(torch.equal(w_ref[k], w[k]) for k in w_ref)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_without_a_checkpoint_nothing_is_deferred(tmp_path):
+    tr, te = tiny_data()
+    c = cfg(iterations=20)
+    ck = str(tmp_path / "ck.pt")
+
+    def twice_at_6(it, m):
+        if it == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # the impatient: no waiting for the end of the step
+            raise AssertionError("not reached: the second Ctrl-C raises at once")
+
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(tiny_model()[0], tr, te, c, checkpoint_path=ck, checkpoint_every=4, callback=twice_at_6)
+    assert not isinstance(e.value, TrainingInterrupted)
+    assert torch.load(ck, weights_only=False)["iteration"] == 4  # the last periodic checkpoint only
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    steps = []
+
+    def once_at_3(it, m):  # no checkpoint to keep the work: Ctrl-C acts as it always did, at once
+        steps.append(it)
+        if it == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt) as e:
+        train(tiny_model()[0], tr, te, c, callback=once_at_3)
+    assert not isinstance(e.value, TrainingInterrupted) and steps == [1, 2, 3]
