@@ -284,8 +284,10 @@ _MORE_COLORS = ("black", "tab:cyan", "tab:olive", "tab:pink", "tab:gray", "navy"
 
 def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None:
     """One line per experiment: the mean of ``field`` over replicates against weights remaining, with a
-    min-max band when there is more than one replicate."""
+    min-max band when there is more than one replicate; a round that not every replicate has finished gets an
+    open marker (its mean is over fewer seeds), explained once in the legend."""
     seen: dict[str, int] = {}
+    explained = False
     for e in exps:
         rows = _series(e, field)
         if not rows:
@@ -301,6 +303,12 @@ def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None
         if max(r[4] for r in rows) > 1:
             ax.fill_between(x, [scale * r[2] for r in rows], [scale * r[3] for r in rows], alpha=0.2,
                             color=st.get("color"))
+        partial = [r for r in rows if r[4] < len(e["seeds"])]
+        if partial:
+            ax.plot([r[0] for r in partial], [scale * r[1] for r in partial], linestyle="none",
+                    marker=st.get("marker", "o"), ms=6, mfc="white", mec=st.get("color", "black"),
+                    label=None if explained else "open: not every replicate yet")
+            explained = True
 
 
 def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, curve_rounds=None,
@@ -422,6 +430,11 @@ def _fmt_acc(mean, lo, hi, n):
     return f"{100 * mean:.2f}"
 
 
+def _of_seeds(n: int, e: dict) -> str:
+    """" (n of N seeds)" for a round that only ``n`` of an experiment's ``N`` replicates have finished, else ""."""
+    return f" ({n} of {len(e['seeds'])} seeds)" if n < len(e["seeds"]) else ""
+
+
 def _fmt_iteration(vals: list) -> str:
     """Early-stop iterations over replicates: the mean, and [min, max] where they differ."""
     mean, lo, hi = _stats(vals)
@@ -472,9 +485,11 @@ def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> 
         hp = e["hparams"]
         lines.append(f"## {_label(e, exps)}: `{e['name']}`\n")
         ran_on = _ran_on(e)
+        partial = any(len(ms) < len(e["seeds"]) for ms in e["rounds"].values())
         lines.append(f"{_describe(hp)}; replicates: {len(e['seeds'])} (seeds {e['seeds']}). "
-                     f"Accuracies in %, mean [min, max] over replicates." + (f" Ran on: {ran_on}." if ran_on else "")
-                     + "\n")
+                     f"Accuracies in %, mean [min, max] over replicates"
+                     + (" (a round that not every replicate has finished says how many have)" if partial else "")
+                     + "." + (f" Ran on: {ran_on}." if ran_on else "") + "\n")
         lines.append("| round | % weights remaining | " + (f"%{part} remaining | " if part else "")
                      + "early-stop iteration | test acc at early stop | "
                      "test acc at end | train acc at end | wall time / round (s) | ms / step | paths |")
@@ -489,7 +504,7 @@ def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> 
             es = _fmt_iteration([m["early_stop_iteration"] for m in ms])
             paths = sorted({f"{k}:{v}" for m in ms for k, v in m.get("paths", {}).items()})
             lines.append(
-                f"| {r} | {pct} | {es} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
+                f"| {r}{_of_seeds(n, e)} | {pct} | {es} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m['test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m.get('train_acc') for m in ms]), n)} | "
                 f"{statistics.fmean(m['wall_time'] for m in ms):.0f} | "
@@ -521,7 +536,7 @@ def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> 
                 es = statistics.fmean(m["early_stop_iteration"] for m in ms)
                 # a round at another sparsity than the row's (one-shot's single round) says its own
                 at = f" ({own:.2f} %)" if f"{own:.2f}" != f"{pct:.2f}" else ""
-                cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}{at}")
+                cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}{at}{_of_seeds(len(ms), e)}")
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -249,3 +249,30 @@ def test_a_narrow_x_range_gets_round_ticks():
     assert list(ax.get_xticks()) == [100, 80, 60, 50, 40, 30]
     assert ax.get_xlabel() == "percent of conv weights remaining"
     plt.close(fig)
+
+
+def test_rounds_that_not_every_replicate_has_finished_say_so():
+    """Two seeds, the second one round behind: the last round's mean is over one seed, and the table and the
+    figure say so rather than let it pass for the mean of both."""
+    e = exp("a", "imp", [100.0, 80.0, 64.0], [0.90, 0.91, 0.92])
+    e["seeds"] = [0, 1]
+    for r in (0, 1):
+        e["rounds"][r].append(dict(e["rounds"][r][0], early_stop_test_acc=0.89 + r / 100))
+    other = exp("b", "reinit", [100.0, 80.0, 64.0], [0.90, 0.88, 0.86])
+    md = report.summary_markdown([e, other])
+    assert "| 2 (1 of 2 seeds) | 64.00 |" in md and "| 1 | 80.00 |" in md
+    assert "(a round that not every replicate has finished says how many have)" in md.split("## random")[0]
+    assert "not every replicate" not in md.split("## random")[1].split("## Comparison")[0]  # one seed, all done
+    table = md[md.index("## Comparison by round"):]
+    assert "| 2 | 64.00 | 92.00 @ 100 (1 of 2 seeds) | 86.00 @ 100 |" in table
+    assert "| 1 | 80.00 | 90.50 [90.00, 91.00] @ 100 | 88.00 @ 100 |" in table
+
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    report._plot_series(ax, [e, other], "early_stop_test_acc", {"imp": dict(color="tab:blue", marker="o")})
+    open_markers = [ln for ln in ax.get_lines() if ln.get_markerfacecolor() == "white"]
+    assert len(open_markers) == 1 and list(open_markers[0].get_xdata()) == [64.0]
+    assert [ln.get_label() for ln in open_markers] == ["open: not every replicate yet"]
+    plt.close(fig)
