@@ -699,6 +699,7 @@ class Experiment:
         The replicate's folder is locked meanwhile: a second process on it is refused (:mod:`sparse_lth.runlock`)."""
         self.write_hparams()
         with runlock.hold(self.seed_dir(seed)):
+            remove_stale_temporaries(self.seed_dir(seed))
             return self._run_seed(seed, callback, on_round_start, on_round_end)
 
     def _run_seed(self, seed: int, callback: Callable | None, on_round_start: Callable | None,
@@ -969,10 +970,33 @@ def finished_rounds(seed_dir: str) -> dict[int, str]:
 def _write_json_atomic(obj, path: str, indent: int = 1, sort_keys: bool = False) -> None:
     """JSON to ``path`` through a temporary file and a rename (a kill never leaves half a file)."""
     tmp = path + f".tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=sort_keys)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+_TEMPORARY = re.compile(r"\.tmp\d+$")  # the suffix of save_atomic's and _write_json_atomic's temporaries
+
+
+def remove_stale_temporaries(seed_dir: str) -> list[str]:
+    """Remove the half-written files (``*.tmp<pid>``) that a process killed while saving left in a replicate's
+    folder and its round folders (not below them: an analysis may be writing there); returns their paths. Only
+    safe under the folder's lock (:func:`sparse_lth.runlock.hold`): nobody else writes there then."""
+    gone = []
+    for d in [seed_dir, *sorted(glob.glob(os.path.join(seed_dir, "round_*")))]:
+        for f in os.scandir(d):
+            if f.is_file() and _TEMPORARY.search(f.name):
+                os.remove(f.path)
+                gone.append(f.path)
+    return gone
 
 
 def _reinit_seed(seed: int, r: int) -> int:

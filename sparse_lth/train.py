@@ -239,10 +239,19 @@ def early_stop(curve: list[dict]) -> tuple[int, float]:
 
 # ---------------------------------------------------------------------------------------------------- checkpoint
 def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file and a rename, so a kill never leaves half a file."""
+    """``torch.save`` to ``path`` through a temporary file (synced) and a rename, so a kill never leaves half a
+    file at ``path``; a failure removes the temporary (a hard kill leaves it: the next run of the folder does)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash of the machine cannot leave an empty file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # a full disk, an error, a second Ctrl-C: no half-written file left behind
+        raise
 
 
 def _step_seed(seed: int, iteration: int) -> int:

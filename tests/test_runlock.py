@@ -91,3 +91,25 @@ def test_a_second_process_on_a_run_is_refused_and_ls_says_which_runs(tmp_path, c
     assert len(res.metrics[0]) == 3 and not os.path.exists(ck)
     assert lock_state(seed_dir)["pid"] == os.getpid() and lock_state(seed_dir)["state"] == "stopped"
     assert list_experiments([str(tmp_path)])[0]["state"] == "done"
+
+
+def test_a_failed_save_leaves_no_temporary_and_a_resume_removes_a_killed_ones(tmp_path):
+    from sparse_lth.train import save_atomic
+    target = tmp_path / "x.pt"
+    with pytest.raises(Exception):
+        save_atomic({"f": lambda: 0}, str(target))  # cannot be pickled: fails half-way through the write
+    assert list(tmp_path.iterdir()) == []
+
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    res = run(hp, tmp_path / "runs", data=data)
+    seed_dir = os.path.join(res.experiment_dir, "seed_0")
+    stale = [os.path.join(seed_dir, "rewind.pt.tmp4242"), os.path.join(seed_dir, "round_01", "final.pt.tmp77")]
+    analysis = os.path.join(seed_dir, "round_01", "stability", "copy_3.pt.tmp99")  # another command's, below
+    kept = [os.path.join(seed_dir, "round_01", "notes.tmp"), analysis]
+    os.makedirs(os.path.dirname(analysis))
+    for p in stale + kept:
+        with open(p, "wb") as f:
+            f.write(b"half")
+    run(hp, tmp_path / "runs", data=data)  # nothing left to train; the folder is tidied under its lock
+    assert [os.path.exists(p) for p in stale + kept] == [False, False, True, True]
