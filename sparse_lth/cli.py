@@ -265,7 +265,7 @@ def _cmd_report(args) -> int:
         out = os.path.join(dirs[0], "report")
     else:
         out = os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")
-    files = write_report(dirs, out, title=args.title, remaining=args.remaining)
+    files = write_report(dirs, out, title=args.title, remaining=args.remaining, seeds=args.seeds)
     for k, v in files.items():
         print(f"{k}: {v}")
     return 0
@@ -534,6 +534,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders, or run roots holding them")
     pr.add_argument("--out", help="output folder (default: <experiment>/report, or <common parent>/report)")
     pr.add_argument("--title")
+    pr.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+                    help="only these replicates (default: all), to set experiments side by side on the seeds "
+                         "they share")
     pr.add_argument("--remaining", type=_remaining, default="all", metavar="KINDS",
                     help="x axis: percent of all weights remaining (all, the default), or of the weights of these "
                          "layer kinds only: conv, fc, output, comma-separated (fc,output); to set side by side "

@@ -32,20 +32,23 @@ CONTROL_LABELS = {"imp": "IMP (winning ticket)", "reinit": "random reinit", "ran
 CONTROL_ORDER = ["imp", "reinit", "random_prune", "oneshot", "continue", "noise"]
 
 
-def load_experiment(path: str) -> dict:
-    """``dict(dir, name, hparams, rounds={round: [metrics per seed]}, seeds=[...])`` of one experiment."""
+def load_experiment(path: str, seeds=None) -> dict:
+    """``dict(dir, name, hparams, rounds={round: [metrics per seed]}, seeds=[...])`` of one experiment; ``seeds``:
+    those replicates only (default: all)."""
     hp_path = os.path.join(path, "hparams.json")
     if not os.path.isfile(hp_path):
         raise FileNotFoundError(f"{path} is not an experiment folder (no hparams.json)")
     hp = read_json(hp_path)
     rounds: dict[int, list[dict]] = {}
-    seeds = set()
+    found = set()
     for mp in sorted(glob.glob(os.path.join(path, "seed_*", "round_*", "metrics.json"))):
         m = read_json(mp)
+        if seeds is not None and m["seed"] not in seeds:
+            continue
         rounds.setdefault(int(m["round"]), []).append(m)
-        seeds.add(m["seed"])
+        found.add(m["seed"])
     return dict(dir=os.path.normpath(path), name=os.path.basename(os.path.normpath(path)), hparams=hp,
-                rounds=dict(sorted(rounds.items())), seeds=sorted(seeds))
+                rounds=dict(sorted(rounds.items())), seeds=sorted(found))
 
 
 def find_experiments(paths) -> list[str]:
@@ -312,19 +315,25 @@ def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None
 
 
 def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, curve_rounds=None,
-                 remaining="all") -> dict:
+                 remaining="all", seeds=None) -> dict:
     """Write the figures and ``summary.md`` for ``experiment_dirs`` into ``out_dir``; returns their paths.
     ``remaining``: the x axis, percent of all weights remaining ("all"), or of the layers of some kinds only
-    ("conv", "fc", "output", or several, comma-separated)."""
+    ("conv", "fc", "output", or several, comma-separated). ``seeds``: only these replicates, in every table and
+    figure (the analyses' too), to set experiments side by side on the seeds they share."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     kinds = parse_remaining(remaining)
-    exps = _sorted([load_experiment(d) for d in find_experiments(list(experiment_dirs))])
+    if seeds is not None:
+        seeds = sorted({int(s) for s in seeds})
+        if not seeds:
+            raise ValueError("seeds: give at least one replicate")
+    exps = _sorted([load_experiment(d, seeds) for d in find_experiments(list(experiment_dirs))])
     exps = [e for e in exps if e["rounds"]]
     if not exps:
-        raise ValueError("no finished rounds to report (no metrics.json) in " + ", ".join(map(str, experiment_dirs)))
+        raise ValueError("no finished rounds to report (no metrics.json) in " + ", ".join(map(str, experiment_dirs))
+                         + ("" if seeds is None else f" for seeds {','.join(map(str, seeds))}"))
     _set_axis_kinds(exps, kinds)
     xlabel = _axis_label(kinds)
     os.makedirs(out_dir, exist_ok=True)
@@ -398,11 +407,11 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     files["summary"] = os.path.join(out_dir, "summary.md")
     with open(files["summary"], "w") as f:
         f.write(summary_markdown(exps, kinds))
-    files.update(_analyses(exps, out_dir, title))
+    files.update(_analyses(exps, out_dir, title, seeds))
     return files
 
 
-def _analyses(exps: list[dict], out_dir: str, title: str) -> dict:
+def _analyses(exps: list[dict], out_dir: str, title: str, seeds=None) -> dict:
     """The figures and tables of the analyses already run on these experiments (``sparse-lth stability``,
     ``landscape``, ``anatomy``): nothing is computed here, finished results are only drawn again."""
     from . import anatomy, landscape, stability
@@ -412,10 +421,10 @@ def _analyses(exps: list[dict], out_dir: str, title: str) -> dict:
                               ("dense_stability", stability.load_dense_stability,
                                stability.write_dense_stability_report),
                               ("landscape", landscape.load_landscape, landscape.write_landscape_report)):
-        results = [d for x in dirs for d in load(x)]
+        results = [d for x in dirs for d in load(x) if seeds is None or d["seed"] in seeds]
         if results:  # each writer names its files "summary", "figure"...: keyed by analysis, none hides another
             files.update({f"analysis_{name}_{k}": v for k, v in write(results, out_dir, title=title).items()})
-    done = [d for x in dirs for d in anatomy.load_anatomy(x)]
+    done = [d for x in dirs for d in anatomy.load_anatomy(x) if seeds is None or d["seed"] in seeds]
     if done:
         files.update({f"analysis_anatomy_{k}": v
                       for k, v in anatomy.write_anatomy_report(done, out_dir, title=title).items()})

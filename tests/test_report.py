@@ -276,3 +276,27 @@ def test_rounds_that_not_every_replicate_has_finished_say_so():
     assert len(open_markers) == 1 and list(open_markers[0].get_xdata()) == [64.0]
     assert [ln.get_label() for ln in open_markers] == ["open: not every replicate yet"]
     plt.close(fig)
+
+
+def test_a_report_of_some_seeds_only(monkeypatch, tmp_path):
+    """``seeds``: the tables, the figures and the analyses of those replicates only, to set experiments side by
+    side on the seeds they share; seeds that no experiment has are refused, named."""
+    from conftest import tiny_data
+    from test_imp import run, tiny_hp
+    res = run(tiny_hp(rounds=1), tmp_path / "runs", data=tiny_data(240, 120), replicates=2)
+    assert sorted(res.metrics) == [0, 1]
+    written = {}
+    monkeypatch.setattr(anatomy, "load_anatomy", lambda d: [dict(seed=0, experiment="x"), dict(seed=1, experiment="x")])
+    monkeypatch.setattr(anatomy, "write_anatomy_report",
+                        lambda rows, out, title="": written.setdefault("anatomy", rows) and {})
+    report.write_report([res.experiment_dir], str(tmp_path / "one"), seeds=(1,))
+    md = (tmp_path / "one" / "summary.md").read_text()
+    assert "replicates: 1 (seeds [1])" in md
+    for r, m in enumerate(res.metrics[1]):
+        assert f"| {r} | {m['percent_remaining']:.2f} | {m['early_stop_iteration']} | " \
+               f"{100 * m['early_stop_test_acc']:.2f} |" in md
+    assert [d["seed"] for d in written["anatomy"]] == [1]
+    report.write_report([res.experiment_dir], str(tmp_path / "both"))
+    assert "replicates: 2 (seeds [0, 1])" in (tmp_path / "both" / "summary.md").read_text()
+    with pytest.raises(ValueError, match="no finished rounds to report .* for seeds 7"):
+        report.write_report([res.experiment_dir], str(tmp_path / "none"), seeds=[7])
