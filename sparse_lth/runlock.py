@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import socket
 import sys
 import time
+import warnings
 
 try:
     import fcntl
@@ -60,12 +62,21 @@ def _read(fd: int) -> dict:
         return {}
 
 
+class _NoLocks(Exception):
+    """The filesystem does not lock (some network filesystems)."""
+
+
 def _try_lock(fd: int, kind: int) -> bool:
+    """True if taken, False if another process holds it; :class:`_NoLocks` where nothing can be locked."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise _NoLocks(str(e)) from None
+        raise
 
 
 @contextlib.contextmanager
@@ -80,12 +91,20 @@ def hold(seed_dir: str, patience: float = 1.0):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + patience
-        while not _try_lock(fd, fcntl.LOCK_EX):
+        try:
+            taken = _try_lock(fd, fcntl.LOCK_EX)
+        except _NoLocks as e:
+            warnings.warn(f"cannot lock {path} ({e}): this filesystem does not lock, so nothing keeps a second "
+                          "process from running the same replicate; start each run once", stacklevel=3)
+            yield
+            return
+        while not taken:
             if time.monotonic() >= deadline:
                 raise RunInProgressError(
                     f"{seed_dir} is being run by another process ({_holder_text(_read(fd))}). Two processes must "
                     f"not write one run: wait for that one to end or stop it (it resumes from its checkpoint).")
             time.sleep(0.05)
+            taken = _try_lock(fd, fcntl.LOCK_EX)
         record = dict(pid=os.getpid(), host=socket.gethostname(),
                       since=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
                       command=_command())
@@ -114,6 +133,8 @@ def lock_state(seed_dir: str) -> dict:
             fcntl.flock(fd, fcntl.LOCK_UN)
         else:
             info, state = _read(fd), "running"
+    except _NoLocks:
+        return dict(state="unknown")
     finally:
         os.close(fd)
     return dict(state=state, **{k: info.get(k) for k in ("pid", "host", "since", "command")})

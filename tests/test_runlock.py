@@ -113,3 +113,19 @@ def test_a_failed_save_leaves_no_temporary_and_a_resume_removes_a_killed_ones(tm
             f.write(b"half")
     run(hp, tmp_path / "runs", data=data)  # nothing left to train; the folder is tidied under its lock
     assert [os.path.exists(p) for p in stale + kept] == [False, False, True, True]
+
+
+def test_a_filesystem_without_locks_warns_and_runs(monkeypatch, tmp_path):
+    import errno
+
+    import sparse_lth.runlock as runlock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
+    ran = []
+    with pytest.warns(UserWarning, match="this filesystem does not lock"):
+        with hold(str(tmp_path / "seed_0")):
+            ran.append(1)
+    assert ran == [1] and lock_state(str(tmp_path / "seed_0")) == dict(state="unknown")
