@@ -650,7 +650,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("SPARSE_LTH_DEBUG", "0") not in ("", "0"):
             raise
-        hint = " (SPARSE_LTH_DEBUG=1 shows the traceback)" if isinstance(e, RuntimeError) else ""
+        from .runlock import RunInProgressError
+        hint = " (SPARSE_LTH_DEBUG=1 shows the traceback)" if isinstance(e, RuntimeError) and \
+            not isinstance(e, RunInProgressError) else ""
         print(f"sparse-lth {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
 

@@ -230,6 +230,16 @@ def test_interrupt_and_runtime_errors_are_one_line(monkeypatch, capsys):
     assert main(["imp"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("sparse-lth imp: error: backend 'triton' needs CUDA tensors") and "SPARSE_LTH_DEBUG" in err
+
+    def taken(args, names):  # another process runs it: nothing to debug, no hint
+        from sparse_lth.runlock import RunInProgressError
+        raise RunInProgressError("runs/x/seed_0 is being run by another process (pid 7)")
+
+    monkeypatch.setattr(cli, "_cmd_imp", taken)
+    assert main(["imp"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "sparse-lth imp: error: runs/x/seed_0 is being run by another process (pid 7)"
+    monkeypatch.setattr(cli, "_cmd_imp", broken)
     monkeypatch.setenv("SPARSE_LTH_DEBUG", "1")
     with pytest.raises(RuntimeError):  # the traceback, for a bug report
         main(["imp"])
