@@ -895,7 +895,8 @@ class Experiment:
             test_acc=out["test_acc"], test_loss=out["test_loss"], train_acc=out["train_acc"],
             train_loss=out["train_loss"], early_stop_iteration=out["early_stop_iteration"],
             early_stop_test_acc=out["early_stop_test_acc"], wall_time=out["wall_time"],
-            step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"], resumed_from=out["resumed_from"],
+            step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"],
+            resumed_from=out["resumed_from"],
             paths=out["paths"], backends=out["backends"], device=str(self.device),
             environments=out["environments"], curve=out["curve"])
 

@@ -513,7 +513,8 @@ def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> 
             es = _fmt_iteration([m["early_stop_iteration"] for m in ms])
             paths = sorted({f"{k}:{v}" for m in ms for k, v in m.get("paths", {}).items()})
             lines.append(
-                f"| {r}{_of_seeds(n, e)} | {pct} | {es} | {_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
+                f"| {r}{_of_seeds(n, e)} | {pct} | {es} | "
+                f"{_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m['test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m.get('train_acc') for m in ms]), n)} | "
                 f"{statistics.fmean(m['wall_time'] for m in ms):.0f} | "

@@ -41,8 +41,8 @@ def test_ls_lists_finished_and_interrupted_experiments(tmp_path, capsys):
     # the time to go, at the pace of the rounds trained so far: 1.5 rounds left at round 0's wall time
     wall0 = json.load(open(os.path.join(half["dir"], "seed_0", "round_00", "metrics.json")))["wall_time"]
     assert half["seeds"][0]["eta"] == pytest.approx(1.5 * wall0) and imp["seeds"][0]["eta"] is None
-    assert half["state"].startswith("seed 0: round 1 at iteration 10/20, about ") and " to go, stopped (last write " in \
-        half["state"] and half["state"].endswith(" ago)")
+    assert half["state"].startswith("seed 0: round 1 at iteration 10/20, about ") and \
+        " to go, stopped (last write " in half["state"] and half["state"].endswith(" ago)")
     # what tells them apart: the pruning rate between the two IMP runs; the reinit control shares the first's
     assert half["differs"] == ["prune_fc=0.5"] and imp["differs"] == ["prune_fc=0.2"]
     reinit = next(r for r in rows.values() if r["control"] == "reinit")
