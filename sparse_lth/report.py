@@ -91,6 +91,44 @@ def related_experiments(exp_dir: str) -> list[str]:
     return out
 
 
+def _with_gains(exps: list[dict]) -> list[dict]:
+    """``exps`` with each round's metrics given ``gain``: its test accuracy at early stop minus that of the same
+    replicate's round 0 (the dense network it was pruned from; a control's is IMP's), None where round 0 is
+    missing. New dicts: the loaded experiments are left as they were."""
+    out = []
+    for e in exps:
+        dense = {m.get("seed"): m["early_stop_test_acc"] for m in e["rounds"].get(0, [])}
+        rounds = {r: [dict(m, gain=None if m.get("seed") not in dense else
+                           m["early_stop_test_acc"] - dense[m.get("seed")]) for m in ms]
+                  for r, ms in e["rounds"].items()}
+        out.append(dict(e, rounds=rounds))
+    return out
+
+
+def gain_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str:
+    """The table of :func:`_with_gains`: by round, each experiment's gain over its dense network in points, mean
+    [min, max] over replicates (the pairing by seed takes the dense network's own spread out)."""
+    part = "" if kinds is None else f" {' + '.join(kinds)}"
+    gains = _with_gains(exps)
+    lines = ["## Gain over the dense network (test accuracy at early stop minus the same replicate's round 0, "
+             "points)\n", f"| round | %{part} remaining | " + " | ".join(_label(e, exps) for e in exps) + " |",
+             "|---:|---:|" + "---:|" * len(exps)]
+    for r in sorted({r for e in exps for r in e["rounds"]}):
+        cells, pct = [], None
+        for e in gains:
+            ms = [m for m in e["rounds"].get(r, []) if m["gain"] is not None]
+            if not ms:
+                cells.append("-")
+                continue
+            pct = pct if pct is not None else statistics.fmean(_percent(e, m) for m in ms)
+            mean, lo, hi = _stats([m["gain"] for m in ms])
+            cell = f"{100 * mean:+.2f}" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if lo != hi else "")
+            cells.append(cell + _of_seeds(len(ms), e))
+        if pct is not None:
+            lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _stats(vals):
     vals = [v for v in vals if v is not None]
     if not vals:
@@ -365,6 +403,16 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     _legend(fig, [ax])
     files["early_stop"] = save_figure(fig, os.path.join(out_dir, "early_stop_vs_remaining.png"))
 
+    # --- the gain over the dense network, replicate by replicate (experiments whose dense networks differ)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.axhline(0.0, color="gray", lw=0.8)
+    _plot_series(ax, _with_gains(exps), "gain", styles, scale=100)
+    _setup_axis(ax, all_x, xlabel)
+    ax.set_ylabel("gain at early stop over the dense network (points)")
+    ax.set_title(f"{title}: gain over the dense network (same seed)", fontsize=10)
+    _legend(fig, [ax])
+    files["gain"] = save_figure(fig, os.path.join(out_dir, "gain_vs_remaining.png"))
+
     # --- test accuracy over training for selected rounds
     ref = exps[0]
     targets = curve_rounds
@@ -406,7 +454,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
 
     files["summary"] = os.path.join(out_dir, "summary.md")
     with open(files["summary"], "w") as f:
-        f.write(summary_markdown(exps, kinds))
+        f.write(summary_markdown(exps, kinds) + "\n" + gain_markdown(exps, kinds))
     files.update(_analyses(exps, out_dir, title, seeds))
     return files
 

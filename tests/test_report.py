@@ -300,3 +300,26 @@ def test_a_report_of_some_seeds_only(monkeypatch, tmp_path):
     assert "replicates: 2 (seeds [0, 1])" in (tmp_path / "both" / "summary.md").read_text()
     with pytest.raises(ValueError, match="no finished rounds to report .* for seeds 7"):
         report.write_report([res.experiment_dir], str(tmp_path / "none"), seeds=[7])
+
+
+def test_the_gain_over_the_dense_network_pairs_replicates_by_seed():
+    """Each replicate's gain is over its own dense network (round 0): two seeds whose dense networks differ by a
+    point but gain the same give that gain with no spread; a control's round 0 is IMP's, so its gain is its loss
+    against the same dense network; a replicate without its round 0 has no gain."""
+    imp = exp("a", "imp", [100.0, 80.0, 64.0], [0.90, 0.91, 0.92])
+    imp["seeds"] = [0, 1]
+    for r, ms in imp["rounds"].items():
+        ms[0]["seed"] = 0
+        ms.append(dict(ms[0], seed=1, early_stop_test_acc=ms[0]["early_stop_test_acc"] - 0.01 * (1 + (r == 2))))
+    rein = exp("b", "reinit", [100.0, 80.0, 64.0], [0.90, 0.88, 0.85])
+    for ms in rein["rounds"].values():
+        ms[0]["seed"] = 0
+    md = report.gain_markdown([imp, rein])
+    assert md.startswith("## Gain over the dense network")
+    rows = {ln.split(" | ")[0]: ln for ln in md.splitlines() if ln.startswith("| ") and ln[2].isdigit()}
+    assert rows["| 0"] == "| 0 | 100.00 | +0.00 | +0.00 |"
+    assert rows["| 1"] == "| 1 | 80.00 | +1.00 | -2.00 |"  # seed 1: 0.89 -> 0.90, as seed 0: 0.90 -> 0.91
+    assert rows["| 2"] == "| 2 | 64.00 | +1.50 [+1.00, +2.00] | -5.00 |"
+    del imp["rounds"][0][1]  # seed 1's dense round is missing: its later rounds have no gain
+    row2 = next(ln for ln in report.gain_markdown([imp]).splitlines() if ln.startswith("| 2 |"))
+    assert row2 == "| 2 | 64.00 | +2.00 (1 of 2 seeds) |"
