@@ -164,6 +164,8 @@ def _cmd_imp(args, names) -> int:
     if args.data:
         os.environ["SPARSE_LTH_DATA"] = args.data
     _setup_threads(args.threads)
+    if args.plan:
+        return _print_plan(hp, args)
     from .environment import describe, environment
     _write(f"running on: {describe(environment(args.device))}")
     t0 = time.time()
@@ -193,6 +195,41 @@ def _cmd_imp(args, names) -> int:
     if not args.no_report:
         print(f"report: {os.path.join(res.experiment_dir, 'report')}")
     print(f"analyses: sparse-lth stability|landscape|anatomy {res.experiment_dir}")
+    return 0
+
+
+def _print_plan(hp, args) -> int:
+    """``imp --plan``: :meth:`sparse_lth.imp.Experiment.plan`, as text."""
+    from .imp import Experiment
+    exp = Experiment(hp, args.runs, device=args.device, data_root=args.data, run_dir=args.run_dir,
+                     source_dir=args.source, wait_for_source=args.wait_for_source)
+    seeds = [hp.seed + i for i in range(args.replicates)]
+    p = exp.plan(seeds)
+    _write(f"experiment folder: {p['dir']} ({'exists' if p['exists'] else 'new'})")
+    for s, st in p["seeds"].items():
+        where = f"round {st['running'][0]} resumes at iteration {st['running'][1]}" if st["running"] and \
+            st["running"][1] is not None else ("nothing left to train" if st["done"] >= st["planned"] else
+                                               f"round {st['done']} next")
+        _write(f"  seed {s}: {st['done']} of {st['planned']} rounds done; {where}")
+    counts = {k: sum(1 for ly in p["layers"] if ly[1] == k) for k in p["kinds"]}
+    kinds = ", ".join(f"{k} {v:,} ({counts[k]} layer{'s' if counts[k] > 1 else ''})" for k, v in p["kinds"].items())
+    _write(f"model {hp.model} on {exp.dataset}: {p['total']:,} prunable weights: {kinds}")
+    rates = ", ".join(f"{k} {r:g}" for k, r in (("conv", hp.prune_conv), ("fc", hp.prune_fc),
+                                                ("output", hp.prune_output)) if k in p["kinds"])
+    _write(f"pruning per round: {rates} of the survivors ({'global' if hp.prune_global else 'layer-wise'})"
+           + (f"; kept dense: {', '.join(hp.dense_layers)}" if hp.dense_layers else "") + f"; control {hp.control}")
+    n = len(p["rounds"])
+    _write(f"each round: {hp.optimizer} lr {hp.lr:g}, batch {hp.batch_size}, {p['iterations']:,} iterations, "
+           f"rewind to iteration {p['rewind']}; {n} rounds = {n * p['iterations']:,} iterations per seed")
+    if p["dense_from"]:
+        _write(f"round 0 (the dense network): taken from {p['dense_from']} where it has finished there"
+               + (f" (waiting up to {args.wait_for_source:g} s for it)" if args.wait_for_source else
+                  ", else trained here"))
+    kinds_head = "".join(f"{'% ' + k:>10}" for k in p["kinds"])
+    _write(f"{'round':>5} {'% left':>8}{kinds_head}")
+    for row in p["rounds"]:
+        _write(f"{row['round']:>5} {row['percent']:>8.2f}" + "".join(f"{v:>10.2f}" for v in row["by_kind"].values()))
+    _write("nothing trained or written (--plan)")
     return 0
 
 
@@ -496,6 +533,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "round (rather than train it again) and, for reinit/noise/random_prune, for its masks of "
                          "each round")
     pi.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    pi.add_argument("--plan", action="store_true",
+                    help="print what the command would do (its folder and what is done there, the model's "
+                         "prunable weights, the weights left after each round, the training budget) and exit "
+                         "without training or writing")
     pi.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads")
     imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (override the preset)")
     for a in pi._actions:

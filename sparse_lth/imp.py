@@ -308,17 +308,25 @@ def _oneshot_fractions(shapes: dict[str, tuple[int, ...]], rates: dict[str, floa
                        groups: list[list[str]] | None, rounds: int) -> dict[str, float]:
     """The fraction of each dense layer to prune at once so that exactly as many weights survive as ``rounds``
     iterative rounds at ``rates`` leave (per layer, or per pool of ``groups`` with global pruning)."""
-    pools = [list(g) for g in (groups or []) if g]
+    rows = pruning_schedule(shapes, rates, groups, rounds)
+    first, last = rows[0], rows[-1]
+    return {n: (first[g] - last[g]) / first[g] if first[g] else 0.0 for g in first for n in g}
+
+
+def pruning_schedule(shapes: dict[str, tuple[int, ...]], rates: dict[str, float],
+                     groups: list[list[str]] | None, rounds: int) -> list[dict[tuple[str, ...], int]]:
+    """The live weights of each pool after rounds 0..``rounds`` of IMP at ``rates``, known without training:
+    every round prunes a fixed share of each pool's survivors. A pool is one layer, or one of ``groups`` with
+    global pruning (where a single layer's count depends on the weights, the pool's does not)."""
+    pools = [tuple(g) for g in (groups or []) if g]
     pooled = {n for g in pools for n in g}
-    pools += [[n] for n in shapes if n not in pooled]
-    out = {}
-    for g in pools:
-        total = sum(math.prod(shapes[n]) for n in g)
-        live = total
-        for _ in range(rounds):
-            live -= _n_prune(rates[g[0]], live)
-        out.update({n: (total - live) / total if total else 0.0 for n in g})
-    return out
+    pools += [(n,) for n in shapes if n not in pooled]
+    live = {g: sum(math.prod(shapes[n]) for n in g) for g in pools}
+    rows = [dict(live)]
+    for _ in range(rounds):
+        live = {g: v - _n_prune(rates[g[0]], v) for g, v in live.items()}
+        rows.append(dict(live))
+    return rows
 
 
 def magnitude_prune(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
@@ -673,6 +681,55 @@ class Experiment:
         return torch.load(path, map_location="cpu", weights_only=False)["masks"]
 
     # ------------------------------------------------------------------------------------ running
+    def plan(self, seeds=None) -> dict:
+        """What running this experiment would do, found without training or writing anything: ``dict(dir, exists,
+        layers=[(name, kind, weights, rate)], kinds={kind: weights}, total, rounds=[dict(round, live, percent,
+        by_kind={kind: percent})], iterations, rewind, dense_from (the folder round 0 would be taken from, or
+        None: trained here), seeds={seed: dict(done, planned, running)})``; ``running``: (round, iteration) of a
+        round begun and checkpointed. The weights remaining per round are exact per kind (pools of global pruning
+        are per kind); with ``--control reinit|noise`` they are the IMP run's, which prunes as planned here."""
+        from .listing import checkpoint_progress
+        hp = self.hp
+        model = self._build_model(hp.seed, sparse=False)
+        shapes = {n: tuple(dense_weight(m).shape) for n, m in prunable_layers(model)}
+        kinds = layer_kinds(model)
+        rates = self._rates(model)
+        groups = self._groups(model, rates)
+        if hp.control == "oneshot" and not hp.oneshot_levels:
+            rows = pruning_schedule(shapes, rates, groups, hp.rounds)
+            if hp.oneshot_remaining:  # each pruned pool keeps that fraction at once
+                rows[-1] = {g: v - _n_prune(1.0 - hp.oneshot_remaining if rates[g[0]] > 0 else 0.0, v)
+                            for g, v in rows[0].items()}
+            rows = [rows[0], rows[-1]]
+        else:
+            rows = pruning_schedule(shapes, rates, groups, self.n_rounds())
+        sizes = {n: math.prod(sh) for n, sh in shapes.items()}
+        by_kind = {k: sum(sizes[n] for n in shapes if kinds[n] == k) for k in ("conv", "fc", "output")}
+        by_kind = {k: v for k, v in by_kind.items() if v}
+        total = sum(sizes.values())
+        out_rows = []
+        for r, row in enumerate(rows):
+            live = sum(row.values())
+            kind_live = {k: sum(v for g, v in row.items() if kinds[g[0]] == k) for k in by_kind}
+            out_rows.append(dict(round=r, live=live, percent=100.0 * live / total,
+                                 by_kind={k: 100.0 * kind_live[k] / by_kind[k] for k in by_kind}))
+        dense = self.dense_source() if hp.reuse_dense_round else None
+        seeds = [hp.seed] if seeds is None else list(seeds)
+        state = {}
+        for sd in seeds:
+            done = finished_rounds(self.seed_dir(sd))
+            running = None
+            for r in range(len(rows)):
+                ck = os.path.join(self.round_dir(sd, r), "checkpoint.pt")
+                if r not in done and os.path.exists(ck):
+                    prog = checkpoint_progress(ck)
+                    running = (r, prog[0] if prog else None)
+            state[sd] = dict(done=len(done), planned=len(rows), running=running)
+        return dict(dir=self.dir, exists=os.path.exists(os.path.join(self.dir, "hparams.json")),
+                    layers=[(n, kinds[n], sizes[n], rates[n]) for n in shapes], kinds=by_kind, total=total,
+                    rounds=out_rows, iterations=self.iterations, rewind=self.rewind_iteration,
+                    dense_from=dense.dir if dense is not None else None, seeds=state)
+
     def write_hparams(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
         path = os.path.join(self.dir, "hparams.json")
@@ -856,13 +913,8 @@ class Experiment:
             src = self._source_masks(seed, r, required=hp.prune_global)
             if src is not None:
                 keep = {n: int(mk.sum()) for n, mk in src.items()}
-            else:
-                keep = {}
-                for n, s in shapes.items():
-                    live = math.prod(s)
-                    for _ in range(r):
-                        live -= _n_prune(rates[n], live)
-                    keep[n] = live
+            else:  # layer-wise: each layer's count is known without the ticket
+                keep = {g[0]: v for g, v in pruning_schedule(shapes, rates, None, r)[-1].items()}
             g = torch.Generator().manual_seed(_reinit_seed(seed, r) + 17)
             masks = random_masks(shapes, keep, g)
         else:  # imp, oneshot, continue: magnitude pruning of trained weights (the previous round's, or round 0's)

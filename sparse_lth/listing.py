@@ -22,7 +22,7 @@ def _planned_rounds(hp: dict) -> int:
     return int(hp.get("rounds", ImpHparams.rounds)) + 1
 
 
-def _checkpoint_progress(path: str) -> tuple[int, int] | None:
+def checkpoint_progress(path: str) -> tuple[int, int] | None:
     """(iteration, iterations) of a round's checkpoint, or None if it cannot be read (being written, damaged)."""
     import torch
     try:
@@ -89,7 +89,7 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                     info["best"] = point
             else:  # begun: its masks are written; iteration and budget from a checkpoint, if one was written
                 ck = os.path.join(rdir, "checkpoint.pt")
-                prog = _checkpoint_progress(ck) if os.path.exists(ck) else None
+                prog = checkpoint_progress(ck) if os.path.exists(ck) else None
                 info["running"] = (int(os.path.basename(rdir)[6:]),) + (prog if prog else (None, None))
         seeds[seed] = info
     for info in seeds.values():

@@ -293,3 +293,21 @@ def test_sigterm_stops_an_imp_run_with_a_checkpoint_and_it_resumes_there(tmp_pat
     with open(os.path.join(round0, "metrics.json")) as f:
         assert json.load(f)["resumed_from"] == stopped_at
     assert os.path.exists(os.path.join(exp, "seed_0", "round_01", "metrics.json"))
+
+
+def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
+    assert main(tiny_imp_args(tmp_path, "--plan")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert list(tmp_path.iterdir()) == []
+    assert out[0].startswith(f"experiment folder: {tmp_path}/lenet300_100_imp_") and out[0].endswith(" (new)")
+    assert out[1] == "  seed 0: 0 of 3 rounds done; round 0 next"
+    assert "prunable weights: fc " in out[2] and "output " in out[2]
+    assert "30 iterations, rewind to iteration 0; 3 rounds = 90 iterations per seed" in out[4]
+    table = out[out.index(next(ln for ln in out if ln.split()[:2] == ["round", "%"])) + 1:-1]
+    assert [ln.split()[0] for ln in table] == ["0", "1", "2"] and table[0].split()[1] == "100.00"
+    assert out[-1] == "nothing trained or written (--plan)"
+    assert main(tiny_imp_args(tmp_path)) == 0  # the run, then the plan of the same command: all done
+    capsys.readouterr()
+    assert main(tiny_imp_args(tmp_path, "--plan")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(" (exists)") and out[1] == "  seed 0: 3 of 3 rounds done; nothing left to train"

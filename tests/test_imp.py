@@ -806,3 +806,40 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_anything_is_writte
     with pytest.raises(ValueError, match="model conv2 does not take .* examples .*3 channels"):
         run(tiny_hp(model="conv2", prune_conv=0.1), tmp_path / "runs")  # MNIST-shaped data: one channel
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(prune_global=True, prune_fc=0.3), dict(dense_layers=("fc2",))])
+def test_the_plan_is_what_the_run_then_does(tmp_path, kw):
+    """``Experiment.plan`` (``imp --plan``) gives each round's weights remaining without training or writing, and
+    the run then prunes exactly so: overall and per layer kind, layer-wise and global (pooled per kind)."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=3, **kw)
+    exp = Experiment(hp, str(tmp_path), data=data, progress=False)
+    plan = exp.plan()
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert not plan["exists"] and plan["seeds"] == {0: dict(done=0, planned=4, running=None)}
+    assert plan["dense_from"] is None and plan["iterations"] == 20 and plan["rewind"] == 0
+    assert [ly[1] for ly in plan["layers"]] == ["fc", "fc", "output"] and plan["total"] == sum(plan["kinds"].values())
+    res = run(hp, tmp_path, data=data)
+    for row, m in zip(plan["rounds"], res.metrics[0], strict=True):
+        assert row["live"] == m["remaining_total"] and row["percent"] == pytest.approx(m["percent_remaining"])
+        for kind, pct in row["by_kind"].items():
+            live = sum(v["live"] for v in m["remaining"].values() if v["kind"] == kind)
+            total = sum(v["total"] for v in m["remaining"].values() if v["kind"] == kind)
+            assert pct == pytest.approx(100 * live / total)
+    again = Experiment(hp, str(tmp_path), data=data, progress=False).plan()
+    assert again["exists"] and again["seeds"][0]["done"] == 4
+
+
+def test_the_plan_of_one_shot_and_of_a_control(tmp_path):
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=3)
+    imp = Experiment(hp, str(tmp_path), data=data).plan()
+    one = Experiment(dataclasses.replace(hp, control="oneshot"), str(tmp_path), data=data).plan()
+    assert [r["live"] for r in one["rounds"]] == [imp["rounds"][0]["live"], imp["rounds"][-1]["live"]]
+    kept = Experiment(dataclasses.replace(hp, control="oneshot", oneshot_remaining=0.25), str(tmp_path),
+                      data=data).plan()
+    assert kept["rounds"][1]["by_kind"] == pytest.approx({"fc": 25.0, "output": 25.0}, abs=0.01)
+    reinit = Experiment(dataclasses.replace(hp, control="reinit"), str(tmp_path), data=data).plan()
+    assert reinit["dense_from"] == os.path.join(str(tmp_path), experiment_name(hp))
+    assert [r["live"] for r in reinit["rounds"]] == [r["live"] for r in imp["rounds"]]
