@@ -10,13 +10,17 @@
   layers' weights only: the arms of an ablation that prunes only some layers (conv only, fc only, both) set side
   by side at equal sparsity of the layers they share;
 - ``early_stop_vs_remaining.png``: the early-stopping iteration (minimum test loss) vs weights remaining;
+- ``gain_vs_remaining.png``: each round's test accuracy at early stop minus that of the same replicate's dense
+  round 0 (experiments whose dense networks differ, side by side);
 - ``curves.png``: test accuracy over training iterations for selected rounds (IMP solid, controls dashed);
-- ``summary.md``: one table per experiment, and a comparison table by round;
+- ``summary.md``: one table per experiment, a comparison table by round and the gains by round;
+- ``rounds.csv``: every round of every replicate, one row each, for analyses of one's own;
 - and the figures and tables of the analyses already run on these experiments (``sparse-lth stability``,
   ``landscape``, ``anatomy``), drawn again from their results.
 """
 from __future__ import annotations
 
+import csv
 import glob
 import json
 import math
@@ -127,6 +131,30 @@ def gain_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str
         if pct is not None:
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+ROUND_COLUMNS = ("experiment", "control", "label", "seed", "round", "percent_remaining", "remaining",
+                 "remaining_total", "early_stop_iteration", "early_stop_test_acc", "test_acc", "test_loss",
+                 "train_acc", "train_loss", "gain", "wall_time", "time_per_step")
+
+
+def write_rounds_csv(exps: list[dict], path: str) -> str:
+    """Every round of every replicate as one CSV row (:data:`ROUND_COLUMNS`; accuracies as fractions, ``gain``
+    as in :func:`_with_gains`, ``remaining`` the percent of the layers on the report's x axis), for analyses of
+    one's own (``pandas.read_csv``)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(ROUND_COLUMNS)
+        for e in _with_gains(exps):
+            label = _label(e, exps)
+            for r, ms in e["rounds"].items():
+                for m in sorted(ms, key=lambda m: m.get("seed", 0)):
+                    w.writerow([e["name"], e["hparams"].get("control", "imp"), label, m.get("seed"), r,
+                                m["percent_remaining"], _percent(e, m), m.get("remaining_total"),
+                                m["early_stop_iteration"], m["early_stop_test_acc"], m["test_acc"],
+                                m.get("test_loss"), m.get("train_acc"), m.get("train_loss"), m["gain"],
+                                m.get("wall_time"), m.get("time_per_step")])
+    return path
 
 
 def _stats(vals):
@@ -455,6 +483,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     files["summary"] = os.path.join(out_dir, "summary.md")
     with open(files["summary"], "w") as f:
         f.write(summary_markdown(exps, kinds) + "\n" + gain_markdown(exps, kinds))
+    files["rounds"] = write_rounds_csv(exps, os.path.join(out_dir, "rounds.csv"))
     files.update(_analyses(exps, out_dir, title, seeds))
     return files
 

@@ -1,4 +1,6 @@
 """The report's tables and file lists, on hand-made experiment records (no training)."""
+import os
+
 import pytest
 
 from sparse_lth import anatomy, landscape, report, stability
@@ -296,8 +298,20 @@ def test_a_report_of_some_seeds_only(monkeypatch, tmp_path):
         assert f"| {r} | {m['percent_remaining']:.2f} | {m['early_stop_iteration']} | " \
                f"{100 * m['early_stop_test_acc']:.2f} |" in md
     assert [d["seed"] for d in written["anatomy"]] == [1]
-    report.write_report([res.experiment_dir], str(tmp_path / "both"))
+    files = report.write_report([res.experiment_dir], str(tmp_path / "both"))
     assert "replicates: 2 (seeds [0, 1])" in (tmp_path / "both" / "summary.md").read_text()
+    # every round of every replicate, one CSV row each
+    import csv
+    with open(files["rounds"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["seed"]), int(r["round"])) for r in rows] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    for row in rows:
+        m = res.metrics[int(row["seed"])][int(row["round"])]
+        assert float(row["early_stop_test_acc"]) == m["early_stop_test_acc"]
+        assert float(row["percent_remaining"]) == m["percent_remaining"] == float(row["remaining"])
+        dense = res.metrics[int(row["seed"])][0]["early_stop_test_acc"]
+        assert float(row["gain"]) == pytest.approx(m["early_stop_test_acc"] - dense)
+    assert os.path.getsize(files["gain"]) > 0
     with pytest.raises(ValueError, match="no finished rounds to report .* for seeds 7"):
         report.write_report([res.experiment_dir], str(tmp_path / "none"), seeds=[7])
 
