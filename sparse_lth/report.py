@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import textwrap
 
 from ._files import canonical_hparams, read_json
 from .environment import describe as describe_environment, numerics_key
@@ -427,7 +428,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     _plot_series(ax, exps, "early_stop_iteration", styles)
     _setup_axis(ax, all_x, xlabel)
     ax.set_ylabel("early-stopping iteration (min test loss)")
-    ax.set_title(f"{title}: early-stopping iteration", fontsize=10)
+    ax.set_title(textwrap.fill(f"{title}: early-stopping iteration", 75), fontsize=10)
     _legend(fig, [ax])
     files["early_stop"] = save_figure(fig, os.path.join(out_dir, "early_stop_vs_remaining.png"))
 
@@ -437,7 +438,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     _plot_series(ax, _with_gains(exps), "gain", styles, scale=100)
     _setup_axis(ax, all_x, xlabel)
     ax.set_ylabel("gain at early stop over the dense network (points)")
-    ax.set_title(f"{title}: gain over the dense network (same seed)", fontsize=10)
+    ax.set_title(textwrap.fill(f"{title}: gain over the dense network (same seed)", 75), fontsize=10)
     _legend(fig, [ax])
     files["gain"] = save_figure(fig, os.path.join(out_dir, "gain_vs_remaining.png"))
 
@@ -453,6 +454,7 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
                 targets.append(r)
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     cmap = plt.get_cmap("viridis")
+    dashed = []  # the experiments drawn besides the first, for the title
     for i, r in enumerate(targets):
         color = cmap(i / max(len(targets) - 1, 1))
         for e in exps:
@@ -466,6 +468,8 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
             its = [c["iteration"] for c in m["curve"]]
             accs = [100 * c["test_acc"] for c in m["curve"]]
             ls = "-" if e is ref else "--"
+            if e is not ref and _label(e, exps) not in dashed:
+                dashed.append(_label(e, exps))
             ax.plot(its, accs, ls, color=color, lw=1.2,
                     label=f"{m['percent_remaining']:.1f}% {'' if e is ref else _label(e, exps)}".strip())
     ax.set_xlabel("training iteration")
@@ -475,8 +479,8 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     if lo:
         ax.set_ylim(max(min(lo) - 0.5, 0), min(max(lo) + 0.3, 100))
     ax.grid(True, alpha=0.3)
-    ax.set_title(f"{title}: test accuracy during training ({'solid' if len(exps) > 1 else ''} "
-                 f"{_label(ref, exps)}{', dashed: controls' if len(exps) > 1 else ''})", fontsize=9)
+    which = f"solid: {_label(ref, exps)}; dashed: {', '.join(dashed)}" if dashed else _label(ref, exps)
+    ax.set_title(textwrap.fill(f"{title}: test accuracy during training ({which})", 110), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     files["curves"] = save_figure(fig, os.path.join(out_dir, "curves.png"))
 

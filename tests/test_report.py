@@ -337,3 +337,25 @@ def test_the_gain_over_the_dense_network_pairs_replicates_by_seed():
     del imp["rounds"][0][1]  # seed 1's dense round is missing: its later rounds have no gain
     row2 = next(ln for ln in report.gain_markdown([imp]).splitlines() if ln.startswith("| 2 |"))
     assert row2 == "| 2 | 64.00 | +2.00 (1 of 2 seeds) |"
+
+
+def test_the_curves_title_names_what_the_dashed_lines_are(monkeypatch, tmp_path):
+    """Two IMP runs (with and without dropout, say): the dashed curves are the second run, not "controls"."""
+    from conftest import tiny_data
+    from test_imp import run, tiny_hp
+    data = tiny_data(240, 120)
+    a = run(tiny_hp(rounds=1), tmp_path / "runs", data=data)
+    b = run(tiny_hp(rounds=1, dropout=0.5), tmp_path / "runs", data=data)
+    titles = {}
+    real = report.save_figure
+
+    def save(fig, path):
+        titles[os.path.basename(path)] = " ".join(ax.get_title().replace("\n", " ") for ax in fig.axes)
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", save)
+    report.write_report([a.experiment_dir, b.experiment_dir], str(tmp_path / "rep"), title="t")
+    assert titles["curves.png"] == ("t: test accuracy during training (solid: IMP (winning ticket) [dropout=0]; "
+                                    "dashed: IMP (winning ticket) [dropout=0.5])")
+    report.write_report([a.experiment_dir], str(tmp_path / "one"), title="t")
+    assert titles["curves.png"] == "t: test accuracy during training (IMP (winning ticket))"
