@@ -1,7 +1,30 @@
-"""Reading run folders' JSON files, and the one spelling of their step counts (torch-free: the report imports it)."""
+"""Reading and writing run folders' files, and the one spelling of their step counts (torch-free: the report
+imports it)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+
+TEMPORARY = re.compile(r"\.tmp\d+$")  # the suffix of write_atomic's temporaries: ".tmp<pid>"
+
+
+def write_atomic(path: str, write, binary: bool = False) -> None:
+    """``write(f)`` into a temporary beside ``path``, synced to disk, then renamed over ``path``: a kill never
+    leaves half a file at ``path``, a crash of the machine no empty one. A failure (a full disk, an error, a
+    second Ctrl-C) removes the temporary; a hard kill leaves it (:data:`TEMPORARY` names it for a later cleanup)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path: str):

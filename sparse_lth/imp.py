@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from . import runlock
-from ._files import canonical_hparams, read_json
+from ._files import TEMPORARY, canonical_hparams, read_json, write_atomic
 from .environment import environment, warn_if_changed
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
@@ -1021,22 +1021,11 @@ def finished_rounds(seed_dir: str) -> dict[int, str]:
 
 
 def _write_json_atomic(obj, path: str, indent: int = 1, sort_keys: bool = False) -> None:
-    """JSON to ``path`` through a temporary file and a rename (a kill never leaves half a file)."""
-    tmp = path + f".tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent, sort_keys=sort_keys)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-_TEMPORARY = re.compile(r"\.tmp\d+$")  # the suffix of save_atomic's and _write_json_atomic's temporaries
+    """JSON to ``path`` atomically (:func:`sparse_lth._files.write_atomic`)."""
+    def dump(f):
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys)
+        f.write("\n")
+    write_atomic(path, dump)
 
 
 def remove_stale_temporaries(seed_dir: str) -> list[str]:
@@ -1046,7 +1035,7 @@ def remove_stale_temporaries(seed_dir: str) -> list[str]:
     gone = []
     for d in [seed_dir, *sorted(glob.glob(os.path.join(seed_dir, "round_*")))]:
         for f in os.scandir(d):
-            if f.is_file() and _TEMPORARY.search(f.name):
+            if f.is_file() and TEMPORARY.search(f.name):
                 os.remove(f.path)
                 gone.append(f.path)
     return gone

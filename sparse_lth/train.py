@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._files import write_atomic
 from .environment import environment, warn_if_changed
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -239,19 +240,8 @@ def early_stop(curve: list[dict]) -> tuple[int, float]:
 
 # ---------------------------------------------------------------------------------------------------- checkpoint
 def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` through a temporary file (synced) and a rename, so a kill never leaves half a
-    file at ``path``; a failure removes the temporary (a hard kill leaves it: the next run of the folder does)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash of the machine cannot leave an empty file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)  # a full disk, an error, a second Ctrl-C: no half-written file left behind
-        raise
+    """``torch.save`` to ``path`` atomically (:func:`sparse_lth._files.write_atomic`)."""
+    write_atomic(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def _step_seed(seed: int, iteration: int) -> int:
