@@ -290,6 +290,24 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], path: str | No
                 m.weight.mul_(mask)
 
 
+def layer_rates(kinds: dict[str, str], *, fc: float, conv: float, output: float,
+                dense_layers=()) -> dict[str, float]:
+    """``{layer: fraction of its surviving weights pruned per round}`` from each layer's kind (``kinds``, as
+    :func:`layer_kinds` gives) and the rate of each kind; the layers in ``dense_layers`` get 0."""
+    by_kind = {"fc": fc, "conv": conv, "output": output}
+    return {n: 0.0 if n in dense_layers else by_kind[k] for n, k in kinds.items()}
+
+
+def global_groups(kinds: dict[str, str], rates: dict[str, float]) -> list[list[str]]:
+    """The pools of global pruning: the pruned layers of each kind together (conv, fc and the output layer are
+    pruned at their own rates, so each kind is its own pool)."""
+    groups: dict[str, list[str]] = {}
+    for n, k in kinds.items():
+        if rates[n] > 0:
+            groups.setdefault(k, []).append(n)
+    return list(groups.values())
+
+
 def count_masks(masks: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
     return {n: (int(mk.sum().item()), mk.numel()) for n, mk in masks.items()}
 
@@ -557,17 +575,11 @@ class Experiment:
 
     def _rates(self, model: nn.Module) -> dict[str, float]:
         hp = self.hp
-        by_kind = {"fc": hp.prune_fc, "conv": hp.prune_conv, "output": hp.prune_output}
-        return {n: 0.0 if n in hp.dense_layers else by_kind[k] for n, k in layer_kinds(model).items()}
+        return layer_rates(layer_kinds(model), fc=hp.prune_fc, conv=hp.prune_conv, output=hp.prune_output,
+                           dense_layers=hp.dense_layers)
 
     def _groups(self, model: nn.Module, rates: dict[str, float]) -> list[list[str]] | None:
-        if not self.hp.prune_global:
-            return None
-        groups: dict[str, list[str]] = {}
-        for n, k in layer_kinds(model).items():
-            if rates[n] > 0:
-                groups.setdefault(k, []).append(n)
-        return list(groups.values())
+        return global_groups(layer_kinds(model), rates) if self.hp.prune_global else None
 
     def seed_dir(self, seed: int) -> str:
         return os.path.join(self.dir, f"seed_{seed}")
