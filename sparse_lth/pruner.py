@@ -1,0 +1,219 @@
+"""IMP with rewinding inside a training loop of your own.
+
+:class:`MagnitudePruner` is the pruning half of ``sparse-lth imp`` without its training loop, run folders or
+data: keep your loop (your data pipeline, augmentation, mixed precision, schedules, logging) and call it between
+rounds::
+
+    from sparse_lth.layers import sparsify
+    from sparse_lth.pruner import MagnitudePruner
+    import sparse_lth.optim
+
+    model = sparsify(make_model())                       # sparse layers: pruned weights stay zero by themselves
+    pruner = MagnitudePruner(model, fc=0.2, conv=0.1)     # the output layer at half the fc rate, as the paper
+    pruner.set_rewind_point()                             # θ0; or call it at iteration k of round 0 (late rewinding)
+    for r in range(rounds + 1):
+        optimizer = sparse_lth.optim.Adam(model.parameters(), lr=1.2e-3)   # a new one every round
+        train(model, optimizer)                                            # your loop
+        print(r, pruner.percent_remaining, evaluate(model))
+        if r < rounds:
+            pruner.prune_and_rewind()     # prune 20 % of the surviving weights by magnitude, rewind to θ0
+
+Pruning is the driver's own (:func:`sparse_lth.imp.magnitude_prune`, layer-wise or global within each layer
+kind, :func:`sparse_lth.imp.layer_rates`): given the same trained weights it gives the same masks as
+``sparse-lth imp`` (tested against the driver's saved rounds). A new mask replaces a sparse layer's trainable
+parameters, so build the optimizer after each :meth:`~MagnitudePruner.prune` or
+:meth:`~MagnitudePruner.prune_and_rewind` (one built before raises at its ``step()``).
+
+Plain ``nn.Linear``/``nn.Conv2d`` layers (a model not sparsified) are pruned too, as dense masking: their mask is
+a ``weight_mask`` buffer and nothing stops the optimizer from reviving pruned weights, so a loop over such a model
+calls :meth:`~MagnitudePruner.mask_gradients` before ``optimizer.step()`` and :meth:`~MagnitudePruner.remask`
+after it (both do nothing to sparse layers).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .imp import (_is_linear, _load_weights, apply_masks, count_masks, dense_weight, get_masks, global_groups,
+                  layer_kind, layer_kinds, layer_rates, live_and_total, magnitude_prune, prunable_layers,
+                  pruning_schedule)
+from .train import plain_masked_modules
+
+__all__ = ["MagnitudePruner"]
+
+_PATHS = ("auto", "dense", "sparse")
+
+
+def _rate(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number (a fraction of the surviving weights), got {value!r}")
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1) of the surviving weights pruned per round, "
+                         f"got {value}")
+    return value
+
+
+class MagnitudePruner:
+    """Iterative magnitude pruning with rewinding of ``model``'s layers, for a training loop of one's own.
+
+    ``fc``, ``conv``, ``output``: the fraction of each layer's surviving weights pruned per round, by layer kind
+    (fully connected, convolutional, the output layer: the model's ``output_layer`` attribute, else its last
+    linear layer); ``output`` defaults to half of ``fc``, the paper's rule. ``global_pruning``: pool the layers
+    of each kind and prune the smallest weights of the pool wherever they are (the paper's choice for VGG and
+    ResNet), instead of the same fraction of every layer. ``dense_layers``: names of layers never pruned.
+    ``path``: how sparse layers run after a new mask ("auto": each layer's automatic choice; "dense", "sparse").
+
+    The layers pruned are the model's sparse layers and plain ``nn.Linear``/``nn.Conv2d``, named when the pruner
+    is made and looked up by name at every call (so ``sparsify`` may come before or after; adding or removing a
+    layer afterwards is refused).
+    """
+
+    def __init__(self, model: nn.Module, *, fc: float = 0.2, conv: float = 0.1, output: float | None = None,
+                 global_pruning: bool = False, dense_layers=(), path: str = "auto"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.model = model
+        layers = prunable_layers(model)
+        if not layers:
+            raise ValueError("the model has no layer to prune (no nn.Linear, nn.Conv2d or sparse layer)")
+        if isinstance(getattr(model, "output_layer", None), str) or any(_is_linear(m) for _, m in layers):
+            self.kinds = layer_kinds(model)
+        else:  # all convolutional (a classifier that is a 1x1 conv, say): no output layer of its own rate
+            self.kinds = {n: layer_kind(n, m, "") for n, m in layers}
+        fc, conv = _rate("fc", fc), _rate("conv", conv)
+        output = fc / 2 if output is None else _rate("output", output)
+        if isinstance(dense_layers, str):
+            dense_layers = (dense_layers,)
+        unknown = sorted(set(dense_layers) - set(self.kinds))
+        if unknown:
+            raise ValueError(f"dense_layers {unknown} are not prunable layers of the model; they are "
+                             f"{list(self.kinds)}")
+        if path not in _PATHS:
+            raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        self.rates = layer_rates(self.kinds, fc=fc, conv=conv, output=output, dense_layers=tuple(dense_layers))
+        self.groups = global_groups(self.kinds, self.rates) if global_pruning else None
+        self.path = path
+        self.round = 0
+        self._rewind: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------------- state
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``{layer: bool mask}``, copies of the layers' current masks."""
+        return get_masks(self._layers_now())
+
+    def remaining(self) -> dict[str, tuple[int, int]]:
+        """``{layer: (live weights, all weights)}``."""
+        return count_masks(self.masks)
+
+    @property
+    def percent_remaining(self) -> float:
+        """The percent of the prunable weights still live, over all pruned and unpruned layers."""
+        live, total = live_and_total(self.masks)
+        return 100.0 * live / total
+
+    def schedule(self, rounds: int) -> list[float]:
+        """The percent of weights remaining after rounds 0..``rounds`` from the dense network, known before any
+        training (exact: every round prunes a fixed share of each layer's, or pool's, survivors)."""
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
+        shapes = {n: tuple(dense_weight(m).shape) for n, m in prunable_layers(self.model)}
+        total = sum(torch.Size(s).numel() for s in shapes.values())
+        return [100.0 * sum(row.values()) / total for row in pruning_schedule(shapes, self.rates, self.groups, rounds)]
+
+    def _layers_now(self) -> nn.Module:
+        names = [n for n, _ in prunable_layers(self.model)]
+        if names != list(self.kinds):
+            raise RuntimeError(f"the model's prunable layers changed since the pruner was made (then "
+                               f"{list(self.kinds)}, now {names}): make the pruner after adding or removing "
+                               f"layers")
+        return self.model
+
+    # ----------------------------------------------------------------------------------------------- actions
+    def set_rewind_point(self) -> None:
+        """Remember the model's weights now (copies of every parameter and buffer but the masks) as the point
+        that :meth:`rewind` resets the surviving weights to: call it before training for θ0 (the lottery
+        ticket), or at iteration k of the dense network's training for late rewinding."""
+        self._layers_now()
+        self._rewind = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                        if not k.endswith("weight_mask")}
+
+    def prune(self) -> dict[str, torch.Tensor]:
+        """Prune each layer's (or each pool's) smallest surviving weights by magnitude, at the pruner's rates,
+        and set the new masks (the surviving weights keep their values). Returns the new masks. Build the
+        optimizer again afterwards."""
+        return self._prune(rewind=False)
+
+    def rewind(self) -> None:
+        """Reset every weight, bias and buffer to the rewind point, keeping the current masks."""
+        self._load_rewind_point(self.masks)
+
+    def prune_and_rewind(self) -> dict[str, torch.Tensor]:
+        """One IMP step between rounds: :meth:`prune` the trained weights, then :meth:`rewind` the survivors (one
+        mask change per layer). Returns the new masks. Build the optimizer again afterwards."""
+        return self._prune(rewind=True)
+
+    def _prune(self, rewind: bool) -> dict[str, torch.Tensor]:
+        if rewind and self._rewind is None:
+            raise RuntimeError("no rewind point: call set_rewind_point() before training (θ0), or at the rewind "
+                               "iteration of the dense network's training")
+        model = self._layers_now()
+        layers = prunable_layers(model)
+        masks = magnitude_prune({n: dense_weight(m) for n, m in layers}, get_masks(model), self.rates,
+                                self.groups)
+        if rewind:
+            self._load_rewind_point(masks)
+        else:
+            apply_masks(model, masks, path=self.path)
+        self.round += 1
+        return {n: mk.clone() for n, mk in masks.items()}
+
+    def _load_rewind_point(self, masks: dict[str, torch.Tensor]) -> None:
+        if self._rewind is None:
+            raise RuntimeError("no rewind point: call set_rewind_point() first")
+        model = self._layers_now()
+        _load_weights(model, self._rewind)
+        apply_masks(model, masks, path=self.path)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> None:
+        """Zero the gradients of pruned weights in plain masked layers (dense masking: call before
+        ``optimizer.step()``). Sparse layers mask their gradients themselves."""
+        for _, m in plain_masked_modules(self.model):
+            if m.weight.grad is not None:
+                m.weight.grad.mul_(m.weight_mask.to(m.weight.grad.dtype))
+
+    @torch.no_grad()
+    def remask(self) -> None:
+        """Zero the pruned weights of plain masked layers again (dense masking: call after ``optimizer.step()``,
+        whose momentum or weight decay may have moved them). Sparse layers need nothing."""
+        for _, m in plain_masked_modules(self.model):
+            m.weight.mul_(m.weight_mask.to(m.weight.dtype))
+
+    # ----------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict:
+        """The pruner's state, for a checkpoint beside the model's: the round count and the rewind point (the
+        masks are in the model's own ``state_dict``)."""
+        return {"round": self.round, "rewind": self._rewind, "rates": dict(self.rates), "groups": self.groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; refused when it was made with other rates or layers."""
+        missing = {"round", "rewind", "rates", "groups"} - set(state)
+        if missing:
+            raise ValueError(f"not a MagnitudePruner state: missing {sorted(missing)}")
+        if dict(state["rates"]) != self.rates or state["groups"] != self.groups:
+            raise ValueError(f"the state is of a pruner with other rates or layers ({state['rates']}, global "
+                             f"pools {state['groups']}) than this one ({self.rates}, {self.groups})")
+        self.round = int(state["round"])
+        rewind = state["rewind"]
+        self._rewind = None if rewind is None else {k: v.clone() for k, v in rewind.items()}
+
+    def __repr__(self) -> str:
+        kinds = {}
+        for n, k in self.kinds.items():
+            kinds.setdefault(k, set()).add(self.rates[n])
+        rates = ", ".join(f"{k}={'/'.join(f'{v:g}' for v in sorted(vs))}" for k, vs in kinds.items())
+        return (f"MagnitudePruner({len(self.kinds)} layers, {rates}, "
+                f"{'global' if self.groups is not None else 'layer-wise'}, round {self.round}, "
+                f"{self.percent_remaining:.3g}% remaining)")

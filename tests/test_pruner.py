@@ -1,0 +1,274 @@
+"""MagnitudePruner: IMP in a training loop of one's own. It must prune and rewind exactly as the driver does (checked
+against the driver's saved rounds), keep pruned weights at zero in sparse and plain layers, and refuse bad input."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_data
+from sparse_lth.imp import ImpHparams, _load_weights, apply_masks, open_experiment, run_imp
+from sparse_lth.layers import sparsify
+from sparse_lth.models import build_model
+from sparse_lth.pruner import MagnitudePruner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_lenet(seed=0, sparse=True):
+    model = build_model("lenet300_100", width=0.1, seed=seed)  # 784-30-10-10
+    return sparsify(model, path="dense") if sparse else model
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(prune_global=True, prune_fc=0.3),
+                                dict(model="conv2", dataset="fashion_mnist", width=0.125, iterations="6it",
+                                     prune_global=True),
+                                dict(dense_layers=("fc2",), rewind="4it")])
+def test_prunes_and_rewinds_as_the_driver_does(tmp_path, kw):
+    """Given the trained weights of the driver's round r-1, prune_and_rewind gives round r's saved masks and
+    exactly the model the driver trains in round r (weights rewound to its rewind point, masks applied)."""
+    base = dict(model="lenet300_100", width=0.1, optimizer="adam", lr=3e-3, batch_size=16, iterations="12it",
+                eval_every=4, train_eval_size=64, rounds=3, prune_fc=0.2, prune_conv=0.1, prune_output=0.1,
+                layer_impl="sparse", path="dense")
+    base.update(kw)
+    hp = ImpHparams(**base)
+    res = run_imp(hp, str(tmp_path), progress=False, data=tiny_data(160, 64), checkpoint_every=0)
+    exp = open_experiment(res.experiment_dir, 0)
+    seed_dir = os.path.join(res.experiment_dir, "seed_0")
+    for r in range(1, hp.rounds + 1):
+        model = exp._build_model(0)
+        pruner = MagnitudePruner(model, fc=hp.prune_fc, conv=hp.prune_conv, output=hp.prune_output,
+                                 global_pruning=hp.prune_global, dense_layers=hp.dense_layers, path=hp.path)
+        _load_weights(model, load(os.path.join(seed_dir, "rewind.pt")))
+        pruner.set_rewind_point()
+        prev = os.path.join(seed_dir, f"round_{r - 1:02d}")
+        apply_masks(model, load(os.path.join(prev, "masks.pt"))["masks"], path=hp.path)
+        _load_weights(model, load(os.path.join(prev, "final.pt")))
+        masks = pruner.prune_and_rewind()
+        saved = load(os.path.join(seed_dir, f"round_{r:02d}", "masks.pt"))["masks"]
+        assert masks.keys() == saved.keys()
+        for n in saved:
+            assert torch.equal(masks[n], saved[n]), (r, n)
+        expected, _, _ = exp.prepare_round(0, r)
+        want, got = expected.state_dict(), model.state_dict()
+        assert want.keys() == got.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (r, k)
+        assert pruner.round == 1
+        assert pruner.percent_remaining == pytest.approx(res.metrics[0][r]["percent_remaining"])
+
+
+def test_a_loop_of_ones_own_prunes_on_schedule_and_keeps_pruned_weights_zero():
+    train, test = tiny_data(160, 64)
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model, fc=0.2)  # output layer at half: 0.1
+    assert pruner.rates == {"fc1": 0.2, "fc2": 0.2, "fc3": 0.1}
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner.set_rewind_point()
+    schedule = pruner.schedule(3)
+    seen = [pruner.percent_remaining]
+    for r in range(4):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        for it in range(8):
+            x, y = train.batch(it, 16, seed=r)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        masks = pruner.masks
+        for n, m in model.named_modules():
+            if n in masks:  # momentum and weight decay did not revive a pruned weight
+                assert (m.dense_weight()[~masks[n]] == 0).all()
+        if r < 3:
+            new = pruner.prune_and_rewind()
+            seen.append(pruner.percent_remaining)
+            for n, m in model.named_modules():
+                if n in new:  # survivors back at θ0, the rest zero
+                    w = m.dense_weight().detach()
+                    assert torch.equal(w[new[n]], theta0[f"{n}.weight"][new[n]])
+                    assert (w[~new[n]] == 0).all() and not (new[n] & ~masks[n]).any()
+    assert seen == pytest.approx(schedule) and pruner.round == 3
+    counts = pruner.remaining()  # each round prunes the rate times the survivors, rounded half up
+    assert counts["fc1"] == (12042, 23520)  # 23520 -> 18816 -> 15053 -> 12042
+    assert counts["fc3"] == (73, 100)  # 100 -> 90 -> 81 -> 73
+    assert "round 3" in repr(pruner) and "layer-wise" in repr(pruner)
+
+
+def test_an_optimizer_built_before_pruning_is_refused_at_its_step():
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model)
+    pruner.set_rewind_point()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner.prune()
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    with pytest.raises(RuntimeError, match="optimizer"):
+        opt.step()
+
+
+def test_plain_layers_are_pruned_as_dense_masking():
+    train, _ = tiny_data(64, 16)
+    model = tiny_lenet(sparse=False)
+    pruner = MagnitudePruner(model, fc=0.5, output=0.5)
+    pruner.set_rewind_point()
+    masks = pruner.prune_and_rewind()
+    for n, m in model.named_modules():
+        if n in masks:
+            assert torch.equal(m.weight_mask, masks[n]) and (m.weight[~masks[n]] == 0).all()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    for it in range(3):
+        x, y = train.batch(it, 16, seed=0)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        pruner.mask_gradients()
+        assert (model.fc1.weight.grad[~masks["fc1"]] == 0).all()
+        opt.step()
+        pruner.remask()
+        assert (model.fc1.weight[~masks["fc1"]] == 0).all()
+    # a step on an unmasked gradient moves pruned weights of a plain layer; remask zeroes them again
+    x, y = train.batch(5, 16, seed=0)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    model.fc1.weight.grad.fill_(1.0)
+    opt.step()
+    assert (model.fc1.weight[~masks["fc1"]] != 0).any()
+    pruner.remask()
+    assert (model.fc1.weight[~masks["fc1"]] == 0).all()
+
+
+def test_prune_without_rewind_keeps_the_trained_survivors_and_rewind_alone_keeps_the_masks():
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model)
+    pruner.set_rewind_point()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if n in pruner.kinds:
+                m.set_dense_weight(m.dense_weight() * 1.5 + 0.01)
+    trained = {n: m.dense_weight().detach().clone() for n, m in model.named_modules() if n in pruner.kinds}
+    masks = pruner.prune()  # "continue" (the paper's control): survivors keep their trained values
+    for n, m in model.named_modules():
+        if n in masks:
+            w = m.dense_weight().detach()
+            assert torch.equal(w[masks[n]], trained[n][masks[n]]) and (w[~masks[n]] == 0).all()
+    pruner.rewind()
+    after = pruner.masks
+    for n, m in model.named_modules():
+        if n in masks:
+            assert torch.equal(after[n], masks[n])
+            assert torch.equal(m.dense_weight().detach(), start[f"{n}.weight"] * masks[n])
+
+
+def test_global_pruning_pools_each_kind():
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model, fc=0.5, global_pruning=True)
+    assert pruner.groups == [["fc1", "fc2"], ["fc3"]]
+    with torch.no_grad():  # fc2's weights all larger than fc1's: a pooled threshold takes fc1's
+        model.fc2.set_dense_weight(model.fc2.dense_weight().sign() * 10 + model.fc2.dense_weight())
+    pruner.prune()
+    live = pruner.remaining()
+    assert live["fc2"] == (300, 300)
+    assert live["fc1"][0] + live["fc2"][0] == (784 * 30 + 300) - round(0.5 * (784 * 30 + 300))
+    assert "global" in repr(pruner)
+
+
+def test_state_dict_round_trip_continues_the_same_rounds():
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model)
+    pruner.set_rewind_point()
+    pruner.prune_and_rewind()
+    state = pruner.state_dict()
+    model_state = model.state_dict()
+    twin = tiny_lenet(seed=3)
+    twin.load_state_dict(model_state)
+    other = MagnitudePruner(twin)
+    other.load_state_dict(state)
+    assert other.round == 1 and other.percent_remaining == pruner.percent_remaining
+    a, b = pruner.prune_and_rewind(), other.prune_and_rewind()
+    for n in a:
+        assert torch.equal(a[n], b[n])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, twin.state_dict()[k])
+    with pytest.raises(ValueError, match="other rates"):
+        MagnitudePruner(tiny_lenet(), fc=0.3).load_state_dict(state)
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({"round": 1})
+
+
+def test_bad_input_is_refused_clearly():
+    model = tiny_lenet()
+    with pytest.raises(TypeError, match="nn.Module"):
+        MagnitudePruner("model")
+    with pytest.raises(ValueError, match="no layer to prune"):
+        MagnitudePruner(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match=r"fc must be a fraction in \[0, 1\)"):
+        MagnitudePruner(model, fc=1.0)
+    with pytest.raises(ValueError, match="conv must be a fraction"):
+        MagnitudePruner(model, conv=-0.1)
+    with pytest.raises(TypeError, match="output must be a number"):
+        MagnitudePruner(model, output="0.1")
+    with pytest.raises(ValueError, match=r"dense_layers \['fc9'\] are not prunable layers"):
+        MagnitudePruner(model, dense_layers=("fc9",))
+    with pytest.raises(ValueError, match="path must be one of"):
+        MagnitudePruner(model, path="fast")
+    pruner = MagnitudePruner(model)
+    with pytest.raises(RuntimeError, match="no rewind point"):
+        pruner.prune_and_rewind()
+    with pytest.raises(RuntimeError, match="no rewind point"):
+        pruner.rewind()
+    with pytest.raises(ValueError, match="rounds must be an integer"):
+        pruner.schedule(-1)
+    changed = tiny_lenet()
+    early = MagnitudePruner(changed)
+    changed.fc4 = nn.Linear(10, 10)  # a layer added after the pruner was made
+    with pytest.raises(RuntimeError, match="prunable layers changed since the pruner was made"):
+        early.prune()
+
+
+def test_a_pruner_made_before_sparsify_prunes_the_sparse_layers():
+    """sparsify swaps layers in place under the same names: the pruner finds its layers by name at every call."""
+    model = tiny_lenet(sparse=False)
+    pruner = MagnitudePruner(model)
+    pruner.set_rewind_point()
+    theta0 = {k: v.clone() for k, v in model.state_dict().items()}
+    sparsify(model, path="dense")
+    masks = pruner.prune_and_rewind()
+    assert type(model.fc1).__name__ == "SparseLinear" and torch.equal(model.fc1.mask, masks["fc1"])
+    assert torch.equal(model.fc1.dense_weight().detach(), theta0["fc1.weight"] * masks["fc1"])
+
+
+def test_an_all_convolutional_model_has_no_output_layer_rate():
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    pruner = MagnitudePruner(sparsify(model), conv=0.25)
+    assert pruner.kinds == {"0": "conv", "2": "conv"} and pruner.rates == {"0": 0.25, "2": 0.25}
+    pruner.prune()
+    assert pruner.remaining() == {"0": (54, 72), "2": (60, 80)}
+
+
+def test_dense_layers_and_a_zero_rate_stay_dense():
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model, fc=0.5, output=0.0, dense_layers="fc2")
+    pruner.prune()
+    live = pruner.remaining()
+    assert live["fc2"] == (300, 300) and live["fc3"] == (100, 100) and live["fc1"] == (784 * 30 // 2, 784 * 30)
+
+
+def test_the_example_runs_imp_on_mnist_in_a_plain_loop(tmp_path, capsys):
+    """examples/imp_in_your_loop.py (README's example of the pruner in one's own loop), on real MNIST, briefly."""
+    import importlib.util
+    from conftest import REPO, require_shared_data
+
+    spec = importlib.util.spec_from_file_location("imp_in_your_loop", REPO / "examples" / "imp_in_your_loop.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "rounds.csv"
+    assert example.main(["--data", str(require_shared_data()), "--rounds", "2", "--iterations", "60",
+                         "--train-limit", "1200", "--prune", "0.5", "--csv", str(out)]) == 0
+    import csv
+    rows = list(csv.DictReader(out.open()))
+    assert [float(r["percent_remaining"]) for r in rows] == pytest.approx([100.0, 50.09, 25.12], abs=0.01)
+    assert all(float(r["test_acc"]) > 0.6 for r in rows)  # learned (chance is 0.1) in each round
+    printed = capsys.readouterr().out
+    assert "weights remaining per round: 100%, 50.1%, 25.1%" in printed
