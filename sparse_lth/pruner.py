@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .imp import (_is_linear, _load_weights, apply_masks, count_masks, dense_weight, get_masks, global_groups,
-                  layer_kind, layer_kinds, layer_rates, live_and_total, magnitude_prune, prunable_layers,
-                  pruning_schedule)
+from .imp import (_is_linear, _load_weights, _oneshot_fractions, apply_masks, count_masks, dense_weight,
+                  get_masks, global_groups, layer_kind, layer_kinds, layer_rates, live_and_total, magnitude_prune,
+                  prunable_layers, pruning_schedule)
 from .train import plain_masked_modules
 
 __all__ = ["MagnitudePruner"]
@@ -139,34 +139,43 @@ class MagnitudePruner:
         self._rewind = {k: v.detach().clone() for k, v in self.model.state_dict().items()
                         if not k.endswith("weight_mask")}
 
-    def prune(self) -> dict[str, torch.Tensor]:
+    def prune(self, rounds: int = 1) -> dict[str, torch.Tensor]:
         """Prune each layer's (or each pool's) smallest surviving weights by magnitude, at the pruner's rates,
-        and set the new masks (the surviving weights keep their values). Returns the new masks. Build the
-        optimizer again afterwards."""
-        return self._prune(rewind=False)
+        and set the new masks (the surviving weights keep their values). ``rounds``: prune at once as many
+        weights as that many rounds would (one-shot pruning: ``prune(rounds=10)`` after the dense network's
+        training gives the survivors' count of 10 iterative rounds). Returns the new masks. Build the optimizer
+        again afterwards."""
+        return self._prune(rounds, rewind=False)
 
     def rewind(self) -> None:
         """Reset every weight, bias and buffer to the rewind point, keeping the current masks."""
         self._load_rewind_point(self.masks)
 
-    def prune_and_rewind(self) -> dict[str, torch.Tensor]:
-        """One IMP step between rounds: :meth:`prune` the trained weights, then :meth:`rewind` the survivors (one
-        mask change per layer). Returns the new masks. Build the optimizer again afterwards."""
-        return self._prune(rewind=True)
+    def prune_and_rewind(self, rounds: int = 1) -> dict[str, torch.Tensor]:
+        """One IMP step between rounds: :meth:`prune` the trained weights (``rounds`` as there), then
+        :meth:`rewind` the survivors (one mask change per layer). Returns the new masks. Build the optimizer
+        again afterwards."""
+        return self._prune(rounds, rewind=True)
 
-    def _prune(self, rewind: bool) -> dict[str, torch.Tensor]:
+    def _prune(self, rounds: int, rewind: bool) -> dict[str, torch.Tensor]:
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
         if rewind and self._rewind is None:
             raise RuntimeError("no rewind point: call set_rewind_point() before training (θ0), or at the rewind "
                                "iteration of the dense network's training")
         model = self._layers_now()
         layers = prunable_layers(model)
-        masks = magnitude_prune({n: dense_weight(m) for n, m in layers}, get_masks(model), self.rates,
-                                self.groups)
+        masks = get_masks(model)
+        fractions = self.rates
+        if rounds > 1:  # the share of each pool's survivors that `rounds` rounds remove, as the driver's one-shot
+            fractions = _oneshot_fractions({n: (int(mk.sum()),) for n, mk in masks.items()}, self.rates,
+                                           self.groups, rounds)
+        masks = magnitude_prune({n: dense_weight(m) for n, m in layers}, masks, fractions, self.groups)
         if rewind:
             self._load_rewind_point(masks)
         else:
             apply_masks(model, masks, path=self.path)
-        self.round += 1
+        self.round += rounds
         return {n: mk.clone() for n, mk in masks.items()}
 
     def _load_rewind_point(self, masks: dict[str, torch.Tensor]) -> None:

@@ -62,6 +62,28 @@ def test_prunes_and_rewinds_as_the_driver_does(tmp_path, kw):
         assert pruner.percent_remaining == pytest.approx(res.metrics[0][r]["percent_remaining"])
 
 
+@pytest.mark.parametrize("prune_global", [False, True])
+def test_pruning_several_rounds_at_once_is_the_drivers_one_shot(tmp_path, prune_global):
+    hp = ImpHparams(model="lenet300_100", width=0.1, lr=3e-3, batch_size=16, iterations="12it", eval_every=4,
+                    train_eval_size=64, rounds=4, prune_fc=0.2, prune_output=0.1, prune_global=prune_global,
+                    layer_impl="sparse", path="dense", control="oneshot")
+    res = run_imp(hp, str(tmp_path), progress=False, data=tiny_data(160, 64), checkpoint_every=0)
+    exp = open_experiment(res.experiment_dir, 0)
+    seed_dir = os.path.join(res.experiment_dir, "seed_0")
+    model = exp._build_model(0)
+    pruner = MagnitudePruner(model, fc=0.2, output=0.1, global_pruning=prune_global, path="dense")
+    _load_weights(model, load(os.path.join(seed_dir, "round_00", "final.pt")))
+    masks = pruner.prune(rounds=4)
+    saved = load(os.path.join(seed_dir, "round_01", "masks.pt"))["masks"]
+    assert all(torch.equal(masks[n], saved[n]) for n in saved) and pruner.round == 4
+    assert pruner.percent_remaining == pytest.approx(pruner.schedule(4)[-1])
+    again = pruner.prune(rounds=2)  # from a pruned network: the survivors' count of two more rounds
+    assert pruner.percent_remaining == pytest.approx(pruner.schedule(6)[-1]) and pruner.round == 6
+    assert all(not (again[n] & ~masks[n]).any() for n in masks)
+    with pytest.raises(ValueError, match="rounds must be an integer >= 1"):
+        pruner.prune(rounds=0)
+
+
 def test_a_loop_of_ones_own_prunes_on_schedule_and_keeps_pruned_weights_zero():
     train, test = tiny_data(160, 64)
     model = tiny_lenet()
