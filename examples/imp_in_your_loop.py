@@ -56,6 +56,8 @@ def main(argv=None) -> int:
                     "(the output layer at half of it)")
     ap.add_argument("--train-limit", type=int, default=None, help="use the first N training images only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
     args = ap.parse_args(argv)
@@ -64,12 +66,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
     train = load_dataset("mnist", "train", root=args.data, limit=args.train_limit)
-    test = load_dataset("mnist", "test", root=args.data)
+    test = load_dataset("mnist", "test", root=args.data, device=device)
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
 
-    model = sparsify(lenet300_100())               # every nn.Linear -> SparseLinear, same outputs
+    model = sparsify(lenet300_100().to(device))    # every nn.Linear -> SparseLinear, same outputs
     pruner = MagnitudePruner(model, fc=args.prune)  # output layer: args.prune / 2
     pruner.set_rewind_point()                      # θ0: the lottery ticket's starting weights
     print(f"{pruner}; weights remaining per round: "
@@ -81,11 +86,13 @@ def main(argv=None) -> int:
         data = batches(loader)
         start = time.perf_counter()
         for _ in range(args.iterations):
-            x, y = next(data)
+            x, y = (t.to(device, non_blocking=True) for t in next(data))
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         ms = 1000 * (time.perf_counter() - start) / args.iterations
         acc = accuracy(model, test.x, test.y)
         paths = "/".join(m.path[0] for m in model.modules() if hasattr(m, "set_mask"))  # d(ense) or s(parse)
