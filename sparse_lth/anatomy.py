@@ -14,8 +14,11 @@ run's saved files with no training.
   weights that survive move further than weights pruned early. Only for ``imp`` and ``oneshot`` experiments,
   whose masks come from their own trained weights.
 - **Generalization gap** (:func:`generalization_gap`): train accuracy minus test accuracy at the early-stopping
-  iteration, per round. The train accuracy is on the run's ``train_eval_size`` training examples. The paper
-  finds the gap smaller for tickets.
+  iteration, per round. The train accuracy is on the run's ``train_eval_size`` training examples (1,000 by
+  default: a binomial standard error near 0.3-0.8 points). The paper finds the gap smaller for tickets. With
+  ``evaluate=True`` (:func:`evaluated_gap`, the one measure here that runs the networks) each round's trained
+  network is also evaluated on many training examples (all by default) and the whole test set: the gap at the
+  end of training, measured without that noise.
 
 :func:`anatomy` computes all of it for one replicate; :func:`write_anatomy_report` draws it for one or more
 experiments.
@@ -116,11 +119,58 @@ def generalization_gap(metrics: dict) -> dict:
     return dict(at_early_stop=at_es, at_end=end)
 
 
+def evaluated_gap(exp_dir: str, seed: int, rounds: Sequence[int], *, train_examples: int = 0,
+                  device: str | torch.device = "cpu", data_root: str | None = None, progress: bool = False,
+                  batch_size: int = 1000, data=None) -> dict[str, dict]:
+    """``{round: dict(train_acc, test_acc, gap, train_examples, test_examples)}``: each finished round's trained
+    network (its ``final.pt`` under its masks) evaluated here on the first ``train_examples`` training examples
+    (0: all of them; no augmentation) and on the whole test set, as the run loaded them (its ``data_limit`` and
+    ``test_limit`` apply; ``data``: (train, test) DeviceDatasets to use instead). ``gap`` is train minus test
+    accuracy at the end of training."""
+    from .imp import _load_weights, finished_rounds, open_experiment
+    from .train import _subset_batches, evaluate
+    if isinstance(train_examples, bool) or not isinstance(train_examples, int) or train_examples < 0:
+        raise ValueError(f"train_examples must be an integer >= 0 (0: all), got {train_examples!r}")
+    exp = open_experiment(exp_dir, seed, device=device, data_root=data_root, progress=False, data=data)
+    done = finished_rounds(exp.seed_dir(seed))
+    bad = [r for r in rounds if r not in done]
+    if bad:
+        raise ValueError(f"rounds {bad} have not finished (finished: {sorted(done)})")
+    train, test = exp.data
+    n = len(train) if train_examples == 0 else min(train_examples, len(train))
+    out = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(rounds), desc=f"evaluating seed {seed}", unit="round", leave=False)
+    try:
+        for r in rounds:
+            model, _, _ = exp.prepare_round(seed, r)
+            _load_weights(model, torch.load(os.path.join(done[r], "final.pt"), map_location=exp.device,
+                                            weights_only=False))
+            with torch.no_grad():
+                _, train_acc = evaluate(model, _subset_batches(train, n, batch_size))
+                _, test_acc = evaluate(model, test.eval_batches(batch_size))
+            out[str(r)] = dict(train_acc=train_acc, test_acc=test_acc, gap=train_acc - test_acc,
+                               train_examples=n, test_examples=len(test))
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- one run
-def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) -> dict:
+def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None, *, evaluate: bool = False,
+            train_examples: int = 0, device: str | torch.device = "cpu", data_root: str | None = None,
+            progress: bool = False, data=None) -> dict:
     """Every measure above for replicate ``seed`` of the experiment folder ``exp_dir`` (finished rounds only),
     written to ``seed_S/anatomy.json`` and returned. ``rounds``: the rounds whose initial-weight histograms are
-    kept (default: round 0, the last and the one nearest the middle in weights remaining)."""
+    kept (default: round 0, the last and the one nearest the middle in weights remaining). ``evaluate``: also
+    the gap at the end of training measured by :func:`evaluated_gap` (``train_examples``, ``device``,
+    ``data_root``, ``progress``, ``data`` as there), under each round's ``generalization_gap`` as
+    ``evaluated``."""
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
     sdir = os.path.join(exp_dir, f"seed_{seed}")
     if not os.path.isdir(sdir):
@@ -157,6 +207,10 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None) ->
             os.path.exists(os.path.join(rdirs[0], "final.pt")) and list(rdirs) == list(range(len(rdirs))):
         move = movement_stats(start, _load(os.path.join(rdirs[0], "final.pt")), masks, layers)
     gap = {str(r): generalization_gap(m) for r, m in metrics.items()}
+    if evaluate:
+        for r, v in evaluated_gap(exp_dir, seed, list(rdirs), train_examples=train_examples, device=device,
+                                  data_root=data_root, progress=progress, data=data).items():
+            gap[r]["evaluated"] = v
     result = dict(experiment=os.path.basename(os.path.normpath(exp_dir)), control=control,
                   model=hp.get("model"), seed=seed, start=os.path.basename(start_path),
                   remaining={str(r): v for r, v in remaining.items()}, init_weights=init, connectivity=conn,
@@ -182,18 +236,31 @@ def anatomy_markdown(results: Sequence[dict]) -> str:
     out = []
     for d in results:
         out.append(f"## {d['experiment']} (seed {d['seed']}, control {d['control']})\n")
-        out.append("| round | % remaining | gap at early stop (pp) | incoming CV | outgoing CV | inputs cut off |")
-        out.append("|---|---|---|---|---|---|")
+        ev = {r: g["evaluated"] for r, g in d["generalization_gap"].items() if g.get("evaluated")}
+        extra = " train / test acc at end (%) | gap at end (pp) |" if ev else ""
+        out.append(f"| round | % remaining | gap at early stop (pp) |{extra} incoming CV | outgoing CV | "
+                   f"inputs cut off |")
+        out.append("|---|---|---|" + ("---|---|" if ev else "") + "---|---|---|")
         for r, pct in d["remaining"].items():
             c = d["connectivity"][r]
             g = d["generalization_gap"][r]["at_early_stop"]
             ins = statistics.fmean(v["incoming_cv"] or 0.0 for v in c.values())
             outs = statistics.fmean(v["outgoing_cv"] or 0.0 for v in c.values())
             cut = max(v["inputs_disconnected"] for v in c.values())
-            out.append(f"| {r} | {pct:.2f} | {'-' if g is None else f'{100 * g:.2f}'} | {ins:.3f} | {outs:.3f} | "
-                       f"{100 * cut:.1f}% |")
+            cells = ""
+            if ev:
+                e = ev.get(r)
+                cells = (f" {100 * e['train_acc']:.2f} / {100 * e['test_acc']:.2f} | {100 * e['gap']:.2f} |" if e
+                         else " - | - |")
+            out.append(f"| {r} | {pct:.2f} | {'-' if g is None else f'{100 * g:.2f}'} |{cells} {ins:.3f} | "
+                       f"{outs:.3f} | {100 * cut:.1f}% |")
         out.append("\n(CV: coefficient of variation over units, the mean over layers; inputs cut off: the largest "
                    "fraction of any layer's input units left with no outgoing weight.)\n")
+        if ev:
+            e = next(iter(ev.values()))
+            out.append(f"(At end: the trained network of each round evaluated on {e['train_examples']:,} training "
+                       f"examples and {e['test_examples']:,} test examples; at early stop: the run's own "
+                       f"evaluation, on its train_eval_size training examples.)\n")
         if d["init_weights"]:
             out.append("| round | layer | survivors' mean abs / layer's | within 0.5 std of zero: survivors / all |")
             out.append("|---|---|---|---|")
@@ -234,7 +301,11 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
         gaps = [d["generalization_gap"][r]["at_early_stop"] for r in rs]
         pts = [(x, 100 * g) for x, g in zip(xs, gaps) if g is not None]
         if pts:
-            axes[0].plot(*zip(*pts), "o-", color=color, label=label)
+            axes[0].plot(*zip(*pts), "o-", color=color, label=f"{label}: at early stop")
+        ev = [(d["remaining"][r], 100 * d["generalization_gap"][r]["evaluated"]["gap"]) for r in rs
+              if d["generalization_gap"][r].get("evaluated")]
+        if ev:
+            axes[0].plot(*zip(*ev), "s--", color=color, label=f"{label}: at end, evaluated")
         ins = [statistics.fmean(v["incoming_cv"] or 0.0 for v in d["connectivity"][r].values()) for r in rs]
         outs = [statistics.fmean(v["outgoing_cv"] or 0.0 for v in d["connectivity"][r].values()) for r in rs]
         axes[1].plot(xs, ins, "o-", color=color, label=f"{label}: incoming")
@@ -248,7 +319,7 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
                                 label=f"{label}: survivors of round {d['movement']['last_round']}")
     for ax in axes[:2]:
         _setup_axis(ax, all_x)
-    axes[0].set_ylabel("train - test accuracy at early stop (points)")
+    axes[0].set_ylabel("train - test accuracy (points)")
     axes[0].set_title(f"{title}: generalization gap" if title else "generalization gap", fontsize=9)
     axes[1].set_ylabel("coefficient of variation over units")
     axes[1].set_title("connectivity: incoming vs outgoing (mean over layers)", fontsize=9)

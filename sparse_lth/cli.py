@@ -458,7 +458,11 @@ def _cmd_landscape(args) -> int:
 def _cmd_anatomy(args) -> int:
     from .anatomy import anatomy, anatomy_markdown, write_anatomy_report
     dirs = [_check_experiment_dir(d) for d in args.run_dirs]
-    results = [anatomy(d, s, rounds=list(args.rounds) if args.rounds else None)
+    _setup_threads(args.threads)
+    device = _device(args.device) if args.evaluate else "cpu"
+    results = [anatomy(d, s, rounds=list(args.rounds) if args.rounds else None, evaluate=args.evaluate,
+                       train_examples=args.train_examples, device=device, data_root=args.data,
+                       progress=not args.no_progress)
                for d in dirs for s in _seeds_of(d, args)]
     files = write_anatomy_report(results, _report_dir(args, dirs, "anatomy"), title=results[0]["model"] or "")
     print(anatomy_markdown(results), end="")
@@ -631,12 +635,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pl.add_argument("--iters", type=_at_least(1), default=60, help="Lanczos steps at most (default 60)")
     pl.add_argument("--tol", type=_nonneg(float), default=1e-3, help="relative residual to stop at (default 1e-3)")
 
-    _analysis_parser(
+    pa = _analysis_parser(
         sub, "anatomy", "what the tickets look like: starting weights, connectivity, movement, gap",
         "Read off an IMP run's saved files (no training): the survivors' starting values against all (bimodal?), "
         "incoming vs outgoing connectivity per unit, how far weights moved in the dense round by the round they "
-        "were pruned in, and the generalization gap per round (Frankle & Carbin's other observations).",
-        "rounds whose starting-weight histograms to draw (default: 0, the middle and the last)", training=False)
+        "were pruned in, and the generalization gap per round (Frankle & Carbin's other observations). "
+        "--evaluate also runs each round's trained network on the training and test data for the gap at the end "
+        "of training without the noise of the run's 1,000-example train accuracy.",
+        "rounds whose starting-weight histograms to draw (default: 0, the middle and the last)")
+    pa.add_argument("--evaluate", action="store_true",
+                    help="evaluate each round's trained network on training and test data (needs the data)")
+    pa.add_argument("--train-examples", type=_nonneg(), default=0,
+                    help="with --evaluate: the first N training examples (default 0: all)")
     px = sub.add_parser("export", help="save one round's subnetwork (masks and weights) as a state_dict file",
                         description="The network of a finished round of an IMP run (or a control's): its masks and "
                                     "the weights it started from (--weights start: what the round trained from) or "

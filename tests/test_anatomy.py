@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import tiny_data
-from test_cli import tiny_imp_args
-from sparse_lth.anatomy import (anatomy, connectivity_stats, generalization_gap, init_weight_stats, movement_stats,
-                                write_anatomy_report)
+from test_cli import mnist_root, tiny_imp_args
+from sparse_lth.anatomy import (anatomy, anatomy_markdown, connectivity_stats, evaluated_gap, generalization_gap,
+                                init_weight_stats, movement_stats, write_anatomy_report)
 from sparse_lth.imp import run_imp
 from test_stability import tiny_hp
 
@@ -102,6 +102,33 @@ def test_anatomy_of_an_imp_run_and_its_reinit_control(tmp_path):
         anatomy(res.experiment_dir, 4)
 
 
+def test_the_gap_evaluated_at_the_end_of_training(tmp_path):
+    """--evaluate runs each round's trained network: on the whole test set it must give the run's own final test
+    accuracy to the last digit (same weights, same data), and its train accuracy is over the examples asked for."""
+    from sparse_lth.imp import load_ticket
+    from sparse_lth.train import evaluate
+    data = tiny_data(240, 120)
+    res = run_imp(tiny_hp(rounds=2), str(tmp_path), progress=False, data=data)
+    d = anatomy(res.experiment_dir, 0, evaluate=True, train_examples=100, data=data)
+    for r, m in enumerate(res.metrics[0]):
+        e = d["generalization_gap"][str(r)]["evaluated"]
+        assert e["test_acc"] == m["test_acc"] and e["train_examples"] == 100 and e["test_examples"] == 120
+        model = load_ticket(res.experiment_dir, r, weights="final")
+        with torch.no_grad():
+            _, want = evaluate(model, [(data[0].x[:100], data[0].y[:100])])
+        assert e["train_acc"] == want and e["gap"] == pytest.approx(want - m["test_acc"])
+    assert evaluated_gap(res.experiment_dir, 0, [1], data=data)["1"]["train_examples"] == 240  # 0: all
+    text = anatomy_markdown([d])
+    assert "| train / test acc at end (%) | gap at end (pp) |" in text and "evaluated on 100 training examples" in text
+    assert "train / test acc at end" not in anatomy_markdown([anatomy(res.experiment_dir, 0)])  # not asked: absent
+    files = write_anatomy_report([d], str(tmp_path / "rep"))
+    assert os.path.getsize(files["figure"]) > 0
+    with pytest.raises(ValueError, match="train_examples must be an integer >= 0"):
+        evaluated_gap(res.experiment_dir, 0, [0], train_examples=-1, data=data)
+    with pytest.raises(ValueError, match="have not finished"):
+        evaluated_gap(res.experiment_dir, 0, [5], data=data)
+
+
 def test_anatomy_cli(tmp_path, capsys):
     from sparse_lth.cli import main
     assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
@@ -116,3 +143,7 @@ def test_anatomy_cli(tmp_path, capsys):
     assert not (tmp_path / "rep" / "stability.md").exists()  # no stability analysis was run
     assert main(["anatomy", str(tmp_path)]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
+    assert main(["anatomy", str(exp), "--evaluate", "--train-examples", "150", "--data", mnist_root(),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| gap at end (pp) |" in out and "evaluated on 150 training examples and 200 test examples" in out
