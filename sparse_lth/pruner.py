@@ -24,6 +24,18 @@ kind, :func:`sparse_lth.imp.layer_rates`): given the same trained weights it giv
 parameters, so build the optimizer after each :meth:`~MagnitudePruner.prune` or
 :meth:`~MagnitudePruner.prune_and_rewind` (one built before raises at its ``step()``).
 
+The paper's controls take two lines each with :func:`sparse_lth.imp.apply_masks` and
+:func:`sparse_lth.imp.random_masks`, at any round::
+
+    from sparse_lth.imp import apply_masks, random_masks
+    masks = pruner.masks
+    fresh = sparsify(make_model())                # random reinitialization: the ticket's masks, new weights
+    apply_masks(fresh, masks)
+    keep = {n: int(m.sum()) for n, m in masks.items()}      # random pruning: each layer's live count, random
+    other = sparsify(make_model_at_theta0())                # positions, the ticket's starting weights
+    apply_masks(other, random_masks({n: tuple(m.shape) for n, m in masks.items()}, keep,
+                                    torch.Generator().manual_seed(0)))
+
 Plain ``nn.Linear``/``nn.Conv2d`` layers (a model not sparsified) are pruned too, as dense masking: their mask is
 a ``weight_mask`` buffer and nothing stops the optimizer from reviving pruned weights, so a loop over such a model
 calls :meth:`~MagnitudePruner.mask_gradients` before ``optimizer.step()`` and :meth:`~MagnitudePruner.remask`

@@ -119,6 +119,26 @@ def test_a_loop_of_ones_own_prunes_on_schedule_and_keeps_pruned_weights_zero():
     assert "round 3" in repr(pruner) and "layer-wise" in repr(pruner)
 
 
+def test_the_controls_of_the_docstring():
+    """Random reinitialization and random pruning from the pruner's masks, as the module docstring writes them."""
+    from sparse_lth.imp import apply_masks, random_masks
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model, fc=0.5)
+    pruner.set_rewind_point()
+    pruner.prune_and_rewind()
+    masks = pruner.masks
+    fresh = tiny_lenet(seed=1)
+    apply_masks(fresh, masks)
+    assert torch.equal(fresh.fc1.mask, masks["fc1"])
+    assert not torch.equal(fresh.fc1.dense_weight(), model.fc1.dense_weight())
+    keep = {n: int(m.sum()) for n, m in masks.items()}
+    other = tiny_lenet()
+    apply_masks(other, random_masks({n: tuple(m.shape) for n, m in masks.items()}, keep,
+                                    torch.Generator().manual_seed(0)))
+    for n, m in MagnitudePruner(other).masks.items():
+        assert int(m.sum()) == keep[n] and (n == "fc3" or not torch.equal(m, masks[n]))
+
+
 def test_an_optimizer_built_before_pruning_is_refused_at_its_step():
     model = tiny_lenet()
     pruner = MagnitudePruner(model)
