@@ -130,9 +130,10 @@ class MagnitudePruner:
         training (exact: every round prunes a fixed share of each layer's, or pool's, survivors)."""
         if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
             raise ValueError(f"rounds must be an integer >= 0, got {rounds!r}")
-        shapes = {n: tuple(dense_weight(m).shape) for n, m in prunable_layers(self.model)}
+        shapes = {n: tuple(dense_weight(m).shape) for n, m in prunable_layers(self._layers_now())}
         total = sum(torch.Size(s).numel() for s in shapes.values())
-        return [100.0 * sum(row.values()) / total for row in pruning_schedule(shapes, self.rates, self.groups, rounds)]
+        rows = pruning_schedule(shapes, self.rates, self.groups, rounds)
+        return [100.0 * sum(row.values()) / total for row in rows]
 
     def _layers_now(self) -> nn.Module:
         names = [n for n, _ in prunable_layers(self.model)]
