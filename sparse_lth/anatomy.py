@@ -294,29 +294,39 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
     files = {}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     all_x = [v for d in results for v in d["remaining"].values()]
-    for i, d in enumerate(results):
-        label, color = _label(d, results), f"C{i}"
+    experiments = list(dict.fromkeys(d["experiment"] for d in results))
+    for d in results:  # one colour per experiment, its replicates told apart by their markers' fill
+        label, color = _label(d, results), f"C{experiments.index(d['experiment']) % 10}"
+        first = next(x for x in results if x["experiment"] == d["experiment"]) is d
+        fill = {} if first else dict(markerfacecolor="white")
         rs = list(d["remaining"])
         xs = [d["remaining"][r] for r in rs]
         gaps = [d["generalization_gap"][r]["at_early_stop"] for r in rs]
         pts = [(x, 100 * g) for x, g in zip(xs, gaps) if g is not None]
-        if pts:
-            axes[0].plot(*zip(*pts), "o-", color=color, label=f"{label}: at early stop")
         ev = [(d["remaining"][r], 100 * d["generalization_gap"][r]["evaluated"]["gap"]) for r in rs
               if d["generalization_gap"][r].get("evaluated")]
+        if pts:  # with the evaluated gap, the noisy one at early stop is drawn thin
+            axes[0].plot(*zip(*pts), "o-" if not ev else "o:", color=color, lw=1.5 if not ev else 0.8,
+                         ms=6 if not ev else 3, label=f"{label}: at early stop", **fill)
         if ev:
-            axes[0].plot(*zip(*ev), "s--", color=color, label=f"{label}: at end, evaluated")
+            axes[0].plot(*zip(*ev), "s-", color=color, label=f"{label}: at end, evaluated", **fill)
         ins = [statistics.fmean(v["incoming_cv"] or 0.0 for v in d["connectivity"][r].values()) for r in rs]
         outs = [statistics.fmean(v["outgoing_cv"] or 0.0 for v in d["connectivity"][r].values()) for r in rs]
-        axes[1].plot(xs, ins, "o-", color=color, label=f"{label}: incoming")
-        axes[1].plot(xs, outs, "s--", color=color, label=f"{label}: outgoing")
+        axes[1].plot(xs, ins, "o-", color=color, label=f"{label}: incoming", **fill)
+        axes[1].plot(xs, outs, "s--", color=color, label=f"{label}: outgoing", **fill)
         if d["movement"]:
             pooled = d["movement"]["pooled"]
             keys = [k for k in pooled if k != "survivors" and pooled[k]["mean"] is not None]
-            axes[2].plot([int(k) for k in keys], [pooled[k]["mean"] for k in keys], "o-", color=color, label=label)
+            axes[2].plot([int(k) for k in keys], [pooled[k]["mean"] for k in keys], "o-", color=color, label=label,
+                         **fill)
             if pooled["survivors"]["mean"] is not None:
                 axes[2].axhline(pooled["survivors"]["mean"], color=color, ls=":",
                                 label=f"{label}: survivors of round {d['movement']['last_round']}")
+    survivors = [d["movement"]["pooled"]["survivors"]["mean"] for d in results if d["movement"]]
+    survivors = [v for v in survivors if v is not None]
+    if survivors:  # the survivors' lines inside the axes, not on their edge
+        low, high = axes[2].get_ylim()
+        axes[2].set_ylim(min(low, min(survivors)), max(high, max(survivors) + 0.05 * (high - low)))
     for ax in axes[:2]:
         _setup_axis(ax, all_x)
     axes[0].set_ylabel("train - test accuracy (points)")
@@ -328,7 +338,10 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
     axes[2].set_title("how far weights moved, by when they were pruned", fontsize=9)
     axes[2].grid(True, alpha=0.3)
     for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
+        n = len(ax.get_legend_handles_labels()[0])
+        if n > 6:  # many lines: the legend under the axes, not over the data
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
+        elif n:
             ax.legend(fontsize=7)
     files["figure"] = save_figure(fig, os.path.join(out_dir, "anatomy.png"))
 
