@@ -356,6 +356,14 @@ def magnitude_prune(weights: dict[str, torch.Tensor], masks: dict[str, torch.Ten
     ``fraction`` of the pool's surviving weights go, wherever they are. Layers not in a group are pruned
     layer-wise. Ties go to the lower index (stable sort), so the result is deterministic.
     """
+    return prune_by_score({n: w.detach().abs() for n, w in weights.items()}, masks, fractions, global_groups)
+
+
+def prune_by_score(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                   fractions: dict[str, float], global_groups: list[list[str]] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """:func:`magnitude_prune` with any score in place of the magnitude: prune ``fractions[name]`` of each
+    layer's (or pool's) surviving weights with the lowest ``scores`` (of the weights' shapes; any sign)."""
     new = {n: mk.clone() for n, mk in masks.items()}
     groups = [list(g) for g in (global_groups or []) if g]
     grouped = {n for g in groups for n in g}
@@ -367,7 +375,7 @@ def magnitude_prune(weights: dict[str, torch.Tensor], masks: dict[str, torch.Ten
         f = f.pop()
         if f <= 0:
             continue
-        mags = torch.cat([weights[n].detach().abs().reshape(-1).float().cpu()[masks[n].reshape(-1).cpu()]
+        mags = torch.cat([scores[n].detach().reshape(-1).float().cpu()[masks[n].reshape(-1).cpu()]
                           for n in g])
         k = _n_prune(f, mags.numel())
         if k == 0:

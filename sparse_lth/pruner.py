@@ -20,7 +20,8 @@ rounds::
 
 Pruning is the driver's own (:func:`sparse_lth.imp.magnitude_prune`, layer-wise or global within each layer
 kind, :func:`sparse_lth.imp.layer_rates`): given the same trained weights it gives the same masks as
-``sparse-lth imp`` (tested against the driver's saved rounds). A new mask replaces a sparse layer's trainable
+``sparse-lth imp`` (tested against the driver's saved rounds). Other criteria than the magnitude (``score=``:
+how far a weight moved, how much its magnitude grew, or a function of one's own) prune the same counts. A new mask replaces a sparse layer's trainable
 parameters, so build the optimizer after each :meth:`~MagnitudePruner.prune` or
 :meth:`~MagnitudePruner.prune_and_rewind` (one built before raises at its ``step()``).
 
@@ -47,13 +48,21 @@ import torch
 from torch import nn
 
 from .imp import (_is_linear, _load_weights, _oneshot_fractions, apply_masks, count_masks, dense_weight,
-                  get_masks, global_groups, layer_kind, layer_kinds, layer_rates, live_and_total, magnitude_prune,
-                  prunable_layers, pruning_schedule)
+                  get_masks, global_groups, layer_kind, layer_kinds, layer_rates, live_and_total, prunable_layers,
+                  prune_by_score, pruning_schedule)
 from .train import plain_masked_modules
 
 __all__ = ["MagnitudePruner"]
 
 _PATHS = ("auto", "dense", "sparse")
+
+#: Built-in pruning scores (the weights with the lowest scores go); ``w``: the weight now, ``w0``: at the rewind
+#: point. Zhou et al. ("Deconstructing lottery tickets", 2019) compare criteria of this kind.
+SCORES = {
+    "magnitude": lambda w, w0: w.abs(),                        # IMP's own: the trained weights' magnitudes
+    "movement": lambda w, w0: (w - w0).abs(),                  # how far a weight moved from the rewind point
+    "magnitude_increase": lambda w, w0: w.abs() - w0.abs(),    # how much its magnitude grew
+}
 
 
 def _rate(name: str, value) -> float:
@@ -75,6 +84,10 @@ class MagnitudePruner:
     of each kind and prune the smallest weights of the pool wherever they are (the paper's choice for VGG and
     ResNet), instead of the same fraction of every layer. ``dense_layers``: names of layers never pruned.
     ``path``: how sparse layers run after a new mask ("auto": each layer's automatic choice; "dense", "sparse").
+    ``score``: what decides which weights go (the lowest scores): "magnitude" (IMP's, the default), one of
+    :data:`SCORES` ("movement", "magnitude_increase", which compare the weights with the rewind point), or a
+    function ``score(name, weight, rewind_weight) -> tensor of the weight's shape``
+    (``rewind_weight`` None before :meth:`set_rewind_point`).
 
     The layers pruned are the model's sparse layers and plain ``nn.Linear``/``nn.Conv2d``, named when the pruner
     is made and looked up by name at every call (so ``sparsify`` may come before or after; adding or removing a
@@ -82,7 +95,7 @@ class MagnitudePruner:
     """
 
     def __init__(self, model: nn.Module, *, fc: float = 0.2, conv: float = 0.1, output: float | None = None,
-                 global_pruning: bool = False, dense_layers=(), path: str = "auto"):
+                 global_pruning: bool = False, dense_layers=(), path: str = "auto", score="magnitude"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -103,6 +116,11 @@ class MagnitudePruner:
                              f"{list(self.kinds)}")
         if path not in _PATHS:
             raise ValueError(f"path must be one of {_PATHS}, got {path!r}")
+        if isinstance(score, str) and score not in SCORES:
+            raise ValueError(f"score must be one of {sorted(SCORES)} or a function, got {score!r}")
+        if not isinstance(score, str) and not callable(score):
+            raise TypeError(f"score must be a name ({sorted(SCORES)}) or a function, got {type(score).__name__}")
+        self.score = score
         self.rates = layer_rates(self.kinds, fc=fc, conv=conv, output=output, dense_layers=tuple(dense_layers))
         self.groups = global_groups(self.kinds, self.rates) if global_pruning else None
         self.path = path
@@ -183,13 +201,36 @@ class MagnitudePruner:
         if rounds > 1:  # the share of each pool's survivors that `rounds` rounds remove, as the driver's one-shot
             fractions = _oneshot_fractions({n: (int(mk.sum()),) for n, mk in masks.items()}, self.rates,
                                            self.groups, rounds)
-        masks = magnitude_prune({n: dense_weight(m) for n, m in layers}, masks, fractions, self.groups)
+        masks = prune_by_score(self._scores(layers), masks, fractions, self.groups)
         if rewind:
             self._load_rewind_point(masks)
         else:
             apply_masks(model, masks, path=self.path)
         self.round += rounds
         return {n: mk.clone() for n, mk in masks.items()}
+
+    def _scores(self, layers) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, m in layers:
+            w = dense_weight(m)
+            if self.score == "magnitude":  # the driver's magnitude_prune, to the bit
+                out[n] = w.abs()
+                continue
+            w0 = None if self._rewind is None else self._rewind[f"{n}.weight"].to(w.device)
+            if isinstance(self.score, str):
+                if w0 is None:
+                    raise RuntimeError(f"score {self.score!r} compares the weights with the rewind point: call "
+                                       f"set_rewind_point() first")
+                v = SCORES[self.score](w.float(), w0.float())
+            else:
+                v = self.score(n, w, w0)
+            if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(w.shape):
+                raise ValueError(f"score for {n} must be a tensor of the weight's shape {tuple(w.shape)}, got "
+                                 f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+            if torch.isnan(v).any():
+                raise ValueError(f"score for {n} has NaN values")
+            out[n] = v.detach()
+        return out
 
     def _load_rewind_point(self, masks: dict[str, torch.Tensor]) -> None:
         if self._rewind is None:
@@ -236,6 +277,8 @@ class MagnitudePruner:
         for n, k in self.kinds.items():
             kinds.setdefault(k, set()).add(self.rates[n])
         rates = ", ".join(f"{k}={'/'.join(f'{v:g}' for v in sorted(vs))}" for k, vs in kinds.items())
-        return (f"MagnitudePruner({len(self.kinds)} layers, {rates}, "
+        score = "" if self.score == "magnitude" else \
+            f"score={self.score if isinstance(self.score, str) else getattr(self.score, '__name__', 'custom')}, "
+        return (f"MagnitudePruner({len(self.kinds)} layers, {rates}, {score}"
                 f"{'global' if self.groups is not None else 'layer-wise'}, round {self.round}, "
                 f"{self.percent_remaining:.3g}% remaining)")

@@ -289,6 +289,64 @@ def test_an_all_convolutional_model_has_no_output_layer_rate():
     assert pruner.remaining() == {"0": (54, 72), "2": (60, 80)}
 
 
+def test_other_scores_prune_the_same_counts_by_their_own_order():
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model, fc=0.5, score="movement")
+    assert "score=movement" in repr(pruner)
+    with pytest.raises(RuntimeError, match="compares the weights with the rewind point"):
+        pruner.prune()
+    start = torch.zeros(30, 784)
+    start[:, 392:] = 5.0  # at the rewind point: the first half of fc1's inputs 0, the rest 5
+    with torch.no_grad():
+        model.fc1.set_dense_weight(start)
+    pruner.set_rewind_point()
+    step = torch.zeros_like(start)
+    step[:, :392] = 1.0  # then the first half moves by 1 (to 1), the rest by 0.001 (to 5.001)
+    step[:, 392:] = 1e-3
+    with torch.no_grad():
+        for n in ("fc1", "fc2", "fc3"):
+            m = getattr(model, n)
+            m.set_dense_weight(m.dense_weight() + (step if n == "fc1" else 0.5))
+    masks = pruner.prune()
+    assert masks["fc1"][:, :392].all() and not masks["fc1"][:, 392:].any()  # what moved survives, not the largest
+    assert pruner.remaining()["fc1"] == (784 * 30 // 2, 784 * 30) and pruner.remaining()["fc3"] == (75, 100)
+
+    grew = MagnitudePruner(tiny_lenet(), fc=0.5, score="magnitude_increase")
+    grew.set_rewind_point()
+    start = grew.model.fc2.dense_weight().detach().clone()
+    with torch.no_grad():  # the weights of fc2's first 5 units double, the others halve
+        scale = torch.full_like(start, 0.5)
+        scale[:5] = 2.0
+        grew.model.fc2.set_dense_weight(start * scale)
+    m2 = grew.prune()["fc2"]
+    assert m2[:5].all() and m2[5:].sum() == 150 - 5 * 30  # 150 of 300 live: the 150 that grew
+
+    def mine(name, w, w0):  # keep the weights of the first rows, whatever their values
+        return -torch.arange(w.numel(), dtype=torch.float32).reshape(w.shape)
+    own = MagnitudePruner(tiny_lenet(), fc=0.5, output=0.5, score=mine)
+    assert "score=mine" in repr(own)
+    out = own.prune()
+    assert out["fc3"].reshape(-1)[:50].all() and not out["fc3"].reshape(-1)[50:].any()
+
+    with pytest.raises(ValueError, match="score must be one of"):
+        MagnitudePruner(tiny_lenet(), score="gradient")
+    with pytest.raises(TypeError, match="score must be a name"):
+        MagnitudePruner(tiny_lenet(), score=3)
+    with pytest.raises(ValueError, match="score for fc1 must be a tensor of the weight's shape"):
+        MagnitudePruner(tiny_lenet(), score=lambda n, w, w0: w[0]).prune()
+    with pytest.raises(ValueError, match="score for fc1 has NaN values"):
+        MagnitudePruner(tiny_lenet(), score=lambda n, w, w0: w * float("nan")).prune()
+
+
+def test_the_magnitude_score_is_the_drivers_magnitude_prune():
+    from sparse_lth.imp import get_masks, magnitude_prune
+    model = tiny_lenet()
+    weights = {n: getattr(model, n).dense_weight().detach() for n in ("fc1", "fc2", "fc3")}
+    want = magnitude_prune(weights, get_masks(model), {"fc1": 0.3, "fc2": 0.3, "fc3": 0.15}, [["fc1", "fc2"]])
+    got = MagnitudePruner(model, fc=0.3, global_pruning=True, score="magnitude").prune()
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+
 def test_dense_layers_and_a_zero_rate_stay_dense():
     model = tiny_lenet()
     pruner = MagnitudePruner(model, fc=0.5, output=0.0, dense_layers="fc2")
