@@ -216,7 +216,8 @@ def _print_plan(hp, args) -> int:
     _write(f"model {hp.model} on {exp.dataset}: {p['total']:,} prunable weights: {kinds}")
     rates = ", ".join(f"{k} {r:g}" for k, r in (("conv", hp.prune_conv), ("fc", hp.prune_fc),
                                                 ("output", hp.prune_output)) if k in p["kinds"])
-    _write(f"pruning per round: {rates} of the survivors ({'global' if hp.prune_global else 'layer-wise'})"
+    by = "" if hp.prune_score == "magnitude" else f", by {hp.prune_score.replace('_', ' ')} since the rewind point"
+    _write(f"pruning per round: {rates} of the survivors ({'global' if hp.prune_global else 'layer-wise'}{by})"
            + (f"; kept dense: {', '.join(hp.dense_layers)}" if hp.dense_layers else "") + f"; control {hp.control}")
     n = len(p["rounds"])
     _write(f"each round: {hp.optimizer} lr {hp.lr:g}, batch {hp.batch_size}, {p['iterations']:,} iterations, "

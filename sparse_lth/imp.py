@@ -71,7 +71,16 @@ SOURCE_MASK_CONTROLS = ("reinit", "noise")  # controls that train the imp experi
 CONTROL_SETTINGS = ("oneshot_remaining", "oneshot_levels", "noise_std")
 # the hyperparameters that say how an experiment prunes, not how it trains the dense network: an IMP run may take
 # its round 0 from another IMP run (source_dir) that differs from it only in these
-PRUNING_SETTINGS = ("rounds", "prune_fc", "prune_conv", "prune_output", "prune_global", "dense_layers")
+PRUNING_SETTINGS = ("rounds", "prune_fc", "prune_conv", "prune_output", "prune_global", "prune_score",
+                    "dense_layers")
+#: What decides which surviving weights a round prunes (the lowest scores go): ``w`` the trained weight, ``w0`` the
+#: weight at the rewind point. IMP's own is the magnitude; Zhou et al. ("Deconstructing lottery tickets", 2019)
+#: compare criteria of the other kind.
+PRUNE_SCORES = {
+    "magnitude": lambda w, w0: w.abs(),
+    "movement": lambda w, w0: (w - w0).abs(),                # how far a weight moved from the rewind point
+    "magnitude_increase": lambda w, w0: w.abs() - w0.abs(),  # how much its magnitude grew
+}
 LAYER_IMPLS = ("sparse", "masked")
 PATHS = ("auto", "dense", "sparse")
 
@@ -108,6 +117,7 @@ class ImpHparams:
     prune_conv: float = 0.1
     prune_output: float = 0.1      # the output layer, at its own rate (the paper: half the fc rate)
     prune_global: bool = False      # global magnitude pruning (within each layer type) instead of layer-wise
+    prune_score: str = "magnitude"  # magnitude | movement | magnitude_increase (these two: vs the rewind point)
     dense_layers: tuple[str, ...] = ()  # module names left dense
     rewind: str = "0it"             # rewind point: "Nit" or "Nep"; 0 = the original initialization
     control: str = "imp"            # imp | reinit | random_prune | oneshot | continue | noise
@@ -465,6 +475,8 @@ class Experiment:
             v = getattr(hp, name)
             if not (0.0 <= v < 1.0) or (v != 0.0 and not 0.0 < v < 1.0):
                 raise ValueError(f"{name}={v}: a pruning fraction must lie in (0, 1) (or be 0: never pruned)")
+        if hp.prune_score not in PRUNE_SCORES:
+            raise ValueError(f"unknown prune_score {hp.prune_score!r}; choose one of {tuple(PRUNE_SCORES)}")
         if hp.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {hp.rounds}")
         if hp.control == "oneshot" and hp.oneshot_remaining and not 0.0 < hp.oneshot_remaining < 1.0:
@@ -948,7 +960,14 @@ class Experiment:
                     rates = {n: (1.0 - hp.oneshot_remaining if v > 0 else 0.0) for n, v in rates.items()}
                 else:
                     rates = _oneshot_fractions(shapes, rates, groups, r if hp.oneshot_levels else hp.rounds)
-            masks = magnitude_prune(weights, prev_masks, rates, groups)
+            if hp.prune_score == "magnitude":
+                masks = magnitude_prune(weights, prev_masks, rates, groups)
+            else:  # another criterion, against the weights at the rewind point
+                start = torch.load(os.path.join(self.seed_dir(seed), "rewind.pt"), map_location="cpu",
+                                   weights_only=False)
+                score = PRUNE_SCORES[hp.prune_score]
+                scores = {n: score(w.float(), start[f"{n}.weight"].float()) for n, w in weights.items()}
+                masks = prune_by_score(scores, prev_masks, rates, groups)
         masks = {n: mk.cpu().bool() for n, mk in masks.items()}
         save_atomic({"masks": masks}, path)
         return masks

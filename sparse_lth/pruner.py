@@ -18,11 +18,11 @@ rounds::
         if r < rounds:
             pruner.prune_and_rewind()     # prune 20 % of the surviving weights by magnitude, rewind to θ0
 
-Pruning is the driver's own (:func:`sparse_lth.imp.magnitude_prune`, layer-wise or global within each layer
-kind, :func:`sparse_lth.imp.layer_rates`): given the same trained weights it gives the same masks as
-``sparse-lth imp`` (tested against the driver's saved rounds). Other criteria than the magnitude (``score=``:
-how far a weight moved, how much its magnitude grew, or a function of one's own) prune the same counts. A new mask replaces a sparse layer's trainable
-parameters, so build the optimizer after each :meth:`~MagnitudePruner.prune` or
+Pruning is the driver's own (:func:`sparse_lth.imp.magnitude_prune`, layer-wise or global within each layer kind,
+:func:`sparse_lth.imp.layer_rates`): given the same trained weights it gives the same masks as ``sparse-lth imp``
+(tested against the driver's saved rounds). Other criteria than the magnitude (``score=``: how far a weight moved,
+how much its magnitude grew, or a function of one's own) prune the same counts. A new mask replaces a sparse
+layer's trainable parameters, so build the optimizer after each :meth:`~MagnitudePruner.prune` or
 :meth:`~MagnitudePruner.prune_and_rewind` (one built before raises at its ``step()``).
 
 The paper's controls take two lines each with :func:`sparse_lth.imp.apply_masks` and
@@ -47,22 +47,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .imp import (_is_linear, _load_weights, _oneshot_fractions, apply_masks, count_masks, dense_weight,
-                  get_masks, global_groups, layer_kind, layer_kinds, layer_rates, live_and_total, prunable_layers,
-                  prune_by_score, pruning_schedule)
+from .imp import (PRUNE_SCORES, _is_linear, _load_weights, _oneshot_fractions, apply_masks, count_masks,
+                  dense_weight, get_masks, global_groups, layer_kind, layer_kinds, layer_rates, live_and_total,
+                  prunable_layers, prune_by_score, pruning_schedule)
 from .train import plain_masked_modules
 
 __all__ = ["MagnitudePruner"]
 
 _PATHS = ("auto", "dense", "sparse")
 
-#: Built-in pruning scores (the weights with the lowest scores go); ``w``: the weight now, ``w0``: at the rewind
-#: point. Zhou et al. ("Deconstructing lottery tickets", 2019) compare criteria of this kind.
-SCORES = {
-    "magnitude": lambda w, w0: w.abs(),                        # IMP's own: the trained weights' magnitudes
-    "movement": lambda w, w0: (w - w0).abs(),                  # how far a weight moved from the rewind point
-    "magnitude_increase": lambda w, w0: w.abs() - w0.abs(),    # how much its magnitude grew
-}
+#: Built-in pruning scores, as ``sparse-lth imp --prune-score`` names them (the weights with the lowest scores go);
+#: ``w``: the weight now, ``w0``: at the rewind point.
+SCORES = PRUNE_SCORES
 
 
 def _rate(name: str, value) -> float:

@@ -311,3 +311,7 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     assert main(tiny_imp_args(tmp_path, "--plan")) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith(" (exists)") and out[1] == "  seed 0: 3 of 3 rounds done; nothing left to train"
+    assert "(layer-wise); control imp" in out[3]
+    assert main(tiny_imp_args(tmp_path, "--plan", "--prune-score", "movement")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(" (new)") and "(layer-wise, by movement since the rewind point); control imp" in out[3]

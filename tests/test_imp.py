@@ -114,6 +114,22 @@ def test_global_pruning_total_follows_rate(tmp_path):
     assert last["fc1"]["density"] != pytest.approx(last["fc2"]["density"], abs=1e-3)  # one threshold, not per layer
 
 
+def test_another_prune_score_prunes_by_it_and_names_another_experiment(tmp_path):
+    res = run(tiny_hp(rounds=2, prune_score="movement"), tmp_path)
+    assert res.experiment_dir != run(tiny_hp(rounds=2), tmp_path).experiment_dir
+    sdir = os.path.join(res.experiment_dir, "seed_0")
+    start = torch.load(os.path.join(sdir, "rewind.pt"), weights_only=False)
+    for r in (1, 2):
+        final = torch.load(os.path.join(sdir, f"round_{r - 1:02d}", "final.pt"), weights_only=False)
+        prev, masks = load_masks(res.experiment_dir, 0, r - 1), load_masks(res.experiment_dir, 0, r)
+        for n in masks:  # every survivor moved at least as far as every weight pruned this round
+            moved = (final[f"{n}.weight"] - start[f"{n}.weight"]).abs()
+            gone = prev[n] & ~masks[n]
+            assert gone.any() and moved[masks[n]].min() >= moved[gone].max()
+    with pytest.raises(ValueError, match="unknown prune_score 'gradient'"):
+        run(tiny_hp(prune_score="gradient"), tmp_path)
+
+
 def test_dense_layers_and_zero_rate_stay_dense(tmp_path):
     res = run(tiny_hp(rounds=2, dense_layers=("fc2",), prune_output=0.0), tmp_path)
     last = res.metrics[0][-1]["remaining"]

@@ -27,7 +27,9 @@ def load(path):
 @pytest.mark.parametrize("kw", [dict(), dict(prune_global=True, prune_fc=0.3),
                                 dict(model="conv2", dataset="fashion_mnist", width=0.125, iterations="6it",
                                      prune_global=True),
-                                dict(dense_layers=("fc2",), rewind="4it")])
+                                dict(dense_layers=("fc2",), rewind="4it"),
+                                dict(prune_score="movement", rewind="4it"),
+                                dict(prune_score="magnitude_increase", prune_global=True)])
 def test_prunes_and_rewinds_as_the_driver_does(tmp_path, kw):
     """Given the trained weights of the driver's round r-1, prune_and_rewind gives round r's saved masks and
     exactly the model the driver trains in round r (weights rewound to its rewind point, masks applied)."""
@@ -42,7 +44,8 @@ def test_prunes_and_rewinds_as_the_driver_does(tmp_path, kw):
     for r in range(1, hp.rounds + 1):
         model = exp._build_model(0)
         pruner = MagnitudePruner(model, fc=hp.prune_fc, conv=hp.prune_conv, output=hp.prune_output,
-                                 global_pruning=hp.prune_global, dense_layers=hp.dense_layers, path=hp.path)
+                                 global_pruning=hp.prune_global, dense_layers=hp.dense_layers, path=hp.path,
+                                 score=hp.prune_score)
         _load_weights(model, load(os.path.join(seed_dir, "rewind.pt")))
         pruner.set_rewind_point()
         prev = os.path.join(seed_dir, f"round_{r - 1:02d}")
