@@ -167,8 +167,8 @@ class MagnitudePruner:
                         if not k.endswith("weight_mask")}
 
     def prune(self, rounds: int = 1) -> dict[str, torch.Tensor]:
-        """Prune each layer's (or each pool's) smallest surviving weights by magnitude, at the pruner's rates,
-        and set the new masks (the surviving weights keep their values). ``rounds``: prune at once as many
+        """Prune each layer's (or each pool's) surviving weights of lowest score (the smallest magnitudes unless
+        the pruner was given another ``score``), at the pruner's rates, and set the new masks (the surviving weights keep their values). ``rounds``: prune at once as many
         weights as that many rounds would (one-shot pruning: ``prune(rounds=10)`` after the dense network's
         training gives the survivors' count of 10 iterative rounds). Returns the new masks. Build the optimizer
         again afterwards."""
