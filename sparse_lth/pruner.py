@@ -37,9 +37,9 @@ The paper's controls take two lines each with :func:`sparse_lth.imp.apply_masks`
     apply_masks(other, random_masks({n: tuple(m.shape) for n, m in masks.items()}, keep,
                                     torch.Generator().manual_seed(0)))
 
-Anything else that holds the parameters (``DistributedDataParallel``, an EMA copy, ``torch.compile``'s guards)
-needs the same after a mask change on the sparse path: wrap or build it again, like the optimizer (the pruner has
-not been tested under DistributedDataParallel).
+Anything else that holds the parameters (``DistributedDataParallel``, an EMA copy) needs the same after a mask
+change on the sparse path: wrap or build it again, like the optimizer (the pruner has not been tested under
+DistributedDataParallel; a ``torch.compile``d model follows the change by itself, checked on the CPU).
 
 Plain ``nn.Linear``/``nn.Conv2d`` layers (a model not sparsified) are pruned too, as dense masking: their mask is
 a ``weight_mask`` buffer and nothing stops the optimizer from reviving pruned weights, so a loop over such a model
