@@ -375,3 +375,26 @@ def test_the_example_runs_imp_on_mnist_in_a_plain_loop(tmp_path, capsys):
     assert all(float(r["test_acc"]) > 0.6 for r in rows)  # learned (chance is 0.1) in each round
     printed = capsys.readouterr().out
     assert "weights remaining per round: 100%, 50.1%, 25.1%" in printed
+
+
+def test_a_compiled_model_follows_a_mask_change():
+    """The docstring's claim: torch.compile (dynamo's guards; the aot_eager backend, so no C++ compiler is needed)
+    notices the parameters a new mask puts in a sparse layer, forward and backward."""
+    model = tiny_lenet()
+    model.fc1.path_request = "sparse"
+    pruner = MagnitudePruner(model, fc=0.9, output=0.5)
+    pruner.set_rewind_point()
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randn(8, 1, 28, 28)
+    assert torch.equal(compiled(x), model(x))
+    for _ in range(2):
+        pruner.prune_and_rewind()
+        assert model.fc1.path == "sparse"
+        out, want = compiled(x), model(x)
+        assert torch.allclose(out, want, rtol=0, atol=1e-6)
+        out.sum().backward()
+        grad = model.fc1.values.grad.clone()
+        model.zero_grad(set_to_none=True)
+        want.sum().backward()
+        assert torch.allclose(grad, model.fc1.values.grad, rtol=0, atol=1e-6)
+        model.zero_grad(set_to_none=True)
