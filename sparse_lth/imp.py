@@ -366,7 +366,18 @@ def magnitude_prune(weights: dict[str, torch.Tensor], masks: dict[str, torch.Ten
     ``fraction`` of the pool's surviving weights go, wherever they are. Layers not in a group are pruned
     layer-wise. Ties go to the lower index (stable sort), so the result is deterministic.
     """
-    return prune_by_score({n: w.detach().abs() for n, w in weights.items()}, masks, fractions, global_groups)
+    return prune_by_score(weight_scores("magnitude", weights), masks, fractions, global_groups)
+
+
+def weight_scores(score: str, weights: dict[str, torch.Tensor], starts: dict | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """``{layer: PRUNE_SCORES[score](w, w0)}`` in fp32 for each layer's weight ``w``; ``starts``: the state at the
+    rewind point (``"<layer>.weight"`` keys), which every score but "magnitude" needs."""
+    if score != "magnitude" and starts is None:
+        raise RuntimeError(f"score {score!r} compares the weights with the rewind point, which is not given")
+    fn = PRUNE_SCORES[score]
+    return {n: fn(w.detach().float(), None if starts is None else starts[f"{n}.weight"].to(w.device).float())
+            for n, w in weights.items()}
 
 
 def prune_by_score(scores: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
@@ -960,14 +971,9 @@ class Experiment:
                     rates = {n: (1.0 - hp.oneshot_remaining if v > 0 else 0.0) for n, v in rates.items()}
                 else:
                     rates = _oneshot_fractions(shapes, rates, groups, r if hp.oneshot_levels else hp.rounds)
-            if hp.prune_score == "magnitude":
-                masks = magnitude_prune(weights, prev_masks, rates, groups)
-            else:  # another criterion, against the weights at the rewind point
-                start = torch.load(os.path.join(self.seed_dir(seed), "rewind.pt"), map_location="cpu",
-                                   weights_only=False)
-                score = PRUNE_SCORES[hp.prune_score]
-                scores = {n: score(w.float(), start[f"{n}.weight"].float()) for n, w in weights.items()}
-                masks = prune_by_score(scores, prev_masks, rates, groups)
+            starts = None if hp.prune_score == "magnitude" else torch.load(  # the others compare with θk
+                os.path.join(self.seed_dir(seed), "rewind.pt"), map_location="cpu", weights_only=False)
+            masks = prune_by_score(weight_scores(hp.prune_score, weights, starts), prev_masks, rates, groups)
         masks = {n: mk.cpu().bool() for n, mk in masks.items()}
         save_atomic({"masks": masks}, path)
         return masks

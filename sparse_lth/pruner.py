@@ -53,7 +53,7 @@ from torch import nn
 
 from .imp import (PRUNE_SCORES, _is_linear, _load_weights, _oneshot_fractions, apply_masks, count_masks,
                   dense_weight, get_masks, global_groups, layer_kind, layer_kinds, layer_rates, live_and_total,
-                  prunable_layers, prune_by_score, pruning_schedule)
+                  prunable_layers, prune_by_score, pruning_schedule, weight_scores)
 from .train import plain_masked_modules
 
 __all__ = ["MagnitudePruner"]
@@ -172,9 +172,10 @@ class MagnitudePruner:
 
     def prune(self, rounds: int = 1) -> dict[str, torch.Tensor]:
         """Prune each layer's (or each pool's) surviving weights of lowest score (the smallest magnitudes unless
-        the pruner was given another ``score``), at the pruner's rates, and set the new masks (the surviving weights keep their values). ``rounds``: prune at once as many
-        weights as that many rounds would (one-shot pruning: ``prune(rounds=10)`` after the dense network's
-        training gives the survivors' count of 10 iterative rounds). Returns the new masks. Build the optimizer
+        the pruner was given another ``score``), at the pruner's rates, and set the new masks (the surviving
+        weights keep their values). ``rounds``: prune at once as many weights as that many rounds would (one-shot
+        pruning: ``prune(rounds=10)`` after the dense network's training gives the survivors' count of 10
+        iterative rounds). Returns the new masks. Build the optimizer
         again afterwards."""
         return self._prune(rounds, rewind=False)
 
@@ -210,20 +211,16 @@ class MagnitudePruner:
         return {n: mk.clone() for n, mk in masks.items()}
 
     def _scores(self, layers) -> dict[str, torch.Tensor]:
+        weights = {n: dense_weight(m) for n, m in layers}
+        if isinstance(self.score, str):  # the driver's own scores (imp.weight_scores)
+            if self.score != "magnitude" and self._rewind is None:
+                raise RuntimeError(f"score {self.score!r} compares the weights with the rewind point: call "
+                                   f"set_rewind_point() first")
+            return weight_scores(self.score, weights, self._rewind)
         out = {}
-        for n, m in layers:
-            w = dense_weight(m)
-            if self.score == "magnitude":  # the driver's magnitude_prune, to the bit
-                out[n] = w.abs()
-                continue
+        for n, w in weights.items():
             w0 = None if self._rewind is None else self._rewind[f"{n}.weight"].to(w.device)
-            if isinstance(self.score, str):
-                if w0 is None:
-                    raise RuntimeError(f"score {self.score!r} compares the weights with the rewind point: call "
-                                       f"set_rewind_point() first")
-                v = SCORES[self.score](w.float(), w0.float())
-            else:
-                v = self.score(n, w, w0)
+            v = self.score(n, w, w0)
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(w.shape):
                 raise ValueError(f"score for {n} must be a tensor of the weight's shape {tuple(w.shape)}, got "
                                  f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
