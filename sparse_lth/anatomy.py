@@ -161,6 +161,24 @@ def evaluated_gap(exp_dir: str, seed: int, rounds: Sequence[int], *, train_examp
     return out
 
 
+def _previous_evaluated(path: str, metrics: dict[int, dict]) -> dict[str, dict]:
+    """The evaluated gaps in an earlier ``anatomy.json`` whose test accuracy is still the one the round's
+    ``metrics.json`` records (evaluated on the whole test set, the two are equal to the last digit)."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        old = read_json(path).get("generalization_gap") or {}
+    except ValueError:  # damaged: it is about to be written again
+        return {}
+    out = {}
+    for r, g in old.items():
+        e = (g or {}).get("evaluated")
+        m = metrics.get(int(r)) if r.isdigit() else None
+        if e and m is not None and e.get("test_acc") == m.get("test_acc"):
+            out[r] = e
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- one run
 def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None, *, evaluate: bool = False,
             train_examples: int = 0, device: str | torch.device = "cpu", data_root: str | None = None,
@@ -170,7 +188,9 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None, *,
     kept (default: round 0, the last and the one nearest the middle in weights remaining). ``evaluate``: also
     the gap at the end of training measured by :func:`evaluated_gap` (``train_examples``, ``device``,
     ``data_root``, ``progress``, ``data`` as there), under each round's ``generalization_gap`` as
-    ``evaluated``."""
+    ``evaluated``. An earlier call's evaluated gaps are kept in the file, and reused by ``evaluate`` for the same
+    ``train_examples`` (only rounds finished since then are run), as long as each still matches its round's
+    recorded test accuracy."""
     hp = read_json(os.path.join(exp_dir, "hparams.json"))
     sdir = os.path.join(exp_dir, f"seed_{seed}")
     if not os.path.isdir(sdir):
@@ -207,10 +227,20 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None, *,
             os.path.exists(os.path.join(rdirs[0], "final.pt")) and list(rdirs) == list(range(len(rdirs))):
         move = movement_stats(start, _load(os.path.join(rdirs[0], "final.pt")), masks, layers)
     gap = {str(r): generalization_gap(m) for r, m in metrics.items()}
+    # the evaluated gap of an earlier call is kept (a call without ``evaluate`` does not lose it) and, with
+    # ``evaluate``, reused for the same ``train_examples``: only rounds finished since are run. An entry counts
+    # only while its test accuracy is still the round's recorded one (a round run again invalidates it).
+    before = _previous_evaluated(os.path.join(sdir, "anatomy.json"), metrics)
     if evaluate:
-        for r, v in evaluated_gap(exp_dir, seed, list(rdirs), train_examples=train_examples, device=device,
-                                  data_root=data_root, progress=progress, data=data).items():
-            gap[r]["evaluated"] = v
+        if isinstance(train_examples, bool) or not isinstance(train_examples, int) or train_examples < 0:
+            raise ValueError(f"train_examples must be an integer >= 0 (0: all), got {train_examples!r}")
+        keep = {r: v for r, v in before.items() if v.get("train_examples_asked") == train_examples}
+        todo = [r for r in rdirs if str(r) not in keep]
+        new = evaluated_gap(exp_dir, seed, todo, train_examples=train_examples, device=device,
+                            data_root=data_root, progress=progress, data=data) if todo else {}
+        before = {**keep, **{r: {**v, "train_examples_asked": train_examples} for r, v in new.items()}}
+    for r, v in before.items():
+        gap[r]["evaluated"] = v
     result = dict(experiment=os.path.basename(os.path.normpath(exp_dir)), control=control,
                   model=hp.get("model"), seed=seed, start=os.path.basename(start_path),
                   remaining={str(r): v for r, v in remaining.items()}, init_weights=init, connectivity=conn,

@@ -645,7 +645,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         "of training without the noise of the run's 1,000-example train accuracy.",
         "rounds whose starting-weight histograms to draw (default: 0, the middle and the last)")
     pa.add_argument("--evaluate", action="store_true",
-                    help="evaluate each round's trained network on training and test data (needs the data)")
+                    help="evaluate each round's trained network on training and test data (needs the data); "
+                         "rounds evaluated by an earlier call with the same --train-examples are not run again, "
+                         "and a later call without --evaluate keeps them")
     pa.add_argument("--train-examples", type=_nonneg(), default=0,
                     help="with --evaluate: the first N training examples (default 0: all)")
     px = sub.add_parser("export", help="save one round's subnetwork (masks and weights) as a state_dict file",

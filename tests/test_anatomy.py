@@ -120,13 +120,56 @@ def test_the_gap_evaluated_at_the_end_of_training(tmp_path):
     assert evaluated_gap(res.experiment_dir, 0, [1], data=data)["1"]["train_examples"] == 240  # 0: all
     text = anatomy_markdown([d])
     assert "| train / test acc at end (%) | gap at end (pp) |" in text and "evaluated on 100 training examples" in text
-    assert "train / test acc at end" not in anatomy_markdown([anatomy(res.experiment_dir, 0)])  # not asked: absent
+    assert "train / test acc at end" in anatomy_markdown([anatomy(res.experiment_dir, 0)])  # kept from the call above
+    os.remove(os.path.join(res.experiment_dir, "seed_0", "anatomy.json"))
+    assert "train / test acc at end" not in anatomy_markdown([anatomy(res.experiment_dir, 0)])  # never asked: absent
     files = write_anatomy_report([d], str(tmp_path / "rep"))
     assert os.path.getsize(files["figure"]) > 0
     with pytest.raises(ValueError, match="train_examples must be an integer >= 0"):
         evaluated_gap(res.experiment_dir, 0, [0], train_examples=-1, data=data)
     with pytest.raises(ValueError, match="have not finished"):
         evaluated_gap(res.experiment_dir, 0, [5], data=data)
+
+
+def test_an_evaluated_gap_is_kept_and_reused(tmp_path, monkeypatch):
+    """A later call without evaluate keeps the evaluated gaps in anatomy.json; a later call with it runs only the
+    rounds that lack one for the same train_examples; an entry whose round no longer has its test accuracy goes."""
+    import json
+
+    import sparse_lth.anatomy as an
+    data = tiny_data(240, 120)
+    res = run_imp(tiny_hp(rounds=2), str(tmp_path), progress=False, data=data)
+    first = anatomy(res.experiment_dir, 0, evaluate=True, train_examples=100, data=data)
+    want = {r: g["evaluated"] for r, g in first["generalization_gap"].items()}
+    assert sorted(want) == ["0", "1", "2"]
+    kept = anatomy(res.experiment_dir, 0)  # no evaluate: kept, not lost
+    assert {r: g["evaluated"] for r, g in kept["generalization_gap"].items()} == want
+    asked = []
+    real = an.evaluated_gap
+
+    def counting(exp_dir, seed, rounds, **kw):
+        asked.append((list(rounds), kw["train_examples"]))
+        return real(exp_dir, seed, rounds, **kw)
+    monkeypatch.setattr(an, "evaluated_gap", counting)
+    again = anatomy(res.experiment_dir, 0, evaluate=True, train_examples=100, data=data)
+    assert asked == [] and {r: g["evaluated"] for r, g in again["generalization_gap"].items()} == want
+    path = os.path.join(res.experiment_dir, "seed_0", "anatomy.json")
+    d = json.load(open(path))
+    del d["generalization_gap"]["2"]["evaluated"]  # as if round 2 had finished after the last call
+    json.dump(d, open(path, "w"))
+    again = anatomy(res.experiment_dir, 0, evaluate=True, train_examples=100, data=data)
+    assert asked == [([2], 100)] and again["generalization_gap"]["2"]["evaluated"] == want["2"]
+    other = anatomy(res.experiment_dir, 0, evaluate=True, train_examples=50, data=data)  # another measure: all again
+    assert asked[-1] == ([0, 1, 2], 50)
+    assert all(g["evaluated"]["train_examples"] == 50 for g in other["generalization_gap"].values())
+    m = os.path.join(res.experiment_dir, "seed_0", "round_01", "metrics.json")
+    rec = json.load(open(m))
+    rec["test_acc"] -= 0.01  # round 1 no longer the one evaluated (run again, say): its entry is dropped
+    json.dump(rec, open(m, "w"))
+    gone = anatomy(res.experiment_dir, 0)
+    assert "evaluated" not in gone["generalization_gap"]["1"] and "evaluated" in gone["generalization_gap"]["0"]
+    with pytest.raises(ValueError, match="train_examples must be an integer >= 0"):
+        anatomy(res.experiment_dir, 0, evaluate=True, train_examples=-3, data=data)
 
 
 def test_anatomy_cli(tmp_path, capsys):
