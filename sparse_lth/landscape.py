@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .environment import environment
-from .train import _subset_batches, evaluate
+from .train import evaluate, subset_batches
 
 
 def masked_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -199,7 +199,7 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
                              or done.get("distance_to_next") is not None):
         return done  # (a next round that finished since then adds its distance)
     train_data, test_data = exp.data
-    batches = list(_subset_batches(train_data, examples, batch_size))
+    batches = list(subset_batches(train_data, examples, batch_size))
     final = _load(final_path, exp.device)
     model, masks, _ = exp.prepare_round(seed, r)
     model.load_state_dict(final)

@@ -40,7 +40,7 @@ from torch import nn
 
 from ._files import read_json
 from .environment import environment
-from .train import _subset_batches, evaluate, save_atomic, train
+from .train import evaluate, save_atomic, subset_batches, train
 
 _NOISE_BASE = 7_340_033
 
@@ -130,7 +130,7 @@ def linear_path(model: nn.Module, state_a: dict, state_b: dict, test_data, *, po
             loss, acc = evaluate(model, test_data.eval_batches(eval_batch_size))
             row = dict(alpha=alpha, test_loss=loss, test_acc=acc, test_error=1.0 - acc)
             if train_data is not None and train_eval_size:
-                loss, acc = evaluate(model, _subset_batches(train_data, train_eval_size, eval_batch_size))
+                loss, acc = evaluate(model, subset_batches(train_data, train_eval_size, eval_batch_size))
                 row.update(train_loss=loss, train_acc=acc, train_error=1.0 - acc)
             rows.append(row)
     finally:

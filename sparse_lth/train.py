@@ -223,7 +223,9 @@ def evaluate(model: nn.Module, batches) -> tuple[float, float]:
     return loss_sum / total, correct / total
 
 
-def _subset_batches(data, n: int, bs: int):
+def subset_batches(data, n: int, bs: int):
+    """Batches of ``bs`` over the first ``n`` examples of a DeviceDataset, in order, without augmentation (how
+    train accuracy is measured here: :func:`evaluate` over them)."""
     x, y = data.x[:n], data.y[:n]
     for i in range(0, x.shape[0], bs):
         yield x[i:i + bs], y[i:i + bs]
@@ -335,7 +337,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
         row = dict(iteration=i, lr=lr_at(cfg, max(i - 1, 0)), test_loss=test_loss, test_acc=test_acc)
         if cfg.train_eval_size:
             row["train_loss"], row["train_acc"] = evaluate(
-                model, _subset_batches(train_data, cfg.train_eval_size, cfg.eval_batch_size))
+                model, subset_batches(train_data, cfg.train_eval_size, cfg.eval_batch_size))
         curve.append(row)
 
     def do_checkpoint(i: int) -> None:
