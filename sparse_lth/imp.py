@@ -214,20 +214,45 @@ def parse_steps(value, iterations_per_epoch: int, what: str) -> int:
 
 
 # -------------------------------------------------------------------------------------------- masks and layers
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers IMP can prune: sparse layers, or plain ``nn.Linear``/``nn.Conv2d`` (in module order)."""
+def _candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules()
             if (hasattr(m, "set_mask") and hasattr(m, "mask")) or isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def _tied_to(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every plain layer whose weight is the very parameter of a layer before it (tied
+    weights): one weight, pruned once, under the first layer's name."""
+    first: dict[int, str] = {}
+    out = {}
+    for n, m in _candidate_layers(model):
+        w = m.__dict__.get("_parameters", {}).get("weight")
+        if w is None:
+            continue
+        if id(w) in first:
+            out[n] = first[id(w)]
+        else:
+            first[id(w)] = n
+    return out
+
+
+def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers IMP can prune: sparse layers, or plain ``nn.Linear``/``nn.Conv2d`` (in module order). A layer
+    whose weight is tied to an earlier layer's (the same parameter) is not listed again: the weight is pruned
+    once, as the first layer's, and the other layer computes with it masked."""
+    tied = _tied_to(model)
+    return [(n, m) for n, m in _candidate_layers(model) if n not in tied]
+
+
 def output_layer_name(model: nn.Module) -> str:
+    """The layer pruned at the output rate: the model's ``output_layer`` attribute, else its last Linear; a layer
+    tied to an earlier one is named by that one."""
     name = getattr(model, "output_layer", None)
     if not isinstance(name, str):  # the last Linear (a model of one's own may hold a module by that name)
-        lin = [n for n, m in prunable_layers(model) if _is_linear(m)]
+        lin = [n for n, m in _candidate_layers(model) if _is_linear(m)]
         if not lin:
             raise ValueError("model has no output_layer attribute and no linear layer")
         name = lin[-1]
-    return name
+    return _tied_to(model).get(name, name)
 
 
 def _is_linear(m: nn.Module) -> bool:

@@ -818,6 +818,32 @@ def test_imp_on_a_model_of_ones_own(tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_weight_tied_to_another_layers_is_pruned_once(tmp_path):
+    """Two layers sharing one weight parameter: one weight, one mask (under the first layer's name), counted once
+    in the weights remaining; the second layer computes with the masked weight."""
+    import warnings
+
+    from sparse_lth.imp import load_ticket, output_layer_name, prunable_layers
+    from user_models import tied_mlp
+    m = tied_mlp(10, (1, 28, 28))
+    assert [n for n, _ in prunable_layers(m)] == ["inp", "a", "out"] and output_layer_name(m) == "out"
+    m.output_layer = "b"  # names the tied layer: the weight's first layer is meant
+    assert output_layer_name(m) == "a"
+    hp = tiny_hp(model="user_models:tied_mlp", dataset="mnist", width=1.0, rounds=1, iterations="4it",
+                 eval_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparsify leaves the tied layers plain, and says so
+        res = run(hp, tmp_path)
+        ticket = load_ticket(res.experiment_dir, 1)
+    masks = load_masks(res.experiment_dir, 0, 1)
+    assert set(masks) == {"inp", "a", "out"}
+    live = sum(int(v.sum()) for v in masks.values())
+    total = sum(v.numel() for v in masks.values())
+    assert total == 784 * 16 + 16 * 16 + 16 * 10  # the tied weight once
+    assert res.metrics[0][1]["percent_remaining"] == pytest.approx(100 * live / total)
+    assert torch.equal(ticket.b.weight != 0, masks["a"]) and ticket.b.weight is ticket.a.weight
+
+
 def test_a_model_that_does_not_fit_the_data_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="model conv2 does not take .* examples .*3 channels"):
         run(tiny_hp(model="conv2", prune_conv=0.1), tmp_path / "runs")  # MNIST-shaped data: one channel

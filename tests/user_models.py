@@ -19,3 +19,24 @@ NOT_CALLABLE = 3
 
 def not_a_module(num_classes=10):
     return "a string"
+
+
+class TiedMLP(nn.Module):
+    """Two hidden layers sharing one weight (tied) and an output layer tied to nothing."""
+
+    def __init__(self, num_classes=10, input_shape=(1, 28, 28)):
+        super().__init__()
+        c, h, w = input_shape
+        self.inp = nn.Linear(c * h * w, 16)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+        self.out = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.inp(x.flatten(1)).relu()
+        return self.out(self.b(self.a(x).relu()).relu())
+
+
+def tied_mlp(num_classes=10, input_shape=(1, 28, 28)):
+    return TiedMLP(num_classes, input_shape)
