@@ -38,8 +38,13 @@ The paper's controls take two lines each with :func:`sparse_lth.imp.apply_masks`
                                     torch.Generator().manual_seed(0)))
 
 Anything else that holds the parameters (``DistributedDataParallel``, an EMA copy) needs the same after a mask
-change on the sparse path: wrap or build it again, like the optimizer (the pruner has not been tested under
-DistributedDataParallel; a ``torch.compile``d model follows the change by itself, checked on the CPU).
+change (on the dense path too: a mask change gives every pruned layer new parameters): wrap or build it again,
+like the optimizer. Under DistributedDataParallel every rank runs the same pruner on the same (synchronized)
+weights and so computes the same masks; wrap the model again each round (``ddp = DDP(model)`` after
+``prune_and_rewind``). A wrapper kept from before fails at the next backward with DDP's "Expected to have finished
+reduction in the prior iteration" (it still holds the old parameters). Tested on the CPU with two gloo processes:
+the ranks stay identical and each round equals single-process training on both ranks' batches. A
+``torch.compile``d model follows a mask change by itself (checked on the CPU).
 
 Plain ``nn.Linear``/``nn.Conv2d`` layers (a model not sparsified) are pruned too, as dense masking: their mask is
 a ``weight_mask`` buffer and nothing stops the optimizer from reviving pruned weights, so a loop over such a model

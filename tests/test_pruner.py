@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_data
-from sparse_lth.imp import ImpHparams, _load_weights, apply_masks, open_experiment, run_imp
+from sparse_lth.imp import ImpHparams, _load_weights, apply_masks, get_masks, open_experiment, run_imp
 from sparse_lth.layers import sparsify
 from sparse_lth.models import build_model
 from sparse_lth.pruner import MagnitudePruner
@@ -398,3 +398,37 @@ def test_a_compiled_model_follows_a_mask_change():
         want.sum().backward()
         assert torch.allclose(grad, model.fc1.values.grad, rtol=0, atol=1e-6)
         model.zero_grad(set_to_none=True)
+
+
+def test_imp_under_distributed_data_parallel(tmp_path):
+    """Two CPU processes (gloo), the model wrapped in DistributedDataParallel again every round: the ranks end
+    every round with the same parameters, the last round runs on the sparse path, and each round is the
+    single-process training on both ranks' examples at once (the same masks and starting weights)."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    import ddp_worker
+    import sparse_lth.optim
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.fail("this torch has no gloo backend: the test needs it (CPU builds of torch have it)")
+    out = str(tmp_path / "rounds.pt")
+    mp.spawn(ddp_worker.worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2)
+    rounds = torch.load(out, weights_only=False)
+    assert len(rounds) == ddp_worker.ROUNDS + 1 and all(r["ranks_agree"] for r in rounds)
+    assert rounds[0]["paths"] == ["dense"] * 3 and rounds[-1]["paths"][:2] == ["sparse", "sparse"]
+    assert rounds[-1]["percent"] < 10
+    x, y = ddp_worker.data()
+    for r in rounds:
+        model = sparsify(ddp_worker.make_model())
+        model.load_state_dict(r["start"])  # the round's masks and rewound weights
+        got = get_masks(model)
+        assert got.keys() == r["masks"].keys() and all(torch.equal(got[n], r["masks"][n]) for n in got)
+        opt = sparse_lth.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for step in range(ddp_worker.STEPS):
+            i = torch.cat([ddp_worker.shard(step, 0), ddp_worker.shard(step, 1)])
+            loss = torch.nn.functional.cross_entropy(model(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, r["end"][k], rtol=1e-4, atol=1e-5, msg=f"round {r['percent']:.1f}%: {k}")

@@ -1,0 +1,64 @@
+"""The worker of test_pruner's DistributedDataParallel test (a module of its own: spawned processes import it)."""
+import torch
+import torch.distributed as dist
+from torch import nn
+
+ROUNDS, STEPS, SHARD = 3, 12, 8  # rounds after the dense one, steps per round, examples per rank per step
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * STEPS * SHARD, 20, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+
+
+def shard(step: int, rank: int) -> torch.Tensor:
+    """The examples rank ``rank`` trains on at ``step`` (rank 0 and rank 1 together: ``shard(s, 0) + shard(s, 1)``)."""
+    return torch.arange(SHARD) + SHARD * (2 * step + rank)
+
+
+def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """IMP under DDP: every round the model is wrapped again (a mask change gives the layers new parameters) and
+    trained on this rank's shard; rank 0 saves each round's starting and final state, the masks and the paths,
+    and whether every rank ended every round with the same parameters."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import sparse_lth.optim
+    from sparse_lth.layers import sparsify
+    from sparse_lth.pruner import MagnitudePruner
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = sparsify(make_model())
+        pruner = MagnitudePruner(model, fc=0.6)
+        pruner.set_rewind_point()
+        x, y = data()
+        rounds = []
+        for r in range(ROUNDS + 1):
+            start = {k: v.clone() for k, v in model.state_dict().items()}
+            ddp = DDP(model)
+            opt = sparse_lth.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+            for step in range(STEPS):
+                i = shard(step, rank)
+                loss = nn.functional.cross_entropy(ddp(x[i]), y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            every = [torch.empty_like(flat) for _ in range(world)]
+            dist.all_gather(every, flat)
+            rounds.append(dict(start=start, end={k: v.clone() for k, v in model.state_dict().items()},
+                               masks=pruner.masks, percent=pruner.percent_remaining,
+                               paths=[m.path for m in model if hasattr(m, "path")],
+                               ranks_agree=all(torch.equal(every[0], f) for f in every)))
+            if r < ROUNDS:
+                pruner.prune_and_rewind()
+        if rank == 0:
+            torch.save(rounds, out)
+    finally:
+        dist.destroy_process_group()
