@@ -222,6 +222,10 @@ def _print_plan(hp, args) -> int:
     n = len(p["rounds"])
     _write(f"each round: {hp.optimizer} lr {hp.lr:g}, batch {hp.batch_size}, {p['iterations']:,} iterations, "
            f"rewind to iteration {p['rewind']}; {n} rounds = {n * p['iterations']:,} iterations per seed")
+    _write(f"early stopping: at the minimum loss of {hp.val_split:,} training examples held out for validation "
+           "(trained on the others)" if hp.val_split else
+           "early stopping: at the minimum test loss (--val-split N holds out N training examples for it instead, "
+           "as the paper)")
     if p["dense_from"]:
         _write(f"round 0 (the dense network): taken from {p['dense_from']} where it has finished there"
                + (f" (waiting up to {args.wait_for_source:g} s for it)" if args.wait_for_source else
@@ -262,6 +266,12 @@ def _cmd_train(args, names) -> int:
     model = build_model(args.model, seed=args.model_seed, input_shape=INPUT_SHAPES.get(dataset)).to(device)
     tr = load_dataset(dataset, "train", root=args.data, device=device, limit=args.data_limit or None)
     te = load_dataset(dataset, "test", root=args.data, device=device, limit=args.test_limit or None)
+    val = None
+    if args.val_split:
+        try:
+            tr, val = tr.split_off(args.val_split)
+        except ValueError as e:
+            raise ValueError(f"--val-split {args.val_split}: {e}") from None
     if args.layers == "sparse":
         from .layers import parse_ops, sparsify
         model = sparsify(model, path=args.path, backend=None if args.backend == "auto" else args.backend,
@@ -281,10 +291,10 @@ def _cmd_train(args, names) -> int:
     if args.layers == "sparse" and args.path == "auto" and (device.type == "cuda" or args.timed_paths):
         from .layers import choose_paths  # time the paths (and the sparse path's ops) with a real batch
         choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths)
-    out = train(model, tr, te, cfg, desc=f"{args.model} {args.layers}")
+    out = train(model, tr, te, cfg, desc=f"{args.model} {args.layers}", val_data=val)
     live, total = live_and_total(masks)
     summary = {k: out[k] for k in ("test_acc", "test_loss", "train_acc", "early_stop_iteration",
-                                   "early_stop_test_acc", "wall_time", "time_per_step", "paths", "backends")}
+                                   "early_stop_test_acc", "early_stop_on", "wall_time", "time_per_step", "paths", "backends")}
     summary["percent_remaining"] = 100.0 * live / total if args.layers != "dense" else 100.0
     print(json.dumps(summary, indent=1))
     if args.out:
@@ -571,6 +581,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pt.add_argument("--backend", default="auto")
     pt.add_argument("--data-limit", type=_nonneg(), default=0, help="the first N training examples (0: all)")
     pt.add_argument("--test-limit", type=_nonneg(), default=0, help="the first N test examples (0: all)")
+    pt.add_argument("--val-split", type=_nonneg(), default=0,
+                    help="early-stop on the loss of N held-out training examples (the paper: 5000; default 0: on "
+                         "the test loss)")
     pt.add_argument("--no-progress", action="store_true")
     pt.add_argument("--out", help="write the metrics (with the curve and the environment) to this JSON file")
     pt.add_argument("--threads", type=_at_least(1), default=None)

@@ -160,6 +160,21 @@ class DeviceDataset:
         return DeviceDataset(self.x.to(device), self.y.to(device), self.augment, name=self.name,
                              split=self.split, mean=self.mean, std=self.std, num_classes=self.num_classes)
 
+    def split_off(self, n: int, seed: int = 0) -> tuple["DeviceDataset", "DeviceDataset"]:
+        """``(rest, held_out)``: ``n`` examples drawn at random (a draw fixed by ``seed``, the same on every device
+        and for every run seed, so that every experiment on this data holds out the same examples) and the others,
+        each in its original order. The held-out part is never augmented (split ``"val"``): the paper's
+        validation set, 5,000 of MNIST's 60,000 training images."""
+        n = _index("n", n, 1)
+        if n >= len(self):
+            raise ValueError(f"cannot hold out {n} of {len(self)} examples: at least one must stay for training")
+        g = torch.Generator().manual_seed(_stream_seed(seed, "validation", n))
+        perm = torch.randperm(len(self), generator=g)
+        held, rest = perm[:n].sort().values.to(self.device), perm[n:].sort().values.to(self.device)
+        kw = dict(name=self.name, mean=self.mean, std=self.std, num_classes=self.num_classes)
+        return (DeviceDataset(self.x[rest], self.y[rest], self.augment, split=self.split, **kw),
+                DeviceDataset(self.x[held], self.y[held], False, split="val", **kw))
+
     # ----------------------------------------------------------------------------------------------------------
     def _perm(self, seed: int, epoch: int) -> torch.Tensor:
         key = (seed, epoch)

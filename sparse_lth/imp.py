@@ -97,6 +97,7 @@ class ImpHparams:
     augment: str = "auto"           # auto (the dataset's default) | on | off
     data_limit: int = 0             # use only the first N training examples (0: all)
     test_limit: int = 0             # use only the first N test examples (0: all)
+    val_split: int = 0              # early-stop on the loss of N held-out training examples (the paper: 5000); 0: on the test loss
     # training, per round
     optimizer: str = "adam"
     lr: float = 1.2e-3
@@ -480,9 +481,11 @@ class Experiment:
         self.wait_for_source = float(wait_for_source)
         self.dir = run_dir or _default_dir(self.run_root, hparams)
         self._data = None
+        self._val = None
+        self._raw = None  # (train, test) before the validation split
         if data is not None:  # (train, test) DeviceDatasets given by the caller instead of hparams.dataset
             tr, te = data
-            self._data = (tr.to(self.device), te.to(self.device))
+            self._raw = (tr.to(self.device), te.to(self.device))
         self._validate()
 
     # ------------------------------------------------------------------------------------ validation
@@ -531,6 +534,8 @@ class Experiment:
             raise ValueError("noise_std is only used with control 'noise'")
         if hp.data_limit < 0 or hp.test_limit < 0:
             raise ValueError("data_limit and test_limit must be >= 0")
+        if isinstance(hp.val_split, bool) or not isinstance(hp.val_split, int) or hp.val_split < 0:
+            raise ValueError(f"val_split must be an integer >= 0 (0: no validation set), got {hp.val_split!r}")
         # training config (optimizer, lr, ...) is checked by TrainConfig; steps need the dataset size
         n_train = self._n_train()
         ipe = math.ceil(n_train / hp.batch_size) if hp.batch_size > 0 else 1
@@ -604,16 +609,33 @@ class Experiment:
 
     @property
     def data(self):
+        """(train, test) DeviceDatasets; with ``val_split`` the training set without its held-out examples."""
         if self._data is None:
-            from .data import load_dataset
-            hp = self.hp
-            aug = None if hp.augment == "auto" else hp.augment == "on"
-            tr = load_dataset(self.dataset, "train", root=self.data_root, device=self.device, augment=aug,
-                              limit=hp.data_limit or None)
-            te = load_dataset(self.dataset, "test", root=self.data_root, device=self.device, augment=False,
-                              limit=hp.test_limit or None)
+            if self._raw is not None:
+                tr, te = self._raw
+            else:
+                from .data import load_dataset
+                hp = self.hp
+                aug = None if hp.augment == "auto" else hp.augment == "on"
+                tr = load_dataset(self.dataset, "train", root=self.data_root, device=self.device, augment=aug,
+                                  limit=hp.data_limit or None)
+                te = load_dataset(self.dataset, "test", root=self.data_root, device=self.device, augment=False,
+                                  limit=hp.test_limit or None)
+                self._raw = (tr, te)
+            if self.hp.val_split:
+                try:
+                    tr, self._val = tr.split_off(self.hp.val_split)
+                except ValueError as e:
+                    raise ValueError(f"val_split={self.hp.val_split}: {e}") from None
             self._data = (tr, te)
         return self._data
+
+    @property
+    def val_data(self):
+        """The held-out validation examples early stopping goes by (``val_split``), or None (it goes by the test
+        loss)."""
+        self.data  # loads and splits
+        return self._val
 
     def _build_model(self, seed: int, sparse: bool = True) -> nn.Module:
         from . import models
@@ -663,7 +685,7 @@ class Experiment:
     def _sibling(self, hp: ImpHparams) -> "Experiment":
         """The experiment of ``hp`` in ``source_dir`` (or its default folder), on this one's device and data."""
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
-                          checkpoint_every=self.checkpoint_every, data=self._data, run_dir=self.source_dir)
+                          checkpoint_every=self.checkpoint_every, data=self._raw, run_dir=self.source_dir)
 
     def dense_source(self) -> "Experiment | None":
         """The experiment whose round 0 (the dense network) this one takes instead of training it: a control's
@@ -873,7 +895,7 @@ class Experiment:
             out = train(model, train_data, test_data, cfg, start_iteration=start,
                         checkpoint_path=os.path.join(rdir, "checkpoint.pt"),
                         checkpoint_every=self.checkpoint_every, capture_at=capture, on_capture=on_capture,
-                        callback=cb, desc=f"seed {seed} round {r}")
+                        callback=cb, desc=f"seed {seed} round {r}", val_data=self.val_data)
             save_atomic({k_: v.detach().clone() for k_, v in model.state_dict().items()},
                         os.path.join(rdir, "final.pt"))
             metrics = self._round_metrics(model, masks, out, seed, r)
@@ -1016,7 +1038,8 @@ class Experiment:
             remaining_total=live, total_weights=total, density=live / total, percent_remaining=100.0 * live / total,
             test_acc=out["test_acc"], test_loss=out["test_loss"], train_acc=out["train_acc"],
             train_loss=out["train_loss"], early_stop_iteration=out["early_stop_iteration"],
-            early_stop_test_acc=out["early_stop_test_acc"], wall_time=out["wall_time"],
+            early_stop_test_acc=out["early_stop_test_acc"], early_stop_on=out["early_stop_on"],
+            wall_time=out["wall_time"],
             step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"],
             resumed_from=out["resumed_from"],
             paths=out["paths"], backends=out["backends"], device=str(self.device),

@@ -9,7 +9,8 @@
   ``remaining="conv"`` (or ``"fc"``, ``"output"``, ``"fc,output"``) the x axis is the percent remaining of those
   layers' weights only: the arms of an ablation that prunes only some layers (conv only, fc only, both) set side
   by side at equal sparsity of the layers they share;
-- ``early_stop_vs_remaining.png``: the early-stopping iteration (minimum test loss) vs weights remaining;
+- ``early_stop_vs_remaining.png``: the early-stopping iteration (minimum validation loss with ``val_split``,
+  else minimum test loss) vs weights remaining;
 - ``gain_vs_remaining.png``: each round's test accuracy at early stop minus that of the same replicate's dense
   round 0 (experiments whose dense networks differ, side by side);
 - ``curves.png``: test accuracy over training iterations for selected rounds (IMP solid, controls dashed);
@@ -129,6 +130,43 @@ def gain_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str
             mean, lo, hi = _stats([m["gain"] for m in ms])
             cell = f"{100 * mean:+.2f}" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if lo != hi else "")
             cells.append(cell + _of_seeds(len(ms), e))
+        if pct is not None:
+            lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _at_min_test_loss(m: dict) -> float:
+    best = min(m["curve"], key=lambda c: (c["test_loss"], c["iteration"]))
+    return float(best["test_acc"])
+
+
+def selection_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str:
+    """For the experiments that early-stop on a validation split (``val_split``): by round, the test accuracy at
+    their early stop against the test accuracy at the minimum *test* loss of the same training, and the
+    difference: what choosing the iteration on the test set itself would add (mean over replicates, points).
+    Empty when no experiment has a validation split."""
+    held = [e for e in exps if e["hparams"].get("val_split")]
+    if not held:
+        return ""
+    part = "" if kinds is None else f" {' + '.join(kinds)}"
+    lines = ["## Early stopping on the validation split vs on the test set\n",
+             "Test accuracy at the early stop the validation loss chooses, and at the iteration of minimum test "
+             "loss in the same training (what early stopping on the test set would report), mean over "
+             "replicates (%); the difference in points.\n",
+             f"| round | %{part} remaining | "
+             + " | ".join(f"{_label(e, exps)}: val / test / diff" for e in held) + " |",
+             "|---:|---:|" + "---:|" * len(held)]
+    for r in sorted({r for e in held for r in e["rounds"]}):
+        cells, pct = [], None
+        for e in held:
+            ms = [m for m in e["rounds"].get(r, []) if m.get("early_stop_on") == "val"]
+            if not ms:
+                cells.append("-")
+                continue
+            pct = pct if pct is not None else statistics.fmean(_percent(e, m) for m in ms)
+            v = statistics.fmean(m["early_stop_test_acc"] for m in ms)
+            t = statistics.fmean(_at_min_test_loss(m) for m in ms)
+            cells.append(f"{100 * v:.2f} / {100 * t:.2f} / {100 * (t - v):+.2f}" + _of_seeds(len(ms), e))
         if pct is not None:
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -427,7 +465,8 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     _plot_series(ax, exps, "early_stop_iteration", styles)
     _setup_axis(ax, all_x, xlabel)
-    ax.set_ylabel("early-stopping iteration (min test loss)")
+    on = sorted({"validation" if e["hparams"].get("val_split") else "test" for e in exps}, reverse=True)
+    ax.set_ylabel(f"early-stopping iteration (min {' or '.join(on)} loss)")
     ax.set_title(textwrap.fill(f"{title}: early-stopping iteration", 75), fontsize=10)
     _legend(fig, [ax])
     files["early_stop"] = save_figure(fig, os.path.join(out_dir, "early_stop_vs_remaining.png"))
@@ -487,6 +526,9 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     files["summary"] = os.path.join(out_dir, "summary.md")
     with open(files["summary"], "w") as f:
         f.write(summary_markdown(exps, kinds) + "\n" + gain_markdown(exps, kinds))
+        sel = selection_markdown(exps, kinds)
+        if sel:
+            f.write("\n" + sel)
     files["rounds"] = write_rounds_csv(exps, os.path.join(out_dir, "rounds.csv"))
     files.update(_analyses(exps, out_dir, title, seeds))
     return files
@@ -562,7 +604,9 @@ def _describe(hp: dict) -> str:
     return (f"{model}, {opt}, batch {hp.get('batch_size')}, {hp.get('iterations')} per round, prune fc "
             f"{hp.get('prune_fc')} / conv {hp.get('prune_conv')} / output {hp.get('prune_output')} per round "
             f"({'global' if hp.get('prune_global') else 'layer-wise'}), rewind {hp.get('rewind')}, "
-            f"layers {hp.get('layer_impl')}")
+            f"layers {hp.get('layer_impl')}, early stop on "
+            + (f"the loss of {hp['val_split']:,} held-out training examples" if hp.get("val_split") else
+               "the test loss"))
 
 
 def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str:

@@ -232,11 +232,13 @@ def subset_batches(data, n: int, bs: int):
 
 
 def early_stop(curve: list[dict]) -> tuple[int, float]:
-    """(iteration, test accuracy) at the evaluation with the minimum test loss (the paper's early-stopping
-    criterion; ties go to the earliest)."""
+    """(iteration, test accuracy) at the evaluation with the minimum validation loss (the paper's early-stopping
+    criterion; ties go to the earliest). A curve without validation rows (no held-out set: ``val_loss`` absent)
+    stops at the minimum test loss instead."""
     if not curve:
         raise ValueError("no evaluations recorded")
-    best = min(curve, key=lambda r: (r["test_loss"], r["iteration"]))
+    key = "val_loss" if all("val_loss" in r for r in curve) else "test_loss"
+    best = min(curve, key=lambda r: (r[key], r["iteration"]))
     return int(best["iteration"]), float(best["test_acc"])
 
 
@@ -258,11 +260,14 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
           capture_at: int | None = None,
           on_capture: Callable[[int, dict], None] | None = None,
           callback: Callable[[int, nn.Module], None] | None = None,
-          desc: str | None = None) -> dict:
+          desc: str | None = None,
+          val_data=None) -> dict:
     """Train ``model`` in place for iterations ``[start_iteration, cfg.iterations)``; return the metrics.
 
     - ``train_data``/``test_data``: :class:`sparse_lth.data.DeviceDataset`-like (``.batch(i, bs, seed)``,
       ``.eval_batches(bs)``, ``.x``/``.y``); the model must already be on their device.
+    - ``val_data``: held-out training examples (:meth:`~sparse_lth.data.DeviceDataset.split_off`), evaluated with
+      the test set; early stopping then goes by their loss (as the paper), not the test loss.
     - ``checkpoint_path``: if the file exists the run resumes from it (model, optimizer state, iteration, metrics
       so far, layer paths); a checkpoint is written there every ``checkpoint_every`` iterations (0: never).
       The caller deletes it when it no longer needs it.
@@ -274,8 +279,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
       after the step under way, writes a checkpoint at that iteration and raises :class:`TrainingInterrupted` (a
       ``KeyboardInterrupt``): nothing done is lost, and the resume is exact. A second signal acts at once.
 
-    Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc}...],
-    early_stop_iteration, early_stop_test_acc, test_acc, test_loss, train_acc, train_loss, iterations,
+    Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc[, val_loss, val_acc]}...],
+    early_stop_iteration, early_stop_test_acc (the test accuracy there), early_stop_on ("val" or "test"), test_acc, test_loss, train_acc, train_loss, iterations,
     steps, wall_time (steps + evaluations, summed over resumes), step_time, time_per_step, paths, backends,
     resumed_from, environments)``; ``environments``: the :func:`sparse_lth.environment.environment` of each
     stretch of training that ran under another one, with the iteration it started from (one unless resumed
@@ -335,6 +340,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     def do_eval(i: int) -> None:
         test_loss, test_acc = evaluate(model, test_data.eval_batches(cfg.eval_batch_size))
         row = dict(iteration=i, lr=lr_at(cfg, max(i - 1, 0)), test_loss=test_loss, test_acc=test_acc)
+        if val_data is not None:
+            row["val_loss"], row["val_acc"] = evaluate(model, val_data.eval_batches(cfg.eval_batch_size))
         if cfg.train_eval_size:
             row["train_loss"], row["train_acc"] = evaluate(
                 model, subset_batches(train_data, cfg.train_eval_size, cfg.eval_batch_size))
@@ -405,6 +412,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     es_it, es_acc = early_stop(curve)
     last = curve[-1]
     return dict(curve=curve, early_stop_iteration=es_it, early_stop_test_acc=es_acc,
+                early_stop_on="val" if all("val_loss" in r for r in curve) else "test",
                 test_acc=last["test_acc"], test_loss=last["test_loss"],
                 train_acc=last.get("train_acc"), train_loss=last.get("train_loss"),
                 iterations=cfg.iterations, start_iteration=start_iteration, steps=steps_timed,

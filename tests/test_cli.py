@@ -104,6 +104,16 @@ def test_train_command(tmp_path, capsys):
     m = json.loads(out.read_text())
     assert set(m["paths"].values()) == {"sparse"} and abs(m["percent_remaining"] - 20.0) < 0.01
     assert [c["iteration"] for c in m["curve"]] == [0, 10, 20] and 0 <= m["test_acc"] <= 1
+    assert m["early_stop_on"] == "test" and "val_loss" not in m["curve"][0]
+    assert main(["train", "--data", mnist_root(), "--iterations", "20", "--eval-every", "10", "--data-limit", "300",
+                 "--test-limit", "200", "--val-split", "100", "--no-progress", "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["early_stop_on"] == "val" and all("val_acc" in c for c in m["curve"])
+    best = min(m["curve"], key=lambda c: (c["val_loss"], c["iteration"]))
+    assert m["early_stop_iteration"] == best["iteration"] and m["early_stop_test_acc"] == best["test_acc"]
+    capsys.readouterr()
+    assert main(["train", "--data", mnist_root(), "--data-limit", "300", "--val-split", "300", "--no-progress"]) == 2
+    assert "--val-split 300: cannot hold out 300 of 300 examples" in capsys.readouterr().err
 
 
 def test_train_command_conv_network_on_fashion_mnist(tmp_path):
@@ -303,6 +313,7 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     assert out[1] == "  seed 0: 0 of 3 rounds done; round 0 next"
     assert "prunable weights: fc " in out[2] and "output " in out[2]
     assert "30 iterations, rewind to iteration 0; 3 rounds = 90 iterations per seed" in out[4]
+    assert out[5].startswith("early stopping: at the minimum test loss")
     table = out[out.index(next(ln for ln in out if ln.split()[:2] == ["round", "%"])) + 1:-1]
     assert [ln.split()[0] for ln in table] == ["0", "1", "2"] and table[0].split()[1] == "100.00"
     assert out[-1] == "nothing trained or written (--plan)"
@@ -315,3 +326,7 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     assert main(tiny_imp_args(tmp_path, "--plan", "--prune-score", "movement")) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith(" (new)") and "(layer-wise, by movement since the rewind point); control imp" in out[3]
+    assert main(tiny_imp_args(tmp_path, "--plan", "--val-split", "50")) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith(" (new)") and out[5] == ("early stopping: at the minimum loss of 50 training examples "
+                                                    "held out for validation (trained on the others)")

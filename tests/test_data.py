@@ -299,6 +299,26 @@ def test_to_device_gives_the_same_batches():
         assert xg.is_cuda and torch.equal(xg.cpu(), d.batch(4, 8, 1)[0]) and torch.equal(yg.cpu(), d.batch(4, 8, 1)[1])
 
 
+def test_split_off_holds_out_a_fixed_draw():
+    """The validation split: n examples drawn at random, the same draw every time (whatever the run's seed), both
+    parts in their original order, disjoint and together the whole set; the held-out part is not augmented."""
+    d = _toy(50, augment=True, c=3, hw=32)  # y is each sample's row
+    rest, held = d.split_off(12)
+    assert (len(rest), len(held)) == (38, 12)
+    assert rest.augment and not held.augment and held.split == "val"
+    ri, hi = rest.y.tolist(), held.y.tolist()
+    assert ri == sorted(ri) and hi == sorted(hi) and sorted(ri + hi) == list(range(50))
+    assert torch.equal(held.x, d.x[hi]) and torch.equal(rest.x, d.x[ri])
+    assert hi != list(range(12)) and hi != list(range(38, 50))  # drawn, not the first or last ones
+    again_rest, again_held = d.split_off(12)
+    assert torch.equal(again_held.x, held.x) and torch.equal(again_rest.x, rest.x)
+    assert not torch.equal(d.split_off(12, seed=1)[1].x, held.x)
+    with pytest.raises(ValueError, match="cannot hold out 50 of 50"):
+        d.split_off(50)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        d.split_off(0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # roots and errors
 # ---------------------------------------------------------------------------------------------------------------

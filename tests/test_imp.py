@@ -844,6 +844,46 @@ def test_a_weight_tied_to_another_layers_is_pruned_once(tmp_path):
     assert torch.equal(ticket.b.weight != 0, masks["a"]) and ticket.b.weight is ticket.a.weight
 
 
+def test_imp_with_a_validation_split(tmp_path):
+    """``val_split``: every round trains on the training set less N held-out examples and early-stops where their
+    loss is least (the paper's protocol); another experiment folder; a control reuses its dense round; a split
+    that leaves nothing to train on is refused before anything is written."""
+    from sparse_lth.imp import Experiment
+    from sparse_lth.report import load_experiment, selection_markdown, summary_markdown
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1, val_split=40)
+    exp = Experiment(hp, str(tmp_path), data=data, progress=False)
+    assert len(exp.data[0]) == 200 and len(exp.val_data) == 40 and len(exp.data[1]) == 120
+    assert Experiment(tiny_hp(rounds=1), str(tmp_path), data=data).val_data is None
+    res = run(hp, tmp_path, data=data)
+    plain = run(tiny_hp(rounds=1), tmp_path, data=data)
+    assert res.experiment_dir != plain.experiment_dir
+    for m in res.metrics[0]:
+        assert m["early_stop_on"] == "val" and all("val_loss" in r for r in m["curve"])
+        best = min(m["curve"], key=lambda r: (r["val_loss"], r["iteration"]))
+        assert (m["early_stop_iteration"], m["early_stop_test_acc"]) == (best["iteration"], best["test_acc"])
+    assert all(m["early_stop_on"] == "test" for m in plain.metrics[0])
+    # trained on other examples: other weights, other masks
+    assert res.metrics[0][0]["test_loss"] != plain.metrics[0][0]["test_loss"]
+    ctl = run(dataclasses.replace(hp, control="reinit"), tmp_path, data=data)
+    assert ctl.metrics[0][0]["reused_from"] and ctl.metrics[0][1]["early_stop_on"] == "val"
+    loaded = load_experiment(res.experiment_dir)
+    assert "early stop on the loss of 40 held-out training examples" in summary_markdown([loaded])
+    sel = selection_markdown([loaded, load_experiment(plain.experiment_dir)]).splitlines()
+    m = res.metrics[0][1]
+    at_test = min(m["curve"], key=lambda c: (c["test_loss"], c["iteration"]))["test_acc"]
+    row = next(ln for ln in sel if ln.startswith("| 1 |"))
+    assert row.count("/") == 2  # the plain experiment has no column: it has no validation split
+    assert f"{100 * m['early_stop_test_acc']:.2f} / {100 * at_test:.2f} / " \
+           f"{100 * (at_test - m['early_stop_test_acc']):+.2f}" in row
+    assert selection_markdown([load_experiment(plain.experiment_dir)]) == ""
+    with pytest.raises(ValueError, match="val_split=240: cannot hold out 240 of 240"):
+        run(tiny_hp(val_split=240), tmp_path / "b", data=data)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="val_split must be an integer >= 0"):
+        run(tiny_hp(val_split=-1), tmp_path / "c", data=data)
+
+
 def test_a_model_that_does_not_fit_the_data_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="model conv2 does not take .* examples .*3 channels"):
         run(tiny_hp(model="conv2", prune_conv=0.1), tmp_path / "runs")  # MNIST-shaped data: one channel

@@ -109,6 +109,29 @@ def test_early_stop_picks_min_test_loss():
         early_stop([])
 
 
+def test_early_stop_goes_by_the_validation_loss_when_there_is_one():
+    curve = [dict(iteration=0, test_loss=2.0, test_acc=0.1, val_loss=2.1), dict(iteration=5, test_loss=0.5,
+             test_acc=0.8, val_loss=0.9), dict(iteration=10, test_loss=0.7, test_acc=0.85, val_loss=0.6)]
+    assert early_stop(curve) == (10, 0.85)  # the test accuracy where the validation loss is least
+
+
+def test_training_with_a_validation_set():
+    """``val_data``: every evaluation also on the held-out examples, and the early stop where their loss is least
+    (the test accuracy there); without it, at the least test loss as before."""
+    tr, te = tiny_data(240, 120)
+    tr, val = tr.split_off(60)
+    model, _ = tiny_model("sparse")
+    out = train(model, tr, te, cfg(iterations=24, eval_every=4), val_data=val)
+    assert all({"val_loss", "val_acc"} <= set(r) for r in out["curve"]) and out["early_stop_on"] == "val"
+    best = min(out["curve"], key=lambda r: (r["val_loss"], r["iteration"]))
+    assert (out["early_stop_iteration"], out["early_stop_test_acc"]) == (best["iteration"], best["test_acc"])
+    model, _ = tiny_model("sparse")
+    plain = train(model, tr, te, cfg(iterations=24, eval_every=4))
+    assert plain["early_stop_on"] == "test" and "val_loss" not in plain["curve"][0]
+    # the same training (the validation set is only looked at): the same test curve
+    assert [r["test_loss"] for r in plain["curve"]] == [r["test_loss"] for r in out["curve"]]
+
+
 def train_until_killed(model, tr, te, c, ck, kill_at, **kw):
     """Train with a checkpoint every 4 iterations into ``ck``, stopped by an exception at iteration ``kill_at``."""
     class Stop(Exception):
