@@ -403,9 +403,11 @@ def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None
         control = e["hparams"].get("control", "imp")
         st = dict(styles.get(control, {}))
         k = seen[control] = seen.get(control, -1) + 1
-        if k:  # another experiment of the same control (noise at another sigma, other hyperparameters)
+        if k:  # another experiment of the same control (noise at another sigma, other hyperparameters): its
+            # colour also depends on the control, so that two controls' second experiments differ
             st["linestyle"] = ["--", ":", "-."][(k - 1) % 3]
-            st["color"] = _MORE_COLORS[(k - 1) % len(_MORE_COLORS)]
+            c = list(styles).index(control) if control in styles else 0
+            st["color"] = _MORE_COLORS[(k - 1 + c) % len(_MORE_COLORS)]
         x = [r[0] for r in rows]
         ax.plot(x, [scale * r[1] for r in rows], label=_label(e, exps), ms=4, **st)
         if max(r[4] for r in rows) > 1:
