@@ -377,6 +377,28 @@ def test_the_example_runs_imp_on_mnist_in_a_plain_loop(tmp_path, capsys):
     assert "weights remaining per round: 100%, 50.1%, 25.1%" in printed
 
 
+def test_the_ddp_example_runs_imp_in_two_processes():
+    """examples/imp_ddp.py as README runs it (two CPU processes, gloo), briefly on real MNIST: every round's
+    ranks agree (the script raises otherwise) and every round learned."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, require_shared_data
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # not a rank of some outer torchrun
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, str(REPO / "examples" / "imp_ddp.py"), "--data", str(require_shared_data()),
+                        "--procs", "2", "--rounds", "2", "--iterations", "40", "--prune", "0.5", "--train-limit",
+                        "2400", "--test-limit", "1000"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "2 processes on cpu; weights remaining per round: 100%, 50.1%, 25.1%"
+    rows = [ln.split() for ln in lines[2:]]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and [r[-1] for r in rows] == ["True"] * 3
+    assert [float(r[1]) for r in rows] == pytest.approx([100.0, 50.09, 25.12], abs=0.01)
+    assert all(float(r[2]) > 60 for r in rows)  # learned (chance is 10%) in each round
+
+
 def test_a_compiled_model_follows_a_mask_change():
     """The docstring's claim: torch.compile (dynamo's guards; the aot_eager backend, so no C++ compiler is needed)
     notices the parameters a new mask puts in a sparse layer, forward and backward."""
