@@ -421,6 +421,66 @@ def _plot_series(ax, exps, field: str, styles: dict, scale: float = 1.0) -> None
             explained = True
 
 
+def _layer_series(exp: dict) -> tuple[list[float], dict[str, list[float]], dict[str, str]]:
+    """(percent of all weights remaining per round, {layer: percent of its weights remaining per round},
+    {layer: kind}), means over the replicates that have each round."""
+    xs, ys, kinds = [], {}, {}
+    for r, ms in exp["rounds"].items():
+        per = [m.get("remaining") or {} for m in ms]
+        if not per[0]:
+            continue
+        xs.append(statistics.fmean(m["percent_remaining"] for m in ms))
+        for name, d in per[0].items():
+            kinds[name] = d.get("kind") or ""
+            ys.setdefault(name, []).append(statistics.fmean(100.0 * p[name]["live"] / p[name]["total"]
+                                                            for p in per if name in p))
+    return xs, ys, kinds
+
+
+def layers_figure(exps: list[dict], title: str):
+    """One panel per distinct layer-wise schedule among ``exps`` (experiments with the same masks' sparsities,
+    a ticket and its reinit control say, share one): each layer's percent of weights remaining against the
+    percent of all weights remaining. Shows what global pruning or per-kind rates do to each layer. None when no
+    round records its layers."""
+    import matplotlib.pyplot as plt
+    panels: list[tuple[tuple, list[str], tuple]] = []  # (key, labels, series)
+    for e in exps:
+        xs, ys, kinds = _layer_series(e)
+        if len(xs) < 2:
+            continue
+        key = (tuple(round(x, 2) for x in xs),
+               tuple((n, tuple(round(v, 2) for v in vs)) for n, vs in ys.items()))
+        for k, labels, _ in panels:
+            if k == key:
+                labels.append(_label(e, exps))
+                break
+        else:
+            panels.append((key, [_label(e, exps)], (xs, ys, kinds)))
+    if not panels:
+        return None
+    panels = panels[:6]
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (_, labels, (xs, ys, kinds)) in zip(axes.flat, panels):
+        cmap = plt.get_cmap("tab10" if len(ys) <= 10 else "tab20")
+        for i, (name, vs) in enumerate(ys.items()):
+            style = {"conv": "-", "fc": "--", "output": ":"}.get(kinds.get(name), "-.")
+            ax.plot(xs, vs, style, marker="o", ms=3, lw=1.2, color=cmap(i % cmap.N),
+                    label=f"{name} ({kinds.get(name)})" if kinds.get(name) else name)
+        ax.plot(xs, xs, color="gray", lw=0.8, alpha=0.6, label="all weights")
+        _setup_axis(ax, xs)
+        ax.set_yscale("log")
+        ax.set_ylabel("percent of the layer's weights remaining")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.set_title(textwrap.fill(", ".join(labels), 60), fontsize=9)
+        ax.legend(fontsize=6, ncol=2 if len(ys) > 8 else 1)
+    fig.suptitle(f"{title}: weights remaining by layer")
+    return fig
+
+
 def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, curve_rounds=None,
                  remaining="all", seeds=None) -> dict:
     """Write the figures and ``summary.md`` for ``experiment_dirs`` into ``out_dir``; returns their paths.
@@ -482,6 +542,11 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
     ax.set_title(textwrap.fill(f"{title}: gain over the dense network (same seed)", 75), fontsize=10)
     _legend(fig, [ax])
     files["gain"] = save_figure(fig, os.path.join(out_dir, "gain_vs_remaining.png"))
+
+    # --- each layer's weights remaining against all weights remaining
+    fig = layers_figure(exps, title)
+    if fig is not None:
+        files["layers"] = save_figure(fig, os.path.join(out_dir, "layers_vs_remaining.png"))
 
     # --- test accuracy over training for selected rounds
     ref = exps[0]

@@ -106,6 +106,30 @@ def test_the_x_axis_can_be_the_weights_remaining_of_some_layer_kinds():
     assert "% conv remaining" not in report.summary_markdown(exps)
 
 
+def test_the_layers_figure_draws_each_schedule_once():
+    """layers_figure: one panel per distinct per-layer schedule (a ticket and its reinit control share one), each
+    layer's percent remaining as recorded; nothing to draw without per-layer counts."""
+    import copy
+
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    both = layered("both", ("conv", "fc", "output"), 2)
+    conv_only = layered("conv_only", ("conv",), 2)
+    reinit = copy.deepcopy(both)
+    reinit["name"], reinit["hparams"]["control"] = "both_reinit", "reinit"
+    fig = report.layers_figure([both, conv_only, reinit], "t")
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 2
+    titles = [ax.get_title() for ax in shown]
+    assert "random reinit" in titles[0] and "random reinit" not in titles[1]
+    lines = {ln.get_label(): ln for ln in shown[1].get_lines()}  # conv only: fc1 and fc2 stay at 100%
+    assert list(lines["fc1 (fc)"].get_ydata()) == [100.0] * 3
+    assert list(lines["conv2 (conv)"].get_ydata()) == pytest.approx([100.0, 90.0, 81.0])
+    assert list(lines["all weights"].get_xdata()) == pytest.approx(
+        [m[0]["percent_remaining"] for m in conv_only["rounds"].values()])
+    assert report.layers_figure([exp("a", "imp", [100.0, 80.0], [0.9, 0.91])], "t") is None
+
+
 def test_layer_kinds_come_from_the_model_for_runs_that_did_not_record_them():
     """A run from before the rounds recorded each layer's kind: LeNet-300-100 is built again from its hparams."""
     old = exp("old", "imp", [], [])
