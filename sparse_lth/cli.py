@@ -482,6 +482,32 @@ def _cmd_anatomy(args) -> int:
     return 0
 
 
+def _cmd_overlap(args) -> int:
+    from .imp import replicate_seeds
+    from .overlap import label_results, overlap, overlap_markdown, write_overlap_report
+    a = _check_experiment_dir(args.run_a)
+    others = [_check_experiment_dir(d) for d in args.run_b]
+    if args.seed_b is not None and args.seeds and len(args.seeds) != 1:
+        raise ValueError("--seed-b compares one replicate of A with one of each B: give at most one --seeds")
+    results = []
+    for b in others:
+        if args.seed_b is not None:
+            pairs = [(args.seeds[0] if args.seeds else 0, args.seed_b)]
+        else:
+            seeds = list(args.seeds) if args.seeds else sorted(set(replicate_seeds(a)) & set(replicate_seeds(b)))
+            if not seeds:
+                raise FileNotFoundError(f"{a} and {b} have no replicate (seed) in common: name them with --seeds "
+                                        "and --seed-b")
+            pairs = [(s, s) for s in seeds]
+        results += [overlap(a, b, sa, sb, rounds=list(args.rounds) if args.rounds else None) for sa, sb in pairs]
+    label_results(results, {os.path.basename(os.path.normpath(d)): d for d in [a, *others]})
+    files = write_overlap_report(results, _report_dir(args, [a, *others], "overlap"), title=args.title or "")
+    print(overlap_markdown(results), end="")
+    for k, v in files.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     import torch
 
@@ -601,6 +627,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "layer kinds only: conv, fc, output, comma-separated (fc,output); to set side by side "
                          "runs that prune only some layers")
 
+    po = sub.add_parser("overlap", help="do experiments find the same ticket? the overlap of their masks",
+                        description="For every round both experiment folders have finished: the live weights the "
+                                    "two masks share (Jaccard index), the fraction of each mask the other keeps, "
+                                    "and how many more they share than two random masks of the same per-layer "
+                                    "sizes would; over all layers by round, and by layer at the last round. "
+                                    "Compares replicate s of A with replicate s of each B (every seed both have, "
+                                    "or --seeds), or --seeds S --seed-b T across seeds. Reads saved files only.")
+    po.add_argument("run_a", metavar="RUN_A", help="an experiment folder")
+    po.add_argument("run_b", metavar="RUN_B", nargs="+",
+                    help="experiment folders to compare with RUN_A (or RUN_A itself, with --seed-b)")
+    po.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B",
+                    help="replicates to compare (default: every seed both have)")
+    po.add_argument("--seed-b", type=int, default=None, help="compare --seeds S of RUN_A with this seed of RUN_B")
+    po.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="R1,R2",
+                    help="only these rounds (default: every round both have finished)")
+    po.add_argument("--out", help="folder for overlap.md and overlap.png (default: <common parent>/overlap)")
+    po.add_argument("--title", default="", help="the figure's title")
+
     pls = sub.add_parser("ls", help="the experiments in run folders: what each is and how far it has got",
                          description="One line per experiment (and replicate): its control, rounds finished of "
                                      "those planned, the last and the best accuracy at early stop, and the round "
@@ -699,6 +743,8 @@ def main(argv=None) -> int:
             return _cmd_export(args)
         if args.command == "ls":
             return _cmd_ls(args)
+        if args.command == "overlap":
+            return _cmd_overlap(args)
         return _cmd_report(args)
     except KeyboardInterrupt as e:
         again = {"imp": "; run the same command again to resume",

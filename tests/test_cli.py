@@ -31,7 +31,8 @@ def tiny_imp_args(root, *extra):
 
 def test_help(capsys):
     for argv in (["--help"], ["imp", "--help"], ["train", "--help"], ["report", "--help"], ["stability", "--help"],
-                 ["landscape", "--help"], ["anatomy", "--help"], ["env", "--help"], ["export", "--help"]):
+                 ["landscape", "--help"], ["anatomy", "--help"], ["env", "--help"], ["export", "--help"],
+                 ["overlap", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0

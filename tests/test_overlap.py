@@ -1,0 +1,76 @@
+"""sparse_lth.overlap and `sparse-lth overlap`: the overlap of two experiments' masks."""
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from sparse_lth.cli import main
+from sparse_lth.overlap import mask_overlap, overlap, overlap_markdown
+from test_imp import load_masks, run, tiny_hp
+
+
+def test_mask_overlap_counts():
+    a = {"x": torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool), "y": torch.ones(3, dtype=torch.bool)}
+    b = {"x": torch.tensor([[1, 0, 1, 0], [1, 0, 0, 1]], dtype=torch.bool), "y": torch.tensor([True, False, True])}
+    o = mask_overlap(a, b)
+    x = o["x"]
+    assert (x["live_a"], x["live_b"], x["shared"], x["total"]) == (3, 4, 2, 8)
+    assert x["jaccard"] == pytest.approx(2 / 5) and x["of_a"] == pytest.approx(2 / 3) and x["of_b"] == 0.5
+    assert x["chance"] == pytest.approx(3 * 4 / 8) and x["enrichment"] == pytest.approx(2 / 1.5)
+    y = o["y"]
+    assert (y["shared"], y["jaccard"], y["of_b"]) == (2, pytest.approx(2 / 3), 1.0)
+    al = o["all"]
+    assert (al["live_a"], al["live_b"], al["shared"], al["total"]) == (6, 6, 4, 11)
+    assert al["chance"] == pytest.approx(1.5 + 2.0) and al["enrichment"] == pytest.approx(4 / 3.5)
+    same = mask_overlap(a, a)["all"]
+    assert same["jaccard"] == 1.0 and same["of_a"] == same["of_b"] == 1.0
+    with pytest.raises(ValueError, match="layer x: masks of shapes"):
+        mask_overlap(a, {"x": torch.ones(3, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="share no layer"):
+        mask_overlap(a, {"z": torch.ones(3, dtype=torch.bool)})
+
+
+def test_overlap_of_two_runs(tmp_path):
+    """IMP against one-shot pruning at each level: round 1 prunes the same dense network by the same amount, so the
+    masks are the same; later rounds share what the saved masks share."""
+    hp = tiny_hp(rounds=3)
+    imp = run(hp, tmp_path)
+    one = run(dataclasses.replace(hp, control="oneshot", oneshot_levels=True), tmp_path)
+    d = overlap(imp.experiment_dir, one.experiment_dir)
+    assert [row["round"] for row in d["rounds"]] == [0, 1, 2, 3] and d["seed_b"] == 0
+    assert d["rounds"][1]["layers"]["all"]["jaccard"] == 1.0
+    for row in d["rounds"]:
+        want = mask_overlap(load_masks(imp.experiment_dir, 0, row["round"]),
+                            load_masks(one.experiment_dir, 0, row["round"]))
+        assert row["layers"] == want
+        assert row["percent_a"] == pytest.approx(imp.metrics[0][row["round"]]["percent_remaining"])
+    assert d["rounds"][3]["layers"]["all"]["jaccard"] < 1.0  # one-shot's later masks differ from IMP's
+    assert [row["round"] for row in overlap(imp.experiment_dir, one.experiment_dir, rounds=[3])["rounds"]] == [3]
+    md = overlap_markdown([d])
+    assert "| 1 | " in md and "Round 3, by layer:" in md and "| all |" in md
+    with pytest.raises(ValueError, match=r"rounds \[7\] are not finished in both"):
+        overlap(imp.experiment_dir, one.experiment_dir, rounds=[7])
+    with pytest.raises(FileNotFoundError, match="no replicate 4"):
+        overlap(imp.experiment_dir, one.experiment_dir, seed_a=4)
+
+
+def test_overlap_command(tmp_path, capsys):
+    hp = tiny_hp(rounds=2)
+    imp = run(hp, tmp_path / "runs", replicates=2)
+    other = run(dataclasses.replace(hp, prune_score="movement"), tmp_path / "runs", replicates=2)
+    out = tmp_path / "ov"
+    assert main(["overlap", imp.experiment_dir, other.experiment_dir, "--out", str(out), "--title", "t"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("## `") == 2 and "(seed 1) against" in text and "prune_score=movement" in text
+    assert (out / "overlap.png").stat().st_size > 0 and "# Mask overlap: t" in (out / "overlap.md").read_text()
+    # across seeds: seed 0 of the run against its seed 1 (other initial weights: other masks)
+    assert main(["overlap", imp.experiment_dir, imp.experiment_dir, "--seeds", "0", "--seed-b", "1", "--out",
+                 str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("## `") == 1 and "(seed 0) against" in text and "(seed 1): itself, seed 0 vs 1" in text
+    assert main(["overlap", imp.experiment_dir, other.experiment_dir, "--seeds", "0,1", "--seed-b", "1"]) == 2
+    assert "give at most one --seeds" in capsys.readouterr().err
+    assert main(["overlap", imp.experiment_dir, str(tmp_path)]) == 2
+    assert "not an experiment folder" in capsys.readouterr().err
+    assert os.path.isdir(out)
