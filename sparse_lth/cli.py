@@ -499,7 +499,8 @@ def _cmd_overlap(args) -> int:
                 raise FileNotFoundError(f"{a} and {b} have no replicate (seed) in common: name them with --seeds "
                                         "and --seed-b")
             pairs = [(s, s) for s in seeds]
-        results += [overlap(a, b, sa, sb, rounds=list(args.rounds) if args.rounds else None) for sa, sb in pairs]
+        results += [overlap(a, b, sa, sb, rounds=list(args.rounds) if args.rounds else None, match=args.match)
+                    for sa, sb in pairs]
     label_results(results, {os.path.basename(os.path.normpath(d)): d for d in [a, *others]})
     files = write_overlap_report(results, _report_dir(args, [a, *others], "overlap"), title=args.title or "")
     print(overlap_markdown(results), end="")
@@ -641,7 +642,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="replicates to compare (default: every seed both have)")
     po.add_argument("--seed-b", type=int, default=None, help="compare --seeds S of RUN_A with this seed of RUN_B")
     po.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="R1,R2",
-                    help="only these rounds (default: every round both have finished)")
+                    help="only these rounds of A (default: every round both have finished)")
+    po.add_argument("--match", choices=("round", "remaining"), default="round",
+                    help="pair round r of A with round r of B (default), or with B's round nearest in weights "
+                         "remaining, within 10%% (other schedules; a one-shot run's single round)")
     po.add_argument("--out", help="folder for overlap.md and overlap.png (default: <common parent>/overlap)")
     po.add_argument("--title", default="", help="the figure's title")
 

@@ -16,6 +16,7 @@ prints the table and draws ``overlap.png``. Reads saved files only.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Sequence
 
@@ -62,29 +63,43 @@ def _round_masks(exp_dir: str, seed: int) -> dict[int, str]:
 
 
 def overlap(exp_a: str, exp_b: str, seed_a: int = 0, seed_b: int | None = None,
-            rounds: Sequence[int] | None = None) -> dict:
+            rounds: Sequence[int] | None = None, match: str = "round") -> dict:
     """The overlap of replicate ``seed_a`` of experiment folder ``exp_a`` with replicate ``seed_b`` (default: the
-    same seed) of ``exp_b``, at every round both have finished (or ``rounds``): ``dict(a, b, seed_a, seed_b,
-    rounds=[dict(round, percent_a, percent_b, layers={layer or "all": mask_overlap row})])``."""
+    same seed) of ``exp_b``: ``dict(a, b, seed_a, seed_b, match, rounds=[dict(round, round_b, percent_a,
+    percent_b, layers={layer or "all": mask_overlap row})])``. ``match="round"``: round r of A with round r of
+    B, at every round both have finished (or ``rounds``, A's). ``match="remaining"``: each round of A with B's
+    round nearest to it in weights remaining, where they are within 10% of each other (other schedules: 60% per
+    round against 20%, a one-shot run's single round)."""
+    if match not in ("round", "remaining"):
+        raise ValueError(f"match must be 'round' or 'remaining', got {match!r}")
     seed_b = seed_a if seed_b is None else seed_b
     da, db = _round_masks(exp_a, seed_a), _round_masks(exp_b, seed_b)
-    both = sorted(set(da) & set(db))
+    pct_a = {r: read_json(os.path.join(d, "metrics.json"))["percent_remaining"] for r, d in da.items()}
+    pct_b = {r: read_json(os.path.join(d, "metrics.json"))["percent_remaining"] for r, d in db.items()}
+    if match == "round":
+        pairs = {r: r for r in da if r in db}
+    else:
+        pairs = {}
+        for r, p in pct_a.items():
+            rb = min(pct_b, key=lambda k: abs(math.log(pct_b[k] / p)), default=None)
+            if rb is not None and abs(math.log(pct_b[rb] / p)) <= math.log(1.1):
+                pairs[r] = rb
     if rounds is not None:
-        bad = [r for r in rounds if r not in both]
+        bad = [r for r in rounds if r not in pairs]
         if bad:
-            raise ValueError(f"rounds {bad} are not finished in both (both have {both})")
-        both = sorted(rounds)
-    if not both:
-        raise ValueError(f"{exp_a} (seed {seed_a}) and {exp_b} (seed {seed_b}) have no finished round in common")
+            raise ValueError(f"rounds {bad} of A have no {'finished round' if match == 'round' else 'round as sparse'}"
+                             f" in B (those that do: {sorted(pairs)})")
+        pairs = {r: pairs[r] for r in rounds}
+    if not pairs:
+        raise ValueError(f"{exp_a} (seed {seed_a}) and {exp_b} (seed {seed_b}) have no finished round in common"
+                         + (" (try match by remaining)" if match == "round" else " within 10% in weights remaining"))
     rows = []
-    for r in both:
+    for r, rb in sorted(pairs.items()):
         ma = torch.load(os.path.join(da[r], "masks.pt"), map_location="cpu", weights_only=False)["masks"]
-        mb = torch.load(os.path.join(db[r], "masks.pt"), map_location="cpu", weights_only=False)["masks"]
-        pa = read_json(os.path.join(da[r], "metrics.json"))["percent_remaining"]
-        pb = read_json(os.path.join(db[r], "metrics.json"))["percent_remaining"]
-        rows.append(dict(round=r, percent_a=pa, percent_b=pb, layers=mask_overlap(ma, mb)))
+        mb = torch.load(os.path.join(db[rb], "masks.pt"), map_location="cpu", weights_only=False)["masks"]
+        rows.append(dict(round=r, round_b=rb, percent_a=pct_a[r], percent_b=pct_b[rb], layers=mask_overlap(ma, mb)))
     return dict(a=os.path.basename(os.path.normpath(exp_a)), b=os.path.basename(os.path.normpath(exp_b)),
-                seed_a=seed_a, seed_b=seed_b, rounds=rows)
+                seed_a=seed_a, seed_b=seed_b, match=match, rounds=rows)
 
 
 def overlap_markdown(results: Sequence[dict]) -> str:
@@ -100,10 +115,11 @@ def overlap_markdown(results: Sequence[dict]) -> str:
         lines.append("|---:|---:|---:|---:|---:|---:|---:|")
         for row in d["rounds"]:
             o = row["layers"]["all"]
-            lines.append(f"| {row['round']} | {row['percent_a']:.2f} | {row['percent_b']:.2f} | {o['jaccard']:.3f} | "
+            r = _round_name(row)
+            lines.append(f"| {r} | {row['percent_a']:.2f} | {row['percent_b']:.2f} | {o['jaccard']:.3f} | "
                          f"{o['of_a']:.3f} | {o['of_b']:.3f} | {o['enrichment']:.2f} |")
         last = d["rounds"][-1]
-        lines.append(f"\nRound {last['round']}, by layer:\n")
+        lines.append(f"\nRound {_round_name(last)}, by layer:\n")
         lines.append("| layer | live A | live B | shared | Jaccard | shared / chance |")
         lines.append("|---|---:|---:|---:|---:|---:|")
         for n, o in last["layers"].items():
@@ -111,6 +127,12 @@ def overlap_markdown(results: Sequence[dict]) -> str:
                          f"{o['enrichment']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _round_name(row: dict) -> str:
+    """"r", or "r / r_b" where B's round is another."""
+    rb = row.get("round_b", row["round"])
+    return str(row["round"]) if rb == row["round"] else f"{row['round']} / {rb}"
 
 
 def label_results(results: Sequence[dict], dirs: dict[str, str]) -> None:

@@ -49,7 +49,7 @@ def test_overlap_of_two_runs(tmp_path):
     assert [row["round"] for row in overlap(imp.experiment_dir, one.experiment_dir, rounds=[3])["rounds"]] == [3]
     md = overlap_markdown([d])
     assert "| 1 | " in md and "Round 3, by layer:" in md and "| all |" in md
-    with pytest.raises(ValueError, match=r"rounds \[7\] are not finished in both"):
+    with pytest.raises(ValueError, match=r"rounds \[7\] of A have no finished round in B"):
         overlap(imp.experiment_dir, one.experiment_dir, rounds=[7])
     with pytest.raises(FileNotFoundError, match="no replicate 4"):
         overlap(imp.experiment_dir, one.experiment_dir, seed_a=4)
@@ -74,3 +74,20 @@ def test_overlap_command(tmp_path, capsys):
     assert main(["overlap", imp.experiment_dir, str(tmp_path)]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
     assert os.path.isdir(out)
+
+
+def test_overlap_by_weights_remaining(tmp_path):
+    """match="remaining": each round of A against B's round nearest in weights remaining (within 10%): one round
+    of 36% pruning sits beside two of 20%."""
+    a = run(tiny_hp(rounds=3), tmp_path)
+    b = run(tiny_hp(rounds=1, prune_fc=0.36, prune_output=0.19), tmp_path)
+    d = overlap(a.experiment_dir, b.experiment_dir, match="remaining")
+    assert [(row["round"], row["round_b"]) for row in d["rounds"]] == [(0, 0), (2, 1)]
+    assert d["rounds"][1]["percent_b"] == pytest.approx(b.metrics[0][1]["percent_remaining"])
+    assert d["rounds"][1]["layers"] == mask_overlap(load_masks(a.experiment_dir, 0, 2), load_masks(b.experiment_dir, 0, 1))
+    assert "| 2 / 1 |" in overlap_markdown([d]) and "Round 2 / 1, by layer:" in overlap_markdown([d])
+    assert [row["round"] for row in overlap(a.experiment_dir, b.experiment_dir)["rounds"]] == [0, 1]  # by round
+    with pytest.raises(ValueError, match=r"rounds \[1\] of A have no round as sparse in B"):
+        overlap(a.experiment_dir, b.experiment_dir, rounds=[1], match="remaining")
+    with pytest.raises(ValueError, match="match must be 'round' or 'remaining'"):
+        overlap(a.experiment_dir, b.experiment_dir, match="nearest")
