@@ -128,7 +128,7 @@ def evaluated_gap(exp_dir: str, seed: int, rounds: Sequence[int], *, train_examp
     ``test_limit`` apply; ``data``: (train, test) DeviceDatasets to use instead). ``gap`` is train minus test
     accuracy at the end of training."""
     from .imp import _load_weights, finished_rounds, open_experiment
-    from .train import evaluate, subset_batches
+    from .train import autocast, evaluate, subset_batches
     if isinstance(train_examples, bool) or not isinstance(train_examples, int) or train_examples < 0:
         raise ValueError(f"train_examples must be an integer >= 0 (0: all), got {train_examples!r}")
     exp = open_experiment(exp_dir, seed, device=device, data_root=data_root, progress=False, data=data)
@@ -148,7 +148,7 @@ def evaluated_gap(exp_dir: str, seed: int, rounds: Sequence[int], *, train_examp
             model, _, _ = exp.prepare_round(seed, r)
             _load_weights(model, torch.load(os.path.join(done[r], "final.pt"), map_location=exp.device,
                                             weights_only=False))
-            with torch.no_grad():
+            with torch.no_grad(), autocast(exp.train_cfg.precision, exp.device):  # as the run evaluated it
                 _, train_acc = evaluate(model, subset_batches(train, n, batch_size))
                 _, test_acc = evaluate(model, test.eval_batches(batch_size))
             out[str(r)] = dict(train_acc=train_acc, test_acc=test_acc, gap=train_acc - test_acc,

@@ -112,6 +112,7 @@ class ImpHparams:
     eval_every: int = 500
     train_eval_size: int = 1000
     optimizer_impl: str = "torch"   # torch | sparse_lth
+    precision: str = "fp32"         # fp32 | bf16: forward passes under bf16 autocast (weights, optimizer in fp32)
     # pruning
     rounds: int = 15                # pruning rounds after the dense round 0
     prune_fc: float = 0.2           # fraction of the SURVIVING weights pruned per round, per layer type
@@ -597,7 +598,7 @@ class Experiment:
                            weight_decay=hp.weight_decay, batch_size=hp.batch_size, iterations=self.iterations,
                            milestones=hp.milestones, gamma=hp.gamma, warmup=hp.warmup, eval_every=hp.eval_every,
                            train_eval_size=hp.train_eval_size, seed=hp.seed, progress=self.progress,
-                           optimizer_impl=hp.optimizer_impl)
+                           optimizer_impl=hp.optimizer_impl, precision=hp.precision)
 
     # ------------------------------------------------------------------------------------ pieces
     @property

@@ -662,6 +662,8 @@ def _describe(hp: dict) -> str:
             opt += f", {name} {hp[key]}"
     if hp.get("nesterov"):
         opt += " (Nesterov)"
+    if hp.get("precision", "fp32") != "fp32":
+        opt += f", {hp['precision']} autocast"
     if hp.get("milestones"):
         opt += f", lr x{hp.get('gamma')} at {','.join(map(str, hp['milestones']))}"
     model = f"model {hp.get('model')}" + (f" on {hp['dataset']}" if hp.get("dataset") else "")

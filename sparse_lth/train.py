@@ -35,6 +35,7 @@ from .environment import environment, warn_if_changed
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 OPTIMIZER_IMPLS = ("torch", "sparse_lth")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainConfig:
     seed: int = 0                   # data order (and dropout) seed
     progress: bool = True           # tqdm progress bar
     optimizer_impl: str = "torch"   # torch | sparse_lth (mask-aware optimizers of sparse_lth.optim)
+    precision: str = "fp32"         # fp32 | bf16 (forward passes under bf16 autocast; weights and optimizer in fp32)
 
     def __post_init__(self):
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -110,9 +112,11 @@ DISPLAY_ONLY = ("progress",)  # TrainConfig fields that change nothing a run com
 
 
 def _trajectory(config: dict) -> dict:
-    """A checkpoint's configuration without its display-only fields: a run killed with the progress bar on
-    resumes with it off, and the other way round."""
-    return {k: v for k, v in config.items() if k not in DISPLAY_ONLY}
+    """A checkpoint's configuration without its display-only fields (a run killed with the progress bar on
+    resumes with it off, and the other way round), a field added since it was written at its default."""
+    full = {**_DEFAULTS, **config}
+    full["milestones"] = tuple(full["milestones"])
+    return {k: v for k, v in full.items() if k not in DISPLAY_ONLY}
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -138,6 +142,18 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"gamma must be > 0, got {cfg.gamma}")
     if list(cfg.milestones) != sorted(cfg.milestones) or any(m <= 0 for m in cfg.milestones):
         raise ValueError(f"milestones must be positive and increasing, got {cfg.milestones}")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
+
+
+_DEFAULTS = dataclasses.asdict(TrainConfig())
+
+
+def autocast(precision: str, device: torch.device):
+    """The context a forward pass runs in at ``precision``: bf16 autocast on the device, or nothing (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def lr_at(cfg: TrainConfig, iteration: int) -> float:
@@ -338,13 +354,14 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     stochastic = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
     def do_eval(i: int) -> None:
-        test_loss, test_acc = evaluate(model, test_data.eval_batches(cfg.eval_batch_size))
-        row = dict(iteration=i, lr=lr_at(cfg, max(i - 1, 0)), test_loss=test_loss, test_acc=test_acc)
-        if val_data is not None:
-            row["val_loss"], row["val_acc"] = evaluate(model, val_data.eval_batches(cfg.eval_batch_size))
-        if cfg.train_eval_size:
-            row["train_loss"], row["train_acc"] = evaluate(
-                model, subset_batches(train_data, cfg.train_eval_size, cfg.eval_batch_size))
+        with autocast(cfg.precision, x_dev):  # the network as it trains
+            test_loss, test_acc = evaluate(model, test_data.eval_batches(cfg.eval_batch_size))
+            row = dict(iteration=i, lr=lr_at(cfg, max(i - 1, 0)), test_loss=test_loss, test_acc=test_acc)
+            if val_data is not None:
+                row["val_loss"], row["val_acc"] = evaluate(model, val_data.eval_batches(cfg.eval_batch_size))
+            if cfg.train_eval_size:
+                row["train_loss"], row["train_acc"] = evaluate(
+                    model, subset_batches(train_data, cfg.train_eval_size, cfg.eval_batch_size))
         curve.append(row)
 
     def do_checkpoint(i: int) -> None:
@@ -374,7 +391,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y)
+                with autocast(cfg.precision, x_dev):
+                    loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 for m, fm in masked:
                     if m.weight.grad is not None:

@@ -131,6 +131,21 @@ def test_the_gap_evaluated_at_the_end_of_training(tmp_path):
         evaluated_gap(res.experiment_dir, 0, [5], data=data)
 
 
+def test_a_bf16_run_is_evaluated_as_it_ran(tmp_path):
+    """An IMP run with precision bf16 (its own folder) evaluates under bf16 autocast; --evaluate does too, so it
+    gives the run's recorded test accuracy to the last digit."""
+    import dataclasses
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1)
+    res = run_imp(dataclasses.replace(hp, precision="bf16"), str(tmp_path), progress=False, data=data)
+    fp32 = run_imp(hp, str(tmp_path), progress=False, data=data)
+    assert res.experiment_dir != fp32.experiment_dir
+    assert [m["test_loss"] for m in res.metrics[0]] != [m["test_loss"] for m in fp32.metrics[0]]
+    d = anatomy(res.experiment_dir, 0, evaluate=True, train_examples=100, data=data)
+    for r, m in enumerate(res.metrics[0]):
+        assert d["generalization_gap"][str(r)]["evaluated"]["test_acc"] == m["test_acc"]
+
+
 def test_an_evaluated_gap_is_kept_and_reused(tmp_path, monkeypatch):
     """A later call without evaluate keeps the evaluated gaps in anatomy.json; a later call with it runs only the
     rounds that lack one for the same train_examples; an entry whose round no longer has its test accuracy goes."""

@@ -132,6 +132,48 @@ def test_training_with_a_validation_set():
     assert [r["test_loss"] for r in plain["curve"]] == [r["test_loss"] for r in out["curve"]]
 
 
+@pytest.mark.parametrize("kind", ["sparse", "masked"])
+def test_bf16_precision_runs_the_forward_passes_under_autocast(kind):
+    """precision="bf16": the layers compute in bf16 (training and evaluation), the weights and their updates stay
+    fp32, pruned weights stay zero, and it learns; fp32 is the default and leaves the layers in fp32."""
+    tr, te = tiny_data()
+    dtypes = {}
+    for precision in ("fp32", "bf16"):
+        model, masks = tiny_model(kind)
+        first = next(m for n, m in prunable_layers(model))
+        seen = []
+        first.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
+        out = train(model, tr, te, cfg(iterations=24, eval_every=6, precision=precision))
+        dtypes[precision] = set(seen)
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert out["curve"][-1]["test_acc"] > out["curve"][0]["test_acc"] + 0.3  # it learns
+        for n, m in prunable_layers(model):
+            w = m.dense_weight() if hasattr(m, "dense_weight") else m.weight
+            assert (w[~masks[n]] == 0).all()
+    assert dtypes["fp32"] == {(True, torch.float32), (False, torch.float32)}
+    assert dtypes["bf16"] == {(True, torch.bfloat16), (False, torch.bfloat16)}
+    with pytest.raises(ValueError, match="unknown precision 'fp16'"):
+        cfg(precision="fp16")
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes(tmp_path):
+    """A checkpoint whose configuration lacks a field added since (precision, say) resumes as if it had the
+    field's default, rather than being refused as another training configuration."""
+    tr, te = tiny_data()
+    c = cfg(optimizer="adam", lr=3e-3, iterations=12, eval_every=4)
+    ref_model, _ = tiny_model("sparse")
+    ref = train(ref_model, tr, te, c)
+    ck = str(tmp_path / "ck.pt")
+    train_until_killed(tiny_model("sparse")[0], tr, te, c, ck, 6)
+    old = torch.load(ck, weights_only=False)
+    del old["config"]["precision"]
+    torch.save(old, ck)
+    out = train(tiny_model("sparse")[0], tr, te, c, checkpoint_path=ck)
+    assert out["resumed_from"] == 4 and out["curve"] == ref["curve"]
+    with pytest.raises(ValueError, match="different training configuration"):  # another value still is refused
+        train(tiny_model("sparse")[0], tr, te, dataclasses.replace(c, precision="bf16"), checkpoint_path=ck)
+
+
 def train_until_killed(model, tr, te, c, ck, kill_at, **kw):
     """Train with a checkpoint every 4 iterations into ``ck``, stopped by an exception at iteration ``kill_at``."""
     class Stop(Exception):
