@@ -257,13 +257,27 @@ def _cmd_train(args, names) -> int:
                              f"not {args.layers}")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
+    ticket = _train_ticket_source(args)
     _setup_threads(args.threads)
     given = _given(args, names)
     cfg = TrainConfig(**{"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "eval_every": 100,
                          **given, "progress": not args.no_progress})
     device = _device(args.device)
-    dataset = args.dataset or default_dataset(args.model)
-    model = build_model(args.model, seed=args.model_seed, input_shape=INPUT_SHAPES.get(dataset)).to(device)
+    if ticket is None:
+        model_name, kw = args.model or "lenet300_100", {}
+        dataset = args.dataset or default_dataset(model_name)
+    else:
+        hp, ticket_masks, ticket_state = ticket
+        model_name, kw = hp.model, dict(width=hp.width, dropout=hp.dropout)
+        dataset = args.dataset or hp.dataset or default_dataset(model_name)
+    model = build_model(model_name, seed=args.model_seed, input_shape=INPUT_SHAPES.get(dataset), **kw).to(device)
+    if ticket is not None and ticket_state is not None:
+        from .imp import _load_weights
+        try:
+            _load_weights(model, {k: v.to(device) for k, v in ticket_state.items()})
+        except RuntimeError as e:  # shapes: the run's network was built for other inputs
+            raise ValueError(f"--ticket {args.ticket}: its weights do not fit {model_name} on {dataset} ({e})") \
+                from None
     tr = load_dataset(dataset, "train", root=args.data, device=device, limit=args.data_limit or None)
     te = load_dataset(dataset, "test", root=args.data, device=device, limit=args.test_limit or None)
     val = None
@@ -276,7 +290,7 @@ def _cmd_train(args, names) -> int:
         from .layers import parse_ops, sparsify
         model = sparsify(model, path=args.path, backend=None if args.backend == "auto" else args.backend,
                          ops=parse_ops(args.ops))
-    masks = get_masks(model)
+    masks = get_masks(model) if ticket is None else ticket[1]
     if args.density < 1.0:
         if args.mask == "random":
             g = torch.Generator().manual_seed(args.model_seed)
@@ -291,16 +305,46 @@ def _cmd_train(args, names) -> int:
     if args.layers == "sparse" and args.path == "auto" and (device.type == "cuda" or args.timed_paths):
         from .layers import choose_paths  # time the paths (and the sparse path's ops) with a real batch
         choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths)
-    out = train(model, tr, te, cfg, desc=f"{args.model} {args.layers}", val_data=val)
+    out = train(model, tr, te, cfg, desc=f"{model_name} {args.layers}", val_data=val)
     live, total = live_and_total(masks)
     summary = {k: out[k] for k in ("test_acc", "test_loss", "train_acc", "early_stop_iteration",
                                    "early_stop_test_acc", "early_stop_on", "wall_time", "time_per_step", "paths", "backends")}
     summary["percent_remaining"] = 100.0 * live / total if args.layers != "dense" else 100.0
+    if ticket is not None:
+        summary["ticket"] = dict(run_dir=args.ticket, round=args.round, seed=ticket[0].seed,
+                                 weights=args.ticket_weights, dataset=dataset)
     print(json.dumps(summary, indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**summary, "environments": out["environments"], "curve": out["curve"]}, f, indent=1)
     return 0
+
+
+def _train_ticket_source(args):
+    """``train --ticket``: None, or (the run's hparams, the round's masks, the weights to start from or None for
+    a fresh initialization), with the flags that cannot go with it refused."""
+    if args.ticket is None:
+        if args.round is not None or args.ticket_seed is not None or args.ticket_weights != "start":
+            raise ValueError("--round, --ticket-seed and --ticket-weights go with --ticket")
+        return None
+    if args.round is None:
+        raise ValueError("--ticket needs --round: the round whose masks to train")
+    if args.model is not None:
+        raise ValueError("--ticket trains the run's own network: leave out --model")
+    if args.density < 1.0 or args.layers == "dense":
+        raise ValueError("--ticket brings its masks: leave out --density, and train --layers sparse or masked")
+    import torch
+
+    from .imp import get_masks, load_ticket, open_experiment, replicate_seeds
+    run_dir = _check_experiment_dir(args.ticket)
+    weights = "final" if args.ticket_weights == "final" else "start"
+    model = load_ticket(run_dir, args.round, seed=args.ticket_seed, weights=weights, data_root=args.data)
+    seed = args.ticket_seed if args.ticket_seed is not None else replicate_seeds(run_dir)[0]
+    hp = open_experiment(run_dir, seed, data_root=args.data, progress=False).hp
+    masks = {n: m.detach().cpu().bool() for n, m in get_masks(model).items()}
+    state = None if args.ticket_weights == "fresh" else \
+        {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return hp, masks, state
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -588,8 +632,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
     pt = sub.add_parser("train", help="train one (sparse) model once",
                         description="Train a model once, e.g. a sparse LeNet-300-100 on MNIST.")
-    pt.add_argument("--model", default="lenet300_100")
-    pt.add_argument("--model-seed", type=int, default=0)
+    pt.add_argument("--model", default=None, help="the network (default lenet300_100; with --ticket, the run's)")
+    pt.add_argument("--model-seed", type=int, default=0,
+                    help="its initialization (with --ticket-weights fresh: the new weights under the ticket's masks)")
+    pt.add_argument("--ticket", metavar="RUN_DIR",
+                    help="train a ticket of an IMP run (or control): the masks of its --round, and the weights "
+                         "--ticket-weights says, on --dataset (default the run's; another of the same input "
+                         "shape transfers the ticket), with this command's training settings")
+    pt.add_argument("--round", type=_nonneg(), default=None, help="with --ticket: the round whose masks to train")
+    pt.add_argument("--ticket-seed", type=int, default=None,
+                    help="with --ticket: its replicate (default: the lowest seed)")
+    pt.add_argument("--ticket-weights", choices=("start", "final", "fresh"), default="start",
+                    help="with --ticket: the weights the round started from (the ticket; default), those it ended "
+                         "with, or a fresh initialization (--model-seed: random reinitialization)")
     pt.add_argument("--dataset", default="", help="default: the model's")
     pt.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
     pt.add_argument("--device", default="cpu")

@@ -117,6 +117,39 @@ def test_train_command(tmp_path, capsys):
     assert "--val-split 300: cannot hold out 300 of 300 examples" in capsys.readouterr().err
 
 
+def test_train_a_ticket_of_a_run(tmp_path, capsys):
+    """train --ticket RUN --round R: the round's masks and starting weights, trained with the run's own settings,
+    give the run's round again to the last digit; --ticket-weights fresh trains the masks from another
+    initialization; --dataset fashion_mnist transfers the MNIST ticket; misuse is refused clearly."""
+    assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
+    exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
+    rec = json.loads((exp / "seed_0" / "round_02" / "metrics.json").read_text())
+    same = ["--data", mnist_root(), "--iterations", "30", "--eval-every", "10", "--batch-size", "20",
+            "--data-limit", "300", "--test-limit", "200", "--no-progress"]
+    out = tmp_path / "t.json"
+    assert main(["train", "--ticket", str(exp), "--round", "2", *same, "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["curve"] == rec["curve"] and m["percent_remaining"] == pytest.approx(rec["percent_remaining"])
+    assert m["ticket"] == dict(run_dir=str(exp), round=2, seed=0, weights="start", dataset="mnist")
+    assert main(["train", "--ticket", str(exp), "--round", "2", "--ticket-weights", "fresh", "--model-seed", "5",
+                 *same, "--out", str(out)]) == 0
+    fresh = json.loads(out.read_text())
+    assert fresh["curve"][0]["test_loss"] != rec["curve"][0]["test_loss"]  # other weights, same masks
+    assert fresh["percent_remaining"] == pytest.approx(rec["percent_remaining"])
+    assert main(["train", "--ticket", str(exp), "--round", "2", "--dataset", "fashion_mnist", *same,
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["ticket"]["dataset"] == "fashion_mnist"
+    capsys.readouterr()
+    for extra, msg in ((["--round", "2", "--model", "conv2"], "leave out --model"),
+                       ([], "--ticket needs --round"),
+                       (["--round", "2", "--density", "0.5"], "--ticket brings its masks"),
+                       (["--round", "9"], "round 9 of seed 0 has not finished")):
+        assert main(["train", "--ticket", str(exp), *extra, *same]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["train", "--round", "2", *same]) == 2
+    assert "go with --ticket" in capsys.readouterr().err
+
+
 def test_train_command_conv_network_on_fashion_mnist(tmp_path):
     """`train --model conv2 --dataset fashion_mnist`: the network is built for the dataset's 1x28x28 images."""
     out = tmp_path / "conv.json"
