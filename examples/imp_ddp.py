@@ -91,6 +91,8 @@ def run(rank: int, world: int, args) -> list[dict]:
             print(f"{r:>5} {pruner.percent_remaining:>8.2f} {100 * acc:>9.2f} {ms:>8.2f}  {agree}", flush=True)
         if r < args.rounds:
             pruner.prune_and_rewind()  # the same masks on every rank: the weights are the same
+        del ddp
+    dist.barrier()  # every rank done communicating before any tears its process group down
     return rows
 
 

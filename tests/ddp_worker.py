@@ -58,7 +58,10 @@ def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
                                ranks_agree=all(torch.equal(every[0], f) for f in every)))
             if r < ROUNDS:
                 pruner.prune_and_rewind()
+        del ddp  # nothing may hold the process group when it goes
         if rank == 0:
             torch.save(rounds, out)
+        dist.barrier()  # both ranks done communicating before either tears down (a rank that destroyed its
+        # group while the other still used it aborted, rarely: "terminate called without an active exception")
     finally:
         dist.destroy_process_group()
