@@ -308,7 +308,8 @@ def _cmd_train(args, names) -> int:
     out = train(model, tr, te, cfg, desc=f"{model_name} {args.layers}", val_data=val)
     live, total = live_and_total(masks)
     summary = {k: out[k] for k in ("test_acc", "test_loss", "train_acc", "early_stop_iteration",
-                                   "early_stop_test_acc", "early_stop_on", "wall_time", "time_per_step", "paths", "backends")}
+                                   "early_stop_test_acc", "early_stop_on", "wall_time", "time_per_step", "paths",
+                                   "backends")}
     summary["percent_remaining"] = 100.0 * live / total if args.layers != "dense" else 100.0
     if ticket is not None:
         summary["ticket"] = dict(run_dir=args.ticket, round=args.round, seed=ticket[0].seed,
@@ -333,14 +334,17 @@ def _train_ticket_source(args):
         raise ValueError("--ticket trains the run's own network: leave out --model")
     if args.density < 1.0 or args.layers == "dense":
         raise ValueError("--ticket brings its masks: leave out --density, and train --layers sparse or masked")
+    import dataclasses
+
     import torch
 
-    from .imp import get_masks, load_ticket, open_experiment, replicate_seeds
+    from ._files import read_json
+    from .imp import get_masks, hparams_from_dict, load_ticket, replicate_seeds
     run_dir = _check_experiment_dir(args.ticket)
     weights = "final" if args.ticket_weights == "final" else "start"
     model = load_ticket(run_dir, args.round, seed=args.ticket_seed, weights=weights, data_root=args.data)
     seed = args.ticket_seed if args.ticket_seed is not None else replicate_seeds(run_dir)[0]
-    hp = open_experiment(run_dir, seed, data_root=args.data, progress=False).hp
+    hp = dataclasses.replace(hparams_from_dict(read_json(os.path.join(run_dir, "hparams.json"))), seed=seed)
     masks = {n: m.detach().cpu().bool() for n, m in get_masks(model).items()}
     state = None if args.ticket_weights == "fresh" else \
         {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -545,7 +549,7 @@ def _cmd_overlap(args) -> int:
             pairs = [(s, s) for s in seeds]
         results += [overlap(a, b, sa, sb, rounds=list(args.rounds) if args.rounds else None, match=args.match)
                     for sa, sb in pairs]
-    label_results(results, {os.path.basename(os.path.normpath(d)): d for d in [a, *others]})
+    label_results(results)
     files = write_overlap_report(results, _report_dir(args, [a, *others], "overlap"), title=args.title or "")
     print(overlap_markdown(results), end="")
     for k, v in files.items():

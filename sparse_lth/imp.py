@@ -97,7 +97,7 @@ class ImpHparams:
     augment: str = "auto"           # auto (the dataset's default) | on | off
     data_limit: int = 0             # use only the first N training examples (0: all)
     test_limit: int = 0             # use only the first N test examples (0: all)
-    val_split: int = 0              # early-stop on the loss of N held-out training examples (the paper: 5000); 0: on the test loss
+    val_split: int = 0              # early-stop on the loss of N held-out training images (paper: 5000); 0: test loss
     # training, per round
     optimizer: str = "adam"
     lr: float = 1.2e-3

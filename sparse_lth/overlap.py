@@ -65,7 +65,7 @@ def _round_masks(exp_dir: str, seed: int) -> dict[int, str]:
 def overlap(exp_a: str, exp_b: str, seed_a: int = 0, seed_b: int | None = None,
             rounds: Sequence[int] | None = None, match: str = "round") -> dict:
     """The overlap of replicate ``seed_a`` of experiment folder ``exp_a`` with replicate ``seed_b`` (default: the
-    same seed) of ``exp_b``: ``dict(a, b, seed_a, seed_b, match, rounds=[dict(round, round_b, percent_a,
+    same seed) of ``exp_b``: ``dict(a, b (their names), dir_a, dir_b, seed_a, seed_b, match, rounds=[dict(round, round_b, percent_a,
     percent_b, layers={layer or "all": mask_overlap row})])``. ``match="round"``: round r of A with round r of
     B, at every round both have finished (or ``rounds``, A's). ``match="remaining"``: each round of A with B's
     round nearest to it in weights remaining, where they are within 10% of each other (other schedules: 60% per
@@ -99,7 +99,7 @@ def overlap(exp_a: str, exp_b: str, seed_a: int = 0, seed_b: int | None = None,
         mb = torch.load(os.path.join(db[rb], "masks.pt"), map_location="cpu", weights_only=False)["masks"]
         rows.append(dict(round=r, round_b=rb, percent_a=pct_a[r], percent_b=pct_b[rb], layers=mask_overlap(ma, mb)))
     return dict(a=os.path.basename(os.path.normpath(exp_a)), b=os.path.basename(os.path.normpath(exp_b)),
-                seed_a=seed_a, seed_b=seed_b, match=match, rounds=rows)
+                dir_a=exp_a, dir_b=exp_b, seed_a=seed_a, seed_b=seed_b, match=match, rounds=rows)
 
 
 def overlap_markdown(results: Sequence[dict]) -> str:
@@ -135,17 +135,17 @@ def _round_name(row: dict) -> str:
     return str(row["round"]) if rb == row["round"] else f"{row['round']} / {rb}"
 
 
-def label_results(results: Sequence[dict], dirs: dict[str, str]) -> None:
+def label_results(results: Sequence[dict]) -> None:
     """Give each result a ``label``: B's name as the report names experiments (its control and the
-    hyperparameters that tell it apart from the others compared; ``dirs``: experiment name -> folder), with
-    the seeds compared."""
+    hyperparameters that tell it apart from the others compared), with the seeds compared."""
     from .report import _label, load_experiment
-    names = list(dict.fromkeys([d["a"] for d in results] + [d["b"] for d in results]))
-    exps = {n: load_experiment(dirs[n]) for n in names}
+    dirs = list(dict.fromkeys(os.path.normpath(d[k]) for d in results for k in ("dir_a", "dir_b")))
+    exps = {d: load_experiment(d) for d in dirs}
     for d in results:
-        b = _label(exps[d["b"]], list(exps.values())) if d["b"] != d["a"] else "itself"
+        a, b = os.path.normpath(d["dir_a"]), os.path.normpath(d["dir_b"])
+        name = _label(exps[b], list(exps.values())) if b != a else "itself"
         seeds = f"seed {d['seed_a']}" if d["seed_a"] == d["seed_b"] else f"seed {d['seed_a']} vs {d['seed_b']}"
-        d["label"] = f"{b}, {seeds}"
+        d["label"] = f"{name}, {seeds}"
 
 
 def write_overlap_report(results: Sequence[dict], out_dir: str, title: str = "") -> dict:
@@ -164,13 +164,13 @@ def write_overlap_report(results: Sequence[dict], out_dir: str, title: str = "")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     xs_all = []
     cmap = plt.get_cmap("tab10")
-    colours = {b: cmap(i % 10) for i, b in enumerate(dict.fromkeys(d["b"] for d in results))}
+    colours = {b: cmap(i % 10) for i, b in enumerate(dict.fromkeys(d["dir_b"] for d in results))}
     nth: dict[str, int] = {}
     for d in results:  # one colour per experiment B, a line style per replicate pair
         xs = [row["percent_a"] for row in d["rounds"]]
         xs_all += xs
-        k = nth[d["b"]] = nth.get(d["b"], -1) + 1
-        st = dict(color=colours[d["b"]], linestyle=["-", "--", ":", "-."][k % 4], marker="o", ms=3)
+        k = nth[d["dir_b"]] = nth.get(d["dir_b"], -1) + 1
+        st = dict(color=colours[d["dir_b"]], linestyle=["-", "--", ":", "-."][k % 4], marker="o", ms=3)
         axes[0].plot(xs, [100 * row["layers"]["all"]["of_a"] for row in d["rounds"]],
                      label=d.get("label") or f"{d['b']}, seed {d['seed_b']}", **st)
         axes[1].plot(xs, [row["layers"]["all"]["enrichment"] for row in d["rounds"]], **st)

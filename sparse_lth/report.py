@@ -135,11 +135,6 @@ def gain_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def _at_min_test_loss(m: dict) -> float:
-    best = min(m["curve"], key=lambda c: (c["test_loss"], c["iteration"]))
-    return float(best["test_acc"])
-
-
 def selection_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str:
     """For the experiments that early-stop on a validation split (``val_split``): by round, the test accuracy at
     their early stop against the test accuracy at the minimum *test* loss of the same training, and the
@@ -148,6 +143,7 @@ def selection_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -
     held = [e for e in exps if e["hparams"].get("val_split")]
     if not held:
         return ""
+    from .train import early_stop
     part = "" if kinds is None else f" {' + '.join(kinds)}"
     lines = ["## Early stopping on the validation split vs on the test set\n",
              "Test accuracy at the early stop the validation loss chooses, and at the iteration of minimum test "
@@ -165,7 +161,7 @@ def selection_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -
                 continue
             pct = pct if pct is not None else statistics.fmean(_percent(e, m) for m in ms)
             v = statistics.fmean(m["early_stop_test_acc"] for m in ms)
-            t = statistics.fmean(_at_min_test_loss(m) for m in ms)
+            t = statistics.fmean(early_stop(m["curve"], on="test")[1] for m in ms)
             cells.append(f"{100 * v:.2f} / {100 * t:.2f} / {100 * (t - v):+.2f}" + _of_seeds(len(ms), e))
         if pct is not None:
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")

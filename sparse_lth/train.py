@@ -247,13 +247,18 @@ def subset_batches(data, n: int, bs: int):
         yield x[i:i + bs], y[i:i + bs]
 
 
-def early_stop(curve: list[dict]) -> tuple[int, float]:
+def early_stop_on(curve: list[dict]) -> str:
+    """``"val"`` when every evaluation of ``curve`` has a validation loss (a held-out set), else ``"test"``."""
+    return "val" if curve and all("val_loss" in r for r in curve) else "test"
+
+
+def early_stop(curve: list[dict], on: str | None = None) -> tuple[int, float]:
     """(iteration, test accuracy) at the evaluation with the minimum validation loss (the paper's early-stopping
     criterion; ties go to the earliest). A curve without validation rows (no held-out set: ``val_loss`` absent)
-    stops at the minimum test loss instead."""
+    stops at the minimum test loss instead. ``on="test"`` (or ``"val"``) forces the criterion."""
     if not curve:
         raise ValueError("no evaluations recorded")
-    key = "val_loss" if all("val_loss" in r for r in curve) else "test_loss"
+    key = f"{on or early_stop_on(curve)}_loss"
     best = min(curve, key=lambda r: (r[key], r["iteration"]))
     return int(best["iteration"]), float(best["test_acc"])
 
@@ -296,8 +301,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
       ``KeyboardInterrupt``): nothing done is lost, and the resume is exact. A second signal acts at once.
 
     Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc[, val_loss, val_acc]}...],
-    early_stop_iteration, early_stop_test_acc (the test accuracy there), early_stop_on ("val" or "test"), test_acc, test_loss, train_acc, train_loss, iterations,
-    steps, wall_time (steps + evaluations, summed over resumes), step_time, time_per_step, paths, backends,
+    early_stop_iteration, early_stop_test_acc (the test accuracy there), early_stop_on ("val" or "test"),
+    test_acc, test_loss, train_acc, train_loss, iterations, steps, wall_time (steps + evaluations, summed over resumes), step_time, time_per_step, paths, backends,
     resumed_from, environments)``; ``environments``: the :func:`sparse_lth.environment.environment` of each
     stretch of training that ran under another one, with the iteration it started from (one unless resumed
     elsewhere; a resume under other numerics warns).
@@ -430,7 +435,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     es_it, es_acc = early_stop(curve)
     last = curve[-1]
     return dict(curve=curve, early_stop_iteration=es_it, early_stop_test_acc=es_acc,
-                early_stop_on="val" if all("val_loss" in r for r in curve) else "test",
+                early_stop_on=early_stop_on(curve),
                 test_acc=last["test_acc"], test_loss=last["test_loss"],
                 train_acc=last.get("train_acc"), train_loss=last.get("train_loss"),
                 iterations=cfg.iterations, start_iteration=start_iteration, steps=steps_timed,

@@ -84,7 +84,8 @@ def test_overlap_by_weights_remaining(tmp_path):
     d = overlap(a.experiment_dir, b.experiment_dir, match="remaining")
     assert [(row["round"], row["round_b"]) for row in d["rounds"]] == [(0, 0), (2, 1)]
     assert d["rounds"][1]["percent_b"] == pytest.approx(b.metrics[0][1]["percent_remaining"])
-    assert d["rounds"][1]["layers"] == mask_overlap(load_masks(a.experiment_dir, 0, 2), load_masks(b.experiment_dir, 0, 1))
+    assert d["rounds"][1]["layers"] == mask_overlap(load_masks(a.experiment_dir, 0, 2),
+                                                    load_masks(b.experiment_dir, 0, 1))
     assert "| 2 / 1 |" in overlap_markdown([d]) and "Round 2 / 1, by layer:" in overlap_markdown([d])
     assert [row["round"] for row in overlap(a.experiment_dir, b.experiment_dir)["rounds"]] == [0, 1]  # by round
     with pytest.raises(ValueError, match=r"rounds \[1\] of A have no round as sparse in B"):
