@@ -90,9 +90,13 @@ def overlap(exp_a: str, exp_b: str, seed_a: int = 0, seed_b: int | None = None,
             raise ValueError(f"rounds {bad} of A have no {'finished round' if match == 'round' else 'round as sparse'}"
                              f" in B (those that do: {sorted(pairs)})")
         pairs = {r: pairs[r] for r in rounds}
+    for d, e, s in ((da, exp_a, seed_a), (db, exp_b, seed_b)):
+        if not d:
+            raise ValueError(f"{e} (seed {s}) has no finished round yet")
     if not pairs:
         raise ValueError(f"{exp_a} (seed {seed_a}) and {exp_b} (seed {seed_b}) have no finished round in common"
-                         + (" (try match by remaining)" if match == "round" else " within 10% in weights remaining"))
+                         + (" (rounds of other schedules pair by weights remaining: --match remaining)"
+                            if match == "round" else " within 10% in weights remaining"))
     rows = []
     for r, rb in sorted(pairs.items()):
         ma = torch.load(os.path.join(da[r], "masks.pt"), map_location="cpu", weights_only=False)["masks"]

@@ -1,6 +1,7 @@
 """sparse_lth.overlap and `sparse-lth overlap`: the overlap of two experiments' masks."""
 import dataclasses
 import os
+import shutil
 
 import pytest
 import torch
@@ -92,3 +93,10 @@ def test_overlap_by_weights_remaining(tmp_path):
         overlap(a.experiment_dir, b.experiment_dir, rounds=[1], match="remaining")
     with pytest.raises(ValueError, match="match must be 'round' or 'remaining'"):
         overlap(a.experiment_dir, b.experiment_dir, match="nearest")
+    # a replicate that has not finished a round yet (a run just started) is named as such
+    fresh = tmp_path / "fresh" / os.path.basename(b.experiment_dir)
+    shutil.copytree(b.experiment_dir, fresh)
+    for d in (fresh / "seed_0").glob("round_*"):
+        shutil.rmtree(d)
+    with pytest.raises(ValueError, match=r"fresh/.* \(seed 0\) has no finished round yet"):
+        overlap(a.experiment_dir, str(fresh))
