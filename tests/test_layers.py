@@ -636,6 +636,34 @@ def test_conv_torch_sparse_path_every_op_combination(ops):
             grads_vs_reference(layer, x, ref)
 
 
+@pytest.mark.parametrize("ops", OP_COMBOS, ids=lambda o: "-".join(v[0] for v in o.values()))
+def test_sparse_conv_keeps_no_copy_of_its_input_for_the_backward(ops):
+    """What autograd keeps from a sparse-path conv's forward: its input, the live values and their index (and the
+    scattered weight where an op runs dense, as F.conv2d keeps its weight), never a copy of the input (the torch
+    backend's padded input grid, which the weight gradient builds again)."""
+    gen = torch.Generator().manual_seed(25)
+    layer = SparseConv2d(16, 16, 3, padding=1, path="sparse", backend="torch", ops=ops)
+    layer.set_mask(random_mask(layer.weight_shape, 0.05, gen))
+    x = torch.randn(8, 16, 12, 12, generator=gen, requires_grad=True)
+
+    def saved_bytes(fn):
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = fn()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+        return out, storages
+
+    y, mine = saved_bytes(lambda: layer(x))
+    _, dense = saved_bytes(lambda: F.conv2d(x, layer.weight.detach().requires_grad_(), layer.bias, 1, 1))
+    x_bytes = mine.pop(x.untyped_storage().data_ptr())
+    assert all(n < x_bytes / 4 for n in mine.values()), (x_bytes, mine)  # values, index, weight: all small here
+    assert sum(mine.values()) <= sum(dense.values()) - x_bytes + 12 * layer.nnz, (mine, dense)
+    y.sum().backward()  # and the gradients still come out right
+    want = x.detach().requires_grad_()
+    F.conv2d(want, layer.weight.detach(), layer.bias.detach(), 1, 1).sum().backward()
+    torch.testing.assert_close(x.grad, want.grad)
+
+
 def test_conv_torch_sparse_path_autocast_dtype_check_and_device_move():
     gen = torch.Generator().manual_seed(24)
     layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend="torch")
