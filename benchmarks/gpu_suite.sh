@@ -28,6 +28,8 @@
 #   model-vgg19-targets (90)  bench_model_step.py: a VGG-19 step at 100 % and 1.5 % weights remaining
 #   linear | optim | conv-vgg19 | conv-resnet20 | conv-conv6 | model-vgg19 | model-lenet (290 each)
 #                         the full sweeps (every layer, density, op, precision, implementation), for later calls
+#   memory (290)          bench_memory.py on CUDA: training state and saved activations of LeNet-300-100, Conv-6,
+#                         ResNet-20 and VGG-19, and each step's peak allocation, vs dense masking
 #   quick (290)           a fast smoke run of linear and conv (--quick) to check that everything compiles
 #
 # The package is imported from the checkout (PYTHONPATH; no pip install: the device machine has no network, and
@@ -49,7 +51,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # sparse_lth (and its ker
 PY=${PYTHON:-python3}
 
 if [ $# -eq 0 ]; then
-    sed -n 2,37p "$0"
+    sed -n 2,39p "$0"
     exit 2
 fi
 
@@ -147,6 +149,9 @@ for part in "${parts[@]}"; do
             ;;
         model-lenet)
             timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model lenet300_100 --batch 60 --device cuda 2>&1 | tee -a "$log"
+            ;;
+        memory)
+            timeout "$LIMIT" $PY benchmarks/bench_memory.py --device cuda 2>&1 | tee -a "$log"
             ;;
         quick)
             timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py --quick --out /tmp/linear_quick.csv 2>&1 | tee -a "$log"

@@ -260,6 +260,46 @@ def test_model_step_smoke(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # refusals and defaults (in-process: no kernels run)
 # ----------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# bench_memory.py: LeNet-300-100 and a small slice of ResNet-20's work, the counts checked against the layer sizes
+# ----------------------------------------------------------------------------------------------------------------
+def test_memory_benchmark_counts_every_storage_once(tmp_path):
+    out = tmp_path / "memory.csv"
+    proc = run_script("bench_memory.py", "--models", "lenet300_100", "--densities", "1", "0.05", "--threads", "1",
+                      "--out", str(out))
+    with open(out, newline="") as f:
+        rows = {(float(r["density"]), r["impl"]): r for r in csv.DictReader(f)}
+    assert set(rows) == {(d, i) for d in (1.0, 0.05) for i in ("dense_masking", "sparse_lth", "sparse_lth_sparse")}
+    fc1, fc2, fc3, biases = 784 * 300, 300 * 100, 100 * 10, 300 + 100 + 10
+    nnz = round(0.05 * fc1) + round(0.05 * fc2)  # exact live counts; the output layer is not pruned
+    def counts(row):
+        return {k: int(v) for k, v in row.items() if k.endswith("_bytes") and v != ""}
+
+    b = counts(rows[(0.05, "dense_masking")])
+    assert b["params_bytes"] == b["grads_bytes"] == 4 * (fc1 + fc2 + fc3 + biases)
+    assert b["optim_bytes"] >= 2 * b["params_bytes"]  # Adam's two moments (and its step counts)
+    assert b["masks_index_bytes"] == 4 * (fc1 + fc2)  # the baseline's float masks
+    assert b["saved_bytes"] >= 4 * fc2  # weight * mask, for the input gradient of the layers after the first
+    s = counts(rows[(0.05, "sparse_lth")])
+    assert rows[(0.05, "sparse_lth")]["paths"] == "ssd" and int(rows[(0.05, "sparse_lth")]["nnz"]) == nnz
+    assert s["params_bytes"] == s["grads_bytes"] == 4 * (nnz + fc3 + biases)  # the compact values only
+    assert s["masks_index_bytes"] >= fc1 + fc2 + fc3  # bool masks, one byte per weight, and the index structures
+    for r in rows.values():
+        v = counts(r)
+        assert v["state_bytes"] == v["params_bytes"] + v["grads_bytes"] + v["optim_bytes"] + v["masks_index_bytes"]
+        assert v["total_bytes"] == v["state_bytes"] + v["saved_bytes"] and r["peak_bytes"] == ""
+        base = int(rows[(float(r["density"]), "dense_masking")]["state_bytes"])
+        assert float(r["state_x"]) == pytest.approx(base / v["state_bytes"], rel=1e-3)
+    dense = counts(rows[(1.0, "sparse_lth")])
+    assert rows[(1.0, "sparse_lth")]["paths"] == "ddd" and dense["params_bytes"] == b["params_bytes"]
+    md = out.with_suffix(".md").read_text()
+    assert "## lenet300_100, batch 60, adam" in md and md.count("| 0.05 |") == 3
+    assert f"wrote {out}" in proc.stdout
+    out.with_suffix(".md").unlink()  # the table again from the CSV alone (what comes back from a GPU run)
+    run_script("bench_memory.py", "--table", str(out))
+    assert out.with_suffix(".md").read_text() == md
+
+
 def test_gpu_scripts_refuse_without_gpu(monkeypatch, capsys):
     # TRITON_INTERPRET=1 makes both refuse on any machine, a GPU one included (here: no GPU either)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
