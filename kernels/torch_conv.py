@@ -23,8 +23,9 @@ copy of the input, and the products skip pruned weights.
   product (``torch.sparse.sampled_addmm``) per tap between the output-gradient grid and the shifted input view.
 
 The :class:`~sparse_lth.functional.SparseConv2dFunction` of the torch backend uses the grid-level functions
-(:func:`input_grid`, :func:`forward_grid`, :func:`grad_output_grid`, ...) so that the input grid built for the
-forward pass is the one the weight gradient reads, and one output-gradient grid serves both gradients.
+(:func:`input_grid`, :func:`forward_grid`, :func:`grad_output_grid`, ...): one output-gradient grid serves both
+gradients; the weight gradient builds the input grid again from the saved input rather than keep the forward's
+(a padded copy of the input held through the backward) alive.
 CPU sparse products exist for float32/float64 only; other dtypes are computed in float32 and cast back.
 """
 from __future__ import annotations
