@@ -22,7 +22,8 @@ def resolve_backend(device: torch.device | str, requested: str | None = None) ->
 
     ``requested``: ``None``/``"auto"`` (then ``$SPARSE_LTH_BACKEND``, then automatic), or one of :data:`BACKENDS`.
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     source = "argument"
     if requested is None or requested == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower()

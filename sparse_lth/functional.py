@@ -60,7 +60,8 @@ def ops_dict(dense: tuple) -> dict[str, str]:
 
 def _gather_grad(g: torch.Tensor, flat_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The entries of a dense weight gradient at the live positions, as the compact values' gradient."""
-    return g.reshape(-1).index_select(0, flat_index).to(dtype)
+    g = g.reshape(-1).index_select(0, flat_index)
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def _not_a_view(y: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,8 @@ class SparseLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, ctx.fmt.rows)
         if ctx.activation == "relu":
             dy2 = dy2 * (y > 0)
-        dy2 = dy2.to(x2.dtype)
+        if dy2.dtype != x2.dtype:
+            dy2 = dy2.to(x2.dtype)
         if not (d_dx and d_dw):
             dy2 = prep(dy2, ctx.fmt.nnz)  # one operand for both gradients
         dx = dv = db = None
@@ -223,7 +225,8 @@ class SparseConv2dFunction(torch.autograd.Function):
             db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
             return dx, dv, db, None, None, None, None, None, None, None, None, None
         _, d_dx, d_dw = ctx.dense
-        dy = dy.to(x.dtype)
+        if dy.dtype != x.dtype:
+            dy = dy.to(x.dtype)
         dx = dv = db = None
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dyg = None

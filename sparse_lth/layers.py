@@ -244,15 +244,20 @@ class _SparseLayer(nn.Module):
 
     @property
     def backend(self) -> str:
-        return resolve_backend(self.weight_mask.device, self.backend_request)
+        return resolve_backend(self._buffers["weight_mask"].device, self.backend_request)
 
     @property
     def fmt(self) -> SparseFormat:
         if self._path != "sparse":
             raise AttributeError("the layer is on the dense path: it has no sparse format")
-        rows = self.weight_shape[0]
-        return SparseFormat(rows=rows, cols=math.prod(self.weight_shape[1:]), nnz=self._nnz,
-                            **{f: getattr(self, "_fmt_" + f) for f in _FMT_FIELDS})
+        d = self.__dict__
+        f = d.get("_fmt_cache")
+        # the index attributes are only ever replaced all together (a new mask, a device move): one identity check
+        if f is None or f.row_ptr is not d.get("_fmt_row_ptr") or f.nnz != self._nnz:
+            f = SparseFormat(rows=self.weight_shape[0], cols=math.prod(self.weight_shape[1:]), nnz=self._nnz,
+                             **{n: d["_fmt_" + n] for n in _FMT_FIELDS})
+            d["_fmt_cache"] = f
+        return f
 
     def __getattr__(self, name):
         if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
@@ -263,11 +268,12 @@ class _SparseLayer(nn.Module):
         """Put the index structures on the mask's device if they are not (a replica that nn.DataParallel made:
         it broadcasts parameters and buffers, and copies plain attributes as they are)."""
         t = self.__dict__.get("_flat_index")
-        dev = self.weight_mask.device
+        dev = self._buffers["weight_mask"].device
         if t is not None and t.device != dev:
             for name in _INDEX_ATTRS:
                 self.__dict__[name] = self.__dict__[name].to(dev)
             self.__dict__.pop("_taps_cache", None)
+            self.__dict__.pop("_fmt_cache", None)
 
     def _scatter_weight(self) -> torch.Tensor:
         return scatter_values(self._parameters["values"], self._flat_index, self.weight_shape)
@@ -383,7 +389,7 @@ class _SparseLayer(nn.Module):
                 _retire([old])
         has_bias = "bias" in self._parameters
         bias = self._parameters.pop("bias", None)
-        for name in _INDEX_ATTRS + ("_grad_mask",):
+        for name in _INDEX_ATTRS + ("_grad_mask", "_fmt_cache"):
             self._buffers.pop(name, None)  # (index structures were buffers in modules saved before)
             self.__dict__.pop(name, None)
         mask = self.weight_mask
@@ -526,7 +532,7 @@ class _SparseLayer(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor input, got {type(x).__name__}")
-        if x.device != self.weight_mask.device:
+        if x.device != self._buffers["weight_mask"].device:
             raise ValueError(f"{type(self).__name__}: input is on {x.device}, the layer on {self.weight_mask.device}")
 
     def _hook_dense_weight(self) -> None:
@@ -561,6 +567,7 @@ class _SparseLayer(nn.Module):
 
     # ------------------------------------------------------------------ device moves and state_dict
     def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_fmt_cache", None)
         for name in _INDEX_ATTRS:  # moved with the module (fn leaves integer tensors' dtype alone)
             t = self.__dict__.get(name)
             if isinstance(t, torch.Tensor):
@@ -658,10 +665,11 @@ class SparseLinear(_SparseLayer):
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dimension, "
                              f"expected {self.in_features} (input shape {tuple(x.shape)})")
         transform = _under_transform()
-        if not transform and (torch.is_grad_enabled() or self._last_input_shape is None):  # not an evaluation's
-            self._last_input_shape = tuple(x.shape)
-            self._last_input_batch_minor = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
-            self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
+        d = self.__dict__  # plain attributes: written without nn.Module.__setattr__'s checks (every forward)
+        if not transform and (torch.is_grad_enabled() or d.get("_last_input_shape") is None):  # not an evaluation's
+            d["_last_input_shape"] = tuple(x.shape)
+            d["_last_input_batch_minor"] = x.dim() == 2 and x.shape[0] > 1 and x.stride(0) == 1
+            d["_last_input_requires_grad"] = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path == "dense" or transform:
             if self._path != "dense":
                 self._index_follows_mask()
@@ -669,7 +677,7 @@ class SparseLinear(_SparseLayer):
             y = F.linear(x, w, self.bias)
             return torch.relu(y) if self.activation == "relu" else y
         self._index_follows_mask()
-        values, bias = self.values, self.bias
+        values, bias = self._parameters["values"], self._parameters.get("bias")
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             x, values = x.to(dt), values.to(dt)
@@ -766,9 +774,10 @@ class SparseConv2d(_SparseLayer):
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         transform = _under_transform()
-        if not transform and (torch.is_grad_enabled() or self._last_input_shape is None):  # not an evaluation's
-            self._last_input_shape = tuple(x.shape)
-            self._last_input_requires_grad = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
+        d = self.__dict__  # plain attributes: written without nn.Module.__setattr__'s checks (every forward)
+        if not transform and (torch.is_grad_enabled() or d.get("_last_input_shape") is None):  # not an evaluation's
+            d["_last_input_shape"] = tuple(x.shape)
+            d["_last_input_requires_grad"] = x.requires_grad or not torch.is_grad_enabled()  # unknown: True
         if self._path != "dense":
             self._index_follows_mask()
         if self._path == "dense" or transform:
@@ -777,7 +786,7 @@ class SparseConv2d(_SparseLayer):
         backend = self.backend
         if not self._triton_geometry_ok():  # forced sparse on the torch backend, then moved to CUDA: not a Triton case
             return self._conv(x, self._scatter_weight(), self.bias)
-        values, bias = self.values, self.bias
+        values, bias = self._parameters["values"], self._parameters.get("bias")
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
             x, values = x.to(dt), values.to(dt)

@@ -1103,6 +1103,29 @@ def test_sparsify_refuses_a_third_name_with_another_mask():
         sparsify(model, masks={"2": mask, "4": ~mask})
 
 
+def test_the_format_is_built_once_per_mask_and_follows_every_replacement_of_the_index():
+    """``layer.fmt`` is cached (every sparse forward reads it): the same object until the index structures are
+    replaced (a new mask, a device or dtype move, a copy), then one built from the new ones."""
+    gen = torch.Generator().manual_seed(41)
+    layer = SparseLinear(30, 20, path="sparse", backend="torch")
+    layer.set_mask(random_mask((20, 30), 0.3, gen))
+    f = layer.fmt
+    assert layer.fmt is f and f.row_ptr is layer._fmt_row_ptr and f.nnz == layer.nnz
+    layer.set_mask(random_mask((20, 30), 0.1, gen))
+    g = layer.fmt
+    assert g is not f and g.nnz == layer.nnz and g.row_ptr is layer._fmt_row_ptr
+    assert torch.equal(g.col_idx, layer._fmt_col_idx)
+    twin = copy.deepcopy(layer)
+    assert twin.fmt.row_ptr is twin._fmt_row_ptr and twin.fmt.row_ptr is not layer._fmt_row_ptr
+    layer.double()
+    assert layer.fmt is not g and layer.fmt.row_ptr is layer._fmt_row_ptr
+    x = torch.randn(5, 30, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    layer.set_mask(torch.ones(20, 30), path="dense")
+    assert "_fmt_cache" not in layer.__dict__  # the dense path keeps no index, cached or not
+    assert not hasattr(layer, "fmt")
+
+
 def test_a_module_pickled_with_index_buffers_loads_them_as_attributes():
     """Modules saved when the index structures were buffers: unpickled, they are plain attributes again (so an
     EMA over buffers leaves them alone), and the layer computes the same."""
