@@ -11,6 +11,7 @@ import csv
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +77,27 @@ def baseline_step(model, opt, x, y):
     with torch.no_grad():
         for m in masked:
             m.weight.mul_(m.mask)
+
+
+def make_optimizer(module, params, kind: str, lr: float):
+    """``module.SGD`` with momentum 0.9 (``kind="sgd"``, the paper's VGG/ResNet setting) or ``module.Adam``, from
+    ``torch.optim`` or ``sparse_lth.optim``."""
+    if kind == "sgd":
+        return module.SGD(params, lr=lr, momentum=0.9)
+    return module.Adam(params, lr=lr)
+
+
+def model_step_device(args) -> torch.device | None:
+    """The device of a model-level benchmark's ``--device``/``--threads`` (threads set), or None, said why, when
+    it asks for CUDA where there is none."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu, or on a GPU machine", file=sys.stderr)
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return dev
 
 
 def plain_step(model, opt, x, y):

@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines import (RESULTS, baseline_step, device_name, git_commit, masked_baseline, path_letter, plain_step,
-                       random_masks, slug, write_rows)
+from baselines import (RESULTS, baseline_step, device_name, git_commit, make_optimizer, masked_baseline,
+                       model_step_device, path_letter, plain_step, random_masks, slug, write_rows)
 from sparse_lth import optim as sl_optim
 from sparse_lth.layers import choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model, paper_hparams
@@ -155,11 +155,6 @@ def saved_for_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ledge
 # ----------------------------------------------------------------------------------------------------------------
 # one implementation, counted
 # ----------------------------------------------------------------------------------------------------------------
-def make_optimizer(module, params, kind: str, lr: float):
-    if kind == "sgd":
-        return module.SGD(params, lr=lr, momentum=0.9)
-    return module.Adam(params, lr=lr)
-
 
 def build(impl: str, model_name: str, masks, x, kind: str, lr: float, input_shape):
     """The model, its optimizer, a one-step closure and the paths' letters; ``x`` = (inputs, targets)."""
@@ -279,16 +274,12 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if args.table:
         return table_from_csv(args.table)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here: run with --device cpu, or on a GPU machine", file=sys.stderr)
-        return 2
     bad = [d for d in args.densities if not 0 < d <= 1]
     if bad:
         ap.error(f"densities must be in (0, 1], got {bad}")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = model_step_device(args)
+    if dev is None:
+        return 2
     meta = {"device": device_name(dev), "commit": git_commit(), "torch": torch.__version__,
             "argv": " ".join(argv)}
     rows = []

@@ -24,17 +24,11 @@ import time
 
 import torch
 
-from baselines import (RESULTS, baseline_step, device_name, git_commit, interleaved_samples, masked_baseline, path_letter,
-                       plain_step, random_masks, slug, write_rows)
+from baselines import (RESULTS, baseline_step, device_name, git_commit, interleaved_samples, make_optimizer,
+                       masked_baseline, model_step_device, path_letter, plain_step, random_masks, slug, write_rows)
 from sparse_lth import optim as sl_optim
 from sparse_lth.layers import choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model, paper_hparams
-
-
-def make_optimizer(module, params, kind: str, lr: float):
-    if kind == "sgd":
-        return module.SGD(params, lr=lr, momentum=0.9)
-    return module.Adam(params, lr=lr)
 
 
 def time_step(fn, device: torch.device) -> float:
@@ -61,13 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device here: run with --device cpu, or on a GPU machine", file=sys.stderr)
+    dev = model_step_device(args)
+    if dev is None:
         return 2
-    torch.backends.cuda.matmul.allow_tf32 = False
     hp = paper_hparams(args.model)
     kind = "sgd" if hp["optimizer"] == "sgd" else "adam"
     gen = torch.Generator().manual_seed(0)

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -298,6 +299,16 @@ def test_memory_benchmark_counts_every_storage_once(tmp_path):
     out.with_suffix(".md").unlink()  # the table again from the CSV alone (what comes back from a GPU run)
     run_script("bench_memory.py", "--table", str(out))
     assert out.with_suffix(".md").read_text() == md
+
+
+def test_memory_benchmark_refuses_bad_arguments(capsys):
+    mem = _load("bench_memory")
+    with pytest.raises(SystemExit):
+        mem.main(["--densities", "0"])
+    assert "densities must be in (0, 1]" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert mem.main(["--device", "cuda"]) == 2
+        assert "no CUDA device here" in capsys.readouterr().err
 
 
 def test_gpu_scripts_refuse_without_gpu(monkeypatch, capsys):
