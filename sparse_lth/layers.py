@@ -262,6 +262,8 @@ class _SparseLayer(nn.Module):
     def __getattr__(self, name):
         if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
             return self._scatter_weight()
+        if name == "fmt" and self.__dict__.get("_path") == "dense":  # the property's AttributeError, said again
+            raise AttributeError(f"{type(self).__name__} is on the dense path: it has no sparse format (fmt)")
         return super().__getattr__(name)
 
     def _index_follows_mask(self) -> None:

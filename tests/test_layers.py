@@ -1124,6 +1124,8 @@ def test_the_format_is_built_once_per_mask_and_follows_every_replacement_of_the_
     layer.set_mask(torch.ones(20, 30), path="dense")
     assert "_fmt_cache" not in layer.__dict__  # the dense path keeps no index, cached or not
     assert not hasattr(layer, "fmt")
+    with pytest.raises(AttributeError, match="is on the dense path: it has no sparse format"):
+        layer.fmt
 
 
 def test_a_module_pickled_with_index_buffers_loads_them_as_attributes():
