@@ -74,6 +74,9 @@ def overlap(exp_a: str, exp_b: str, seed_a: int = 0, seed_b: int | None = None,
         raise ValueError(f"match must be 'round' or 'remaining', got {match!r}")
     seed_b = seed_a if seed_b is None else seed_b
     da, db = _round_masks(exp_a, seed_a), _round_masks(exp_b, seed_b)
+    for d, e, s in ((da, exp_a, seed_a), (db, exp_b, seed_b)):
+        if not d:
+            raise ValueError(f"{e} (seed {s}) has no finished round yet")
     pct_a = {r: read_json(os.path.join(d, "metrics.json"))["percent_remaining"] for r, d in da.items()}
     pct_b = {r: read_json(os.path.join(d, "metrics.json"))["percent_remaining"] for r, d in db.items()}
     if match == "round":
@@ -90,9 +93,6 @@ def overlap(exp_a: str, exp_b: str, seed_a: int = 0, seed_b: int | None = None,
             raise ValueError(f"rounds {bad} of A have no {'finished round' if match == 'round' else 'round as sparse'}"
                              f" in B (those that do: {sorted(pairs)})")
         pairs = {r: pairs[r] for r in rounds}
-    for d, e, s in ((da, exp_a, seed_a), (db, exp_b, seed_b)):
-        if not d:
-            raise ValueError(f"{e} (seed {s}) has no finished round yet")
     if not pairs:
         raise ValueError(f"{exp_a} (seed {seed_a}) and {exp_b} (seed {seed_b}) have no finished round in common"
                          + (" (rounds of other schedules pair by weights remaining: --match remaining)"
