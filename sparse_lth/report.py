@@ -630,6 +630,18 @@ def _of_seeds(n: int, e: dict) -> str:
     return f" ({n} of {len(e['seeds'])} seeds)" if n < len(e["seeds"]) else ""
 
 
+def _fmt_paths(ms: list) -> str:
+    """The layers' paths of one round's replicates, grouped by path: "all dense", or "dense: conv1, conv2;
+    sparse: fc1" (a layer whose replicates differ appears under each of its paths)."""
+    by_path: dict = {}
+    for m in ms:
+        for layer, path in m.get("paths", {}).items():
+            by_path.setdefault(path, set()).add(layer)
+    if len(by_path) == 1:
+        return f"all {next(iter(by_path))}"
+    return "; ".join(f"{p}: {', '.join(sorted(layers))}" for p, layers in sorted(by_path.items()))
+
+
 def _fmt_iteration(vals: list) -> str:
     """Early-stop iterations over replicates: the mean, and [min, max] where they differ."""
     mean, lo, hi = _stats(vals)
@@ -701,14 +713,13 @@ def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> 
             else:
                 pct = f"{pct:.2f}"
             es = _fmt_iteration([m["early_stop_iteration"] for m in ms])
-            paths = sorted({f"{k}:{v}" for m in ms for k, v in m.get("paths", {}).items()})
             lines.append(
                 f"| {r}{_of_seeds(n, e)} | {pct} | {es} | "
                 f"{_fmt_acc(*_stats([m['early_stop_test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m['test_acc'] for m in ms]), n)} | "
                 f"{_fmt_acc(*_stats([m.get('train_acc') for m in ms]), n)} | "
                 f"{statistics.fmean(m['wall_time'] for m in ms):.0f} | "
-                f"{1000 * statistics.fmean(m['time_per_step'] for m in ms):.2f} | {', '.join(paths)} |")
+                f"{1000 * statistics.fmean(m['time_per_step'] for m in ms):.2f} | {_fmt_paths(ms)} |")
         lines.append("")
     if len(exps) > 1:
         lines.append("## Comparison by round (test accuracy at early stop, %; mean early-stop iteration)\n")

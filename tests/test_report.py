@@ -13,6 +13,18 @@ def exp(name, control, pcts, accs):
                 hparams=dict(control=control, model="lenet300_100"))
 
 
+def test_the_paths_column_groups_layers_by_path():
+    e = exp("a", "imp", [100.0, 2.0], [0.97, 0.98])
+    e["rounds"][0][0]["paths"] = {"fc1": "dense", "fc2": "dense", "fc3": "dense"}
+    two = dict(e["rounds"][1][0])
+    e["rounds"][1] = [dict(two, paths={"fc1": "sparse", "fc2": "sparse", "fc3": "dense"}),
+                      dict(two, paths={"fc1": "sparse", "fc2": "dense", "fc3": "dense"})]  # replicates differ on fc2
+    e["seeds"] = [0, 1]
+    rows = [line for line in report.summary_markdown([e]).splitlines() if line.startswith(("| 0 ", "| 1 "))]
+    assert rows[0].endswith("| all dense |")
+    assert rows[1].endswith("| dense: fc2, fc3; sparse: fc1, fc2 |")
+
+
 def test_comparison_table_names_a_round_at_another_sparsity():
     """One-shot's single round sits at the target sparsity, not at IMP's round 1: its cell says so."""
     imp = exp("a", "imp", [100.0, 80.04, 64.06], [0.97, 0.975, 0.976])
