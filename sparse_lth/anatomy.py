@@ -9,6 +9,9 @@ run's saved files with no training.
   each input unit's outgoing weights that survive (for a conv layer an input channel's outgoing weights cover all
   its kernel taps). The paper finds units keep similar incoming but very different outgoing connectivity; the
   summary is the coefficient of variation (std / mean) of each.
+- **Input pixels** (:func:`input_connectivity`): for a first layer that is a Linear reading the flattened image
+  (LeNet-300-100), the fraction of each pixel's outgoing weights that survive, as an image: which parts of the
+  input the ticket still reads (the pixels that no example ever lights, MNIST's border, lose theirs first).
 - **Movement** (:func:`movement_stats`): how far each weight moved in the dense round's training, |θ_T - θ_k|,
   grouped by the round in which IMP pruned it (survivors of the last round apart). The paper finds that
   weights that survive move further than weights pruned early. Only for ``imp`` and ``oneshot`` experiments,
@@ -78,6 +81,32 @@ def connectivity_stats(mask: torch.Tensor) -> dict:
                 incoming_min=float(incoming.min()), incoming_max=float(incoming.max()),
                 outgoing_min=float(per_in.min()), outgoing_max=float(per_in.max()),
                 inputs_disconnected=float((per_in == 0).double().mean()))
+
+
+def _input_shape(hp: dict) -> tuple | None:
+    """The (C, H, W) of the run's dataset: its ``dataset``, else the one its model was made for (as the IMP
+    driver chooses it); None when unknown (a model of one's own given its data directly)."""
+    from . import models
+    from .data import INPUT_SHAPES
+    name = hp.get("dataset")
+    if not name:
+        try:
+            name = models.PAPER_HPARAMS.get(hp.get("model"), {}).get("dataset") or models.default_dataset(
+                hp.get("model"))
+        except ValueError:
+            return None
+    return INPUT_SHAPES.get(name)
+
+
+def input_connectivity(mask: torch.Tensor, input_shape) -> list[list[float]] | None:
+    """The fraction of each input pixel's outgoing weights that survive in a first Linear layer that reads the
+    flattened ``input_shape`` (C, H, W) image, averaged over channels: an H x W grid (lists, 4 decimals). None
+    for any other layer (a conv layer, or a Linear of another width)."""
+    if input_shape is None or mask.dim() != 2 or mask.shape[1] != math.prod(input_shape):
+        return None
+    c, h, w = input_shape
+    frac = mask.bool().double().mean(0).view(c, h, w).mean(0)
+    return [[round(float(v), 4) for v in row] for row in frac]
 
 
 def movement_stats(start: dict, trained: dict, masks_by_round: dict[int, dict], layers: Sequence[str]) -> dict:
@@ -222,6 +251,9 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None, *,
     init = None if control in ("reinit", "continue", "noise") else {
         str(r): {n: init_weight_stats(start[f"{n}.weight"], masks[r][n]) for n in layers} for r in rounds}
     conn = {str(r): {n: connectivity_stats(masks[r][n]) for n in layers} for r in rdirs}
+    shape = _input_shape(hp)
+    grids = {str(r): input_connectivity(masks[r][layers[0]], shape) for r in rounds}
+    pixels = None if any(g is None for g in grids.values()) else dict(layer=layers[0], rounds=grids)
     move = None
     if control in ("imp", "oneshot") and 0 in rdirs and len(rdirs) > 1 and \
             os.path.exists(os.path.join(rdirs[0], "final.pt")) and list(rdirs) == list(range(len(rdirs))):
@@ -244,7 +276,7 @@ def anatomy(exp_dir: str, seed: int = 0, rounds: Sequence[int] | None = None, *,
     result = dict(experiment=os.path.basename(os.path.normpath(exp_dir)), control=control,
                   model=hp.get("model"), seed=seed, start=os.path.basename(start_path),
                   remaining={str(r): v for r, v in remaining.items()}, init_weights=init, connectivity=conn,
-                  movement=move, generalization_gap=gap)
+                  movement=move, generalization_gap=gap, input_connectivity=pixels)
     from .imp import _write_json_atomic
     _write_json_atomic(result, os.path.join(sdir, "anatomy.json"))
     return result
@@ -300,6 +332,18 @@ def anatomy_markdown(results: Sequence[dict]) -> str:
                     nz = "-" if s["near_zero_live"] is None else f"{100 * s['near_zero_live']:.1f}%"
                     out.append(f"| {r} | {n} | {ratio} | {nz} / {100 * s['near_zero_all']:.1f}% |")
             out.append("")
+        pix = d.get("input_connectivity")
+        if pix:
+            out.append(f"| round | % remaining | input pixels {pix['layer']} still reads | pixels cut off | share of "
+                       f"its live weights on the central half of the image |")
+            out.append("|---|---|---|---|---|")
+            for r, grid in pix["rounds"].items():
+                t = torch.tensor(grid, dtype=torch.float64)
+                h, w = t.shape
+                centre = t[h // 4:h - h // 4, w // 4:w - w // 4].sum() / t.sum() if t.sum() > 0 else float("nan")
+                out.append(f"| {r} | {d['remaining'][r]:.2f} | {int((t > 0).sum())} of {h * w} | "
+                           f"{int((t == 0).sum())} | {100 * float(centre):.1f}% |")
+            out.append("\n(The central half: the middle rows and columns, a quarter of the pixels.)\n")
         if d["movement"]:
             out.append("| pruned in round | weights | mean abs(theta_T - theta_k) in the dense round |")
             out.append("|---|---|---|")
@@ -312,7 +356,8 @@ def anatomy_markdown(results: Sequence[dict]) -> str:
 
 def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "") -> dict:
     """``anatomy.png`` (generalization gap, connectivity CVs and movement by pruning round), ``init_weights.png``
-    (histograms of the survivors' starting values per layer) and ``anatomy.md`` into ``out_dir``."""
+    (histograms of the survivors' starting values per layer), ``input_pixels.png`` (where the first layer reads
+    the flattened image) and ``anatomy.md`` into ``out_dir``."""
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -402,6 +447,28 @@ def write_anatomy_report(results: Sequence[dict], out_dir: str, title: str = "")
         axes[0][0].set_ylabel("density")
         fig.suptitle(f"{title}: the ticket's starting weights ({_label(d, results)})", fontsize=10)
         files["init_weights"] = save_figure(fig, os.path.join(out_dir, "init_weights.png"))
+    with_pixels = [d for d in results if d.get("input_connectivity")]
+    if with_pixels:  # one row per experiment (its first replicate), one column per round kept, a colour bar each
+        firsts = [d for d in with_pixels if next(x for x in with_pixels if x["experiment"] == d["experiment"]) is d]
+        ncol = max(len(d["input_connectivity"]["rounds"]) for d in firsts)
+        fig, axes = plt.subplots(len(firsts), ncol + 1, figsize=(2.7 * ncol + 0.9, 2.8 * len(firsts)), squeeze=False,
+                                 gridspec_kw=dict(width_ratios=[1.0] * ncol + [0.07]))
+        for row, d in zip(axes, firsts):
+            grids = d["input_connectivity"]["rounds"]
+            image = None
+            for ax, (r, grid) in zip(row, grids.items()):
+                t = torch.tensor(grid, dtype=torch.float64)
+                rel = t / t.mean() if t.mean() > 0 else t  # 1: the layer's mean, 0: the pixel is cut off
+                image = ax.imshow(rel.numpy(), cmap="RdBu_r", vmin=0.0, vmax=2.0)
+                ax.set_title(f"{_label(d, results)}\nround {r}, {d['remaining'][r]:.1f}% left", fontsize=7)
+                ax.set_xticks([])
+                ax.set_yticks([])
+            for ax in row[len(grids):-1]:
+                ax.axis("off")
+            fig.colorbar(image, cax=row[-1]).set_label("live fraction / layer mean", fontsize=7)
+        fig.suptitle(f"{title}: where the first layer reads the image" if title
+                     else "where the first layer reads the image", fontsize=10)
+        files["input_pixels"] = save_figure(fig, os.path.join(out_dir, "input_pixels.png"))
     files["summary"] = save_markdown(os.path.join(out_dir, "anatomy.md"), "Anatomy of the tickets", title, "",
                                      anatomy_markdown(results))
     return files

@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_data
 from test_cli import mnist_root, tiny_imp_args
 from sparse_lth.anatomy import (anatomy, anatomy_markdown, connectivity_stats, evaluated_gap, generalization_gap,
-                                init_weight_stats, movement_stats, write_anatomy_report)
+                                init_weight_stats, input_connectivity, movement_stats, write_anatomy_report)
 from sparse_lth.imp import run_imp
 from test_stability import tiny_hp
 
@@ -44,6 +44,18 @@ def test_connectivity_stats_linear_and_conv():
     assert c["outgoing_max"] == 1.0 and c["outgoing_min"] == 0.0 and c["inputs_disconnected"] == pytest.approx(1 / 3)
     assert c["incoming_max"] == pytest.approx(5 / 12) and c["incoming_min"] == pytest.approx(4 / 12)
     assert connectivity_stats(torch.zeros(2, 2, dtype=torch.bool))["incoming_cv"] is None
+
+
+def test_input_connectivity_of_a_first_linear_layer():
+    m = torch.zeros(4, 2 * 3 * 3, dtype=torch.bool)  # 4 units reading a 2x3x3 image
+    m[:, 4] = True  # channel 0, centre pixel: all 4 units
+    m[0, 9 + 4] = True  # channel 1, centre pixel: 1 unit
+    m[1, 0] = True  # channel 0, corner: 1 unit
+    g = input_connectivity(m, (2, 3, 3))
+    assert g[1][1] == pytest.approx((1.0 + 0.25) / 2) and g[0][0] == pytest.approx(0.25 / 2) and g[2][2] == 0.0
+    assert input_connectivity(m, (1, 28, 28)) is None  # another width
+    assert input_connectivity(torch.ones(3, 2, 3, 3, dtype=torch.bool), (2, 3, 3)) is None  # a conv layer
+    assert input_connectivity(m, None) is None  # a dataset of unknown shape
 
 
 def test_movement_by_pruning_round():
@@ -88,14 +100,26 @@ def test_anatomy_of_an_imp_run_and_its_reinit_control(tmp_path):
             assert 0 < c["density"] <= 1
     with open(os.path.join(res.experiment_dir, "seed_0", "anatomy.json")) as f:
         assert json.load(f) == json.loads(json.dumps(d))
+    # where fc1 reads the 1x28x28 image: each pixel's live fraction of its 30 outgoing weights (width 0.1)
+    pix = d["input_connectivity"]
+    assert pix["layer"] == "fc1" and set(pix["rounds"]) == set(d["init_weights"])
+    for r, grid in pix["rounds"].items():
+        want = final_masks["fc1"] if r == "3" else None
+        assert len(grid) == 28 and all(len(row) == 28 for row in grid)
+        if want is not None:
+            frac = want.double().mean(0).view(28, 28)
+            assert torch.allclose(torch.tensor(grid, dtype=torch.float64), frac, atol=5e-5)
+    assert pix["rounds"]["0"] == [[1.0] * 28] * 28
     ctl = run_imp(tiny_hp(rounds=3, control="reinit"), str(tmp_path), progress=False, data=data)
     c = anatomy(ctl.experiment_dir, 0, rounds=[0, 2])
     assert c["init_weights"] is None and c["movement"] is None and c["connectivity"]["2"] == d["connectivity"]["2"]
+    assert set(c["input_connectivity"]["rounds"]) == {"0", "2"}
     files = write_anatomy_report([d, c], str(tmp_path / "rep"), title="tiny")
-    for k in ("figure", "init_weights", "summary"):
+    for k in ("figure", "init_weights", "input_pixels", "summary"):
         assert os.path.getsize(files[k]) > 0
     text = open(files["summary"]).read()
     assert "control imp" in text and "control reinit" in text and "| survivors |" in text
+    assert "| 0 | 100.00 | 784 of 784 | 0 | 25.0% |" in text  # the central quarter holds a quarter of a full layer
     with pytest.raises(ValueError, match="have not finished"):
         anatomy(res.experiment_dir, 0, rounds=[7])
     with pytest.raises(FileNotFoundError, match="no replicate"):
@@ -196,6 +220,7 @@ def test_anatomy_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| round | % remaining | gap at early stop (pp) |" in out and "| survivors |" in out
     assert (exp / "anatomy" / "init_weights.png").stat().st_size > 0
+    assert (exp / "anatomy" / "input_pixels.png").stat().st_size > 0
     assert main(["report", str(exp), "--out", str(tmp_path / "rep")]) == 0  # drawn again by `report`
     assert (tmp_path / "rep" / "anatomy.png").stat().st_size > 0 and (tmp_path / "rep" / "anatomy.md").exists()
     assert not (tmp_path / "rep" / "stability.md").exists()  # no stability analysis was run
