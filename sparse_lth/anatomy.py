@@ -335,7 +335,7 @@ def anatomy_markdown(results: Sequence[dict]) -> str:
         pix = d.get("input_connectivity")
         if pix:
             out.append(f"| round | % remaining | input pixels {pix['layer']} still reads | pixels cut off | share of "
-                       f"its live weights on the central half of the image |")
+                       f"its live weights on the central quarter of the image |")
             out.append("|---|---|---|---|---|")
             for r, grid in pix["rounds"].items():
                 t = torch.tensor(grid, dtype=torch.float64)
@@ -343,7 +343,8 @@ def anatomy_markdown(results: Sequence[dict]) -> str:
                 centre = t[h // 4:h - h // 4, w // 4:w - w // 4].sum() / t.sum() if t.sum() > 0 else float("nan")
                 out.append(f"| {r} | {d['remaining'][r]:.2f} | {int((t > 0).sum())} of {h * w} | "
                            f"{int((t == 0).sum())} | {100 * float(centre):.1f}% |")
-            out.append("\n(The central half: the middle rows and columns, a quarter of the pixels.)\n")
+            out.append("\n(The central quarter: the middle half of the rows and of the columns; 25% for a layer "
+                       "with the same live fraction everywhere.)\n")
         if d["movement"]:
             out.append("| pruned in round | weights | mean abs(theta_T - theta_k) in the dense round |")
             out.append("|---|---|---|")
