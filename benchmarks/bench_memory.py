@@ -155,7 +155,6 @@ def saved_for_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ledge
 # ----------------------------------------------------------------------------------------------------------------
 # one implementation, counted
 # ----------------------------------------------------------------------------------------------------------------
-
 def build(impl: str, model_name: str, masks, x, kind: str, lr: float, input_shape):
     """The model, its optimizer, a one-step closure and the paths' letters; ``x`` = (inputs, targets)."""
     dev = x[0].device
