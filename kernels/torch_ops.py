@@ -18,7 +18,7 @@ import torch
 from .format import SparseFormat
 
 __all__ = [
-    "prepare_operand", "linear_forward", "linear_backward_input", "linear_backward_weight", "weight_csr",
+    "as_dtype", "prepare_operand", "linear_forward", "linear_backward_input", "linear_backward_weight", "weight_csr",
     "weight_t_csr",
 ]
 
@@ -45,7 +45,7 @@ def _no_autocast(op):
     return run
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the call when it is one already (a no-op ``to`` costs about a microsecond, and a
     small layer's step made dozens of them)."""
     return t if t.dtype == dtype else t.to(dtype)
@@ -95,14 +95,14 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, bia
     """y = x W^T + b (optionally ReLU), x: (B, cols) -> (B, rows)."""
     _check(x, values, fmt, fmt.cols, "x", "linear_forward")
     ct = _compute_dtype(x.dtype)
-    y = torch.sparse.mm(weight_csr(_as(values, ct), fmt), _as(x, ct).t()).t()
+    y = torch.sparse.mm(weight_csr(as_dtype(values, ct), fmt), as_dtype(x, ct).t()).t()
     if bias is not None:
-        y = y + _as(bias, ct)
+        y = y + as_dtype(bias, ct)
     if activation == "relu":
         y = torch.relu(y)
     elif activation is not None:
         raise ValueError(f"linear_forward: unknown activation {activation!r} (None or 'relu')")
-    return _as(y, x.dtype)
+    return as_dtype(y, x.dtype)
 
 
 @_no_autocast
@@ -112,7 +112,8 @@ def linear_backward_input(dy: torch.Tensor, values: torch.Tensor, fmt: SparseFor
     ct = _compute_dtype(dy.dtype)
     # a contiguous dense operand: ~15% faster than the strided dy.t() here (LeNet sizes, one CPU thread); free
     # when dy was prepared (prepare_operand)
-    return _as(torch.sparse.mm(weight_t_csr(_as(values, ct), fmt), _as(dy, ct).t().contiguous()).t(), dy.dtype)
+    dx = torch.sparse.mm(weight_t_csr(as_dtype(values, ct), fmt), as_dtype(dy, ct).t().contiguous()).t()
+    return as_dtype(dx, dy.dtype)
 
 
 @_no_autocast
@@ -128,5 +129,5 @@ def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
         return torch.zeros(0, dtype=out_dtype, device=dy.device)
     ct = _compute_dtype(dy.dtype)
     pattern = weight_csr(torch.zeros(fmt.nnz, dtype=ct, device=dy.device), fmt)  # beta=0 still reads it
-    out = torch.sparse.sampled_addmm(pattern, _as(dy, ct).t().contiguous(), _as(x, ct), beta=0.0)
-    return _as(out.values(), out_dtype)
+    out = torch.sparse.sampled_addmm(pattern, as_dtype(dy, ct).t().contiguous(), as_dtype(x, ct), beta=0.0)
+    return as_dtype(out.values(), out_dtype)

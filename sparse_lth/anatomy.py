@@ -86,16 +86,12 @@ def connectivity_stats(mask: torch.Tensor) -> dict:
 def _input_shape(hp: dict) -> tuple | None:
     """The (C, H, W) of the run's dataset: its ``dataset``, else the one its model was made for (as the IMP
     driver chooses it); None when unknown (a model of one's own given its data directly)."""
-    from . import models
     from .data import INPUT_SHAPES
-    name = hp.get("dataset")
-    if not name:
-        try:
-            name = models.PAPER_HPARAMS.get(hp.get("model"), {}).get("dataset") or models.default_dataset(
-                hp.get("model"))
-        except ValueError:
-            return None
-    return INPUT_SHAPES.get(name)
+    from .imp import run_dataset
+    try:
+        return INPUT_SHAPES.get(run_dataset(hp.get("model"), hp.get("dataset") or ""))
+    except ValueError:
+        return None
 
 
 def input_connectivity(mask: torch.Tensor, input_shape) -> list[list[float]] | None:

@@ -60,8 +60,7 @@ def ops_dict(dense: tuple) -> dict[str, str]:
 
 def _gather_grad(g: torch.Tensor, flat_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The entries of a dense weight gradient at the live positions, as the compact values' gradient."""
-    g = g.reshape(-1).index_select(0, flat_index)
-    return g if g.dtype == dtype else g.to(dtype)
+    return torch_ops.as_dtype(g.reshape(-1).index_select(0, flat_index), dtype)
 
 
 def _not_a_view(y: torch.Tensor) -> torch.Tensor:
@@ -115,8 +114,7 @@ class SparseLinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, ctx.fmt.rows)
         if ctx.activation == "relu":
             dy2 = dy2 * (y > 0)
-        if dy2.dtype != x2.dtype:
-            dy2 = dy2.to(x2.dtype)
+        dy2 = torch_ops.as_dtype(dy2, x2.dtype)
         if not (d_dx and d_dw):
             dy2 = prep(dy2, ctx.fmt.nnz)  # one operand for both gradients
         dx = dv = db = None
@@ -225,8 +223,7 @@ class SparseConv2dFunction(torch.autograd.Function):
             db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
             return dx, dv, db, None, None, None, None, None, None, None, None, None
         _, d_dx, d_dw = ctx.dense
-        if dy.dtype != x.dtype:
-            dy = dy.to(x.dtype)
+        dy = torch_ops.as_dtype(dy, x.dtype)
         dx = dv = db = None
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dyg = None

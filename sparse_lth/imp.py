@@ -166,6 +166,15 @@ def experiment_name(hp: ImpHparams) -> str:
     return f"{_folder_safe(hp.model)}_{hp.control}_{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
+def run_dataset(model: str, dataset: str = "") -> str:
+    """The dataset an IMP run of ``model`` trains on: ``dataset`` if given, else the model's preset's, else the one
+    the model was made for (ValueError for a model of one's own, which has none)."""
+    if dataset:
+        return dataset
+    from . import models
+    return models.PAPER_HPARAMS.get(model, {}).get("dataset") or models.default_dataset(model)
+
+
 def _folder_safe(model: str) -> str:
     """The model's name as a folder name's part ("torchvision.models:resnet18" -> "torchvision.models-resnet18")."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", model)
@@ -603,10 +612,7 @@ class Experiment:
     # ------------------------------------------------------------------------------------ pieces
     @property
     def dataset(self) -> str:
-        if self.hp.dataset:
-            return self.hp.dataset
-        from . import models
-        return models.PAPER_HPARAMS.get(self.hp.model, {}).get("dataset") or models.default_dataset(self.hp.model)
+        return run_dataset(self.hp.model, self.hp.dataset)
 
     @property
     def data(self):

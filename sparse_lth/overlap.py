@@ -65,11 +65,11 @@ def _round_masks(exp_dir: str, seed: int) -> dict[int, str]:
 def overlap(exp_a: str, exp_b: str, seed_a: int = 0, seed_b: int | None = None,
             rounds: Sequence[int] | None = None, match: str = "round") -> dict:
     """The overlap of replicate ``seed_a`` of experiment folder ``exp_a`` with replicate ``seed_b`` (default: the
-    same seed) of ``exp_b``: ``dict(a, b (their names), dir_a, dir_b, seed_a, seed_b, match, rounds=[dict(round, round_b, percent_a,
-    percent_b, layers={layer or "all": mask_overlap row})])``. ``match="round"``: round r of A with round r of
-    B, at every round both have finished (or ``rounds``, A's). ``match="remaining"``: each round of A with B's
-    round nearest to it in weights remaining, where they are within 10% of each other (other schedules: 60% per
-    round against 20%, a one-shot run's single round)."""
+    same seed) of ``exp_b``: ``dict(a, b (their names), dir_a, dir_b, seed_a, seed_b, match,
+    rounds=[dict(round, round_b, percent_a, percent_b, layers={layer or "all": mask_overlap row})])``.
+    ``match="round"``: round r of A with round r of B, at every round both have finished (or ``rounds``, A's).
+    ``match="remaining"``: each round of A with B's round nearest to it in weights remaining, where they are within
+    10% of each other (other schedules: 60% per round against 20%, a one-shot run's single round)."""
     if match not in ("round", "remaining"):
         raise ValueError(f"match must be 'round' or 'remaining', got {match!r}")
     seed_b = seed_a if seed_b is None else seed_b

@@ -302,10 +302,10 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
 
     Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc[, val_loss, val_acc]}...],
     early_stop_iteration, early_stop_test_acc (the test accuracy there), early_stop_on ("val" or "test"),
-    test_acc, test_loss, train_acc, train_loss, iterations, steps, wall_time (steps + evaluations, summed over resumes), step_time, time_per_step, paths, backends,
-    resumed_from, environments)``; ``environments``: the :func:`sparse_lth.environment.environment` of each
-    stretch of training that ran under another one, with the iteration it started from (one unless resumed
-    elsewhere; a resume under other numerics warns).
+    test_acc, test_loss, train_acc, train_loss, iterations, steps, wall_time (steps + evaluations, summed over
+    resumes), step_time, time_per_step, paths, backends, resumed_from, environments)``; ``environments``: the
+    :func:`sparse_lth.environment.environment` of each stretch of training that ran under another one, with the
+    iteration it started from (one unless resumed elsewhere; a resume under other numerics warns).
     """
     check_train_config(cfg)
     if not 0 <= start_iteration < cfg.iterations:
