@@ -1,4 +1,7 @@
 """The worker of test_pruner's DistributedDataParallel test (a module of its own: spawned processes import it)."""
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -61,7 +64,14 @@ def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         del ddp  # nothing may hold the process group when it goes
         if rank == 0:
             torch.save(rounds, out)
-        dist.barrier()  # both ranks done communicating before either tears down (a rank that destroyed its
-        # group while the other still used it aborted, rarely: "terminate called without an active exception")
-    finally:
+        dist.barrier()  # both ranks done communicating before either leaves
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Done, results saved: leave without gloo's teardown. destroy_process_group, or the exit's C++ destructors
+    # after it, aborted a rank now and then ("terminate called without an active exception": a clean-clone CI
+    # run in sessions 25 and 26, even with the wrapper dropped and a barrier first), failing a test whose
+    # results were already written. os._exit skips that teardown; what the test checks is unchanged.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
