@@ -2,7 +2,10 @@
 ``TRITON_INTERPRET=1`` was set before Triton was first imported."""
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import re
 
 import torch
 
@@ -32,12 +35,43 @@ def can_launch(device: torch.device | str) -> bool:
     return device.type == "cpu" and interpreting()
 
 
+def interpreter_numpy_problem(numpy_version: str, interpreter_source: str) -> str | None:
+    """Why Triton's interpreter cannot run these kernels with this NumPy, or None. NumPy 2.4 made ``int()`` of a
+    one-element array an error, and the interpreter of Triton 3.6 (the GPU machine's) still converts a loaded
+    scalar that way (``range(k_start, k_end, ...)`` over row pointers, in every sparse kernel): each launch then
+    fails with "only 0-dimensional arrays can be converted to Python scalars" (triton-lang/triton#9171, fixed by
+    #9172; Triton 3.8 has the fix). Told by the unfixed line in the interpreter's source, not by version numbers."""
+    try:
+        major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", numpy_version).groups())
+    except (AttributeError, ValueError):
+        return None
+    if (major, minor) < (2, 4) or "int(self.handle.data))" not in interpreter_source:
+        return None
+    return (f"Triton's interpreter in this install (triton {getattr(triton, '__version__', '?')}) cannot run "
+            f"with NumPy {numpy_version}: it converts one-element arrays to Python ints, which NumPy 2.4 refuses "
+            "(triton-lang/triton#9171). Install 'numpy<2.4', or a Triton with the fix (3.8 has it)")
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> str | None:
+    try:
+        import numpy
+        import triton.runtime.interpreter as interp
+
+        source = inspect.getsource(interp)
+    except Exception:  # pragma: no cover - no source to read: let Triton's own error speak
+        return None
+    return interpreter_numpy_problem(numpy.__version__, source)
+
+
 def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
     """Raise a clear error unless every tensor is on one device where Triton can run; return that device."""
     devs = {t.device for t in tensors if t is not None}
     if len(devs) != 1:
         raise ValueError(f"{op}: tensors are on different devices: {sorted(str(d) for d in devs)}")
     (dev,) = devs
+    if dev.type == "cpu" and can_launch(dev) and _interpreter_problem():
+        raise RuntimeError(f"{op}: {_interpreter_problem()}")
     if not can_launch(dev):
         if not HAS_TRITON:
             raise RuntimeError(f"{op}: Triton is not installed")

@@ -32,6 +32,20 @@ def find_shared_data() -> pathlib.Path:
 SHARED_DATA = find_shared_data()
 
 
+def pytest_report_header(config):
+    """Which Triton runs the kernel tests, and (before 100 tests fail with the same TypeError) whether this
+    Triton's interpreter can run with this NumPy at all."""
+    from sparse_lth.kernels import _triton
+
+    if not _triton.HAS_TRITON:
+        return "triton: not installed (the kernel tests fail)"
+    mode = "interpreter (TRITON_INTERPRET=1)" if _triton.interpreting() else "compiled"
+    lines = [f"triton {_triton.triton.__version__}: {mode}"]
+    if _triton.interpreting() and _triton._interpreter_problem():
+        lines.append(f"WARNING: {_triton._interpreter_problem()}")
+    return lines
+
+
 def require_shared_data() -> pathlib.Path:
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         raise FileNotFoundError(f"the shared data folder (MNIST/raw, FashionMNIST/raw) was not found at "

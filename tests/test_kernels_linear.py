@@ -470,6 +470,36 @@ def test_slab_kernels_int64_pointers(kernel_device, small_panels):
                    reference_backward_weight(dy, x, fmt), a_w, torch.float32, "slab backward_weight int64")
 
 
+def test_interpreter_numpy_mismatch_is_named():
+    """Triton 3.6's interpreter (the GPU machine's Triton) with NumPy >= 2.4 fails every launch with a TypeError
+    deep in the interpreter: the detector names it from the interpreter's source line and NumPy's version."""
+    from sparse_lth.kernels._triton import interpreter_numpy_problem
+
+    unfixed = '    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))\n'  # triton 3.6
+    fixed = '    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))\n'  # 3.8
+    msg = interpreter_numpy_problem("2.4.6", unfixed)
+    assert msg is not None and "numpy<2.4" in msg and "9171" in msg
+    assert interpreter_numpy_problem("2.5.0rc1", unfixed) is not None
+    assert interpreter_numpy_problem("2.3.5", unfixed) is None
+    assert interpreter_numpy_problem("1.26.4", unfixed) is None
+    assert interpreter_numpy_problem("2.4.6", fixed) is None
+    assert interpreter_numpy_problem("unknown", unfixed) is None
+
+
+def test_interpreter_numpy_mismatch_refused_at_launch(prob, monkeypatch):
+    from sparse_lth.kernels import _triton
+
+    mask, fmt, values, x, b, dy = prob
+    monkeypatch.setattr(_triton, "_interpreter_problem", lambda: "NumPy 2.4 and this interpreter disagree")
+    if x.device.type == "cuda":  # compiled launches never ask
+        assert sparse_linear_forward(x, values, fmt, b).shape == (3, 6)
+        return
+    with pytest.raises(RuntimeError, match="sparse_linear_forward: NumPy 2.4 and this interpreter disagree"):
+        sparse_linear_forward(x, values, fmt, b)
+    monkeypatch.undo()
+    assert _triton._interpreter_problem() is None  # this install runs the interpreter (every kernel test here)
+
+
 def test_slab_bad_configs(prob):
     mask, fmt, values, x, b, dy = prob
     with pytest.raises(ValueError, match="variant must be one of"):
