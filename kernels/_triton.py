@@ -20,6 +20,12 @@ except Exception:  # pragma: no cover - depends on the install
     HAS_TRITON = False
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launch grids (host side: Triton 3.8's ``triton.cdiv`` is a constexpr function whose
+    host calls cost microseconds each)."""
+    return -(-a // b)
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -70,9 +76,10 @@ def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
     if len(devs) != 1:
         raise ValueError(f"{op}: tensors are on different devices: {sorted(str(d) for d in devs)}")
     (dev,) = devs
-    if dev.type == "cpu" and can_launch(dev) and _interpreter_problem():
+    ok = can_launch(dev)
+    if ok and dev.type == "cpu" and _interpreter_problem():
         raise RuntimeError(f"{op}: {_interpreter_problem()}")
-    if not can_launch(dev):
+    if not ok:
         if not HAS_TRITON:
             raise RuntimeError(f"{op}: Triton is not installed")
         if dev.type == "cpu":
@@ -110,6 +117,8 @@ _OFFSET32_LIMIT = 1 << 30
 
 
 def _max_offset(t: torch.Tensor) -> int:
+    if t.untyped_storage().nbytes() < _OFFSET32_LIMIT * t.element_size():  # no offset into it can reach the limit
+        return 0
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0
 
 

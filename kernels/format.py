@@ -84,7 +84,12 @@ class SparseFormat:
         return self.nnz / n if n else 0.0
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        items = self.__dict__.get("_tensor_items")
+        if items is None:  # fields are frozen: listed once per format
+            items = tuple((f.name, getattr(self, f.name)) for f in fields(self)
+                          if isinstance(getattr(self, f.name), torch.Tensor))
+            object.__setattr__(self, "_tensor_items", items)
+        return dict(items)
 
     def to(self, device) -> "SparseFormat":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -100,7 +105,12 @@ class SparseFormat:
         return m.view(self.rows, self.cols)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` if the structures are inconsistent (wrong lengths, dtypes or devices)."""
+        """Raise ``ValueError`` if the structures are inconsistent (wrong lengths, dtypes or devices). A format
+        that passed is not checked again (its fields are frozen; ``dataclasses.replace`` makes a new, unchecked
+        one): every kernel call validates its format, and on a GPU the ~10 us of checks per call were a large part
+        of a LeNet-sized layer's host time."""
+        if self.__dict__.get("_validated"):
+            return
         expect = {
             "row_ptr": (self.rows + 1,), "col_idx": (self.nnz,), "row_idx": (self.nnz,), "col_ptr": (self.cols + 1,),
             "t_row_idx": (self.nnz,), "t_perm": (self.nnz,), "row_order": (self.rows,), "col_order": (self.cols,),
@@ -116,6 +126,7 @@ class SparseFormat:
                 raise ValueError(f"SparseFormat.{name}: expected an int32 or int64 tensor, got {t.dtype}")
             if t.device != self.device:
                 raise ValueError(f"SparseFormat.{name} is on {t.device}, row_ptr on {self.device}")
+        object.__setattr__(self, "_validated", True)
 
 
 def check_mask(mask, shape, *, name: str = "mask") -> torch.Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, check_launch, interpreting, offset_dtype
+from ._triton import HAS_TRITON, cdiv, check_launch, interpreting, offset_dtype
 from ._conv_geometry import (FLOAT_DTYPES as _FLOAT_DTYPES, check_fmt as _check_fmt, check_tensor4 as _check_tensor4,
                              check_values as _check_values, geometry as _geometry, out_size as _out_size)
 from .format import to_dense
@@ -255,13 +255,14 @@ def _check_devices(op, fmt, **tensors):
     if len(set(devs.values())) != 1:
         where = ", ".join(f"{k} on {v}" for k, v in devs.items())
         raise ValueError(f"{op}: all tensors and the SparseFormat must be on one device; got {where}")
-    return check_launch(*[t for t in tensors.values() if t is not None], *fmt.tensors().values(), op=op)
+    # a validated format's tensors all sit on fmt.device: one of them stands for all
+    return check_launch(*[t for t in tensors.values() if t is not None], fmt.row_ptr, op=op)
 
 
 def _check_pixels(count, channels, op):
     """Pixel indices and program ids are int32 (memory offsets become int64 when needed): refuse what would overflow
     them."""
-    if count > _INT32_MAX - 4096 or channels * triton.cdiv(count, 32) > _INT32_MAX:
+    if count > _INT32_MAX - 4096 or channels * cdiv(count, 32) > _INT32_MAX:
         raise ValueError(f"{op}: {count} pixels (batch * height * width) x {channels} channels overflow the "
                          f"kernel's int32 pixel/program indices; split the batch")
 
@@ -309,7 +310,7 @@ def sparse_conv2d_forward(x, values, fmt, kernel_size, bias=None, stride=(1, 1),
                 .view(1, c_out, 1, 1).expand_as(y))
         return y
     block_p, block_k, warps = (64, 16, 4) if interpreting() else (128, 16, 4)
-    grid = (c_out * triton.cdiv(npix, block_p),)
+    grid = (c_out * cdiv(npix, block_p),)
     _sparse_conv2d_fwd_kernel[grid](
         x, values, fmt.row_ptr, fmt.col_idx, fmt.row_order, bias if bias is not None else values, y,
         c_out, h, w, oh, ow, npix,
@@ -355,7 +356,7 @@ def sparse_conv2d_backward_input(dy, values, fmt, input_shape, kernel_size, stri
         return torch.zeros(input_shape, dtype=dy.dtype, device=dy.device)
     dx = _alloc(input_shape, dy.dtype, dy.device)
     block_p, block_k, warps = (64, 16, 4) if interpreting() else (128, 16, 4)
-    grid = (c_in * triton.cdiv(npix, block_p),)
+    grid = (c_in * cdiv(npix, block_p),)
     _sparse_conv2d_bwd_input_kernel[grid](
         dy, values, fmt.col_ptr, fmt.t_row_idx, fmt.t_perm, fmt.col_idx, dx,
         c_in, h, w, oh, ow, npix,
@@ -400,16 +401,16 @@ def sparse_conv2d_backward_weight(dy, x, fmt, kernel_size, stride=(1, 1), paddin
     if nnz == 0 or npix == 0:
         return torch.zeros(nnz, dtype=out_dtype, device=x.device)
     block_p, block_k, warps = 64, 32, 4
-    k_blocks = triton.cdiv(nnz, block_k)
-    p_blocks = triton.cdiv(npix, block_p)
+    k_blocks = cdiv(nnz, block_k)
+    p_blocks = cdiv(npix, block_p)
     if num_splits is None:
         # enough programs for ~4 waves of the GPU, but no split shorter than 4 pixel blocks
-        num_splits = 1 if interpreting() else max(1, min(triton.cdiv(4 * _num_sms(dev), k_blocks), p_blocks // 4, 64))
+        num_splits = 1 if interpreting() else max(1, min(cdiv(4 * _num_sms(dev), k_blocks), p_blocks // 4, 64))
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"{op}: num_splits must be a positive int, got {num_splits!r}")
     # every split gets a whole number of pixel blocks; drop splits that would be empty
-    p_per_split = triton.cdiv(p_blocks, min(num_splits, p_blocks, 65535)) * block_p  # grid axis 1 <= 65535
-    num_splits = triton.cdiv(npix, p_per_split)
+    p_per_split = cdiv(p_blocks, min(num_splits, p_blocks, 65535)) * block_p  # grid axis 1 <= 65535
+    num_splits = cdiv(npix, p_per_split)
     part = _alloc((num_splits, nnz), torch.float32, x.device)
     grid = (k_blocks, num_splits)
     _sparse_conv2d_bwd_weight_kernel[grid](

@@ -58,7 +58,7 @@ import os
 
 import torch
 
-from ._triton import HAS_TRITON, autotune_bench, check_launch, interpreting, offset_dtype
+from ._triton import HAS_TRITON, autotune_bench, cdiv, check_launch, interpreting, offset_dtype
 from .format import PANEL, SparseFormat, to_dense
 
 if HAS_TRITON:
@@ -497,7 +497,7 @@ def _slab_candidates(configs: dict, run, n_b: int, dtype) -> list:
 def _dispatch(variant: str, config, problem: tuple, gathers: int, run, slab_configs) -> None:
     """Run the op through ``run(variant, config)`` with the kernel that ``variant`` names (see VARIANTS)."""
     if variant == "auto":
-        if config is None and _times_variants() and gathers >= SLAB_MIN_GATHERS:
+        if config is None and gathers >= SLAB_MIN_GATHERS and _times_variants():
             variant, config = _pick(problem, [("gather", None, lambda: run("gather", None))]
                                     + _slab_candidates(slab_configs, run, problem[3], problem[5]))
         else:
@@ -645,11 +645,11 @@ def _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_
                  OFFSET=offset_dtype(in_t, out_t, counts=(nnz, n_out)))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("spmm", n_b)
-        grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]) * triton.cdiv(n_b, meta["BLOCK_B"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(n_out, meta["BLOCK_R"]) * cdiv(n_b, meta["BLOCK_B"]),)  # noqa: E731
         kern[grid](*args, n_out, n_b, nnz, *strides, **flags)
         return
     meta = _meta(config, _spmm_heuristic(n_b), ("BLOCK_R", "BLOCK_K", "BLOCK_B"), op)
-    grid = (triton.cdiv(n_out, meta["BLOCK_R"]) * triton.cdiv(n_b, meta["BLOCK_B"]),)
+    grid = (cdiv(n_out, meta["BLOCK_R"]) * cdiv(n_b, meta["BLOCK_B"]),)
     _spmm_t_kernel[grid](*args, n_out, n_b, nnz, *strides, **flags, **meta)
 
 
@@ -664,7 +664,7 @@ def _launch_spmm_slab(pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out
     if n_pan > meta["PANEL_STEP"] and out_t.dtype != torch.float32:
         ws = torch.empty((n_out, n_b), dtype=torch.float32, device=out_t.device)
     has_perm = perm is not None
-    grid = (triton.cdiv(n_b, meta["BLOCK_B"]) * chunks,)
+    grid = (cdiv(n_b, meta["BLOCK_B"]) * chunks,)
     _spmm_slab_kernel[grid](
         pp, idx, vals, perm if has_perm else idx, order, in_t, ws, out_t, bias if bias is not None else out_t,
         n_out, n_b, nnz, n_pan, pp.stride(0), in_t.stride(0), in_t.stride(1), ws.stride(0), ws.stride(1),
@@ -705,7 +705,7 @@ def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=Non
         _check_dense(bias, "bias", (fmt.rows,), op)
     _check_same_dtype(op, x=x, values=values, bias=bias)
     _check_devices(op, fmt, x=x, values=values, bias=bias, out=out)
-    check_launch(x, values, bias, *fmt.tensors().values(), op=op)
+    check_launch(x, values, bias, fmt.row_ptr, op=op)  # fmt validated: its tensors all on fmt.device
     n_b = x.shape[0]
     if out is None:
         out = _alloc_batch_minor(n_b, fmt.rows, x.dtype, x.device)
@@ -729,7 +729,7 @@ def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None, vari
     _check_dense(values, "values", (fmt.nnz,), op)
     _check_same_dtype(op, dy=dy, values=values)
     _check_devices(op, fmt, dy=dy, values=values, out=out)
-    check_launch(dy, values, *fmt.tensors().values(), op=op)
+    check_launch(dy, values, fmt.row_ptr, op=op)
     n_b = dy.shape[0]
     if out is None:
         out = _alloc_batch_minor(n_b, fmt.cols, dy.dtype, dy.device)
@@ -760,7 +760,7 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     _check_devices(op, fmt, dy=dy, x=x, out=out)
-    check_launch(dy, x, *fmt.tensors().values(), op=op)
+    check_launch(dy, x, fmt.row_ptr, op=op)
     if out is None:
         out = torch.empty(fmt.nnz, dtype=out_dtype, device=dy.device)
     else:
@@ -789,16 +789,16 @@ def _launch_sddmm(fmt, dy_t, x_t, out, n_b, config, op):
     offset = offset_dtype(dy_t, x_t, out, counts=(fmt.nnz,))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("sddmm", n_b)
-        kern[lambda meta: (triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset)
+        kern[lambda meta: (cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset)
         return
     meta = _meta(config, _sddmm_heuristic(n_b), ("BLOCK_NNZ", "BLOCK_B"), op)
-    _sddmm_t_kernel[(triton.cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset, **meta)
+    _sddmm_t_kernel[(cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset, **meta)
 
 
 def _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, config, op):
     """The slab kernel's partial sums per batch block, then their sum into ``out``."""
     meta, chunks = _slab_meta(config, n_b, fmt.rows, dy_t.dtype, out.device, True, op)
-    n_bblk = triton.cdiv(n_b, meta["BLOCK_B"])
+    n_bblk = cdiv(n_b, meta["BLOCK_B"])
     part = torch.empty((n_bblk, fmt.nnz), dtype=torch.float32, device=out.device)
     pp = fmt.row_panel_ptr
     _sddmm_slab_kernel[(n_bblk * chunks,)](

@@ -1,6 +1,8 @@
 """build_format against a plain-Python construction of the same index structures."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,3 +76,25 @@ def test_build_format_refuses_bad_masks():
         check_mask(torch.full((2, 2), 0.5), (2, 2))
     with pytest.raises(ValueError, match="expected \\(2, 3\\)"):
         check_mask(torch.ones(3, 2, dtype=torch.bool), (2, 3))
+
+
+def test_validated_format_is_checked_once_and_a_replaced_one_again():
+    """validate() remembers a format that passed (every kernel call validates its format); a format made from it
+    by dataclasses.replace is new and checked again, and tensors() hands out a fresh dict each time."""
+    fmt = build_format(torch.rand(6, 9, generator=torch.Generator().manual_seed(3)) < 0.4)
+    fmt.validate()
+    assert fmt.__dict__.get("_validated") is True
+    fmt.validate()  # the remembered answer
+    bad = dataclasses.replace(fmt, t_perm=fmt.t_perm[:-1])
+    assert "_validated" not in bad.__dict__
+    with pytest.raises(ValueError, match="t_perm"):
+        bad.validate()
+    with pytest.raises(ValueError, match="col_idx"):
+        dataclasses.replace(fmt, col_idx=fmt.col_idx.float()).validate()
+    got = fmt.tensors()
+    assert list(got) == ["row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_perm", "row_order",
+                         "col_order", "row_panel_ptr", "col_panel_ptr"]
+    assert all(got[k] is getattr(fmt, k) for k in got)
+    got.clear()
+    assert len(fmt.tensors()) == 10
+    assert fmt.to("cpu").tensors().keys() == fmt.tensors().keys()
