@@ -486,3 +486,28 @@ def test_interleaved_samples_draws_a_new_order_every_round():
     assert sorted(x for xs in samples.values() for x in xs) == [float(i) for i in range(1, 49)]
     predecessors = {k: {r[r.index(k) - 1] for r in rounds if r.index(k) > 0} for k in "abcd"}
     assert all(len(p) >= 2 for p in predecessors.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bench_host_overhead.py: sparse-lth's host time per step with the kernel launches stubbed
+# ----------------------------------------------------------------------------------------------------------------
+def test_host_overhead_benchmark_counts_the_launches(tmp_path):
+    out = tmp_path / "host.csv"
+    proc = run_script("bench_host_overhead.py", "--densities", "0.5", "0.02", "--repeats", "5", "--out", str(out))
+    rows = read_csv(out, ["model", "density", "batch", "step_us", "floor_us", "launches_fwd", "launches_bwd",
+                          "host_us_per_launch", "device", "torch", "commit"])
+    assert [float(r["density"]) for r in rows] == [0.5, 0.02]
+    for r in rows:
+        # LeNet-300-100 on the sparse path: one launch per layer forward; backward, the weight gradient of all
+        # three and the input gradient of the two whose input needs one (the image does not)
+        assert (int(r["launches_fwd"]), int(r["launches_bwd"])) == (3, 5), r
+        assert float(r["step_us"]) > 0 and float(r["floor_us"]) > 0, r
+        assert r["device"].startswith("cpu: ") and r["model"] == "lenet300_100"
+    assert "kernel launches stubbed" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--densities", "0"], ["--repeats", "0"]])
+def test_host_overhead_benchmark_refuses_bad_arguments(args, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_host_overhead.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2 and "must" in proc.stderr

@@ -1,0 +1,164 @@
+"""Host time of the Triton path: what sparse-lth's Python costs per training step around its kernels.
+
+On a GPU a LeNet-300-100 layer's kernels take microseconds, so a step's time there is mostly the host's: the
+modules, the autograd Functions, the argument checks and the launch wrappers (issue 4's "LeNet-sized layers at
+least at parity" target is about this). This script measures that host side on any machine: it runs the layers on
+the Triton backend through Triton's interpreter with every kernel launch replaced by a no-op, so what is timed is
+sparse-lth's own Python (and torch's autograd around it), not a kernel. Beside it, the *torch floor*: the same
+model and step with each sparse layer's autograd Function replaced by a trivial one (allocations of the right
+shapes, the bias gradient), which no wrapper can go below. Triton's own launcher (argument binding, cache lookup)
+is not in either figure: stubbed here, it adds its cost per launch on a GPU.
+
+    python benchmarks/bench_host_overhead.py                 # LeNet-300-100 at 2 %, one thread
+    python benchmarks/bench_host_overhead.py --densities 0.2 0.02 --out host.csv
+
+Columns: median microseconds per step (SGD step included) over ``--repeats`` rounds of ``--inner`` steps (one by
+default), interleaved with the floor; the kernel launches per step (forward, backward) as counted by the stub; and
+sparse-lth's host microseconds per launch, (step - floor) / launches. Timings, never asserted; they depend on the
+host CPU (the GPU machine's will differ).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the launches go through InterpretedFunction
+if "triton" in sys.modules:  # pragma: no cover - only if imported as a module after Triton
+    raise RuntimeError("bench_host_overhead.py must be run as a script, before Triton is imported")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from baselines import cpu_device_label, git_commit, interleaved_samples, random_masks, wall_ms, write_rows  # noqa: E402
+
+from sparse_lth.layers import sparse_layers, sparsify  # noqa: E402
+from sparse_lth.models import build_model  # noqa: E402
+
+
+class LaunchStub:
+    """Replaces ``InterpretedFunction.__getitem__``: ``kernel[grid](...)`` does nothing but count."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        import triton.runtime.interpreter as interp
+
+        self._cls = interp.InterpretedFunction
+        self._orig = self._cls.__getitem__
+        stub = self
+
+        def launch(*args, **kwargs):
+            stub.count += 1
+
+        self._cls.__getitem__ = lambda fn, grid: launch
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.__getitem__ = self._orig
+
+
+class _Trivial(torch.autograd.Function):
+    """The torch floor of one sparse linear layer: its output and gradients allocated, nothing computed."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, rows):
+        ctx.save_for_backward(x, values)
+        return x.new_empty((x.shape[0], rows))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(values), dy.sum(0), None
+
+
+class _FloorLinear(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.values = nn.Parameter(torch.zeros(layer.nnz))
+        self.bias = nn.Parameter(torch.zeros(layer.weight_shape[0]))
+        self.rows = layer.weight_shape[0]
+
+    def forward(self, x):
+        return _Trivial.apply(x.reshape(-1, x.shape[-1]), self.values, self.bias, self.rows)
+
+
+def floor_model(sparse_model: nn.Module) -> nn.Module:
+    """``sparse_model`` with every sparse linear layer swapped for :class:`_FloorLinear`."""
+    import copy
+
+    m = copy.deepcopy(sparse_model)
+    for name, layer in sparse_layers(m):
+        parent = m.get_submodule(name.rpartition(".")[0]) if "." in name else m
+        setattr(parent, name.rpartition(".")[2], _FloorLinear(layer))
+    return m
+
+
+def sgd_step(model, opt, x, y):
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def measure(model_name: str, density: float, batch: int, repeats: int, inner: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    masks = random_masks(build_model(model_name, seed=0), density, gen, skip=())
+    model = sparsify(build_model(model_name, seed=0), masks=masks, path="sparse", backend="interpret")
+    floor = floor_model(model)
+    x = torch.randn(batch, 1, 28, 28, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    fopt = torch.optim.SGD(floor.parameters(), lr=0.01)
+    with LaunchStub() as stub:
+        fwd0 = stub.count
+        loss = F.cross_entropy(model(x), y)
+        fwd = stub.count - fwd0
+        loss.backward()
+        bwd = stub.count - fwd0 - fwd
+        fns = {"sparse_lth": lambda: sgd_step(model, opt, x, y), "torch_floor": lambda: sgd_step(floor, fopt, x, y)}
+        samples = interleaved_samples(fns, repeats, lambda f: wall_ms(f, inner), warmup=3)
+    us = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    launches = fwd + bwd
+    return {"model": model_name, "density": density, "batch": batch, "step_us": round(us["sparse_lth"], 1),
+            "floor_us": round(us["torch_floor"], 1), "launches_fwd": fwd, "launches_bwd": bwd,
+            "host_us_per_launch": round((us["sparse_lth"] - us["torch_floor"]) / launches, 1) if launches else "",
+            "device": cpu_device_label(), "torch": torch.__version__, "commit": git_commit()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="lenet300_100", choices=["lenet300_100"],
+                    help="a model of linear layers on 28x28 inputs (default: lenet300_100)")
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.02])
+    ap.add_argument("--batch", type=int, default=60)
+    ap.add_argument("--repeats", type=int, default=1001, help="interleaved rounds (median over them)")
+    ap.add_argument("--inner", type=int, default=1,
+                    help="steps per timed round (1: each step timed alone, so that a preempted step is one outlier "
+                         "the median drops, not a slower round)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="write the rows as CSV here")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.inner < 1 or args.batch < 1:
+        ap.error("--repeats, --inner and --batch must be at least 1")
+    if any(not 0 < d <= 1 for d in args.densities):
+        ap.error("--densities must lie in (0, 1]")
+    torch.set_num_threads(args.threads)
+    rows = []
+    print(f"{'density':>8} {'step us':>9} {'floor us':>9} {'launches fwd+bwd':>17} {'host us/launch':>15}")
+    for d in args.densities:
+        r = measure(args.model, d, args.batch, args.repeats, args.inner)
+        rows.append(r)
+        print(f"{d:>8g} {r['step_us']:>9.1f} {r['floor_us']:>9.1f} {r['launches_fwd']:>8} + {r['launches_bwd']:<6} "
+              f"{r['host_us_per_launch']:>15}")
+    print(f"device: {rows[0]['device']}, torch {torch.__version__}; kernel launches stubbed (host side only)")
+    if args.out:
+        write_rows(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
