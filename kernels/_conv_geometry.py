@@ -10,6 +10,12 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def pair(v, name: str, *, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints as a pair, each at least ``minimum`` (clear errors otherwise)."""
+    # the usual cases first: every conv op call normalizes four of these
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        if v[0] >= minimum and v[1] >= minimum:
+            return v
+    elif type(v) is int and v >= minimum:
+        return (v, v)
     if isinstance(v, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
     if isinstance(v, int):
