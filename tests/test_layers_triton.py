@@ -192,3 +192,30 @@ def test_padding_mode_conv_forced_sparse_then_moved_to_triton(kernel_device, bac
     assert layer.backend == backend
     x = torch.randn(2, 3, 6, 7).to(kernel_device)
     grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), w, b))
+
+
+@pytest.mark.parametrize("on_triton", [False, True])
+def test_fused_relu_backward_is_relus_own(kernel_device, backend, on_triton):
+    """The sparse path's fused ReLU passes the gradient back as nn.ReLU does (``threshold_backward``): zero where
+    the output is zero even when the incoming gradient there is inf or NaN (a multiply by the mask made those NaN),
+    and the same values elsewhere, on the torch backend and on the Triton kernels."""
+    gen = torch.Generator().manual_seed(21)
+    be = backend if on_triton else "torch"
+    dev = kernel_device if on_triton else torch.device("cpu")
+    layer = SparseLinear(24, 16, path="sparse", backend=be, activation="relu").to(dev)
+    layer.set_mask(random_mask((16, 24), 0.3, gen))
+    assert layer.path == "sparse" and layer.backend == be
+    x = torch.randn(6, 24, generator=gen).to(dev).requires_grad_()
+    y = layer(x)
+    dead = y == 0
+    assert dead.any() and (~dead).any()
+    g = torch.randn(6, 16, generator=gen).to(dev)
+    g[dead] = float("inf")
+    g[dead.nonzero()[0, 0], dead.nonzero()[0, 1]] = float("nan")
+    y.backward(g)
+    w = layer.dense_weight().detach()
+    xr = x.detach().clone().requires_grad_()
+    torch.relu(F.linear(xr, w, layer.bias.detach())).backward(g)
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(layer.values.grad).all() and torch.isfinite(layer.bias.grad).all()
