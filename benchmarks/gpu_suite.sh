@@ -5,7 +5,7 @@
 #
 #     SPARSE_LTH_COMMIT=<sha> bash benchmarks/gpu_suite.sh plan15          # run tool: timeout_s 600
 #
-# plan15 = tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets, under a total budget
+# plan15 = tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets host, under a total budget
 # of SUITE_BUDGET seconds (default 540): each part runs under its own limit (below; PART_LIMIT overrides them
 # all), cut to what is left of the budget, and a part with under 15 s left is skipped. Autotuning is shortened
 # (SPARSE_LTH_TUNE_MS=5,20) in the *-targets parts, which take the target densities (1-5 %) first. The
@@ -26,6 +26,9 @@
 #   conv-targets (90)     bench_conv_gpu.py: VGG-19's 512->512 3x3 layers at 4x4 and 2x2 pixels, fwd+bwd,
 #                         the kernels and SparseConv2d after its automatic choice vs dense masking
 #   model-vgg19-targets (90)  bench_model_step.py: a VGG-19 step at 100 % and 1.5 % weights remaining
+#   host (30)             bench_host_overhead.py on this machine's CPU: sparse-lth's host time per step and per
+#                         kernel launch (launches stubbed), which LeNet-sized layers' microsecond kernels leave in
+#                         charge of a step
 #   linear | optim | conv-vgg19 | conv-resnet20 | conv-conv6 | model-vgg19 | model-lenet (290 each)
 #                         the full sweeps (every layer, density, op, precision, implementation), for later calls
 #   memory (290)          bench_memory.py on CUDA: training state and saved activations of LeNet-300-100, Conv-6,
@@ -63,7 +66,7 @@ status=0
 parts=()
 for part in "$@"; do
     if [ "$part" = plan15 ]; then
-        parts+=(tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets)
+        parts+=(tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets host)
     else
         parts+=("$part")
     fi
@@ -71,7 +74,7 @@ done
 
 default_limit() {
     case "$1" in
-        tests-core) echo 150 ;; ceilings) echo 30 ;; linear-targets) echo 120 ;; optim-targets) echo 60 ;;
+        tests-core) echo 150 ;; ceilings|host) echo 30 ;; linear-targets) echo 120 ;; optim-targets) echo 60 ;;
         conv-targets|model-vgg19-targets) echo 90 ;; *) echo 290 ;;
     esac
 }
@@ -146,6 +149,10 @@ for part in "${parts[@]}"; do
         model-vgg19-targets)
             SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model vgg19 --batch 128 \
                 --device cuda --densities 0.015 1.0 --out "benchmarks/results/model_step_vgg19_targets_${DEV}.csv" 2>&1 | tee -a "$log"
+            ;;
+        host)
+            timeout "$LIMIT" $PY benchmarks/bench_host_overhead.py --densities 0.2 0.02 \
+                --out "benchmarks/results/host_overhead_${DEV}-host.csv" 2>&1 | tee -a "$log"
             ;;
         model-lenet)
             timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model lenet300_100 --batch 60 --device cuda 2>&1 | tee -a "$log"
