@@ -414,11 +414,23 @@ def _check_experiment_dir(exp_dir: str) -> str:
 
 
 def _seeds_of(exp_dir: str, args) -> list[int]:
-    from .imp import replicate_seeds
-    seeds = list(args.seeds) if args.seeds else replicate_seeds(exp_dir)
+    """--seeds, else every replicate with a finished round (one just started beside the others is left out, and
+    said so; named with --seeds it is an error)."""
+    from .imp import finished_rounds, replicate_seeds
+    if args.seeds:
+        return list(args.seeds)
+    seeds = replicate_seeds(exp_dir)
     if not seeds:
         raise FileNotFoundError(f"{exp_dir} holds no replicate (seed_*) yet: run the IMP experiment first")
-    return seeds
+    ready = [s for s in seeds if finished_rounds(os.path.join(exp_dir, f"seed_{s}"))]
+    if not ready:
+        raise FileNotFoundError(f"no replicate of {exp_dir} has a finished round yet (seeds {seeds}): run the IMP "
+                                "experiment first")
+    if len(ready) < len(seeds):
+        left = [s for s in seeds if s not in ready]
+        print(f"{exp_dir}: seed(s) {left} left out, no finished round yet (--seeds names replicates)",
+              file=sys.stderr)
+    return ready
 
 
 def _report_dir(args, exp_dirs: list[str], name: str) -> str:

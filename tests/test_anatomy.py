@@ -226,6 +226,17 @@ def test_anatomy_cli(tmp_path, capsys):
     assert not (tmp_path / "rep" / "stability.md").exists()  # no stability analysis was run
     assert main(["anatomy", str(tmp_path)]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
+    # a replicate just started beside the finished one (no round finished yet) is left out, and said so;
+    # named with --seeds, it is refused
+    (exp / "seed_1").mkdir()
+    assert main(["anatomy", str(exp), "--out", str(tmp_path / "an")]) == 0
+    err = capsys.readouterr().err
+    assert "seed(s) [1] left out, no finished round yet" in err
+    md = (tmp_path / "an" / "anatomy.md").read_text()
+    assert "(seed 0, control imp)" in md and "(seed 1," not in md
+    assert main(["anatomy", str(exp), "--seeds", "1"]) == 2
+    assert "seed 1 of" in capsys.readouterr().err
+    (exp / "seed_1").rmdir()
     assert main(["anatomy", str(exp), "--evaluate", "--train-examples", "150", "--data", mnist_root(),
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
