@@ -20,6 +20,7 @@ host CPU (the GPU machine's will differ).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -95,8 +96,6 @@ class _FloorLinear(nn.Module):
 
 def floor_model(sparse_model: nn.Module) -> nn.Module:
     """``sparse_model`` with every sparse linear layer swapped for :class:`_FloorLinear`."""
-    import copy
-
     m = copy.deepcopy(sparse_model)
     for name, layer in sparse_layers(m):
         parent = m.get_submodule(name.rpartition(".")[0]) if "." in name else m
@@ -112,7 +111,7 @@ def sgd_step(model, opt, x, y):
 
 def measure(model_name: str, density: float, batch: int, repeats: int, inner: int) -> dict:
     gen = torch.Generator().manual_seed(0)
-    masks = random_masks(build_model(model_name, seed=0), density, gen, skip=())
+    masks = random_masks(build_model(model_name, seed=0), density, gen)
     model = sparsify(build_model(model_name, seed=0), masks=masks, path="sparse", backend="interpret")
     floor = floor_model(model)
     x = torch.randn(batch, 1, 28, 28, generator=gen)

@@ -84,12 +84,7 @@ class SparseFormat:
         return self.nnz / n if n else 0.0
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        items = self.__dict__.get("_tensor_items")
-        if items is None:  # fields are frozen: listed once per format
-            items = tuple((f.name, getattr(self, f.name)) for f in fields(self)
-                          if isinstance(getattr(self, f.name), torch.Tensor))
-            object.__setattr__(self, "_tensor_items", items)
-        return dict(items)
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to(self, device) -> "SparseFormat":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -437,7 +437,7 @@ def _slab_meta(config: dict | None, n_b: int, n_rows: int, dtype, device, sddmm:
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f"{op}: config[{name!r}] must be a positive int, got {v!r}")
     if chunks is None:
-        chunks = -(-_sm_count(device) * occ // -(-n_b // meta["BLOCK_B"]))
+        chunks = cdiv(_sm_count(device) * occ, cdiv(n_b, meta["BLOCK_B"]))
     return meta, max(1, min(chunks, n_rows))
 
 
