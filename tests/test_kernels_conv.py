@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparse_lth.kernels import _triton
 from sparse_lth.kernels import sparse_conv as sc
 from sparse_lth.kernels.format import SparseFormat, build_format, to_values
 
@@ -269,6 +270,6 @@ def test_bad_input(kernel_device):
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     """On CPU tensors with the interpreter off the launchers say why, rather than fail deep inside Triton."""
     x, v, fmt, b, _ = make_case(23, 1, 3, 4, 7, 9, 3, 0.5)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_triton, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         sc.sparse_conv2d_forward(x, v, fmt, 3, b, 1, 1)
