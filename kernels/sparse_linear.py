@@ -604,14 +604,10 @@ def prepare_operand(t: torch.Tensor, nnz: int) -> torch.Tensor:
     return _batch_minor_copy(t)
 
 
-def _operand_t(t: torch.Tensor, nnz: int) -> torch.Tensor:
-    """The (n, B) view the kernels index as in_t[i, b]."""
-    return prepare_operand(t, nnz).t()
-
-
 def _alloc_batch_minor(n_b: int, n: int, dtype, device) -> torch.Tensor:
-    """A (B, n) tensor with strides (1, B): its transpose is contiguous."""
-    return torch.empty((n, n_b), dtype=dtype, device=device).t()
+    """A (B, n) tensor with strides (1, B): its transpose is contiguous. Not a view (an autograd Function's output
+    that is a view of a tensor made inside it would have to be detached)."""
+    return torch.empty_strided((n_b, n), (1, n_b), dtype=dtype, device=device)
 
 
 def _meta(config: dict | None, default: dict, names: tuple, op: str) -> dict:
@@ -634,15 +630,16 @@ def _meta(config: dict | None, default: dict, names: tuple, op: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
-def _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, op):
-    """out_t (n_out, n_b) view, in_t (n_in, n_b) view; all checked by the caller."""
+def _launch_spmm(ptr, idx, vals, perm, order, inp, out, bias, relu, n_out, n_b, nnz, config, op):
+    """out (n_b, n_out), inp (n_b, n_in), any strides; all checked by the caller. The kernel indexes them as
+    in_t[i, b] and out_t[o, b]: their strides are passed swapped (no transposed views made per launch)."""
     if n_out == 0 or n_b == 0:
         return
     has_perm = perm is not None
-    args = (ptr, idx, vals, perm if has_perm else idx, order, in_t, out_t, bias if bias is not None else out_t)
-    strides = (in_t.stride(0), in_t.stride(1), out_t.stride(0), out_t.stride(1))
+    args = (ptr, idx, vals, perm if has_perm else idx, order, inp, out, bias if bias is not None else out)
+    strides = (inp.stride(1), inp.stride(0), out.stride(1), out.stride(0))
     flags = dict(HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu,
-                 OFFSET=offset_dtype(in_t, out_t, counts=(nnz, n_out)))
+                 OFFSET=offset_dtype(inp, out, counts=(nnz, n_out)))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("spmm", n_b)
         grid = lambda meta: (cdiv(n_out, meta["BLOCK_R"]) * cdiv(n_b, meta["BLOCK_B"]),)  # noqa: E731
@@ -653,34 +650,35 @@ def _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_
     _spmm_t_kernel[grid](*args, n_out, n_b, nnz, *strides, **flags, **meta)
 
 
-def _launch_spmm_slab(pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, op):
-    """The slab kernel; partial sums of all but the last panel go through out_t when it is fp32, else through an
-    fp32 workspace."""
+def _launch_spmm_slab(pp, idx, vals, perm, order, inp, out, bias, relu, n_out, n_b, nnz, config, op):
+    """The slab kernel (inp, out as for :func:`_launch_spmm`); partial sums of all but the last panel go through
+    out when it is fp32, else through an fp32 workspace."""
     if n_out == 0 or n_b == 0:
         return
-    meta, chunks = _slab_meta(config, n_b, n_out, vals.dtype, out_t.device, False, op)
+    meta, chunks = _slab_meta(config, n_b, n_out, vals.dtype, out.device, False, op)
     n_pan = pp.shape[1] - 1
-    ws = out_t
-    if n_pan > meta["PANEL_STEP"] and out_t.dtype != torch.float32:
-        ws = torch.empty((n_out, n_b), dtype=torch.float32, device=out_t.device)
+    ws = out
+    if n_pan > meta["PANEL_STEP"] and out.dtype != torch.float32:
+        ws = _alloc_batch_minor(n_b, n_out, torch.float32, out.device)
     has_perm = perm is not None
     grid = (cdiv(n_b, meta["BLOCK_B"]) * chunks,)
     _spmm_slab_kernel[grid](
-        pp, idx, vals, perm if has_perm else idx, order, in_t, ws, out_t, bias if bias is not None else out_t,
-        n_out, n_b, nnz, n_pan, pp.stride(0), in_t.stride(0), in_t.stride(1), ws.stride(0), ws.stride(1),
-        out_t.stride(0), out_t.stride(1), HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu,
-        OFFSET=offset_dtype(in_t, out_t, ws, pp, counts=(nnz, n_out)), **meta)
+        pp, idx, vals, perm if has_perm else idx, order, inp, ws, out, bias if bias is not None else out,
+        n_out, n_b, nnz, n_pan, pp.stride(0), inp.stride(1), inp.stride(0), ws.stride(1), ws.stride(0),
+        out.stride(1), out.stride(0), HAS_PERM=has_perm, HAS_BIAS=bias is not None, RELU=relu,
+        OFFSET=offset_dtype(inp, out, ws, pp, counts=(nnz, n_out)), **meta)
 
 
-def _spmm(kind, ptr, pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, config, variant, op):
-    """The forward (kind "fwd") or input gradient ("bwd_input") through the kernel ``variant`` names."""
+def _spmm(kind, ptr, pp, idx, vals, perm, order, inp, out, bias, relu, n_out, n_b, nnz, config, variant, op):
+    """The forward (kind "fwd") or input gradient ("bwd_input") through the kernel ``variant`` names; ``inp``
+    (n_b, n_in) and ``out`` (n_b, n_out)."""
     def run(v, cfg):
         if v == "slab":
-            _launch_spmm_slab(pp, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, cfg, op)
+            _launch_spmm_slab(pp, idx, vals, perm, order, inp, out, bias, relu, n_out, n_b, nnz, cfg, op)
         else:
-            _launch_spmm(ptr, idx, vals, perm, order, in_t, out_t, bias, relu, n_out, n_b, nnz, cfg, op)
+            _launch_spmm(ptr, idx, vals, perm, order, inp, out, bias, relu, n_out, n_b, nnz, cfg, op)
 
-    problem = (kind, n_out, in_t.shape[0], n_b, nnz, vals.dtype, in_t.stride(1) == 1, in_t.device)
+    problem = (kind, n_out, inp.shape[1], n_b, nnz, vals.dtype, inp.stride(0) == 1, inp.device)
     _dispatch(variant, config, problem, nnz * n_b, run, _SPMM_SLAB_CONFIGS if HAS_TRITON else {})
 
 
@@ -697,6 +695,12 @@ def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=Non
     """
     op = "sparse_linear_forward"
     variant = _resolve_variant(variant, config, op)
+    check_forward_args(x, values, fmt, bias, activation, out=out, op=op)
+    return _forward(x, values, fmt, bias, activation == "relu", out, config, variant, op)
+
+
+def check_forward_args(x, values, fmt, bias=None, activation=None, *, out=None, op="sparse_linear_forward") -> None:
+    """The argument checks of :func:`sparse_linear_forward` (clear errors for bad input), without the launch."""
     _check_fmt(fmt, op)
     _check_activation(activation, op)
     _check_dense(x, "x", (None, fmt.cols), op)
@@ -706,13 +710,16 @@ def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=Non
     _check_same_dtype(op, x=x, values=values, bias=bias)
     _check_devices(op, fmt, x=x, values=values, bias=bias, out=out)
     check_launch(x, values, bias, fmt.row_ptr, op=op)  # fmt validated: its tensors all on fmt.device
+    if out is not None:
+        _check_out(out, (x.shape[0], fmt.rows), x.dtype, x.device, op)
+
+
+def _forward(x, values, fmt, bias, relu, out, config, variant, op):
     n_b = x.shape[0]
     if out is None:
         out = _alloc_batch_minor(n_b, fmt.rows, x.dtype, x.device)
-    else:
-        _check_out(out, (n_b, fmt.rows), x.dtype, x.device, op)
-    _spmm("fwd", fmt.row_ptr, fmt.row_panel_ptr, fmt.col_idx, values, None, fmt.row_order, _operand_t(x, fmt.nnz),
-          out.t(), bias, activation == "relu", fmt.rows, n_b, fmt.nnz, config, variant, op)
+    _spmm("fwd", fmt.row_ptr, fmt.row_panel_ptr, fmt.col_idx, values, None, fmt.row_order,
+          prepare_operand(x, fmt.nnz), out, bias, relu, fmt.rows, n_b, fmt.nnz, config, variant, op)
     return out
 
 
@@ -730,13 +737,17 @@ def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None, vari
     _check_same_dtype(op, dy=dy, values=values)
     _check_devices(op, fmt, dy=dy, values=values, out=out)
     check_launch(dy, values, fmt.row_ptr, op=op)
+    if out is not None:
+        _check_out(out, (dy.shape[0], fmt.cols), dy.dtype, dy.device, op)
+    return _backward_input(dy, values, fmt, out, config, variant, op)
+
+
+def _backward_input(dy, values, fmt, out, config, variant, op):
     n_b = dy.shape[0]
     if out is None:
         out = _alloc_batch_minor(n_b, fmt.cols, dy.dtype, dy.device)
-    else:
-        _check_out(out, (n_b, fmt.cols), dy.dtype, dy.device, op)
     _spmm("bwd_input", fmt.col_ptr, fmt.col_panel_ptr, fmt.t_row_idx, values, fmt.t_perm, fmt.col_order,
-          _operand_t(dy, fmt.nnz), out.t(), None, False, fmt.cols, n_b, fmt.nnz, config, variant, op)
+          prepare_operand(dy, fmt.nnz), out, None, False, fmt.cols, n_b, fmt.nnz, config, variant, op)
     return out
 
 
@@ -761,32 +772,64 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
         raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     _check_devices(op, fmt, dy=dy, x=x, out=out)
     check_launch(dy, x, fmt.row_ptr, op=op)
+    if out is not None:
+        _check_out(out, (fmt.nnz,), out_dtype, dy.device, op)
+    return _backward_weight(dy, x, fmt, out_dtype, out, config, variant, op)
+
+
+def _backward_weight(dy, x, fmt, out_dtype, out, config, variant, op):
     if out is None:
         out = torch.empty(fmt.nnz, dtype=out_dtype, device=dy.device)
-    else:
-        _check_out(out, (fmt.nnz,), out_dtype, dy.device, op)
     n_b = dy.shape[0]
     if fmt.nnz == 0:
         return out
     if n_b == 0:
         return out.zero_()
-    dy_t, x_t = _operand_t(dy, fmt.nnz), _operand_t(x, fmt.nnz)
+    dy, x = prepare_operand(dy, fmt.nnz), prepare_operand(x, fmt.nnz)
 
     def run(v, cfg):
         if v == "slab":
-            _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, cfg, op)
+            _launch_sddmm_slab(fmt, dy, x, out, n_b, cfg, op)
         else:
-            _launch_sddmm(fmt, dy_t, x_t, out, n_b, cfg, op)
+            _launch_sddmm(fmt, dy, x, out, n_b, cfg, op)
 
-    problem = ("bwd_weight", fmt.rows, fmt.cols, n_b, fmt.nnz, dy.dtype, x_t.stride(1) == 1, out.device)
+    problem = ("bwd_weight", fmt.rows, fmt.cols, n_b, fmt.nnz, dy.dtype, x.stride(0) == 1, out.device)
     _dispatch(variant, config, problem, fmt.nnz * n_b, run, _SDDMM_SLAB_CONFIGS if HAS_TRITON else {})
     return out
 
 
-def _launch_sddmm(fmt, dy_t, x_t, out, n_b, config, op):
-    args = (fmt.row_idx, fmt.col_idx, dy_t, x_t, out, fmt.nnz, n_b,
-            dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), out.stride(0))
-    offset = offset_dtype(dy_t, x_t, out, counts=(fmt.nnz,))
+# The three ops for sparse-lth's autograd Function (functional.SparseLinearFunction), without the argument checks
+# above: the Function's callers (SparseLinear, which validated its format when the mask was set and holds values
+# and bias of its sizes, and checks each input's features, dtype and device; functional.sparse_linear, which runs
+# check_forward_args) have made them, and in the backward autograd gives dy the output's shape, dtype and device.
+# What stays is one device check (a tensor where Triton cannot run gets a clear error, not a crash in the launcher).
+# On a LeNet-300-100 step that is ~5 us less host time per launch (benchmarks/bench_host_overhead.py).
+def forward_trusted(x, values, fmt, bias=None, activation=None):
+    op = "sparse_linear_forward"
+    check_launch(x, values, op=op)
+    if values.dtype not in _FLOAT_DTYPES:  # e.g. a model made .double(): the kernels would round it to fp32
+        _check_dense(values, "values", (fmt.nnz,), op)
+    return _forward(x, values, fmt, bias, activation == "relu", None, None, _resolve_variant(None, None, op), op)
+
+
+def backward_input_trusted(dy, values, fmt):
+    op = "sparse_linear_backward_input"
+    check_launch(dy, values, op=op)
+    return _backward_input(dy, values, fmt, None, None, _resolve_variant(None, None, op), op)
+
+
+def backward_weight_trusted(dy, x, fmt, out_dtype=None):
+    op = "sparse_linear_backward_weight"
+    check_launch(dy, x, op=op)
+    return _backward_weight(dy, x, fmt, dy.dtype if out_dtype is None else out_dtype, None, None,
+                            _resolve_variant(None, None, op), op)
+
+
+def _launch_sddmm(fmt, dy, x, out, n_b, config, op):
+    """dy (n_b, rows), x (n_b, cols), any strides (passed swapped: the kernel indexes dy_t[r, b], x_t[c, b])."""
+    args = (fmt.row_idx, fmt.col_idx, dy, x, out, fmt.nnz, n_b,
+            dy.stride(1), dy.stride(0), x.stride(1), x.stride(0), out.stride(0))
+    offset = offset_dtype(dy, x, out, counts=(fmt.nnz,))
     if config is None and _autotune_enabled():
         kern = _tuned_kernel("sddmm", n_b)
         kern[lambda meta: (cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset)
@@ -795,16 +838,17 @@ def _launch_sddmm(fmt, dy_t, x_t, out, n_b, config, op):
     _sddmm_t_kernel[(cdiv(fmt.nnz, meta["BLOCK_NNZ"]),)](*args, OFFSET=offset, **meta)
 
 
-def _launch_sddmm_slab(fmt, dy_t, x_t, out, n_b, config, op):
-    """The slab kernel's partial sums per batch block, then their sum into ``out``."""
-    meta, chunks = _slab_meta(config, n_b, fmt.rows, dy_t.dtype, out.device, True, op)
+def _launch_sddmm_slab(fmt, dy, x, out, n_b, config, op):
+    """The slab kernel's partial sums per batch block (dy, x as for :func:`_launch_sddmm`), then their sum into
+    ``out``."""
+    meta, chunks = _slab_meta(config, n_b, fmt.rows, dy.dtype, out.device, True, op)
     n_bblk = cdiv(n_b, meta["BLOCK_B"])
     part = torch.empty((n_bblk, fmt.nnz), dtype=torch.float32, device=out.device)
     pp = fmt.row_panel_ptr
     _sddmm_slab_kernel[(n_bblk * chunks,)](
-        pp, fmt.col_idx, fmt.row_order, dy_t, x_t, part, fmt.rows, n_b, fmt.nnz, pp.shape[1] - 1, pp.stride(0),
-        dy_t.stride(0), dy_t.stride(1), x_t.stride(0), x_t.stride(1), part.stride(0),
-        OFFSET=offset_dtype(dy_t, x_t, part, pp, counts=(fmt.nnz,)), **meta)
+        pp, fmt.col_idx, fmt.row_order, dy, x, part, fmt.rows, n_b, fmt.nnz, pp.shape[1] - 1, pp.stride(0),
+        dy.stride(1), dy.stride(0), x.stride(1), x.stride(0), part.stride(0),
+        OFFSET=offset_dtype(dy, x, part, pp, counts=(fmt.nnz,)), **meta)
     if out.dtype == torch.float32 and out.is_contiguous():
         torch.sum(part, 0, out=out)
     else:

@@ -23,12 +23,20 @@ def _linear_ops(backend: str):
     """(prepare, forward, backward_input, backward_weight). ``prepare(t, nnz)`` turns a dense operand into the form
     the ops read without a copy (the Triton kernels: batch-minor, or in place when small); an operand that feeds
     two ops is prepared once, so a layout copy, when one is needed, is made once per step, not once per op."""
-    if backend == "torch":
-        return (torch_ops.prepare_operand, torch_ops.linear_forward, torch_ops.linear_backward_input,
-                torch_ops.linear_backward_weight)
-    from .kernels import sparse_linear as k
+    ops = _LINEAR_OPS.get(backend)
+    if ops is None:
+        if backend == "torch":
+            ops = (torch_ops.prepare_operand, torch_ops.linear_forward, torch_ops.linear_backward_input,
+                   torch_ops.linear_backward_weight)
+        else:  # the Triton kernels without their argument checks: sparse_linear() and SparseLinear make them
+            from .kernels import sparse_linear as k
 
-    return k.prepare_operand, k.sparse_linear_forward, k.sparse_linear_backward_input, k.sparse_linear_backward_weight
+            ops = k.prepare_operand, k.forward_trusted, k.backward_input_trusted, k.backward_weight_trusted
+        _LINEAR_OPS[backend] = ops
+    return ops
+
+
+_LINEAR_OPS: dict = {}
 
 
 OPS = ("forward", "input_grad", "weight_grad")
@@ -83,7 +91,7 @@ class SparseLinearFunction(torch.autograd.Function):
         prep, fwd, _, _ = _linear_ops(backend)
         d_fwd, d_dx, d_dw = dense
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
         if not (d_fwd and d_dw):  # what the forward reads is what the weight gradient reads
             x2 = prep(x2, fmt.nnz)
         w = None
@@ -102,7 +110,7 @@ class SparseLinearFunction(torch.autograd.Function):
         # backward cannot trace to x
         ctx.save_for_backward(x2, values, y if activation == "relu" else None, w if d_dx else None, flat_index,
                               x if (x2 is not x and x.requires_grad) else None)
-        return _not_a_view(y.reshape(*lead, fmt.rows))
+        return _not_a_view(y if len(lead) == 1 else y.reshape(*lead, fmt.rows))
 
     @staticmethod
     def backward(ctx, dy):
@@ -111,7 +119,7 @@ class SparseLinearFunction(torch.autograd.Function):
             return _double_differentiable_linear_backward(ctx, dy, x2 if x is None else x, values, y, flat_index)
         prep, _, bwd_in, bwd_w = _linear_ops(ctx.backend)
         _, d_dx, d_dw = ctx.dense
-        dy2 = dy.reshape(-1, ctx.fmt.rows)
+        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, ctx.fmt.rows)
         if ctx.activation == "relu":
             # ReLU's own backward op (what nn.ReLU's gradient runs): one pass, where dy * (y > 0) made a bool
             # tensor and then multiplied by it (2 launches on a GPU; on the CPU the bool multiply alone took
@@ -129,7 +137,8 @@ class SparseLinearFunction(torch.autograd.Function):
                 dx = torch.mm(dy2, w.to(dy2.dtype))
             else:
                 dx = bwd_in(dy2, values, ctx.fmt)
-            dx = dx.reshape(ctx.x_shape)
+            if len(ctx.x_shape) != 2:
+                dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             if d_dw:
                 dv = _gather_grad(torch.mm(dy2.t(), x2), flat_index, values.dtype)
@@ -173,8 +182,16 @@ def _double_differentiable_linear_backward(ctx, dy, x, values, y, flat_index):
 
 def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", activation: str | None = None,
                   dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
+    """``act(x @ W^T + bias)`` through :class:`SparseLinearFunction`, its arguments checked first (clear errors for
+    bad input; :class:`~sparse_lth.layers.SparseLinear` makes its own checks and calls the Function itself)."""
     if any(dense) and flat_index is None:
         raise ValueError("sparse_linear: a dense op needs flat_index (row * cols + col of each live value)")
+    if backend != "torch":  # the torch backend's ops check their arguments themselves
+        from .kernels import sparse_linear as k
+
+        if not isinstance(x, torch.Tensor) or x.dim() < 1:
+            raise TypeError(f"sparse_linear: x must be a tensor of at least one dimension, got {x!r:.60}")
+        k.check_forward_args(x.reshape(-1, x.shape[-1]), values, fmt, bias, activation, op="sparse_linear")
     return SparseLinearFunction.apply(x, values, bias, fmt, backend, activation, tuple(dense), flat_index)
 
 

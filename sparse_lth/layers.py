@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .backend import resolve_backend
-from .functional import ALL_SPARSE, OPS, SparseConv2dFunction, check_ops, ops_dict, scatter_values, sparse_linear
+from .functional import (ALL_SPARSE, OPS, SparseConv2dFunction, SparseLinearFunction, check_ops, ops_dict,
+                         scatter_values)
 from .kernels.format import SparseFormat, build_format, check_mask, to_values
 from .kernels.torch_conv import build_conv_taps
 
@@ -686,8 +687,9 @@ class SparseLinear(_SparseLayer):
             bias = None if bias is None else bias.to(dt)
         elif x.dtype != values.dtype:
             raise TypeError(f"SparseLinear: input dtype {x.dtype} differs from the weight's {values.dtype}")
-        return sparse_linear(x, values, bias, self.fmt, self.backend, self.activation, self._dense_ops,
-                             self._flat_index)
+        # the Function itself: this layer has checked what sparse_linear() would (its format when the mask was set)
+        return SparseLinearFunction.apply(x, values, bias, self.fmt, self.backend, self.activation, self._dense_ops,
+                                          self._flat_index)
 
     def extra_repr(self) -> str:
         act = f", activation={self.activation}" if self.activation else ""

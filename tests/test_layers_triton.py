@@ -219,3 +219,54 @@ def test_fused_relu_backward_is_relus_own(kernel_device, backend, on_triton):
     assert torch.isfinite(x.grad).all()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(layer.values.grad).all() and torch.isfinite(layer.bias.grad).all()
+
+
+def test_functional_sparse_linear_checks_its_arguments(kernel_device, backend):
+    """The autograd Function runs the kernels without their argument checks (the layer makes its own); the public
+    functional.sparse_linear checks first, so bad input still gets a clear error rather than a launch."""
+    from sparse_lth.functional import sparse_linear
+    from sparse_lth.kernels.format import build_format
+
+    gen = torch.Generator().manual_seed(21)
+    fmt = build_format(random_mask((6, 10), 0.4, gen).to(kernel_device))
+    values = torch.randn(fmt.nnz, generator=gen).to(kernel_device)
+    bias = torch.randn(6, generator=gen).to(kernel_device)
+    x = torch.randn(4, 10, generator=gen).to(kernel_device)
+    y = sparse_linear(x, values, bias, fmt, backend)
+    torch.testing.assert_close(y, F.linear(x, torch.zeros(6, 10, device=kernel_device).index_put_(
+        (fmt.row_idx.long(), fmt.col_idx.long()), values), bias))
+    with pytest.raises(ValueError, match=r"sparse_linear: x has shape \(4, 9\), expected \(\*, 10\)"):
+        sparse_linear(x[:, :9], values, bias, fmt, backend)
+    with pytest.raises(ValueError, match=r"sparse_linear: values has shape"):
+        sparse_linear(x, values[1:], bias, fmt, backend)
+    with pytest.raises(ValueError, match=r"sparse_linear: bias has shape"):
+        sparse_linear(x, values, bias[1:], fmt, backend)
+    with pytest.raises(TypeError, match="sparse_linear: dtypes must match"):
+        sparse_linear(x.half(), values, bias, fmt, backend)
+    with pytest.raises(ValueError, match="sparse_linear: activation"):
+        sparse_linear(x, values, bias, fmt, backend, activation="gelu")
+    with pytest.raises(TypeError, match="sparse_linear: x must be a tensor"):
+        sparse_linear([1.0], values, bias, fmt, backend)
+
+
+def test_layer_of_unsupported_dtype_is_refused_on_triton(kernel_device, backend):
+    """float64 has no Triton kernel: the layer's launch says so (the kernels would have rounded it to fp32)."""
+    gen = torch.Generator().manual_seed(22)
+    layer = SparseLinear(10, 6, path="sparse", backend=backend).to(kernel_device)
+    layer.set_mask(random_mask((6, 10), 0.4, gen))
+    layer = layer.double()
+    assert layer.values.dtype == torch.float64 and layer.path == "sparse" and layer.backend == backend
+    with pytest.raises(TypeError, match="sparse_linear_forward: values has dtype torch.float64"):
+        layer(torch.randn(3, 10, dtype=torch.float64, device=kernel_device))
+
+
+def test_sparse_linear_output_is_not_a_view(kernel_device, backend):
+    """The kernels' batch-minor output is allocated with its strides (no transposed view of another tensor), so
+    the Function returns it as it is and an in-place op after the layer is allowed."""
+    gen = torch.Generator().manual_seed(23)
+    layer = SparseLinear(10, 6, path="sparse", backend=backend).to(kernel_device)
+    layer.set_mask(random_mask((6, 10), 0.4, gen))
+    y = layer(torch.randn(5, 10, device=kernel_device, requires_grad=True))
+    assert y._base is None and y.stride() == (1, 5)
+    y.relu_().sum().backward()
+    assert layer.values.grad is not None
