@@ -172,7 +172,9 @@ def _double_differentiable_linear_backward(ctx, dy, x, values, y, flat_index):
     dense product; plain training never takes it."""
     dy2 = dy.reshape(-1, ctx.fmt.rows)
     if ctx.activation == "relu":
-        dy2 = dy2 * (y > 0)  # ReLU's second derivative is zero
+        # ReLU's gradient as nn.ReLU's (0 where y <= 0, also for an inf/NaN dy, which a multiply by the mask made
+        # NaN); differentiable in dy, and ReLU's second derivative is zero
+        dy2 = torch.where(y > 0, dy2, dy2.new_zeros(()))
     w = scatter_values(values, _flat_index_of(ctx.fmt, flat_index), ctx.fmt.shape)
     pre = F.linear(x.reshape(-1, ctx.fmt.cols).to(w.dtype), w)
     dx, dv = _vjp(pre, dy2.to(pre.dtype), [x, values], list(ctx.needs_input_grad[:2]))

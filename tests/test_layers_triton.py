@@ -194,11 +194,13 @@ def test_padding_mode_conv_forced_sparse_then_moved_to_triton(kernel_device, bac
     grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(F.pad(x, (1, 1, 1, 1), mode=mode), w, b))
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
 @pytest.mark.parametrize("on_triton", [False, True])
-def test_fused_relu_backward_is_relus_own(kernel_device, backend, on_triton):
+def test_fused_relu_backward_is_relus_own(kernel_device, backend, on_triton, create_graph):
     """The sparse path's fused ReLU passes the gradient back as nn.ReLU does (``threshold_backward``): zero where
     the output is zero even when the incoming gradient there is inf or NaN (a multiply by the mask made those NaN),
-    and the same values elsewhere, on the torch backend and on the Triton kernels."""
+    and the same values elsewhere, on the torch backend and on the Triton kernels, and in the differentiable
+    backward that ``create_graph=True`` takes (whose own gradient is then nn.ReLU's too)."""
     gen = torch.Generator().manual_seed(21)
     be = backend if on_triton else "torch"
     dev = kernel_device if on_triton else torch.device("cpu")
@@ -212,10 +214,21 @@ def test_fused_relu_backward_is_relus_own(kernel_device, backend, on_triton):
     g = torch.randn(6, 16, generator=gen).to(dev)
     g[dead] = float("inf")
     g[dead.nonzero()[0, 0], dead.nonzero()[0, 1]] = float("nan")
-    y.backward(g)
-    w = layer.dense_weight().detach()
+    w = layer.dense_weight().detach().requires_grad_()
     xr = x.detach().clone().requires_grad_()
-    torch.relu(F.linear(xr, w, layer.bias.detach())).backward(g)
+    yr = torch.relu(F.linear(xr, w, layer.bias.detach()))
+    if create_graph:
+        (dx,) = torch.autograd.grad(y, [x], g, create_graph=True)
+        (dxr,) = torch.autograd.grad(yr, [xr], g, create_graph=True)
+        assert torch.isfinite(dx).all()
+        torch.testing.assert_close(dx, dxr, rtol=1e-5, atol=1e-5)
+        (dx ** 2).sum().backward()  # through the recorded backward: a gradient for the weights
+        (dxr ** 2).sum().backward()
+        assert torch.isfinite(layer.values.grad).all()
+        torch.testing.assert_close(layer.values.grad, w.grad[layer.weight_mask], rtol=1e-4, atol=1e-4)
+        return
+    y.backward(g)
+    yr.backward(g)
     assert torch.isfinite(x.grad).all()
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(layer.values.grad).all() and torch.isfinite(layer.bias.grad).all()
