@@ -12,12 +12,25 @@ paper's VGG/ResNet setting: fc 0%) gets a random mask at each density. Implement
   some ops dense), torch.optim;
 * ``sparse_lth_optim``: the same with sparse-lth's mask-aware fused optimizer.
 
+``--cuda-graph`` adds ``dense_masking_graph`` and ``sparse_lth_graph``: the same steps captured once as a CUDA
+graph (forward, backward, masking, optimizer step) and timed as replays, with torch.optim's Adam made
+``capturable=True`` (SGD as it is). A LeNet-sized step on a GPU is mostly host time
+(``bench_host_overhead.py``); a replay has none. The sparse path's layers are capture-safe once warmed up (no op
+that reads back from the device: ``tests/test_layers_triton.py``), and their parameters are the live values, so
+torch's capturable optimizers step them with no mask; sparse-lth's fused optimizers build a hyperparameter table
+on the host at every step and are not capturable. Each graph is checked against the same step run eagerly: a
+twin (a deep copy, same paths) takes the same steps eagerly and ``graph_check`` is the largest difference of
+their parameters after ``--check-steps`` steps. A graph row's ``speedup_vs_dense_masking`` is against
+``dense_masking_graph``. Without CUDA the "graph" is the eager step (a stand-in that checks the script, not a
+figure).
+
 fp32 (TF32 for convolutions as PyTorch's default, matmul TF32 off). Rows go to
 ``benchmarks/results/model_step_<device>.csv``. Speed is recorded, never asserted.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -44,6 +57,42 @@ def time_step(fn, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def capture_step(step, device: torch.device, warmup: int):
+    """The replay of a CUDA graph of ``step()``: ``warmup`` calls on a side stream first (autotuning, the layers'
+    path and variant timing, optimizer state and library workspaces happen there, outside the capture), then one
+    capture, as torch.cuda.graphs' whole-network example does. Without CUDA, ``step`` itself (a stand-in)."""
+    if device.type != "cuda":
+        for _ in range(warmup):
+            step()
+        return step
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def graph_and_twin(model, opt_factory, step_fn, x, y, device, warmup: int, check_steps: int):
+    """(replay, max |parameter difference| against an eager twin after warmup + check_steps steps each)."""
+    twin = copy.deepcopy(model)
+    opt, twin_opt = opt_factory(model), opt_factory(twin)
+    replay = capture_step(lambda: step_fn(model, opt, x, y), device, warmup)
+    for _ in range(warmup):
+        step_fn(twin, twin_opt, x, y)
+    for _ in range(check_steps):
+        replay()
+        step_fn(twin, twin_opt, x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    diff = max((a.detach() - b.detach()).abs().max().item() for a, b in zip(model.parameters(), twin.parameters()))
+    return replay, diff
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="vgg19")
@@ -54,7 +103,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time each step captured as a CUDA graph (see the module docstring)")
+    ap.add_argument("--check-steps", type=int, default=3,
+                    help="steps of a graph and of its eager twin before their parameters are compared")
     args = ap.parse_args(argv)
+    if args.cuda_graph and args.warmup < 1:
+        ap.error("--cuda-graph needs --warmup >= 1 (the steps before the capture)")
     dev = model_step_device(args)
     if dev is None:
         return 2
@@ -69,7 +124,7 @@ def main(argv=None) -> int:
     rows = []
     for density in args.densities:
         masks = random_masks(proto, density, gen, skip=(proto.output_layer,))
-        impls, paths = {}, {}
+        impls, paths, checks = {}, {}, {}
         base = masked_baseline(build_model(args.model, seed=0).to(dev), masks)
         bo = make_optimizer(torch.optim, base.parameters(), kind, hp["lr"])
         impls["dense_masking"] = lambda m=base, o=bo: baseline_step(m, o, x, y)
@@ -79,14 +134,31 @@ def main(argv=None) -> int:
             o = make_optimizer(module, m.parameters(), kind, hp["lr"])
             impls[name] = lambda m=m, o=o: plain_step(m, o, x, y)
             paths[name] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
+        if args.cuda_graph:
+            def capturable(mod, kind=kind, lr=hp["lr"]):  # (torch's capturable Adam refuses CPU tensors)
+                return make_optimizer(torch.optim, mod.parameters(), kind, lr, capturable=dev.type == "cuda")
+
+            m = sparsify(build_model(args.model, seed=0).to(dev), masks=masks)
+            choose_paths(m, x)
+            paths["sparse_lth_graph"] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
+            for name, model, step_fn in (
+                    ("dense_masking_graph", masked_baseline(build_model(args.model, seed=0).to(dev), masks),
+                     baseline_step),
+                    ("sparse_lth_graph", m, plain_step)):
+                impls[name], checks[name] = graph_and_twin(model, capturable, step_fn, x, y, dev, args.warmup,
+                                                           args.check_steps)
+                print(f"{args.model} b{args.batch} d={density:<6} {name}: parameters {checks[name]:.3g} from its "
+                      "eager twin's", flush=True)
         samples = interleaved_samples(impls, args.repeats, lambda fn: time_step(fn, dev), args.warmup)
-        base_med = statistics.median(samples["dense_masking"])
         for k, xs in samples.items():
             med = statistics.median(xs)
+            base_med = statistics.median(samples["dense_masking_graph" if k.endswith("_graph") else "dense_masking"])
             rows.append({**meta, "density": density, "impl": k, "paths": paths.get(k, "-"),
                          "median_ms": round(med, 4), "min_ms": round(min(xs), 4), "max_ms": round(max(xs), 4),
-                         "repeats": len(xs), "speedup_vs_dense_masking": round(base_med / med, 3)})
-            print(f"{args.model} b{args.batch} d={density:<6} {k:17s} {med:9.3f} ms  x{base_med / med:5.2f}  "
+                         "repeats": len(xs), "speedup_vs_dense_masking": round(base_med / med, 3),
+                         "graph": ("cuda" if dev.type == "cuda" else "stand-in") if k in checks else "-",
+                         "graph_check": f"{checks[k]:.3g}" if k in checks else "-"})
+            print(f"{args.model} b{args.batch} d={density:<6} {k:19s} {med:9.3f} ms  x{base_med / med:5.2f}  "
                   f"paths {paths.get(k, '-')}", flush=True)
     out = args.out or RESULTS / f"model_step_{args.model}_{slug(meta['device'])}.csv"
     write_rows(rows, out)

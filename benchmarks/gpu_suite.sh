@@ -5,12 +5,12 @@
 #
 #     SPARSE_LTH_COMMIT=<sha> bash benchmarks/gpu_suite.sh plan15          # run tool: timeout_s 600
 #
-# plan15 = tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets host, under a total budget
-# of SUITE_BUDGET seconds (default 540): each part runs under its own limit (below; PART_LIMIT overrides them
-# all), cut to what is left of the budget, and a part with under 15 s left is skipped. Autotuning is shortened
-# (SPARSE_LTH_TUNE_MS=5,20) in the *-targets parts, which take the target densities (1-5 %) first. The
-# benchmarks write their rows as they go and the result files are copied to $OUT after every part, so a call cut
-# short still brings back what it measured. Then, here: copy the CSVs into benchmarks/results/ and run
+# plan15 = tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets model-lenet-graph,
+# under a total budget of SUITE_BUDGET seconds (default 540): each part runs under its own limit (below; PART_LIMIT
+# overrides them all), cut to what is left of the budget, and a part with under 15 s left is skipped. Autotuning
+# is shortened (SPARSE_LTH_TUNE_MS=5,20) in the *-targets parts, which take the target densities (1-5 %) first,
+# and in model-lenet-graph. The benchmarks write their rows as they go and the result files are copied to $OUT
+# after every part, so a call cut short still brings back what it measured. Then, here: copy the CSVs into benchmarks/results/ and run
 # `python benchmarks/summarize.py`.
 #
 # Parts (default limit in seconds):
@@ -26,6 +26,9 @@
 #   conv-targets (90)     bench_conv_gpu.py: VGG-19's 512->512 3x3 layers at 4x4 and 2x2 pixels, fwd+bwd,
 #                         the kernels and SparseConv2d after its automatic choice vs dense masking
 #   model-vgg19-targets (90)  bench_model_step.py: a VGG-19 step at 100 % and 1.5 % weights remaining
+#   model-lenet-graph (45)  bench_model_step.py --cuda-graph: a LeNet-300-100 step at 2 %, 10 % and 100 %, eager and
+#                         replayed as a CUDA graph (each graph checked against an eager twin), sparse-lth vs
+#                         dense masking: where host time, not kernels, decides
 #   host (30)             bench_host_overhead.py on this machine's CPU: sparse-lth's host time per step and per
 #                         kernel launch (launches stubbed), which LeNet-sized layers' microsecond kernels leave in
 #                         charge of a step
@@ -54,7 +57,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"   # sparse_lth (and its ker
 PY=${PYTHON:-python3}
 
 if [ $# -eq 0 ]; then
-    sed -n 2,39p "$0"
+    awk 'NR > 1 && /^set -u/ { exit } NR > 1' "$0"   # the header above
     exit 2
 fi
 
@@ -66,7 +69,7 @@ status=0
 parts=()
 for part in "$@"; do
     if [ "$part" = plan15 ]; then
-        parts+=(tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets host)
+        parts+=(tests-core ceilings linear-targets optim-targets conv-targets model-vgg19-targets model-lenet-graph)
     else
         parts+=("$part")
     fi
@@ -75,7 +78,7 @@ done
 default_limit() {
     case "$1" in
         tests-core) echo 150 ;; ceilings|host) echo 30 ;; linear-targets) echo 120 ;; optim-targets) echo 60 ;;
-        conv-targets|model-vgg19-targets) echo 90 ;; *) echo 290 ;;
+        conv-targets|model-vgg19-targets) echo 90 ;; model-lenet-graph) echo 45 ;; *) echo 290 ;;
     esac
 }
 
@@ -153,6 +156,11 @@ for part in "${parts[@]}"; do
         host)
             timeout "$LIMIT" $PY benchmarks/bench_host_overhead.py --densities 0.2 0.02 \
                 --out "benchmarks/results/host_overhead_${DEV}-host.csv" 2>&1 | tee -a "$log"
+            ;;
+        model-lenet-graph)
+            SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model lenet300_100 --batch 60 \
+                --device cuda --densities 0.02 0.1 1.0 --cuda-graph \
+                --out "benchmarks/results/model_step_lenet_graph_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         model-lenet)
             timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model lenet300_100 --batch 60 --device cuda 2>&1 | tee -a "$log"

@@ -258,6 +258,34 @@ def test_model_step_smoke(tmp_path):
     assert f"wrote {out}" in proc.stdout
 
 
+def test_model_step_cuda_graph_stand_in(tmp_path):
+    """--cuda-graph without CUDA: the graph rows are the eager step (a stand-in, labelled so), each checked against
+    its eager twin (a deep copy taking the same steps: here bitwise the same), the graph rows' speedups against
+    dense_masking_graph. On a GPU the same code captures and replays a CUDA graph (gpu_suite.sh's
+    model-lenet-graph part)."""
+    out = tmp_path / "model_step_graph.csv"
+    run_script("bench_model_step.py", "--model", "lenet300_100", "--batch", "4", "--device", "cpu",
+               "--densities", "0.1", "--repeats", "1", "--warmup", "1", "--threads", "1", "--cuda-graph",
+               "--check-steps", "2", "--out", str(out), SPARSE_LTH_BACKEND="interpret")
+    with open(out, newline="") as f:
+        rows = {r["impl"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"dense_masking", "sparse_lth", "sparse_lth_optim", "dense_masking_graph", "sparse_lth_graph"}
+    for impl in ("dense_masking_graph", "sparse_lth_graph"):
+        assert rows[impl]["graph"] == "stand-in" and float(rows[impl]["graph_check"]) == 0.0
+    for impl in ("dense_masking", "sparse_lth", "sparse_lth_optim"):
+        assert rows[impl]["graph"] == "-" and rows[impl]["graph_check"] == "-"
+    assert float(rows["dense_masking_graph"]["speedup_vs_dense_masking"]) == 1.0
+    g, b = float(rows["sparse_lth_graph"]["median_ms"]), float(rows["dense_masking_graph"]["median_ms"])
+    assert float(rows["sparse_lth_graph"]["speedup_vs_dense_masking"]) == pytest.approx(b / g, rel=1e-2)
+    assert rows["sparse_lth_graph"]["paths"] == rows["sparse_lth"]["paths"] and "s" in rows["sparse_lth"]["paths"]
+
+
+def test_model_step_cuda_graph_needs_a_warmup():
+    with pytest.raises(SystemExit) as e:
+        _load("bench_model_step").main(["--device", "cpu", "--cuda-graph", "--warmup", "0"])
+    assert e.value.code == 2
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # refusals and defaults (in-process: no kernels run)
 # ----------------------------------------------------------------------------------------------------------------

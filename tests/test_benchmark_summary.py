@@ -94,6 +94,14 @@ def results(tmp_path):
                                    (0.015, 10.0, (("dense_masking", 10.0), ("sparse_lth", 6.0))))
              for impl, ms in rows]
     _write(tmp_path / f"model_step_vgg19_{SLUG}.csv", model)
+    lenet = [dict(model="lenet300_100", batch=60, dtype="float32", device=DEV, commit="abc", torch="2.11",
+                  density=0.02, impl=impl, paths=paths, median_ms=ms, min_ms=ms, max_ms=ms, repeats=20,
+                  speedup_vs_dense_masking=round(base / ms, 3), graph=graph, graph_check=check)
+             for impl, paths, ms, base, graph, check in (
+                 ("dense_masking", "-", 1.0, 1.0, "-", "-"), ("sparse_lth", "ssd", 2.0, 1.0, "-", "-"),
+                 ("dense_masking_graph", "-", 0.2, 0.2, "cuda", "0"),
+                 ("sparse_lth_graph", "ssd", 0.1, 0.2, "cuda", "1.2e-07"))]
+    _write(tmp_path / f"model_step_lenet_graph_{SLUG}.csv", lenet)
     # a file of another device and a CPU layers file must not leak into this device's summary
     _write(tmp_path / "linear_other.csv", [dict(lin[0], device="Other GPU", median_ms=1e-9)])
     _write(tmp_path / "layers_cpu_x.csv", [dict(case="x", density=1.0, device="cpu")])
@@ -135,6 +143,11 @@ def test_targets_are_computed_from_the_rows(results):
         == ("5.00x", "NOT met")
     assert t["VGG-19 training step at 1.5% weights remaining"] == ("1.67x", "met")
     assert t["vgg19 step, automatic paths, worst density (never slower: >= ~1)"] == ("0.95x", "met")
+    # graph rows: against dense masking's graph, and not in the eager "never slower" figure
+    assert t["lenet300_100 step, automatic paths, worst density (never slower: >= ~1)"] == ("0.50x", "NOT met")
+    assert t["lenet300_100 step as a CUDA graph against dense masking's graph, worst density (at least parity)"] \
+        == ("2.00x", "met")
+    assert "| lenet300_100 | 60 | 0.02 | sparse_lth_graph | ssd | 0.1 | 2.00x | 1.2e-07 |" in md
     assert "Other GPU" not in md and "1e-09" not in md
     assert t["4096x4096 b4096 fp32 fwd+bwd, automatic choice (SparseLinear), worst density (never slower: >= ~1)"] \
         == ("0.75x", "NOT met")

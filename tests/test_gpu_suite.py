@@ -76,10 +76,10 @@ def test_plan15_runs_the_target_parts_in_order_under_their_limits(suite):
     r, calls, out = suite("plan15")
     assert r.returncode == 0, r.stdout + r.stderr
     limits = [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")]
-    assert limits == [150, 30, 120, 60, 90, 90, 30]
+    assert limits == [150, 30, 120, 60, 90, 90, 45]
     runs = [c for c in calls if c.startswith("PY ") and " -c " not in f" {c} "]
     assert len(runs) == 7, runs
-    pytest_call, ceilings, linear, optim, conv, model, host = runs
+    pytest_call, ceilings, linear, optim, conv, model, graph = runs
     assert "-m pytest" in pytest_call and "-n 8" in pytest_call and "tests/test_kernels_linear.py" in pytest_call
     assert "tests/test_optim.py" in pytest_call and "tests/test_kernels_conv.py" in pytest_call
     assert "bench_ceilings.py --device cuda" in ceilings
@@ -89,13 +89,14 @@ def test_plan15_runs_the_target_parts_in_order_under_their_limits(suite):
     assert "vgg19/conv10-12 vgg19/conv13-16" in conv and "--directions both" in conv
     assert "--densities 0.02 0.01 0.05 0.1 0.2 0.5 1" in conv
     assert "bench_model_step.py --model vgg19" in model and "--densities 0.015 1.0" in model
-    assert "bench_host_overhead.py" in host and "host_overhead_fake-h200-host.csv" in host
+    assert "bench_model_step.py --model lenet300_100" in graph and "--cuda-graph" in graph
+    assert "model_step_lenet_graph_fake-h200.csv" in graph
     back = sorted(p.name for p in out.iterdir())
     assert len(back) <= 8                                    # what the device tool brings back
     assert sum(n.startswith("suite_") for n in back) == 1    # one log for the call
     assert {"ceilings_fake-h200.csv", "linear_targets_fake-h200.csv", "optim_fake-h200.csv",
             "conv_targets_fake-h200.csv", "model_step_vgg19_targets_fake-h200.csv",
-            "host_overhead_fake-h200-host.csv"} <= set(back)
+            "model_step_lenet_graph_fake-h200.csv"} <= set(back)
     log = (out / next(n for n in back if n.startswith("suite_"))).read_text()
     assert log.count("=== ") == 14                           # a start and an end line per part
 
@@ -107,12 +108,21 @@ def test_budget_cuts_limits_and_skips_parts(suite):
     # loaded machine may let a few whole seconds pass (the script counts in seconds): allow up to 5
     limits = [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")]
     assert len(limits) == 7, calls
-    for got, default in zip(limits, [150, 30, 120, 60, 90, 90, 30]):
+    for got, default in zip(limits, [150, 30, 120, 60, 90, 90, 45]):
         assert min(default, 100 - 5 - 5) <= got <= min(default, 100 - 5), (limits, calls)
     r, calls, _ = suite("tests-core", "ceilings", budget=10)
     assert r.returncode == 3
     assert not any(c.startswith("TIMEOUT") for c in calls)
     assert r.stdout.count("skipped") == 2
+
+
+def test_parts_outside_plan15(suite):
+    r, calls, out = suite("host", "model-lenet")
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = [c for c in calls if c.startswith("PY ") and " -c " not in f" {c} "]
+    assert len(runs) == 2 and "bench_host_overhead.py" in runs[0] and "host_overhead_fake-h200-host.csv" in runs[0]
+    assert "bench_model_step.py --model lenet300_100" in runs[1] and "--cuda-graph" not in runs[1]
+    assert [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")] == [30, 290]
 
 
 def test_unknown_part_and_usage(suite):
