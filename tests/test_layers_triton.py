@@ -283,3 +283,52 @@ def test_sparse_linear_output_is_not_a_view(kernel_device, backend):
     assert y._base is None and y.stride() == (1, 5)
     y.relu_().sum().backward()
     assert layer.values.grad is not None
+
+
+# Ops that make the host wait for the device on CUDA (a value read back, or an output size that depends on data):
+# inside a CUDA graph capture each is an error, and in eager training each stalls the launch queue.
+HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+                 "aten::masked_select", "aten::unique", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+                 "aten::unique_consecutive", "aten::repeat_interleave", "aten::bincount", "aten::histc",
+                 "aten::masked_scatter", "aten::index_put", "aten::index_put_")
+
+
+def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
+    """Forward and backward of a model on the sparse path, once warmed up, call no op that reads a value back
+    from the device or sizes an output by data: what a CUDA graph capture of the step (torch.cuda.graph,
+    make_graphed_callables) needs from the layers, and what keeps eager training's launch queue full. Recorded
+    with a dispatch mode around a step of fused-ReLU linear layers and a conv layer, Triton backend (interpreted
+    on the CPU, compiled on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(24)
+    conv = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend)
+    fc1 = SparseLinear(4 * 5 * 5, 16, path="sparse", backend=backend, activation="relu")
+    fc2 = SparseLinear(16, 10, path="sparse", backend=backend)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), fc1, fc2).to(kernel_device)
+    for layer in (conv, fc1, fc2):
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+        assert layer.path == "sparse" and layer.backend == backend
+    x = torch.randn(6, 3, 5, 5, generator=gen).to(kernel_device)
+    y = torch.randint(0, 10, (6,), generator=gen).to(kernel_device)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    step()  # warm-up: autotuning, variant timing and caches happen on first calls, outside a capture
+    with Record() as rec:
+        step()
+    assert rec.ops, "nothing recorded"
+    assert "aten::threshold_backward" in rec.ops  # the fused ReLU's backward ran inside the recorded step
+    assert not rec.ops & set(HOST_SYNC_OPS), sorted(rec.ops & set(HOST_SYNC_OPS))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
