@@ -294,11 +294,11 @@ HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", 
 
 
 def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
-    """Forward and backward of a model on the sparse path, once warmed up, call no op that reads a value back
-    from the device or sizes an output by data: what a CUDA graph capture of the step (torch.cuda.graph,
-    make_graphed_callables) needs from the layers, and what keeps eager training's launch queue full. Recorded
-    with a dispatch mode around a step of fused-ReLU linear layers and a conv layer, Triton backend (interpreted
-    on the CPU, compiled on a GPU)."""
+    """Forward and backward of sparse layers, once warmed up, call no op that reads a value back from the device
+    or sizes an output by data: what a CUDA graph capture of the step (torch.cuda.graph, make_graphed_callables)
+    needs from the layers, and what keeps eager training's launch queue full. Recorded with a dispatch mode around
+    a step of a conv layer and a fused-ReLU linear layer on the sparse path (Triton backend: interpreted on the
+    CPU, compiled on a GPU) and a linear layer on the dense path (its gradient mask applied by a hook)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -313,11 +313,11 @@ def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
     gen = torch.Generator().manual_seed(24)
     conv = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend)
     fc1 = SparseLinear(4 * 5 * 5, 16, path="sparse", backend=backend, activation="relu")
-    fc2 = SparseLinear(16, 10, path="sparse", backend=backend)
+    fc2 = SparseLinear(16, 10, path="dense", backend=backend)
     model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), fc1, fc2).to(kernel_device)
-    for layer in (conv, fc1, fc2):
+    for layer, path in ((conv, "sparse"), (fc1, "sparse"), (fc2, "dense")):
         layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
-        assert layer.path == "sparse" and layer.backend == backend
+        assert layer.path == path and layer.backend == backend
     x = torch.randn(6, 3, 5, 5, generator=gen).to(kernel_device)
     y = torch.randint(0, 10, (6,), generator=gen).to(kernel_device)
 
@@ -332,3 +332,4 @@ def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
     assert "aten::threshold_backward" in rec.ops  # the fused ReLU's backward ran inside the recorded step
     assert not rec.ops & set(HOST_SYNC_OPS), sorted(rec.ops & set(HOST_SYNC_OPS))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert (fc2.weight.grad[~fc2.weight_mask] == 0).all()  # the dense path's hook ran inside the recorded step
