@@ -109,15 +109,30 @@ def sgd_step(model, opt, x, y):
     opt.step()
 
 
-def measure(model_name: str, density: float, batch: int, repeats: int, inner: int) -> dict:
+OPTIMIZERS = ("torch_sgd", "sparse_lth_sgd", "sparse_lth_adam")
+
+
+def make_opt(kind: str, params):
+    """The step's optimizer: torch.optim.SGD, or sparse-lth's fused SGD / Adam on the interpreter backend (its one
+    launch stubbed like the layers', so its host time is in the step and the floor alike)."""
+    from sparse_lth import optim as sl_optim
+
+    if kind == "torch_sgd":
+        return torch.optim.SGD(params, lr=0.01)
+    if kind == "sparse_lth_sgd":
+        return sl_optim.SGD(params, lr=0.01, momentum=0.9, backend="interpret")
+    return sl_optim.Adam(params, lr=1e-3, backend="interpret")
+
+
+def measure(model_name: str, density: float, batch: int, repeats: int, inner: int,
+            optimizer: str = "torch_sgd") -> dict:
     gen = torch.Generator().manual_seed(0)
     masks = random_masks(build_model(model_name, seed=0), density, gen)
     model = sparsify(build_model(model_name, seed=0), masks=masks, path="sparse", backend="interpret")
     floor = floor_model(model)
     x = torch.randn(batch, 1, 28, 28, generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    fopt = torch.optim.SGD(floor.parameters(), lr=0.01)
+    opt, fopt = make_opt(optimizer, model.parameters()), make_opt(optimizer, floor.parameters())
     with LaunchStub() as stub:
         fwd0 = stub.count
         loss = F.cross_entropy(model(x), y)
@@ -128,7 +143,8 @@ def measure(model_name: str, density: float, batch: int, repeats: int, inner: in
         samples = interleaved_samples(fns, repeats, lambda f: wall_ms(f, inner), warmup=3)
     us = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     launches = fwd + bwd
-    return {"model": model_name, "density": density, "batch": batch, "step_us": round(us["sparse_lth"], 1),
+    return {"model": model_name, "density": density, "batch": batch, "optimizer": optimizer,
+            "step_us": round(us["sparse_lth"], 1),
             "floor_us": round(us["torch_floor"], 1), "launches_fwd": fwd, "launches_bwd": bwd,
             "host_us_per_launch": round((us["sparse_lth"] - us["torch_floor"]) / launches, 1) if launches else "",
             "device": cpu_device_label(), "torch": torch.__version__, "commit": git_commit()}
@@ -146,6 +162,8 @@ def main(argv=None) -> int:
                     help="steps per timed round (1: each step timed alone, so that a preempted step is one outlier "
                          "the median drops, not a slower round)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="torch_sgd",
+                    help="the step's optimizer, in the step and the floor alike (default: torch_sgd)")
     ap.add_argument("--out", help="write the rows as CSV here")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.inner < 1 or args.batch < 1:
@@ -156,7 +174,7 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'density':>8} {'step us':>9} {'floor us':>9} {'launches fwd+bwd':>17} {'host us/launch':>15}")
     for d in args.densities:
-        r = measure(args.model, d, args.batch, args.repeats, args.inner)
+        r = measure(args.model, d, args.batch, args.repeats, args.inner, args.optimizer)
         rows.append(r)
         print(f"{d:>8g} {r['step_us']:>9.1f} {r['floor_us']:>9.1f} {r['launches_fwd']:>8} + {r['launches_bwd']:<6} "
               f"{r['host_us_per_launch']:>15}")

@@ -312,24 +312,33 @@ def _check_entry(op: str, i: int, p, g, mask, states) -> None:
             raise ValueError(f"{op}: {name}[{i}] is not contiguous")
 
 
-# Pointer/program tables by content (addresses + lengths): a table depends only on its key, so a cached one is
-# always right; reusing it saves the host-to-device copy when the same tensors are stepped again.
-_TABLE_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, int]]" = OrderedDict()
+# Pointer and program tables by content: a table depends only on its key, so a cached one is always right. The
+# program table (which tensor and block each program updates) depends only on the tensors' sizes; the pointer table
+# on their addresses too, which change whenever a gradient is allocated anew (zero_grad(set_to_none=True), the
+# default: on the CPU every step; on a GPU the caching allocator often hands back the same blocks). A step whose
+# pointers are new rebuilds only the pointer table, one small host-to-device copy.
+_TABLE_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_PROG_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, int]]" = OrderedDict()
+_HYPER_CACHE: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()  # hyperparameter tables by their values
 _TABLE_CACHE_SIZE = 64
 # The last compiled kernel per (op, dtype, has_mask, aligned), for inspection (benchmarks/bench_optim.py).
 LAST_COMPILED: dict[tuple, object] = {}
 
 
-def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    key = (str(device), block, tuple(rows))
-    hit = _TABLE_CACHE.get(key)
+def _cached(cache: OrderedDict, key: tuple, build):
+    hit = cache.get(key)
     if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
+        cache.move_to_end(key)
         return hit
-    ptr = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS)
-    numels = ptr[:, _C_NUMEL]
-    nblocks = (numels + block - 1) // block
-    tensor_idx = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), nblocks)
+    out = cache[key] = build()
+    if len(cache) > _TABLE_CACHE_SIZE:
+        cache.popitem(last=False)
+    return out
+
+
+def _program_table(numels: tuple[int, ...], device: torch.device, block: int) -> tuple[torch.Tensor, int]:
+    nblocks = (torch.tensor(numels, dtype=torch.int64) + block - 1) // block
+    tensor_idx = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), nblocks)
     starts = torch.cumsum(nblocks, 0) - nblocks
     block_idx = torch.arange(tensor_idx.numel(), dtype=torch.int64) - starts[tensor_idx]
     if block_idx.numel() and int(block_idx.max()) >= 2**31:
@@ -337,11 +346,18 @@ def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tu
     prog = torch.stack([tensor_idx, block_idx]).to(torch.int32).contiguous()
     # non_blocking: from pageable memory the source is staged at once, and no stream synchronization is forced
     # (a blocking copy would make every optimizer step wait for the queued backward pass)
-    out = (ptr.to(device, non_blocking=True), prog.to(device, non_blocking=True), int(tensor_idx.numel()))
-    _TABLE_CACHE[key] = out
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return out
+    return prog.to(device, non_blocking=True), int(tensor_idx.numel())
+
+
+def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(pointer table, program table, number of programs) for the rows of one launch."""
+    dev = str(device)
+    prog, n_programs = _cached(_PROG_CACHE, (dev, block, tuple(r[_C_NUMEL] for r in rows)),
+                               lambda: _program_table(tuple(r[_C_NUMEL] for r in rows), device, block))
+    ptr = _cached(_TABLE_CACHE, (dev, tuple(rows)),
+                  lambda: torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS).to(device,
+                                                                                                non_blocking=True))
+    return ptr, prog, n_programs
 
 
 def _aligned(*tensors) -> bool:
@@ -369,8 +385,10 @@ def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: di
                          e["mask"].data_ptr() if e["mask"] is not None else 0,
                          *[x.data_ptr() if x is not None else 0 for x in s], e["p"].numel(), 0))
         ptr_table, prog_table, n_programs = _tables(rows, device, block)
-        hyper = torch.tensor([e["hyper"] + [0.0] * (hyper_cols - len(e["hyper"])) for e in bucket],
-                             dtype=torch.float32).to(device, non_blocking=True)
+        hyper_rows = tuple(tuple(e["hyper"]) + (0.0,) * (hyper_cols - len(e["hyper"])) for e in bucket)
+        # constant across steps for SGD (but its first), new every step for Adam (the bias corrections)
+        hyper = _cached(_HYPER_CACHE, (str(device), hyper_rows),
+                        lambda: torch.tensor(hyper_rows, dtype=torch.float32).to(device, non_blocking=True))
         handle = kernel[(n_programs,)](
             ptr_table, hyper, prog_table, n_programs,
             PARAM_DTYPE=_tl_dtype(dtype), HAS_MASK=has_mask, ALIGNED=aligned, BLOCK=block,
@@ -396,6 +414,7 @@ def fused_sgd_(
     first_step: bool | Sequence[bool] = False,
     block: int = DEFAULT_BLOCK,
     num_warps: int = 4,
+    check: bool = True,
 ) -> int:
     """One torch.optim.SGD step on every tensor, masked, in one pass per tensor and few launches; in place.
 
@@ -403,6 +422,8 @@ def fused_sgd_(
     buffer has no history yet, so it becomes the (decayed, masked) gradient, as torch.optim.SGD's
     ``buf = clone(d_p)``; it must then hold finite values (e.g. zeros). ``masks``: bool/uint8 tensors of each
     parameter's shape, or None entries for unmasked (compact) parameters. Returns the number of kernel launches.
+    ``check=False`` skips the per-tensor checks of dtypes, shapes and layouts, for a caller that has made them
+    (sparse_lth.optim's optimizers, at every step: ~3 us a parameter of host time).
     """
     op = "fused_sgd_"
     n = len(params)
@@ -419,7 +440,8 @@ def fused_sgd_(
     entries = []
     for i in range(n):
         states = [("momentum_buffers", bufs[i])] if has_momentum else []
-        _check_entry(op, i, params[i], grads[i], masks[i], states)
+        if check:
+            _check_entry(op, i, params[i], grads[i], masks[i], states)
         first = bool(firsts[i])
         hyper = [float(lrs[i]), float(wds[i]), 0.0 if first else float(moms[i]),
                  1.0 if first else 1.0 - float(damps[i]), float(moms[i])]
@@ -456,12 +478,14 @@ def fused_adam_(
     decoupled_weight_decay: bool = False,
     block: int = DEFAULT_BLOCK,
     num_warps: int = 4,
+    check: bool = True,
 ) -> int:
     """One torch.optim.Adam (AdamW with ``decoupled_weight_decay``, AMSGrad when ``max_exp_avg_sqs`` is given)
     step on every tensor, masked, in one pass per tensor and few launches; in place.
 
     ``step[i]``: the parameter's step count *after* this step's increment (1 on the first step), as torch's
-    ``state['step']``. State tensors are float32. Returns the number of kernel launches.
+    ``state['step']``. State tensors are float32. Returns the number of kernel launches. ``check``: as for
+    :func:`fused_sgd_`.
     """
     op = "fused_adam_"
     n = len(params)
@@ -477,7 +501,8 @@ def fused_adam_(
     entries = []
     for i in range(n):
         states = [("exp_avgs", m1[i]), ("exp_avg_sqs", m2[i])] + ([("max_exp_avg_sqs", mx[i])] if amsgrad else [])
-        _check_entry(op, i, params[i], grads[i], masks[i], states)
+        if check:
+            _check_entry(op, i, params[i], grads[i], masks[i], states)
         entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states],
                             hyper=_adam_hyper(lrs[i], wds[i], b1s[i], b2s[i], epss[i], steps[i])))
     return _launch_all(op, _adam_kernel, entries, _ADAM_COLS,

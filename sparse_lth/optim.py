@@ -369,7 +369,7 @@ class SGD(_MaskedOptimizer):
                 weight_decay=[float(it.group["weight_decay"]) for it in its],
                 momentum=[float(it.group["momentum"]) for it in its],
                 dampening=[float(it.group["dampening"]) for it in its],
-                nesterov=nesterov, first_step=first)
+                nesterov=nesterov, first_step=first, check=False)  # _gather made the checks
 
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
         lr, wd = float(group["lr"]), float(group["weight_decay"])
@@ -460,7 +460,7 @@ class Adam(_MaskedOptimizer):
                 eps=[float(it.group["eps"]) for it in its],
                 weight_decay=[float(it.group["weight_decay"]) for it in its],
                 step=[float(s) for _, s in pairs],
-                decoupled_weight_decay=self._decoupled)
+                decoupled_weight_decay=self._decoupled, check=False)  # _gather made the checks
 
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
         lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])

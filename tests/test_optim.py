@@ -187,6 +187,27 @@ def test_one_launch_for_many_tensors(kernel_device):
         close(a, b)
 
 
+def test_new_gradient_tensors_reuse_the_program_table(kernel_device):
+    """Gradients allocated anew every step (zero_grad(set_to_none=True)) give new pointers: the pointer table is
+    rebuilt, the program table (sizes only) and a constant hyperparameter table are reused, and every step is right."""
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(37,), (5, 11), (300,)]
+    ps = [torch.randn(s, generator=gen).to(kernel_device) for s in shapes]
+    ref = [p.clone() for p in ps]
+    masks = [random_mask(s, 0.5, gen, kernel_device) for s in shapes]
+    for cache in (K._TABLE_CACHE, K._PROG_CACHE, K._HYPER_CACHE):
+        cache.clear()
+    keep = []
+    for step in range(3):
+        gs = [torch.randn(s, generator=gen).to(kernel_device) for s in shapes]
+        keep.append(gs)  # held, so that each step's gradients sit at new addresses
+        K.fused_sgd_(ps, gs, None, masks, lr=0.1, weight_decay=0.01)
+        K.sgd_reference_(ref, gs, None, masks, lr=0.1, weight_decay=0.01)
+        for a, b in zip(ps, ref):
+            close(a, b)
+        assert len(K._TABLE_CACHE) == step + 1 and len(K._PROG_CACHE) == 1 and len(K._HYPER_CACHE) == 1
+
+
 def test_bf16_rounds_to_nearest_even(kernel_device):
     # p - lr * g with lr = 1 and g = 0: p is written back through the bf16 rounding. Feed fp32 values between two
     # bf16 numbers via weight decay: p_new = p * (1 - wd) with p = 1, wd chosen so p_new is a half-way or off value.
