@@ -11,6 +11,11 @@ is not in either figure: stubbed here, it adds its cost per launch on a GPU.
 
     python benchmarks/bench_host_overhead.py                 # LeNet-300-100 at 2 %, one thread
     python benchmarks/bench_host_overhead.py --densities 0.2 0.02 --out host.csv
+    python benchmarks/bench_host_overhead.py --optimizer sparse_lth_adam     # sparse-lth's fused Adam in the step
+
+The step's optimizer (``--optimizer``) is torch.optim.SGD by default; with ``sparse_lth_sgd`` / ``sparse_lth_adam``
+sparse-lth's fused optimizer runs on the interpreter backend with its launch stubbed too, in the step and the floor
+alike, so ``step_us`` includes its host time and ``host_us_per_launch`` still isolates the layers'.
 
 Columns: median microseconds per step (SGD step included) over ``--repeats`` rounds of ``--inner`` steps (one by
 default), interleaved with the floor; the kernel launches per step (forward, backward) as counted by the stub; and
