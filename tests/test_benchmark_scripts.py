@@ -519,13 +519,16 @@ def test_interleaved_samples_draws_a_new_order_every_round():
 # ----------------------------------------------------------------------------------------------------------------
 # bench_host_overhead.py: sparse-lth's host time per step with the kernel launches stubbed
 # ----------------------------------------------------------------------------------------------------------------
-def test_host_overhead_benchmark_counts_the_launches(tmp_path):
+@pytest.mark.parametrize("optimizer", ["torch_sgd", "sparse_lth_adam"])
+def test_host_overhead_benchmark_counts_the_launches(tmp_path, optimizer):
     out = tmp_path / "host.csv"
-    proc = run_script("bench_host_overhead.py", "--densities", "0.5", "0.02", "--repeats", "5", "--out", str(out))
-    rows = read_csv(out, ["model", "density", "batch", "step_us", "floor_us", "launches_fwd", "launches_bwd",
-                          "host_us_per_launch", "device", "torch", "commit"])
+    proc = run_script("bench_host_overhead.py", "--densities", "0.5", "0.02", "--repeats", "5", "--optimizer",
+                      optimizer, "--out", str(out))
+    rows = read_csv(out, ["model", "density", "batch", "optimizer", "step_us", "floor_us", "launches_fwd",
+                          "launches_bwd", "host_us_per_launch", "device", "torch", "commit"])
     assert [float(r["density"]) for r in rows] == [0.5, 0.02]
     for r in rows:
+        assert r["optimizer"] == optimizer
         # LeNet-300-100 on the sparse path: one launch per layer forward; backward, the weight gradient of all
         # three and the input gradient of the two whose input needs one (the image does not)
         assert (int(r["launches_fwd"]), int(r["launches_bwd"])) == (3, 5), r
