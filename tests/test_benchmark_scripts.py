@@ -276,7 +276,8 @@ def test_model_step_cuda_graph_stand_in(tmp_path):
         assert rows[impl]["graph"] == "-" and rows[impl]["graph_check"] == "-"
     assert float(rows["dense_masking_graph"]["speedup_vs_dense_masking"]) == 1.0
     g, b = float(rows["sparse_lth_graph"]["median_ms"]), float(rows["dense_masking_graph"]["median_ms"])
-    assert float(rows["sparse_lth_graph"]["speedup_vs_dense_masking"]) == pytest.approx(b / g, rel=1e-2)
+    # (the file rounds the speedup to 3 decimals and the times to 4)
+    assert float(rows["sparse_lth_graph"]["speedup_vs_dense_masking"]) == pytest.approx(b / g, rel=1e-2, abs=1e-3)
     assert rows["sparse_lth_graph"]["paths"] == rows["sparse_lth"]["paths"] and "s" in rows["sparse_lth"]["paths"]
 
 
