@@ -351,9 +351,8 @@ def _program_table(numels: tuple[int, ...], device: torch.device, block: int) ->
 
 def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(pointer table, program table, number of programs) for the rows of one launch."""
-    dev = str(device)
-    prog, n_programs = _cached(_PROG_CACHE, (dev, block, tuple(r[_C_NUMEL] for r in rows)),
-                               lambda: _program_table(tuple(r[_C_NUMEL] for r in rows), device, block))
+    dev, numels = str(device), tuple(r[_C_NUMEL] for r in rows)
+    prog, n_programs = _cached(_PROG_CACHE, (dev, block, numels), lambda: _program_table(numels, device, block))
     ptr = _cached(_TABLE_CACHE, (dev, tuple(rows)),
                   lambda: torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS).to(device,
                                                                                                 non_blocking=True))
