@@ -12,8 +12,6 @@ sparse forward already wins.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -21,18 +19,25 @@ from .kernels import torch_conv, torch_ops
 from .kernels.format import SparseFormat
 
 
-@functools.lru_cache(maxsize=None)
 def _linear_ops(backend: str):
     """(prepare, forward, backward_input, backward_weight). ``prepare(t, nnz)`` turns a dense operand into the form
     the ops read without a copy (the Triton kernels: batch-minor, or in place when small); an operand that feeds
     two ops is prepared once, so a layout copy, when one is needed, is made once per step, not once per op."""
-    if backend == "torch":
-        return (torch_ops.prepare_operand, torch_ops.linear_forward, torch_ops.linear_backward_input,
-                torch_ops.linear_backward_weight)
-    # the Triton kernels without their argument checks: sparse_linear() and SparseLinear make them
-    from .kernels import sparse_linear as k
+    ops = _LINEAR_OPS.get(backend)
+    if ops is None:
+        if backend == "torch":
+            ops = (torch_ops.prepare_operand, torch_ops.linear_forward, torch_ops.linear_backward_input,
+                   torch_ops.linear_backward_weight)
+        else:  # the Triton kernels without their argument checks: sparse_linear() and SparseLinear make them
+            from .kernels import sparse_linear as k
 
-    return k.prepare_operand, k.forward_trusted, k.backward_input_trusted, k.backward_weight_trusted
+            ops = k.prepare_operand, k.forward_trusted, k.backward_input_trusted, k.backward_weight_trusted
+        _LINEAR_OPS[backend] = ops
+    return ops
+
+
+# (a plain dict, not functools.lru_cache: torch.compile warns on every traced call of an lru_cache-wrapped function)
+_LINEAR_OPS: dict = {}
 
 
 OPS = ("forward", "input_grad", "weight_grad")
