@@ -250,6 +250,8 @@ def optim_cases(all_configs: bool):
                               weight_decay=0.0, step=1)
                 O.fused_adam_(ps, gs, st(), st(), st(), ms, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
                               weight_decay=0.01, step=3, decoupled_weight_decay=True)
+                O.fused_adam_(ps, gs, st(), st(), None, ms, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                              weight_decay=0.0, step=[torch.tensor(2.0) for _ in shapes], capturable=True)
             cases.append((f"optim {str(pdtype)[6:]} {'masked' if masked else 'compact'}", run))
     return cases
 

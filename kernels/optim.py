@@ -27,6 +27,7 @@ Public API (all update tensors in place and return the number of kernel launches
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -48,11 +49,12 @@ MASK_DTYPES = (torch.bool, torch.uint8)
 DEFAULT_BLOCK = 1024
 
 # Columns of the int64 pointer table (one row per tensor).
-_C_PARAM, _C_GRAD, _C_MASK, _C_S0, _C_S1, _C_S2, _C_NUMEL = range(7)
+_C_PARAM, _C_GRAD, _C_MASK, _C_S0, _C_S1, _C_S2, _C_NUMEL, _C_STEP = range(8)
 _PTR_COLS = 8
 # Columns of the fp32 hyper-parameter tables (one row per tensor).
 _SGD_COLS = 8   # lr, weight_decay, buf_coef, grad_coef, momentum
 _ADAM_COLS = 16  # lr, weight_decay, beta1, 1-beta1, beta2, 1-beta2, step_size, sqrt(bias_correction2), eps, decay
+_ADAM64_COLS = 4  # capturable Adam, fp64: lr, log2(beta1), log2(beta2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -180,15 +182,14 @@ if HAS_TRITON:
                        False)
 
     @triton.jit
-    def _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, offs, numel,
-                    PARAM_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, AMSGRAD: tl.constexpr,
+    def _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, step_size, bias_correction2_sqrt, offs,
+                    numel, PARAM_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, AMSGRAD: tl.constexpr,
                     DECOUPLED: tl.constexpr, FULL: tl.constexpr):
+        # step_size = lr / (1 - beta1**step), bias_correction2_sqrt = sqrt(1 - beta2**step): fp32 values
         weight_decay = tl.load(hyp + 1)
         one_minus_beta1 = tl.load(hyp + 3)
         beta2 = tl.load(hyp + 4)
         one_minus_beta2 = tl.load(hyp + 5)
-        step_size = tl.load(hyp + 6)         # lr / (1 - beta1**step)
-        bias_correction2_sqrt = tl.load(hyp + 7)
         eps = tl.load(hyp + 8)
         p = _ld(p_ptr + offs, offs, numel, FULL).to(tl.float32)
         g = _ld(g_ptr + offs, offs, numel, FULL).to(tl.float32)
@@ -226,8 +227,9 @@ if HAS_TRITON:
     @triton.jit
     def _adam_kernel(
         # Tables written by the launcher
-        ptr_table,    # int64 [n_tensors, 8]: param, grad, mask, exp_avg, exp_avg_sq, max_exp_avg_sq, numel, -
+        ptr_table,    # int64 [n_tensors, 8]: param, grad, mask, exp_avg, exp_avg_sq, max_exp_avg_sq, numel, step
         hyper_table,  # fp32 [n_tensors, 16]: lr, wd, beta1, 1-beta1, beta2, 1-beta2, step_size, sqrt(bc2), eps, decay
+        hyper64_table,  # CAPTURABLE: fp64 [n_tensors, 4]: lr, log2(beta1), log2(beta2), -
         prog_table,   # int32 [2, n_programs]: tensor index, block index within that tensor
         n_programs,
         # Meta-parameters
@@ -235,11 +237,26 @@ if HAS_TRITON:
         HAS_MASK: tl.constexpr,      # dense-path parameters: read the 1-byte mask
         AMSGRAD: tl.constexpr,
         DECOUPLED: tl.constexpr,     # AdamW: p *= 1 - lr * wd instead of g += wd * p
+        CAPTURABLE: tl.constexpr,    # the step count is read from the device (pointer table column 7)
         ALIGNED: tl.constexpr,       # every address of this launch is a multiple of 16 bytes
         BLOCK: tl.constexpr,
     ):
         t, row, numel, offs, full = _program_block(ptr_table, prog_table, n_programs, BLOCK)
         hyp = hyper_table + t * 16  # _ADAM_COLS
+        if CAPTURABLE:
+            # The bias corrections from the step count in device memory (float32, already incremented), in fp64
+            # as torch.optim's non-capturable Adam computes them on the host: 1 - beta**step with
+            # beta**step = exp2(step * log2(beta)), log2(beta) computed on the host in double. In fp32, 1 - beta2
+            # alone would be off by ~1e-5 relative for beta2 = 0.999. A few fp64 operations per program.
+            h64 = hyper64_table + t * 4  # _ADAM64_COLS
+            step = tl.load(_typed(tl.load(row + 7), tl.float32, False)).to(tl.float64)
+            bias_correction1 = 1.0 - tl.exp2(step * tl.load(h64 + 1))
+            bias_correction2 = 1.0 - tl.exp2(step * tl.load(h64 + 2))
+            step_size = (tl.load(h64 + 0) / bias_correction1).to(tl.float32)
+            bias_correction2_sqrt = tl.sqrt(bias_correction2).to(tl.float32)
+        else:
+            step_size = tl.load(hyp + 6)
+            bias_correction2_sqrt = tl.load(hyp + 7)
         # addresses from the table -> typed pointers
         p_ptr = _typed(tl.load(row + 0), PARAM_DTYPE, ALIGNED)
         g_ptr = _typed(tl.load(row + 1), PARAM_DTYPE, ALIGNED)
@@ -248,11 +265,11 @@ if HAS_TRITON:
         m2_ptr = _typed(tl.load(row + 4), tl.float32, ALIGNED)
         mx_ptr = _typed(tl.load(row + 5), tl.float32, ALIGNED)
         if full:
-            _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK,
-                        AMSGRAD, DECOUPLED, True)
+            _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, step_size, bias_correction2_sqrt, offs,
+                        numel, PARAM_DTYPE, HAS_MASK, AMSGRAD, DECOUPLED, True)
         else:
-            _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, offs, numel, PARAM_DTYPE, HAS_MASK,
-                        AMSGRAD, DECOUPLED, False)
+            _adam_block(p_ptr, g_ptr, mk_ptr, m1_ptr, m2_ptr, mx_ptr, hyp, step_size, bias_correction2_sqrt, offs,
+                        numel, PARAM_DTYPE, HAS_MASK, AMSGRAD, DECOUPLED, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,9 +361,30 @@ def _program_table(numels: tuple[int, ...], device: torch.device, block: int) ->
     if block_idx.numel() and int(block_idx.max()) >= 2**31:
         raise ValueError("tensor too large for the int32 program table")
     prog = torch.stack([tensor_idx, block_idx]).to(torch.int32).contiguous()
-    # non_blocking: from pageable memory the source is staged at once, and no stream synchronization is forced
-    # (a blocking copy would make every optimizer step wait for the queued backward pass)
-    return prog.to(device, non_blocking=True), int(tensor_idx.numel())
+    return _to_device(prog, device), int(tensor_idx.numel())
+
+
+# Tables a CUDA graph may read: every table used while a stream was being captured, and the host tensors that
+# tables made during a capture were copied from. A graph replays the kernels with the tables' addresses and the
+# copies from their host sources, so neither may ever be freed (the caches above evict); they are a few hundred
+# bytes per launch and per capture.
+_CAPTURE_KEEPALIVE: dict[int, torch.Tensor] = {}
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host table on the device. non_blocking: from pageable memory the source is staged at once and no
+    stream synchronization is forced (a blocking copy would make every optimizer step wait for the queued backward
+    pass). During a CUDA graph capture the copy becomes a node of the graph that reads the host tensor at every
+    replay, so that tensor is kept alive (and never written again)."""
+    if device.type == "cpu":
+        return host
+    if _capturing(device):
+        _CAPTURE_KEEPALIVE[id(host)] = host
+    return host.to(device, non_blocking=True)
 
 
 def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -354,8 +392,7 @@ def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tu
     dev, numels = str(device), tuple(r[_C_NUMEL] for r in rows)
     prog, n_programs = _cached(_PROG_CACHE, (dev, block, numels), lambda: _program_table(numels, device, block))
     ptr = _cached(_TABLE_CACHE, (dev, tuple(rows)),
-                  lambda: torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS).to(device,
-                                                                                                non_blocking=True))
+                  lambda: _to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS), device))
     return ptr, prog, n_programs
 
 
@@ -364,13 +401,20 @@ def _aligned(*tensors) -> bool:
 
 
 def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: dict, block: int,
-                num_warps: int) -> int:
-    """Split entries by compile-time key (dtype, mask, alignment), one launch per key. Returns the launch count."""
+                num_warps: int, hyper64_cols: int | None = None) -> int:
+    """Split entries by compile-time key (dtype, mask, alignment), one launch per key. Returns the launch count.
+
+    An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3), ``hyper`` (fp32 table row), and for a kernel
+    that takes a second, fp64 hyperparameter table (``hyper64_cols`` not None) and reads it (> 0) ``hyper64`` and
+    ``aux`` (a tensor whose address goes in the pointer table's last column: capturable Adam's step count); with
+    ``hyper64_cols == 0`` the kernel's unread fp64-table argument gets the fp32 table."""
     entries = [e for e in entries if e["p"].numel() > 0]
     if not entries:
         return 0
-    all_tensors = [t for e in entries for t in (e["p"], e["g"], e["mask"], *e["states"]) if t is not None]
+    all_tensors = [t for e in entries for t in (e["p"], e["g"], e["mask"], *e["states"], e.get("aux"))
+                   if t is not None]
     device = check_launch(*all_tensors, op=op)
+    capturing = _capturing(device)
     buckets: dict[tuple, list[dict]] = {}
     for e in entries:
         key = (e["p"].dtype, e["mask"] is not None, _aligned(e["p"], e["g"], e["mask"], *e["states"]))
@@ -380,16 +424,23 @@ def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: di
         rows = []
         for e in bucket:
             s = list(e["states"]) + [None] * (3 - len(e["states"]))
+            aux = e.get("aux")
             rows.append((e["p"].data_ptr(), e["g"].data_ptr(),
                          e["mask"].data_ptr() if e["mask"] is not None else 0,
-                         *[x.data_ptr() if x is not None else 0 for x in s], e["p"].numel(), 0))
+                         *[x.data_ptr() if x is not None else 0 for x in s], e["p"].numel(),
+                         aux.data_ptr() if aux is not None else 0))
         ptr_table, prog_table, n_programs = _tables(rows, device, block)
-        hyper_rows = tuple(tuple(e["hyper"]) + (0.0,) * (hyper_cols - len(e["hyper"])) for e in bucket)
-        # constant across steps for SGD (but its first), new every step for Adam (the bias corrections)
-        hyper = _cached(_HYPER_CACHE, (str(device), hyper_rows),
-                        lambda: torch.tensor(hyper_rows, dtype=torch.float32).to(device, non_blocking=True))
+        hyper = _hyper_table(bucket, "hyper", hyper_cols, torch.float32, device)
+        tables = [ptr_table, hyper]
+        if hyper64_cols:
+            tables.append(_hyper_table(bucket, "hyper64", hyper64_cols, torch.float64, device))
+        elif hyper64_cols == 0:
+            tables.append(hyper)
+        if capturing:  # a graph will read these at every replay: never free them
+            for t in tables + [prog_table]:
+                _CAPTURE_KEEPALIVE[id(t)] = t
         handle = kernel[(n_programs,)](
-            ptr_table, hyper, prog_table, n_programs,
+            *tables, prog_table, n_programs,
             PARAM_DTYPE=_tl_dtype(dtype), HAS_MASK=has_mask, ALIGNED=aligned, BLOCK=block,
             num_warps=num_warps, **flags,
         )
@@ -397,6 +448,14 @@ def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: di
             LAST_COMPILED[(op, dtype, has_mask, aligned)] = handle
         launches += 1
     return launches
+
+
+def _hyper_table(bucket: list[dict], field: str, cols: int, dtype: torch.dtype, device: torch.device):
+    """The hyperparameter table of one launch, cached by its values: constant across steps for SGD (but its first)
+    and capturable Adam, new every step for Adam (the bias corrections)."""
+    rows = tuple(tuple(e[field]) + (0.0,) * (cols - len(e[field])) for e in bucket)
+    return _cached(_HYPER_CACHE, (str(device), dtype, rows),
+                   lambda: _to_device(torch.tensor(rows, dtype=dtype), device))
 
 
 def fused_sgd_(
@@ -460,6 +519,18 @@ def _adam_hyper(lr, weight_decay, beta1, beta2, eps, step) -> list[float]:
             eps, 1 - lr * weight_decay]
 
 
+def _adam_hyper_capturable(lr, weight_decay, beta1, beta2, eps) -> tuple[list[float], list[float]]:
+    """Capturable Adam's per-tensor scalars: the fp32 row without the step's bias corrections (constant across
+    steps), and the fp64 row (lr, log2(beta1), log2(beta2)) from which the kernel computes them."""
+    lr, weight_decay, beta1, beta2, eps = map(float, (lr, weight_decay, beta1, beta2, eps))
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"capturable Adam needs 0 <= {name} < 1, got {b}")
+    log2 = [math.log2(b) if b > 0 else -math.inf for b in (beta1, beta2)]  # 0**step = exp2(-inf) = 0
+    return ([lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 0.0, 0.0, eps, 1 - lr * weight_decay],
+            [lr, *log2])
+
+
 def fused_adam_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -473,8 +544,9 @@ def fused_adam_(
     beta2: float | Sequence[float],
     eps: float | Sequence[float],
     weight_decay: float | Sequence[float],
-    step: float | Sequence[float],
+    step: float | Sequence[float] | Sequence[torch.Tensor],
     decoupled_weight_decay: bool = False,
+    capturable: bool = False,
     block: int = DEFAULT_BLOCK,
     num_warps: int = 4,
     check: bool = True,
@@ -485,6 +557,12 @@ def fused_adam_(
     ``step[i]``: the parameter's step count *after* this step's increment (1 on the first step), as torch's
     ``state['step']``. State tensors are float32. Returns the number of kernel launches. ``check``: as for
     :func:`fused_sgd_`.
+
+    ``capturable``: ``step`` is a sequence of one-element float32 tensors on the parameters' device, which the
+    kernel reads (the host never does), computing the bias corrections there in fp64. The tables of a launch are
+    then the same at every step (cached), so a step makes no host-to-device copy once its tables exist, and it can
+    be captured in a CUDA graph; a learning rate or beta changed later takes effect in eager steps, not in a graph
+    captured before (as torch.optim's capturable Adam with a float learning rate).
     """
     op = "fused_adam_"
     n = len(params)
@@ -496,16 +574,30 @@ def fused_adam_(
     mx = _check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, n) if amsgrad else [None] * n
     masks = _check_tensor_list(op, "masks", masks, n, allow_none=True)
     lrs, b1s, b2s = _per_tensor(lr, n, "lr"), _per_tensor(beta1, n, "beta1"), _per_tensor(beta2, n, "beta2")
-    epss, wds, steps = _per_tensor(eps, n, "eps"), _per_tensor(weight_decay, n, "weight_decay"), _per_tensor(step, n, "step")
+    epss, wds = _per_tensor(eps, n, "eps"), _per_tensor(weight_decay, n, "weight_decay")
+    if capturable:
+        steps = _check_tensor_list(op, "step", step if isinstance(step, (list, tuple)) else [step] * n, n)
+    else:
+        steps = _per_tensor(step, n, "step")
     entries = []
     for i in range(n):
         states = [("exp_avgs", m1[i]), ("exp_avg_sqs", m2[i])] + ([("max_exp_avg_sqs", mx[i])] if amsgrad else [])
         if check:
             _check_entry(op, i, params[i], grads[i], masks[i], states)
-        entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states],
-                            hyper=_adam_hyper(lrs[i], wds[i], b1s[i], b2s[i], epss[i], steps[i])))
+        if capturable:
+            step_t = steps[i]
+            if step_t.dtype != torch.float32 or step_t.numel() != 1:
+                raise TypeError(f"{op}: capturable step[{i}] must be a one-element float32 tensor, got "
+                                f"{step_t.dtype} of shape {tuple(step_t.shape)}")
+            hyper, hyper64 = _adam_hyper_capturable(lrs[i], wds[i], b1s[i], b2s[i], epss[i])
+            entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states],
+                                hyper=hyper, hyper64=hyper64, aux=step_t))
+        else:
+            entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states],
+                                hyper=_adam_hyper(lrs[i], wds[i], b1s[i], b2s[i], epss[i], steps[i])))
     return _launch_all(op, _adam_kernel, entries, _ADAM_COLS,
-                       dict(AMSGRAD=amsgrad, DECOUPLED=bool(decoupled_weight_decay)), block, num_warps)
+                       dict(AMSGRAD=amsgrad, DECOUPLED=bool(decoupled_weight_decay), CAPTURABLE=bool(capturable)),
+                       block, num_warps, hyper64_cols=_ADAM64_COLS if capturable else 0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,13 @@ dense-path layer do; other gradients are masked on a copy); the Triton backends 
 
 State-dict keys are torch.optim's (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``),
 so state dicts load across these optimizers and their torch.optim counterparts.
+
+CUDA graphs: ``Adam(..., capturable=True)`` / ``AdamW`` keep each ``state['step']`` on its parameter's device; the
+Triton kernel reads it and computes the bias corrections there (fp64), the torch backend runs torch's fused
+kernels, which read it too. Once warmed up, a step then reads nothing back from the device and, with cached
+tables, copies nothing to it, so it can be captured. SGD needs no flag (take one step before capturing: with
+momentum the first step is different). A non-capturable Adam's step, or SGD's first momentum step, inside a
+capture is refused with a clear error.
 """
 from __future__ import annotations
 
@@ -144,11 +151,18 @@ class _MaskedOptimizer(Optimizer):
                 if not isinstance(val, torch.Tensor):
                     continue
                 if key == "step":
-                    self.state[p][key] = val.detach().to(device="cpu", dtype=torch.float32).clone()
+                    dev = p.device if self._group_of(p).get("capturable") else "cpu"
+                    self.state[p][key] = val.detach().to(device=dev, dtype=torch.float32).clone()
                 elif val.is_floating_point():
                     t = torch.empty(val.shape, dtype=torch.float32, device=p.device)
                     self.state[p][key] = t.copy_(val.detach())
         self._mask_seen.clear()
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        return {}
 
     # -- step ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -307,14 +321,16 @@ class _MaskedOptimizer(Optimizer):
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
         raise NotImplementedError
 
-    def _use_fused(self, work_p: list[torch.Tensor]) -> bool:
+    def _use_fused(self, work_p: list[torch.Tensor], group: dict | None = None) -> bool:
         """torch backend: use torch's fused kernels (one pass; on CPU several times faster than foreach ops)?
         They are exact for our purpose because the gradient is already masked and p and the state are zero at
-        pruned positions, which a plain update keeps zero."""
+        pruned positions, which a plain update keeps zero. A capturable group uses them on every device."""
         impl = self.torch_impl
         if impl not in ("auto", "fused", "foreach"):
             raise ValueError(f"torch_impl must be 'auto', 'fused' or 'foreach', not {impl!r}")
         if impl == "auto":
+            if group is not None and group.get("capturable"):
+                return True
             return work_p[0].device.type == "cpu" and hasattr(torch, "_fused_adam_")
         return impl == "fused"
 
@@ -324,6 +340,14 @@ def _check_nonneg(name: str, value: float) -> None:
         value = float(value)
     if not value >= 0.0:
         raise ValueError(f"Invalid {name}: {value}")
+
+
+def _no_first_step_in_capture(p: torch.Tensor) -> None:
+    """SGD's first step with momentum differs from the later ones (buf = d_p): a CUDA graph captured there would
+    replay it at every step. Refused; warm up with at least one step before capturing."""
+    if p.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("SGD: the first step with momentum (which creates the momentum buffer) is being captured "
+                           "in a CUDA graph, which would replay it at every step; take a step before capturing")
 
 
 class SGD(_MaskedOptimizer):
@@ -360,6 +384,7 @@ class SGD(_MaskedOptimizer):
                 for i, it in enumerate(its):
                     buf = it.state.get("momentum_buffer")
                     if buf is None:
+                        _no_first_step_in_capture(it.p)
                         buf = it.state["momentum_buffer"] = _state_tensor(it.p)
                         first[i] = True
                     bufs.append(buf)
@@ -387,6 +412,7 @@ class SGD(_MaskedOptimizer):
                     continue
                 if first:
                     for i in idx:
+                        _no_first_step_in_capture(items[i].p)
                         items[i].state["momentum_buffer"] = _state_tensor(items[i].p)
                 torch._fused_sgd_([work_p[i] for i in idx], [work_g[i] for i in idx],
                                   [items[i].state["momentum_buffer"] for i in idx], is_first_step=first, **kw)
@@ -397,6 +423,7 @@ class SGD(_MaskedOptimizer):
             for i, it in enumerate(items):
                 buf = it.state.get("momentum_buffer")
                 if buf is None:
+                    _no_first_step_in_capture(it.p)
                     buf = it.state["momentum_buffer"] = d_p[i].detach().clone(memory_format=torch.contiguous_format)
                 else:
                     old_idx.append(i)
@@ -423,7 +450,8 @@ class Adam(_MaskedOptimizer):
     _decoupled = False
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, backend: str | None = None):
+                 eps: float = 1e-8, weight_decay: float = 0, amsgrad: bool = False, backend: str | None = None,
+                 capturable: bool = False):
         _check_nonneg("learning rate", lr)
         _check_nonneg("epsilon value", eps)
         _check_nonneg("weight_decay value", weight_decay)
@@ -431,23 +459,37 @@ class Adam(_MaskedOptimizer):
             if not 0.0 <= float(b) < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {b}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        backend=backend)
+                        backend=backend, capturable=bool(capturable))
         super().__init__(params, defaults)
 
     def _init_state(self, p, group, state) -> None:
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # capturable: the step count lives beside the parameter and only the device reads it
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if group["capturable"] else None)
+        elif group["capturable"] and state["step"].device != p.device:
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
         for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
             if state.get(key) is None:
                 state[key] = _state_tensor(p)
 
-    def _kernel_update(self, items: list[_Item]) -> None:
+    def _step_tensors(self, items: list[_Item]) -> list[torch.Tensor]:
+        """Every item's step count, incremented (one foreach op; on the device for capturable groups). A
+        non-capturable group inside a CUDA graph capture would freeze this step's bias corrections into the
+        graph: refused, as torch.optim does."""
+        if any(not it.group["capturable"] and it.p.is_cuda for it in items) and \
+                torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{type(self).__name__}: a CUDA graph is being captured, but the optimizer's step "
+                               "count lives on the host; build it with capturable=True")
         steps = [it.state["step"] for it in items]
         torch._foreach_add_(steps, 1)
-        by_kind: dict[bool, list[tuple[_Item, torch.Tensor]]] = {}
+        return steps
+
+    def _kernel_update(self, items: list[_Item]) -> None:
+        steps = self._step_tensors(items)
+        by_kind: dict[tuple[bool, bool], list[tuple[_Item, torch.Tensor]]] = {}
         for it, s in zip(items, steps):
-            by_kind.setdefault(bool(it.group["amsgrad"]), []).append((it, s))
-        for amsgrad, pairs in by_kind.items():
+            by_kind.setdefault((bool(it.group["amsgrad"]), bool(it.group["capturable"])), []).append((it, s))
+        for (amsgrad, capturable), pairs in by_kind.items():
             its = [it for it, _ in pairs]
             _k.fused_adam_(
                 [it.work for it in its], [it.g for it in its],
@@ -459,15 +501,18 @@ class Adam(_MaskedOptimizer):
                 beta2=[float(it.group["betas"][1]) for it in its],
                 eps=[float(it.group["eps"]) for it in its],
                 weight_decay=[float(it.group["weight_decay"]) for it in its],
-                step=[float(s) for _, s in pairs],
-                decoupled_weight_decay=self._decoupled, check=False)  # _gather made the checks
+                step=[s for _, s in pairs] if capturable else [float(s) for _, s in pairs],
+                decoupled_weight_decay=self._decoupled, capturable=capturable,
+                check=False)  # _gather made the checks
 
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
         lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        steps = [it.state["step"] for it in items]
-        torch._foreach_add_(steps, 1)
-        if self._use_fused(work_p):
+        steps = self._step_tensors(items)
+        if group["capturable"] and not self._use_fused(work_p, group):
+            raise ValueError(f"{type(self).__name__}(capturable=True) on the torch backend runs torch's fused "
+                             "kernels (they read the step count on the device); torch_impl='foreach' cannot")
+        if self._use_fused(work_p, group):
             fused = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
             dev = work_p[0].device  # the steps live on the CPU; torch's fused CUDA kernels want them beside p
             fused_steps = steps if dev.type == "cpu" else [s.to(dev) for s in steps]
@@ -513,6 +558,7 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, backend: str | None = None):
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, backend: str | None = None,
+                 capturable: bool = False):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                         backend=backend)
+                         backend=backend, capturable=capturable)

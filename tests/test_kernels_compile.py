@@ -66,6 +66,7 @@ def test_fused_optimizers_need_no_layout_conversion(report):
     """Mask (int8), bf16 and fp32 tensors of one block share one register layout: no shared-memory round trip."""
     rows = [r for r in _rows(report) if r[0] in ("_sgd_kernel", "_adam_kernel") and "ALIGNED=True" in r[1]]
     assert any("HAS_MASK=True" in r[1] for r in rows) and any("PARAM_DTYPE=bf16" in r[1] for r in rows)
+    assert any("CAPTURABLE=True" in r[1] for r in rows)  # capturable Adam's fp64 bias corrections compile too
     for r in rows:
         assert int(r[6]) == 0, f"{r[0]} {r[1]} uses {r[6]} B of shared memory (a layout conversion)"
         if "PARAM_DTYPE=bf16" in r[1]:

@@ -293,23 +293,27 @@ HOST_SYNC_OPS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", 
                  "aten::masked_scatter", "aten::index_put", "aten::index_put_")
 
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+
+class RecordOps(TorchDispatchMode):
+    """The names of the aten ops called inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
 def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
     """Forward and backward of sparse layers, once warmed up, call no op that reads a value back from the device
     or sizes an output by data: what a CUDA graph capture of the step (torch.cuda.graph, make_graphed_callables)
     needs from the layers, and what keeps eager training's launch queue full. Recorded with a dispatch mode around
     a step of a conv layer and a fused-ReLU linear layer on the sparse path (Triton backend: interpreted on the
     CPU, compiled on a GPU) and a linear layer on the dense path (its gradient mask applied by a hook)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(24)
     conv = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend)
     fc1 = SparseLinear(4 * 5 * 5, 16, path="sparse", backend=backend, activation="relu")
@@ -326,10 +330,49 @@ def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
         F.cross_entropy(model(x), y).backward()
 
     step()  # warm-up: autotuning, variant timing and caches happen on first calls, outside a capture
-    with Record() as rec:
+    with RecordOps() as rec:
         step()
     assert rec.ops, "nothing recorded"
     assert "aten::threshold_backward" in rec.ops  # the fused ReLU's backward ran inside the recorded step
     assert not rec.ops & set(HOST_SYNC_OPS), sorted(rec.ops & set(HOST_SYNC_OPS))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert (fc2.weight.grad[~fc2.weight_mask] == 0).all()  # the dense path's hook ran inside the recorded step
+
+
+def test_capturable_optimizer_step_reads_nothing_back(kernel_device, backend):
+    """A whole training step with sparse_lth.optim.Adam(capturable=True) on the Triton backend, once warmed up,
+    neither reads a value back from the device nor makes a tensor from host data: its step counts stay on the
+    device and its tables are cached, so the step can be captured in a CUDA graph. The non-capturable Adam does
+    both at every step (its bias corrections come from the host), which shows the recorder sees them."""
+    from sparse_lth.optim import Adam
+
+    gen = torch.Generator().manual_seed(25)
+    fc1 = SparseLinear(20, 16, path="sparse", backend=backend, activation="relu")
+    fc2 = SparseLinear(16, 10, path="dense", backend=backend)
+    model = torch.nn.Sequential(fc1, fc2).to(kernel_device)
+    for layer in (fc1, fc2):
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+    x = torch.randn(6, 20, generator=gen).to(kernel_device)
+    y = torch.randint(0, 10, (6,), generator=gen).to(kernel_device)
+    recorded = {}
+    for capturable in (False, True):
+        opt = Adam(model.parameters(), lr=1e-3, capturable=capturable, backend=backend)
+
+        def step():
+            opt.zero_grad(set_to_none=False)  # gradients stay where they are: the pointer table is cached
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        step()
+        step()
+        with RecordOps() as rec:
+            step()
+        recorded[capturable] = rec.ops
+        assert {"aten::_foreach_add_", "aten::threshold_backward"} <= rec.ops  # the step counts, the fused ReLU
+    host_reads = {"aten::_local_scalar_dense", "aten::lift_fresh"}
+    assert host_reads <= recorded[False]
+    bad = recorded[True] & (host_reads | set(HOST_SYNC_OPS))
+    assert not bad, sorted(bad)
+    for p in model.parameters():
+        st = opt.state[p]["step"]
+        assert st.device == p.device and float(st) == 3

@@ -208,6 +208,62 @@ def test_new_gradient_tensors_reuse_the_program_table(kernel_device):
         assert len(K._TABLE_CACHE) == step + 1 and len(K._PROG_CACHE) == 1 and len(K._HYPER_CACHE) == 1
 
 
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("amsgrad,decoupled", [(False, False), (True, True)])
+def test_capturable_adam_reads_the_step_on_the_device(kernel_device, dtype, amsgrad, decoupled):
+    """capturable=True: the step counts are device tensors that the kernel reads, and the bias corrections are
+    computed there in fp64. Same bits as the host-computed step, over steps with beta1 = 0 (0**step) and a large
+    step count, and from the second step on no table is built (what a CUDA graph replays must not change)."""
+    cases = make_kernel_case(dtype, kernel_device, 3 if amsgrad else 2, "mixed", seed=12, aligned=True)
+    for c in cases:
+        for s, _, _ in c["states"][1:]:
+            s.abs_()
+    n_states = 3 if amsgrad else 2
+    ps, gs, masks = [c["p"] for c in cases], [c["g"] for c in cases], [c["mask"] for c in cases]
+    st = [[c["states"][j][0] for c in cases] for j in range(n_states)]
+    ref_p, ref_st = [p.clone() for p in ps], [[s.clone() for s in col] for col in st]
+    start = [1.0, 7.0, 0.0, 100000.0, 2.0]
+    steps = [torch.tensor(v, device=kernel_device) for v in start]
+    kw = dict(lr=[1e-2, 1e-3, 2e-2, 1e-2, 1e-2], beta1=[0.9, 0.0, 0.9, 0.8, 0.9], beta2=[0.999, 0.99, 0.999, 0.9, 0.0],
+              eps=1e-8, weight_decay=[0.0, 0.1, 0.01, 0.0, 0.5], decoupled_weight_decay=decoupled)
+    sizes = None
+    for it in range(3):
+        for s in steps:
+            s.add_(1)
+        K.fused_adam_(ps, gs, st[0], st[1], st[2] if amsgrad else None, masks, step=steps, capturable=True,
+                      block=64, **kw)
+        K.adam_reference_(ref_p, gs, ref_st[0], ref_st[1], ref_st[2] if amsgrad else None, masks,
+                          step=[v + it + 1 for v in start], **kw)
+        if it == 0:
+            sizes = (len(K._TABLE_CACHE), len(K._PROG_CACHE), len(K._HYPER_CACHE))
+        else:
+            assert (len(K._TABLE_CACHE), len(K._PROG_CACHE), len(K._HYPER_CACHE)) == sizes
+    check_against_reference(cases, ref_p, [[col[i] for col in ref_st] for i in range(len(cases))], dtype)
+    assert [float(s) for s in steps] == [v + 3 for v in start]
+    with pytest.raises(TypeError, match="one-element float32"):
+        K.fused_adam_(ps, gs, st[0], st[1], None, masks, step=[s.double() for s in steps], capturable=True, **kw)
+    with pytest.raises(TypeError, match="Tensor"):
+        K.fused_adam_(ps, gs, st[0], st[1], None, masks, step=[3.0] * len(ps), capturable=True, **kw)
+
+
+def test_tables_used_in_a_capture_are_kept_alive(kernel_device, monkeypatch):
+    """Inside a CUDA graph capture every table a launch reads (and, on a GPU, the host tensors that the capture's
+    copies read at replay) is kept for good: the caches may evict and free them, the graph may not lose them."""
+    gen = torch.Generator().manual_seed(13)
+    ps = [torch.randn(s, generator=gen).to(kernel_device) for s in [(9,), (4, 4)]]
+    gs = [torch.randn_like(p) for p in ps]
+    K._CAPTURE_KEEPALIVE.clear()
+    K.fused_sgd_(ps, gs, None, None, lr=0.1)
+    assert not K._CAPTURE_KEEPALIVE  # eager: nothing kept
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    K.fused_sgd_(ps, gs, None, None, lr=0.1)
+    kept = {id(t) for t in K._CAPTURE_KEEPALIVE.values()}
+    for cache in (K._TABLE_CACHE, K._HYPER_CACHE):
+        assert id(next(reversed(cache.values()))) in kept
+    assert id(next(reversed(K._PROG_CACHE.values()))[0]) in kept
+    K._CAPTURE_KEEPALIVE.clear()
+
+
 def test_bf16_rounds_to_nearest_even(kernel_device):
     # p - lr * g with lr = 1 and g = 0: p is written back through the bf16 rounding. Feed fp32 values between two
     # bf16 numbers via weight decay: p_new = p * (1 - wd) with p = 1, wd chosen so p_new is a half-way or off value.
@@ -374,11 +430,46 @@ def test_trajectory_matches_torch_optim(backend_device, cfg):
     torch.testing.assert_close(ours.params["unused"], ref.params["unused"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cls,ref_cls,kw", [(Adam, torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-2)),
+                                            (AdamW, torch.optim.AdamW, dict(lr=1e-2, amsgrad=True))],
+                         ids=["adam", "adamw-amsgrad"])
+def test_capturable_trajectory_matches_torch_optim(backend_device, cls, ref_cls, kw):
+    """capturable=True (step counts on the parameters' device, bias corrections computed there) takes torch.optim's
+    (non-capturable) trajectory with masking, through a new IMP round; torch's foreach ops cannot take it."""
+    make, device = backend_device, backend_device.device
+    ours, ref = Model(device), Model(device, attach=False)
+    opt = make(cls, ours.groups(lr=2e-2), capturable=True, **kw)
+    ref_opt = ref_cls(ref.groups(lr=2e-2), **kw)
+    gen, gen_m = torch.Generator().manual_seed(14), torch.Generator().manual_seed(15)
+    if backend_device.name == "torch-foreach":
+        same_grads(ours, ref, gen)
+        with pytest.raises(ValueError, match="capturable"):
+            opt.step()
+        return
+    for step in range(12):
+        if step == 6:
+            ours.new_masks(gen_m, attach=True)
+            ref.masks = dict(ours.masks)
+            ref.remask()
+        step_both(ours, ref, opt, ref_opt, gen)
+        assert_matches(ours, ref, opt, ref_opt)
+    for k in ("conv", "values", "fc"):
+        step_t = opt.state[ours.params[k]]["step"]
+        assert step_t.device == ours.params[k].device and step_t.dtype == F32
+
+
 @pytest.mark.parametrize("cls,kw", [(SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-                                    (Adam, dict(lr=1e-2, amsgrad=True)), (AdamW, dict(lr=1e-2))],
-                         ids=["sgd", "adam-amsgrad", "adamw"])
+                                    (Adam, dict(lr=1e-2, amsgrad=True)), (AdamW, dict(lr=1e-2)),
+                                    (Adam, dict(lr=1e-2, capturable=True))],
+                         ids=["sgd", "adam-amsgrad", "adamw", "adam-capturable"])
 def test_state_dict_round_trip_continues_trajectory(backend_device, cls, kw):
     make, device = backend_device, backend_device.device
+    if kw.get("capturable") and backend_device.name == "torch-foreach":
+        p = torch.nn.Parameter(torch.randn(3))
+        p.grad = torch.randn(3)
+        with pytest.raises(ValueError, match="capturable"):  # torch's foreach ops cannot read a device step
+            make(cls, [p], **kw).step()
+        return
     gen = torch.Generator().manual_seed(5)
     grads = [{k: torch.randn(s, generator=gen).to(device) for k, s in Model.SHAPES.items()} for _ in range(12)]
 
