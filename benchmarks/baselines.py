@@ -81,8 +81,8 @@ def baseline_step(model, opt, x, y):
 
 def make_optimizer(module, params, kind: str, lr: float, capturable: bool = False):
     """``module.SGD`` with momentum 0.9 (``kind="sgd"``, the paper's VGG/ResNet setting) or ``module.Adam``, from
-    ``torch.optim`` or ``sparse_lth.optim``. ``capturable``: torch.optim's Adam with its step count on the device,
-    for a CUDA graph (torch.optim's SGD needs nothing)."""
+    ``torch.optim`` or ``sparse_lth.optim``. ``capturable``: Adam with its step count on the device, for a CUDA
+    graph (SGD needs nothing)."""
     if kind == "sgd":
         return module.SGD(params, lr=lr, momentum=0.9)
     return module.Adam(params, lr=lr, capturable=True) if capturable else module.Adam(params, lr=lr)

@@ -14,7 +14,7 @@ is not in either figure: stubbed here, it adds its cost per launch on a GPU.
     python benchmarks/bench_host_overhead.py --optimizer sparse_lth_adam     # sparse-lth's fused Adam in the step
 
 The step's optimizer (``--optimizer``) is torch.optim.SGD by default; with ``sparse_lth_sgd`` / ``sparse_lth_adam``
-sparse-lth's fused optimizer runs on the interpreter backend with its launch stubbed too, in the step and the floor
+/ ``sparse_lth_adam_capturable`` sparse-lth's fused optimizer runs on the interpreter backend with its launch stubbed too, in the step and the floor
 alike, so ``step_us`` includes its host time and ``host_us_per_launch`` still isolates the layers'.
 
 Columns: median microseconds per step (SGD step included) over ``--repeats`` rounds of ``--inner`` steps (one by
@@ -114,7 +114,7 @@ def sgd_step(model, opt, x, y):
     opt.step()
 
 
-OPTIMIZERS = ("torch_sgd", "sparse_lth_sgd", "sparse_lth_adam")
+OPTIMIZERS = ("torch_sgd", "sparse_lth_sgd", "sparse_lth_adam", "sparse_lth_adam_capturable")
 
 
 def make_opt(kind: str, params):
@@ -126,7 +126,7 @@ def make_opt(kind: str, params):
         return torch.optim.SGD(params, lr=0.01)
     if kind == "sparse_lth_sgd":
         return sl_optim.SGD(params, lr=0.01, momentum=0.9, backend="interpret")
-    return sl_optim.Adam(params, lr=1e-3, backend="interpret")
+    return sl_optim.Adam(params, lr=1e-3, backend="interpret", capturable=kind == "sparse_lth_adam_capturable")
 
 
 def measure(model_name: str, density: float, batch: int, repeats: int, inner: int,

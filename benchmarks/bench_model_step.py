@@ -12,13 +12,14 @@ paper's VGG/ResNet setting: fc 0%) gets a random mask at each density. Implement
   some ops dense), torch.optim;
 * ``sparse_lth_optim``: the same with sparse-lth's mask-aware fused optimizer.
 
-``--cuda-graph`` adds ``dense_masking_graph`` and ``sparse_lth_graph``: the same steps captured once as a CUDA
-graph (forward, backward, masking, optimizer step) and timed as replays, with torch.optim's Adam made
-``capturable=True`` (SGD as it is). A LeNet-sized step on a GPU is mostly host time
-(``bench_host_overhead.py``); a replay has none. The sparse path's layers are capture-safe once warmed up (no op
-that reads back from the device: ``tests/test_layers_triton.py``), and their parameters are the live values, so
-torch's capturable optimizers step them with no mask; sparse-lth's fused optimizers build a hyperparameter table
-on the host at every step and are not capturable. Each graph is checked against the same step run eagerly: a
+``--cuda-graph`` adds ``dense_masking_graph``, ``sparse_lth_graph`` and ``sparse_lth_optim_graph``: the same
+steps captured once as a CUDA graph (forward, backward, masking, optimizer step) and timed as replays, with the
+Adams made ``capturable=True`` (torch.optim's for the first two, sparse-lth's fused one for the third; SGD as it
+is). A LeNet-sized step on a GPU is mostly host time (``bench_host_overhead.py``); a replay has none. The sparse
+path's layers are capture-safe once warmed up (no op that reads back from the device: ``tests/test_layers_triton.py``),
+and their parameters are the live values, so torch's capturable optimizers step them with no mask; sparse-lth's
+capturable Adam keeps its step counts on the device and its tables cached. Each graph is checked against the same
+step run eagerly: a
 twin (a deep copy, same paths) takes the same steps eagerly and ``graph_check`` is the largest difference of
 their parameters after ``--check-steps`` steps. A graph row's ``speedup_vs_dense_masking`` is against
 ``dense_masking_graph``. Without CUDA the "graph" is the eager step (a stand-in that checks the script, not a
@@ -138,21 +139,31 @@ def main(argv=None) -> int:
             def capturable(mod, kind=kind, lr=hp["lr"]):  # (torch's capturable Adam refuses CPU tensors)
                 return make_optimizer(torch.optim, mod.parameters(), kind, lr, capturable=dev.type == "cuda")
 
-            m = sparsify(build_model(args.model, seed=0).to(dev), masks=masks)
-            choose_paths(m, x)
-            paths["sparse_lth_graph"] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
-            for name, model, step_fn in (
-                    ("dense_masking_graph", masked_baseline(build_model(args.model, seed=0).to(dev), masks),
-                     baseline_step),
-                    ("sparse_lth_graph", m, plain_step)):
-                impls[name], checks[name] = graph_and_twin(model, capturable, step_fn, x, y, dev, args.warmup,
-                                                           args.check_steps)
+            def capturable_sl(mod, kind=kind, lr=hp["lr"]):  # sparse-lth's capturable Adam also takes CPU tensors
+                return make_optimizer(sl_optim, mod.parameters(), kind, lr, capturable=True)
+
+            graphs = [("dense_masking_graph", masked_baseline(build_model(args.model, seed=0).to(dev), masks),
+                       baseline_step, capturable)]
+            for name, factory in (("sparse_lth_graph", capturable), ("sparse_lth_optim_graph", capturable_sl)):
+                m = sparsify(build_model(args.model, seed=0).to(dev), masks=masks)
+                choose_paths(m, x)
+                paths[name] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
+                graphs.append((name, m, plain_step, factory))
+            for name, model, step_fn, factory in graphs:
+                try:
+                    impls[name], checks[name] = graph_and_twin(model, factory, step_fn, x, y, dev, args.warmup,
+                                                               args.check_steps)
+                except RuntimeError as e:  # a capture that fails costs its row, not the others'
+                    print(f"{args.model} b{args.batch} d={density:<6} {name}: capture failed: {e}", file=sys.stderr,
+                          flush=True)
+                    continue
                 print(f"{args.model} b{args.batch} d={density:<6} {name}: parameters {checks[name]:.3g} from its "
                       "eager twin's", flush=True)
         samples = interleaved_samples(impls, args.repeats, lambda fn: time_step(fn, dev), args.warmup)
         for k, xs in samples.items():
             med = statistics.median(xs)
-            base_med = statistics.median(samples["dense_masking_graph" if k.endswith("_graph") else "dense_masking"])
+            base = samples.get("dense_masking_graph" if k.endswith("_graph") else "dense_masking")
+            base_med = statistics.median(base) if base else float("nan")
             rows.append({**meta, "density": density, "impl": k, "paths": paths.get(k, "-"),
                          "median_ms": round(med, 4), "min_ms": round(min(xs), 4), "max_ms": round(max(xs), 4),
                          "repeats": len(xs), "speedup_vs_dense_masking": round(base_med / med, 3),

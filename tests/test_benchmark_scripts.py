@@ -269,8 +269,9 @@ def test_model_step_cuda_graph_stand_in(tmp_path):
                "--check-steps", "2", "--out", str(out), SPARSE_LTH_BACKEND="interpret")
     with open(out, newline="") as f:
         rows = {r["impl"]: r for r in csv.DictReader(f)}
-    assert set(rows) == {"dense_masking", "sparse_lth", "sparse_lth_optim", "dense_masking_graph", "sparse_lth_graph"}
-    for impl in ("dense_masking_graph", "sparse_lth_graph"):
+    assert set(rows) == {"dense_masking", "sparse_lth", "sparse_lth_optim", "dense_masking_graph", "sparse_lth_graph",
+                         "sparse_lth_optim_graph"}
+    for impl in ("dense_masking_graph", "sparse_lth_graph", "sparse_lth_optim_graph"):
         assert rows[impl]["graph"] == "stand-in" and float(rows[impl]["graph_check"]) == 0.0
     for impl in ("dense_masking", "sparse_lth", "sparse_lth_optim"):
         assert rows[impl]["graph"] == "-" and rows[impl]["graph_check"] == "-"
@@ -279,6 +280,27 @@ def test_model_step_cuda_graph_stand_in(tmp_path):
     # (the file rounds the speedup to 3 decimals and the times to 4)
     assert float(rows["sparse_lth_graph"]["speedup_vs_dense_masking"]) == pytest.approx(b / g, rel=1e-2, abs=1e-3)
     assert rows["sparse_lth_graph"]["paths"] == rows["sparse_lth"]["paths"] and "s" in rows["sparse_lth"]["paths"]
+
+
+def test_model_step_a_failed_capture_costs_only_its_row(tmp_path, monkeypatch, capsys):
+    """A graph whose capture raises (on a GPU: a capture error) is reported and left out; the other rows are kept."""
+    mod = _load("bench_model_step")
+    real = mod.graph_and_twin
+
+    def failing(model, factory, *args):
+        if factory.__name__ == "capturable_sl":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(model, factory, *args)
+
+    monkeypatch.setattr(mod, "graph_and_twin", failing)
+    monkeypatch.setenv("SPARSE_LTH_BACKEND", "interpret")
+    out = tmp_path / "graph.csv"
+    assert mod.main(["--model", "lenet300_100", "--batch", "2", "--device", "cpu", "--densities", "0.1",
+                     "--repeats", "1", "--warmup", "1", "--check-steps", "1", "--cuda-graph", "--out", str(out)]) == 0
+    with open(out, newline="") as f:
+        impls = {r["impl"] for r in csv.DictReader(f)}
+    assert impls == {"dense_masking", "sparse_lth", "sparse_lth_optim", "dense_masking_graph", "sparse_lth_graph"}
+    assert "sparse_lth_optim_graph: capture failed: operation not permitted" in capsys.readouterr().err
 
 
 def test_model_step_cuda_graph_needs_a_warmup():
@@ -520,7 +542,7 @@ def test_interleaved_samples_draws_a_new_order_every_round():
 # ----------------------------------------------------------------------------------------------------------------
 # bench_host_overhead.py: sparse-lth's host time per step with the kernel launches stubbed
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("optimizer", ["torch_sgd", "sparse_lth_adam"])
+@pytest.mark.parametrize("optimizer", ["torch_sgd", "sparse_lth_adam", "sparse_lth_adam_capturable"])
 def test_host_overhead_benchmark_counts_the_launches(tmp_path, optimizer):
     out = tmp_path / "host.csv"
     proc = run_script("bench_host_overhead.py", "--densities", "0.5", "0.02", "--repeats", "5", "--optimizer",
