@@ -303,7 +303,9 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     Returns ``dict(curve=[{iteration, lr, test_loss, test_acc, train_loss, train_acc[, val_loss, val_acc]}...],
     early_stop_iteration, early_stop_test_acc (the test accuracy there), early_stop_on ("val" or "test"),
     test_acc, test_loss, train_acc, train_loss, iterations, steps, wall_time (steps + evaluations, summed over
-    resumes), step_time, time_per_step, paths, backends, resumed_from, environments)``; ``environments``: the
+    resumes), step_time (seconds in steps; on a GPU timed over each stretch of steps between evaluations,
+    checkpoints and callbacks, since the loop waits for the device only there), time_per_step, paths, backends,
+    resumed_from, environments)``; ``environments``: the
     :func:`sparse_lth.environment.environment` of each stretch of training that ran under another one, with the
     iteration it started from (one unless resumed elsewhere; a resume under other numerics warns).
     """
@@ -380,6 +382,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
             on_capture(it, _copy_state(model))
         do_eval(it)
 
+    timer = _StepTimer(torch.cuda.synchronize if x_dev.type == "cuda" else None)
+    timer.elapsed = elapsed
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -388,7 +392,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     try:
         with _stop_after_step(bool(checkpoint_path)) as stop:
             while it < cfg.iterations:
-                t0 = time.perf_counter()
+                timer.start()
                 if stochastic:
                     torch.manual_seed(_step_seed(cfg.seed, it))
                 x, y = train_data.batch(it, cfg.batch_size, cfg.seed)
@@ -408,10 +412,13 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                         for m, fm in masked:
                             m.weight.mul_(fm)
                 it += 1
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                elapsed += time.perf_counter() - t0
                 steps_timed += 1
+                checkpoint_due = bool(checkpoint_path and checkpoint_every and it % checkpoint_every == 0
+                                      and it < cfg.iterations)
+                timer.stop(boundary=(it % cfg.eval_every == 0 or it == cfg.iterations or checkpoint_due
+                                     or (capture_at == it and on_capture is not None) or callback is not None
+                                     or stop[0] is not None))
+                elapsed = timer.elapsed
                 if capture_at == it and on_capture is not None:
                     on_capture(it, _copy_state(model))
                 if it % cfg.eval_every == 0 or it == cfg.iterations:
@@ -420,12 +427,14 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                         bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{curve[-1]['test_acc']:.4f}")
                 if bar is not None:
                     bar.update(1)
-                if checkpoint_path and checkpoint_every and it % checkpoint_every == 0 and it < cfg.iterations:
+                if checkpoint_due:
                     do_checkpoint(it)
                 if callback is not None:
                     callback(it, model)
                 if stop[0] is not None:  # SIGINT/SIGTERM during this step: keep what it did, then stop
                     signum, stop[0] = stop[0], None
+                    timer.stop(boundary=True)  # (the signal may have come after the step's own stop)
+                    elapsed = timer.elapsed
                     do_checkpoint(it)
                     raise TrainingInterrupted(signum, it, checkpoint_path)
     finally:
@@ -443,6 +452,33 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 time_per_step=elapsed / max(steps_timed, 1),
                 paths=layer_paths(model), backends=layer_backends(model), resumed_from=resumed_from,
                 environments=environments)
+
+
+class _StepTimer:
+    """Time spent in training steps. On the CPU each step is timed alone. On a GPU the device runs behind the host,
+    and waiting for it after every step (as this loop once did) adds the host's time to the device's instead of
+    overlapping them, which decides a LeNet-sized step there. So steps are timed in stretches: from the first step
+    of a stretch to the end of its last, after one ``synchronize``, and a stretch ends only where the loop does
+    something else (an evaluation, a checkpoint, a capture, a callback, a stop). ``sync``: the device's
+    synchronize, or None to time each step alone."""
+
+    def __init__(self, sync: Callable[[], None] | None):
+        self.sync = sync
+        self.elapsed = 0.0
+        self._t0: float | None = None
+
+    def start(self) -> None:
+        if self.sync is None or self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def stop(self, boundary: bool) -> None:
+        """After a step; ``boundary``: the loop does something other than the next step before it. A second call
+        for the same step does nothing."""
+        if self._t0 is not None and (self.sync is None or boundary):
+            if self.sync is not None:
+                self.sync()
+            self.elapsed += time.perf_counter() - self._t0
+            self._t0 = None
 
 
 def _copy_state(model: nn.Module) -> dict:

@@ -345,3 +345,38 @@ def test_a_second_ctrl_c_stops_at_once_and_without_a_checkpoint_nothing_is_defer
     with pytest.raises(KeyboardInterrupt) as e:
         train(tiny_model()[0], tr, te, c, callback=once_at_3)
     assert not isinstance(e.value, TrainingInterrupted) and steps == [1, 2, 3]
+
+
+def test_gpu_steps_are_timed_in_stretches_between_evaluations(tmp_path, monkeypatch):
+    """On a GPU the loop waits for the device only where it does something other than the next step (an
+    evaluation, a checkpoint, the rewind capture, a callback): waiting after every step would add the host's time
+    to the device's. Here the CPU run gets a counting stand-in for torch.cuda.synchronize: 30 steps, evaluations
+    every 10, a checkpoint every 15 and the capture at 4 wait 5 times (4, 10, 15, 20, 30), and the run is the same
+    as one timed step by step."""
+    import sparse_lth.train as T
+
+    tr, te = tiny_data()
+    c = cfg(optimizer="adam", lr=3e-3, iterations=30, eval_every=10)
+    ref_model, _ = tiny_model("sparse")
+    ref = train(ref_model, tr, te, c, checkpoint_path=str(tmp_path / "ref.pt"), checkpoint_every=15,
+                capture_at=4, on_capture=lambda k, s: None)
+    waits = []
+
+    class CountingTimer(T._StepTimer):
+        def __init__(self, sync):
+            assert sync is None  # (CPU data)
+            super().__init__(lambda: waits.append(len(waits)))
+
+    monkeypatch.setattr(T, "_StepTimer", CountingTimer)
+    model, _ = tiny_model("sparse")
+    captured = []
+    out = train(model, tr, te, c, checkpoint_path=str(tmp_path / "ck.pt"), checkpoint_every=15, capture_at=4,
+                on_capture=lambda k, s: captured.append(k))
+    assert len(waits) == 5 and captured == [4]
+    assert out["steps"] == 30 and 0 < out["step_time"] <= out["wall_time"]
+    assert out["curve"] == ref["curve"]
+    w_ref, w = weights(ref_model), weights(model)
+    assert all(torch.equal(w_ref[k], w[k]) for k in w_ref)
+    waits.clear()
+    train(tiny_model("sparse")[0], tr, te, c, callback=lambda it, m: None)  # a callback after every step
+    assert len(waits) == 30
