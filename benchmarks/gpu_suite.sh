@@ -32,6 +32,8 @@
 #   host (30)             bench_host_overhead.py on this machine's CPU: sparse-lth's host time per step and per
 #                         kernel launch (launches stubbed), which LeNet-sized layers' microsecond kernels leave in
 #                         charge of a step
+#   train-loop (60)       bench_train_loop.py: train() (what `sparse-lth imp` runs) on LeNet-300-100 at 2 % and
+#                         100 %, waiting for the GPU only between evaluations against after every step
 #   linear | optim | conv-vgg19 | conv-resnet20 | conv-conv6 | model-vgg19 | model-lenet (290 each)
 #                         the full sweeps (every layer, density, op, precision, implementation), for later calls
 #   memory (290)          bench_memory.py on CUDA: training state and saved activations of LeNet-300-100, Conv-6,
@@ -78,7 +80,8 @@ done
 default_limit() {
     case "$1" in
         tests-core) echo 150 ;; ceilings|host) echo 30 ;; linear-targets) echo 120 ;; optim-targets) echo 60 ;;
-        conv-targets|model-vgg19-targets) echo 90 ;; model-lenet-graph) echo 45 ;; *) echo 290 ;;
+        conv-targets|model-vgg19-targets) echo 90 ;; model-lenet-graph) echo 45 ;; train-loop) echo 60 ;;
+        *) echo 290 ;;
     esac
 }
 
@@ -156,6 +159,10 @@ for part in "${parts[@]}"; do
         host)
             timeout "$LIMIT" $PY benchmarks/bench_host_overhead.py --densities 0.2 0.02 \
                 --out "benchmarks/results/host_overhead_${DEV}-host.csv" 2>&1 | tee -a "$log"
+            ;;
+        train-loop)
+            SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_train_loop.py --device cuda --iterations 300 \
+                --repeats 3 --out "benchmarks/results/train_loop_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         model-lenet-graph)
             SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_model_step.py --model lenet300_100 --batch 60 \

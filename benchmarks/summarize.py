@@ -9,6 +9,8 @@ by default every device found, each summarized on its own):
 * ``optim_*<dev>.csv``       (bench_optim.py)       optimizer step against torch.optim + masking, and its floor
 * ``model_step_*<dev>.csv``  (bench_model_step.py)  whole training steps, automatic path choice
 * ``ceilings_<dev>.csv``     (bench_ceilings.py)    measured bandwidth, the floor of the optimizer step
+* ``train_loop_<dev>.csv``   (bench_train_loop.py)  train()'s step time, waiting for the device between
+  evaluations only against after every step
 
 and writes ``benchmarks/results/summary_<dev>.md`` (tables and the issues' targets with the measured ratio and
 whether it is met) and ``summary_<dev>_*.png`` (speedup against density). Every figure is a ratio of two medians
@@ -264,6 +266,20 @@ def model_section(rows, targets: list[Target]) -> list[str]:
     return lines
 
 
+# ----------------------------------------------------------------------------------------------------- train loop
+def train_loop_section(rows) -> list[str]:
+    lines = ["## The training loop (bench_train_loop.py)", "",
+             "`train()`'s own milliseconds per step (evaluations excluded) on LeNet-300-100, batch 60: `stretch` "
+             "waits for the device only between evaluations, `per_step_sync` after every step (the loop before "
+             "session 29); the speedup is against the latter, in the same run.", "",
+             "| density | optimizer | paths | mode | ms/step | speedup vs waiting after every step |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-_f(r["density"]), r["optimizer_impl"], r["mode"])):
+        lines.append(f"| {_f(r['density']):g} | {r['optimizer_impl']} | {r['paths']} | {r['mode']} | "
+                     f"{_f(r['median_ms_per_step']):.4g} | {fmt_x(_f(r['speedup_vs_per_step_sync']))} |")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------------- plots
 def plot(dev: str, lin_rows, conv_rows, out_dir: Path) -> list[Path]:
     import matplotlib
@@ -314,7 +330,8 @@ def plot(dev: str, lin_rows, conv_rows, out_dir: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------------------- main
-KINDS = {"linear_": "linear", "conv_": "conv", "optim_": "optim", "model_step_": "model", "ceilings_": "ceilings"}
+KINDS = {"linear_": "linear", "conv_": "conv", "optim_": "optim", "model_step_": "model", "ceilings_": "ceilings",
+         "train_loop_": "train_loop"}
 
 
 def kind_of(path: Path) -> str | None:
@@ -322,7 +339,7 @@ def kind_of(path: Path) -> str | None:
 
 
 def devices(results: Path) -> list[str]:
-    """Slugs of the devices named in the linear, conv, optim and model-step files."""
+    """Slugs of the devices named in the linear, conv, optim, model-step and train-loop files."""
     found = set()
     for p in results.glob("*.csv"):
         if kind_of(p) in (None, "ceilings"):
@@ -365,6 +382,8 @@ def summarize(dev: str, results: Path = RESULTS, out_dir: Path | None = None, pl
         body += optim_section(by_kind["optim"], by_kind["ceilings"], targets) + [""]
     if by_kind["model"]:
         body += model_section(by_kind["model"], targets) + [""]
+    if by_kind["train_loop"]:
+        body += train_loop_section(by_kind["train_loop"]) + [""]
     device = next(r["device"] for rows in by_kind.values() for r in rows)
     commits = sorted({r.get("commit", "") for rows in by_kind.values() for r in rows} - {""})
     head = [f"# Benchmark summary: {device}", "",

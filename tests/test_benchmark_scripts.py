@@ -303,6 +303,26 @@ def test_model_step_a_failed_capture_costs_only_its_row(tmp_path, monkeypatch, c
     assert "sparse_lth_optim_graph: capture failed: operation not permitted" in capsys.readouterr().err
 
 
+def test_train_loop_benchmark_times_both_modes(tmp_path):
+    """bench_train_loop.py on the CPU (a check of the script: there is no device to wait for): train() timed with
+    and without a wait after every step, each mode's rows with train()'s own ms per step."""
+    out = tmp_path / "train_loop.csv"
+    proc = run_script("bench_train_loop.py", "--device", "cpu", "--densities", "0.05", "--iterations", "3",
+                      "--repeats", "2", "--optimizer-impl", "torch", "sparse_lth", "--threads", "1", "--out", str(out))
+    rows = read_csv(out, ["model", "batch", "iterations", "device", "commit", "torch", "density", "optimizer_impl",
+                          "paths", "mode", "median_ms_per_step", "min_ms", "max_ms", "repeats",
+                          "speedup_vs_per_step_sync"])
+    assert [(r["optimizer_impl"], r["mode"]) for r in rows] == [
+        ("torch", "per_step_sync"), ("torch", "stretch"), ("sparse_lth", "per_step_sync"), ("sparse_lth", "stretch")]
+    for r in rows:
+        assert r["device"].startswith("cpu") and r["iterations"] == "3" and r["repeats"] == "2"
+        assert 0 < float(r["min_ms"]) <= float(r["median_ms_per_step"]) <= float(r["max_ms"])
+        assert len(r["paths"]) == 3 and set(r["paths"]) <= set("dsh")
+        if r["mode"] == "per_step_sync":
+            assert float(r["speedup_vs_per_step_sync"]) == 1.0
+    assert f"wrote {out}" in proc.stdout
+
+
 def test_model_step_cuda_graph_needs_a_warmup():
     with pytest.raises(SystemExit) as e:
         _load("bench_model_step").main(["--device", "cpu", "--cuda-graph", "--warmup", "0"])

@@ -102,6 +102,10 @@ def results(tmp_path):
                  ("dense_masking_graph", "-", 0.2, 0.2, "cuda", "0"),
                  ("sparse_lth_graph", "ssd", 0.1, 0.2, "cuda", "1.2e-07"))]
     _write(tmp_path / f"model_step_lenet_graph_{SLUG}.csv", lenet)
+    _write(tmp_path / f"train_loop_{SLUG}.csv",
+           [dict(model="lenet300_100", batch=60, iterations=300, device=DEV, commit="abc", torch="2.11", density=0.02,
+                 optimizer_impl="torch", paths="ssd", mode=mode, median_ms_per_step=ms, min_ms=ms, max_ms=ms, repeats=3,
+                 speedup_vs_per_step_sync=round(0.9 / ms, 3)) for mode, ms in (("per_step_sync", 0.9), ("stretch", 0.5))])
     # a file of another device and a CPU layers file must not leak into this device's summary
     _write(tmp_path / "linear_other.csv", [dict(lin[0], device="Other GPU", median_ms=1e-9)])
     _write(tmp_path / "layers_cpu_x.csv", [dict(case="x", density=1.0, device="cpu")])
@@ -148,6 +152,7 @@ def test_targets_are_computed_from_the_rows(results):
     assert t["lenet300_100 step as a CUDA graph against dense masking's graph, worst density (at least parity)"] \
         == ("2.00x", "met")
     assert "| lenet300_100 | 60 | 0.02 | sparse_lth_graph | ssd | 0.1 | 2.00x | 1.2e-07 |" in md
+    assert "| 0.02 | torch | ssd | stretch | 0.5 | 1.80x |" in md  # the training loop's table
     assert "Other GPU" not in md and "1e-09" not in md
     assert t["4096x4096 b4096 fp32 fwd+bwd, automatic choice (SparseLinear), worst density (never slower: >= ~1)"] \
         == ("0.75x", "NOT met")

@@ -117,12 +117,13 @@ def test_budget_cuts_limits_and_skips_parts(suite):
 
 
 def test_parts_outside_plan15(suite):
-    r, calls, out = suite("host", "model-lenet")
+    r, calls, out = suite("host", "model-lenet", "train-loop")
     assert r.returncode == 0, r.stdout + r.stderr
     runs = [c for c in calls if c.startswith("PY ") and " -c " not in f" {c} "]
-    assert len(runs) == 2 and "bench_host_overhead.py" in runs[0] and "host_overhead_fake-h200-host.csv" in runs[0]
+    assert len(runs) == 3 and "bench_host_overhead.py" in runs[0] and "host_overhead_fake-h200-host.csv" in runs[0]
     assert "bench_model_step.py --model lenet300_100" in runs[1] and "--cuda-graph" not in runs[1]
-    assert [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")] == [30, 290]
+    assert "bench_train_loop.py --device cuda" in runs[2] and "train_loop_fake-h200.csv" in runs[2]
+    assert [int(c.split()[1]) for c in calls if c.startswith("TIMEOUT")] == [30, 290, 60]
 
 
 def test_unknown_part_and_usage(suite):
