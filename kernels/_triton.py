@@ -77,15 +77,24 @@ def _interpreter_problem() -> str | None:
     return interpreter_numpy_problem(numpy.__version__, source)
 
 
+# Devices that passed check_launch, keyed with what decided it (the mode; the interpreter check, which tests replace)
+_LAUNCHABLE: dict[tuple, bool] = {}
+
+
 def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
     """Raise a clear error unless every tensor is on one device where Triton can run; return that device."""
     devs = {t.device for t in tensors if t is not None}
     if len(devs) != 1:
         raise ValueError(f"{op}: tensors are on different devices: {sorted(str(d) for d in devs)}")
     (dev,) = devs
+    key = (dev, INTERPRET, HAS_TRITON, _interpreter_problem)
+    if key in _LAUNCHABLE:
+        return dev
     ok = can_launch(dev)
     if ok and dev.type == "cpu" and _interpreter_problem():
         raise RuntimeError(f"{op}: {_interpreter_problem()}")
+    if ok:
+        _LAUNCHABLE[key] = True
     if not ok:
         if not HAS_TRITON:
             raise RuntimeError(f"{op}: Triton is not installed")
@@ -124,14 +133,25 @@ _OFFSET32_LIMIT = 1 << 30
 
 
 def _max_offset(t: torch.Tensor) -> int:
-    if t.untyped_storage().nbytes() < _OFFSET32_LIMIT * t.element_size():  # no offset into it can reach the limit
-        return 0
-    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    """The largest element offset from ``t``'s first element that an index into it reaches (its extent)."""
+    off = 0
+    for n, st in zip(t.shape, t.stride()):
+        if n == 0:
+            return 0
+        off += (n - 1) * (st if st >= 0 else -st)
+    return off
 
 
 def offset_dtype(*tensors, counts=()):
     """``tl.int64`` when an element offset into one of ``tensors`` (from their shapes and strides) or one of
-    ``counts`` can reach 2**30, else ``tl.int32``: the kernels' ``OFFSET`` meta-parameter."""
-    big = FORCE_OFFSET64 or any(_max_offset(t) >= _OFFSET32_LIMIT for t in tensors if t is not None) \
-        or any(int(c) >= _OFFSET32_LIMIT for c in counts)
-    return tl.int64 if big else tl.int32
+    ``counts`` can reach 2**30, else ``tl.int32``: the kernels' ``OFFSET`` meta-parameter. (Plain loops: this runs
+    at every launch, and generator expressions cost a LeNet-sized launch ~1 us.)"""
+    if FORCE_OFFSET64:
+        return tl.int64
+    for t in tensors:
+        if t is not None and _max_offset(t) >= _OFFSET32_LIMIT:
+            return tl.int64
+    for c in counts:
+        if int(c) >= _OFFSET32_LIMIT:
+            return tl.int64
+    return tl.int32

@@ -370,8 +370,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Environment knobs, read once when this module is imported (as TRITON_INTERPRET is): a read at every launch cost
+# ~2 us each, one or two per launch. A running process changes them through these attributes.
+AUTOTUNE = os.environ.get("SPARSE_LTH_AUTOTUNE", "1") not in ("0", "")   # $SPARSE_LTH_AUTOTUNE=0: heuristic configs
+DEFAULT_VARIANT = os.environ.get("SPARSE_LTH_LINEAR_VARIANT", "auto") or "auto"   # variant=None means this
+
+
 def _autotune_enabled() -> bool:
-    return not interpreting() and os.environ.get("SPARSE_LTH_AUTOTUNE", "1") not in ("0", "")
+    return AUTOTUNE and not interpreting()
 
 
 def _times_variants() -> bool:
@@ -443,7 +449,7 @@ def _slab_meta(config: dict | None, n_b: int, n_rows: int, dtype, device, sddmm:
 
 def _resolve_variant(variant, config, op: str) -> str:
     if variant is None:
-        variant = os.environ.get("SPARSE_LTH_LINEAR_VARIANT", "auto") or "auto"
+        variant = DEFAULT_VARIANT
     if variant not in VARIANTS:
         raise ValueError(f"{op}: variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "auto" and config is not None:  # an explicit config names its kernel

@@ -441,7 +441,7 @@ def test_slab_kernels_configs(kernel_device, small_panels, cfg):
         from sparse_lth.kernels import sparse_linear as K
 
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SPARSE_LTH_LINEAR_VARIANT", "slab")
+            mp.setattr(K, "DEFAULT_VARIANT", "slab")  # ($SPARSE_LTH_LINEAR_VARIANT=slab at import)
             assert K._resolve_variant(None, None, "op") == "slab"
             run_all(19, 30, 5, 0.4, torch.float32, kernel_device, bias=False, seed=72)
         return
@@ -567,6 +567,7 @@ def test_offset_dtype_choice():
     assert offset_dtype(small, big) == tl.int64
     assert offset_dtype(small.t(), counts=(2**30,)) == tl.int64   # e.g. nnz positions
     assert offset_dtype(big[:, :1]) == tl.int64                   # a view: its strides count, not its size
+    assert offset_dtype(torch.empty(0, 2**31, device="meta")) == tl.int32   # empty: no offset at all
 
 
 @pytest.mark.parametrize("cfg", [None, SLAB_CFG])
