@@ -359,7 +359,7 @@ if HAS_TRITON:
 # rows), or "auto": on a GPU with autotuning on, an op that gathers at least SLAB_MIN_GATHERS elements (nnz * B)
 # times the gather kernel and every slab configuration once per problem and keeps the fastest (variant_choices()
 # lists what it chose); smaller ops, the interpreter and SPARSE_LTH_AUTOTUNE=0 use the gather kernel.
-# $SPARSE_LTH_LINEAR_VARIANT sets the default.
+# $SPARSE_LTH_LINEAR_VARIANT sets the default (read at import: DEFAULT_VARIANT below).
 VARIANTS = ("auto", "gather", "slab")
 SLAB_MIN_GATHERS = 1 << 25
 _SLAB_NAMES = ("PANEL_STEP", "BLOCK_R", "BLOCK_K", "BLOCK_B")
