@@ -339,6 +339,19 @@ def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
     assert (fc2.weight.grad[~fc2.weight_mask] == 0).all()  # the dense path's hook ran inside the recorded step
 
 
+def two_layer_step_case(device, backend, seed):
+    """(model, x, y): a sparse-path linear layer with fused ReLU and a dense-path one, 30 % masks, a batch of 6."""
+    gen = torch.Generator().manual_seed(seed)
+    fc1 = SparseLinear(20, 16, path="sparse", backend=backend, activation="relu")
+    fc2 = SparseLinear(16, 10, path="dense", backend=backend)
+    model = torch.nn.Sequential(fc1, fc2).to(device)
+    for layer in (fc1, fc2):
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+    x = torch.randn(6, 20, generator=gen).to(device)
+    y = torch.randint(0, 10, (6,), generator=gen).to(device)
+    return model, x, y
+
+
 def test_capturable_optimizer_step_reads_nothing_back(kernel_device, backend):
     """A whole training step with sparse_lth.optim.Adam(capturable=True) on the Triton backend, once warmed up,
     neither reads a value back from the device nor makes a tensor from host data: its step counts stay on the
@@ -346,14 +359,7 @@ def test_capturable_optimizer_step_reads_nothing_back(kernel_device, backend):
     both at every step (its bias corrections come from the host), which shows the recorder sees them."""
     from sparse_lth.optim import Adam
 
-    gen = torch.Generator().manual_seed(25)
-    fc1 = SparseLinear(20, 16, path="sparse", backend=backend, activation="relu")
-    fc2 = SparseLinear(16, 10, path="dense", backend=backend)
-    model = torch.nn.Sequential(fc1, fc2).to(kernel_device)
-    for layer in (fc1, fc2):
-        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
-    x = torch.randn(6, 20, generator=gen).to(kernel_device)
-    y = torch.randint(0, 10, (6,), generator=gen).to(kernel_device)
+    model, x, y = two_layer_step_case(kernel_device, backend, seed=25)
     recorded = {}
     for capturable in (False, True):
         opt = Adam(model.parameters(), lr=1e-3, capturable=capturable, backend=backend)
@@ -388,17 +394,11 @@ def test_capturable_adam_step_replayed_as_a_cuda_graph(kernel_device, backend):
 
     from sparse_lth.optim import Adam
 
-    gen = torch.Generator().manual_seed(26)
-    fc1 = SparseLinear(20, 16, path="sparse", backend=backend, activation="relu")
-    fc2 = SparseLinear(16, 10, path="dense", backend=backend)
-    model = torch.nn.Sequential(fc1, fc2).to(kernel_device)
-    for layer in (fc1, fc2):
-        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+    model, x, y = two_layer_step_case(kernel_device, backend, seed=26)
+    fc1, fc2 = model
     twin = copy.deepcopy(model)
     opt = Adam(model.parameters(), lr=1e-2, capturable=True, backend=backend)
     twin_opt = Adam(twin.parameters(), lr=1e-2, backend=backend)
-    x = torch.randn(6, 20, generator=gen).to(kernel_device)
-    y = torch.randint(0, 10, (6,), generator=gen).to(kernel_device)
 
     def step(m, o):
         o.zero_grad(set_to_none=True)
