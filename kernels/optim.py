@@ -404,10 +404,11 @@ def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: di
                 num_warps: int, hyper64_cols: int | None = None) -> int:
     """Split entries by compile-time key (dtype, mask, alignment), one launch per key. Returns the launch count.
 
-    An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3), ``hyper`` (fp32 table row), and for a kernel
-    that takes a second, fp64 hyperparameter table (``hyper64_cols`` not None) and reads it (> 0) ``hyper64`` and
-    ``aux`` (a tensor whose address goes in the pointer table's last column: capturable Adam's step count); with
-    ``hyper64_cols == 0`` the kernel's unread fp64-table argument gets the fp32 table."""
+    An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3) and ``hyper`` (its fp32 table row).
+    ``hyper64_cols``: None for a kernel without an fp64 table argument (SGD); 0 when the kernel has one but does
+    not read it (non-capturable Adam: the fp32 table is passed in its place); > 0 when it reads it, and then each
+    entry also has ``hyper64`` (its fp64 row) and ``aux`` (a tensor whose address goes in the pointer table's last
+    column: capturable Adam's step count)."""
     entries = [e for e in entries if e["p"].numel() > 0]
     if not entries:
         return 0
