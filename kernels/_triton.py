@@ -78,7 +78,7 @@ def _interpreter_problem() -> str | None:
 
 
 # Devices that passed check_launch, keyed with what decided it (the mode; the interpreter check, which tests replace)
-_LAUNCHABLE: dict[tuple, bool] = {}
+_LAUNCHABLE: set[tuple] = set()
 
 
 def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
@@ -94,15 +94,14 @@ def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
     if ok and dev.type == "cpu" and _interpreter_problem():
         raise RuntimeError(f"{op}: {_interpreter_problem()}")
     if ok:
-        _LAUNCHABLE[key] = True
-    if not ok:
-        if not HAS_TRITON:
-            raise RuntimeError(f"{op}: Triton is not installed")
-        if dev.type == "cpu":
-            raise RuntimeError(f"{op}: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                               "Triton is imported to run them on the CPU through the interpreter")
-        raise RuntimeError(f"{op}: Triton cannot run on device {dev}")
-    return dev
+        _LAUNCHABLE.add(key)
+        return dev
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op}: Triton is not installed")
+    if dev.type == "cpu":
+        raise RuntimeError(f"{op}: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "Triton is imported to run them on the CPU through the interpreter")
+    raise RuntimeError(f"{op}: Triton cannot run on device {dev}")
 
 
 def autotune_bench():

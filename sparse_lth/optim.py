@@ -143,6 +143,7 @@ class _MaskedOptimizer(Optimizer):
                             "when it was saved (the sparse path's values hold one entry per live weight; "
                             "restore_path puts a layer back on a recorded path)")
         super().load_state_dict(state_dict)
+        capturable = {id(q) for g in self.param_groups if g.get("capturable") for q in g["params"]}
         for pid, values in saved_state.items():
             p = id_map.get(pid)
             if p is None:
@@ -151,18 +152,12 @@ class _MaskedOptimizer(Optimizer):
                 if not isinstance(val, torch.Tensor):
                     continue
                 if key == "step":
-                    dev = p.device if self._group_of(p).get("capturable") else "cpu"
+                    dev = p.device if id(p) in capturable else "cpu"
                     self.state[p][key] = val.detach().to(device=dev, dtype=torch.float32).clone()
                 elif val.is_floating_point():
                     t = torch.empty(val.shape, dtype=torch.float32, device=p.device)
                     self.state[p][key] = t.copy_(val.detach())
         self._mask_seen.clear()
-
-    def _group_of(self, p: torch.Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        return {}
 
     # -- step ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -509,10 +504,11 @@ class Adam(_MaskedOptimizer):
         lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
         beta1, beta2 = (float(b) for b in group["betas"])
         steps = self._step_tensors(items)
-        if group["capturable"] and not self._use_fused(work_p, group):
+        use_fused = self._use_fused(work_p, group)
+        if group["capturable"] and not use_fused:
             raise ValueError(f"{type(self).__name__}(capturable=True) on the torch backend runs torch's fused "
                              "kernels (they read the step count on the device); torch_impl='foreach' cannot")
-        if self._use_fused(work_p, group):
+        if use_fused:
             fused = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
             dev = work_p[0].device  # the steps live on the CPU; torch's fused CUDA kernels want them beside p
             fused_steps = steps if dev.type == "cpu" else [s.to(dev) for s in steps]

@@ -374,7 +374,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     def do_checkpoint(i: int) -> None:
         save_atomic(dict(config=dataclasses.asdict(cfg), start_iteration=start_iteration, iteration=i,
                          model=model.state_dict(), optimizer=optimizer.state_dict(), curve=curve,
-                         paths=layer_paths(model), elapsed=elapsed, steps_timed=steps_timed,
+                         paths=layer_paths(model), elapsed=timer.elapsed, steps_timed=steps_timed,
                          environments=environments, wall=wall_before + time.perf_counter() - t_start), checkpoint_path)
 
     if resumed_from is None:
@@ -382,8 +382,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
             on_capture(it, _copy_state(model))
         do_eval(it)
 
-    timer = _StepTimer(torch.cuda.synchronize if x_dev.type == "cuda" else None)
-    timer.elapsed = elapsed
+    timer = _StepTimer(torch.cuda.synchronize if x_dev.type == "cuda" else None, elapsed)
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -418,7 +417,6 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 timer.stop(boundary=(it % cfg.eval_every == 0 or it == cfg.iterations or checkpoint_due
                                      or (capture_at == it and on_capture is not None) or callback is not None
                                      or stop[0] is not None))
-                elapsed = timer.elapsed
                 if capture_at == it and on_capture is not None:
                     on_capture(it, _copy_state(model))
                 if it % cfg.eval_every == 0 or it == cfg.iterations:
@@ -434,7 +432,6 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 if stop[0] is not None:  # SIGINT/SIGTERM during this step: keep what it did, then stop
                     signum, stop[0] = stop[0], None
                     timer.stop(boundary=True)  # (the signal may have come after the step's own stop)
-                    elapsed = timer.elapsed
                     do_checkpoint(it)
                     raise TrainingInterrupted(signum, it, checkpoint_path)
     finally:
@@ -448,8 +445,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 test_acc=last["test_acc"], test_loss=last["test_loss"],
                 train_acc=last.get("train_acc"), train_loss=last.get("train_loss"),
                 iterations=cfg.iterations, start_iteration=start_iteration, steps=steps_timed,
-                wall_time=wall_before + time.perf_counter() - t_start, step_time=elapsed,
-                time_per_step=elapsed / max(steps_timed, 1),
+                wall_time=wall_before + time.perf_counter() - t_start, step_time=timer.elapsed,
+                time_per_step=timer.elapsed / max(steps_timed, 1),
                 paths=layer_paths(model), backends=layer_backends(model), resumed_from=resumed_from,
                 environments=environments)
 
@@ -460,11 +457,11 @@ class _StepTimer:
     overlapping them, which decides a LeNet-sized step there. So steps are timed in stretches: from the first step
     of a stretch to the end of its last, after one ``synchronize``, and a stretch ends only where the loop does
     something else (an evaluation, a checkpoint, a capture, a callback, a stop). ``sync``: the device's
-    synchronize, or None to time each step alone."""
+    synchronize, or None to time each step alone; ``elapsed``: seconds timed before (a resumed run's)."""
 
-    def __init__(self, sync: Callable[[], None] | None):
+    def __init__(self, sync: Callable[[], None] | None, elapsed: float = 0.0):
         self.sync = sync
-        self.elapsed = 0.0
+        self.elapsed = elapsed
         self._t0: float | None = None
 
     def start(self) -> None:

@@ -363,9 +363,9 @@ def test_gpu_steps_are_timed_in_stretches_between_evaluations(tmp_path, monkeypa
     waits = []
 
     class CountingTimer(T._StepTimer):
-        def __init__(self, sync):
+        def __init__(self, sync, elapsed=0.0):
             assert sync is None  # (CPU data)
-            super().__init__(lambda: waits.append(len(waits)))
+            super().__init__(lambda: waits.append(len(waits)), elapsed)
 
     monkeypatch.setattr(T, "_StepTimer", CountingTimer)
     model, _ = tiny_model("sparse")
