@@ -275,8 +275,11 @@ if HAS_TRITON:
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if HAS_TRITON else {}
+
+
 def _tl_dtype(dtype: torch.dtype):
-    return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+    return _TL_DTYPES[dtype]
 
 
 def _per_tensor(value, n: int, name: str) -> list:
@@ -387,11 +390,12 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def _tables(rows: list[tuple[int, ...]], device: torch.device, block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _tables(rows: tuple[tuple[int, ...], ...], device: torch.device,
+            block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(pointer table, program table, number of programs) for the rows of one launch."""
-    dev, numels = str(device), tuple(r[_C_NUMEL] for r in rows)
-    prog, n_programs = _cached(_PROG_CACHE, (dev, block, numels), lambda: _program_table(numels, device, block))
-    ptr = _cached(_TABLE_CACHE, (dev, tuple(rows)),
+    numels = tuple([r[_C_NUMEL] for r in rows])
+    prog, n_programs = _cached(_PROG_CACHE, (device, block, numels), lambda: _program_table(numels, device, block))
+    ptr = _cached(_TABLE_CACHE, (device, rows),
                   lambda: _to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS), device))
     return ptr, prog, n_programs
 
@@ -400,41 +404,62 @@ def _aligned(*tensors) -> bool:
     return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def ptr_row(p: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, s0: torch.Tensor | None = None,
+            s1: torch.Tensor | None = None, s2: torch.Tensor | None = None,
+            aux: torch.Tensor | None = None) -> tuple[tuple[int, ...], bool]:
+    """One tensor's pointer-table row (addresses of p, g, mask, states s0-s2, numel, aux's address; 0 for a
+    missing tensor) and whether all its addresses are 16-byte aligned. No checks: the caller made them."""
+    pp, gp = p.data_ptr(), g.data_ptr()
+    mp = 0 if mask is None else mask.data_ptr()
+    a = 0 if s0 is None else s0.data_ptr()
+    b = 0 if s1 is None else s1.data_ptr()
+    c = 0 if s2 is None else s2.data_ptr()
+    return (pp, gp, mp, a, b, c, p.numel(), 0 if aux is None else aux.data_ptr()), not (pp | gp | mp | a | b | c) & 15
+
+
 def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: dict, block: int,
                 num_warps: int, hyper64_cols: int | None = None) -> int:
-    """Split entries by compile-time key (dtype, mask, alignment), one launch per key. Returns the launch count.
+    """The public launchers' entries -> :func:`launch_buckets`. Returns the launch count.
 
-    An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3) and ``hyper`` (its fp32 table row).
-    ``hyper64_cols``: None for a kernel without an fp64 table argument (SGD); 0 when the kernel has one but does
-    not read it (non-capturable Adam: the fp32 table is passed in its place); > 0 when it reads it, and then each
-    entry also has ``hyper64`` (its fp64 row) and ``aux`` (a tensor whose address goes in the pointer table's last
-    column: capturable Adam's step count)."""
+    An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3) and ``hyper`` (its fp32 table row); with
+    ``hyper64_cols`` > 0 also ``hyper64`` (its fp64 row) and ``aux`` (capturable Adam's step count)."""
     entries = [e for e in entries if e["p"].numel() > 0]
     if not entries:
         return 0
     all_tensors = [t for e in entries for t in (e["p"], e["g"], e["mask"], *e["states"], e.get("aux"))
                    if t is not None]
     device = check_launch(*all_tensors, op=op)
-    capturing = _capturing(device)
-    buckets: dict[tuple, list[dict]] = {}
+    buckets: dict[tuple, list] = {}
     for e in entries:
-        key = (e["p"].dtype, e["mask"] is not None, _aligned(e["p"], e["g"], e["mask"], *e["states"]))
-        buckets.setdefault(key, []).append(e)
+        row, aligned = ptr_row(e["p"], e["g"], e["mask"], *e["states"], *[None] * (3 - len(e["states"])),
+                               aux=e.get("aux"))
+        bucket = buckets.setdefault((e["p"].dtype, e["mask"] is not None, aligned), ([], [], []))
+        bucket[0].append(row)
+        bucket[1].append(tuple(e["hyper"]) + (0.0,) * (hyper_cols - len(e["hyper"])))
+        if hyper64_cols:
+            bucket[2].append(tuple(e["hyper64"]) + (0.0,) * (hyper64_cols - len(e["hyper64"])))
+    return launch_buckets(op, kernel, device, buckets, flags, block, num_warps, hyper64_cols)
+
+
+def launch_buckets(op: str, kernel, device: torch.device, buckets: dict, flags: dict, block: int = DEFAULT_BLOCK,
+                   num_warps: int = 4, hyper64_cols: int | None = None) -> int:
+    """One launch per compile-time key. ``buckets``: ``{(dtype, has_mask, aligned): (rows, hyper_rows,
+    hyper64_rows)}``, the rows from :func:`ptr_row` (no empty tensor), the hyper rows fp32 (fp64) tuples padded to
+    the kernel's table width. The caller has checked every tensor (dtypes, shapes, layouts, one ``device``).
+
+    ``hyper64_cols``: None for a kernel without an fp64 table argument (SGD); 0 when the kernel has one but does
+    not read it (non-capturable Adam: the fp32 table is passed in its place); > 0 when it reads it (capturable
+    Adam, whose step count's address is each row's last column). Returns the launch count."""
+    capturing = _capturing(device)
     launches = 0
-    for (dtype, has_mask, aligned), bucket in buckets.items():
-        rows = []
-        for e in bucket:
-            s = list(e["states"]) + [None] * (3 - len(e["states"]))
-            aux = e.get("aux")
-            rows.append((e["p"].data_ptr(), e["g"].data_ptr(),
-                         e["mask"].data_ptr() if e["mask"] is not None else 0,
-                         *[x.data_ptr() if x is not None else 0 for x in s], e["p"].numel(),
-                         aux.data_ptr() if aux is not None else 0))
-        ptr_table, prog_table, n_programs = _tables(rows, device, block)
-        hyper = _hyper_table(bucket, "hyper", hyper_cols, torch.float32, device)
+    for (dtype, has_mask, aligned), (rows, hyper_rows, hyper64_rows) in buckets.items():
+        if not rows:
+            continue
+        ptr_table, prog_table, n_programs = _tables(tuple(rows), device, block)
+        hyper = _hyper_table(tuple(hyper_rows), torch.float32, device)
         tables = [ptr_table, hyper]
         if hyper64_cols:
-            tables.append(_hyper_table(bucket, "hyper64", hyper64_cols, torch.float64, device))
+            tables.append(_hyper_table(tuple(hyper64_rows), torch.float64, device))
         elif hyper64_cols == 0:
             tables.append(hyper)
         if capturing:  # a graph will read these at every replay: never free them
@@ -442,7 +467,7 @@ def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: di
                 _CAPTURE_KEEPALIVE[id(t)] = t
         handle = kernel[(n_programs,)](
             *tables, prog_table, n_programs,
-            PARAM_DTYPE=_tl_dtype(dtype), HAS_MASK=has_mask, ALIGNED=aligned, BLOCK=block,
+            PARAM_DTYPE=_TL_DTYPES[dtype], HAS_MASK=has_mask, ALIGNED=aligned, BLOCK=block,
             num_warps=num_warps, **flags,
         )
         if handle is not None:  # compiled: keep it for inspection (e.g. vectorized loads in handle.asm["ptx"])
@@ -451,12 +476,10 @@ def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: di
     return launches
 
 
-def _hyper_table(bucket: list[dict], field: str, cols: int, dtype: torch.dtype, device: torch.device):
-    """The hyperparameter table of one launch, cached by its values: constant across steps for SGD (but its first)
-    and capturable Adam, new every step for Adam (the bias corrections)."""
-    rows = tuple(tuple(e[field]) + (0.0,) * (cols - len(e[field])) for e in bucket)
-    return _cached(_HYPER_CACHE, (str(device), dtype, rows),
-                   lambda: _to_device(torch.tensor(rows, dtype=dtype), device))
+def _hyper_table(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device):
+    """The hyperparameter table of one launch (rows padded to the kernel's width), cached by its values: constant
+    across steps for SGD (but its first) and capturable Adam, new every step for Adam (the bias corrections)."""
+    return _cached(_HYPER_CACHE, (device, dtype, rows), lambda: _to_device(torch.tensor(rows, dtype=dtype), device))
 
 
 def fused_sgd_(

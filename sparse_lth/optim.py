@@ -85,6 +85,19 @@ def _state_tensor(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
 
+def _check_grad(opt, p: torch.Tensor, g: torch.Tensor) -> None:
+    if g.dtype is p.dtype and g.shape == p.shape and g.device == p.device and not g.is_sparse \
+            and p.dtype in PARAM_DTYPES:
+        return
+    name = type(opt).__name__
+    if g.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")
+    if p.dtype not in PARAM_DTYPES:
+        raise TypeError(f"{name}: parameter of dtype {p.dtype} is not supported; use one of {PARAM_DTYPES}")
+    raise ValueError(f"{name}: gradient ({g.dtype}, {tuple(g.shape)}, {g.device}) does not match its parameter "
+                     f"({p.dtype}, {tuple(p.shape)}, {p.device})")
+
+
 class _Item:
     """One parameter taking part in a step: its tensors as the update sees them."""
 
@@ -171,43 +184,40 @@ class _MaskedOptimizer(Optimizer):
         resolved: dict[tuple[torch.device, Any], str] = {}
         for group in self.param_groups:
             group_torch: list[_Item] = []
+            requested = group.get("backend")
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                item = self._gather(p, group)
-                key = (p.device, group.get("backend"))
-                if key not in resolved:
-                    resolved[key] = resolve_backend(p.device, group.get("backend"))
-                backend = resolved[key]
+                _check_grad(self, p, g)
+                dev = p.device
+                backend = resolved.get((dev, requested))
+                if backend is None:
+                    backend = resolved[(dev, requested)] = resolve_backend(dev, requested)
                 if backend == "torch":
-                    group_torch.append(item)
+                    group_torch.append(self._gather(p, g, group))
                 else:
-                    kernel_items.setdefault((p.device, backend), []).append(item)
+                    kernel_items.setdefault((dev, backend), []).append(self._gather_kernel(p, g, group, dev))
             if group_torch:
                 torch_items.append((group, group_torch))
-        for items in kernel_items.values():
+        for (dev, _), items in kernel_items.items():
+            _k.check_launch(items[0].p, op=f"{type(self).__name__}.step")
             for it in items:
                 if not it.p.is_contiguous():
                     it.work = it.p.contiguous()
-            self._kernel_update(items)
+            self._kernel_update(dev, items)
             for it in items:
                 if it.work is not it.p:
                     it.p.copy_(it.work)
-                self._mask_seen.pop(it.p, None)
+            if self._mask_seen:  # the kernel wrote the state; the torch backend re-zeroes it once if it runs next
+                for it in items:
+                    self._mask_seen.pop(it.p, None)
         for group, items in torch_items:
             self._torch_group_update(group, items)
         return loss
 
-    def _gather(self, p: torch.Tensor, group: dict) -> _Item:
-        g = p.grad
-        if g.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        if p.dtype not in PARAM_DTYPES:
-            raise TypeError(f"{type(self).__name__}: parameter of dtype {p.dtype} is not supported; "
-                            f"use one of {PARAM_DTYPES}")
-        if g.dtype != p.dtype or g.shape != p.shape or g.device != p.device:
-            raise ValueError(f"{type(self).__name__}: gradient ({g.dtype}, {tuple(g.shape)}, {g.device}) does not "
-                             f"match its parameter ({p.dtype}, {tuple(p.shape)}, {p.device})")
+    def _gather(self, p: torch.Tensor, g: torch.Tensor, group: dict) -> _Item:
+        """A parameter for the torch backend: its mask (checked), its state (created), contiguous tensors."""
         mask = param_mask(p)
         state = self.state[p]
         # fresh: no state tensor yet, so all the state this step starts from is zeros (respects any mask)
@@ -222,6 +232,30 @@ class _MaskedOptimizer(Optimizer):
                 state[k] = v.contiguous()
         if fresh:  # zero state respects any mask
             self._remember_mask(p, mask)
+        return _Item(p, g, mask, group, state)
+
+    def _gather_kernel(self, p: torch.Tensor, g: torch.Tensor, group: dict, dev: torch.device) -> _Item:
+        """A parameter for the Triton kernels, which read raw memory: its mask (checked), its state (created, and
+        checked: float32, the parameter's shape, contiguous, on its device), a contiguous gradient. Lean: this runs
+        for every parameter at every step, and on a GPU a small model's step is host time."""
+        mask = getattr(p, MASK_ATTR, None)
+        if mask is not None:
+            mask = param_mask(p)
+            if not mask.is_contiguous():
+                mask = mask.contiguous()
+        state = self.state[p]
+        self._init_state(p, group, state)
+        if not g.is_contiguous():
+            g = g.contiguous()
+        for k, v in state.items():
+            if k == "step" or not isinstance(v, torch.Tensor):
+                continue
+            if v.dtype is not torch.float32 or v.shape != p.shape or v.device != dev:
+                raise ValueError(f"{type(self).__name__}: optimizer state {k!r} ({v.dtype}, {tuple(v.shape)}, "
+                                 f"{v.device}) does not fit its parameter ({tuple(p.shape)}, {dev}); the state "
+                                 "must be float32 of the parameter's shape on its device")
+            if not v.is_contiguous():
+                state[k] = v.contiguous()
         return _Item(p, g, mask, group, state)
 
     def _mask_bits(self, p: torch.Tensor, mask: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -310,7 +344,8 @@ class _MaskedOptimizer(Optimizer):
         """Create missing state (zeros) that the update needs before it runs."""
         raise NotImplementedError
 
-    def _kernel_update(self, items: list[_Item]) -> None:
+    def _kernel_update(self, device: torch.device, items: list[_Item]) -> None:
+        """One step of ``items`` (all on ``device``, gathered by _gather_kernel) in few kernel launches."""
         raise NotImplementedError
 
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
@@ -366,30 +401,38 @@ class SGD(_MaskedOptimizer):
         # like torch.optim.SGD's, the buffer appears at the first step with momentum, which sets it to d_p
         pass
 
-    def _kernel_update(self, items: list[_Item]) -> None:
-        by_kind: dict[tuple[bool, bool], list[_Item]] = {}
+    def _kernel_update(self, device: torch.device, items: list[_Item]) -> None:
+        # per group: (momentum?, nesterov?, hyper row, the row of a buffer's first step), in the kernel's layout
+        group_rows: dict[int, tuple] = {}
+        # per (momentum?, nesterov?): {(dtype, mask?, aligned): (pointer rows, hyper rows, -)}
+        by_kind: dict[tuple[bool, bool], dict] = {}
         for it in items:
-            g = it.group
-            has_mom = float(g["momentum"]) != 0
-            by_kind.setdefault((has_mom, bool(g["nesterov"]) and has_mom), []).append(it)
-        for (has_mom, nesterov), its in by_kind.items():
-            bufs, first = None, [False] * len(its)
+            grp = it.group
+            hyp = group_rows.get(id(grp))
+            if hyp is None:
+                lr, wd, mom = float(grp["lr"]), float(grp["weight_decay"]), float(grp["momentum"])
+                pad = (0.0,) * (_k._SGD_COLS - 5)
+                hyp = group_rows[id(grp)] = (mom != 0, bool(grp["nesterov"]) and mom != 0,
+                                             (lr, wd, mom, 1.0 - float(grp["dampening"]), mom) + pad,
+                                             (lr, wd, 0.0, 1.0, mom) + pad)
+            has_mom, nesterov, row, first_row = hyp
+            buf = None
             if has_mom:
-                bufs = []
-                for i, it in enumerate(its):
-                    buf = it.state.get("momentum_buffer")
-                    if buf is None:
-                        _no_first_step_in_capture(it.p)
-                        buf = it.state["momentum_buffer"] = _state_tensor(it.p)
-                        first[i] = True
-                    bufs.append(buf)
-            _k.fused_sgd_(
-                [it.work for it in its], [it.g for it in its], bufs, [it.mask for it in its],
-                lr=[float(it.group["lr"]) for it in its],
-                weight_decay=[float(it.group["weight_decay"]) for it in its],
-                momentum=[float(it.group["momentum"]) for it in its],
-                dampening=[float(it.group["dampening"]) for it in its],
-                nesterov=nesterov, first_step=first, check=False)  # _gather made the checks
+                buf = it.state.get("momentum_buffer")
+                if buf is None:
+                    _no_first_step_in_capture(it.p)
+                    buf = it.state["momentum_buffer"] = _state_tensor(it.p)
+                    row = first_row  # buf = d_p
+            if it.p.numel() == 0:
+                continue
+            ptrs, aligned = _k.ptr_row(it.work, it.g, it.mask, buf)
+            bucket = by_kind.setdefault((has_mom, nesterov), {}).setdefault(
+                (it.p.dtype, it.mask is not None, aligned), ([], [], None))
+            bucket[0].append(ptrs)
+            bucket[1].append(row)
+        for (has_mom, nesterov), buckets in by_kind.items():
+            _k.launch_buckets("fused_sgd_", _k._sgd_kernel, device, buckets,
+                              dict(HAS_MOMENTUM=has_mom, NESTEROV=nesterov))
 
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
         lr, wd = float(group["lr"]), float(group["weight_decay"])
@@ -479,26 +522,49 @@ class Adam(_MaskedOptimizer):
         torch._foreach_add_(steps, 1)
         return steps
 
-    def _kernel_update(self, items: list[_Item]) -> None:
+    def _kernel_update(self, device: torch.device, items: list[_Item]) -> None:
         steps = self._step_tensors(items)
-        by_kind: dict[tuple[bool, bool], list[tuple[_Item, torch.Tensor]]] = {}
-        for it, s in zip(items, steps):
-            by_kind.setdefault((bool(it.group["amsgrad"]), bool(it.group["capturable"])), []).append((it, s))
-        for (amsgrad, capturable), pairs in by_kind.items():
-            its = [it for it, _ in pairs]
-            _k.fused_adam_(
-                [it.work for it in its], [it.g for it in its],
-                [it.state["exp_avg"] for it in its], [it.state["exp_avg_sq"] for it in its],
-                [it.state["max_exp_avg_sq"] for it in its] if amsgrad else None,
-                [it.mask for it in its],
-                lr=[float(it.group["lr"]) for it in its],
-                beta1=[float(it.group["betas"][0]) for it in its],
-                beta2=[float(it.group["betas"][1]) for it in its],
-                eps=[float(it.group["eps"]) for it in its],
-                weight_decay=[float(it.group["weight_decay"]) for it in its],
-                step=[s for _, s in pairs] if capturable else [float(s) for _, s in pairs],
-                decoupled_weight_decay=self._decoupled, capturable=capturable,
-                check=False)  # _gather made the checks
+        group_rows: dict[int, tuple] = {}  # per group: (amsgrad?, capturable?, its values)
+        host_rows: dict[tuple, tuple] = {}  # non-capturable: the fp32 row per (group, step count)
+        # per (amsgrad?, capturable?): {(dtype, mask?, aligned): (pointer rows, hyper rows, fp64 hyper rows)}
+        by_kind: dict[tuple[bool, bool], dict] = {}
+        for it, step_t in zip(items, steps):
+            grp = it.group
+            hyp = group_rows.get(id(grp))
+            if hyp is None:
+                values = (float(grp["lr"]), float(grp["weight_decay"]), float(grp["betas"][0]),
+                          float(grp["betas"][1]), float(grp["eps"]))
+                rows = None
+                if grp["capturable"]:
+                    row, row64 = _k._adam_hyper_capturable(*values)
+                    rows = (tuple(row) + (0.0,) * (_k._ADAM_COLS - len(row)),
+                            tuple(row64) + (0.0,) * (_k._ADAM64_COLS - len(row64)))
+                hyp = group_rows[id(grp)] = (bool(grp["amsgrad"]), bool(grp["capturable"]), values, rows)
+            amsgrad, capturable, values, rows = hyp
+            if capturable:
+                row, row64, aux = rows[0], rows[1], step_t
+            else:
+                step = float(step_t)
+                row = host_rows.get((id(grp), step))
+                if row is None:
+                    row = _k._adam_hyper(*values, step)
+                    row = host_rows[(id(grp), step)] = tuple(row) + (0.0,) * (_k._ADAM_COLS - len(row))
+                row64 = aux = None
+            if it.p.numel() == 0:
+                continue
+            st = it.state
+            ptrs, aligned = _k.ptr_row(it.work, it.g, it.mask, st["exp_avg"], st["exp_avg_sq"],
+                                       st["max_exp_avg_sq"] if amsgrad else None, aux)
+            bucket = by_kind.setdefault((amsgrad, capturable), {}).setdefault(
+                (it.p.dtype, it.mask is not None, aligned), ([], [], []))
+            bucket[0].append(ptrs)
+            bucket[1].append(row)
+            if capturable:
+                bucket[2].append(row64)
+        for (amsgrad, capturable), buckets in by_kind.items():
+            _k.launch_buckets("fused_adam_", _k._adam_kernel, device, buckets,
+                              dict(AMSGRAD=amsgrad, DECOUPLED=self._decoupled, CAPTURABLE=capturable),
+                              hyper64_cols=_k._ADAM64_COLS if capturable else 0)
 
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
         lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])

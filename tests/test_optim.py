@@ -732,14 +732,51 @@ def test_few_launches_per_step(kernel_device, monkeypatch):
     import sparse_lth.optim as so
 
     launches = []
-    real = so._k.fused_adam_
-    monkeypatch.setattr(so._k, "fused_adam_", lambda *a, **k: launches.append(real(*a, **k)))
+    real = so._k.launch_buckets
+    monkeypatch.setattr(so._k, "launch_buckets", lambda *a, **k: launches.append(real(*a, **k)))
     backend = "triton" if kernel_device.type == "cuda" else "interpret"
     m = Model(kernel_device)
     opt = Adam(m.groups(lr=3e-3, weight_decay=0.1), lr=1e-2, backend=backend)  # two groups, different lr / wd
     m.set_grads(torch.Generator().manual_seed(14), mask_them=False)
     opt.step()
     assert launches == [2]  # masked weights (two groups) + the unmasked compact vector
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "layout"])
+def test_a_state_tensor_replaced_by_hand_is_checked_before_the_kernels_read_it(kernel_device, bad):
+    """The kernels read each state tensor as raw float32 memory of its parameter's size: one swapped for a tensor of
+    another shape or dtype (by hand, after the state was made) is refused at the step, before any launch, and a
+    non-contiguous one is made contiguous (the step is then the reference's)."""
+    backend = "triton" if kernel_device.type == "cuda" else "interpret"
+    m, ref = Model(kernel_device), Model(kernel_device)
+    opt = Adam(m.groups(), lr=1e-2, backend=backend)
+    ropt = Adam(ref.groups(), lr=1e-2, backend="torch")
+    gen, rgen = torch.Generator().manual_seed(15), torch.Generator().manual_seed(15)
+    m.set_grads(gen, mask_them=False)
+    ref.set_grads(rgen, mask_them=False)
+    opt.step()
+    ropt.step()
+    p, rp = m.params["fc"], ref.params["fc"]
+    if bad == "layout":  # the same values, through a transposed copy's view
+        opt.state[p]["exp_avg"] = opt.state[p]["exp_avg"].t().contiguous().t()
+        assert not opt.state[p]["exp_avg"].is_contiguous()
+    else:
+        opt.state[p]["exp_avg"] = (torch.zeros(3, device=kernel_device) if bad == "shape" else
+                                   opt.state[p]["exp_avg"].double())
+    m.set_grads(gen, mask_them=False)
+    ref.set_grads(rgen, mask_them=False)
+    before = {k: q.detach().clone() for k, q in m.params.items()}
+    if bad != "layout":
+        with pytest.raises(ValueError, match="optimizer state 'exp_avg'.*does not fit its parameter"):
+            opt.step()
+        for k, q in m.params.items():  # refused before anything was written
+            assert torch.equal(q, before[k]), k
+        return
+    opt.step()
+    ropt.step()
+    assert opt.state[p]["exp_avg"].is_contiguous()
+    close(p, rp)
+    close(opt.state[p]["exp_avg"], ropt.state[rp]["exp_avg"])
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
