@@ -12,15 +12,21 @@ is not in either figure: stubbed here, it adds its cost per launch on a GPU.
     python benchmarks/bench_host_overhead.py                 # LeNet-300-100 at 2 %, one thread
     python benchmarks/bench_host_overhead.py --densities 0.2 0.02 --out host.csv
     python benchmarks/bench_host_overhead.py --optimizer sparse_lth_adam     # sparse-lth's fused Adam in the step
+    python benchmarks/bench_host_overhead.py --optimizer torch_sgd_fused sparse_lth_sgd torch_adam_fused \
+        sparse_lth_adam sparse_lth_adam_capturable                           # one row each: the optimizers' host time
 
 The step's optimizer (``--optimizer``) is torch.optim.SGD by default; with ``sparse_lth_sgd`` / ``sparse_lth_adam``
-/ ``sparse_lth_adam_capturable`` sparse-lth's fused optimizer runs on the interpreter backend with its launch stubbed too, in the step and the floor
-alike, so ``step_us`` includes its host time and ``host_us_per_launch`` still isolates the layers'.
+/ ``sparse_lth_adam_capturable`` sparse-lth's fused optimizer runs on the interpreter backend with its launch
+stubbed too, in the step and the floor alike, so ``step_us`` includes its host time and ``host_us_per_launch`` still
+isolates the layers'. ``torch_sgd_fused`` / ``torch_adam_fused`` are torch.optim's fused SGD (momentum 0.9, as
+sparse-lth's) and Adam, the references for the optimizer's own time; on the CPU their update really computes (a few
+thousand live weights at 2 %: a few microseconds), on a GPU it is one launch per device and dtype.
 
-Columns: median microseconds per step (SGD step included) over ``--repeats`` rounds of ``--inner`` steps (one by
-default), interleaved with the floor; the kernel launches per step (forward, backward) as counted by the stub; and
-sparse-lth's host microseconds per launch, (step - floor) / launches. Timings, never asserted; they depend on the
-host CPU (the GPU machine's will differ).
+Columns: median microseconds per step (optimizer step included) over ``--repeats`` rounds of ``--inner`` steps (one
+by default), interleaved with the floor; ``opt_us``, the median time of the optimizer's ``step()`` alone within the
+sparse-layer steps; the kernel launches per step (forward, backward) as counted by the stub; and sparse-lth's host
+microseconds per launch, (step - floor) / launches. Timings, never asserted; they depend on the host CPU (the GPU
+machine's will differ).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import copy
 import os
 import statistics
 import sys
+import time
 
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: the launches go through InterpretedFunction
 if "triton" in sys.modules:  # pragma: no cover - only if imported as a module after Triton
@@ -108,13 +115,19 @@ def floor_model(sparse_model: nn.Module) -> nn.Module:
     return m
 
 
-def sgd_step(model, opt, x, y):
+def sgd_step(model, opt, x, y, opt_ms: list | None = None):
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
+    if opt_ms is None:
+        opt.step()
+        return
+    t0 = time.perf_counter()
     opt.step()
+    opt_ms.append((time.perf_counter() - t0) * 1e3)
 
 
-OPTIMIZERS = ("torch_sgd", "sparse_lth_sgd", "sparse_lth_adam", "sparse_lth_adam_capturable")
+OPTIMIZERS = ("torch_sgd", "torch_sgd_fused", "torch_adam_fused", "sparse_lth_sgd", "sparse_lth_adam",
+              "sparse_lth_adam_capturable")
 
 
 def make_opt(kind: str, params):
@@ -124,6 +137,10 @@ def make_opt(kind: str, params):
 
     if kind == "torch_sgd":
         return torch.optim.SGD(params, lr=0.01)
+    if kind == "torch_sgd_fused":  # what sparse_lth_sgd replaces (momentum too); on the CPU its update computes
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True)
+    if kind == "torch_adam_fused":
+        return torch.optim.Adam(params, lr=1e-3, fused=True)
     if kind == "sparse_lth_sgd":
         return sl_optim.SGD(params, lr=0.01, momentum=0.9, backend="interpret")
     return sl_optim.Adam(params, lr=1e-3, backend="interpret", capturable=kind == "sparse_lth_adam_capturable")
@@ -144,13 +161,16 @@ def measure(model_name: str, density: float, batch: int, repeats: int, inner: in
         fwd = stub.count - fwd0
         loss.backward()
         bwd = stub.count - fwd0 - fwd
-        fns = {"sparse_lth": lambda: sgd_step(model, opt, x, y), "torch_floor": lambda: sgd_step(floor, fopt, x, y)}
+        opt_ms: list[float] = []
+        fns = {"sparse_lth": lambda: sgd_step(model, opt, x, y, opt_ms),
+               "torch_floor": lambda: sgd_step(floor, fopt, x, y)}
         samples = interleaved_samples(fns, repeats, lambda f: wall_ms(f, inner), warmup=3)
     us = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    us["opt"] = statistics.median(opt_ms[3 * inner:]) * 1e3  # without the warmup calls
     launches = fwd + bwd
     return {"model": model_name, "density": density, "batch": batch, "optimizer": optimizer,
             "step_us": round(us["sparse_lth"], 1),
-            "floor_us": round(us["torch_floor"], 1), "launches_fwd": fwd, "launches_bwd": bwd,
+            "floor_us": round(us["torch_floor"], 1), "opt_us": round(us["opt"], 1), "launches_fwd": fwd, "launches_bwd": bwd,
             "host_us_per_launch": round((us["sparse_lth"] - us["torch_floor"]) / launches, 1) if launches else "",
             "device": cpu_device_label(), "torch": torch.__version__, "commit": git_commit()}
 
@@ -167,8 +187,9 @@ def main(argv=None) -> int:
                     help="steps per timed round (1: each step timed alone, so that a preempted step is one outlier "
                          "the median drops, not a slower round)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--optimizer", choices=OPTIMIZERS, default="torch_sgd",
-                    help="the step's optimizer, in the step and the floor alike (default: torch_sgd)")
+    ap.add_argument("--optimizer", choices=OPTIMIZERS, nargs="+", default=["torch_sgd"],
+                    help="the step's optimizer, in the step and the floor alike; several: one row each "
+                         "(default: torch_sgd)")
     ap.add_argument("--out", help="write the rows as CSV here")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.inner < 1 or args.batch < 1:
@@ -177,12 +198,14 @@ def main(argv=None) -> int:
         ap.error("--densities must lie in (0, 1]")
     torch.set_num_threads(args.threads)
     rows = []
-    print(f"{'density':>8} {'step us':>9} {'floor us':>9} {'launches fwd+bwd':>17} {'host us/launch':>15}")
-    for d in args.densities:
-        r = measure(args.model, d, args.batch, args.repeats, args.inner, args.optimizer)
-        rows.append(r)
-        print(f"{d:>8g} {r['step_us']:>9.1f} {r['floor_us']:>9.1f} {r['launches_fwd']:>8} + {r['launches_bwd']:<6} "
-              f"{r['host_us_per_launch']:>15}")
+    print(f"{'optimizer':>26} {'density':>8} {'step us':>9} {'floor us':>9} {'opt us':>7} {'launches fwd+bwd':>17} "
+          f"{'host us/launch':>15}")
+    for kind in args.optimizer:
+        for d in args.densities:
+            r = measure(args.model, d, args.batch, args.repeats, args.inner, kind)
+            rows.append(r)
+            print(f"{kind:>26} {d:>8g} {r['step_us']:>9.1f} {r['floor_us']:>9.1f} {r['opt_us']:>7.1f} "
+                  f"{r['launches_fwd']:>8} + {r['launches_bwd']:<6} {r['host_us_per_launch']:>15}")
     print(f"device: {rows[0]['device']}, torch {torch.__version__}; kernel launches stubbed (host side only)")
     if args.out:
         write_rows(rows, args.out)

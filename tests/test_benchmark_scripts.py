@@ -562,20 +562,23 @@ def test_interleaved_samples_draws_a_new_order_every_round():
 # ----------------------------------------------------------------------------------------------------------------
 # bench_host_overhead.py: sparse-lth's host time per step with the kernel launches stubbed
 # ----------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("optimizer", ["torch_sgd", "sparse_lth_adam", "sparse_lth_adam_capturable"])
-def test_host_overhead_benchmark_counts_the_launches(tmp_path, optimizer):
+@pytest.mark.parametrize("optimizers", [["torch_sgd"], ["sparse_lth_adam", "sparse_lth_adam_capturable"],
+                                        ["torch_sgd_fused", "torch_adam_fused", "sparse_lth_sgd"]])
+def test_host_overhead_benchmark_counts_the_launches(tmp_path, optimizers):
     out = tmp_path / "host.csv"
     proc = run_script("bench_host_overhead.py", "--densities", "0.5", "0.02", "--repeats", "5", "--optimizer",
-                      optimizer, "--out", str(out))
-    rows = read_csv(out, ["model", "density", "batch", "optimizer", "step_us", "floor_us", "launches_fwd",
+                      *optimizers, "--out", str(out))
+    rows = read_csv(out, ["model", "density", "batch", "optimizer", "step_us", "floor_us", "opt_us", "launches_fwd",
                           "launches_bwd", "host_us_per_launch", "device", "torch", "commit"])
-    assert [float(r["density"]) for r in rows] == [0.5, 0.02]
+    # one row per optimizer and density, in that order
+    assert [(r["optimizer"], float(r["density"])) for r in rows] == [(o, d) for o in optimizers for d in (0.5, 0.02)]
     for r in rows:
-        assert r["optimizer"] == optimizer
         # LeNet-300-100 on the sparse path: one launch per layer forward; backward, the weight gradient of all
         # three and the input gradient of the two whose input needs one (the image does not)
         assert (int(r["launches_fwd"]), int(r["launches_bwd"])) == (3, 5), r
         assert float(r["step_us"]) > 0 and float(r["floor_us"]) > 0, r
+        # the optimizer's step is part of the step
+        assert 0 < float(r["opt_us"]) < float(r["step_us"]), r
         assert r["device"].startswith("cpu: ") and r["model"] == "lenet300_100"
     assert "kernel launches stubbed" in proc.stdout
 
