@@ -355,8 +355,8 @@ def two_layer_step_case(device, backend, seed):
 def test_capturable_optimizer_step_reads_nothing_back(kernel_device, backend):
     """A whole training step with sparse_lth.optim.Adam(capturable=True) on the Triton backend, once warmed up,
     neither reads a value back from the device nor makes a tensor from host data: its step counts stay on the
-    device and its tables are cached, so the step can be captured in a CUDA graph. The non-capturable Adam does
-    both at every step (its bias corrections come from the host), which shows the recorder sees them."""
+    device and its tables are cached, so the step can be captured in a CUDA graph. The non-capturable Adam makes a
+    table from host data at every step (its bias corrections), which shows the recorder sees that."""
     from sparse_lth.optim import Adam
 
     model, x, y = two_layer_step_case(kernel_device, backend, seed=25)
@@ -374,9 +374,11 @@ def test_capturable_optimizer_step_reads_nothing_back(kernel_device, backend):
         with RecordOps() as rec:
             step()
         recorded[capturable] = rec.ops
-        assert {"aten::_foreach_add_", "aten::threshold_backward"} <= rec.ops  # the step counts, the fused ReLU
+        assert "aten::threshold_backward" in rec.ops  # the fused ReLU's backward: the recorder sees the step
+    if kernel_device.type == "cuda":  # the step counts, on the device (a CPU one is incremented through NumPy)
+        assert "aten::_foreach_add_" in recorded[True]
     host_reads = {"aten::_local_scalar_dense", "aten::lift_fresh"}
-    assert host_reads <= recorded[False]
+    assert "aten::lift_fresh" in recorded[False]  # its bias corrections: a table from host data at every step
     bad = recorded[True] & (host_reads | set(HOST_SYNC_OPS))
     assert not bad, sorted(bad)
     for p in model.parameters():

@@ -742,6 +742,54 @@ def test_few_launches_per_step(kernel_device, monkeypatch):
     assert launches == [2]  # masked weights (two groups) + the unmasked compact vector
 
 
+@pytest.mark.parametrize("which", ["torch", "kernel"])
+def test_adam_step_counts_follow_the_state_tensors(kernel_device, which):
+    """The step counts on the CPU are incremented through a NumPy view kept per parameter: a step tensor replaced
+    in the state (by hand, by load_state_dict), moved to other memory (.data), or the optimizer deep-copied, is
+    still the one that counts, and the trajectory is torch.optim.Adam's under the same changes."""
+    import copy
+
+    device = kernel_device if which == "kernel" else torch.device("cpu")
+    backend = "torch" if which == "torch" else ("triton" if device.type == "cuda" else "interpret")
+    m, ref = Model(device), Model(device, attach=False)
+    opt = Adam(m.groups(), lr=1e-2, backend=backend)
+    ropt = torch.optim.Adam(ref.groups(), lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(16)
+    p, rp = m.params["fc"], ref.params["fc"]
+
+    def both_step():
+        m.set_grads(gen, mask_them=False)
+        for k, q in ref.params.items():
+            q.grad = None if m.params[k].grad is None else m.params[k].grad.clone()
+            if q.grad is not None and k in Model.MASKED:
+                q.grad.mul_(ref.masks[k])
+        opt.step()
+        ropt.step()
+        ref.remask()
+
+    for _ in range(2):
+        both_step()
+    opt.state[p]["step"] = torch.tensor(10.0)
+    ropt.state[rp]["step"] = torch.tensor(10.0)
+    both_step()
+    assert float(opt.state[p]["step"]) == 11.0
+    opt.state[p]["step"].data = torch.tensor(20.0)
+    ropt.state[rp]["step"].data = torch.tensor(20.0)
+    both_step()
+    assert float(opt.state[p]["step"]) == 21.0
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    both_step()
+    twin = copy.deepcopy(opt)
+    twin_p = twin.param_groups[1]["params"][0]
+    assert twin_p is not p and float(twin.state[twin_p]["step"]) == 22.0
+    both_step()
+    assert float(opt.state[p]["step"]) == 23.0 and float(twin.state[twin_p]["step"]) == 22.0
+    assert [float(opt.state[q]["step"]) for q in m.params.values() if q in opt.state] == \
+        [float(ropt.state[q]["step"]) for q in ref.params.values() if q in ropt.state]
+    for k in Model.MASKED + ("values",):
+        close(m.params[k], ref.params[k])
+
+
 @pytest.mark.parametrize("bad", ["shape", "dtype", "layout"])
 def test_a_state_tensor_replaced_by_hand_is_checked_before_the_kernels_read_it(kernel_device, bad):
     """The kernels read each state tensor as raw float32 memory of its parameter's size: one swapped for a tensor of
