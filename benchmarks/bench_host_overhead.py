@@ -12,6 +12,7 @@ is not in either figure: stubbed here, it adds its cost per launch on a GPU.
     python benchmarks/bench_host_overhead.py                 # LeNet-300-100 at 2 %, one thread
     python benchmarks/bench_host_overhead.py --densities 0.2 0.02 --out host.csv
     python benchmarks/bench_host_overhead.py --optimizer sparse_lth_adam     # sparse-lth's fused Adam in the step
+    python benchmarks/bench_host_overhead.py --model conv6 --batch 1         # Conv-6's sparse convs and linears
     python benchmarks/bench_host_overhead.py --optimizer torch_sgd_fused sparse_lth_sgd torch_adam_fused \
         sparse_lth_adam sparse_lth_adam_capturable                           # one row each: the optimizers' host time
 
@@ -21,6 +22,10 @@ stubbed too, in the step and the floor alike, so ``step_us`` includes its host t
 isolates the layers'. ``torch_sgd_fused`` / ``torch_adam_fused`` are torch.optim's fused SGD (momentum 0.9, as
 sparse-lth's) and Adam, the references for the optimizer's own time; on the CPU their update really computes (a few
 thousand live weights at 2 %: a few microseconds), on a GPU it is one launch per device and dtype.
+
+``--model conv2|conv4|conv6`` runs Conv-2/4/6 on CIFAR-shaped inputs, their convolutions on the sparse path too
+(the floor swaps them for a trivial Function as well). Their ReLUs and poolings really compute on the CPU (~20 ms a
+step at batch 60), which drowns the host figures in noise: ``--batch 1`` keeps them at ~1-2 ms.
 
 Columns: median microseconds per step (optimizer step included) over ``--repeats`` rounds of ``--inner`` steps (one
 by default), interleaved with the floor; ``opt_us``, the median time of the optimizer's ``step()`` alone within the
@@ -47,8 +52,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from baselines import cpu_device_label, git_commit, interleaved_samples, random_masks, wall_ms, write_rows  # noqa: E402
 
-from sparse_lth.layers import sparse_layers, sparsify  # noqa: E402
-from sparse_lth.models import build_model  # noqa: E402
+from sparse_lth.layers import SparseConv2d, sparse_layers, sparsify  # noqa: E402
+from sparse_lth.models import build_model, default_dataset  # noqa: E402
+
+INPUT_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 class LaunchStub:
@@ -106,12 +113,40 @@ class _FloorLinear(nn.Module):
         return _Trivial.apply(x.reshape(-1, x.shape[-1]), self.values, self.bias, self.rows)
 
 
+class _TrivialConv(torch.autograd.Function):
+    """The torch floor of one sparse conv layer: its output and gradients allocated, nothing computed."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, out_shape):
+        ctx.save_for_backward(x, values)
+        return x.new_empty(out_shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, values = ctx.saved_tensors
+        return torch.empty_like(x), torch.empty_like(values), dy.sum((0, 2, 3)), None
+
+
+class _FloorConv(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.values = nn.Parameter(torch.zeros(layer.nnz))
+        self.bias = nn.Parameter(torch.zeros(layer.out_channels))
+        self.geometry = (layer.out_channels, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+
+    def forward(self, x):
+        c, k, s, p, d = self.geometry
+        oh, ow = ((x.shape[i + 2] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+        return _TrivialConv.apply(x, self.values, self.bias, (x.shape[0], c, oh, ow))
+
+
 def floor_model(sparse_model: nn.Module) -> nn.Module:
-    """``sparse_model`` with every sparse linear layer swapped for :class:`_FloorLinear`."""
+    """``sparse_model`` with every sparse layer swapped for :class:`_FloorLinear` / :class:`_FloorConv`."""
     m = copy.deepcopy(sparse_model)
     for name, layer in sparse_layers(m):
         parent = m.get_submodule(name.rpartition(".")[0]) if "." in name else m
-        setattr(parent, name.rpartition(".")[2], _FloorLinear(layer))
+        floor = _FloorConv(layer) if isinstance(layer, SparseConv2d) else _FloorLinear(layer)
+        setattr(parent, name.rpartition(".")[2], floor)
     return m
 
 
@@ -152,7 +187,7 @@ def measure(model_name: str, density: float, batch: int, repeats: int, inner: in
     masks = random_masks(build_model(model_name, seed=0), density, gen)
     model = sparsify(build_model(model_name, seed=0), masks=masks, path="sparse", backend="interpret")
     floor = floor_model(model)
-    x = torch.randn(batch, 1, 28, 28, generator=gen)
+    x = torch.randn(batch, *INPUT_SHAPES[default_dataset(model_name)], generator=gen)
     y = torch.randint(0, 10, (batch,), generator=gen)
     opt, fopt = make_opt(optimizer, model.parameters()), make_opt(optimizer, floor.parameters())
     with LaunchStub() as stub:
@@ -178,8 +213,9 @@ def measure(model_name: str, density: float, batch: int, repeats: int, inner: in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="lenet300_100", choices=["lenet300_100"],
-                    help="a model of linear layers on 28x28 inputs (default: lenet300_100)")
+    ap.add_argument("--model", default="lenet300_100", choices=["lenet300_100", "conv2", "conv4", "conv6"],
+                    help="LeNet-300-100 on 28x28 MNIST-shaped inputs, or Conv-2/4/6 on 32x32x3 CIFAR-shaped ones "
+                         "(default: lenet300_100)")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.02])
     ap.add_argument("--batch", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=1001, help="interleaved rounds (median over them)")

@@ -583,6 +583,20 @@ def test_host_overhead_benchmark_counts_the_launches(tmp_path, optimizers):
     assert "kernel launches stubbed" in proc.stdout
 
 
+def test_host_overhead_benchmark_on_a_conv_model(tmp_path):
+    """Conv-2 on CIFAR-shaped inputs: its sparse convs and linears are stubbed and floored alike."""
+    out = tmp_path / "host.csv"
+    run_script("bench_host_overhead.py", "--model", "conv2", "--batch", "2", "--densities", "0.05", "--repeats", "5",
+               "--optimizer", "sparse_lth_sgd", "--out", str(out))
+    (r,) = read_csv(out, ["model", "density", "batch", "optimizer", "step_us", "floor_us", "opt_us", "launches_fwd",
+                          "launches_bwd", "host_us_per_launch", "device", "torch", "commit"])
+    assert (r["model"], r["batch"], r["optimizer"]) == ("conv2", "2", "sparse_lth_sgd")
+    # forward: 2 convs + 3 linears; backward: the first conv's weight gradient only (its input is the image), the
+    # second's input and weight gradients, and both for each linear
+    assert (int(r["launches_fwd"]), int(r["launches_bwd"])) == (5, 9), r
+    assert 0 < float(r["opt_us"]) < float(r["step_us"]) and float(r["floor_us"]) > 0, r
+
+
 @pytest.mark.parametrize("args", [["--densities", "0"], ["--repeats", "0"]])
 def test_host_overhead_benchmark_refuses_bad_arguments(args, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "bench_host_overhead.py"), *args], cwd=ROOT,
