@@ -250,13 +250,13 @@ if HAS_TRITON:
 # argument checks
 # ----------------------------------------------------------------------------------------------------------------
 def _check_devices(op, fmt, **tensors):
-    devs = {name: t.device for name, t in tensors.items() if t is not None}
-    devs["fmt"] = fmt.device
-    if len(set(devs.values())) != 1:
-        where = ", ".join(f"{k} on {v}" for k, v in devs.items())
-        raise ValueError(f"{op}: all tensors and the SparseFormat must be on one device; got {where}")
+    dev = fmt.device
+    for t in tensors.values():
+        if t is not None and t.device != dev:
+            where = ", ".join([f"{k} on {v.device}" for k, v in tensors.items() if v is not None] + [f"fmt on {dev}"])
+            raise ValueError(f"{op}: all tensors and the SparseFormat must be on one device; got {where}")
     # a validated format's tensors all sit on fmt.device: one of them stands for all
-    return check_launch(*[t for t in tensors.values() if t is not None], fmt.row_ptr, op=op)
+    return check_launch(fmt.row_ptr, op=op)
 
 
 def _check_pixels(count, channels, op):
@@ -297,6 +297,10 @@ def sparse_conv2d_forward(x, values, fmt, kernel_size, bias=None, stride=(1, 1),
         if bias.dtype != x.dtype:
             raise TypeError(f"{op}: bias has dtype {bias.dtype}, x {x.dtype}; they must match")
     _check_devices(op, fmt, x=x, values=values, bias=bias)
+    return _forward(x, values, fmt, k, bias, s, p, d, op)
+
+
+def _forward(x, values, fmt, k, bias, s, p, d, op):
     n, _, h, w = x.shape
     oh, ow = _out_size(h, w, k, s, p, d, op)
     c_out = fmt.rows
@@ -350,6 +354,12 @@ def sparse_conv2d_backward_input(dy, values, fmt, input_shape, kernel_size, stri
                          f"dilation {d})")
     _check_values(values, fmt, dy.dtype, op)
     _check_devices(op, fmt, dy=dy, values=values)
+    return _backward_input(dy, values, fmt, input_shape, k, s, p, d, op)
+
+
+def _backward_input(dy, values, fmt, input_shape, k, s, p, d, op):
+    n, c_in, h, w = input_shape
+    oh, ow = dy.shape[2], dy.shape[3]
     npix = n * h * w
     _check_pixels(npix, c_in, op)
     if fmt.nnz == 0 or npix == 0 or c_in == 0:
@@ -394,7 +404,16 @@ def sparse_conv2d_backward_weight(dy, x, fmt, kernel_size, stride=(1, 1), paddin
         raise ValueError(f"{op}: dy has shape {tuple(dy.shape)}, expected {(n, fmt.rows, oh, ow)} "
                          f"(x {tuple(x.shape)}, C_out {fmt.rows}, kernel_size {k}, stride {s}, padding {p}, "
                          f"dilation {d})")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 1):
+        raise ValueError(f"{op}: num_splits must be a positive int, got {num_splits!r}")
     dev = _check_devices(op, fmt, dy=dy, x=x)
+    return _backward_weight(dy, x, fmt, k, s, p, d, out_dtype, num_splits, dev, op)
+
+
+def _backward_weight(dy, x, fmt, k, s, p, d, out_dtype, num_splits, dev, op):
+    n, _, h, w = x.shape
+    oh, ow = dy.shape[2], dy.shape[3]
     npix = n * oh * ow
     _check_pixels(npix, 1, op)
     nnz = fmt.nnz
@@ -406,12 +425,10 @@ def sparse_conv2d_backward_weight(dy, x, fmt, kernel_size, stride=(1, 1), paddin
     if num_splits is None:
         # enough programs for ~4 waves of the GPU, but no split shorter than 4 pixel blocks
         num_splits = 1 if interpreting() else max(1, min(cdiv(4 * _num_sms(dev), k_blocks), p_blocks // 4, 64))
-    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"{op}: num_splits must be a positive int, got {num_splits!r}")
     # every split gets a whole number of pixel blocks; drop splits that would be empty
     p_per_split = cdiv(p_blocks, min(num_splits, p_blocks, 65535)) * block_p  # grid axis 1 <= 65535
     num_splits = cdiv(npix, p_per_split)
-    part = _alloc((num_splits, nnz), torch.float32, x.device)
+    part = _alloc((num_splits, nnz) if num_splits > 1 else (nnz,), torch.float32, x.device)
     grid = (k_blocks, num_splits)
     _sparse_conv2d_bwd_weight_kernel[grid](
         dy, x, fmt.row_idx, fmt.col_idx, part,
@@ -421,8 +438,37 @@ def sparse_conv2d_backward_weight(dy, x, fmt, kernel_size, stride=(1, 1), paddin
         KH=k[0], KW=k[1], STRIDE_H=s[0], STRIDE_W=s[1],
         BLOCK_K=block_k, BLOCK_P=block_p, OFFSET=offset_dtype(dy, x, part, counts=(nnz,)), num_warps=warps,
     )
-    out = part[0] if num_splits == 1 else part.sum(0)
-    return out.to(out_dtype)
+    out = part if num_splits == 1 else part.sum(0)
+    return out if out_dtype is torch.float32 else out.to(out_dtype)
+
+
+# The layer's calls (sparse_lth.functional.SparseConv2dFunction). SparseConv2d has checked what the public
+# launchers would: its format when the mask was set, its geometry (as pairs) at construction, the input's shape,
+# channels and dtype (the values') at every call; autograd gives dy y's shape. What is left to check here is cheap:
+# one device Triton can launch on, a floating dtype (a model made .double()), the output's size and index range.
+# The public launchers' checks cost a Conv-6 layer ~6 us of host time per launch.
+def forward_trusted(x, values, fmt, k, s, p, d, bias=None):
+    op = "sparse_conv2d_forward"
+    check_launch(x, values, bias, op=op)
+    if x.dtype not in _FLOAT_DTYPES:
+        _check_tensor4(x, "x", op)  # its clear error
+    return _forward(x, values, fmt, k, bias, s, p, d, op)
+
+
+def backward_input_trusted(dy, values, fmt, input_shape, k, s, p, d):
+    op = "sparse_conv2d_backward_input"
+    check_launch(dy, values, op=op)
+    if dy.dtype not in _FLOAT_DTYPES:
+        _check_tensor4(dy, "dy", op)
+    return _backward_input(dy, values, fmt, tuple(input_shape), k, s, p, d, op)
+
+
+def backward_weight_trusted(dy, x, fmt, k, s, p, d, out_dtype):
+    op = "sparse_conv2d_backward_weight"
+    dev = check_launch(dy, x, op=op)
+    if x.dtype not in _FLOAT_DTYPES:
+        _check_tensor4(x, "x", op)
+    return _backward_weight(dy, x, fmt, k, s, p, d, out_dtype, None, dev, op)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ def _linear_ops(backend: str):
 
 # (a plain dict, not functools.lru_cache: torch.compile warns on every traced call of an lru_cache-wrapped function)
 _LINEAR_OPS: dict = {}
+_CONV_OPS: list = []
+
+
+def _conv_ops():
+    """The Triton conv ops without their argument checks (SparseConv2d makes them): (forward, backward_input,
+    backward_weight). Imported at the first call: an import statement in the Function costs every launch ~1 us."""
+    if not _CONV_OPS:
+        from .kernels import sparse_conv as k
+
+        _CONV_OPS.extend((k.forward_trusted, k.backward_input_trusted, k.backward_weight_trusted))
+    return _CONV_OPS
 
 
 OPS = ("forward", "input_grad", "weight_grad")
@@ -204,7 +215,11 @@ class SparseConv2dFunction(torch.autograd.Function):
     format grouped by kernel tap: :func:`~sparse_lth.kernels.torch_conv.build_conv_taps`).
 
     ``dense``: per-op flags as for :class:`SparseLinearFunction`; a dense op runs cuDNN/MKL-DNN on the scattered
-    weight (``flat_index`` indexes the flattened ``(C_out, C_in * kh * kw)`` weight)."""
+    weight (``flat_index`` indexes the flattened ``(C_out, C_in * kh * kw)`` weight).
+
+    The Triton ops run without the public launchers' argument checks (``sparse_conv.forward_trusted`` etc.):
+    the caller, :class:`~sparse_lth.layers.SparseConv2d`, has made them (format, geometry as pairs of ints, a 4-D
+    input of the values' dtype)."""
 
     @staticmethod
     def forward(ctx, x, values, bias, fmt: SparseFormat, kernel_size, stride, padding, dilation,
@@ -225,9 +240,7 @@ class SparseConv2dFunction(torch.autograd.Function):
         elif backend == "torch":
             y = torch_conv.forward_grid(xg, values, taps, grid, bias, x.dtype)
         else:
-            from .kernels import sparse_conv as k
-
-            y = k.sparse_conv2d_forward(x, values, fmt, kernel_size, bias, stride, padding, dilation)
+            y = _conv_ops()[0](x, values, fmt, kernel_size, stride, padding, dilation, bias)
         ctx.fmt, ctx.geom, ctx.has_bias = fmt, (kernel_size, stride, padding, dilation), bias is not None
         ctx.dense, ctx.w_shape, ctx.backend, ctx.taps, ctx.grid = dense, w_shape, backend, taps, grid
         # not the grid: the weight gradient builds it again from x (one copy of x, 1-4 % of a Conv-6, ResNet-20 or
@@ -261,10 +274,7 @@ class SparseConv2dFunction(torch.autograd.Function):
             elif ctx.backend == "torch":
                 dx = torch_conv.backward_input_grid(dyg, values, ctx.taps, ctx.grid, dy.dtype)
             else:
-                from .kernels import sparse_conv as k
-
-                dx = k.sparse_conv2d_backward_input(dy, values, ctx.fmt, tuple(x.shape), kernel_size, stride,
-                                                    padding, dilation)
+                dx = _conv_ops()[1](dy, values, ctx.fmt, x.shape, kernel_size, stride, padding, dilation)
         if need_dv:
             if d_dw:
                 g = torch.nn.grad.conv2d_weight(x, ctx.w_shape, dy, stride, padding, dilation)
@@ -273,10 +283,7 @@ class SparseConv2dFunction(torch.autograd.Function):
                 xg = torch_conv.input_grid(x, ctx.grid, torch_conv.compute_dtype(x.dtype))
                 dv = torch_conv.backward_weight_grid(dyg, xg, ctx.taps, ctx.grid, values.dtype)
             else:
-                from .kernels import sparse_conv as k
-
-                dv = k.sparse_conv2d_backward_weight(dy, x, ctx.fmt, kernel_size, stride, padding, dilation,
-                                                     out_dtype=values.dtype)
+                dv = _conv_ops()[2](dy, x, ctx.fmt, kernel_size, stride, padding, dilation, values.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dv, db, None, None, None, None, None, None, None, None, None

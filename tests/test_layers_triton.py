@@ -273,6 +273,22 @@ def test_layer_of_unsupported_dtype_is_refused_on_triton(kernel_device, backend)
         layer(torch.randn(3, 10, dtype=torch.float64, device=kernel_device))
 
 
+def test_conv_layer_of_unsupported_dtype_or_an_input_on_another_device_is_refused(kernel_device, backend):
+    """The conv layer's Triton ops run without the public launchers' checks (the layer made them), but a float64
+    model still gets the clear dtype error, and on a GPU an input on the CPU the device error, not a bad launch."""
+    gen = torch.Generator().manual_seed(24)
+    layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend).to(kernel_device)
+    layer.set_mask(random_mask((4, 3, 3, 3), 0.4, gen))
+    if kernel_device.type == "cuda":
+        with pytest.raises(ValueError, match="sparse_conv2d_forward: tensors are on different devices"):
+            layer(torch.randn(2, 3, 5, 5))
+    layer = layer.double()
+    assert layer.values.dtype == torch.float64 and layer.path == "sparse" and layer.backend == backend
+    with pytest.raises(TypeError, match="sparse_conv2d_forward: x must be float32, float16 or bfloat16, got "
+                                        "torch.float64"):
+        layer(torch.randn(2, 3, 5, 5, dtype=torch.float64, device=kernel_device))
+
+
 def test_sparse_linear_output_is_not_a_view(kernel_device, backend):
     """The kernels' batch-minor output is allocated with its strides (no transposed view of another tensor), so
     the Function returns it as it is and an in-place op after the layer is allowed."""
