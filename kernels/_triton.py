@@ -148,7 +148,9 @@ def offset_dtype(*tensors, counts=()):
     if FORCE_OFFSET64:
         return tl.int64
     for t in tensors:
-        if t is not None and _max_offset(t) >= _OFFSET32_LIMIT:
+        # a contiguous tensor's extent is numel - 1 (two C calls instead of a loop over its dimensions)
+        if t is not None and (t.numel() > _OFFSET32_LIMIT or not t.is_contiguous()) \
+                and _max_offset(t) >= _OFFSET32_LIMIT:
             return tl.int64
     for c in counts:
         if int(c) >= _OFFSET32_LIMIT:
