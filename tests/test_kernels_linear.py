@@ -568,6 +568,12 @@ def test_offset_dtype_choice():
     assert offset_dtype(small.t(), counts=(2**30,)) == tl.int64   # e.g. nnz positions
     assert offset_dtype(big[:, :1]) == tl.int64                   # a view: its strides count, not its size
     assert offset_dtype(torch.empty(0, 2**31, device="meta")) == tl.int32   # empty: no offset at all
+    # contiguous: the extent is numel - 1, at the limit's edge either way
+    assert offset_dtype(torch.empty(2**15, 2**15, device="meta")) == tl.int32
+    assert offset_dtype(torch.empty(2**30 + 1, device="meta")) == tl.int64
+    # size-1 dimensions with any stride are contiguous and reach nothing; a broadcast dimension reaches nothing
+    assert offset_dtype(torch.empty_strided((1, 8), (2**40, 1), device="meta")) == tl.int32
+    assert offset_dtype(torch.empty(8, 1, device="meta").expand(8, 2**31)) == tl.int32
 
 
 @pytest.mark.parametrize("cfg", [None, SLAB_CFG])
