@@ -345,14 +345,19 @@ _TABLE_CACHE_SIZE = 64
 LAST_COMPILED: dict[tuple, object] = {}
 
 
-def _cached(cache: OrderedDict, key: tuple, build):
+def _cached(cache: OrderedDict, key: tuple, build, store: bool = True):
+    """The cached table for ``key``, else ``build()``'s, remembered unless ``store`` is False: a table built during
+    a CUDA graph capture is filled only when the graph replays (its copy is a node of the graph), so an eager launch
+    must not find it in the cache before that, or after a capture that failed."""
     hit = cache.get(key)
     if hit is not None:
         cache.move_to_end(key)
         return hit
-    out = cache[key] = build()
-    if len(cache) > _TABLE_CACHE_SIZE:
-        cache.popitem(last=False)
+    out = build()
+    if store:
+        cache[key] = out
+        if len(cache) > _TABLE_CACHE_SIZE:
+            cache.popitem(last=False)
     return out
 
 
@@ -390,13 +395,15 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
-def _tables(rows: tuple[tuple[int, ...], ...], device: torch.device,
-            block: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(pointer table, program table, number of programs) for the rows of one launch."""
+def _tables(rows: tuple[tuple[int, ...], ...], device: torch.device, block: int,
+            store: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(pointer table, program table, number of programs) for the rows of one launch (``store``: see _cached)."""
     numels = tuple([r[_C_NUMEL] for r in rows])
-    prog, n_programs = _cached(_PROG_CACHE, (device, block, numels), lambda: _program_table(numels, device, block))
+    prog, n_programs = _cached(_PROG_CACHE, (device, block, numels), lambda: _program_table(numels, device, block),
+                               store)
     ptr = _cached(_TABLE_CACHE, (device, rows),
-                  lambda: _to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS), device))
+                  lambda: _to_device(torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _PTR_COLS), device),
+                  store)
     return ptr, prog, n_programs
 
 
@@ -455,11 +462,11 @@ def launch_buckets(op: str, kernel, device: torch.device, buckets: dict, flags: 
     for (dtype, has_mask, aligned), (rows, hyper_rows, hyper64_rows) in buckets.items():
         if not rows:
             continue
-        ptr_table, prog_table, n_programs = _tables(tuple(rows), device, block)
-        hyper = _hyper_table(tuple(hyper_rows), torch.float32, device)
+        ptr_table, prog_table, n_programs = _tables(tuple(rows), device, block, not capturing)
+        hyper = _hyper_table(tuple(hyper_rows), torch.float32, device, not capturing)
         tables = [ptr_table, hyper]
         if hyper64_cols:
-            tables.append(_hyper_table(tuple(hyper64_rows), torch.float64, device))
+            tables.append(_hyper_table(tuple(hyper64_rows), torch.float64, device, not capturing))
         elif hyper64_cols == 0:
             tables.append(hyper)
         if capturing:  # a graph will read these at every replay: never free them
@@ -476,10 +483,12 @@ def launch_buckets(op: str, kernel, device: torch.device, buckets: dict, flags: 
     return launches
 
 
-def _hyper_table(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device):
+def _hyper_table(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device,
+                 store: bool = True):
     """The hyperparameter table of one launch (rows padded to the kernel's width), cached by its values: constant
     across steps for SGD (but its first) and capturable Adam, new every step for Adam (the bias corrections)."""
-    return _cached(_HYPER_CACHE, (device, dtype, rows), lambda: _to_device(torch.tensor(rows, dtype=dtype), device))
+    return _cached(_HYPER_CACHE, (device, dtype, rows), lambda: _to_device(torch.tensor(rows, dtype=dtype), device),
+                   store)
 
 
 def fused_sgd_(

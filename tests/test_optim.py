@@ -264,6 +264,33 @@ def test_tables_used_in_a_capture_are_kept_alive(kernel_device, monkeypatch):
     K._CAPTURE_KEEPALIVE.clear()
 
 
+def test_tables_first_built_in_a_capture_are_not_cached(kernel_device, monkeypatch):
+    """A table built during a CUDA graph capture is filled only when the graph replays (its copy is a graph node):
+    it is kept alive for the graph but not cached, so an eager launch after the capture (or after a capture that
+    failed) builds and fills its own."""
+    gen = torch.Generator().manual_seed(17)
+    ps = [torch.randn(s, generator=gen).to(kernel_device) for s in [(9,), (4, 4)]]
+    gs = [torch.randn_like(p) for p in ps]
+    ref = [p.clone() for p in ps]
+    for cache in (K._TABLE_CACHE, K._PROG_CACHE, K._HYPER_CACHE):
+        cache.clear()
+    K._CAPTURE_KEEPALIVE.clear()
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    K.fused_sgd_(ps, gs, None, None, lr=0.1)
+    assert not K._TABLE_CACHE and not K._PROG_CACHE and not K._HYPER_CACHE
+    # the pointer, program and hyperparameter tables (and on a GPU the host tensors they were copied from)
+    assert len(K._CAPTURE_KEEPALIVE) == (3 if kernel_device.type == "cpu" else 6)
+    monkeypatch.setattr(K, "_capturing", lambda device: False)
+    K.fused_sgd_(ps, gs, None, None, lr=0.1)
+    assert len(K._TABLE_CACHE) == len(K._PROG_CACHE) == len(K._HYPER_CACHE) == 1
+    # no real capture here: the first launch ran too, so two steps, as the reference's
+    K.sgd_reference_(ref, gs, None, None, lr=0.1)
+    K.sgd_reference_(ref, gs, None, None, lr=0.1)
+    for a, b in zip(ps, ref):
+        close(a, b)
+    K._CAPTURE_KEEPALIVE.clear()
+
+
 def test_bf16_rounds_to_nearest_even(kernel_device):
     # p - lr * g with lr = 1 and g = 0: p is written back through the bf16 rounding. Feed fp32 values between two
     # bf16 numbers via weight decay: p_new = p * (1 - wd) with p = 1, wd chosen so p_new is a half-way or off value.
