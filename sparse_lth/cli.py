@@ -143,6 +143,12 @@ def _device(name: str):
     return device
 
 
+def _check_cuda_graph(wanted: bool, device) -> None:
+    if wanted and device.type != "cuda":
+        raise ValueError(f"--cuda-graph captures the training step as a CUDA graph: it needs --device cuda, "
+                         f"not {device}")
+
+
 def _setup_threads(n: int | None) -> None:
     if n:
         import torch
@@ -155,7 +161,7 @@ def _cmd_imp(args, names) -> int:
     from .presets import get_preset
     given = _given(args, names)
     hp = get_preset(args.preset, **given) if args.preset else ImpHparams(**given)
-    _device(args.device)
+    _check_cuda_graph(args.cuda_graph, _device(args.device))
     if hp.layer_impl == "masked":  # a note, not an error: folders made so before must still resume
         unused = [f"--{f.replace('_', '-')}" for f in ("path", "ops", "timed_paths", "backend") if f in given]
         if unused:
@@ -186,7 +192,8 @@ def _cmd_imp(args, names) -> int:
     res = run_imp(hp, args.runs, replicates=args.replicates, device=args.device, data_root=args.data,
                   progress=not args.no_progress, checkpoint_every=args.checkpoint_every, run_dir=args.run_dir,
                   wait_for_source=args.wait_for_source, report=not args.no_report, on_round_end=round_done,
-                  source_dir=args.source, on_start=lambda exp: _write(f"experiment folder: {exp.dir}"))
+                  source_dir=args.source, on_start=lambda exp: _write(f"experiment folder: {exp.dir}"),
+                  cuda_graph=args.cuda_graph)
     print(f"experiment: {res.experiment_dir}  ({time.time() - t0:.0f} s)")
     print(header)
     for rounds in res.metrics.values():
@@ -263,6 +270,7 @@ def _cmd_train(args, names) -> int:
     cfg = TrainConfig(**{"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "eval_every": 100,
                          **given, "progress": not args.no_progress})
     device = _device(args.device)
+    _check_cuda_graph(cfg.cuda_graph, device)
     if ticket is None:
         model_name, kw = args.model or "lenet300_100", {}
         dataset = args.dataset or default_dataset(model_name)
@@ -623,6 +631,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pi.add_argument("--run-dir", help="use this experiment folder instead of <runs>/<name>_<hash>")
     pi.add_argument("--device", default="cpu")
     pi.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pi.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA only: replay each training step as a captured CUDA graph (a LeNet-sized step on a "
+                         "GPU is mostly host time; the graph skips it). How the run executes, not part of its "
+                         "hyperparameters: a run resumes with or without it")
     pi.add_argument("--replicates", type=_at_least(1), default=1, help="seeds seed .. seed+N-1 (default 1)")
     pi.add_argument("--checkpoint-every", type=_nonneg(), default=1000,
                     help="checkpoint every N iterations (0: never; a killed round then starts over)")

@@ -479,8 +479,11 @@ class Experiment:
 
     def __init__(self, hparams: ImpHparams, run_root: str = "runs", *, device: str | torch.device = "cpu",
                  data_root: str | None = None, progress: bool = True, checkpoint_every: int = 1000,
-                 run_dir: str | None = None, wait_for_source: float = 0.0, data=None, source_dir: str | None = None):
+                 run_dir: str | None = None, wait_for_source: float = 0.0, data=None, source_dir: str | None = None,
+                 cuda_graph: bool = False):
         self.hp = hparams
+        # how the rounds execute, not what they compute (not a hyperparameter: see TrainConfig.cuda_graph)
+        self.cuda_graph = bool(cuda_graph)
         # controls: the IMP run's folder (default: <run_root>/<its name>); IMP: a run to take round 0 from
         self.source_dir = source_dir
         self.run_root = str(run_root)
@@ -607,7 +610,7 @@ class Experiment:
                            weight_decay=hp.weight_decay, batch_size=hp.batch_size, iterations=self.iterations,
                            milestones=hp.milestones, gamma=hp.gamma, warmup=hp.warmup, eval_every=hp.eval_every,
                            train_eval_size=hp.train_eval_size, seed=hp.seed, progress=self.progress,
-                           optimizer_impl=hp.optimizer_impl, precision=hp.precision)
+                           optimizer_impl=hp.optimizer_impl, precision=hp.precision, cuda_graph=self.cuda_graph)
 
     # ------------------------------------------------------------------------------------ pieces
     @property
@@ -692,7 +695,8 @@ class Experiment:
     def _sibling(self, hp: ImpHparams) -> "Experiment":
         """The experiment of ``hp`` in ``source_dir`` (or its default folder), on this one's device and data."""
         return Experiment(hp, self.run_root, device=self.device, data_root=self.data_root, progress=self.progress,
-                          checkpoint_every=self.checkpoint_every, data=self._raw, run_dir=self.source_dir)
+                          checkpoint_every=self.checkpoint_every, data=self._raw, run_dir=self.source_dir,
+                          cuda_graph=self.cuda_graph)
 
     def dense_source(self) -> "Experiment | None":
         """The experiment whose round 0 (the dense network) this one takes instead of training it: a control's
@@ -1161,7 +1165,7 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
             checkpoint_every: int = 1000, run_dir: str | None = None, wait_for_source: float = 0.0,
             callback: Callable | None = None, on_round_start: Callable | None = None,
             on_round_end: Callable | None = None, report: bool = False, data=None,
-            source_dir: str | None = None, on_start: Callable | None = None) -> ImpResult:
+            source_dir: str | None = None, on_start: Callable | None = None, cuda_graph: bool = False) -> ImpResult:
     """Run (or resume) an IMP experiment; see the module docstring.
 
     ``seeds`` (list) or ``replicates`` (n: seeds ``hparams.seed .. hparams.seed + n - 1``); default: the single
@@ -1174,13 +1178,15 @@ def run_imp(hparams: ImpHparams, run_root: str = "runs", *, seeds=None, replicat
     stops the run; re-running resumes); ``on_round_start(round, model)`` before a round trains,
     ``on_round_end(metrics)`` after.
     ``report``: write the report (figures and table) into ``<experiment>/report`` at the end, including sibling
-    control experiments found in ``run_root``.
+    control experiments found in ``run_root``. ``cuda_graph``: on a GPU, replay each training step as a captured
+    CUDA graph (:class:`~sparse_lth.train.TrainConfig`'s ``cuda_graph``; how the run executes, not part of its
+    hyperparameters).
     """
     if seeds is None:
         seeds = [hparams.seed + i for i in range(replicates or 1)]
     exp = Experiment(hparams, run_root, device=device, data_root=data_root, progress=progress,
                      checkpoint_every=checkpoint_every, run_dir=run_dir, wait_for_source=wait_for_source,
-                     data=data, source_dir=source_dir)
+                     data=data, source_dir=source_dir, cuda_graph=cuda_graph)
     if on_start is not None:
         on_start(exp)
     res = exp.run(seeds, callback=callback, on_round_start=on_round_start, on_round_end=on_round_end)

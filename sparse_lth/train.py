@@ -59,6 +59,7 @@ class TrainConfig:
     progress: bool = True           # tqdm progress bar
     optimizer_impl: str = "torch"   # torch | sparse_lth (mask-aware optimizers of sparse_lth.optim)
     precision: str = "fp32"         # fp32 | bf16 (forward passes under bf16 autocast; weights and optimizer in fp32)
+    cuda_graph: bool = False        # CUDA only: replay each training step as a captured CUDA graph (see train())
 
     def __post_init__(self):
         self.milestones = tuple(int(m) for m in self.milestones)
@@ -108,15 +109,18 @@ def _stop_after_step(enabled: bool):
         signal.raise_signal(pending[0])
 
 
-DISPLAY_ONLY = ("progress",)  # TrainConfig fields that change nothing a run computes
+# TrainConfig fields that say how a run executes, not what it computes: a run killed with one setting resumes with
+# the other (cuda_graph replays the same step; with torch.optim's Adam it takes torch's capturable variant, whose
+# bias corrections are fp32 device arithmetic instead of the host's double: the same trajectory to rounding)
+EXECUTION_ONLY = ("progress", "cuda_graph")
 
 
 def _trajectory(config: dict) -> dict:
-    """A checkpoint's configuration without its display-only fields (a run killed with the progress bar on
+    """A checkpoint's configuration without its execution-only fields (a run killed with the progress bar on
     resumes with it off, and the other way round), a field added since it was written at its default."""
     full = {**_DEFAULTS, **config}
     full["milestones"] = tuple(full["milestones"])
-    return {k: v for k, v in full.items() if k not in DISPLAY_ONLY}
+    return {k: v for k, v in full.items() if k not in EXECUTION_ONLY}
 
 
 def check_train_config(cfg: TrainConfig) -> None:
@@ -144,15 +148,19 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"milestones must be positive and increasing, got {cfg.milestones}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
+    if not isinstance(cfg.cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cfg.cuda_graph!r}")
 
 
 _DEFAULTS = dataclasses.asdict(TrainConfig())
 
 
-def autocast(precision: str, device: torch.device):
-    """The context a forward pass runs in at ``precision``: bf16 autocast on the device, or nothing (fp32)."""
+def autocast(precision: str, device: torch.device, cache_enabled: bool = True):
+    """The context a forward pass runs in at ``precision``: bf16 autocast on the device, or nothing (fp32).
+    ``cache_enabled=False`` for a step captured in a CUDA graph (autocast's cast cache must not outlive it)."""
     if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                              cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
@@ -175,9 +183,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         return ns.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                       weight_decay=cfg.weight_decay)
+    # in a CUDA graph Adam's step counts must live on the device (capturable): the graph replays the bias
+    # corrections' arithmetic instead of freezing the values of the step it was captured at
+    extra = dict(capturable=True) if cfg.cuda_graph else {}
     if cfg.optimizer == "adam":
-        return ns.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return ns.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return ns.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    return ns.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
 
 
 # ----------------------------------------------------------------------------------------------- masks (plain)
@@ -296,6 +307,10 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
       steps (``k == start_iteration``: before any step), e.g. the rewind point of IMP.
     - ``callback(iteration, model)`` is called after every step (``iteration`` = steps done); an exception
       raised there stops training (the last checkpoint stays).
+    - ``cfg.cuda_graph`` (CUDA only): each step is replayed as a captured CUDA graph (:class:`_GraphedStep`:
+      three eager warm-up steps and a capture per learning rate and batch shape; a failed capture warns and the
+      run goes on eagerly); Adam is built capturable. The loss, weights and metrics are the eager run's, to the
+      rounding of torch's capturable Adam when it is torch.optim's.
     - With a ``checkpoint_path``, Ctrl-C (SIGINT) or SIGTERM (a cluster's preemption, ``kill``) stops training
       after the step under way, writes a checkpoint at that iteration and raises :class:`TrainingInterrupted` (a
       ``KeyboardInterrupt``): nothing done is lost, and the resume is exact. A second signal acts at once.
@@ -317,6 +332,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     if checkpoint_every < 0:
         raise ValueError("checkpoint_every must be >= 0")
     x_dev = train_data.x.device
+    if cfg.cuda_graph:
+        _CudaGraphs.check_device(x_dev)
     p0 = next(iter(model.parameters()), None)
     if p0 is not None and p0.device != x_dev:
         raise ValueError(f"model is on {p0.device} but the training data is on {x_dev}; move one of them")
@@ -382,6 +399,24 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
             on_capture(it, _copy_state(model))
         do_eval(it)
 
+    def one_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One training step on (x, y), the optimizer's learning rate already set; returns the loss tensor."""
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(cfg.precision, x_dev, cache_enabled=not cfg.cuda_graph):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        for m, fm in masked:
+            if m.weight.grad is not None:
+                m.weight.grad.mul_(fm)
+        optimizer.step()
+        if masked:
+            with torch.no_grad():
+                for m, fm in masked:
+                    m.weight.mul_(fm)
+        return loss
+
+    graphed = _GraphedStep(one_step, _CudaGraphs()) if cfg.cuda_graph else None
+    structure = _graph_structure(model) if graphed is not None else None
     timer = _StepTimer(torch.cuda.synchronize if x_dev.type == "cuda" else None, elapsed)
     bar = None
     if cfg.progress:
@@ -398,18 +433,10 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 lr = lr_at(cfg, it)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(cfg.precision, x_dev):
-                    loss = F.cross_entropy(model(x), y)
-                loss.backward()
-                for m, fm in masked:
-                    if m.weight.grad is not None:
-                        m.weight.grad.mul_(fm)
-                optimizer.step()
-                if masked:
-                    with torch.no_grad():
-                        for m, fm in masked:
-                            m.weight.mul_(fm)
+                if graphed is None:
+                    loss = one_step(x, y)
+                else:  # what the captured step bakes in besides its inputs: the lr, the shapes, the tensors
+                    loss = graphed(x, y, (lr, tuple(x.shape), tuple(y.shape), structure))
                 it += 1
                 steps_timed += 1
                 checkpoint_due = bool(checkpoint_path and checkpoint_every and it % checkpoint_every == 0
@@ -429,6 +456,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                     do_checkpoint(it)
                 if callback is not None:
                     callback(it, model)
+                    if graphed is not None:  # a callback may have set masks or moved the model: capture again then
+                        structure = _graph_structure(model)
                 if stop[0] is not None:  # SIGINT/SIGTERM during this step: keep what it did, then stop
                     signum, stop[0] = stop[0], None
                     timer.stop(boundary=True)  # (the signal may have come after the step's own stop)
@@ -449,6 +478,89 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 time_per_step=timer.elapsed / max(steps_timed, 1),
                 paths=layer_paths(model), backends=layer_backends(model), resumed_from=resumed_from,
                 environments=environments)
+
+
+class _CudaGraphs:
+    """How :class:`_GraphedStep` warms up and captures: torch's recipe (the warm-up steps on a side stream, the
+    capture on the graph's own stream, ``torch.cuda.graph``). Tests give a CPU stand-in with the same methods."""
+
+    @staticmethod
+    def check_device(device: torch.device) -> None:
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model and data on a CUDA device; they are on {device}")
+
+    def warmup(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            out = fn()
+        torch.cuda.current_stream().wait_stream(side)
+        return out
+
+    def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        """(replay, the output tensor every replay rewrites). Nothing runs until the first replay."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        return graph.replay, out
+
+
+class _GraphedStep:
+    """The training step replayed as a CUDA graph (``TrainConfig.cuda_graph``): a LeNet-sized step on a GPU is
+    mostly host time (Python, autograd, launch overhead), which a replay skips; the kernels are the same.
+
+    Per ``key`` (what the captured step bakes in besides its inputs: the learning rate, the batch shapes, the
+    model's tensors), :attr:`WARMUP` steps run eagerly (on a side stream, as torch requires before a capture; they
+    also let Triton tune and compile, and create the optimizer's state), then the step is captured once with static
+    input buffers, and every step with that key copies its batch into them and replays. A new key (a learning-rate
+    milestone, a warm-up ramp, a smaller batch) starts over, so a ramp that changes the rate at every step runs
+    eagerly until it ends. A capture that raises (an op that cannot be captured) is reported once with a warning
+    and the run goes on eagerly: nothing of a failed capture has run, so the trajectory is intact."""
+
+    WARMUP = 3
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], api):
+        self.step, self.api = step, api
+        self.key: Any = None
+        self.replay: Callable[[], None] | None = None
+        self.loss: torch.Tensor | None = None
+        self.static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.warm = 0
+        self.captures = 0
+        self.failed: BaseException | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, key) -> torch.Tensor:
+        if self.failed is not None:
+            return self.step(x, y)
+        if key != self.key:
+            self.key, self.replay, self.loss, self.static, self.warm = key, None, None, None, 0
+        if self.replay is None:
+            if self.warm < self.WARMUP:
+                self.warm += 1
+                return self.api.warmup(lambda: self.step(x, y))
+            sx, sy = x.clone(), y.clone()
+            try:
+                self.replay, self.loss = self.api.capture(lambda: self.step(sx, sy))
+            except Exception as e:  # noqa: BLE001 - reported, then the run goes on without graphs
+                import warnings
+
+                self.failed = e
+                warnings.warn(f"cuda_graph: capturing the training step failed ({type(e).__name__}: {e}); "
+                              "training goes on without CUDA graphs", RuntimeWarning, stacklevel=3)
+                return self.step(x, y)
+            self.static = (sx, sy)
+            self.captures += 1
+        sx, sy = self.static
+        sx.copy_(x)
+        sy.copy_(y)
+        self.replay()
+        return self.loss
+
+
+def _graph_structure(model: nn.Module) -> tuple:
+    """The identities and addresses of the model's parameters and buffers (masks, sparse formats): a captured step
+    reads them by address, so a change (a new mask, a moved layer) calls for a new capture."""
+    return tuple((id(t), t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
 
 
 class _StepTimer:

@@ -304,6 +304,18 @@ def test_env_prints_what_a_run_records(capsys):
         assert rc == 2 and "no CUDA GPU here" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["imp", "train"])
+def test_cuda_graph_needs_a_cuda_device(command, tmp_path, capsys):
+    """--cuda-graph captures the training step on a GPU: with another device it is refused before anything runs."""
+    args = [command, "--cuda-graph", "--device", "cpu", "--data", str(tmp_path)]
+    if command == "imp":
+        args += ["--runs", str(tmp_path / "runs")]
+    assert main(args) == 2
+    assert "--cuda-graph captures the training step as a CUDA graph: it needs --device cuda, not cpu" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sigterm_stops_an_imp_run_with_a_checkpoint_and_it_resumes_there(tmp_path, capsys):
     """`kill` (a cluster's preemption) of a running `sparse-lth imp`: it ends after the step under way with a
     checkpoint at that iteration, exit status 128 + 15, and the same command resumes from that iteration."""

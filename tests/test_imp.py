@@ -925,3 +925,14 @@ def test_the_plan_of_one_shot_and_of_a_control(tmp_path):
     reinit = Experiment(dataclasses.replace(hp, control="reinit"), str(tmp_path), data=data).plan()
     assert reinit["dense_from"] == os.path.join(str(tmp_path), experiment_name(hp))
     assert [r["live"] for r in reinit["rounds"]] == [r["live"] for r in imp["rounds"]]
+
+
+def test_cuda_graph_is_how_an_experiment_runs_not_what_it_is(tmp_path):
+    """cuda_graph reaches every round's TrainConfig (and a control's source experiment) but not the experiment's
+    hyperparameters: the folder, and so a resume, is the same with or without it."""
+    hp = ImpHparams(iterations="100it")
+    graphed = Experiment(hp, str(tmp_path), cuda_graph=True)
+    plain = Experiment(hp, str(tmp_path))
+    assert graphed.dir == plain.dir
+    assert graphed.train_cfg.cuda_graph and not plain.train_cfg.cuda_graph
+    assert graphed._sibling(hp).train_cfg.cuda_graph

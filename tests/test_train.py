@@ -380,3 +380,124 @@ def test_gpu_steps_are_timed_in_stretches_between_evaluations(tmp_path, monkeypa
     waits.clear()
     train(tiny_model("sparse")[0], tr, te, c, callback=lambda it, m: None)  # a callback after every step
     assert len(waits) == 30
+
+
+# ---------------------------------------------------------------------------------------------------- CUDA graphs
+class StandInGraphs:
+    """The CPU stand-in for train()'s CUDA-graph API: a "capture" runs nothing, and each replay runs the step on
+    the static input buffers and writes the loss into the static output, as a graph replay would. What it checks is
+    train()'s bookkeeping around the graphs (warm-up, static buffers, re-capture on a new key, the fallback)."""
+
+    warmups = captures = replays = 0
+    fail = False
+
+    @staticmethod
+    def check_device(device):
+        pass
+
+    def warmup(self, fn):
+        type(self).warmups += 1
+        return fn()
+
+    def capture(self, fn):
+        if type(self).fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        type(self).captures += 1
+        static = torch.zeros(())
+
+        def replay():
+            type(self).replays += 1
+            static.copy_(fn())
+
+        return replay, static
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    import sparse_lth.train as T
+
+    StandInGraphs.warmups = StandInGraphs.captures = StandInGraphs.replays = 0
+    StandInGraphs.fail = False
+    monkeypatch.setattr(T, "_CudaGraphs", StandInGraphs)
+    return StandInGraphs
+
+
+@pytest.mark.parametrize("impl,optimizer", [("torch", "sgd"), ("sparse_lth", "adam")])
+def test_cuda_graph_steps_are_the_eager_steps(stand_in_graphs, impl, optimizer):
+    """cuda_graph=True with the stand-in: per learning rate (a milestone at 10 starts over), 3 eager warm-up steps,
+    one capture, replays for the rest; each step reads its own batch through the static buffers (the result is
+    the eager run's, bit for bit), and a callback (which may change the model) costs no capture when it does not."""
+    tr, te = tiny_data()
+    kw = dict(optimizer=optimizer, optimizer_impl=impl, lr=0.05 if optimizer == "sgd" else 3e-3,
+              milestones=(10,), iterations=20, eval_every=7)
+    ref_model, _ = tiny_model()
+    ref = train(ref_model, tr, te, cfg(**kw))
+    model, _ = tiny_model()
+    seen = []
+    out = train(model, tr, te, cfg(cuda_graph=True, **kw), callback=lambda it, m: seen.append(it))
+    assert seen == list(range(1, 21))
+    assert (stand_in_graphs.warmups, stand_in_graphs.captures, stand_in_graphs.replays) == (6, 2, 14)
+    for k, v in weights(ref_model).items():
+        assert torch.equal(weights(model)[k], v), k
+    assert out["curve"] == ref["curve"]
+
+
+def test_cuda_graph_capture_failure_falls_back_to_eager(stand_in_graphs):
+    """A capture that raises is reported once and the run goes on eagerly, on the eager trajectory."""
+    stand_in_graphs.fail = True
+    tr, te = tiny_data()
+    ref_model, _ = tiny_model()
+    train(ref_model, tr, te, cfg(iterations=12))
+    model, _ = tiny_model()
+    with pytest.warns(RuntimeWarning, match="cuda_graph: capturing the training step failed"):
+        train(model, tr, te, cfg(iterations=12, cuda_graph=True))
+    assert stand_in_graphs.warmups == 3 and stand_in_graphs.replays == 0
+    for k, v in weights(ref_model).items():
+        assert torch.equal(weights(model)[k], v), k
+
+
+def test_cuda_graph_resumes_a_run_without_graphs(stand_in_graphs, tmp_path):
+    """cuda_graph says how a run executes, not what it computes: a checkpoint written with it resumes without it
+    (and the other way round)."""
+    tr, te = tiny_data()
+    ck = str(tmp_path / "ck.pt")
+    model, _ = tiny_model()
+    with pytest.raises(RuntimeError, match="stop"):
+        train(model, tr, te, cfg(cuda_graph=True), checkpoint_path=ck, checkpoint_every=6,
+              callback=lambda it, m: (_ for _ in ()).throw(RuntimeError("stop")) if it == 13 else None)
+    model, _ = tiny_model()
+    out = train(model, tr, te, cfg(), checkpoint_path=ck, checkpoint_every=6)
+    assert out["resumed_from"] == 12
+    ref_model, _ = tiny_model()
+    train(ref_model, tr, te, cfg())
+    for k, v in weights(ref_model).items():
+        assert torch.equal(weights(model)[k], v), k
+
+
+@pytest.mark.parametrize("impl,optimizer,dropout", [("torch", "sgd", 0.0), ("torch", "adam", 0.0),
+                                                    ("sparse_lth", "adam", 0.0), ("sparse_lth", "sgd", 0.1)])
+def test_cuda_graph_training_on_a_gpu(impl, optimizer, dropout):
+    """On a GPU: train() with the step captured as a real CUDA graph (sparse layers, a learning-rate milestone that
+    makes it capture twice; with dropout, re-seeded before every step as train() does, which a replay must honour)
+    against the same run without graphs: the same trajectory to rounding
+    (torch's capturable Adam computes its bias corrections in fp32 on the device; sparse-lth's reads them in fp64,
+    as the eager step). On the CPU: refused with a clear error (there is nothing to capture)."""
+    tr, te = tiny_data()
+    kw = dict(optimizer=optimizer, optimizer_impl=impl, lr=0.05 if optimizer == "sgd" else 3e-3,
+              milestones=(12,), iterations=30, eval_every=10)
+    if not torch.cuda.is_available():
+        model, _ = tiny_model()
+        with pytest.raises(ValueError, match="cuda_graph=True needs the model and data on a CUDA device"):
+            train(model, tr, te, cfg(cuda_graph=True, **kw))
+        return
+    tr, te = tr.to("cuda"), te.to("cuda")
+    runs = {}
+    for graph in (False, True):
+        model, _ = tiny_model(dropout=dropout)
+        model = model.cuda()
+        out = train(model, tr, te, cfg(cuda_graph=graph, **kw))
+        runs[graph] = (weights(model), out)
+    for k, v in runs[False][0].items():
+        torch.testing.assert_close(runs[True][0][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    for a, b in zip(runs[True][1]["curve"], runs[False][1]["curve"]):
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
