@@ -9,9 +9,10 @@ On a GPU a LeNet-sized step is mostly host time (``bench_host_overhead.py``); a 
 after every step adds the device's time to the host's, where one that lets the host run ahead overlaps them. The
 two modes are the same ``train()`` call: ``stretch`` with no callback, so the loop synchronizes only at its
 evaluations (one at the start, one at the end of the ``--iterations`` steps); ``per_step_sync`` with a do-nothing
-callback after every step, before which the loop synchronizes (what it did after every step before). The
-figure is ``train()``'s own ``time_per_step`` (steps only, evaluations excluded), median over ``--repeats`` runs
-of each, interleaved. Synthetic MNIST-shaped data on the device (timing only), the paper's settings (Adam 1.2e-3,
+callback after every step, before which the loop synchronizes (what it did after every step before); on a GPU
+also ``graph``, ``train()`` with ``cuda_graph=True`` (each step replayed as a captured CUDA graph after three
+warm-up steps and a capture, which its time per step includes). The figure is ``train()``'s own
+``time_per_step`` (steps only, evaluations excluded), median over ``--repeats`` runs of each, interleaved. Synthetic MNIST-shaped data on the device (timing only), the paper's settings (Adam 1.2e-3,
 batch 60), random masks at each density on every layer but the output layer, each layer's automatic path,
 ``--optimizer-impl`` torch.optim's Adam or sparse-lth's fused one. On the CPU the two modes do the same thing
 (there is nothing to wait for): a check of the script, not a figure. Rows go to
@@ -20,6 +21,7 @@ batch 60), random masks at each density on every layer but the output layer, eac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     train_data, test_data = synthetic_mnist(6000, dev), synthetic_mnist(1000, dev, seed=1)
+    modes = ["per_step_sync", "stretch"] + (["graph"] if dev.type == "cuda" else [])
     meta = {"model": "lenet300_100", "batch": 60, "iterations": args.iterations, "device": device_name(dev),
             "commit": git_commit(), "torch": torch.__version__}
     rows = []
@@ -77,12 +80,13 @@ def main(argv=None) -> int:
             cfg = TrainConfig(optimizer="adam", lr=1.2e-3, batch_size=60, iterations=args.iterations,
                               eval_every=args.iterations, train_eval_size=0, eval_batch_size=1000, seed=0,
                               progress=False, optimizer_impl=impl)
-            per_step: dict[str, list[float]] = {"stretch": [], "per_step_sync": []}
+            per_step: dict[str, list[float]] = {mode: [] for mode in modes}
 
             def run(mode, model=model, cfg=cfg, per_step=per_step):
                 # a callback after every step makes the loop wait for the device before it: the old behaviour
-                callback = None if mode == "stretch" else (lambda it, m: None)
-                out = train(model, train_data, test_data, cfg, callback=callback)
+                callback = (lambda it, m: None) if mode == "per_step_sync" else None
+                run_cfg = dataclasses.replace(cfg, cuda_graph=True) if mode == "graph" else cfg
+                out = train(model, train_data, test_data, run_cfg, callback=callback)
                 per_step[mode].append(out["time_per_step"] * 1e3)
                 return 0.0
 
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
             interleaved_samples({mode: (lambda mode=mode: run(mode)) for mode in per_step}, args.repeats,
                                 lambda fn: fn(), warmup=1)
             med = {mode: statistics.median(xs[1:]) for mode, xs in per_step.items()}
-            for mode in ("per_step_sync", "stretch"):
+            for mode in modes:
                 xs = per_step[mode][1:]
                 rows.append({**meta, "density": density, "optimizer_impl": impl, "paths": paths, "mode": mode,
                              "median_ms_per_step": round(med[mode], 4), "min_ms": round(min(xs), 4),

@@ -15,7 +15,8 @@
 #
 # Parts (default limit in seconds):
 #   tests-core (150)      the Triton kernel and layer tests, compiled, heuristic configs (pytest-xdist -n 8 when
-#                         installed: compiling is the cost, and it parallelizes)
+#                         installed: compiling is the cost, and it parallelizes), and train() with CUDA graphs
+#                         against train() without
 #   tests (290)           the same plus tests/test_layers.py, serial
 #   ceilings (30)         measured copy bandwidth and matmul rates (bench_ceilings.py)
 #   linear-targets (120)  bench_linear_gpu.py: the LeNet layers (seconds) and 4096x4096 b4096, all densities,
@@ -107,7 +108,7 @@ for part in "${parts[@]}"; do
         tests|tests-core)
             nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$log"
             $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
-            files="tests/test_kernels_linear.py tests/test_kernels_conv.py tests/test_optim.py tests/test_layers_triton.py tests/test_double_backward.py"
+            files="tests/test_kernels_linear.py tests/test_kernels_conv.py tests/test_optim.py tests/test_layers_triton.py tests/test_double_backward.py tests/test_train.py::test_cuda_graph_training_on_a_gpu"
             par=""
             if [ "$part" = tests ]; then
                 files="$files tests/test_layers.py"

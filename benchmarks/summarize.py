@@ -271,7 +271,8 @@ def train_loop_section(rows) -> list[str]:
     lines = ["## The training loop (bench_train_loop.py)", "",
              "`train()`'s own milliseconds per step (evaluations excluded) on LeNet-300-100, batch 60: `stretch` "
              "waits for the device only between evaluations, `per_step_sync` after every step (the loop before "
-             "session 29); the speedup is against the latter, in the same run.", "",
+             "session 29), `graph` replays each step as a CUDA graph (`cuda_graph=True`); the speedup is against "
+             "`per_step_sync`, in the same run.", "",
              "| density | optimizer | paths | mode | ms/step | speedup vs waiting after every step |",
              "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-_f(r["density"]), r["optimizer_impl"], r["mode"])):

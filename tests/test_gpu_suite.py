@@ -82,6 +82,7 @@ def test_plan15_runs_the_target_parts_in_order_under_their_limits(suite):
     pytest_call, ceilings, linear, optim, conv, model, graph = runs
     assert "-m pytest" in pytest_call and "-n 8" in pytest_call and "tests/test_kernels_linear.py" in pytest_call
     assert "tests/test_optim.py" in pytest_call and "tests/test_kernels_conv.py" in pytest_call
+    assert "tests/test_train.py::test_cuda_graph_training_on_a_gpu" in pytest_call  # train() with CUDA graphs
     assert "bench_ceilings.py --device cuda" in ceilings
     assert "bench_linear_gpu.py" in linear and "4096x4096x4096" in linear and "300x784x60" in linear
     assert "--densities 0.01 0.02 0.05 0.1 0.2 0.5 1" in linear and "--dtypes fp32 bf16" in linear  # targets first
