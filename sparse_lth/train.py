@@ -400,8 +400,12 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
         do_eval(it)
 
     def one_step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One training step on (x, y), the optimizer's learning rate already set; returns the loss tensor."""
-        optimizer.zero_grad(set_to_none=True)
+        """One training step on (x, y), the optimizer's learning rate already set; returns the loss tensor.
+        With CUDA graphs the gradients are zeroed in place, not freed: they then keep their addresses from the
+        warm-up steps on, so sparse-lth's fused optimizer builds its pointer table before the capture (none is
+        copied from the host inside it) and the graph's memory pool holds no gradients. The same values: a
+        gradient accumulated into zeros is the gradient (every step gives the same parameters one)."""
+        optimizer.zero_grad(set_to_none=not cfg.cuda_graph)
         with autocast(cfg.precision, x_dev, cache_enabled=not cfg.cuda_graph):
             loss = F.cross_entropy(model(x), y)
         loss.backward()

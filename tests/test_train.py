@@ -501,3 +501,33 @@ def test_cuda_graph_training_on_a_gpu(impl, optimizer, dropout):
         torch.testing.assert_close(runs[True][0][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for a, b in zip(runs[True][1]["curve"], runs[False][1]["curve"]):
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-4)
+
+
+def test_cuda_graph_capture_copies_no_optimizer_table(stand_in_graphs, monkeypatch):
+    """With sparse-lth's fused optimizer on the kernel path (here the interpreter), the gradients keep their
+    addresses from the warm-up steps on (zeroed in place), so the captured step finds every table in the cache:
+    nothing is copied from the host inside a capture."""
+    import sparse_lth.kernels.optim as K
+    import sparse_lth.train as T
+
+    monkeypatch.setenv("SPARSE_LTH_BACKEND", "interpret")
+    built = []
+    real = K._to_device
+    monkeypatch.setattr(K, "_to_device", lambda host, device: built.append(K._capturing(device)) or real(host, device))
+
+    class Capturing(StandInGraphs):
+        def capture(self, fn):  # the step as a capture traces it (on the CPU it also runs: no trajectory check)
+            monkeypatch.setattr(K, "_capturing", lambda device: True)
+            try:
+                fn()
+            finally:
+                monkeypatch.setattr(K, "_capturing", lambda device: False)
+            return super().capture(fn)
+
+    monkeypatch.setattr(T, "_CudaGraphs", Capturing)
+    tr, te = tiny_data()
+    model, _ = tiny_model()
+    train(model, tr, te, cfg(optimizer="adam", lr=3e-3, optimizer_impl="sparse_lth", iterations=8, eval_every=8,
+                             cuda_graph=True))
+    assert Capturing.captures == 1 and Capturing.replays == 5  # steps 4-8; 1-3 warm up
+    assert built and True not in built  # tables were built, in the warm-up steps only
