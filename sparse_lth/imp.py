@@ -1054,7 +1054,7 @@ class Experiment:
             step_time=out["step_time"], time_per_step=out["time_per_step"], steps_timed=out["steps"],
             resumed_from=out["resumed_from"],
             paths=out["paths"], backends=out["backends"], device=str(self.device),
-            environments=out["environments"], curve=out["curve"])
+            environments=out["environments"], cuda_graph=out.get("cuda_graph"), curve=out["curve"])
 
 
 def check_experiment_dir(run_dir: str) -> str:

@@ -320,7 +320,8 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     test_acc, test_loss, train_acc, train_loss, iterations, steps, wall_time (steps + evaluations, summed over
     resumes), step_time (seconds in steps; on a GPU timed over each stretch of steps between evaluations,
     checkpoints and callbacks, since the loop waits for the device only there), time_per_step, paths, backends,
-    resumed_from, environments)``; ``environments``: the
+    resumed_from, environments, cuda_graph)``; ``cuda_graph``: None without graphs, else this call's
+    ``{captures, replayed_steps, eager_steps, failed}``; ``environments``: the
     :func:`sparse_lth.environment.environment` of each stretch of training that ran under another one, with the
     iteration it started from (one unless resumed elsewhere; a resume under other numerics warns).
     """
@@ -481,7 +482,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
                 wall_time=wall_before + time.perf_counter() - t_start, step_time=timer.elapsed,
                 time_per_step=timer.elapsed / max(steps_timed, 1),
                 paths=layer_paths(model), backends=layer_backends(model), resumed_from=resumed_from,
-                environments=environments)
+                environments=environments, cuda_graph=None if graphed is None else graphed.summary())
 
 
 class _CudaGraphs:
@@ -530,17 +531,25 @@ class _GraphedStep:
         self.loss: torch.Tensor | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None
         self.warm = 0
-        self.captures = 0
+        self.captures = self.replays = self.eager = 0
         self.failed: BaseException | None = None
+
+    def summary(self) -> dict:
+        """What the graphs did in this run: captures, replayed steps, eager steps (warm-ups, steps after a failed
+        capture) and the failure, if one."""
+        return dict(captures=self.captures, replayed_steps=self.replays, eager_steps=self.eager,
+                    failed=None if self.failed is None else f"{type(self.failed).__name__}: {self.failed}")
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, key) -> torch.Tensor:
         if self.failed is not None:
+            self.eager += 1
             return self.step(x, y)
         if key != self.key:
             self.key, self.replay, self.loss, self.static, self.warm = key, None, None, None, 0
         if self.replay is None:
             if self.warm < self.WARMUP:
                 self.warm += 1
+                self.eager += 1
                 return self.api.warmup(lambda: self.step(x, y))
             sx, sy = x.clone(), y.clone()
             try:
@@ -551,6 +560,7 @@ class _GraphedStep:
                 self.failed = e
                 warnings.warn(f"cuda_graph: capturing the training step failed ({type(e).__name__}: {e}); "
                               "training goes on without CUDA graphs", RuntimeWarning, stacklevel=3)
+                self.eager += 1
                 return self.step(x, y)
             self.static = (sx, sy)
             self.captures += 1
@@ -558,6 +568,7 @@ class _GraphedStep:
         sx.copy_(x)
         sy.copy_(y)
         self.replay()
+        self.replays += 1
         return self.loss
 
 

@@ -437,6 +437,8 @@ def test_cuda_graph_steps_are_the_eager_steps(stand_in_graphs, impl, optimizer):
     out = train(model, tr, te, cfg(cuda_graph=True, **kw), callback=lambda it, m: seen.append(it))
     assert seen == list(range(1, 21))
     assert (stand_in_graphs.warmups, stand_in_graphs.captures, stand_in_graphs.replays) == (6, 2, 14)
+    assert out["cuda_graph"] == dict(captures=2, replayed_steps=14, eager_steps=6, failed=None)
+    assert ref["cuda_graph"] is None
     for k, v in weights(ref_model).items():
         assert torch.equal(weights(model)[k], v), k
     assert out["curve"] == ref["curve"]
@@ -450,8 +452,10 @@ def test_cuda_graph_capture_failure_falls_back_to_eager(stand_in_graphs):
     train(ref_model, tr, te, cfg(iterations=12))
     model, _ = tiny_model()
     with pytest.warns(RuntimeWarning, match="cuda_graph: capturing the training step failed"):
-        train(model, tr, te, cfg(iterations=12, cuda_graph=True))
+        out = train(model, tr, te, cfg(iterations=12, cuda_graph=True))
     assert stand_in_graphs.warmups == 3 and stand_in_graphs.replays == 0
+    assert out["cuda_graph"] == dict(captures=0, replayed_steps=0, eager_steps=12,
+                                     failed="RuntimeError: operation not permitted when stream is capturing")
     for k, v in weights(ref_model).items():
         assert torch.equal(weights(model)[k], v), k
 
@@ -497,6 +501,8 @@ def test_cuda_graph_training_on_a_gpu(impl, optimizer, dropout):
         model = model.cuda()
         out = train(model, tr, te, cfg(cuda_graph=graph, **kw))
         runs[graph] = (weights(model), out)
+    # per learning rate (a milestone at 12): 3 warm-up steps, then captured and replayed; no fallback
+    assert runs[True][1]["cuda_graph"] == dict(captures=2, replayed_steps=24, eager_steps=6, failed=None)
     for k, v in runs[False][0].items():
         torch.testing.assert_close(runs[True][0][k], v, rtol=1e-4, atol=1e-5, msg=k)
     for a, b in zip(runs[True][1]["curve"], runs[False][1]["curve"]):
