@@ -478,17 +478,19 @@ def test_cuda_graph_resumes_a_run_without_graphs(stand_in_graphs, tmp_path):
         assert torch.equal(weights(model)[k], v), k
 
 
-@pytest.mark.parametrize("impl,optimizer,dropout", [("torch", "sgd", 0.0), ("torch", "adam", 0.0),
-                                                    ("sparse_lth", "adam", 0.0), ("sparse_lth", "sgd", 0.1)])
-def test_cuda_graph_training_on_a_gpu(impl, optimizer, dropout):
+@pytest.mark.parametrize("impl,optimizer,dropout,precision", [
+    ("torch", "sgd", 0.0, "fp32"), ("torch", "adam", 0.0, "fp32"), ("sparse_lth", "adam", 0.0, "fp32"),
+    ("sparse_lth", "sgd", 0.1, "fp32"), ("sparse_lth", "adam", 0.0, "bf16")])
+def test_cuda_graph_training_on_a_gpu(impl, optimizer, dropout, precision):
     """On a GPU: train() with the step captured as a real CUDA graph (sparse layers, a learning-rate milestone that
-    makes it capture twice; with dropout, re-seeded before every step as train() does, which a replay must honour)
-    against the same run without graphs: the same trajectory to rounding
+    makes it capture twice; with dropout, re-seeded before every step as train() does, which a replay must honour;
+    under bf16 autocast, whose cast cache is off in graph mode) against the same run without graphs: the same
+    trajectory to rounding
     (torch's capturable Adam computes its bias corrections in fp32 on the device; sparse-lth's reads them in fp64,
     as the eager step). On the CPU: refused with a clear error (there is nothing to capture)."""
     tr, te = tiny_data()
     kw = dict(optimizer=optimizer, optimizer_impl=impl, lr=0.05 if optimizer == "sgd" else 3e-3,
-              milestones=(12,), iterations=30, eval_every=10)
+              milestones=(12,), iterations=30, eval_every=10, precision=precision)
     if not torch.cuda.is_available():
         model, _ = tiny_model()
         with pytest.raises(ValueError, match="cuda_graph=True needs the model and data on a CUDA device"):
