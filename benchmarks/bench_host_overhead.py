@@ -52,6 +52,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from baselines import cpu_device_label, git_commit, interleaved_samples, random_masks, wall_ms, write_rows  # noqa: E402
 
+from sparse_lth.kernels._conv_geometry import out_size  # noqa: E402
 from sparse_lth.layers import SparseConv2d, sparse_layers, sparsify  # noqa: E402
 from sparse_lth.models import build_model, default_dataset  # noqa: E402
 
@@ -136,7 +137,7 @@ class _FloorConv(nn.Module):
 
     def forward(self, x):
         c, k, s, p, d = self.geometry
-        oh, ow = ((x.shape[i + 2] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
+        oh, ow = out_size(x.shape[2], x.shape[3], k, s, p, d, "floor conv")
         return _TrivialConv.apply(x, self.values, self.bias, (x.shape[0], c, oh, ow))
 
 

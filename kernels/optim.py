@@ -278,8 +278,17 @@ if HAS_TRITON:
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16} if HAS_TRITON else {}
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return _TL_DTYPES[dtype]
+def _padded(row, cols: int) -> tuple[float, ...]:
+    """A hyperparameter row as the kernel's table reads it: a tuple of ``cols`` floats (zeros after the values)."""
+    return tuple(row) + (0.0,) * (cols - len(row))
+
+
+def _sgd_hyper(lr, weight_decay, momentum, dampening, first: bool) -> tuple[float, ...]:
+    """Per-tensor scalars of torch.optim.SGD's step, as the kernel's row: lr, weight_decay, buf_coef, grad_coef,
+    momentum. ``first``: the buffer's first step (buf = d_p: buf_coef 0, grad_coef 1)."""
+    lr, weight_decay, momentum, dampening = map(float, (lr, weight_decay, momentum, dampening))
+    return _padded((lr, weight_decay, 0.0 if first else momentum, 1.0 if first else 1.0 - dampening, momentum),
+                   _SGD_COLS)
 
 
 def _per_tensor(value, n: int, name: str) -> list:
@@ -407,10 +416,6 @@ def _tables(rows: tuple[tuple[int, ...], ...], device: torch.device, block: int,
     return ptr, prog, n_programs
 
 
-def _aligned(*tensors) -> bool:
-    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
-
-
 def ptr_row(p: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, s0: torch.Tensor | None = None,
             s1: torch.Tensor | None = None, s2: torch.Tensor | None = None,
             aux: torch.Tensor | None = None) -> tuple[tuple[int, ...], bool]:
@@ -424,12 +429,12 @@ def ptr_row(p: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, s0: tor
     return (pp, gp, mp, a, b, c, p.numel(), 0 if aux is None else aux.data_ptr()), not (pp | gp | mp | a | b | c) & 15
 
 
-def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: dict, block: int,
-                num_warps: int, hyper64_cols: int | None = None) -> int:
+def _launch_all(op: str, kernel, entries: list[dict], flags: dict, block: int, num_warps: int,
+                hyper64_cols: int | None = None) -> int:
     """The public launchers' entries -> :func:`launch_buckets`. Returns the launch count.
 
-    An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3) and ``hyper`` (its fp32 table row); with
-    ``hyper64_cols`` > 0 also ``hyper64`` (its fp64 row) and ``aux`` (capturable Adam's step count)."""
+    An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3) and ``hyper`` (its fp32 table row, padded);
+    with ``hyper64_cols`` > 0 also ``hyper64`` (its fp64 row) and ``aux`` (capturable Adam's step count)."""
     entries = [e for e in entries if e["p"].numel() > 0]
     if not entries:
         return 0
@@ -442,9 +447,9 @@ def _launch_all(op: str, kernel, entries: list[dict], hyper_cols: int, flags: di
                                aux=e.get("aux"))
         bucket = buckets.setdefault((e["p"].dtype, e["mask"] is not None, aligned), ([], [], []))
         bucket[0].append(row)
-        bucket[1].append(tuple(e["hyper"]) + (0.0,) * (hyper_cols - len(e["hyper"])))
+        bucket[1].append(e["hyper"])
         if hyper64_cols:
-            bucket[2].append(tuple(e["hyper64"]) + (0.0,) * (hyper64_cols - len(e["hyper64"])))
+            bucket[2].append(e["hyper64"])
     return launch_buckets(op, kernel, device, buckets, flags, block, num_warps, hyper64_cols)
 
 
@@ -533,35 +538,35 @@ def fused_sgd_(
         states = [("momentum_buffers", bufs[i])] if has_momentum else []
         if check:
             _check_entry(op, i, params[i], grads[i], masks[i], states)
-        first = bool(firsts[i])
-        hyper = [float(lrs[i]), float(wds[i]), 0.0 if first else float(moms[i]),
-                 1.0 if first else 1.0 - float(damps[i]), float(moms[i])]
+        hyper = _sgd_hyper(lrs[i], wds[i], moms[i], damps[i], bool(firsts[i]))
         entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states], hyper=hyper))
-    return _launch_all(op, _sgd_kernel, entries, _SGD_COLS,
-                       dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov)), block, num_warps)
+    return _launch_all(op, _sgd_kernel, entries, dict(HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov)), block,
+                       num_warps)
 
 
-def _adam_hyper(lr, weight_decay, beta1, beta2, eps, step) -> list[float]:
-    """Per-tensor scalars of torch.optim.Adam's (non-capturable) step, computed in double as torch does."""
+def _adam_hyper(lr, weight_decay, beta1, beta2, eps, step) -> tuple[float, ...]:
+    """Per-tensor scalars of torch.optim.Adam's (non-capturable) step, computed in double as torch does, as the
+    kernel's row."""
     lr, weight_decay, beta1, beta2, eps, step = map(float, (lr, weight_decay, beta1, beta2, eps, step))
     if step < 1:
         raise ValueError(f"Adam step count must be >= 1 after incrementing, got {step}")
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
-    return [lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1, bias_correction2 ** 0.5,
-            eps, 1 - lr * weight_decay]
+    return _padded((lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1,
+                    bias_correction2 ** 0.5, eps, 1 - lr * weight_decay), _ADAM_COLS)
 
 
-def _adam_hyper_capturable(lr, weight_decay, beta1, beta2, eps) -> tuple[list[float], list[float]]:
-    """Capturable Adam's per-tensor scalars: the fp32 row without the step's bias corrections (constant across
-    steps), and the fp64 row (lr, log2(beta1), log2(beta2)) from which the kernel computes them."""
+def _adam_hyper_capturable(lr, weight_decay, beta1, beta2, eps) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Capturable Adam's per-tensor scalars as the kernel's rows: the fp32 row without the step's bias corrections
+    (constant across steps), and the fp64 row (lr, log2(beta1), log2(beta2)) from which the kernel computes them."""
     lr, weight_decay, beta1, beta2, eps = map(float, (lr, weight_decay, beta1, beta2, eps))
     for name, b in (("beta1", beta1), ("beta2", beta2)):
         if not 0.0 <= b < 1.0:
             raise ValueError(f"capturable Adam needs 0 <= {name} < 1, got {b}")
     log2 = [math.log2(b) if b > 0 else -math.inf for b in (beta1, beta2)]  # 0**step = exp2(-inf) = 0
-    return ([lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 0.0, 0.0, eps, 1 - lr * weight_decay],
-            [lr, *log2])
+    return (_padded((lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, 0.0, 0.0, eps, 1 - lr * weight_decay),
+                    _ADAM_COLS),
+            _padded((lr, *log2), _ADAM64_COLS))
 
 
 def fused_adam_(
@@ -628,7 +633,7 @@ def fused_adam_(
         else:
             entries.append(dict(p=params[i], g=grads[i], mask=masks[i], states=[s for _, s in states],
                                 hyper=_adam_hyper(lrs[i], wds[i], b1s[i], b2s[i], epss[i], steps[i])))
-    return _launch_all(op, _adam_kernel, entries, _ADAM_COLS,
+    return _launch_all(op, _adam_kernel, entries,
                        dict(AMSGRAD=amsgrad, DECOUPLED=bool(decoupled_weight_decay), CAPTURABLE=bool(capturable)),
                        block, num_warps, hyper64_cols=_ADAM64_COLS if capturable else 0)
 

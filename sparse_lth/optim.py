@@ -425,11 +425,10 @@ class SGD(_MaskedOptimizer):
             grp = it.group
             hyp = group_rows.get(id(grp))
             if hyp is None:
-                lr, wd, mom = float(grp["lr"]), float(grp["weight_decay"]), float(grp["momentum"])
-                pad = (0.0,) * (_k._SGD_COLS - 5)
-                hyp = group_rows[id(grp)] = (mom != 0, bool(grp["nesterov"]) and mom != 0,
-                                             (lr, wd, mom, 1.0 - float(grp["dampening"]), mom) + pad,
-                                             (lr, wd, 0.0, 1.0, mom) + pad)
+                args = (grp["lr"], grp["weight_decay"], grp["momentum"], grp["dampening"])
+                has_mom = float(grp["momentum"]) != 0
+                hyp = group_rows[id(grp)] = (has_mom, bool(grp["nesterov"]) and has_mom,
+                                             _k._sgd_hyper(*args, first=False), _k._sgd_hyper(*args, first=True))
             has_mom, nesterov, row, first_row = hyp
             buf = None
             if has_mom:
@@ -576,11 +575,7 @@ class Adam(_MaskedOptimizer):
             if hyp is None:
                 values = (float(grp["lr"]), float(grp["weight_decay"]), float(grp["betas"][0]),
                           float(grp["betas"][1]), float(grp["eps"]))
-                rows = None
-                if grp["capturable"]:
-                    row, row64 = _k._adam_hyper_capturable(*values)
-                    rows = (tuple(row) + (0.0,) * (_k._ADAM_COLS - len(row)),
-                            tuple(row64) + (0.0,) * (_k._ADAM64_COLS - len(row64)))
+                rows = _k._adam_hyper_capturable(*values) if grp["capturable"] else None
                 hyp = group_rows[id(grp)] = (bool(grp["amsgrad"]), bool(grp["capturable"]), values, rows)
             amsgrad, capturable, values, rows = hyp
             if capturable:
@@ -590,8 +585,7 @@ class Adam(_MaskedOptimizer):
                     step = float(step_t)
                 row = host_rows.get((id(grp), step))
                 if row is None:
-                    row = _k._adam_hyper(*values, step)
-                    row = host_rows[(id(grp), step)] = tuple(row) + (0.0,) * (_k._ADAM_COLS - len(row))
+                    row = host_rows[(id(grp), step)] = _k._adam_hyper(*values, step)
                 row64 = aux = None
             if it.p.numel() == 0:
                 continue
