@@ -322,6 +322,8 @@ def _cmd_train(args, names) -> int:
     if ticket is not None:
         summary["ticket"] = dict(run_dir=args.ticket, round=args.round, seed=ticket[0].seed,
                                  weights=args.ticket_weights, dataset=dataset)
+        if args.ticket_weights == "fresh":
+            summary["ticket"]["model_seed"] = args.model_seed
     print(json.dumps(summary, indent=1))
     if args.out:
         with open(args.out, "w") as f:
@@ -335,7 +337,12 @@ def _train_ticket_source(args):
     if args.ticket is None:
         if args.round is not None or args.ticket_seed is not None or args.ticket_weights != "start":
             raise ValueError("--round, --ticket-seed and --ticket-weights go with --ticket")
+        if args.model_seed is None:
+            args.model_seed = 0
         return None
+    if args.model_seed is not None and args.ticket_weights != "fresh":
+        raise ValueError(f"--model-seed draws new weights: with --ticket it goes with --ticket-weights fresh (the "
+                         f"{args.ticket_weights!r} weights come from the run)")
     if args.round is None:
         raise ValueError("--ticket needs --round: the round whose masks to train")
     if args.model is not None:
@@ -347,12 +354,21 @@ def _train_ticket_source(args):
     import torch
 
     from ._files import read_json
-    from .imp import get_masks, hparams_from_dict, load_ticket, replicate_seeds
+    from .imp import _reinit_seed, get_masks, hparams_from_dict, load_ticket, parse_steps, replicate_seeds
     run_dir = _check_experiment_dir(args.ticket)
     weights = "final" if args.ticket_weights == "final" else "start"
     model = load_ticket(run_dir, args.round, seed=args.ticket_seed, weights=weights, data_root=args.data)
     seed = args.ticket_seed if args.ticket_seed is not None else replicate_seeds(run_dir)[0]
     hp = dataclasses.replace(hparams_from_dict(read_json(os.path.join(run_dir, "hparams.json"))), seed=seed)
+    if args.ticket_weights == "fresh":
+        # the run's own model seed draws its theta0, the ticket's weights (with rewinding to iteration 0 exactly
+        # the ticket): by default the seed the IMP driver's reinit control draws this round's weights from
+        if args.model_seed is None:
+            args.model_seed = _reinit_seed(seed, args.round)
+        elif args.model_seed == seed and parse_steps(hp.rewind, 1, "rewind") == 0:
+            raise ValueError(f"--model-seed {seed} is the run's own seed: it draws the ticket's starting weights "
+                             "(theta0), not a reinitialization; leave --model-seed out (the reinit control's "
+                             "seed for this round) or take another")
     masks = {n: m.detach().cpu().bool() for n, m in get_masks(model).items()}
     state = None if args.ticket_weights == "fresh" else \
         {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -661,8 +677,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pt = sub.add_parser("train", help="train one (sparse) model once",
                         description="Train a model once, e.g. a sparse LeNet-300-100 on MNIST.")
     pt.add_argument("--model", default=None, help="the network (default lenet300_100; with --ticket, the run's)")
-    pt.add_argument("--model-seed", type=int, default=0,
-                    help="its initialization (with --ticket-weights fresh: the new weights under the ticket's masks)")
+    pt.add_argument("--model-seed", type=int, default=None,
+                    help="its initialization (default 0; with --ticket-weights fresh: the new weights under the "
+                         "ticket's masks, by default those the run's reinit control draws for that round)")
     pt.add_argument("--ticket", metavar="RUN_DIR",
                     help="train a ticket of an IMP run (or control): the masks of its --round, and the weights "
                          "--ticket-weights says, on --dataset (default the run's; another of the same input "

@@ -136,6 +136,15 @@ def test_train_a_ticket_of_a_run(tmp_path, capsys):
     fresh = json.loads(out.read_text())
     assert fresh["curve"][0]["test_loss"] != rec["curve"][0]["test_loss"]  # other weights, same masks
     assert fresh["percent_remaining"] == pytest.approx(rec["percent_remaining"])
+    assert fresh["ticket"]["model_seed"] == 5
+    # by default a fresh start is the reinit control's draw for that round, never the run's own theta0 (its model
+    # seed, which with rewinding to iteration 0 is the ticket itself)
+    from sparse_lth.imp import _reinit_seed
+    assert main(["train", "--ticket", str(exp), "--round", "2", "--ticket-weights", "fresh", *same,
+                 "--out", str(out)]) == 0
+    default = json.loads(out.read_text())
+    assert default["ticket"]["model_seed"] == _reinit_seed(0, 2)
+    assert default["curve"][0]["test_loss"] not in (rec["curve"][0]["test_loss"], fresh["curve"][0]["test_loss"])
     assert main(["train", "--ticket", str(exp), "--round", "2", "--dataset", "fashion_mnist", *same,
                  "--out", str(out)]) == 0
     assert json.loads(out.read_text())["ticket"]["dataset"] == "fashion_mnist"
@@ -143,7 +152,10 @@ def test_train_a_ticket_of_a_run(tmp_path, capsys):
     for extra, msg in ((["--round", "2", "--model", "conv2"], "leave out --model"),
                        ([], "--ticket needs --round"),
                        (["--round", "2", "--density", "0.5"], "--ticket brings its masks"),
-                       (["--round", "9"], "round 9 of seed 0 has not finished")):
+                       (["--round", "9"], "round 9 of seed 0 has not finished"),
+                       (["--round", "2", "--ticket-weights", "fresh", "--model-seed", "0"],
+                        "--model-seed 0 is the run's own seed"),
+                       (["--round", "2", "--model-seed", "3"], "goes with --ticket-weights fresh")):
         assert main(["train", "--ticket", str(exp), *extra, *same]) == 2
         assert msg in capsys.readouterr().err
     assert main(["train", "--round", "2", *same]) == 2
