@@ -191,6 +191,22 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return ns.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
 
 
+def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """After ``load_state_dict``: Adam's ``capturable`` as this run executes (with CUDA graphs or without), not as
+    the checkpoint's run did. Loading puts back the saved groups, flag included, so a run checkpointed without
+    graphs and resumed with them would keep its step counts on the host, and every capture would fail; each step
+    count moves to where the flag wants it (beside its parameter, or on the CPU)."""
+    for group in optimizer.param_groups:
+        if "capturable" not in group or bool(group["capturable"]) == capturable:
+            continue
+        group["capturable"] = capturable
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                dev = p.device if capturable else torch.device("cpu")
+                optimizer.state[p]["step"] = step.to(device=dev, dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------- masks (plain)
 def plain_masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Plain (non-sparse) modules carrying a ``weight_mask`` buffer: masked by the training loop itself."""
@@ -370,6 +386,7 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     optimizer = build_optimizer(model, cfg)
     if ck is not None:
         optimizer.load_state_dict(ck["optimizer"])
+        _set_capturable(optimizer, cfg.cuda_graph)
         del ck
     masked = [(m, m.weight_mask.to(m.weight.dtype)) for _, m in plain_masked_modules(model)]
     with torch.no_grad():  # plain masked layers start masked

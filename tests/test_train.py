@@ -460,22 +460,41 @@ def test_cuda_graph_capture_failure_falls_back_to_eager(stand_in_graphs):
         assert torch.equal(weights(model)[k], v), k
 
 
-def test_cuda_graph_resumes_a_run_without_graphs(stand_in_graphs, tmp_path):
-    """cuda_graph says how a run executes, not what it computes: a checkpoint written with it resumes without it
-    (and the other way round)."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("graph_first", [True, False])
+def test_cuda_graph_resumes_a_run_without_graphs(stand_in_graphs, tmp_path, monkeypatch, optimizer, graph_first):
+    """cuda_graph says how a run executes, not what it computes: a checkpoint written with it resumes without it,
+    and the other way round. Adam's ``capturable`` (which ``load_state_dict`` would take from the checkpoint's
+    groups) follows the resumed run: a run checkpointed eagerly and resumed with graphs has capturable step counts
+    (on the host, every capture would fail on a GPU), and the other way round."""
+    import sparse_lth.train as T
+
+    built = []
+    real = T.build_optimizer
+    monkeypatch.setattr(T, "build_optimizer", lambda model, c: built.append(real(model, c)) or built[-1])
+    kw = dict(optimizer=optimizer, optimizer_impl="sparse_lth") if optimizer == "adam" else {}
+    if optimizer == "adam":
+        kw.update(lr=3e-3, momentum=0.0)
     tr, te = tiny_data()
     ck = str(tmp_path / "ck.pt")
     model, _ = tiny_model()
     with pytest.raises(RuntimeError, match="stop"):
-        train(model, tr, te, cfg(cuda_graph=True), checkpoint_path=ck, checkpoint_every=6,
+        train(model, tr, te, cfg(cuda_graph=graph_first, **kw), checkpoint_path=ck, checkpoint_every=6,
               callback=lambda it, m: (_ for _ in ()).throw(RuntimeError("stop")) if it == 13 else None)
     model, _ = tiny_model()
-    out = train(model, tr, te, cfg(), checkpoint_path=ck, checkpoint_every=6)
+    out = train(model, tr, te, cfg(cuda_graph=not graph_first, **kw), checkpoint_path=ck, checkpoint_every=6)
     assert out["resumed_from"] == 12
+    if optimizer == "adam":
+        assert [g["capturable"] for g in built[-1].param_groups] == [not graph_first]
+        assert all(isinstance(st["step"], torch.Tensor) and float(st["step"]) == 24
+                   for st in built[-1].state.values())
     ref_model, _ = tiny_model()
-    train(ref_model, tr, te, cfg())
+    train(ref_model, tr, te, cfg(**kw))
     for k, v in weights(ref_model).items():
-        assert torch.equal(weights(model)[k], v), k
+        if optimizer == "sgd":
+            assert torch.equal(weights(model)[k], v), k
+        else:  # capturable Adam's bias corrections: exp2(step * log2(beta)) instead of beta ** step
+            torch.testing.assert_close(weights(model)[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize("impl,optimizer,dropout,precision", [
