@@ -220,7 +220,7 @@ def parse_steps(value, iterations_per_epoch: int, what: str) -> int:
         if n != int(n):
             raise ValueError
         return int(n)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e400it"
         raise ValueError(f"{what} must look like '500it', '2ep' or 500; got {value!r}") from None
 
 
@@ -709,7 +709,8 @@ class Experiment:
             return None
         path = os.path.join(self.source_dir, "hparams.json")
         theirs = hparams_from_dict(read_json(path))
-        mine, there = hparams_dict(self.hp), hparams_dict(theirs)
+        # canonical: a step count written "20" there and "20it" here is one budget
+        mine, there = canonical_hparams(hparams_dict(self.hp)), canonical_hparams(hparams_dict(theirs))
         differ = sorted(k for k, v in there.items() if k not in PRUNING_SETTINGS + NOT_HASHED and mine.get(k) != v)
         if differ:
             raise ValueError(

@@ -637,6 +637,9 @@ def test_an_imp_variant_takes_the_dense_round_of_an_imp_run_that_prunes_otherwis
     with pytest.raises(ValueError, match=r"another dense network: it differs in lr \(0.003 there, 0.01 here\)"):
         run(other, tmp_path, data=data, source_dir=src)
     assert not os.path.exists(Experiment(other, str(tmp_path), data=data).dir)
+    # the same budget spelled otherwise ("5" for "5it") is the same dense network
+    respelled = Experiment(dataclasses.replace(variant, rewind="5"), str(tmp_path), data=data, source_dir=src)
+    assert respelled.dense_source().dir == src
     with pytest.raises(ValueError, match="own folder"):
         run(base, tmp_path, data=data, run_dir=src, source_dir=src)
     # --no-reuse-dense-round trains it anyway
