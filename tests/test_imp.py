@@ -547,8 +547,9 @@ def test_step_counts_name_one_experiment_however_written(tmp_path):
     assert [canonical_steps(v) for v in ("2.0ep", "1e2", "1000.125ep", "1234567ep", "2.5")] == \
         ["2ep", "100it", "1000.125ep", "1234567ep", "2.5"]  # exact: no digit of a budget is rounded away
     assert experiment_name(tiny_hp(iterations="21it")) != experiment_name(a)
-    with pytest.raises(ValueError, match="iterations must look like"):  # still refused clearly
-        run(tiny_hp(iterations="2.5"), tmp_path)
+    for bad in ("2.5", "inf", "1e400it"):  # still refused clearly
+        with pytest.raises(ValueError, match="iterations must look like"):
+            run(tiny_hp(iterations=bad), tmp_path)
 
 
 def test_a_folder_named_before_step_counts_had_one_spelling_is_resumed(tmp_path):
