@@ -254,14 +254,15 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in _candidate_layers(model) if n not in tied]
 
 
-def output_layer_name(model: nn.Module) -> str:
+def output_layer_name(model: nn.Module) -> str | None:
     """The layer pruned at the output rate: the model's ``output_layer`` attribute, else its last Linear; a layer
-    tied to an earlier one is named by that one."""
+    tied to an earlier one is named by that one. None for an all-convolutional model (a 1x1-conv classifier, as
+    NiN or SqueezeNet) without the attribute: every layer is then pruned at the conv rate."""
     name = getattr(model, "output_layer", None)
     if not isinstance(name, str):  # the last Linear (a model of one's own may hold a module by that name)
         lin = [n for n, m in _candidate_layers(model) if _is_linear(m)]
         if not lin:
-            raise ValueError("model has no output_layer attribute and no linear layer")
+            return None
         name = lin[-1]
     return _tied_to(model).get(name, name)
 
@@ -275,7 +276,7 @@ def _is_linear(m: nn.Module) -> bool:
     return w.dim() == 2
 
 
-def layer_kind(name: str, m: nn.Module, output_name: str) -> str:
+def layer_kind(name: str, m: nn.Module, output_name: str | None) -> str:
     if name == output_name:
         return "output"
     return "fc" if _is_linear(m) else "conv"

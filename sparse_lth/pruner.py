@@ -56,8 +56,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .imp import (PRUNE_SCORES, _is_linear, _load_weights, _oneshot_fractions, apply_masks, count_masks,
-                  dense_weight, get_masks, global_groups, layer_kind, layer_kinds, layer_rates, live_and_total,
+from .imp import (PRUNE_SCORES, _load_weights, _oneshot_fractions, apply_masks, count_masks,
+                  dense_weight, get_masks, global_groups, layer_kinds, layer_rates, live_and_total,
                   prunable_layers, prune_by_score, pruning_schedule, weight_scores)
 from .train import plain_masked_modules
 
@@ -107,10 +107,7 @@ class MagnitudePruner:
         layers = prunable_layers(model)
         if not layers:
             raise ValueError("the model has no layer to prune (no nn.Linear, nn.Conv2d or sparse layer)")
-        if isinstance(getattr(model, "output_layer", None), str) or any(_is_linear(m) for _, m in layers):
-            self.kinds = layer_kinds(model)
-        else:  # all convolutional (a classifier that is a 1x1 conv, say): no output layer of its own rate
-            self.kinds = {n: layer_kind(n, m, "") for n, m in layers}
+        self.kinds = layer_kinds(model)  # all convolutional (a 1x1-conv classifier): no output layer's rate
         fc, conv = _rate("fc", fc), _rate("conv", conv)
         output = fc / 2 if output is None else _rate("output", output)
         if isinstance(dense_layers, str):

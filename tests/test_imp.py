@@ -822,6 +822,16 @@ def test_imp_on_a_model_of_ones_own(tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_imp_on_an_all_convolutional_model(tmp_path):
+    """A model with no Linear and no output_layer attribute (a 1x1-conv classifier): every layer is pruned at the
+    conv rate (it was refused: "no output_layer attribute and no linear layer")."""
+    hp = tiny_hp(model="user_models:all_conv", dataset="mnist", width=1.0, prune_conv=0.2, rounds=1,
+                 iterations="4it", eval_every=2)
+    res = run(hp, tmp_path)
+    masks = load_masks(res.experiment_dir, 0, 1)
+    assert {n: (int(m.sum()), m.numel()) for n, m in masks.items()} == {"0": (58, 72), "2": (64, 80)}
+
+
 def test_a_weight_tied_to_another_layers_is_pruned_once(tmp_path):
     """Two layers sharing one weight parameter: one weight, one mask (under the first layer's name), counted once
     in the weights remaining; the second layer computes with the masked weight."""

@@ -10,6 +10,13 @@ def small_cnn(num_classes=10, input_shape=(1, 28, 28)):
                          nn.Linear(16, num_classes))
 
 
+def all_conv(num_classes=10, input_shape=(1, 28, 28)):
+    """An all-convolutional classifier (a 1x1-conv head and global pooling, as NiN or SqueezeNet): no Linear."""
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 def takes_nothing():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
 
