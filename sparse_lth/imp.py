@@ -541,6 +541,10 @@ class Experiment:
         if hp.oneshot_levels and hp.oneshot_remaining:
             raise ValueError("oneshot_levels prunes to the sparsity of each IMP round: it takes no "
                              "oneshot_remaining")
+        if hp.control == "oneshot" and not (hp.oneshot_levels or hp.oneshot_remaining) and hp.rounds == 0:
+            raise ValueError("oneshot prunes at once to what `rounds` rounds of IMP keep: with rounds=0 it would "
+                             "prune nothing and train the dense network again; give rounds > 0 or "
+                             "oneshot_remaining")
         if hp.control == "noise" and not (hp.noise_std > 0 and math.isfinite(hp.noise_std)):
             raise ValueError(f"control 'noise' needs noise_std > 0 (in units of each layer's initial std), "
                              f"got {hp.noise_std}")

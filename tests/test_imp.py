@@ -454,6 +454,7 @@ def test_resume_after_sigkill(tmp_path):
     (dict(control="oneshot", oneshot_remaining=1.2), "oneshot_remaining"),
     (dict(oneshot_levels=True), "only used with control 'oneshot'"),
     (dict(control="oneshot", oneshot_levels=True, oneshot_remaining=0.5), "takes no oneshot_remaining"),
+    (dict(control="oneshot", rounds=0), "with rounds=0 it would prune nothing"),
     (dict(prune_fc=0.0, prune_output=0.0), "no layer would be pruned"),
     (dict(layer_impl="fast"), "layer_impl"),
     (dict(control="noise"), "noise_std > 0"),
