@@ -571,11 +571,21 @@ class _SparseLayer(nn.Module):
     # ------------------------------------------------------------------ device moves and state_dict
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_fmt_cache", None)
-        for name in _INDEX_ATTRS:  # moved with the module (fn leaves integer tensors' dtype alone)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            # .to(), .half(), .cuda() leave integer and bool tensors' dtype alone, but Module.type() casts every
+            # tensor: the index structures and the masks only follow the device (an fp16 column index rounds
+            # above 2048, and the kernels would read other weights)
+            out = fn(t)
+            if out.dtype != t.dtype and not t.is_floating_point() and not t.is_complex():
+                return t.to(out.device)
+            return out
+
+        for name in _INDEX_ATTRS:  # moved with the module
             t = self.__dict__.get(name)
             if isinstance(t, torch.Tensor):
-                self.__dict__[name] = fn(t)
-        out = super()._apply(fn, *args, **kwargs)
+                self.__dict__[name] = move(t)
+        out = super()._apply(move, *args, **kwargs)
         self._hook_dense_weight()
         return out
 

@@ -1128,6 +1128,29 @@ def test_the_format_is_built_once_per_mask_and_follows_every_replacement_of_the_
         layer.fmt
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_module_type_casts_the_weights_not_the_index_structures(kind):
+    """``Module.type(dtype)`` casts every tensor of a plain module, integer and bool ones too (``.to``, ``.half``,
+    ``.double`` leave them alone): a sparse layer's index structures and masks keep their dtype under it, so the
+    layer computes what ``.to(dtype)`` gives (an fp64 or fp16 column index would read other weights: above 2048
+    fp16 rounds it)."""
+    gen = torch.Generator().manual_seed(5)
+    if kind == "linear":
+        layer, shape, x = SparseLinear(2100, 8, path="sparse", backend="torch"), (8, 2100), torch.randn(3, 2100)
+    else:
+        layer, shape, x = SparseConv2d(4, 6, 3, padding=1, path="sparse", backend="torch"), (6, 4, 3, 3), \
+            torch.randn(2, 4, 5, 5)
+    layer.set_mask(random_mask(shape, 0.5, gen))
+    ref = copy.deepcopy(layer).to(torch.float64)
+    layer.type(torch.float64)
+    index = {k: v for k, v in layer.__dict__.items() if k.startswith("_fmt_") and isinstance(v, torch.Tensor)}
+    assert index and not any(v.is_floating_point() for v in index.values()), {k: v.dtype for k, v in index.items()}
+    assert layer.weight_mask.dtype == torch.bool and layer.values.dtype == torch.float64
+    torch.testing.assert_close(layer(x.double()), ref(x.double()), rtol=0, atol=0)
+    layer.set_mask(random_mask(shape, 0.25, gen))  # the mask still takes a new mask
+    assert layer.weight_mask.dtype == torch.bool
+
+
 def test_a_module_pickled_with_index_buffers_loads_them_as_attributes():
     """Modules saved when the index structures were buffers: unpickled, they are plain attributes again (so an
     EMA over buffers leaves them alone), and the layer computes the same."""
