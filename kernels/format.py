@@ -54,7 +54,7 @@ def n_panels(n: int) -> int:
     return max(1, -(-n // PANEL))
 
 
-@dataclass
+@dataclass(frozen=True)  # validate() remembers a checked format: its fields must not change after
 class SparseFormat:
     rows: int
     cols: int

@@ -85,6 +85,8 @@ def test_validated_format_is_checked_once_and_a_replaced_one_again():
     fmt.validate()
     assert fmt.__dict__.get("_validated") is True
     fmt.validate()  # the remembered answer
+    with pytest.raises(dataclasses.FrozenInstanceError):  # so a checked format cannot change under it
+        fmt.t_perm = fmt.t_perm[:-1]
     bad = dataclasses.replace(fmt, t_perm=fmt.t_perm[:-1])
     assert "_validated" not in bad.__dict__
     with pytest.raises(ValueError, match="t_perm"):
