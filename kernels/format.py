@@ -209,7 +209,7 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
 
 def to_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The live weights of ``weight`` under ``mask`` in CSR order (a new contiguous 1-D tensor)."""
-    return weight.reshape(mask.shape[0], -1)[mask.reshape(mask.shape[0], -1)].contiguous()
+    return weight.reshape(mask.shape)[mask].contiguous()  # row-major: CSR order (also with 0 rows or columns)
 
 
 def to_dense(values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:

@@ -133,6 +133,19 @@ def test_empty_batch(path):
         check_empty_batch(layer, shape)
 
 
+@pytest.mark.parametrize("path", ["auto", "dense", "sparse"])
+@pytest.mark.parametrize("features", [(5, 0), (0, 5)])
+def test_a_linear_layer_with_no_outputs_or_no_inputs_works_as_nn_linear(path, features):
+    """nn.Linear(5, 0) and nn.Linear(0, 5) are valid; so are their sparse layers, on every path (a layer with no
+    output failed to build its values: a reshape of 0 elements to (0, -1))."""
+    layer = SparseLinear(*features, path=path)
+    x = torch.randn(3, features[0], requires_grad=True)
+    y = layer(x)
+    assert y.shape == (3, features[1])
+    (y.sum() + x.sum()).backward()
+    assert x.grad.shape == x.shape
+
+
 def test_conv_padding_mode_and_unbatched():
     layer = SparseConv2d(2, 3, 3, padding=1, padding_mode="reflect", path="sparse")
     layer.set_mask(random_mask(layer.weight_shape, 0.5, torch.Generator().manual_seed(3)))
