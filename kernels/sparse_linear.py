@@ -705,17 +705,21 @@ def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=Non
     return _forward(x, values, fmt, bias, activation == "relu", out, config, variant, op)
 
 
-def check_forward_args(x, values, fmt, bias=None, activation=None, *, out=None, op="sparse_linear_forward") -> None:
-    """The argument checks of :func:`sparse_linear_forward` (clear errors for bad input), without the launch."""
+def check_forward_args(x, values, fmt, bias=None, activation=None, *, out=None, op="sparse_linear_forward",
+                       dtypes=_FLOAT_DTYPES, launch: bool = True) -> None:
+    """The argument checks of :func:`sparse_linear_forward` (clear errors for bad input), without the launch.
+    ``dtypes`` and ``launch=False`` (whether Triton can launch on the tensors' device is not checked): the same
+    checks for the torch backend, which also takes float64."""
     _check_fmt(fmt, op)
     _check_activation(activation, op)
-    _check_dense(x, "x", (None, fmt.cols), op)
-    _check_dense(values, "values", (fmt.nnz,), op)
+    _check_dense(x, "x", (None, fmt.cols), op, dtypes)
+    _check_dense(values, "values", (fmt.nnz,), op, dtypes)
     if bias is not None:
-        _check_dense(bias, "bias", (fmt.rows,), op)
+        _check_dense(bias, "bias", (fmt.rows,), op, dtypes)
     _check_same_dtype(op, x=x, values=values, bias=bias)
     _check_devices(op, fmt, x=x, values=values, bias=bias, out=out)
-    check_launch(x, values, bias, fmt.row_ptr, op=op)  # fmt validated: its tensors all on fmt.device
+    if launch:
+        check_launch(x, values, bias, fmt.row_ptr, op=op)  # fmt validated: its tensors all on fmt.device
     if out is not None:
         _check_out(out, (x.shape[0], fmt.rows), x.dtype, x.device, op)
 

@@ -198,14 +198,20 @@ def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", ac
                   dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
     """``act(x @ W^T + bias)`` through :class:`SparseLinearFunction`, its arguments checked first (clear errors for
     bad input; :class:`~sparse_lth.layers.SparseLinear` makes its own checks and calls the Function itself)."""
+    from .backend import BACKENDS
+    from .kernels import sparse_linear as k
+
+    if backend not in BACKENDS:
+        raise ValueError(f"sparse_linear: unknown backend {backend!r}; choose one of {BACKENDS}")
     if any(dense) and flat_index is None:
         raise ValueError("sparse_linear: a dense op needs flat_index (row * cols + col of each live value)")
-    if backend != "torch":  # the torch backend's ops check their arguments themselves
-        from .kernels import sparse_linear as k
-
-        if not isinstance(x, torch.Tensor) or x.dim() < 1:
-            raise TypeError(f"sparse_linear: x must be a tensor of at least one dimension, got {x!r:.60}")
-        k.check_forward_args(x.reshape(-1, x.shape[-1]), values, fmt, bias, activation, op="sparse_linear")
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"sparse_linear: x must be a tensor of at least one dimension, got {x!r:.60}")
+    # the torch backend runs float64 too, on any device
+    torch_backend = backend == "torch"
+    k.check_forward_args(x.reshape(-1, x.shape[-1]), values, fmt, bias, activation, op="sparse_linear",
+                         dtypes=k._FLOAT_DTYPES + ((torch.float64,) if torch_backend else ()),
+                         launch=not torch_backend)
     return SparseLinearFunction.apply(x, values, bias, fmt, backend, activation, tuple(dense), flat_index)
 
 

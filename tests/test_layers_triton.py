@@ -237,6 +237,29 @@ def test_fused_relu_backward_is_relus_own(kernel_device, backend, on_triton, cre
 def test_functional_sparse_linear_checks_its_arguments(kernel_device, backend):
     """The autograd Function runs the kernels without their argument checks (the layer makes its own); the public
     functional.sparse_linear checks first, so bad input still gets a clear error rather than a launch."""
+    functional_sparse_linear_checks(kernel_device, backend)
+
+
+def test_functional_sparse_linear_checks_its_arguments_on_the_torch_backend_too():
+    """The same checks for the torch backend (a dtype mismatch was computed anyway, and a (B, rows) bias failed
+    in autograd's backward), which also takes float64; an unknown backend name is refused, not sent to Triton."""
+    from sparse_lth.functional import sparse_linear
+    from sparse_lth.kernels.format import build_format
+
+    functional_sparse_linear_checks("cpu", "torch")
+    gen = torch.Generator().manual_seed(23)
+    fmt = build_format(random_mask((6, 10), 0.4, gen))
+    values, x = torch.randn(fmt.nnz, generator=gen, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+    dense = torch.zeros(6, 10, dtype=torch.float64).index_put_((fmt.row_idx.long(), fmt.col_idx.long()), values)
+    torch.testing.assert_close(sparse_linear(x, values, None, fmt, "torch"), F.linear(x, dense))
+    with pytest.raises(ValueError, match=r"sparse_linear: bias has shape \(4, 6\)"):
+        sparse_linear(x, values, torch.zeros(4, 6, dtype=torch.float64), fmt, "torch")
+    for name in ("Torch", "auto"):
+        with pytest.raises(ValueError, match=f"sparse_linear: unknown backend '{name}'"):
+            sparse_linear(x, values, None, fmt, name)
+
+
+def functional_sparse_linear_checks(kernel_device, backend):
     from sparse_lth.functional import sparse_linear
     from sparse_lth.kernels.format import build_format
 
