@@ -33,6 +33,7 @@ import operator
 import os
 import pathlib
 import pickle
+import zlib
 from typing import Iterator
 
 import numpy as np
@@ -261,7 +262,16 @@ def _missing(folder: pathlib.Path, files: list[str], what: str) -> FileNotFoundE
 
 def _read_idx(path: pathlib.Path, ndim: int, limit: int | None) -> np.ndarray:
     """Read an idx file of unsigned bytes (gzipped or not), only the first ``limit`` items if given."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    if path.suffix != ".gz":
+        return _read_idx_from(open, path, ndim, limit)
+    try:
+        return _read_idx_from(gzip.open, path, ndim, limit)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # an interrupted copy, a file unpacked but named .gz
+        raise ValueError(f"{path}: damaged, or not a gzip file ({type(e).__name__}: {e}); copy it again, or "
+                         f"unpack it to {path.with_suffix('').name} beside it") from None
+
+
+def _read_idx_from(opener, path: pathlib.Path, ndim: int, limit: int | None) -> np.ndarray:
     with opener(path, "rb") as f:
         header = f.read(4 + 4 * ndim)
         if len(header) != 4 + 4 * ndim:

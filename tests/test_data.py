@@ -362,6 +362,13 @@ def test_corrupt_idx_files(tmp_path, shared_untouched):
         load_dataset("mnist", "test", root=tmp_path)
     (raw / "t10k-images-idx3-ubyte").write_bytes(blob)
     assert len(load_dataset("mnist", "test", root=tmp_path, limit=10)) == 10
+    # .gz files: a gzip stream cut short (an interrupted copy), an unpacked file named .gz, garbage
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    packed = (shared_untouched / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    for content in (packed[:len(packed) // 2], blob, packed[:10] + b"\xff" * 500):
+        (raw / "t10k-images-idx3-ubyte.gz").write_bytes(content)
+        with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz: damaged, or not a gzip file"):
+            load_dataset("mnist", "test", root=tmp_path)
 
 
 def test_bad_arguments(tmp_path):
