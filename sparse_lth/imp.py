@@ -1075,8 +1075,8 @@ def check_experiment_dir(run_dir: str) -> str:
 
 def replicate_seeds(run_dir: str) -> list[int]:
     """The seeds of an experiment folder's replicates (its ``seed_<s>`` folders), ascending."""
-    return sorted(int(d[5:]) for d in os.listdir(run_dir)
-                  if d.startswith("seed_") and d[5:].isdigit() and os.path.isdir(os.path.join(run_dir, d)))
+    found = (re.fullmatch(r"seed_(-?\d+)", d) for d in os.listdir(run_dir))  # --seed takes negative seeds too
+    return sorted(int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(run_dir, m.group(0))))
 
 
 def open_experiment(run_dir: str, seed: int, **kwargs) -> Experiment:

@@ -951,3 +951,13 @@ def test_cuda_graph_is_how_an_experiment_runs_not_what_it_is(tmp_path):
     assert graphed.dir == plain.dir
     assert graphed.train_cfg.cuda_graph and not plain.train_cfg.cuda_graph
     assert graphed._sibling(hp).train_cfg.cuda_graph
+
+
+def test_replicate_seeds_finds_negative_seeds_too(tmp_path):
+    """`imp --seed -1` trains into seed_-1/: ls, anatomy, export, overlap and train --ticket find replicates through
+    replicate_seeds, which skipped it (report, by glob, did not)."""
+    from sparse_lth.imp import replicate_seeds
+    for d in ("seed_-1", "seed_0", "seed_12", "seed_x", "seed_", "seed_1.5", "notseed_3"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "seed_7").write_text("a file, not a replicate")
+    assert replicate_seeds(tmp_path) == [-1, 0, 12]
