@@ -145,14 +145,19 @@ def find_experiments_below(paths) -> list[str]:
 def list_experiments(paths, now: float | None = None) -> list[dict]:
     """:func:`experiment_status` of every experiment among ``paths`` (experiment folders, or folders holding
     them at any depth), by model then name; each with ``differs``: the hyperparameters in which it differs from
-    the other experiments of its model and dataset (the control aside), as ``key=value`` strings."""
-    from .imp import NOT_HASHED
+    the other experiments of its model and dataset (the control aside; a control's own settings, such as
+    oneshot_levels, among the experiments of its control), as ``key=value`` strings."""
+    from .imp import CONTROL_SETTINGS, NOT_HASHED, ImpHparams, hparams_dict
     from .report import differing_hparams
     rows = [experiment_status(d, now) for d in find_experiments_below(list(paths))]
     rows.sort(key=lambda r: (r["model"], r["dataset"], r["name"]))
+    not_control = tuple(k for k in hparams_dict(ImpHparams()) if k not in CONTROL_SETTINGS)
     for r in rows:
-        peers = [p["hparams"] for p in rows if (p["model"], p["dataset"]) == (r["model"], r["dataset"])]
-        r["differs"] = differing_hparams(r["hparams"], peers, skip=("control", *NOT_HASHED))
+        peers = [p for p in rows if (p["model"], p["dataset"]) == (r["model"], r["dataset"])]
+        r["differs"] = differing_hparams(r["hparams"], [p["hparams"] for p in peers],
+                                         skip=("control", *NOT_HASHED, *CONTROL_SETTINGS)) + \
+            differing_hparams(r["hparams"], [p["hparams"] for p in peers if p["control"] == r["control"]],
+                              skip=not_control)
     return rows
 
 

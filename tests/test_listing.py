@@ -78,6 +78,18 @@ def test_ls_lists_finished_and_interrupted_experiments(tmp_path, capsys):
     assert again["seeds"][0]["eta"] == pytest.approx(2 * wall0)
 
 
+def test_ls_compares_a_controls_own_settings_among_that_controls_experiments(tmp_path):
+    """An IMP run, its reinit control and two one-shot runs (to each IMP level, and at once): oneshot_levels tells
+    the two one-shot runs apart, not the IMP run or reinit from anything (they showed "oneshot_levels=False")."""
+    for name, kw in (("imp", {}), ("reinit", dict(control="reinit")),
+                     ("levels", dict(control="oneshot", oneshot_levels=True)), ("once", dict(control="oneshot"))):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "hparams.json", "w") as f:
+            json.dump(dict(model="lenet300_100", rounds=3, **kw), f)
+    rows = {r["name"]: r["differs"] for r in list_experiments([str(tmp_path)])}
+    assert rows == dict(imp=[], reinit=[], levels=["oneshot_levels=True"], once=["oneshot_levels=False"])
+
+
 def test_ls_of_an_experiment_not_started_and_of_nothing(tmp_path, capsys):
     os.makedirs(tmp_path / "e")
     with open(tmp_path / "e" / "hparams.json", "w") as f:
