@@ -252,6 +252,7 @@ def _fmt(v, spec):
 
 
 def landscape_markdown(results: Sequence[dict]) -> str:
+    from .stability import experiment_cell
     lines = ["| experiment | k | seed | round | % remaining | top Hessian eigenvalues | train loss | distance to next "
              "(relative) | after pruning to the next mask: train loss / test acc (%) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -259,7 +260,8 @@ def landscape_markdown(results: Sequence[dict]) -> str:
         eig = ", ".join(f"{e:.4g}" for e in d["eigenvalues"])
         p = d["projected"]
         proj = "-" if p is None else f"{p['train_loss']:.4f} / {100 * p['test_acc']:.2f}"
-        lines.append(f"| {d.get('control', 'imp')} | {d.get('rewind_iteration', '-')} | {d['seed']} | {d['round']} | "
+        lines.append(f"| {experiment_cell(d, results)} | {d.get('rewind_iteration', '-')} | {d['seed']} | "
+                     f"{d['round']} | "
                      f"{d['percent_remaining']:.2f} | {eig} | "
                      f"{d['final']['train_loss']:.4f} | {_fmt(d['distance_to_next'], '.3f')} "
                      f"({_fmt(d['distance_to_next_relative'], '.3f')}) | {proj} |")

@@ -412,9 +412,18 @@ def stability_markdown(results: Sequence[dict]) -> str:
     for d in results:
         noise = _noise_label(d, results)
         seed = f"{d['seed']} ({noise})" if noise else f"{d['seed']}"
-        lines.append(f"| {d.get('control', 'imp')} | {d['rewind_iteration']} | {seed} | {d['round']} | "
+        lines.append(f"| {experiment_cell(d, results)} | {d['rewind_iteration']} | {seed} | {d['round']} | "
                      f"{d['percent_remaining']:.2f} | {_path_cells(d)} |")
     return "\n".join(lines) + "\n"
+
+
+def experiment_cell(d: dict, results: Sequence[dict]) -> str:
+    """A table's "experiment" cell (beside its own column k): the control, and the folder's name where another
+    experiment of the same control and rewind iteration is in the table (layer-wise and global IMP, say)."""
+    control = d.get("control", "imp")
+    same = {r.get("experiment") for r in results
+            if r.get("control", "imp") == control and r.get("rewind_iteration") == d.get("rewind_iteration")}
+    return f"{control} ({d.get('experiment')})" if len(same) > 1 else control
 
 
 def experiment_label(d: dict, results: Sequence[dict]) -> str:

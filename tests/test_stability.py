@@ -377,6 +377,24 @@ def test_each_pair_of_noise_seeds_keeps_its_result(tmp_path):
     assert "noise seeds" not in stability.stability_markdown([b])
 
 
+def test_tables_name_the_folder_where_two_experiments_share_a_control():
+    """stability.md and landscape.md: the "experiment" cell is the control, and the folder's name too where
+    another experiment of that control and rewind iteration is in the table (layer-wise and global IMP showed
+    two rows "| imp | 0 | 0 | 1 |" that nothing told apart)."""
+    from sparse_lth.landscape import landscape_markdown
+    path = [dict(alpha=a, test_error=0.1, train_error=0.05) for a in (0.0, 0.5, 1.0)]
+    row = dict(seed=0, round=1, rewind_iteration=0, percent_remaining=80.0, path=path, test_barrier=0.0,
+               train_barrier=0.0, eigenvalues=[1.0], projected=None, final=dict(train_loss=0.1),
+               distance_to_next=None, distance_to_next_relative=None)
+    rows = [dict(row, experiment="imp_a", control="imp"), dict(row, experiment="imp_b", control="imp"),
+            dict(row, experiment="reinit_c", control="reinit")]
+    for md in (stability.stability_markdown(rows), landscape_markdown(rows)):
+        cells = [ln.split(" | ")[0] for ln in md.splitlines()[2:]]
+        assert cells == ["| imp (imp_a)", "| imp (imp_b)", "| reinit"], md
+    alone = stability.stability_markdown(rows[:1] + rows[2:])
+    assert [ln.split(" | ")[0] for ln in alone.splitlines()[2:]] == ["| imp", "| reinit"]
+
+
 def _round_one_with_pair(tmp_path):
     """A one-round IMP run and the instability of its round 1 with noise seeds (1, 2): (experiment, result,
     the round's stability folder)."""
