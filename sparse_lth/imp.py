@@ -514,6 +514,10 @@ class Experiment:
         elif hp.model not in models.MODEL_NAMES:
             raise ValueError(f"unknown model {hp.model!r}; choose one of {sorted(models.MODEL_NAMES)}, or a model "
                              "of your own as 'package.module:callable'")
+        if self._raw is None:  # loaded by name (not given by the caller): a known dataset, refused before --plan
+            from .data import DATASETS
+            if self.dataset not in DATASETS:
+                raise ValueError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(DATASETS)}")
         if hp.control not in CONTROLS:
             raise ValueError(f"unknown control {hp.control!r}; choose one of {CONTROLS}")
         if hp.layer_impl not in LAYER_IMPLS:

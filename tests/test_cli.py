@@ -388,3 +388,6 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith(" (new)") and out[5] == ("early stopping: at the minimum loss of 50 training examples "
                                                     "held out for validation (trained on the others)")
+    # a misspelt dataset is refused by --plan as by the run itself (the plan printed it)
+    assert main(tiny_imp_args(tmp_path, "--plan", "--dataset", "fashoin_mnist")) == 2
+    assert "unknown dataset 'fashoin_mnist'" in capsys.readouterr().err
