@@ -6,6 +6,8 @@ not depend on cuDNN's TF32 setting. Every output buffer the launchers allocate i
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -239,8 +241,7 @@ def test_bad_input(kernel_device):
     with pytest.raises(ValueError, match="one device"):
         fwd(x, v, fmt.to("meta"), 3, b, 1, 1)
     # a broken format
-    broken = SparseFormat(**{**{k: getattr(fmt, k) for k in ("rows", "cols", "nnz")}, **fmt.tensors()})
-    broken.col_idx = broken.col_idx[:-1]
+    broken = dataclasses.replace(fmt, col_idx=fmt.col_idx[:-1])  # (a new, unchecked format: fmt is frozen)
     with pytest.raises(ValueError, match="col_idx"):
         fwd(x, v, broken, 3, b, 1, 1)
     # backward input
