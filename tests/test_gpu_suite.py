@@ -132,3 +132,22 @@ def test_unknown_part_and_usage(suite):
     assert r.returncode == 2 and "unknown part: no-such-part" in r.stdout
     r, _, _ = suite()
     assert r.returncode == 2 and "plan15" in r.stdout
+
+
+def test_the_gpu_tests_build_their_triton_layers_on_the_gpu():
+    """On a GPU the layer tests run with backend="triton", which a layer on the CPU refuses when it is built
+    (set_mask resolves its backend: "needs CUDA tensors"): a layer built on the CPU and moved after failed there,
+    and --maxfail would have stopped tests-core before its other files. The CPU suite cannot see it (its backend,
+    "interpret", runs on the CPU), so every sparse layer those tests build with the kernel backend must be built on
+    the kernel device (``device=``)."""
+    import ast
+    undeviced = []
+    for name in ("test_layers_triton.py",):
+        tree = ast.parse((ROOT / "tests" / name).read_text())
+        for call in ast.walk(tree):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("SparseLinear", "SparseConv2d"):
+                kw = {k.arg: k.value for k in call.keywords}
+                backend = kw.get("backend")
+                if isinstance(backend, ast.Name) and backend.id in ("backend", "be") and "device" not in kw:
+                    undeviced.append(f"{name}:{call.lineno}")
+    assert undeviced == []

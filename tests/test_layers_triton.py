@@ -18,7 +18,7 @@ def backend(kernel_device):
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_sparse_linear_on_triton(kernel_device, backend, density, activation):
     gen = torch.Generator().manual_seed(11)
-    layer = SparseLinear(37, 19, path="sparse", backend=backend, activation=activation).to(kernel_device)
+    layer = SparseLinear(37, 19, path="sparse", backend=backend, device=kernel_device, activation=activation)
     layer.set_mask(random_mask((19, 37), density, gen))
     assert layer.backend == backend and layer.path == "sparse"
     x = torch.randn(3, 5, 37).to(kernel_device)  # 3-D input: flattened to (15, 37) inside
@@ -30,7 +30,8 @@ def test_sparse_linear_on_triton(kernel_device, backend, density, activation):
 def test_sparse_conv_on_triton(kernel_device, backend, case):
     cin, cout, k, s, p, d, density = case
     gen = torch.Generator().manual_seed(12)
-    layer = SparseConv2d(cin, cout, k, stride=s, padding=p, dilation=d, path="sparse", backend=backend)
+    layer = SparseConv2d(cin, cout, k, stride=s, padding=p, dilation=d, path="sparse", backend=backend,
+                         device=kernel_device)
     layer = layer.to(kernel_device)
     layer.set_mask(random_mask(layer.weight_shape, density, gen))
     x = torch.randn(2, cin, 7, 9).to(kernel_device)
@@ -39,9 +40,9 @@ def test_sparse_conv_on_triton(kernel_device, backend, case):
 
 def test_in_place_op_after_a_layer_on_triton(kernel_device, backend):
     gen = torch.Generator().manual_seed(14)
-    lin = SparseLinear(16, 9, path="sparse", backend=backend).to(kernel_device)
+    lin = SparseLinear(16, 9, path="sparse", backend=backend, device=kernel_device).to(kernel_device)
     lin.set_mask(random_mask((9, 16), 0.3, gen))
-    conv = SparseConv2d(3, 5, 3, padding=1, path="sparse", backend=backend).to(kernel_device)
+    conv = SparseConv2d(3, 5, 3, padding=1, path="sparse", backend=backend, device=kernel_device).to(kernel_device)
     conv.set_mask(random_mask(conv.weight_shape, 0.3, gen))
     for layer, x in ((lin, torch.randn(4, 16)), (lin, torch.randn(2, 3, 16)), (conv, torch.randn(2, 3, 6, 5))):
         assert layer.backend == backend and layer.path == "sparse"
@@ -50,8 +51,8 @@ def test_in_place_op_after_a_layer_on_triton(kernel_device, backend):
 
 def test_empty_batch_on_triton(kernel_device, backend):
     gen = torch.Generator().manual_seed(13)
-    for layer, shape in ((SparseLinear(12, 7, backend=backend), (0, 12)),
-                         (SparseConv2d(4, 8, 3, padding=1, backend=backend), (0, 4, 7, 9))):
+    for layer, shape in ((SparseLinear(12, 7, backend=backend, device=kernel_device), (0, 12)),
+                         (SparseConv2d(4, 8, 3, padding=1, backend=backend, device=kernel_device), (0, 4, 7, 9))):
         layer = layer.to(kernel_device)
         layer.set_mask(random_mask(layer.weight_shape, 0.3, gen), path="sparse")
         assert layer.backend == backend
@@ -61,7 +62,7 @@ def test_empty_batch_on_triton(kernel_device, backend):
 def test_triton_training_steps_match_torch_backend(kernel_device, backend):
     gen = torch.Generator().manual_seed(13)
     mask = random_mask((8, 12), 0.3, gen)
-    a = SparseLinear(12, 8, path="sparse", backend=backend).to(kernel_device)
+    a = SparseLinear(12, 8, path="sparse", backend=backend, device=kernel_device).to(kernel_device)
     b = SparseLinear(12, 8, path="sparse", backend="torch").to(kernel_device)
     b.load_state_dict(a.state_dict())
     for layer in (a, b):
@@ -91,9 +92,9 @@ class _Counter:
 
 def _lenet_like(backend, device, density, gen):
     """LeNet-300-100 shaped (smaller hidden widths for the interpreter): 784 -> 60 -> 20 -> 10, sparse layers."""
-    layers = [SparseLinear(784, 60, path="sparse", backend=backend, activation="relu"),
-              SparseLinear(60, 20, path="sparse", backend=backend, activation="relu"),
-              SparseLinear(20, 10, path="sparse", backend=backend)]
+    layers = [SparseLinear(784, 60, path="sparse", backend=backend, device=device, activation="relu"),
+              SparseLinear(60, 20, path="sparse", backend=backend, device=device, activation="relu"),
+              SparseLinear(20, 10, path="sparse", backend=backend, device=device)]
     for layer in layers:
         layer.set_mask(random_mask((layer.out_features, layer.in_features), density, gen))
     return torch.nn.Sequential(torch.nn.Flatten(), *layers).to(device)
@@ -143,7 +144,7 @@ PER_OP = [{"forward": "dense"}, {"input_grad": "dense"}, {"weight_grad": "dense"
 def test_sparse_linear_on_triton_with_dense_ops(kernel_device, backend, ops):
     """Ops flipped to dense (cuBLAS on the scattered values) beside the Triton ops of the same layer."""
     gen = torch.Generator().manual_seed(14)
-    layer = SparseLinear(37, 19, path="sparse", backend=backend, activation="relu", ops=ops).to(kernel_device)
+    layer = SparseLinear(37, 19, path="sparse", backend=backend, device=kernel_device, activation="relu", ops=ops)
     layer.set_mask(random_mask((19, 37), 0.2, gen))
     assert layer.path == "sparse" and "dense" in layer.ops.values()
     grads_vs_reference(layer, torch.randn(3, 5, 37).to(kernel_device), lambda x, w, b: torch.relu(F.linear(x, w, b)))
@@ -152,7 +153,8 @@ def test_sparse_linear_on_triton_with_dense_ops(kernel_device, backend, ops):
 @pytest.mark.parametrize("ops", PER_OP, ids=str)
 def test_sparse_conv_on_triton_with_dense_ops(kernel_device, backend, ops):
     gen = torch.Generator().manual_seed(15)
-    layer = SparseConv2d(3, 5, 3, stride=2, padding=1, dilation=1, path="sparse", backend=backend, ops=ops)
+    layer = SparseConv2d(3, 5, 3, stride=2, padding=1, dilation=1, path="sparse", backend=backend,
+                         device=kernel_device, ops=ops)
     layer = layer.to(kernel_device)
     layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
     assert layer.path == "sparse" and "dense" in layer.ops.values()
@@ -163,7 +165,7 @@ def test_timed_choice_on_triton_times_each_op_both_ways(kernel_device, backend):
     """The real timing (as auto runs it on CUDA) on every configuration of a conv layer on the Triton path; the
     kept configuration is the fastest measured, and it computes the same gradients."""
     gen = torch.Generator().manual_seed(16)
-    layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend).to(kernel_device)
+    layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend, device=kernel_device).to(kernel_device)
     layer.set_mask(random_mask(layer.weight_shape, 0.2, gen))
     path, dense_ops = layer._time_paths((2, 3, 6, 6), reps=1)
     t = layer.path_timings
@@ -204,7 +206,7 @@ def test_fused_relu_backward_is_relus_own(kernel_device, backend, on_triton, cre
     gen = torch.Generator().manual_seed(21)
     be = backend if on_triton else "torch"
     dev = kernel_device if on_triton else torch.device("cpu")
-    layer = SparseLinear(24, 16, path="sparse", backend=be, activation="relu").to(dev)
+    layer = SparseLinear(24, 16, path="sparse", backend=be, device=dev, activation="relu").to(dev)
     layer.set_mask(random_mask((16, 24), 0.3, gen))
     assert layer.path == "sparse" and layer.backend == be
     x = torch.randn(6, 24, generator=gen).to(dev).requires_grad_()
@@ -288,7 +290,7 @@ def functional_sparse_linear_checks(kernel_device, backend):
 def test_layer_of_unsupported_dtype_is_refused_on_triton(kernel_device, backend):
     """float64 has no Triton kernel: the layer's launch says so (the kernels would have rounded it to fp32)."""
     gen = torch.Generator().manual_seed(22)
-    layer = SparseLinear(10, 6, path="sparse", backend=backend).to(kernel_device)
+    layer = SparseLinear(10, 6, path="sparse", backend=backend, device=kernel_device).to(kernel_device)
     layer.set_mask(random_mask((6, 10), 0.4, gen))
     layer = layer.double()
     assert layer.values.dtype == torch.float64 and layer.path == "sparse" and layer.backend == backend
@@ -300,7 +302,7 @@ def test_conv_layer_of_unsupported_dtype_or_an_input_on_another_device_is_refuse
     """The conv layer's Triton ops run without the public launchers' checks (the layer made them), but a float64
     model still gets the clear dtype error, and on a GPU an input on the CPU the device error, not a bad launch."""
     gen = torch.Generator().manual_seed(24)
-    layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend).to(kernel_device)
+    layer = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend, device=kernel_device).to(kernel_device)
     layer.set_mask(random_mask((4, 3, 3, 3), 0.4, gen))
     if kernel_device.type == "cuda":
         with pytest.raises(ValueError, match="sparse_conv2d_forward: tensors are on different devices"):
@@ -316,7 +318,7 @@ def test_sparse_linear_output_is_not_a_view(kernel_device, backend):
     """The kernels' batch-minor output is allocated with its strides (no transposed view of another tensor), so
     the Function returns it as it is and an in-place op after the layer is allowed."""
     gen = torch.Generator().manual_seed(23)
-    layer = SparseLinear(10, 6, path="sparse", backend=backend).to(kernel_device)
+    layer = SparseLinear(10, 6, path="sparse", backend=backend, device=kernel_device).to(kernel_device)
     layer.set_mask(random_mask((6, 10), 0.4, gen))
     y = layer(torch.randn(5, 10, device=kernel_device, requires_grad=True))
     assert y._base is None and y.stride() == (1, 5)
@@ -354,9 +356,9 @@ def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
     a step of a conv layer and a fused-ReLU linear layer on the sparse path (Triton backend: interpreted on the
     CPU, compiled on a GPU) and a linear layer on the dense path (its gradient mask applied by a hook)."""
     gen = torch.Generator().manual_seed(24)
-    conv = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend)
-    fc1 = SparseLinear(4 * 5 * 5, 16, path="sparse", backend=backend, activation="relu")
-    fc2 = SparseLinear(16, 10, path="dense", backend=backend)
+    conv = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend=backend, device=kernel_device)
+    fc1 = SparseLinear(4 * 5 * 5, 16, path="sparse", backend=backend, device=kernel_device, activation="relu")
+    fc2 = SparseLinear(16, 10, path="dense", backend=backend, device=kernel_device)
     model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.Flatten(), fc1, fc2).to(kernel_device)
     for layer, path in ((conv, "sparse"), (fc1, "sparse"), (fc2, "dense")):
         layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
@@ -381,8 +383,8 @@ def test_sparse_path_step_makes_no_host_sync(kernel_device, backend):
 def two_layer_step_case(device, backend, seed):
     """(model, x, y): a sparse-path linear layer with fused ReLU and a dense-path one, 30 % masks, a batch of 6."""
     gen = torch.Generator().manual_seed(seed)
-    fc1 = SparseLinear(20, 16, path="sparse", backend=backend, activation="relu")
-    fc2 = SparseLinear(16, 10, path="dense", backend=backend)
+    fc1 = SparseLinear(20, 16, path="sparse", backend=backend, device=device, activation="relu")
+    fc2 = SparseLinear(16, 10, path="dense", backend=backend, device=device)
     model = torch.nn.Sequential(fc1, fc2).to(device)
     for layer in (fc1, fc2):
         layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
