@@ -66,9 +66,10 @@ def masked_baseline(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Modu
     return model
 
 
-def baseline_step(model, opt, x, y):
-    """One dense-masking training step: forward, backward, mask gradients, step, re-mask weights."""
-    opt.zero_grad(set_to_none=True)
+def baseline_step(model, opt, x, y, set_to_none: bool = True):
+    """One dense-masking training step: forward, backward, mask gradients, step, re-mask weights. ``set_to_none``
+    False zeroes the gradients in place, as a step captured in a CUDA graph does (see :func:`plain_step`)."""
+    opt.zero_grad(set_to_none=set_to_none)
     F.cross_entropy(model(x), y).backward()
     masked = [m for m in model.modules() if isinstance(m, (MaskedLinear, MaskedConv2d))]
     for m in masked:
@@ -101,8 +102,11 @@ def model_step_device(args) -> torch.device | None:
     return dev
 
 
-def plain_step(model, opt, x, y):
-    opt.zero_grad(set_to_none=True)
+def plain_step(model, opt, x, y, set_to_none: bool = True):
+    """One training step. ``set_to_none=False`` zeroes the gradients in place: a step captured in a CUDA graph
+    keeps them at their warm-up addresses, so sparse_lth.optim finds its pointer tables built (a table built
+    inside a capture is a host-to-device copy, which torch >= 2.11 refuses there), as sparse_lth.train does."""
+    opt.zero_grad(set_to_none=set_to_none)
     F.cross_entropy(model(x), y).backward()
     opt.step()
 
@@ -157,6 +161,31 @@ def write_rows(rows: list[dict], out: Path | str) -> None:
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {out}")
+
+
+class RowWriter:
+    """CSV rows written as they are measured: the file (and its folder) made with the first row, each row flushed,
+    so a run stopped by a time limit (gpu_suite.sh's parts) keeps every row it measured. ``close()`` says where."""
+
+    def __init__(self, out: Path | str, fieldnames: list[str] | None = None):
+        self.out, self.fieldnames, self.count = Path(out), fieldnames, 0
+        self._file = self._writer = None
+
+    def add(self, row: dict) -> None:
+        if self._file is None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.out, "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self.fieldnames or list(row))
+            self._writer.writeheader()
+        self._writer.writerow(row)
+        self._file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            print(f"wrote {self.count} rows to {self.out}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ Adams made ``capturable=True`` (torch.optim's for the first two, sparse-lth's fu
 is). A LeNet-sized step on a GPU is mostly host time (``bench_host_overhead.py``); a replay has none. The sparse
 path's layers are capture-safe once warmed up (no op that reads back from the device: ``tests/test_layers_triton.py``),
 and their parameters are the live values, so torch's capturable optimizers step them with no mask; sparse-lth's
-capturable Adam keeps its step counts on the device and its tables cached. Each graph is checked against the same
+capturable Adam keeps its step counts on the device and its tables cached (the graph steps zero their gradients
+in place, so the tables built in the warm-up serve the capture). Each graph is checked against the same
 step run eagerly: a
 twin (a deep copy, same paths) takes the same steps eagerly and ``graph_check`` is the largest difference of
 their parameters after ``--check-steps`` steps. A graph row's ``speedup_vs_dense_masking`` is against
@@ -32,14 +33,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
 
 import torch
 
-from baselines import (RESULTS, baseline_step, device_name, git_commit, interleaved_samples, make_optimizer,
-                       masked_baseline, model_step_device, path_letter, plain_step, random_masks, slug, write_rows)
+from baselines import (RESULTS, RowWriter, baseline_step, device_name, git_commit, interleaved_samples, make_optimizer,
+                       masked_baseline, model_step_device, path_letter, plain_step, random_masks, slug)
 from sparse_lth import optim as sl_optim
 from sparse_lth.layers import choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model, paper_hparams
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(dev)
     meta = {"model": args.model, "batch": args.batch, "dtype": "float32", "device": device_name(dev),
             "commit": git_commit(), "torch": torch.__version__}
-    rows = []
+    out = args.out or RESULTS / f"model_step_{args.model}_{slug(meta['device'])}.csv"
+    rows = RowWriter(out)  # each row written as it is measured (a time limit keeps what was measured)
     for density in args.densities:
         masks = random_masks(proto, density, gen, skip=(proto.output_layer,))
         impls, paths, checks = {}, {}, {}
@@ -142,13 +145,14 @@ def main(argv=None) -> int:
             def capturable_sl(mod, kind=kind, lr=hp["lr"]):  # sparse-lth's capturable Adam also takes CPU tensors
                 return make_optimizer(sl_optim, mod.parameters(), kind, lr, capturable=True)
 
+            # gradients zeroed in place in every graph (and its eager twin): see baselines.plain_step
             graphs = [("dense_masking_graph", masked_baseline(build_model(args.model, seed=0).to(dev), masks),
-                       baseline_step, capturable)]
+                       functools.partial(baseline_step, set_to_none=False), capturable)]
             for name, factory in (("sparse_lth_graph", capturable), ("sparse_lth_optim_graph", capturable_sl)):
                 m = sparsify(build_model(args.model, seed=0).to(dev), masks=masks)
                 choose_paths(m, x)
                 paths[name] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
-                graphs.append((name, m, plain_step, factory))
+                graphs.append((name, m, functools.partial(plain_step, set_to_none=False), factory))
             for name, model, step_fn, factory in graphs:
                 try:
                     impls[name], checks[name] = graph_and_twin(model, factory, step_fn, x, y, dev, args.warmup,
@@ -164,15 +168,14 @@ def main(argv=None) -> int:
             med = statistics.median(xs)
             base = samples.get("dense_masking_graph" if k.endswith("_graph") else "dense_masking")
             base_med = statistics.median(base) if base else float("nan")
-            rows.append({**meta, "density": density, "impl": k, "paths": paths.get(k, "-"),
+            rows.add({**meta, "density": density, "impl": k, "paths": paths.get(k, "-"),
                          "median_ms": round(med, 4), "min_ms": round(min(xs), 4), "max_ms": round(max(xs), 4),
                          "repeats": len(xs), "speedup_vs_dense_masking": round(base_med / med, 3),
                          "graph": ("cuda" if dev.type == "cuda" else "stand-in") if k in checks else "-",
                          "graph_check": f"{checks[k]:.3g}" if k in checks else "-"})
             print(f"{args.model} b{args.batch} d={density:<6} {k:19s} {med:9.3f} ms  x{base_med / med:5.2f}  "
                   f"paths {paths.get(k, '-')}", flush=True)
-    out = args.out or RESULTS / f"model_step_{args.model}_{slug(meta['device'])}.csv"
-    write_rows(rows, out)
+    rows.close()
     return 0
 
 

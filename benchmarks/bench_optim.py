@@ -44,15 +44,14 @@ measurement; its rows go to a fresh temporary folder unless --out is given.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import sys
 from pathlib import Path
 
 import torch
 
-from baselines import (cpu_id, cpu_name, device_name, dry_run_out, git_commit, interleaved_samples, interpreting,
-                       quantiles_ms, slug, time_ms, wall_ms)
+from baselines import (RowWriter, cpu_id, cpu_name, device_name, dry_run_out, git_commit, interleaved_samples,
+                       interpreting, quantiles_ms, slug, time_ms, wall_ms)
 from sparse_lth.optim import MASK_ATTR, SGD, Adam
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,7 +220,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
     elt = torch.tensor([], dtype=dtype).element_size()
-    rows = []
+    rows = RowWriter(out, FIELDS)  # each row written as it is measured (a time limit keeps what was measured)
     gen = torch.Generator().manual_seed(0)
     print(f"device: {dev_name}; backend: {backend}; dtype: {args.dtype}; commit {commit}")
     for model in args.models:
@@ -241,7 +240,7 @@ def main(argv=None):
                                impl=impl, median_ms=round(med, 4), p20_ms=round(p20, 4), p80_ms=round(p80, 4),
                                bytes=nbytes, GBps=round(nbytes / (med * 1e-3) / 1e9, 2), device=dev_name,
                                commit=commit)
-                    rows.append(row)
+                    rows.add(row)
                     print(f"{op:5s} {model:7s} d={density:<5} {impl:32s} {med:9.3f} ms  [{p20:.3f}, {p80:.3f}]  "
                           f"{row['GBps']:8.2f} GB/s", flush=True)
                 del impls
@@ -258,11 +257,7 @@ def main(argv=None):
                       f"st.global.v4, {ptx.count('ld.global.v2')} ld.global.v2")
             except Exception as e:  # noqa: BLE001 - inspection only
                 print(f"PTX {key}: not inspectable ({e})")
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+    rows.close()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ def fmt_x(v: float) -> str:
     return f"{v:.2f}x" if math.isfinite(v) else "-"
 
 
+def fmt_ms(v) -> str:
+    """A time in ms, or "-" where it was not measured (a run cut short by its time limit: no dense-masking row)."""
+    v = _f(v)
+    return f"{v:.4g}" if math.isfinite(v) else "-"
+
+
 # ------------------------------------------------------------------------------------------------------- targets
 class Target:
     """One target of an issue: ``measured >= need`` (or ``<=`` when ``at_most``)."""
@@ -115,7 +121,7 @@ def linear_section(rows, targets: list[Target]) -> list[str]:
         if op != "fwd+bwd":
             continue
         best = max(v["sparse"], 1.0) if math.isfinite(v["sparse"]) else math.nan
-        lines.append(f"| {shape} | {batch} | {dtype} | {d:g} | {v['dense_ms']:.4g} | {v['sparse_ms']:.4g} | "
+        lines.append(f"| {shape} | {batch} | {dtype} | {d:g} | {fmt_ms(v['dense_ms'])} | {fmt_ms(v['sparse_ms'])} | "
                      f"{fmt_x(v['sparse'])} | {fmt_x(best)} | {fmt_x(v['layer'])} | {v['path'] or '-'} | "
                      f"{fmt_x(v['csr'])} |")
     big = ("fwd+bwd", "4096x4096", 4096)

@@ -399,9 +399,18 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     replay, so that tensor is kept alive (and never written again)."""
     if device.type == "cpu":
         return host
-    if _capturing(device):
-        _CAPTURE_KEEPALIVE[id(host)] = host
-    return host.to(device, non_blocking=True)
+    if not _capturing(device):
+        return host.to(device, non_blocking=True)
+    _CAPTURE_KEEPALIVE[id(host)] = host
+    try:
+        return host.to(device, non_blocking=True)
+    except RuntimeError as e:  # torch >= 2.11 refuses a copy from pageable memory inside a capture (pytorch#172156)
+        raise RuntimeError(
+            "sparse_lth.optim: a step captured in a CUDA graph needs an optimizer table that its warm-up steps did "
+            "not build (a parameter, gradient or state tensor at a new address: gradients set to None are "
+            "allocated anew by the captured backward), and this torch cannot copy it from the host inside a "
+            "capture. Zero the gradients in place (zero_grad(set_to_none=False)) and run a warm-up step before "
+            f"capturing, as sparse_lth.train does with cuda_graph=True. ({e})") from e
 
 
 def _tables(rows: tuple[tuple[int, ...], ...], device: torch.device, block: int,

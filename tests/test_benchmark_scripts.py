@@ -44,6 +44,24 @@ conv = _load("bench_conv_gpu")
 optim = _load("bench_optim")
 
 
+def test_row_writer_keeps_each_row_as_it_is_measured(tmp_path, capsys):
+    """bench_optim.py and bench_model_step.py write through RowWriter: every row is on disk as soon as it is
+    measured, so a part that gpu_suite.sh stops at its time limit still brings back what it measured (they wrote
+    their file only at the end)."""
+    baselines = _load("baselines")
+    out = tmp_path / "sub" / "rows.csv"
+    w = baselines.RowWriter(out)
+    assert not out.exists()  # nothing measured, nothing written
+    w.add(dict(a=1, b="x"))
+    with open(out, newline="") as f:  # before close: the row is there
+        assert list(csv.DictReader(f)) == [dict(a="1", b="x")]
+    w.add(dict(a=2, b="y"))
+    w.close()
+    with open(out, newline="") as f:
+        assert [r["a"] for r in csv.DictReader(f)] == ["1", "2"]
+    assert f"wrote 2 rows to {out}" in capsys.readouterr().out
+
+
 def run_script(name: str, *args: str, **env_extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("SPARSE_LTH_BACKEND", None)
@@ -255,7 +273,7 @@ def test_model_step_smoke(tmp_path):
             assert re.fullmatch(r"[ds]+", row["paths"]), row
     # density 0.1 puts the hidden layers on the sparse path (the Triton kernels, here interpreted)
     assert any(r["paths"].startswith("s") for r in rows if float(r["density"]) == 0.1)
-    assert f"wrote {out}" in proc.stdout
+    assert f"wrote 6 rows to {out}" in proc.stdout
 
 
 def test_model_step_cuda_graph_stand_in(tmp_path):

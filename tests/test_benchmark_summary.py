@@ -50,6 +50,7 @@ def results(tmp_path):
         _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "dense_mask", 30.0),
         _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "sparse_triton", 6.0),         # 5.0x < 6: not met
         _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "torch_sparse_csr", 15.0),
+        _lin("fwd+bwd", "4096x4096", 4096, 0.01, "fp32", "sparse_triton", 2.0),  # cut short: no dense row
         _lin("fwd+bwd", "4096x4096", 4096, 0.01, "bf16", "dense_mask_autocast", 9.0),
         _lin("fwd+bwd", "4096x4096", 4096, 0.01, "bf16", "sparse_triton", 3.0),         # 3.0x >= 2.5: met
         dict(_lin("fwd+bwd", "4096x4096", 4096, 0.05, "fp32", "sparse_lth_layer", 12.0),
@@ -162,6 +163,8 @@ def test_targets_are_computed_from_the_rows(results):
     assert "| 4096x4096 | 4096 | fp32 | 0.02 | 30 | 6 | 5.00x | 5.00x | 0.75x | dense | 2.00x |" in md
     assert "| 4096x4096 | 4096 | fp32 | 0.05 | 30 | 10 | 3.00x | 3.00x | 2.50x | sparse/weight_grad:dense | - |" in md
     assert "| 4096x4096 | 4096 | bf16 | 0.01 | 9 | 3 | 3.00x | 3.00x | - | - | - |" in md
+    # a run cut short by its time limit (a kernel row, no dense-masking row): "-", not a crash
+    assert "| 4096x4096 | 4096 | fp32 | 0.01 | - | 2 | - | - | - | - | - |" in md
 
 
 def test_cli_writes_summary_and_plots(results, tmp_path_factory):

@@ -427,12 +427,15 @@ def test_capturable_optimizer_step_reads_nothing_back(kernel_device, backend):
         assert st.device == p.device and float(st) == 3
 
 
-def test_capturable_adam_step_replayed_as_a_cuda_graph(kernel_device, backend):
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_capturable_adam_step_replayed_as_a_cuda_graph(kernel_device, backend, set_to_none):
     """On a GPU: a training step of sparse layers (sparse path with fused ReLU, dense path) with sparse-lth's
-    capturable Adam, captured once as a CUDA graph after three warm-up steps (gradients set to None before each
-    step, so the captured backward allocates them and the optimizer's pointer table is built inside the capture),
-    then replayed; a twin with the non-capturable Adam takes the same steps eagerly. On the CPU the "graph" is the
-    step itself, a stand-in: the capturable optimizer against the non-capturable one, step for step."""
+    capturable Adam, captured once as a CUDA graph after three warm-up steps, then replayed; a twin with the
+    non-capturable Adam takes the same steps eagerly. Gradients zeroed in place keep their addresses, so every
+    optimizer table is built before the capture. Set to None, the captured backward allocates them anew and the
+    pointer table is built inside the capture: a host-to-device copy that torch >= 2.11 refuses there (then the
+    capture must fail with sparse-lth's error saying what to do; older torch captures the copy). On the CPU the
+    "graph" is the step itself, a stand-in: the capturable optimizer against the non-capturable one."""
     import copy
 
     from sparse_lth.optim import Adam
@@ -444,7 +447,7 @@ def test_capturable_adam_step_replayed_as_a_cuda_graph(kernel_device, backend):
     twin_opt = Adam(twin.parameters(), lr=1e-2, backend=backend)
 
     def step(m, o):
-        o.zero_grad(set_to_none=True)
+        o.zero_grad(set_to_none=set_to_none)
         F.cross_entropy(m(x), y).backward()
         o.step()
 
@@ -456,8 +459,14 @@ def test_capturable_adam_step_replayed_as_a_cuda_graph(kernel_device, backend):
                 step(model, opt)
         torch.cuda.current_stream().wait_stream(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # recorded, not run: the model stays at its three warm-up steps
-            step(model, opt)
+        try:
+            with torch.cuda.graph(graph):  # recorded, not run: the model stays at its three warm-up steps
+                step(model, opt)
+        except RuntimeError as e:
+            if not set_to_none:
+                raise
+            assert "zero_grad(set_to_none=False)" in str(e), e  # the copy refused: sparse-lth says what to do
+            return
         replay = graph.replay
     else:
         for _ in range(3):

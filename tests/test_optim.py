@@ -291,6 +291,22 @@ def test_tables_first_built_in_a_capture_are_not_cached(kernel_device, monkeypat
     K._CAPTURE_KEEPALIVE.clear()
 
 
+def test_a_table_copy_refused_inside_a_capture_says_what_to_do(monkeypatch):
+    """torch >= 2.11 refuses a host-to-device copy from pageable memory inside a CUDA graph capture (pytorch#172156):
+    a captured step that needs a new optimizer table (gradients set to None, allocated anew by the captured
+    backward) gets sparse-lth's error, which says how to capture the step instead, with torch's below it."""
+    class Refused:
+        def to(self, device, non_blocking=False):
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the CPU "
+                               "tensor is pinned")
+
+    monkeypatch.setattr(K, "_capturing", lambda device: True)
+    with pytest.raises(RuntimeError, match=r"zero_grad\(set_to_none=False\)") as info:
+        K._to_device(Refused(), torch.device("cuda"))
+    assert "Cannot copy between CPU and CUDA tensors" in str(info.value)
+    K._CAPTURE_KEEPALIVE.clear()
+
+
 def test_bf16_rounds_to_nearest_even(kernel_device):
     # p - lr * g with lr = 1 and g = 0: p is written back through the bf16 rounding. Feed fp32 values between two
     # bf16 numbers via weight decay: p_new = p * (1 - wd) with p = 1, wd chosen so p_new is a half-way or off value.
