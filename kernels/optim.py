@@ -211,7 +211,8 @@ if HAS_TRITON:
         _st(m1_ptr + offs, exp_avg, offs, numel, FULL)
         _st(m2_ptr + offs, exp_avg_sq, offs, numel, FULL)
         if AMSGRAD:
-            max_sq = tl.maximum(_ld(mx_ptr + offs, offs, numel, FULL), exp_avg_sq)
+            max_sq = tl.maximum(_ld(mx_ptr + offs, offs, numel, FULL), exp_avg_sq,
+                                propagate_nan=tl.PropagateNan.ALL)  # NaN kept, as torch.maximum
             if HAS_MASK:
                 max_sq = tl.where(live, max_sq, 0.0)
             _st(mx_ptr + offs, max_sq, offs, numel, FULL)

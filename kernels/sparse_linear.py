@@ -135,7 +135,7 @@ if HAS_TRITON:
         if HAS_BIAS:
             y += tl.load(bias_ptr + o, mask=mask_r, other=0.0).to(tl.float32)[:, None]
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
         out_ptrs = out_ptr + o[:, None] * stride_out_o + offs_b[None, :] * stride_out_b
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_b[None, :])
 
@@ -266,7 +266,7 @@ if HAS_TRITON:
                     if HAS_BIAS:
                         y += tl.load(bias_ptr + o, mask=mask_r, other=0.0).to(tl.float32)[:, None]
                     if RELU:
-                        y = tl.maximum(y, 0.0)
+                        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in torch.relu
                     out_ptrs = out_ptr + o[:, None] * stride_out_o + offs_b[None, :] * stride_out_b
                     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_y)
                 else:

@@ -500,6 +500,24 @@ def test_interpreter_numpy_mismatch_refused_at_launch(prob, monkeypatch):
     assert _triton._interpreter_problem() is None  # this install runs the interpreter (every kernel test here)
 
 
+@pytest.mark.parametrize("variant", ["gather", "slab"])
+def test_fused_relu_keeps_nan_as_torch_relu(kernel_device, small_panels, variant):
+    """A NaN pre-activation stays NaN through the fused ReLU, as torch.relu, the torch backend and the dense path
+    give: Triton's default maximum returns the other operand (PTX max.f32, the interpreter's fmax), which zeroed
+    it, so a run diverging to NaN on the sparse path could have gone on training instead of failing visibly."""
+    mask, fmt, values, x, b, _ = setup(12, 20, 5, 0.5, torch.float32, kernel_device, seed=81, empty=False)
+    x[2, :] = float("nan")  # every output of batch row 2 is NaN before the ReLU
+    b[3] = float("inf")     # and +inf survives it
+    cfg = SLAB_CFG if variant == "slab" else None
+    y = sparse_linear_forward(x, values, fmt, b, "relu", variant=variant, config=cfg).cpu()
+    ref = reference_forward(x, values, fmt, b, "relu").cpu()
+    assert torch.isnan(y[2]).all() and torch.isnan(ref[2]).all()
+    assert torch.equal(torch.isinf(y), torch.isinf(ref)) and torch.isinf(y[[0, 1, 3, 4], 3]).all()
+    keep = torch.ones(5, dtype=torch.bool)
+    keep[2] = False
+    torch.testing.assert_close(y[keep], ref[keep])
+
+
 def test_slab_bad_configs(prob):
     mask, fmt, values, x, b, dy = prob
     with pytest.raises(ValueError, match="variant must be one of"):

@@ -291,6 +291,21 @@ def test_tables_first_built_in_a_capture_are_not_cached(kernel_device, monkeypat
     K._CAPTURE_KEEPALIVE.clear()
 
 
+def test_amsgrad_running_max_keeps_nan_as_torch(kernel_device):
+    """AMSGrad's max_exp_avg_sq = max(itself, exp_avg_sq) keeps a NaN, as torch.maximum (and torch.optim) do;
+    Triton's default maximum returned the other operand, so a NaN gradient left the running max at its old value."""
+    p = torch.ones(4, device=kernel_device)
+    g = torch.tensor([1.0, float("nan"), 1.0, 1.0], device=kernel_device)
+    st = [torch.zeros(4, device=kernel_device), torch.zeros(4, device=kernel_device),
+          torch.full((4,), 5.0, device=kernel_device)]
+    ref_p, ref_st = p.clone(), [t.clone() for t in st]
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+    K.fused_adam_([p], [g], [st[0]], [st[1]], [st[2]], None, **kw)
+    K.adam_reference_([ref_p], [g], [ref_st[0]], [ref_st[1]], [ref_st[2]], None, **kw)
+    assert torch.isnan(ref_st[2][1]) and torch.equal(torch.isnan(st[2]), torch.isnan(ref_st[2]))
+    torch.testing.assert_close(st[2], ref_st[2], equal_nan=True)
+
+
 def test_a_table_copy_refused_inside_a_capture_says_what_to_do(monkeypatch):
     """torch >= 2.11 refuses a host-to-device copy from pageable memory inside a CUDA graph capture (pytorch#172156):
     a captured step that needs a new optimizer table (gradients set to None, allocated anew by the captured
