@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from ._triton import HAS_TRITON, cdiv, check_launch, interpreting, offset_dtype
 from ._conv_geometry import (FLOAT_DTYPES as _FLOAT_DTYPES, check_fmt as _check_fmt, check_tensor4 as _check_tensor4,
-                             check_values as _check_values, geometry as _geometry, out_size as _out_size)
+                             check_unit_stride, check_values as _check_values, geometry as _geometry,
+                             out_size as _out_size)
 from .format import to_dense
 
 if HAS_TRITON:
@@ -296,6 +297,7 @@ def sparse_conv2d_forward(x, values, fmt, kernel_size, bias=None, stride=(1, 1),
             raise ValueError(f"{op}: bias must be 1-D of length C_out = {fmt.rows}, got shape {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"{op}: bias has dtype {bias.dtype}, x {x.dtype}; they must match")
+        check_unit_stride(bias, "bias", op)
     _check_devices(op, fmt, x=x, values=values, bias=bias)
     return _forward(x, values, fmt, k, bias, s, p, d, op)
 

@@ -220,6 +220,13 @@ def test_bad_input(kernel_device):
         fwd(x, v.double(), fmt, 3, b, 1, 1)
     with pytest.raises(ValueError, match="bias"):
         fwd(x, v, fmt, 3, b[:-1], 1, 1)
+    # a strided vector would be read as if contiguous: refused
+    with pytest.raises(ValueError, match="values has stride 2; a vector must be contiguous"):
+        fwd(x, v.repeat_interleave(2)[::2], fmt, 3, b, 1, 1)
+    with pytest.raises(ValueError, match="bias has stride 2"):
+        fwd(x, v, fmt, 3, b.repeat_interleave(2)[::2], 1, 1)
+    with pytest.raises(ValueError, match="values has stride 2"):
+        bwi(dy, v.repeat_interleave(2)[::2], fmt, x.shape, 3, 1, 1)
     with pytest.raises(TypeError, match="bias"):
         fwd(x, v, fmt, 3, b.half(), 1, 1)
     with pytest.raises(TypeError, match="SparseFormat"):

@@ -330,6 +330,13 @@ def test_bad_shapes(prob):
         sparse_linear_backward_weight(dy, x[:-1], fmt)
     with pytest.raises(ValueError, match="dy has shape"):
         sparse_linear_backward_weight(dy.t(), x, fmt)
+    # a strided vector (values, bias) would be read as if contiguous: refused
+    with pytest.raises(ValueError, match=r"values has stride 2; a vector must be contiguous"):
+        sparse_linear_forward(x, values.repeat_interleave(2)[::2], fmt, b)
+    with pytest.raises(ValueError, match=r"bias has stride 2"):
+        sparse_linear_forward(x, values, fmt, b.repeat_interleave(2)[::2])
+    with pytest.raises(ValueError, match=r"values has stride 2"):
+        sparse_linear_backward_input(dy, values.repeat_interleave(2)[::2], fmt)
     with pytest.raises(ValueError, match="out is"):
         sparse_linear_forward(x, values, fmt, b, out=torch.empty(3, 7, device=x.device))
     with pytest.raises(ValueError, match="out is"):
