@@ -222,7 +222,7 @@ if HAS_TRITON:
 
         acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
         p_lo = pid_s * P_PER_SPLIT
-        p_hi = tl.minimum(p_lo + P_PER_SPLIT, P)
+        p_hi = p_lo + tl.minimum(P - p_lo, P_PER_SPLIT)  # (p_lo + P_PER_SPLIT could pass int32 for many splits)
         for p0 in range(p_lo, p_hi, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_mask = offs_p < p_hi

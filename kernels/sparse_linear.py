@@ -71,6 +71,7 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BATCH_MAX = 2**31 - 1 - 4096  # a batch loop's index (int32 compiled) plus a block stays below 2**31
 _REF_DTYPES = _FLOAT_DTYPES + (torch.float64,)
 _ACTIVATIONS = (None, "relu")
 
@@ -798,6 +799,9 @@ def _backward_weight(dy, x, fmt, out_dtype, out, config, variant, op):
         return out
     if n_b == 0:
         return out.zero_()
+    if n_b > _BATCH_MAX:  # the kernels' batch loop counts in int32 (compiled): b0 + BLOCK_B must not wrap
+        raise ValueError(f"{op}: a batch of {n_b} rows overflows the kernels' int32 batch loop "
+                         f"(at most {_BATCH_MAX}); split the batch")
     dy, x = prepare_operand(dy, fmt.nnz), prepare_operand(x, fmt.nnz)
 
     def run(v, cfg):

@@ -330,6 +330,10 @@ def test_bad_shapes(prob):
         sparse_linear_backward_weight(dy, x[:-1], fmt)
     with pytest.raises(ValueError, match="dy has shape"):
         sparse_linear_backward_weight(dy.t(), x, fmt)
+    # a batch whose loop index would wrap in int32 (expanded views: no memory behind them)
+    huge = 2**31 - 4000
+    with pytest.raises(ValueError, match="overflows the kernels' int32 batch loop"):
+        sparse_linear_backward_weight(dy[:1].expand(huge, -1), x[:1].expand(huge, -1), fmt)
     # a strided vector (values, bias) would be read as if contiguous: refused
     with pytest.raises(ValueError, match=r"values has stride 2; a vector must be contiguous"):
         sparse_linear_forward(x, values.repeat_interleave(2)[::2], fmt, b)
