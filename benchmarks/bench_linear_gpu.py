@@ -49,11 +49,13 @@ as skipped.
 from __future__ import annotations
 
 import argparse
+import atexit
 import csv
 import gc
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -174,6 +176,13 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(f"DRY RUN on {cpu_name()}: checks the code path, the times mean nothing")
     print(f"results -> {out_path}")
+    # the variant timings are written when the run ends, also when a time limit stops it (timeout(1) sends
+    # SIGTERM, made an exit here, which runs the atexit handlers): gpu_suite.sh's linear-targets part may be cut
+    variants_path = out_path.parent / f"variants_{out_path.stem}.csv"
+    write_variants = _once(lambda: write_variant_choices(variants_path, name, commit))
+    atexit.register(write_variants)
+    if not args.dry_run:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     results = []  # (op, shape, batch, density, dtype, impl, median)
     skipped = []  # what could not run (e.g. a torch.sparse op without bf16 support on this device)
@@ -262,12 +271,23 @@ def main(argv=None) -> int:
             free()
     fh.close()
     print_table(results)
-    write_variant_choices(out_path.parent / f"variants_{out_path.stem}.csv", name, commit)
+    write_variants()
     print_skipped(skipped, args.dry_run)
     if not args.no_check:
         print(f"correctness checks: {checks[0]} run, {checks[1]} mismatching")
     print(f"\nrows written to {out_path}")
     return 0
+
+
+def _once(fn):
+    """``fn`` callable any number of times, run at most once."""
+    done = []
+
+    def run():
+        if not done:
+            done.append(True)
+            fn()
+    return run
 
 
 def write_variant_choices(path: Path, device: str, commit: str) -> None:
@@ -485,4 +505,6 @@ def print_table(results):
 
 
 if __name__ == "__main__":
+    # timeout(1) stops a run with SIGTERM: made an exit, so the atexit handlers (the variant timings) still run
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -400,6 +400,28 @@ def test_memory_benchmark_refuses_bad_arguments(capsys):
         assert "no CUDA device here" in capsys.readouterr().err
 
 
+def test_linear_benchmark_stopped_by_sigterm_exits_through_python(tmp_path):
+    """gpu_suite.sh stops a part at its time limit with timeout(1)'s SIGTERM: bench_linear_gpu.py turns it into an
+    exit (status 143), so its atexit handler runs, which writes the variant timings measured so far (they were
+    written only at the end, and lost when a part was cut). Its rows are on disk already (flushed per row)."""
+    import signal
+    import time
+    out = tmp_path / "lin.csv"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(BENCH / "bench_linear_gpu.py"), "--dry-run", "--shapes",
+                             "64x64x8", "96x64x8", "--densities", "0.5", "0.3", "0.2", "0.1", "--out", str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:  # wait until it measures
+        seen.append(line)
+        if line.startswith("results -> "):
+            break
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(seen) + rest  # a Python exit (killed: -15)
+
+
 def test_gpu_scripts_refuse_without_gpu(monkeypatch, capsys):
     # TRITON_INTERPRET=1 makes both refuse on any machine, a GPU one included (here: no GPU either)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
