@@ -136,8 +136,39 @@ class _MaskedOptimizer(Optimizer):
         # Adam: per parameter's id, (its CPU step tensor, a NumPy view of it, its address) (Adam._step_tensors)
         self._step_views: dict[int, tuple] = {}
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Refuse what a group can carry in from torch.optim (add_param_group, a torch state dict) but this
+        optimizer would silently not do: maximize, and the other kind of weight decay (torch's Adam with
+        decoupled_weight_decay=True is AdamW)."""
+        if group.get("maximize"):
+            raise ValueError(f"{type(self).__name__} does not implement maximize=True (a parameter group has it); "
+                             "negate the loss instead")
+        decoupled = group.get("decoupled_weight_decay")
+        if decoupled is not None and hasattr(self, "_decoupled") and bool(decoupled) != self._decoupled:
+            raise ValueError(f"a parameter group has decoupled_weight_decay={bool(decoupled)}, but "
+                             f"{type(self).__name__} applies {'decoupled' if self._decoupled else 'L2'} weight "
+                             f"decay; use {'Adam' if self._decoupled else 'AdamW'}")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch.optim's state, plus the execution setting ``torch_impl`` and each parameter's mask attribute:
+        ``copy.deepcopy`` copies a Parameter without its Python attributes, and the copy would train its pruned
+        weights."""
+        state = super().__getstate__()
+        state["torch_impl"] = self.torch_impl
+        state["_param_masks"] = [(q, getattr(q, MASK_ATTR)) for g in self.param_groups for q in g["params"]
+                                 if getattr(q, MASK_ATTR, None) is not None]
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        masks = state.pop("_param_masks", ())
         super().__setstate__(state)
+        for q, mask in masks:
+            if getattr(q, MASK_ATTR, None) is None:
+                setattr(q, MASK_ATTR, mask)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -170,13 +201,20 @@ class _MaskedOptimizer(Optimizer):
                             f"{tuple(p.shape)}: the state dict is another model's, or the layer was on another path "
                             "when it was saved (the sparse path's values hold one entry per live weight; "
                             "restore_path puts a layer back on a recorded path)")
+        backends = [g.get("backend") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, backend in zip(self.param_groups, backends):
+            # where it runs is this optimizer's choice, not the saved one's (a checkpoint saved with "triton")
+            group["backend"] = backend
+            self._check_group(group)
         capturable = {id(q) for g in self.param_groups if g.get("capturable") for q in g["params"]}
         for pid, values in saved_state.items():
             p = id_map.get(pid)
             if p is None:
                 continue
             for key, val in values.items():
+                if key == "step" and isinstance(val, (int, float)):  # a state dict from before steps were tensors
+                    val = torch.tensor(float(val))
                 if not isinstance(val, torch.Tensor):
                     continue
                 if key == "step":
@@ -277,7 +315,7 @@ class _MaskedOptimizer(Optimizer):
         """torch backend on CPU: the mask as int32 0 / -1 (all bits set), cached per (mask object, version)."""
         rec = self._bits.get(p)
         try:
-            version = mask._version
+            version = (mask._version, mask.data_ptr())  # (the address: `mask.data = other` keeps the version)
         except RuntimeError:  # inference tensor: no version counter, rebuild every time
             version = None
         if rec is not None and version is not None and rec[0]() is mask and rec[1] == version:
@@ -291,7 +329,7 @@ class _MaskedOptimizer(Optimizer):
             self._mask_seen.pop(p, None)
             return
         try:
-            self._mask_seen[p] = (weakref.ref(mask), mask._version)
+            self._mask_seen[p] = (weakref.ref(mask), (mask._version, mask.data_ptr()))
         except RuntimeError:  # inference tensors have no version counter: never trust the record
             self._mask_seen.pop(p, None)
 
@@ -300,7 +338,7 @@ class _MaskedOptimizer(Optimizer):
         if rec is None or rec[0]() is not mask:
             return False
         try:
-            return rec[1] == mask._version
+            return rec[1] == (mask._version, mask.data_ptr())
         except RuntimeError:
             return False
 
@@ -346,6 +384,8 @@ class _MaskedOptimizer(Optimizer):
                             if k != "step" and isinstance(v, torch.Tensor):
                                 _where_(v, live)
                         self._remember_mask(it.p, it.mask)
+                else:  # unmasked this step: its state may fill in, so a mask attached again re-zeroes it
+                    self._mask_seen.pop(it.p, None)
                 work_p.append(p32)
                 work_g.append(g32)
                 lives.append(live)
@@ -606,11 +646,11 @@ class Adam(_MaskedOptimizer):
     def _torch_update(self, group, items, work_p, work_g, lives) -> None:
         lr, eps, wd = float(group["lr"]), float(group["eps"]), float(group["weight_decay"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        steps, values = self._step_tensors(items)
-        use_fused = self._use_fused(work_p, group)
+        use_fused = self._use_fused(work_p, group)  # (refusals before the step counts move)
         if group["capturable"] and not use_fused:
             raise ValueError(f"{type(self).__name__}(capturable=True) on the torch backend runs torch's fused "
                              "kernels (they read the step count on the device); torch_impl='foreach' cannot")
+        steps, values = self._step_tensors(items)
         if use_fused:
             fused = torch._fused_adamw_ if self._decoupled else torch._fused_adam_
             dev = work_p[0].device  # the steps live on the CPU; torch's fused CUDA kernels want them beside p

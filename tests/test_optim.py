@@ -899,3 +899,121 @@ def test_a_state_of_another_shape_is_refused_at_load(name):
     with pytest.raises(ValueError, match=r"of shape \(2, 4\) for a parameter of shape \(20, 40\)"):
         opt_big.load_state_dict(opt_small.state_dict())
     assert not opt_big.state  # nothing loaded
+
+
+# ------------------------------------------------------------------- session 31's audit: each fails without its fix
+def _masked(n=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.tensor([True, False] * (n // 2))
+    p = torch.nn.Parameter(torch.randn(n, generator=gen) * mask)
+    setattr(p, MASK_ATTR, mask)
+    return p, mask, gen
+
+
+def _step(opt, p, gen):
+    opt.zero_grad()
+    p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+
+
+@pytest.mark.parametrize("backend", ["torch", "interpret"])
+def test_a_mask_taken_off_and_put_back_zeroes_the_state_again(backend):
+    """A step without the mask lets the momentum fill in at pruned positions; the same mask put back must zero it
+    again (the torch backend remembered the mask as seen, and momentum moved pruned weights off zero)."""
+    p, mask, gen = _masked()
+    opt = SGD([p], lr=0.1, momentum=0.9, backend=backend)
+    _step(opt, p, gen)
+    delattr(p, MASK_ATTR)
+    _step(opt, p, gen)
+    assert (opt.state[p]["momentum_buffer"][~mask] != 0).all()  # unmasked: it filled in
+    setattr(p, MASK_ATTR, mask)
+    with torch.no_grad():
+        p.mul_(mask)
+    _step(opt, p, gen)
+    assert (p[~mask] == 0).all() and (opt.state[p]["momentum_buffer"][~mask] == 0).all()
+
+
+def test_a_mask_replaced_through_data_is_seen():
+    """``mask.data = other`` keeps the tensor and its version counter: the torch backend's cached mask (bits, and
+    the record that the state respects it) is keyed by the mask's address too."""
+    p, mask, gen = _masked()
+    opt = Adam([p], lr=0.1, backend="torch")
+    _step(opt, p, gen)
+    newly = torch.tensor([True, False, False, False, True, False])
+    mask.data = newly.clone()
+    with torch.no_grad():
+        p.mul_(newly)
+    _step(opt, p, gen)
+    assert (p[~newly] == 0).all() and (opt.state[p]["exp_avg"][~newly] == 0).all()
+
+
+@pytest.mark.parametrize("how", ["add_param_group", "load_state_dict"])
+def test_what_torch_optim_groups_carry_but_these_would_not_do_is_refused(how):
+    """maximize=True (from add_param_group or a torch.optim state dict) was ignored: the optimizer minimized; a
+    torch AdamW state dict loaded into Adam silently switched to L2 decay."""
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    if how == "add_param_group":
+        opt = SGD([p], lr=0.1)
+        with pytest.raises(ValueError, match="does not implement maximize=True"):
+            opt.add_param_group(dict(params=[q], maximize=True))
+        return
+    with pytest.raises(ValueError, match="does not implement maximize=True"):
+        SGD([p], lr=0.1).load_state_dict(torch.optim.SGD([q], lr=0.1, maximize=True).state_dict())
+    torch_adamw = torch.optim.AdamW([q], lr=0.1).state_dict()
+    assert torch_adamw["param_groups"][0]["decoupled_weight_decay"] is True  # (torch >= 2.6)
+    with pytest.raises(ValueError, match="use AdamW"):
+        Adam([p], lr=0.1).load_state_dict(torch_adamw)
+    AdamW([p], lr=0.1).load_state_dict(torch_adamw)  # the same kind: fine
+
+
+def test_deepcopy_keeps_the_masks_and_torch_impl():
+    """copy.deepcopy copies a Parameter without its Python attributes: the copied optimizer trained its pruned
+    weights, and torch_impl went back to "auto"."""
+    import copy
+    p, mask, gen = _masked()
+    opt = SGD([p], lr=0.1, momentum=0.9, backend="torch")
+    opt.torch_impl = "foreach"
+    twin = copy.deepcopy(opt)
+    (q,) = twin.param_groups[0]["params"]
+    assert q is not p and twin.torch_impl == "foreach" and torch.equal(param_mask(q), mask)
+    _step(twin, q, gen)
+    assert (q[~mask] == 0).all()
+
+
+def test_an_old_state_dict_with_plain_number_steps_loads():
+    """torch.optim once saved Adam's step as a Python number; torch loads that, and so does this Adam now (its
+    first step crashed: 'int' object has no attribute 'is_cpu')."""
+    p, mask, gen = _masked()
+    ref = torch.nn.Parameter(p.detach().clone())
+    src = torch.optim.Adam([ref], lr=0.1)
+    ref.grad = torch.randn(6, generator=gen) * mask
+    src.step()
+    sd = src.state_dict()
+    sd["state"][0]["step"] = 1  # the old format
+    opt = Adam([p], lr=0.1, backend="torch")
+    opt.load_state_dict(sd)
+    _step(opt, p, gen)
+    assert float(opt.state[p]["step"]) == 2
+
+
+def test_a_refused_adam_step_does_not_count():
+    p, mask, gen = _masked()
+    opt = Adam([p], lr=0.1, backend="torch")
+    _step(opt, p, gen)
+    opt.torch_impl = "bogus"
+    with pytest.raises(ValueError, match="torch_impl must be"):
+        _step(opt, p, gen)
+    assert float(opt.state[p]["step"]) == 1  # (it became 2: later bias corrections off by a step)
+
+
+def test_loading_a_state_dict_keeps_this_optimizers_backend():
+    """The backend is where this optimizer runs, not part of what it learned: a checkpoint saved with
+    backend="triton" loaded into an optimizer built with backend="torch" raised "backend 'triton' (from
+    argument)"."""
+    p, mask, gen = _masked()
+    saved = SGD([p], lr=0.1, momentum=0.9, backend="torch").state_dict()
+    saved["param_groups"][0]["backend"] = "triton"
+    opt = SGD([p], lr=0.1, momentum=0.9, backend="torch")
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["backend"] == "torch"
+    _step(opt, p, gen)
