@@ -4,7 +4,7 @@ The training loop below is plain PyTorch (a DataLoader, cross-entropy, an optimi
 sparse layers (`sparsify`), the pruning and rewinding between rounds (`MagnitudePruner`) and optimizers that keep
 pruned weights at zero (`sparse_lth.optim`). Swap in your own model, data and loop.
 
-    python examples/imp_in_your_loop.py --data ../shared/data                # 12 rounds of 1,000 iterations, ~2 min
+    python examples/imp_in_your_loop.py --data ../shared/data                # 12 rounds of 1,000 iterations, under a minute
     python examples/imp_in_your_loop.py --data ../shared/data --rounds 10 --iterations 3000 --csv rounds.csv
 
 Each round prints the weights remaining, the test accuracy at the end of the round, and the time a training step
