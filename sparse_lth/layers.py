@@ -449,8 +449,8 @@ class _SparseLayer(nn.Module):
         faster as ``(path, dense_ops)`` (``dense_ops`` None for the dense path). With ``ops_request == "auto"``
         the sparse path is timed with all ops sparse and with each op flipped to dense alone, in one interleaved
         batch with the dense path; the flips that were faster than all-sparse are then combined and that
-        combination is timed in a second batch against the first batch's winner. The fastest configuration
-        measured is kept. ``path_timings`` holds every median (seconds; a configuration timed in both batches
+        combination is timed in a second batch against the first batch's winner, and the faster of those two is
+        kept (else the first batch's fastest). ``path_timings`` holds every median (seconds; a configuration timed in both batches
         keeps its second figure). The layer itself is not changed: every configuration runs on a copy."""
         dev = self.weight_mask.device
         dtype = self.dense_weight().dtype
@@ -459,19 +459,25 @@ class _SparseLayer(nn.Module):
         # else would need a backward pass
         input_grad = (self._last_input_requires_grad or not seen
                       or not any(p.requires_grad for p in self.parameters()))
+        gen = torch.Generator(device=dev).manual_seed(0)  # its own: timing leaves the global RNG as it was
         if self._last_input_batch_minor and len(input_shape) == 2 and seen:
             # the layout the layer really gets: the sparse path reads a batch-minor input without a copy
-            x = torch.randn(tuple(input_shape)[::-1], device=dev, dtype=dtype).t().requires_grad_(input_grad)
+            x = torch.randn(tuple(input_shape)[::-1], device=dev, dtype=dtype, generator=gen).t()
+            x.requires_grad_(input_grad)
         else:
-            x = torch.randn(input_shape, device=dev, dtype=dtype, requires_grad=input_grad)
+            x = torch.randn(input_shape, device=dev, dtype=dtype, generator=gen, requires_grad=input_grad)
         times: dict[str, float] = {}
         configs: dict[str, tuple | None] = {}
+        final: list[str] = []  # the second batch's candidates, when there is one
 
         def measure(candidates: list[tuple[str, tuple | None]]) -> None:
             probes = {}
             for path, dense_ops in candidates:
                 label = _path_label(path, dense_ops)
                 probe = copy.deepcopy(self)
+                for hooks in (probe._forward_pre_hooks, probe._forward_hooks, probe._backward_pre_hooks,
+                              probe._backward_hooks):  # the user's hooks: not on random timing data
+                    hooks.clear()
                 probe._install(probe.dense_weight().detach().clone(), path, dense_ops)
                 probes[label] = probe
                 configs[label] = dense_ops
@@ -488,8 +494,10 @@ class _SparseLayer(nn.Module):
                 best = min(times, key=times.get)
                 combined = tuple(any(f[i] for f in faster) for i in range(len(OPS)))
                 measure([("sparse", combined), ("dense" if best == "dense" else "sparse", configs[best])])
+                # decided head to head within the second batch (figures of two batches are not comparable)
+                final = [_ops_label(combined), best]
         self.path_timings = times
-        best = min(times, key=times.get)
+        best = min(final, key=times.get) if final else min(times, key=times.get)
         return ("dense", None) if best == "dense" else ("sparse", configs[best])
 
     @staticmethod
@@ -979,11 +987,14 @@ def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = Fa
     such layer whatever its backend (on the CPU too, where "auto" otherwise goes by density), except a layer with
     every weight live, which stays dense as ``path="auto"`` keeps it (a sparse path cannot win there, and timing
     it can take seconds per call). Build the optimizer afterwards."""
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # each module's own (a BatchNorm kept in eval stays so)
     model.eval()
-    with torch.enable_grad():  # so that each layer sees whether its input needs a gradient (a first layer's not)
-        model(example_input)
-    model.train(was_training)
+    try:
+        with torch.enable_grad():  # so that each layer sees whether its input needs a gradient (a first layer's not)
+            model(example_input)
+    finally:
+        for m, training in flags:
+            m.training = training
     out = {}
     for name, layer in sparse_layers(model):
         if layer.path_request == "auto":

@@ -830,6 +830,52 @@ def test_timed_choice_combines_the_ops_that_were_faster_dense(monkeypatch):
     assert layer.path == "dense" and layer.path_timings["dense"] == 1.0
 
 
+def test_timed_choice_decides_the_second_batch_head_to_head(monkeypatch):
+    """Figures of two timing batches are not comparable (another moment of the clock): when a second batch runs,
+    its two candidates decide. Here the machine got 5 % slower for the second batch: dense won the first batch and
+    the second, but a flip's first-batch figure was below dense's second-batch one, and that flip was installed."""
+    gen = torch.Generator().manual_seed(26)
+    layer = SparseLinear(20, 10, path="auto", backend="torch")
+    layer.set_mask(random_mask((10, 20), 0.2, gen), path="sparse", ops="auto")
+    first = {"dense": 5.0, "sparse": 8.0, "sparse/forward:dense": 9.0, "sparse/input_grad:dense": 5.1,
+             "sparse/weight_grad:dense": 5.2}
+    second = {"sparse/input_grad:dense/weight_grad:dense": 5.4, "dense": 5.25}  # both 5 % slower than before
+    batches = iter([first, second])
+    monkeypatch.setattr(SparseLinear, "_time_steps",
+                        staticmethod(lambda probes, x, reps: {k: v for k, v in next(batches).items() if k in probes}))
+    assert layer._time_paths((4, 20), reps=1) == ("dense", None)
+
+
+def test_timing_leaves_the_global_rng_and_the_users_hooks_alone():
+    """The timing input comes from the timing's own generator (a seeded loop of one's own draws the same numbers
+    whether a layer timed its paths or not), and the timed copies run without the layer's hooks (which fired on
+    random timing data)."""
+    gen = torch.Generator().manual_seed(27)
+    layer = SparseLinear(20, 10, path="auto", backend="torch")
+    layer.set_mask(random_mask((10, 20), 0.2, gen))
+    calls = []
+    layer.register_forward_hook(lambda m, i, o: calls.append("forward"))
+    layer.register_full_backward_hook(lambda m, gi, go: calls.append("backward"))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    layer.time_paths((4, 20), reps=1)
+    assert torch.equal(torch.rand(3), expected)
+    assert calls == []
+    layer(torch.randn(4, 20, requires_grad=True)).sum().backward()
+    assert calls == ["forward", "backward"]  # the layer's own hooks are still there
+
+
+def test_choose_paths_keeps_each_modules_own_training_flag():
+    """choose_paths runs the model once in eval mode and then restores each module's flag: a BatchNorm the user
+    froze in eval mode inside a training model stays in eval (model.train(True) set it training again)."""
+    model = nn.Sequential(SparseLinear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), SparseLinear(6, 3))
+    model.train()
+    model[1].eval()
+    choose_paths(model, torch.randn(4, 8))
+    assert model.training and model[0].training and not model[1].training and model[3].training
+
+
 def test_timed_choice_with_forced_ops_or_no_per_op_choice(monkeypatch):
     gen = torch.Generator().manual_seed(25)
     costs = {"dense": 3.0, "sparse": 2.0, "sparse/forward:dense": 1.0}
