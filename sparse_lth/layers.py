@@ -186,7 +186,11 @@ class _SparseLayer(nn.Module):
     @classmethod
     def from_dense(cls, module: nn.Module, mask=None, path: str = "auto", backend: str | None = None,
                    mask_gradients: bool = True, ops="auto"):
-        """The sparse twin of a dense ``module`` (weights copied, ``requires_grad`` kept) under ``mask``."""
+        """The sparse twin of a dense ``module`` (weights copied, ``requires_grad`` kept) under ``mask``; without
+        one, under the module's own ``weight_mask`` buffer if it has one (a plain layer pruned by ``apply_masks`` or
+        the pruner), else every weight live."""
+        if mask is None and isinstance(module._buffers.get("weight_mask"), torch.Tensor):
+            mask = module._buffers["weight_mask"]
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._copy_geometry(module)
@@ -957,7 +961,9 @@ def _retire_swapped(model: nn.Module, old_modules) -> None:
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """Swap every sparse layer of ``model`` (in place) back for a plain ``nn.Linear``/``nn.Conv2d``."""
+    """Swap every sparse layer of ``model`` (in place) back for a plain ``nn.Linear``/``nn.Conv2d`` with the
+    masked weights (pruned ones 0) and no mask: a plain model, to export. To go on pruning or training it with
+    its masks, keep the sparse layers (or put the masks back with ``sparse_lth.imp.apply_masks``)."""
     if isinstance(model, _SparseLayer):
         return model.to_dense_module()
     twins: dict[int, nn.Module] = {}  # a layer used in several places gets one dense twin

@@ -284,6 +284,23 @@ def test_a_pruner_made_before_sparsify_prunes_the_sparse_layers():
     assert torch.equal(model.fc1.dense_weight().detach(), theta0["fc1.weight"] * masks["fc1"])
 
 
+def test_sparsify_after_pruning_keeps_the_masks():
+    """A plain model pruned first (its layers carry weight_mask buffers) and sparsified after: the sparse layers
+    take those masks (they took every weight live: the pruned weights came back to training, and the next round
+    pruned from 100 %)."""
+    model = tiny_lenet(sparse=False)
+    pruner = MagnitudePruner(model)
+    pruner.set_rewind_point()
+    masks = pruner.prune_and_rewind()
+    left = pruner.percent_remaining
+    sparsify(model)
+    assert type(model.fc1).__name__ == "SparseLinear"
+    for name, m in masks.items():
+        assert torch.equal(getattr(model, name).mask, m), name
+    assert pruner.percent_remaining == left and left < 100
+    assert (model.fc1.dense_weight()[~masks["fc1"]] == 0).all()
+
+
 def test_an_all_convolutional_model_has_no_output_layer_rate():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     pruner = MagnitudePruner(sparsify(model), conv=0.25)
