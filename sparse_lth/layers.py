@@ -864,6 +864,19 @@ def _swap_target(module: nn.Module):
     return None
 
 
+def _reparametrized(module: nn.Module) -> str:
+    """Why a Linear/Conv2d's weight is not its own parameter (its sparse twin would copy the computed weight and
+    drop the reparametrization), or ""."""
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return ""
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(module):
+        return "its weight is parametrized (torch.nn.utils.parametrize)"
+    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return "its weight is computed by a hook (weight_norm, spectral_norm), not a parameter of its own"
+    return ""
+
+
 def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, path: str = "auto",
              backend: str | None = None, ops="auto") -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` (in place) for its sparse twin; return the model.
@@ -873,11 +886,17 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
     (their own forward or parameters). A layer used under several names gets one twin (a mask under any of its
     names). A layer whose weight or bias is tied to another module (a language model's output layer sharing the
     embedding's weight, say) is left alone too, with a warning: its twin would copy the weight and silently
-    untie it; a mask for it is an error. A bare ``nn.Linear``/``nn.Conv2d`` is returned swapped.
+    untie it; a mask for it is an error. So is a layer whose weight is reparametrized (``weight_norm``,
+    ``spectral_norm``, ``torch.nn.utils.parametrize``): its twin would copy the computed weight and drop the
+    reparametrization. A bare ``nn.Linear``/``nn.Conv2d`` is returned swapped.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     masks = dict(masks or {})
+    why = _reparametrized(model)
+    if why:
+        warnings.warn(f"sparsify: left the {type(model).__name__} plain: {why}", stacklevel=2)
+        return model
     target = _swap_target(model)
     if target is not None:
         return target.from_dense(model, masks.pop("", None), path=path, backend=backend, ops=ops)
@@ -898,10 +917,18 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
         if isinstance(module, nn.MultiheadAttention):
             continue
         for child_name, child in list(module._modules.items()):  # every name, also a repeated module's
+            full = f"{name}.{child_name}" if name else child_name
+            why = _reparametrized(child)
+            if why:
+                if masks.pop(full, None) is not None:
+                    raise ValueError(f"sparsify: {full} cannot take a mask: {why}")
+                if id(child) not in left_alone:  # once per layer
+                    left_alone.add(id(child))
+                    warnings.warn(f"sparsify: left {full} a plain {type(child).__name__}: {why}", stacklevel=2)
+                continue
             target = _swap_target(child)
             if target is None:
                 continue
-            full = f"{name}.{child_name}" if name else child_name
             mask = masks.pop(full, None)
             if id(child) in tied:
                 mine, other = tied[id(child)]

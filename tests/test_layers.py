@@ -262,6 +262,38 @@ def test_a_layer_tied_to_another_module_is_left_alone():
     assert type(pair[0]) is nn.Linear and type(pair[1]) is nn.Linear
 
 
+def test_a_reparametrized_layer_is_left_alone():
+    """weight_norm / spectral_norm (a hook computes the weight) and torch.nn.utils.parametrize: a sparse twin would
+    copy the computed weight and silently drop the reparametrization; sparsify leaves such a layer plain and warns
+    (a mask for it is refused), and swaps the plain layer beside it."""
+    from torch.nn.utils import parametrizations, parametrize, spectral_norm, weight_norm
+
+    class Twice(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of the old weight_norm
+        normed = weight_norm(nn.Linear(4, 4))
+    spec = spectral_norm(nn.Conv2d(2, 3, 3))
+    param = nn.Linear(4, 4)
+    parametrize.register_parametrization(param, "weight", Twice())
+    orth = parametrizations.orthogonal(nn.Linear(4, 4))
+    model = nn.ModuleDict({"normed": normed, "spec": spec, "param": param, "orth": orth, "plain": nn.Linear(4, 4)})
+    with pytest.warns(UserWarning) as caught:
+        sparsify(model)
+    messages = [str(w.message) for w in caught]
+    assert any("left normed a plain Linear: its weight is computed by a hook" in m for m in messages), messages
+    assert any("left spec a plain Conv2d: its weight is computed by a hook" in m for m in messages), messages
+    assert sum("is parametrized" in m for m in messages) == 2, messages
+    assert model["normed"] is normed and model["spec"] is spec and model["param"] is param and model["orth"] is orth
+    assert "weight_g" in normed._parameters and type(model["plain"]) is SparseLinear
+    with pytest.raises(ValueError, match="normed cannot take a mask: its weight is computed by a hook"):
+        sparsify(nn.ModuleDict({"normed": normed}), masks={"normed": torch.ones(4, 4)})
+    with pytest.warns(UserWarning, match="left the Linear plain: its weight is computed by a hook"):
+        assert sparsify(normed) is normed
+
+
 def test_a_parameter_shared_with_a_swapped_layer_still_trains():
     """sparsify swaps modules but retires none of their parameters: one used by another model (or an optimizer
     built afterwards over both) trains on."""
