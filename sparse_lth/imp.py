@@ -258,6 +258,10 @@ def output_layer_name(model: nn.Module) -> str | None:
     """The layer pruned at the output rate: the model's ``output_layer`` attribute, else its last Linear; a layer
     tied to an earlier one is named by that one. None for an all-convolutional model (a 1x1-conv classifier, as
     NiN or SqueezeNet) without the attribute: every layer is then pruned at the conv rate."""
+    inner, prefix = _unwrapped(model)
+    if inner is not model:  # the names of a wrapped model's layers carry the wrapper's prefix
+        name = output_layer_name(inner)
+        return None if name is None else prefix + name
     name = getattr(model, "output_layer", None)
     if not isinstance(name, str):  # the last Linear (a model of one's own may hold a module by that name)
         lin = [n for n, m in _candidate_layers(model) if _is_linear(m)]
@@ -265,6 +269,19 @@ def output_layer_name(model: nn.Module) -> str | None:
             return None
         name = lin[-1]
     return _tied_to(model).get(name, name)
+
+
+def _unwrapped(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the model inside DataParallel / DistributedDataParallel / torch.compile's wrapper, the prefix its layers'
+    names get in the wrapper), or (model, "")."""
+    prefix = ""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model, prefix = model.module, prefix + "module."
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model, prefix = model._orig_mod, prefix + "_orig_mod."
+        else:
+            return model, prefix
 
 
 def _is_linear(m: nn.Module) -> bool:

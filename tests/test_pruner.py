@@ -301,6 +301,20 @@ def test_sparsify_after_pruning_keeps_the_masks():
     assert (model.fc1.dense_weight()[~masks["fc1"]] == 0).all()
 
 
+@pytest.mark.parametrize("wrap", ["data_parallel", "compile"])
+def test_a_wrapped_model_prunes_its_output_layer_at_the_output_rate(wrap):
+    """DataParallel hides the model's output_layer attribute and torch.compile passes it through unprefixed: the
+    output layer was pruned at the fc rate (compile: no layer matched "fc3"; DataParallel: the last Linear, not
+    the layer the attribute names)."""
+    model = tiny_lenet()
+    model.output_layer = "fc2"  # (not the last Linear: the attribute decides)
+    wrapped = nn.DataParallel(model) if wrap == "data_parallel" else torch.compile(model)
+    prefix = "module." if wrap == "data_parallel" else "_orig_mod."
+    pruner = MagnitudePruner(wrapped, fc=0.2)
+    assert pruner.kinds == {prefix + "fc1": "fc", prefix + "fc2": "output", prefix + "fc3": "fc"}
+    assert pruner.rates[prefix + "fc2"] == 0.1 and pruner.rates[prefix + "fc3"] == 0.2
+
+
 def test_an_all_convolutional_model_has_no_output_layer_rate():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     pruner = MagnitudePruner(sparsify(model), conv=0.25)
