@@ -40,7 +40,8 @@ The paper's controls take two lines each with :func:`sparse_lth.imp.apply_masks`
 Anything else that holds the parameters (``DistributedDataParallel``, an EMA copy) needs the same after a mask
 change (on the dense path too: a mask change gives every pruned layer new parameters): wrap or build it again,
 like the optimizer. Under DistributedDataParallel every rank runs the same pruner on the same (synchronized)
-weights and so computes the same masks; wrap the model again each round (``ddp = DDP(model)`` after
+weights and so computes the same masks, and takes rank 0's path for each sparse layer (on a GPU a path is
+chosen by timing, which may fall either side of a tie on two ranks); wrap the model again each round (``ddp = DDP(model)`` after
 ``prune_and_rewind``). A wrapper kept from before fails at the next backward with DDP's "Expected to have finished
 reduction in the prior iteration" (it still holds the old parameters). Tested on the CPU with two gloo processes:
 the ranks stay identical and each round equals single-process training on both ranks' batches. A
@@ -208,7 +209,7 @@ class MagnitudePruner:
         if rewind:
             self._load_rewind_point(masks)
         else:
-            apply_masks(model, masks, path=self.path)
+            self._set_masks(model, masks)
         self.round += rounds
         return {n: mk.clone() for n, mk in masks.items()}
 
@@ -236,7 +237,24 @@ class MagnitudePruner:
             raise RuntimeError("no rewind point: call set_rewind_point() first")
         model = self._layers_now()
         _load_weights(model, self._rewind)
+        self._set_masks(model, masks)
+
+    def _set_masks(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        """apply_masks, then, under torch.distributed, every rank's sparse layers on rank 0's paths: on a GPU an
+        automatic path is chosen by timing, and ranks whose timings fall either side of a tie would give the same
+        layer other parameters (``values`` or ``weight``), which the next ``DDP(model)`` cannot wrap. Every rank
+        runs the pruner (see the module docstring), so this collective is reached by all."""
         apply_masks(model, masks, path=self.path)
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        from .layers import sparse_layers
+        layers = dict(sparse_layers(model))
+        labels = [{n: m.path_label for n, m in layers.items()}]
+        dist.broadcast_object_list(labels, src=0)
+        for n, label in labels[0].items():
+            if layers[n].path_label != label:
+                layers[n].restore_path(label)
 
     @torch.no_grad()
     def mask_gradients(self) -> None:
