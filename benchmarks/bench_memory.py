@@ -11,7 +11,9 @@ every tensor that outlives the step is counted once per storage, in the first of
 
 * ``params``: the trainable parameters (dense weights, or the compact ``values`` of the sparse path; biases, BN);
 * ``grads``: their ``.grad``;
-* ``optim``: the optimizer's state (momentum, Adam's two moments and step counts);
+* ``optim``: everything the optimizer holds but the parameters: its state (momentum, Adam's two moments and step
+  counts) and its caches (sparse_lth.optim's torch backend keeps each masked weight's mask as int32 bits on the CPU:
+  4 bytes a weight, on the dense path);
 * ``masks_index``: everything else the model holds: masks (the baseline's float mask, the layers' bool
   ``weight_mask`` and the dense path's weight-dtype gradient mask), the sparse path's index structures and the
   torch backend's per-tap tables, BN running statistics;
@@ -125,7 +127,9 @@ def resident(model: nn.Module, opt: torch.optim.Optimizer, ledger: Ledger) -> No
     params = list(model.parameters())
     ledger.claim("params", params)
     ledger.claim("grads", [p.grad for p in params if p.grad is not None])
-    ledger.claim("optim", [t for st in opt.state.values() for t in tensors_in(st)])
+    # everything the optimizer holds: its state, and what it keeps beside it (sparse_lth.optim's CPU masking
+    # keeps each masked weight's mask as int32 bits, 4 bytes a weight; the parameters are claimed already)
+    ledger.claim("optim", list(tensors_in(vars(opt))))
     held = []
     for m in model.modules():
         held += list(m._buffers.values())

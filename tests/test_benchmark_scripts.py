@@ -382,6 +382,9 @@ def test_memory_benchmark_counts_every_storage_once(tmp_path):
         assert float(r["state_x"]) == pytest.approx(base / v["state_bytes"], rel=1e-3)
     dense = counts(rows[(1.0, "sparse_lth")])
     assert rows[(1.0, "sparse_lth")]["paths"] == "ddd" and dense["params_bytes"] == b["params_bytes"]
+    # everything sparse_lth.optim holds: Adam's two moments, 6 step counts, and (CPU, torch backend) each masked
+    # weight's mask as int32 bits, 4 bytes a weight (it went uncounted: only opt.state was)
+    assert dense["optim_bytes"] == 2 * 4 * (fc1 + fc2 + fc3 + biases) + 6 * 4 + 4 * (fc1 + fc2 + fc3)
     md = out.with_suffix(".md").read_text()
     assert "## lenet300_100, batch 60, adam" in md and md.count("| 0.05 |") == 3
     assert f"wrote {out}" in proc.stdout
