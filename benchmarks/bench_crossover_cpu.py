@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="CSV path (the .md summary goes beside it)")
     args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)  # the command, as given, for the table's header
     conv = args.kind == "conv"
     configs = CONV_CONFIGS if conv else CONFIGS
     args.repeats = args.repeats or (11 if conv else 31)
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
              f"{device}, torch {torch.__version__}, commit {meta['commit']}, fp32, one {what}, median of "
              f"{args.repeats} interleaved repeats. Cells: speedup of each sparse-path configuration over the dense "
              "path (dense-path ms / config ms). "
-             f"`python benchmarks/bench_crossover_cpu.py --kind {args.kind}`; the rule in use: sparse at or below "
+             f"`python benchmarks/bench_crossover_cpu.py {' '.join(argv)}`; the rule in use: sparse at or below "
              f"{rule:g} density.", "",
              "| shape | batch | density | dense path ms | " + " | ".join(configs[1:]) + " |",
              "|---|---|---|---|" + "---|" * (len(configs) - 1)]

@@ -202,7 +202,7 @@ def measure(model_name: str, density: float, batch: int, repeats: int, inner: in
                "torch_floor": lambda: sgd_step(floor, fopt, x, y)}
         samples = interleaved_samples(fns, repeats, lambda f: wall_ms(f, inner), warmup=3)
     us = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
-    us["opt"] = statistics.median(opt_ms[3 * inner:]) * 1e3  # without the warmup calls
+    us["opt"] = statistics.median(opt_ms[3:]) * 1e3  # without the 3 warm-up calls (one step each, whatever inner)
     launches = fwd + bwd
     return {"model": model_name, "density": density, "batch": batch, "optimizer": optimizer,
             "step_us": round(us["sparse_lth"], 1),

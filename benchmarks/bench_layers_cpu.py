@@ -83,6 +83,7 @@ def bench_linear(density: float, repeats: int) -> dict:
 
     def baseline():
         xi = x.requires_grad_(True)
+        xi.grad = None  # (else every backward also accumulates dx into the shared leaf's .grad)
         b.zero_grad(set_to_none=True)
         b(xi).backward(dy)
         b.weight.grad.mul_(b.mask)
@@ -95,6 +96,7 @@ def bench_linear(density: float, repeats: int) -> dict:
 
         def run(layer=layer):
             xi = x.requires_grad_(True)
+            xi.grad = None
             layer.zero_grad(set_to_none=True)
             layer(xi).backward(dy)
 

@@ -562,6 +562,7 @@ def test_crossover_cpu_benchmark_conv_layers(tmp_path):
     assert all(float(r["median_ms"]) > 0 for r in rows)
     md = out.with_suffix(".md").read_text()
     assert "SparseConv2d" in md and "--kind conv" in md and md.count("| conv6.1 3->64 32x32 | 60 | 0.05 |") == 1
+    assert "--shapes conv6.1 resnet20.16-32s2 --densities 0.05" in md  # the command as given, not only --kind
 
 
 def test_crossover_is_the_top_of_the_winning_run_from_the_lowest_density():
