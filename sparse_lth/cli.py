@@ -23,6 +23,7 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
 import time
 import typing
@@ -854,16 +855,19 @@ def main(argv=None) -> int:
         again = {"imp": "; run the same command again to resume",
                  "stability": "; run the same command again to resume (finished copies are kept)"}
         if getattr(e, "signum", None):  # train.TrainingInterrupted: stopped between two steps, checkpoint written
-            print(f"sparse-lth {args.command}: {e}{again.get(args.command, '')}", file=sys.stderr)
+            _say(f"sparse-lth {args.command}: {e}{again.get(args.command, '')}")
             return 128 + e.signum
-        print(f"\nsparse-lth {args.command}: interrupted{again.get(args.command, '')}", file=sys.stderr)
+        _say(f"\nsparse-lth {args.command}: interrupted{again.get(args.command, '')}")
         return 130
-    except BrokenPipeError:  # output piped into `head`, which has had enough: not an error of ours
+    except BrokenPipeError:
         try:
             sys.stdout = open(os.devnull, "w")  # (Python's exit flush would raise again)
         except OSError:
             pass
-        return 0
+        if args.command in _READ_ONLY:  # output piped into `head`, which has had enough: not an error of ours
+            return 0
+        _say(f"sparse-lth {args.command}: its output pipe closed (the reader ended) before it finished")
+        return 128 + signal.SIGPIPE
     except (ValueError, OSError, RuntimeError) as e:
         if os.environ.get("SPARSE_LTH_DEBUG", "0") not in ("", "0"):
             raise
@@ -872,6 +876,18 @@ def main(argv=None) -> int:
             not isinstance(e, RunInProgressError) else ""
         print(f"sparse-lth {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
+
+
+# commands that only read and print: a closed output pipe (`| head`) ends them without an error
+_READ_ONLY = ("ls", "env")
+
+
+def _say(message: str) -> None:
+    """A message on stderr, if stderr is still there (a pipe's reader may be gone)."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -91,12 +91,17 @@ def _stop_after_step(enabled: bool):
         if pending[0] is None:
             pending[0] = signum
             signal.signal(signum, previous[signum])  # the next one is not deferred
-            print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (a second one "
-                  "stops at once)", file=sys.stderr, flush=True)
+            try:  # (Ctrl-C on `sparse-lth imp ... | tee log` closes the pipe first: the step must still end)
+                print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (a second "
+                      "one stops at once)", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         previous[sig] = signal.getsignal(sig)
-        if previous[sig] is None:  # set from outside Python: cannot be put back, leave it alone
+        # set from outside Python (cannot be put back), or ignored (a job started with `&` from a script, or under
+        # nohup: Ctrl-C at the terminal is not for it, as Python itself leaves an ignored SIGINT ignored)
+        if previous[sig] is None or previous[sig] == signal.SIG_IGN:
             del previous[sig]
             continue
         signal.signal(sig, handler)

@@ -391,3 +391,20 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     # a misspelt dataset is refused by --plan as by the run itself (the plan printed it)
     assert main(tiny_imp_args(tmp_path, "--plan", "--dataset", "fashoin_mnist")) == 2
     assert "unknown dataset 'fashoin_mnist'" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe(tmp_path, monkeypatch, capsys):
+    """`| head` on a command that only prints ends it without an error (0); on a command that works (imp) the pipe's
+    reader is gone before it finished: that is not success (it returned 0, as if the run had ended)."""
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert main(["env"]) == 0
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert main(tiny_imp_args(tmp_path)) == 141
+    assert "its output pipe closed" in capsys.readouterr().err

@@ -3,6 +3,7 @@ stopping, bad configurations, and LeNet-300-100 on real MNIST with the sparse la
 import dataclasses
 import os
 import signal
+import sys
 
 import pytest
 import torch
@@ -280,7 +281,7 @@ def test_lenet_mnist_one_epoch_sparse_layers():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_after_the_step_with_a_checkpoint_there(tmp_path, sig):
+def test_a_signal_stops_after_the_step_with_a_checkpoint_there(tmp_path, sig, default_sigint):
     """Ctrl-C or SIGTERM in the middle of training: the step under way finishes, a checkpoint is written at that
     iteration (not at the last periodic one), and the resume from it is exact."""
     tr, te = tiny_data()
@@ -315,6 +316,46 @@ def default_sigint():
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, before)
+
+
+def test_a_signal_with_stderr_gone_still_ends_the_step_with_a_checkpoint(tmp_path, default_sigint, monkeypatch):
+    """Ctrl-C on `sparse-lth imp ... | tee log` ends tee first: the handler's message then meets a closed pipe. The
+    BrokenPipeError it raised escaped in the middle of the step, and no checkpoint was written there."""
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    tr, te = tiny_data()
+
+    def kill_at_7(it, m):
+        if it == 7:
+            monkeypatch.setattr(sys, "stderr", Gone())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    ck = str(tmp_path / "ck.pt")
+    model, _ = tiny_model()
+    with pytest.raises(TrainingInterrupted, match="at iteration 7, checkpoint written"):
+        train(model, tr, te, cfg(iterations=12), checkpoint_path=ck, checkpoint_every=5, callback=kill_at_7)
+    monkeypatch.undo()
+    assert torch.load(ck, weights_only=False)["iteration"] == 7
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path):
+    """A run started with SIGINT ignored (`cmd &` from a script, where Ctrl-C at the terminal is not meant for it;
+    Python itself leaves it ignored) is not stopped by one: training took it over and stopped."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        tr, te = tiny_data()
+        model, _ = tiny_model()
+        out = train(model, tr, te, cfg(iterations=12), checkpoint_path=str(tmp_path / "ck.pt"), checkpoint_every=5,
+                    callback=lambda it, m: os.kill(os.getpid(), signal.SIGINT) if it == 7 else None)
+        assert out["curve"][-1]["iteration"] == 12
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_second_ctrl_c_stops_at_once_and_without_a_checkpoint_nothing_is_deferred(tmp_path, default_sigint):
