@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 
 TEMPORARY = re.compile(r"\.tmp\d+$")  # the suffix of write_atomic's temporaries: ".tmp<pid>"
 
@@ -25,6 +26,13 @@ def write_atomic(path: str, write, binary: bool = False) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def copy_atomic(src: str, dst: str) -> None:
+    """``src``'s bytes to ``dst`` through :func:`write_atomic`: a kill during the copy leaves no truncated ``dst``
+    (which a later run, finding it there, would take as complete)."""
+    with open(src, "rb") as f_in:
+        write_atomic(dst, lambda f_out: shutil.copyfileobj(f_in, f_out, 1 << 20), binary=True)
 
 
 def read_json(path: str):

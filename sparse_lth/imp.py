@@ -51,7 +51,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import typing
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ import torch
 from torch import nn
 
 from . import runlock
-from ._files import TEMPORARY, canonical_hparams, read_json, write_atomic
+from ._files import TEMPORARY, canonical_hparams, copy_atomic, read_json, write_atomic
 from .environment import environment, warn_if_changed
 from .train import OPTIMIZERS, TrainConfig, save_atomic, train
 
@@ -928,7 +927,7 @@ class Experiment:
 
             capture = k if (r == 0 and k > 0 and not os.path.exists(rewind_path)) else None
             if r == 0 and k == 0 and not os.path.exists(rewind_path):
-                shutil.copyfile(init_path, rewind_path)
+                copy_atomic(init_path, rewind_path)
             cb = None if callback is None else (lambda it, m, _r=r: callback(_r, it, m))
             out = train(model, train_data, test_data, cfg, start_iteration=start,
                         checkpoint_path=os.path.join(rdir, "checkpoint.pt"),
@@ -1016,9 +1015,9 @@ class Experiment:
             return None  # another θ0 (e.g. the model code changed between the runs): train it here
         rdir = self.round_dir(seed, 0)
         for f in files[1:]:
-            shutil.copyfile(f, os.path.join(rdir, os.path.basename(f)))
+            copy_atomic(f, os.path.join(rdir, os.path.basename(f)))
         if not os.path.exists(rewind_path):
-            shutil.copyfile(src_rewind, rewind_path)
+            copy_atomic(src_rewind, rewind_path)
         metrics = read_json(files[0])
         metrics.update(control=self.hp.control, reused_from=os.path.relpath(sdir, self.dir))
         _write_json_atomic(metrics, os.path.join(rdir, "metrics.json"))  # last: a cut-short copy is redone

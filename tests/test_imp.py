@@ -963,3 +963,26 @@ def test_replicate_seeds_finds_negative_seeds_too(tmp_path):
         (tmp_path / d).mkdir()
     (tmp_path / "seed_7").write_text("a file, not a replicate")
     assert replicate_seeds(tmp_path) == [-1, 0, 12]
+
+
+def test_files_copied_into_a_run_folder_are_never_left_half_written(tmp_path, monkeypatch):
+    """rewind.pt (θ0's copy when rewinding to iteration 0) and a control's copies of its source's round 0 went
+    through shutil.copyfile: a kill mid-copy left a truncated rewind.pt, which every later run found, took as
+    complete and failed on (PytorchStreamReader...). They go through a temporary and a rename now."""
+    import shutil
+
+    from sparse_lth._files import copy_atomic
+    src, dst = tmp_path / "init.pt", tmp_path / "rewind.pt"
+    src.write_bytes(b"x" * (3 << 20))
+
+    def cut(f_in, f_out, length=0):
+        f_out.write(f_in.read(1000))
+        raise KeyboardInterrupt  # a kill arriving mid-copy
+
+    monkeypatch.setattr(shutil, "copyfileobj", cut)
+    with pytest.raises(KeyboardInterrupt):
+        copy_atomic(str(src), str(dst))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init.pt"]  # no rewind.pt, no temporary
+    monkeypatch.undo()
+    copy_atomic(str(src), str(dst))
+    assert dst.read_bytes() == src.read_bytes()
