@@ -605,7 +605,8 @@ def _cmd_export(args) -> int:
     live, total = live_and_total(get_masks(model))
     out = args.out or f"ticket_{os.path.basename(os.path.abspath(run_dir))}_round{args.round:02d}_{args.weights}.pt"
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, out)
+    from ._files import write_atomic
+    write_atomic(out, lambda f: torch.save(state, f), binary=True)  # a kill leaves the earlier export whole
     print(f"{out}: round {args.round} of {run_dir}, {args.weights} weights, {100.0 * live / total:.2f}% of "
           f"{total:,} weights remaining")
     print("load it into the plain network with model.load_state_dict(torch.load(path), strict=False); the masks "

@@ -76,7 +76,10 @@ def experiment_status(exp_dir: str, now: float | None = None) -> dict:
                     process=runlock.lock_state(os.path.join(exp_dir, f"seed_{seed}")))
         for rdir in sorted(glob.glob(os.path.join(exp_dir, f"seed_{seed}", "round_*"))):
             for f in os.scandir(rdir):
-                last_write = max(last_write, f.stat().st_mtime)
+                try:
+                    last_write = max(last_write, f.stat().st_mtime)
+                except FileNotFoundError:  # renamed or removed by the run since the scan (a temporary, a checkpoint)
+                    pass
             mpath = os.path.join(rdir, "metrics.json")
             if os.path.exists(mpath):
                 m = read_json(mpath)
