@@ -41,8 +41,8 @@ Anything else that holds the parameters (``DistributedDataParallel``, an EMA cop
 change (on the dense path too: a mask change gives every pruned layer new parameters): wrap or build it again,
 like the optimizer. Under DistributedDataParallel every rank runs the same pruner on the same (synchronized)
 weights and so computes the same masks, and takes rank 0's path for each sparse layer (on a GPU a path is
-chosen by timing, which may fall either side of a tie on two ranks); wrap the model again each round (``ddp = DDP(model)`` after
-``prune_and_rewind``). A wrapper kept from before fails at the next backward with DDP's "Expected to have finished
+chosen by timing, which may fall either side of a tie on two ranks); wrap the model again each round
+(``ddp = DDP(model)`` after ``prune_and_rewind``). A wrapper kept from before fails at the next backward with DDP's "Expected to have finished
 reduction in the prior iteration" (it still holds the old parameters). Tested on the CPU with two gloo processes:
 the ranks stay identical and each round equals single-process training on both ranks' batches. A
 ``torch.compile``d model follows a mask change by itself (checked on the CPU).
