@@ -1159,16 +1159,34 @@ def _write_json_atomic(obj, path: str, indent: int = 1, sort_keys: bool = False)
 
 
 def remove_stale_temporaries(seed_dir: str) -> list[str]:
-    """Remove the half-written files (``*.tmp<pid>``) that a process killed while saving left in a replicate's
-    folder and its round folders (not below them: an analysis may be writing there); returns their paths. Only
-    safe under the folder's lock (:func:`sparse_lth.runlock.hold`): nobody else writes there then."""
+    """Remove what a process killed while saving left in a replicate's folder and its round folders (not below
+    them): half-written files (``*.tmp<pid>``) whose writer is gone (an analysis that writes beside the run without
+    its lock, ``anatomy.json`` say, may be alive), and the ``checkpoint.pt`` of a round whose ``metrics.json`` was
+    written (a kill between the two); returns their paths. Under the folder's lock (:func:`runlock.hold`)."""
     gone = []
     for d in [seed_dir, *sorted(glob.glob(os.path.join(seed_dir, "round_*")))]:
         for f in os.scandir(d):
-            if f.is_file() and TEMPORARY.search(f.name):
+            if f.is_file() and TEMPORARY.search(f.name) and not _process_alive(int(f.name.rsplit(".tmp", 1)[1])):
                 os.remove(f.path)
                 gone.append(f.path)
+        ck = os.path.join(d, "checkpoint.pt")
+        if d != seed_dir and os.path.exists(os.path.join(d, "metrics.json")) and os.path.exists(ck):
+            os.remove(ck)
+            gone.append(ck)
     return gone
+
+
+def _process_alive(pid: int) -> bool:
+    """Is there a process ``pid`` on this machine (another user's too)?"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # gone, or no pid at all
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _reinit_seed(seed: int, r: int) -> int:

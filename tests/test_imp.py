@@ -986,3 +986,22 @@ def test_files_copied_into_a_run_folder_are_never_left_half_written(tmp_path, mo
     monkeypatch.undo()
     copy_atomic(str(src), str(dst))
     assert dst.read_bytes() == src.read_bytes()
+
+
+def test_a_replicate_start_removes_only_what_dead_writers_left(tmp_path):
+    """At a replicate's start: a temporary whose writer is gone is removed, one whose writer is alive (an analysis
+    writing beside the run, without its lock) is kept (it was removed, and the analysis' rename failed), and a
+    finished round's checkpoint left by a kill between metrics.json and its removal goes too."""
+    from sparse_lth.imp import remove_stale_temporaries
+    seed_dir, rdir, running = tmp_path / "seed_0", tmp_path / "seed_0" / "round_01", tmp_path / "seed_0" / "round_02"
+    rdir.mkdir(parents=True)
+    running.mkdir()
+    dead = 2**22 + 12345  # above Linux's pid_max: no process has it
+    live = seed_dir / f"anatomy.json.tmp{os.getpid()}"
+    for f in (live, seed_dir / f"init.pt.tmp{dead}", rdir / f"final.pt.tmp{dead}", rdir / "checkpoint.pt",
+              rdir / "metrics.json", running / "checkpoint.pt"):
+        f.write_text("x")
+    gone = remove_stale_temporaries(str(seed_dir))
+    assert sorted(os.path.relpath(g, seed_dir) for g in gone) == sorted(
+        [f"init.pt.tmp{dead}", f"round_01/final.pt.tmp{dead}", "round_01/checkpoint.pt"])
+    assert live.exists() and (running / "checkpoint.pt").exists()  # a round still under way keeps its checkpoint
