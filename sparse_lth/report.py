@@ -126,13 +126,19 @@ def gain_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str
             if not ms:
                 cells.append("-")
                 continue
-            pct = pct if pct is not None else statistics.fmean(_percent(e, m) for m in ms)
+            own = statistics.fmean(_percent(e, m) for m in ms)
+            pct = pct if pct is not None else own
             mean, lo, hi = _stats([m["gain"] for m in ms])
             cell = f"{100 * mean:+.2f}" + (f" [{100 * lo:+.2f}, {100 * hi:+.2f}]" if lo != hi else "")
-            cells.append(cell + _of_seeds(len(ms), e))
+            cells.append(cell + _own_percent(own, pct) + _of_seeds(len(ms), e))
         if pct is not None:
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _own_percent(own: float, row: float) -> str:
+    """A cell at another sparsity than its row's (one-shot's single round, another pruning rate) says its own."""
+    return f" ({own:.2f} %)" if f"{own:.2f}" != f"{row:.2f}" else ""
 
 
 def selection_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> str:
@@ -159,10 +165,12 @@ def selection_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -
             if not ms:
                 cells.append("-")
                 continue
-            pct = pct if pct is not None else statistics.fmean(_percent(e, m) for m in ms)
+            own = statistics.fmean(_percent(e, m) for m in ms)
+            pct = pct if pct is not None else own
             v = statistics.fmean(m["early_stop_test_acc"] for m in ms)
             t = statistics.fmean(early_stop(m["curve"], on="test")[1] for m in ms)
-            cells.append(f"{100 * v:.2f} / {100 * t:.2f} / {100 * (t - v):+.2f}" + _of_seeds(len(ms), e))
+            cells.append(f"{100 * v:.2f} / {100 * t:.2f} / {100 * (t - v):+.2f}" + _own_percent(own, pct)
+                         + _of_seeds(len(ms), e))
         if pct is not None:
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -454,7 +462,6 @@ def layers_figure(exps: list[dict], title: str):
             panels.append((key, [_label(e, exps)], (xs, ys, kinds)))
     if not panels:
         return None
-    panels = panels[:6]
     cols = min(len(panels), 3)
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
@@ -554,6 +561,13 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
             r = min(avail, key=lambda k: abs(math.log(avail[k] / level)))
             if r not in targets and abs(math.log(avail[r] / level)) < 0.35:
                 targets.append(r)
+    # one replicate for every experiment (the reference's lowest seed, by number): a ticket and its control drawn
+    # from different seeds (each one's first) differed by the seeds' spread, even in the shared dense round 0
+    seed = min((m.get("seed", 0) for ms in ref["rounds"].values() for m in ms), default=0)
+
+    def of_seed(ms):
+        return [m for m in ms if m.get("seed", 0) == seed][:1]
+
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     cmap = plt.get_cmap("viridis")
     dashed = []  # the experiments drawn besides the first, for the title
@@ -564,9 +578,9 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
             if not ms:
                 continue
             control = e["hparams"].get("control", "imp")
-            if control not in ("imp", "reinit") and e is not ref:
+            if control not in ("imp", "reinit") and e is not ref or not of_seed(ms):
                 continue
-            m = ms[0]  # first replicate
+            m = of_seed(ms)[0]
             its = [c["iteration"] for c in m["curve"]]
             accs = [100 * c["test_acc"] for c in m["curve"]]
             ls = "-" if e is ref else "--"
@@ -576,13 +590,13 @@ def write_report(experiment_dirs, out_dir: str, *, title: str | None = None, cur
                     label=f"{m['percent_remaining']:.1f}% {'' if e is ref else _label(e, exps)}".strip())
     ax.set_xlabel("training iteration")
     ax.set_ylabel("test accuracy (%)")
-    lo = [100 * c["test_acc"] for e in exps for r in targets for m in e["rounds"].get(r, [])[:1]
+    lo = [100 * c["test_acc"] for e in exps for r in targets for m in of_seed(e["rounds"].get(r, []))
           for c in m["curve"] if c["iteration"] > 0]
     if lo:
         ax.set_ylim(max(min(lo) - 0.5, 0), min(max(lo) + 0.3, 100))
     ax.grid(True, alpha=0.3)
     which = f"solid: {_label(ref, exps)}; dashed: {', '.join(dashed)}" if dashed else _label(ref, exps)
-    ax.set_title(textwrap.fill(f"{title}: test accuracy during training ({which})", 110), fontsize=9)
+    ax.set_title(textwrap.fill(f"{title}: test accuracy during training, seed {seed} ({which})", 110), fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     files["curves"] = save_figure(fig, os.path.join(out_dir, "curves.png"))
 
@@ -745,9 +759,8 @@ def summary_markdown(exps: list[dict], kinds: tuple[str, ...] | None = None) -> 
                 pct = pct if pct is not None else own
                 mean, lo, hi = _stats([m["early_stop_test_acc"] for m in ms])
                 es = statistics.fmean(m["early_stop_iteration"] for m in ms)
-                # a round at another sparsity than the row's (one-shot's single round) says its own
-                at = f" ({own:.2f} %)" if f"{own:.2f}" != f"{pct:.2f}" else ""
-                cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}{at}{_of_seeds(len(ms), e)}")
+                cells.append(f"{_fmt_acc(mean, lo, hi, len(ms))} @ {es:.0f}{_own_percent(own, pct)}"
+                             f"{_of_seeds(len(ms), e)}")
             lines.append(f"| {r} | {pct:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -140,6 +140,12 @@ def test_the_layers_figure_draws_each_schedule_once():
     assert list(lines["all weights"].get_xdata()) == pytest.approx(
         [m[0]["percent_remaining"] for m in conv_only["rounds"].values()])
     assert report.layers_figure([exp("a", "imp", [100.0, 80.0], [0.9, 0.91])], "t") is None
+    # seven schedules (fc rates 0.20 .. 0.26): seven panels (the figure kept the first six, silently)
+    seven = [layered(f"fc{i}", ("fc",), 2, rates=(0.1, 0.2 + i / 100, 0.1)) for i in range(7)]
+    for e in seven:
+        e["hparams"]["prune_fc"] = round(e["hparams"]["prune_fc"], 2)
+    fig = report.layers_figure(seven, "t")
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 7
 
 
 def test_layer_kinds_come_from_the_model_for_runs_that_did_not_record_them():
@@ -391,7 +397,43 @@ def test_the_curves_title_names_what_the_dashed_lines_are(monkeypatch, tmp_path)
 
     monkeypatch.setattr(report, "save_figure", save)
     report.write_report([a.experiment_dir, b.experiment_dir], str(tmp_path / "rep"), title="t")
-    assert titles["curves.png"] == ("t: test accuracy during training (solid: IMP (winning ticket) [dropout=0]; "
-                                    "dashed: IMP (winning ticket) [dropout=0.5])")
+    assert titles["curves.png"] == ("t: test accuracy during training, seed 0 (solid: IMP (winning ticket) "
+                                    "[dropout=0]; dashed: IMP (winning ticket) [dropout=0.5])")
     report.write_report([a.experiment_dir], str(tmp_path / "one"), title="t")
-    assert titles["curves.png"] == "t: test accuracy during training (IMP (winning ticket))"
+    assert titles["curves.png"] == "t: test accuracy during training, seed 0 (IMP (winning ticket))"
+
+
+def test_the_curves_draw_one_seed_for_every_experiment(monkeypatch, tmp_path):
+    """IMP with seeds 0 and 1, its reinit control with seed 1 only: the curves are seed 0's, the title says so,
+    and the control, which has no seed 0, is not drawn (each experiment's first replicate was drawn: IMP's seed 0
+    against the control's seed 1, which differed by the seeds' spread even in their shared dense round)."""
+    from conftest import tiny_data
+    from test_imp import run, tiny_hp
+    data = tiny_data(240, 120)
+    a = run(tiny_hp(rounds=1), tmp_path / "runs", data=data, replicates=2)
+    b = run(tiny_hp(rounds=1, control="reinit", seed=1), tmp_path / "runs", data=data)
+    drawn = {}
+    real = report.save_figure
+
+    def save(fig, path):
+        if os.path.basename(path) == "curves.png":
+            drawn["title"] = fig.axes[0].get_title().replace("\n", " ")
+            drawn["lines"] = [ln.get_linestyle() for ln in fig.axes[0].get_lines()]
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", save)
+    report.write_report([a.experiment_dir, b.experiment_dir], str(tmp_path / "rep"), title="t")
+    assert drawn["title"] == "t: test accuracy during training, seed 0 (IMP (winning ticket))"
+    assert drawn["lines"] and set(drawn["lines"]) == {"-"}  # IMP's seed-0 curves only, no dashed control line
+
+
+def test_the_gain_table_names_a_round_at_another_sparsity():
+    """The gain (and early-stop selection) tables put each round in IMP's row: a one-shot round at another
+    sparsity says its own, as the comparison table does (its -8 points sat under IMP's 80 % unmarked)."""
+    imp = exp("a", "imp", [100.0, 80.04, 64.06], [0.97, 0.975, 0.976])
+    one = exp("b", "oneshot", [100.0, 64.06], [0.97, 0.89])
+    for e in (imp, one):
+        for ms in e["rounds"].values():
+            ms[0]["seed"] = 0
+    row1 = next(ln for ln in report.gain_markdown([imp, one]).splitlines() if ln.startswith("| 1 |"))
+    assert row1 == "| 1 | 80.04 | +0.50 | -8.00 (64.06 %) |"
