@@ -567,8 +567,19 @@ def _cmd_anatomy(args) -> int:
     return 0
 
 
+def _shared_ready_seeds(a: str, b: str) -> list[int]:
+    """The seeds both experiments have, with a finished round in each (a replicate just started beside the others
+    is left out, and said so, as the analyses do)."""
+    from .imp import finished_rounds, replicate_seeds
+    both = sorted(set(replicate_seeds(a)) & set(replicate_seeds(b)))
+    ready = [s for s in both if all(finished_rounds(os.path.join(d, f"seed_{s}")) for d in (a, b))]
+    if len(ready) < len(both):
+        print(f"overlap: seed(s) {[s for s in both if s not in ready]} left out, no finished round yet in "
+              f"{a} or {b} (--seeds names replicates)", file=sys.stderr)
+    return ready
+
+
 def _cmd_overlap(args) -> int:
-    from .imp import replicate_seeds
     from .overlap import label_results, overlap, overlap_markdown, write_overlap_report
     a = _check_experiment_dir(args.run_a)
     others = [_check_experiment_dir(d) for d in args.run_b]
@@ -579,10 +590,10 @@ def _cmd_overlap(args) -> int:
         if args.seed_b is not None:
             pairs = [(args.seeds[0] if args.seeds else 0, args.seed_b)]
         else:
-            seeds = list(args.seeds) if args.seeds else sorted(set(replicate_seeds(a)) & set(replicate_seeds(b)))
+            seeds = list(args.seeds) if args.seeds else _shared_ready_seeds(a, b)
             if not seeds:
-                raise FileNotFoundError(f"{a} and {b} have no replicate (seed) in common: name them with --seeds "
-                                        "and --seed-b")
+                raise FileNotFoundError(f"{a} and {b} have no replicate (seed) in common with a finished round: "
+                                        "name them with --seeds and --seed-b")
             pairs = [(s, s) for s in seeds]
         results += [overlap(a, b, sa, sb, rounds=list(args.rounds) if args.rounds else None, match=args.match)
                     for sa, sb in pairs]

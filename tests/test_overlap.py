@@ -75,6 +75,12 @@ def test_overlap_command(tmp_path, capsys):
     assert main(["overlap", imp.experiment_dir, str(tmp_path)]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
     assert os.path.isdir(out)
+    # a replicate just started (no finished round) beside the others: left out, said so (the command stopped)
+    os.makedirs(os.path.join(other.experiment_dir, "seed_2"))
+    os.makedirs(os.path.join(imp.experiment_dir, "seed_2"))
+    assert main(["overlap", imp.experiment_dir, other.experiment_dir, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("## `") == 2 and "seed(s) [2] left out, no finished round yet" in captured.err
 
 
 def test_overlap_by_weights_remaining(tmp_path):
