@@ -313,7 +313,9 @@ def _cmd_train(args, names) -> int:
         apply_masks(model, masks, path=None if args.path == "auto" else args.path)
     if args.layers == "sparse" and args.path == "auto" and (device.type == "cuda" or args.timed_paths):
         from .layers import choose_paths  # time the paths (and the sparse path's ops) with a real batch
-        choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths)
+        from .train import autocast
+        with autocast(cfg.precision, device):  # timed as it trains: bf16 favours other paths than fp32
+            choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths)
     out = train(model, tr, te, cfg, desc=f"{model_name} {args.layers}", val_data=val)
     live, total = live_and_total(masks)
     summary = {k: out[k] for k in ("test_acc", "test_loss", "train_acc", "early_stop_iteration",

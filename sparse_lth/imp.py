@@ -977,8 +977,10 @@ class Experiment:
         apply_masks(model, masks, path=None if hp.path == "auto" else hp.path)
         if hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
             from .layers import choose_paths  # time both paths on the device with a real batch
+            from .train import autocast
             train_data = self.data[0]
-            choose_paths(model, train_data.batch(0, self.train_cfg.batch_size, seed)[0], timed=hp.timed_paths)
+            with autocast(hp.precision, self.device):  # timed as it trains: bf16 favours other paths than fp32
+                choose_paths(model, train_data.batch(0, self.train_cfg.batch_size, seed)[0], timed=hp.timed_paths)
         return model, masks, start
 
     def _noisy_start(self, seed: int, r: int, init_path: str, rewind_path: str, masks: dict) -> dict:

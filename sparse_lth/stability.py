@@ -40,7 +40,7 @@ from torch import nn
 
 from ._files import read_json
 from .environment import environment
-from .train import evaluate, save_atomic, subset_batches, train
+from .train import autocast, evaluate, save_atomic, subset_batches, train
 
 _NOISE_BASE = 7_340_033
 
@@ -179,12 +179,14 @@ def _fork(exp, seed: int, out_dir: str, seeds: tuple[int, int], make_start, desc
             if os.path.exists(ck):
                 os.remove(ck)
         finals.append(state)
-        test_loss, test_acc = evaluate(model, test_data.eval_batches(exp.train_cfg.eval_batch_size))
+        with autocast(exp.train_cfg.precision, exp.device):  # evaluated as the run evaluates (bf16 runs in bf16)
+            test_loss, test_acc = evaluate(model, test_data.eval_batches(exp.train_cfg.eval_batch_size))
         copies.append(dict(noise_seed=noise, test_acc=test_acc, test_loss=test_loss))
-    path = linear_path(model, finals[0], finals[1], test_data, points=points, train_data=train_data,
-                       train_eval_size=exp.train_cfg.train_eval_size or 1000,
-                       eval_batch_size=exp.train_cfg.eval_batch_size, bn_reset_batches=bn_reset_batches,
-                       bn_batch_size=exp.train_cfg.batch_size, bn_seed=seeds[0])
+    with autocast(exp.train_cfg.precision, exp.device):
+        path = linear_path(model, finals[0], finals[1], test_data, points=points, train_data=train_data,
+                           train_eval_size=exp.train_cfg.train_eval_size or 1000,
+                           eval_batch_size=exp.train_cfg.eval_batch_size, bn_reset_batches=bn_reset_batches,
+                           bn_batch_size=exp.train_cfg.batch_size, bn_seed=seeds[0])
     return path, copies, masks
 
 

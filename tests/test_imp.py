@@ -1005,3 +1005,20 @@ def test_a_replicate_start_removes_only_what_dead_writers_left(tmp_path):
     assert sorted(os.path.relpath(g, seed_dir) for g in gone) == sorted(
         [f"init.pt.tmp{dead}", f"round_01/final.pt.tmp{dead}", "round_01/checkpoint.pt"])
     assert live.exists() and (running / "checkpoint.pt").exists()  # a round still under way keeps its checkpoint
+
+
+def test_paths_are_timed_in_the_precision_the_round_trains_in(tmp_path, monkeypatch):
+    """--precision bf16 with timed paths (what "auto" does on CUDA): the layers are timed under the bf16 autocast
+    the round trains under (they were timed in fp32, where the dense path compares otherwise)."""
+    import sparse_lth.layers as L
+    seen = []
+    real = L.choose_paths
+
+    def spy(model, x, timed=False):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real(model, x, timed=timed)
+
+    monkeypatch.setattr(L, "choose_paths", spy)
+    run(tiny_hp(rounds=1, iterations="4it", eval_every=2, path="auto", timed_paths=True, precision="bf16"),
+        tmp_path)
+    assert seen and all(s == (True, torch.bfloat16) for s in seen), seen

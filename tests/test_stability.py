@@ -431,3 +431,22 @@ def test_legacy_results_survive_a_default_run_and_are_not_counted_twice(tmp_path
     assert instability(exp, 0, 1, noise_seeds=(1, 2), points=3) == b
     assert sorted(tuple(d["noise_seeds"]) for d in stability.load_stability(exp.dir)) == sorted(
         [tuple(a["noise_seeds"]), (1, 2)])
+
+
+def test_a_bf16_run_is_evaluated_in_bf16(tmp_path, monkeypatch):
+    """The copies and the points on the path are evaluated under the autocast the run trains and evaluates in
+    (a bf16 run's barriers and copy accuracies were measured in fp32, beside round metrics measured in bf16)."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1, precision="bf16")
+    run_imp(hp, str(tmp_path), progress=False, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+    seen = []
+    real = stability.evaluate
+
+    def spy(model, batches):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(model, batches)
+
+    monkeypatch.setattr(stability, "evaluate", spy)
+    instability(exp, 0, 1, points=3)
+    assert seen and all(seen), seen
