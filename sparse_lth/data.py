@@ -182,7 +182,7 @@ class DeviceDataset:
         p = self._perms.get(key)
         if p is None:
             g = torch.Generator().manual_seed(_stream_seed(seed, "epoch", epoch))
-            p = torch.randperm(len(self), generator=g).to(self.device)
+            p = _to_device(torch.randperm(len(self), generator=g), self.device)
             if len(self._perms) >= 4:  # the stream only ever needs the current and the next epoch
                 self._perms.pop(next(iter(self._perms)))
             self._perms[key] = p
@@ -239,7 +239,7 @@ class DeviceDataset:
 
     def _augment(self, x: torch.Tensor, iteration: int, seed: int) -> torch.Tensor:
         b, c, h, w = x.shape
-        dy, dx, flip = torch.stack(self.augmentation_params(iteration, seed, b)).to(x.device)  # one transfer
+        dy, dx, flip = _to_device(torch.stack(self.augmentation_params(iteration, seed, b)), x.device)
         p = _CROP_PAD
         padded = self._pad_value.view(1, c, 1, 1).expand(b, c, h + 2 * p, w + 2 * p).clone()
         padded[:, :, p:p + h, p:p + w] = x
@@ -248,6 +248,15 @@ class DeviceDataset:
         cols = dx[:, None] + torch.where(flip[:, None].bool(), w - 1 - ar, ar)      # (B, W): crop, then flip
         out = padded.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * p))    # pick rows, then columns
         return out.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` in one transfer. To a GPU through pinned memory, without blocking: a copy
+    from pageable memory waits for every kernel queued on the device (a sync at every augmented step, so the host
+    could not run ahead of the GPU)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

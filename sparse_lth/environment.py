@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 # the fields of environment() that decide the floating-point path; the others (commit, host names) do not
-NUMERICS_FIELDS = ("torch", "device", "cpu_capability", "threads", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn")
+NUMERICS_FIELDS = ("torch", "device", "cpu_capability", "threads", "cuda", "cudnn", "tf32_matmul", "tf32_cudnn",
+                   "triton")  # (triton: recorded for CUDA runs only, whose sparse layers run its kernels)
 
 
 def cpu_name() -> str:

@@ -505,6 +505,8 @@ class Experiment:
         self.source_dir = source_dir
         self.run_root = str(run_root)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # Triton launches on the current device (paths are timed before train)
         self.data_root = data_root
         self.progress = progress
         self.checkpoint_every = int(checkpoint_every)

@@ -199,16 +199,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
     """After ``load_state_dict``: Adam's ``capturable`` as this run executes (with CUDA graphs or without), not as
     the checkpoint's run did. Loading puts back the saved groups, flag included, so a run checkpointed without
-    graphs and resumed with them would keep its step counts on the host, and every capture would fail; each step
-    count moves to where the flag wants it (beside its parameter, or on the CPU)."""
+    graphs and resumed with them would keep its step counts on the host, and every capture would fail. And each
+    step count goes where the flag wants it, beside its parameter or on the CPU: the checkpoint is loaded onto the
+    run's device, and torch's non-capturable Adam reads a step count on a GPU with ``.item()``, two host syncs
+    per parameter at every step of a resumed round."""
     for group in optimizer.param_groups:
-        if "capturable" not in group or bool(group["capturable"]) == capturable:
+        if "capturable" not in group:
             continue
         group["capturable"] = capturable
         for p in group["params"]:
             step = optimizer.state.get(p, {}).get("step")
-            if isinstance(step, torch.Tensor):
-                dev = p.device if capturable else torch.device("cpu")
+            dev = p.device if capturable else torch.device("cpu")
+            if isinstance(step, torch.Tensor) and (step.device != dev or step.dtype != torch.float32):
                 optimizer.state[p]["step"] = step.to(device=dev, dtype=torch.float32)
 
 
@@ -354,6 +356,10 @@ def train(model: nn.Module, train_data, test_data, cfg: TrainConfig, *,
     if checkpoint_every < 0:
         raise ValueError("checkpoint_every must be >= 0")
     x_dev = train_data.x.device
+    if x_dev.type == "cuda" and x_dev.index is not None:
+        # Triton launches on the current device: data on cuda:1 with cuda:0 current ran every kernel on the wrong
+        # device (one process per GPU: --device cuda:N)
+        torch.cuda.set_device(x_dev)
     if cfg.cuda_graph:
         _CudaGraphs.check_device(x_dev)
     p0 = next(iter(model.parameters()), None)

@@ -36,6 +36,10 @@ def test_only_numerics_fields_count_as_a_difference():
     assert d.startswith("cpu_capability AVX2 -> AVX512") and "ATEN_CPU_CAPABILITY=avx2" in d
     d = describe_difference({**env, "threads": 1}, {**env, "threads": 2})
     assert d == "threads 1 -> 2"
+    # a CUDA run's record (triton is recorded there, whose kernels its sparse layers run): another Triton warns
+    gpu = dict(torch="2.11", device="NVIDIA H100", cuda="12.8", cudnn=91000, tf32_matmul=False, tf32_cudnn=True,
+               triton="3.6.0", commit="abc")
+    assert describe_difference(gpu, {**gpu, "triton": "3.8.0"}) == "triton 3.6.0 -> 3.8.0"
 
 
 def test_git_commit_is_the_checkouts_head_or_the_override(monkeypatch):
