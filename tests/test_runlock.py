@@ -104,7 +104,8 @@ def test_a_failed_save_leaves_no_temporary_and_a_resume_removes_a_killed_ones(tm
     hp = tiny_hp(rounds=1)
     res = run(hp, tmp_path / "runs", data=data)
     seed_dir = os.path.join(res.experiment_dir, "seed_0")
-    stale = [os.path.join(seed_dir, "rewind.pt.tmp4242"), os.path.join(seed_dir, "round_01", "final.pt.tmp77")]
+    dead = 2**22 + 4242  # above Linux's pid_max: no live process wrote these (a live writer's are kept)
+    stale = [os.path.join(seed_dir, f"rewind.pt.tmp{dead}"), os.path.join(seed_dir, "round_01", f"final.pt.tmp{dead}")]
     analysis = os.path.join(seed_dir, "round_01", "stability", "copy_3.pt.tmp99")  # another command's, below
     kept = [os.path.join(seed_dir, "round_01", "notes.tmp"), analysis]
     os.makedirs(os.path.dirname(analysis))
