@@ -248,7 +248,9 @@ def backward_weight_grid(dyg: torch.Tensor, xg: torch.Tensor, taps: ConvTaps, gr
     for i, (phase, off) in enumerate(g.tap_at):
         a, b = taps.bounds[i], taps.bounds[i + 1]
         # full-length contiguous operands (sliced ones are copied inside sampled_addmm, ~10x slower); the
-        # grid pixels that are no output pair a zero of dyg with whatever the shifted view holds there
+        # grid pixels that are no output pair a zero of dyg with whatever the shifted view holds there: real
+        # input pixels of the next row or image, so an inf or NaN in the input makes 0 * inf = NaN in taps that
+        # never read it (a dense conv's gradient is finite there; the input was non-finite already: left so)
         dv_taps[a:b] = torch.sparse.sampled_addmm(_tap_csr(zeros, taps, i, False), dyg,
                                                   _shifted(xg, phase, off, g).t(), beta=0.0).values()
     out = _alloc(taps.nnz, out_dtype, dyg.device)

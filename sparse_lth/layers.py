@@ -703,7 +703,7 @@ class SparseLinear(_SparseLayer):
             return torch.relu(y) if self.activation == "relu" else y
         self._index_follows_mask()
         values, bias = self._parameters["values"], self._parameters.get("bias")
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # (autocast leaves float64 alone)
             dt = torch.get_autocast_dtype(x.device.type)
             x, values = x.to(dt), values.to(dt)
             bias = None if bias is None else bias.to(dt)
@@ -813,7 +813,7 @@ class SparseConv2d(_SparseLayer):
         if not self._triton_geometry_ok():  # forced sparse on the torch backend, then moved to CUDA: not a Triton case
             return self._conv(x, self._scatter_weight(), self.bias)
         values, bias = self._parameters["values"], self._parameters.get("bias")
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # (autocast leaves float64 alone)
             dt = torch.get_autocast_dtype(x.device.type)
             x, values = x.to(dt), values.to(dt)
             bias = None if bias is None else bias.to(dt)

@@ -733,6 +733,24 @@ def test_conv_torch_sparse_path_autocast_dtype_check_and_device_move():
     grads_vs_reference(layer, x.double(), lambda x, w, b: F.conv2d(x, w, b, 1, 1))
 
 
+def test_a_float64_model_under_autocast_stays_float64_on_the_sparse_path():
+    """Autocast leaves float64 alone (nn.Conv2d, nn.Linear and the dense path return float64 under it); the sparse
+    path cast float64 to bf16, and a float64 layer after it failed on the dtype."""
+    gen = torch.Generator().manual_seed(25)
+    conv = SparseConv2d(3, 4, 3, padding=1, path="sparse", backend="torch").double()
+    lin = SparseLinear(4 * 5 * 5, 6, path="sparse", backend="torch").double()
+    for layer in (conv, lin):
+        layer.set_mask(random_mask(layer.weight_shape, 0.3, gen))
+    after = nn.Linear(6, 2).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        z = lin(y.flatten(1))
+        out = after(z)
+    assert y.dtype == z.dtype == out.dtype == torch.float64
+    torch.testing.assert_close(y, F.conv2d(x, conv.dense_weight(), conv.bias, 1, 1))
+
+
 @pytest.mark.parametrize("ops", ["sparse", {"weight_grad": "dense", "forward": "dense"}], ids=["sparse", "dense"])
 def test_linear_ops_under_autocast_and_without_grads(ops):
     """CPU autocast casts a float32 CSR product back to bfloat16, which the CPU sparse kernels do not take (the
