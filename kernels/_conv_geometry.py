@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ._triton import check_unit_stride
 from .format import SparseFormat
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,10 +82,3 @@ def check_values(values, fmt, dtype, op, name="values"):
     if values.dtype != dtype:
         raise TypeError(f"{op}: {name} has dtype {values.dtype}, the activations {dtype}; they must match")
     check_unit_stride(values, name, op)
-
-
-def check_unit_stride(t: torch.Tensor, name: str, op: str) -> None:
-    """The kernels read a vector (values, bias) with unit stride: a strided view would be read as contiguous."""
-    if t.numel() > 1 and t.stride(0) != 1:
-        raise ValueError(f"{op}: {name} has stride {t.stride(0)}; a vector must be contiguous (pass "
-                         f"{name}.contiguous())")

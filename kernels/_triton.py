@@ -81,6 +81,13 @@ def _interpreter_problem() -> str | None:
 _LAUNCHABLE: set[tuple] = set()
 
 
+def check_unit_stride(t: torch.Tensor, name: str, op: str) -> None:
+    """The kernels read a vector (values, bias) with unit stride: a strided view would be read as contiguous."""
+    if t.numel() > 1 and t.stride(0) != 1:
+        raise ValueError(f"{op}: {name} has stride {t.stride(0)}; a vector must be contiguous (pass "
+                         f"{name}.contiguous())")
+
+
 def check_launch(*tensors: torch.Tensor, op: str) -> torch.device:
     """Raise a clear error unless every tensor is on one device where Triton can run; return that device."""
     devs = {t.device for t in tensors if t is not None}

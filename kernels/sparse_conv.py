@@ -26,10 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import HAS_TRITON, cdiv, check_launch, interpreting, offset_dtype
+from ._triton import HAS_TRITON, cdiv, check_launch, check_unit_stride, interpreting, offset_dtype
 from ._conv_geometry import (FLOAT_DTYPES as _FLOAT_DTYPES, check_fmt as _check_fmt, check_tensor4 as _check_tensor4,
-                             check_unit_stride, check_values as _check_values, geometry as _geometry,
-                             out_size as _out_size)
+                             check_values as _check_values, geometry as _geometry, out_size as _out_size)
 from .format import to_dense
 
 if HAS_TRITON:

@@ -58,7 +58,7 @@ import os
 
 import torch
 
-from ._triton import HAS_TRITON, autotune_bench, cdiv, check_launch, interpreting, offset_dtype
+from ._triton import HAS_TRITON, autotune_bench, cdiv, check_launch, check_unit_stride, interpreting, offset_dtype
 from .format import PANEL, SparseFormat, to_dense
 
 if HAS_TRITON:
@@ -552,9 +552,8 @@ def _check_dense(t, name: str, shape: tuple, op: str, dtypes=_FLOAT_DTYPES) -> N
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {want}")
     if t.dtype not in dtypes:
         raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: " + ", ".join(str(d) for d in dtypes))
-    if t.dim() == 1 and t.numel() > 1 and t.stride(0) != 1:  # the kernels read a vector with unit stride
-        raise ValueError(f"{op}: {name} has stride {t.stride(0)}; a vector must be contiguous (pass "
-                         f"{name}.contiguous())")
+    if t.dim() == 1:
+        check_unit_stride(t, name, op)
 
 
 def _check_same_dtype(op: str, **named) -> None:

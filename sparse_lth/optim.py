@@ -92,6 +92,15 @@ def _scalar_view(t: torch.Tensor):
     return view if view.ndim == 0 else None
 
 
+def _mask_key(mask: torch.Tensor) -> tuple[int, int] | None:
+    """What tells a mask's contents apart over time: its version counter (an in-place edit) and its address
+    (``mask.data = other`` keeps the version); None for an inference tensor, which has no version counter."""
+    try:
+        return mask._version, mask.data_ptr()
+    except RuntimeError:
+        return None
+
+
 def _state_tensor(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
 
@@ -314,10 +323,7 @@ class _MaskedOptimizer(Optimizer):
     def _mask_bits(self, p: torch.Tensor, mask: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
         """torch backend on CPU: the mask as int32 0 / -1 (all bits set), cached per (mask object, version)."""
         rec = self._bits.get(p)
-        try:
-            version = (mask._version, mask.data_ptr())  # (the address: `mask.data = other` keeps the version)
-        except RuntimeError:  # inference tensor: no version counter, rebuild every time
-            version = None
+        version = _mask_key(mask)
         if rec is not None and version is not None and rec[0]() is mask and rec[1] == version:
             return rec[2]
         bits = live.to(torch.int32).neg_()
@@ -328,19 +334,18 @@ class _MaskedOptimizer(Optimizer):
         if mask is None:
             self._mask_seen.pop(p, None)
             return
-        try:
-            self._mask_seen[p] = (weakref.ref(mask), (mask._version, mask.data_ptr()))
-        except RuntimeError:  # inference tensors have no version counter: never trust the record
+        key = _mask_key(mask)
+        if key is None:  # inference tensors have no version counter: never trust the record
             self._mask_seen.pop(p, None)
+        else:
+            self._mask_seen[p] = (weakref.ref(mask), key)
 
     def _mask_is_seen(self, p: torch.Tensor, mask: torch.Tensor) -> bool:
         rec = self._mask_seen.get(p)
         if rec is None or rec[0]() is not mask:
             return False
-        try:
-            return rec[1] == (mask._version, mask.data_ptr())
-        except RuntimeError:
-            return False
+        key = _mask_key(mask)
+        return key is not None and rec[1] == key
 
     def _torch_group_update(self, group: dict, items: list[_Item]) -> None:
         """The torch backend for one parameter group: per (device, dtype) bucket, fp32 work lists, foreach ops.
