@@ -31,7 +31,7 @@ environment (the script refuses to dry-run without it and never sets it). Implem
 are listed as skipped.
 
   python benchmarks/bench_conv_gpu.py                 # everything (about 10-20 minutes)
-  python benchmarks/bench_conv_gpu.py --quick         # a few layers and densities, shorter timing
+  python benchmarks/bench_conv_gpu.py --quick         # a few layers and densities, shorter timing (to a temp folder)
   python benchmarks/bench_conv_gpu.py --costs         # flops / minimum bytes per layer (no GPU needed)
   TRITON_INTERPRET=1 python benchmarks/bench_conv_gpu.py --dry-run --out /tmp/conv_dry.csv   # CPU, seconds
 """
@@ -371,7 +371,9 @@ def run(args):
     else:
         dev = torch.device("cuda")
         device_name = torch.cuda.get_device_name(dev)
-        out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"conv_{slug(device_name)}.csv"
+        out_path = Path(args.out) if args.out else (
+            dry_run_out("conv_quick.csv") if args.quick  # short timing: not a result to summarize
+            else ROOT / "benchmarks" / "results" / f"conv_{slug(device_name)}.csv")
     commit = git_commit()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     layers = select_layers(args.layers, args.dry_run)
@@ -498,8 +500,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms (default: %(default)s)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms (default: %(default)s)")
     ap.add_argument("--quick", action="store_true", help="5 layers x 3 densities, short timing")
-    ap.add_argument("--out", default=None, help="CSV path (default: benchmarks/results/conv_<device-slug>.csv; "
-                                                "--dry-run: a new temporary folder)")
+    ap.add_argument("--out", default=None, help="CSV path, written anew (default: benchmarks/results/conv_<device-"
+                                                "slug>.csv; --dry-run and --quick: a new temporary folder)")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the script on CPU: Triton interpreter (needs TRITON_INTERPRET=1 in the environment), "
                          "tiny dry/* layers, a few perf_counter-timed calls; the rows are not results")

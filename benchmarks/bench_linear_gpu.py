@@ -30,7 +30,9 @@ are also rotated among up to 8 copies when one set is smaller than 64 MiB. peak_
 ``torch.cuda.max_memory_allocated`` over one call, with only that implementation's state and its inputs resident
 (plus the shared bool mask, rows*cols bytes; the rotated input copies count too, but only for small layers).
 
-Rows go to ``benchmarks/results/linear_<device-slug>.csv``; a table with speedups against fp32 dense masking (and
+Rows go to ``benchmarks/results/linear_<device-slug>.csv``, a new file per run (a file is one run: summarize.py
+only ever divides medians of one file); ``--quick`` rows go to a fresh temporary folder unless --out is given
+(their short timing is not a result to summarize). A table with speedups against fp32 dense masking (and
 against bf16-autocast dense masking for the bf16 rows) is printed.
 
 ``--dry-run`` runs the whole code path (every implementation, op, dtype and the correctness check) on CPU, the
@@ -43,7 +45,7 @@ interpreter must be switched on before Triton is imported, so TRITON_INTERPRET=1
 as skipped.
 
     python benchmarks/bench_linear_gpu.py                 # everything (a few minutes on an H100)
-    python benchmarks/bench_linear_gpu.py --quick         # one small shape, three densities
+    python benchmarks/bench_linear_gpu.py --quick         # one small shape, three densities (to a temp folder)
     TRITON_INTERPRET=1 python benchmarks/bench_linear_gpu.py --dry-run --out /tmp/linear_dry.csv   # CPU, seconds
 """
 from __future__ import annotations
@@ -99,8 +101,8 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time in ms (default: %(default)s)")
     p.add_argument("--no-check", action="store_true", help="skip the correctness check against the reference")
     p.add_argument("--out", type=Path, default=None,
-                   help="CSV file (default: benchmarks/results/linear_<device-slug>.csv; rows are appended; "
-                        "--dry-run: a new temporary folder)")
+                   help="CSV file, written anew (default: benchmarks/results/linear_<device-slug>.csv; --dry-run "
+                        "and --quick: a new temporary folder)")
     p.add_argument("--quick", action="store_true", help="one small layer, densities 1, 0.1, 0.01, fast timing")
     p.add_argument("--dry-run", action="store_true",
                    help="check the script on CPU: Triton interpreter (needs TRITON_INTERPRET=1 in the environment), "
@@ -164,14 +166,13 @@ def main(argv=None) -> int:
     else:
         dev = torch.device("cuda")
         name = torch.cuda.get_device_name(dev)
-        out_path = args.out or ROOT / "benchmarks" / "results" / f"linear_{slug(name)}.csv"
+        out_path = args.out or (dry_run_out("linear_quick.csv") if args.quick
+                                else ROOT / "benchmarks" / "results" / f"linear_{slug(name)}.csv")
     commit = git_commit()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not out_path.exists()
-    fh = open(out_path, "a", newline="")
+    fh = open(out_path, "w", newline="")  # one run per file: ratios are never taken across runs
     writer = csv.DictWriter(fh, fieldnames=FIELDS)
-    if new_file:
-        writer.writeheader()
+    writer.writeheader()
     print(f"device: {name}  triton {triton.__version__}  torch {torch.__version__}  commit {commit}")
     if args.dry_run:
         print(f"DRY RUN on {cpu_name()}: checks the code path, the times mean nothing")
@@ -300,12 +301,10 @@ def write_variant_choices(path: Path, device: str, commit: str) -> None:
         return
     fields = ["op", "n_out", "n_in", "batch", "nnz", "dtype", "batch_minor", "candidate", "median_ms", "chosen",
               "device", "commit"]
-    new_file = not path.exists()
     print("\nvariant auto (one timing per problem):")
-    with open(path, "a", newline="") as f:
+    with open(path, "w", newline="") as f:  # this run's choices, beside this run's rows
         w = csv.DictWriter(f, fieldnames=fields)
-        if new_file:
-            w.writeheader()
+        w.writeheader()
         for (op, n_out, n_in, batch, nnz, dtype, batch_minor, _), (variant, cfg, times) in choices.items():
             best = min(times.values())
             for cand, ms in times.items():

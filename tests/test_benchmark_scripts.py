@@ -110,6 +110,13 @@ def table_lines(stdout: str, header_start: str, skip: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 def test_linear_dry_run(tmp_path):
     out = tmp_path / "linear.csv"
+    # an earlier run's file: a new run writes its own (summarize.py takes a file as one run, ratios within it)
+    r, c, b = lin.DRY_RUN_SHAPES[0]
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=lin.FIELDS)
+        w.writeheader()
+        w.writerow(dict(op="fwd+bwd", shape=f"{r}x{c}", batch=b, density=lin.DRY_RUN_DENSITIES[0], dtype="fp32",
+                        impl="dense_mask", median_ms=123.0, device="an earlier run"))
     proc = run_script("bench_linear_gpu.py", "--dry-run", "--out", str(out))
     rows = read_csv(out, lin.FIELDS)
 

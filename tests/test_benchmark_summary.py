@@ -60,6 +60,8 @@ def results(tmp_path):
         _lin("fwd+bwd", "300x784", 60, 1.0, "fp32", "sparse_triton", 0.4),            # best path = dense: 1x
         _lin("fwd+bwd", "300x784", 60, 0.01, "fp32", "dense_mask", 0.1),
         _lin("fwd+bwd", "300x784", 60, 0.01, "fp32", "sparse_triton", 0.05),
+        dict(_lin("fwd+bwd", "300x784", 60, 1.0, "fp32", "sparse_lth_layer", 0.11), path="dense"),    # 0.91x
+        dict(_lin("fwd+bwd", "300x784", 60, 0.01, "fp32", "sparse_lth_layer", 0.05), path="sparse"),  # 2x
         _lin("build_format", "4096x4096", 4096, 0.01, "bool", "build_format", 0.2),
     ]
     _write(tmp_path / f"linear_{SLUG}.csv", lin)
@@ -130,8 +132,11 @@ def test_targets_are_computed_from_the_rows(results):
     assert t["4096x4096 b4096 fp32 fwd+bwd, 98% sparse"] == ("5.00x", "NOT met")
     assert t["4096x4096 b4096 fp32 fwd+bwd, 99% sparse"] == ("-", "not measured")
     assert t["4096x4096 b4096 bf16 fwd+bwd, 99% sparse"] == ("3.00x", "met")
-    assert t["LeNet layer 300x784 b60 fp32, best path at every density (parity)"] == ("1.00x", "met")
-    assert t["LeNet layer 100x300 b60 fp32, best path at every density (parity)"][1] == "not measured"
+    # parity is SparseLinear after its automatic choice, not the kernel's own ratio (0.25x at 100 %)
+    assert t["LeNet layer 300x784 b60 fp32, automatic choice (SparseLinear), worst density (parity: >= ~1)"] \
+        == ("0.91x", "NOT met")
+    assert t["LeNet layer 100x300 b60 fp32, automatic choice (SparseLinear), worst density (parity: >= ~1)"][1] \
+        == "not measured"
     assert t["512->512 3x3 at 4x4 px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on"] == ("2.50x", "met")
     assert t["512->512 3x3 at 2x2 px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on"] == ("1.00x", "NOT met")
     assert t["512->512 3x3 at 2x2 px, fwd+bwd, 98% sparse, fp32 vs cuDNN IEEE fp32"] == ("3.00x", "met")
@@ -139,7 +144,7 @@ def test_targets_are_computed_from_the_rows(results):
              ">= ~1)"] == ("0.91x", "NOT met")
     assert t["conv layers bf16 fwd+bwd, automatic choice (SparseConv2d), worst layer and density (never slower: "
              ">= ~1)"] == ("-", "not measured")
-    assert "| vgg19/conv10-12 | 0.02 | 1 | 2.50x | 5.00x | 4.00x | nan | - | 2.00x (sparse) | - (-) |" in md
+    assert "| vgg19/conv10-12 | 0.02 | 1 | 2.50x | 5.00x | 4.00x | - | - | 2.00x (sparse) | - (-) |" in md
     assert "2.00x (sparse) | - (-) |" in md and "0.91x (sparse/weight_grad:dense) | - (-) |" in md
     assert t["dense path vs torch.optim fused + masking (worst row)"] == ("1.80x", "NOT met")  # 1.8 / 1.0 at 1%
     # 1e9 bytes at 2000 GB/s = 0.5 ms; the dense path took 1 ms
@@ -165,6 +170,53 @@ def test_targets_are_computed_from_the_rows(results):
     assert "| 4096x4096 | 4096 | bf16 | 0.01 | 9 | 3 | 3.00x | 3.00x | - | - | - |" in md
     # a run cut short by its time limit (a kernel row, no dense-masking row): "-", not a crash
     assert "| 4096x4096 | 4096 | fp32 | 0.01 | - | 2 | - | - | - | - | - |" in md
+
+
+def test_ratios_are_never_taken_across_runs(tmp_path):
+    """Two runs of one configuration (the suite's `linear` and `linear-targets` parts write two files; a run cut
+    short by its time limit measured the baseline only): every ratio is of two medians of one file."""
+    run_a = [_lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "dense_mask", 10.0),
+             _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "sparse_triton", 5.0),         # 2x
+             _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "torch_sparse_csr", 8.0),      # 1.25x
+             _lin("fwd+bwd", "4096x4096", 4096, 0.01, "fp32", "dense_mask", 10.0)]           # cut short here
+    run_b = [_lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "dense_mask", 20.0),           # another run: 5x,
+             _lin("fwd+bwd", "4096x4096", 4096, 0.01, "fp32", "sparse_triton", 4.0),         # CSR not measured
+             _lin("fwd+bwd", "4096x4096", 4096, 0.02, "fp32", "sparse_triton", 4.0)]
+    _write(tmp_path / f"linear_{SLUG}.csv", run_a)
+    _write(tmp_path / f"linear_targets_{SLUG}.csv", run_b)
+    conv = [dict(layer="vgg19/conv10-12", shape="512x512x3x3", batch=128, density=0.02, dtype=dtype, impl=impl,
+                 direction="both", median_ms=ms, p20_ms=ms, p80_ms=ms, peak_mem_bytes=0, device=DEV, commit="abc",
+                 count=3, nnz=94372, path="")
+            for impl, dtype, ms in (("dense_mask", "fp32-tf32", 3.0), ("triton_sparse", "fp32", 1.0))]   # 3x
+    _write(tmp_path / f"conv_vgg19_{SLUG}.csv", conv)
+    _write(tmp_path / f"conv_targets_{SLUG}.csv", [dict(conv[0], median_ms=9.0), dict(conv[1], median_ms=4.5)])  # 2x
+    optim = [dict(op="sgd", model="vgg19", params=100, density=1.0, nnz=100, dtype="float32", impl=impl,
+                  median_ms=ms, p20_ms=ms, p80_ms=ms, bytes=1000, GBps=1.0, device=DEV, commit="abc")
+             for impl, ms in (("torch.optim-fused+mask", 3.0), ("sparse_lth-triton-dense", 1.0))]       # 3x
+    _write(tmp_path / f"optim_{SLUG}.csv", optim)
+    _write(tmp_path / f"optim_targets_{SLUG}.csv", [dict(optim[0], median_ms=100.0)])   # another run's baseline
+    md = summarize.summarize(SLUG, tmp_path, plots=False).read_text()
+    t = _targets(md)
+    # the run that measured more of the configuration (kernel, baseline and CSR) gives the row, not a mix: 20 / 5
+    assert t["4096x4096 b4096 fp32 fwd+bwd, 98% sparse"] == ("2.00x", "NOT met")
+    # at 1 % run A measured only the baseline and run B only the kernel: no ratio (not 10 / 4)
+    assert t["4096x4096 b4096 fp32 fwd+bwd, 99% sparse"] == ("-", "not measured")
+    assert "| 4096x4096 | 4096 | fp32 | 0.02 | 10 | 5 | 2.00x | 2.00x | - | - | 1.25x |" in md
+    assert f"4096x4096 4096 fp32 0.02 from linear_{SLUG}.csv" in md                      # the repeat is named
+    # conv: one file's 2x or the other's 3x, never 9 / 1 or 3 / 4.5
+    assert t["512->512 3x3 at 4x4 px, fwd+bwd, 98% sparse, fp32 vs cuDNN TF32 on"][0] in ("2.00x", "3.00x")
+    assert t["dense path vs torch.optim fused + masking (worst row)"] == ("3.00x", "met")   # not 100 / 1
+
+
+def test_cpu_linear_ops_rows_are_not_gpu_results(tmp_path):
+    """bench_linear_ops_cpu.py's `linear_ops_cpu_*.csv` starts like bench_linear_gpu.py's files; it has other
+    columns and no GPU in it: no summary for it."""
+    _write(tmp_path / "linear_ops_cpu_amd-epyc-2-threads.csv",
+           [dict(op="forward", rows=300, cols=784, batch=60, density=0.1, impl="dense", median_ms=1.0,
+                 device="cpu: AMD EPYC", commit="abc")])
+    assert summarize.devices(tmp_path) == []
+    assert summarize.kind_of(tmp_path / "linear_ops_cpu_x.csv") is None
+    assert summarize.kind_of(tmp_path / f"linear_targets_{SLUG}.csv") == "linear"
 
 
 def test_cli_writes_summary_and_plots(results, tmp_path_factory):
