@@ -502,8 +502,8 @@ def _torch_cuda() -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 # the CPU benchmarks (run for real, on small settings: the rows are checked, not the speed)
 # ----------------------------------------------------------------------------------------------------------------
-def run_cpu_benchmark(script: str, out: Path, *args: str) -> list[dict]:
-    proc = run_script(script, *args, "--repeats", "2", "--out", str(out))
+def run_cpu_benchmark(script: str, out: Path, *args: str, repeats: int = 2) -> list[dict]:
+    proc = run_script(script, *args, "--repeats", str(repeats), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     with open(out, newline="") as f:
         return list(csv.DictReader(f))
@@ -520,7 +520,7 @@ def test_linear_ops_cpu_benchmark_writes_every_op_both_ways(tmp_path):
 
 def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
     out = tmp_path / "layers.csv"
-    rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--densities", "0.05")
+    rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--densities", "0.05", repeats=1)  # one repeat: its own
     impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
     assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in ("lenet300_100_train_step_b60",
                                                                       "linear1024_fwd_bwd_b256") for i in impls}
@@ -530,6 +530,15 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
             assert re.fullmatch(r"[dsh]/[dsh]/[dsh]", r["path"]), r
     md = out.with_suffix(".md").read_text()
     assert "| timed ms (path) |" in md and md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
+    # the table's speedups are the CSV's medians divided, rounded once
+    med = {(r["case"], r["impl"]): float(r["median_ms"]) for r in rows}
+    for case in ("lenet300_100_train_step_b60", "linear1024_fwd_bwd_b256"):
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {case} | 0.05 |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        base = med[(case, "dense_masking")]
+        assert cells[4] == f"{base / med[(case, 'sparse_lth_auto')]:.2f}x", line
+        assert cells[6] == f"{base / med[(case, 'sparse_lth_timed')]:.2f}x", line
+        assert cells[8] == f"{base / med[(case, 'sparse_lth_sparse')]:.2f}x", line
 
 
 def test_layers_cpu_benchmark_conv6_step(tmp_path):
