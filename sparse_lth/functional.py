@@ -83,6 +83,17 @@ def _gather_grad(g: torch.Tensor, flat_index: torch.Tensor, dtype: torch.dtype) 
     return torch_ops.as_dtype(g.reshape(-1).index_select(0, flat_index), dtype)
 
 
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` (..., n) as a matrix (batch, n), its leading dimensions flattened: ``reshape(-1, n)`` names the batch
+    size explicitly, since with no element (n = 0, or a batch of 0) ``-1`` has no unique value and torch refuses."""
+    if t.dim() == 2:
+        return t
+    batch = 1
+    for s in t.shape[:-1]:
+        batch *= s
+    return t.reshape(batch, n)
+
+
 def _not_a_view(y: torch.Tensor) -> torch.Tensor:
     """``y`` as a tensor of its own for autograd when it is a view of a tensor made inside the forward (a
     transposed product, a reshape): autograd refuses in-place ops on a custom Function's view outputs
@@ -103,7 +114,7 @@ class SparseLinearFunction(torch.autograd.Function):
         prep, fwd, _, _ = _linear_ops(backend)
         d_fwd, d_dx, d_dw = dense
         lead = x.shape[:-1]
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2 = _rows(x, x.shape[-1])
         if not (d_fwd and d_dw):  # what the forward reads is what the weight gradient reads
             x2 = prep(x2, fmt.nnz)
         w = None
@@ -131,7 +142,7 @@ class SparseLinearFunction(torch.autograd.Function):
             return _double_differentiable_linear_backward(ctx, dy, x2 if x is None else x, values, y, flat_index)
         prep, _, bwd_in, bwd_w = _linear_ops(ctx.backend)
         _, d_dx, d_dw = ctx.dense
-        dy2 = dy if dy.dim() == 2 else dy.reshape(-1, ctx.fmt.rows)
+        dy2 = _rows(dy, ctx.fmt.rows)
         if ctx.activation == "relu":
             # ReLU's own backward op (what nn.ReLU's gradient runs): one pass, where dy * (y > 0) made a bool
             # tensor and then multiplied by it (2 launches on a GPU; on the CPU the bool multiply alone took
@@ -182,13 +193,13 @@ def _double_differentiable_linear_backward(ctx, dy, x, values, y, flat_index):
     """The backward of :class:`SparseLinearFunction` as differentiable torch ops on the scattered weight, used when
     autograd records the backward (``create_graph=True``): the sparse kernels' results carry no graph. It costs a
     dense product; plain training never takes it."""
-    dy2 = dy.reshape(-1, ctx.fmt.rows)
+    dy2 = _rows(dy, ctx.fmt.rows)
     if ctx.activation == "relu":
         # ReLU's gradient as nn.ReLU's (0 where y <= 0, also for an inf/NaN dy, which a multiply by the mask made
         # NaN); differentiable in dy, and ReLU's second derivative is zero
         dy2 = torch.where(y > 0, dy2, dy2.new_zeros(()))
     w = scatter_values(values, _flat_index_of(ctx.fmt, flat_index), ctx.fmt.shape)
-    pre = F.linear(x.reshape(-1, ctx.fmt.cols).to(w.dtype), w)
+    pre = F.linear(_rows(x, ctx.fmt.cols).to(w.dtype), w)
     dx, dv = _vjp(pre, dy2.to(pre.dtype), [x, values], list(ctx.needs_input_grad[:2]))
     db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return dx, dv, db, None, None, None, None, None
@@ -209,7 +220,7 @@ def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", ac
         raise TypeError(f"sparse_linear: x must be a tensor of at least one dimension, got {x!r:.60}")
     # the torch backend runs float64 too, on any device
     torch_backend = backend == "torch"
-    k.check_forward_args(x.reshape(-1, x.shape[-1]), values, fmt, bias, activation, op="sparse_linear",
+    k.check_forward_args(_rows(x, x.shape[-1]), values, fmt, bias, activation, op="sparse_linear",
                          dtypes=k._FLOAT_DTYPES + ((torch.float64,) if torch_backend else ()),
                          launch=not torch_backend)
     return SparseLinearFunction.apply(x, values, bias, fmt, backend, activation, tuple(dense), flat_index)

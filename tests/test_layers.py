@@ -139,11 +139,17 @@ def test_a_linear_layer_with_no_outputs_or_no_inputs_works_as_nn_linear(path, fe
     """nn.Linear(5, 0) and nn.Linear(0, 5) are valid; so are their sparse layers, on every path (a layer with no
     output failed to build its values: a reshape of 0 elements to (0, -1))."""
     layer = SparseLinear(*features, path=path)
-    x = torch.randn(3, features[0], requires_grad=True)
-    y = layer(x)
-    assert y.shape == (3, features[1])
-    (y.sum() + x.sum()).backward()
-    assert x.grad.shape == x.shape
+    # inputs of rank 1 to 3 (a reshape(-1, 0) of no element is ambiguous: torch refused it on the sparse path)
+    for lead in ((3,), (), (2, 3), (0,)):
+        x = torch.randn(*lead, features[0], requires_grad=True)
+        y = layer(x)
+        assert y.shape == (*lead, features[1])
+        (y.sum() + x.sum()).backward()
+        assert x.grad.shape == x.shape
+        # and with a graph of the backward (the double-differentiable backward)
+        x = torch.randn(*lead, features[0], requires_grad=True)
+        g, = torch.autograd.grad(layer(x).sum() + x.sum(), x, create_graph=True)
+        assert g.shape == x.shape
 
 
 def test_conv_padding_mode_and_unbatched():
