@@ -324,7 +324,8 @@ class _SparseLayer(nn.Module):
         weight = weight.to(self.weight_mask.device)
         if self._path == "dense":
             p = self._parameters["weight"]
-            p.copy_(weight * self.weight_mask)
+            # where, not a product: a non-finite weight at a pruned position becomes 0, not NaN (inf * 0)
+            p.copy_(torch.where(self.weight_mask, weight, 0))
         else:
             self._parameters["values"].copy_(to_values(weight, self.weight_mask))
 
@@ -349,7 +350,7 @@ class _SparseLayer(nn.Module):
         backend = self.backend
         if path == "sparse":
             self._check_sparse_possible(backend)
-        w = self.dense_weight().detach() * mask
+        w = torch.where(mask, self.dense_weight().detach(), 0)  # pruned: 0, also where the weight is inf or NaN
         self.weight_mask = mask.clone()
         self._nnz = int(mask.sum())
         dense_ops = None

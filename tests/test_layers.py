@@ -473,6 +473,39 @@ def test_set_mask_keeps_live_weights_and_switches_parameters():
 
 
 @pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_a_non_finite_weight_at_a_pruned_position_becomes_zero(path):
+    """Pruned weights become zero, also an inf or NaN one (a product with the mask made it NaN on the dense
+    path, and every output with it), through from_dense, set_mask, set_dense_weight and load_state_dict."""
+    lin = nn.Linear(4, 3)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[0, 1] = mask[2, 3] = False
+    with torch.no_grad():
+        lin.weight[0, 1], lin.weight[2, 3] = float("inf"), float("nan")
+    x = torch.randn(5, 4)
+    for make in ("from_dense", "set_mask", "set_dense_weight", "load_state_dict"):
+        if make == "from_dense":
+            layer = SparseLinear.from_dense(lin, mask, path=path)
+        else:
+            layer = SparseLinear(4, 3, path=path)
+            if make == "set_mask":
+                layer.set_dense_weight(lin.weight.nan_to_num(0.0, 0.0, 0.0))
+                with torch.no_grad():
+                    (layer.weight if path == "dense" else layer.values).fill_(1.0)
+                    if path == "dense":
+                        layer.weight[0, 1] = float("inf")
+                layer.set_mask(mask, path=path)
+            elif make == "set_dense_weight":
+                layer.set_mask(mask, path=path)
+                layer.set_dense_weight(lin.weight)
+            else:
+                layer.set_mask(mask, path=path)
+                layer.load_state_dict(dict(lin.state_dict(), weight_mask=mask))
+        w = layer.dense_weight().detach()
+        assert w[0, 1].item() == 0 and w[2, 3].item() == 0, (make, w)
+        assert torch.isfinite(layer(x)).all(), make
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "adam", "adamw"])
 def test_pruned_weights_stay_zero_under_optimizers(path, opt):
     torch.manual_seed(0)
