@@ -271,6 +271,19 @@ class _SparseLayer(nn.Module):
             raise AttributeError(f"{type(self).__name__} is on the dense path: it has no sparse format (fmt)")
         return super().__getattr__(name)
 
+    def __setattr__(self, name, value):
+        # on the sparse path `weight` is computed from `values`: a tensor set in its place (torch.func.functional_call
+        # with a state_dict's "weight") would be ignored by forward, and torch puts the computed copy back as a
+        # plain attribute after the call, which then hides the live weight and breaks a later move to the dense path
+        if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
+            raise AttributeError(
+                f"{type(self).__name__} is on the sparse path: its weight is computed from the live values "
+                "(`values`, one per live weight, in the order of `weight_mask.nonzero()`), and cannot be set. "
+                "Substitute `values` (e.g. torch.func.functional_call(layer, {'values': ...})), write a dense "
+                "weight with set_dense_weight(), or put the layer on the dense path first "
+                "(set_mask(layer.weight_mask, path='dense')).")
+        super().__setattr__(name, value)
+
     def _index_follows_mask(self) -> None:
         """Put the index structures on the mask's device if they are not (a replica that nn.DataParallel made:
         it broadcasts parameters and buffers, and copies plain attributes as they are)."""

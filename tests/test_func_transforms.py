@@ -166,3 +166,30 @@ def test_functional_call_with_an_inner_step_update(path):
         torch.testing.assert_close(outer_g[n], want, **tol, msg=n)
         if kind == "weight":
             assert (outer_g[n][~masks[layer]] == 0).all(), n
+
+
+def test_functional_call_with_a_weight_on_the_sparse_path_is_refused_and_leaves_the_layer_whole():
+    """On the sparse path `weight` is computed from `values`: functional_call with a state_dict's "weight" was
+    ignored by forward, and torch put the computed copy back as a plain attribute, which then hid the live weight
+    and made a later move to the dense path fail half-way (no parameters left). It is refused, and nothing
+    changes; `values` is what to substitute, and the dense path takes "weight"."""
+    from sparse_lth.layers import SparseLinear
+
+    torch.manual_seed(0)
+    mask = torch.rand(3, 4) < 0.5
+    x = torch.randn(2, 4)
+    w2 = torch.full((3, 4), 7.0)
+    layer = SparseLinear(4, 3, mask=mask, path="sparse")
+    with pytest.raises(AttributeError, match="sparse path.*Substitute `values`"):
+        functional_call(layer, {"weight": w2}, (x,))
+    assert "weight" not in layer.__dict__ and [n for n, _ in layer.named_parameters()] == ["values", "bias"]
+    with pytest.raises(AttributeError, match="cannot be set"):
+        layer.weight = nn.Parameter(w2)
+    y = functional_call(layer, {"values": w2[mask]}, (x,))
+    torch.testing.assert_close(y, F.linear(x, w2 * mask, layer.bias))
+    with torch.no_grad():
+        layer.values.add_(1.0)
+    assert torch.equal(layer.weight, layer.dense_weight())  # computed, not a stale snapshot
+    layer.set_mask(mask, path="dense")
+    torch.testing.assert_close(functional_call(layer, {"weight": w2}, (x,)), F.linear(x, w2 * mask, layer.bias))
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "bias"]
