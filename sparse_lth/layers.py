@@ -717,12 +717,7 @@ class SparseLinear(_SparseLayer):
             return torch.relu(y) if self.activation == "relu" else y
         self._index_follows_mask()
         values, bias = self._parameters["values"], self._parameters.get("bias")
-        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # (autocast leaves float64 alone)
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, values = x.to(dt), values.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        elif x.dtype != values.dtype:
-            raise TypeError(f"SparseLinear: input dtype {x.dtype} differs from the weight's {values.dtype}")
+        x, values, bias = _autocast_operands("SparseLinear", x, values, bias)
         # the Function itself: this layer has checked what sparse_linear() would (its format when the mask was set)
         return SparseLinearFunction.apply(x, values, bias, self.fmt, self.backend, self.activation, self._dense_ops,
                                           self._flat_index)
@@ -731,6 +726,20 @@ class SparseLinear(_SparseLayer):
         act = f", activation={self.activation}" if self.activation else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
                 f"{act}, density={self.density:.4f}, path={self.path_label}")
+
+
+def _autocast_operands(layer: str, x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None):
+    """The sparse path's operands as autocast gives them to F.linear / F.conv2d: under autocast every floating
+    operand but a float64 one goes to the autocast dtype (a float64 layer fed float32 stays a mismatch, refused as
+    nn.Linear refuses it); the input and the weight must then have one dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, values = (t if t.dtype == torch.float64 else t.to(dt) for t in (x, values))
+        if bias is not None and bias.dtype != torch.float64:
+            bias = bias.to(dt)
+    if x.dtype != values.dtype:
+        raise TypeError(f"{layer}: input dtype {x.dtype} differs from the weight's {values.dtype}")
+    return x, values, bias
 
 
 def _pair(v) -> tuple[int, int]:
@@ -827,12 +836,7 @@ class SparseConv2d(_SparseLayer):
         if not self._triton_geometry_ok():  # forced sparse on the torch backend, then moved to CUDA: not a Triton case
             return self._conv(x, self._scatter_weight(), self.bias)
         values, bias = self._parameters["values"], self._parameters.get("bias")
-        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # (autocast leaves float64 alone)
-            dt = torch.get_autocast_dtype(x.device.type)
-            x, values = x.to(dt), values.to(dt)
-            bias = None if bias is None else bias.to(dt)
-        elif x.dtype != values.dtype:
-            raise TypeError(f"SparseConv2d: input dtype {x.dtype} differs from the weight's {values.dtype}")
+        x, values, bias = _autocast_operands("SparseConv2d", x, values, bias)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)

@@ -788,6 +788,11 @@ def test_a_float64_model_under_autocast_stays_float64_on_the_sparse_path():
         out = after(z)
     assert y.dtype == z.dtype == out.dtype == torch.float64
     torch.testing.assert_close(y, F.conv2d(x, conv.dense_weight(), conv.bias, 1, 1))
+    # a float64 layer fed float32 under autocast: the input goes to bf16, the float64 weight stays, and the
+    # mismatch is refused as nn.Linear / nn.Conv2d refuse it (the sparse path cast the weight to bf16 silently)
+    for layer, xi in ((lin, torch.randn(2, 4 * 5 * 5)), (conv, torch.randn(2, 3, 5, 5))):
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="differs from the weight"):
+            layer(xi)
 
 
 @pytest.mark.parametrize("ops", ["sparse", {"weight_grad": "dense", "forward": "dense"}], ids=["sparse", "dense"])
