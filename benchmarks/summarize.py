@@ -479,6 +479,7 @@ def summarize(dev: str, results: Path = RESULTS, out_dir: Path | None = None, pl
         head += ["## Targets", "", "| issue | target | needs | measured | status |", "|---|---|---|---|---|"]
         head += [t.row() for t in targets] + [""]
     out = out_dir / f"summary_{dev}.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(head + body).rstrip() + "\n")
     if plots:
         plot(dev, by_kind["linear"], by_kind["conv"], out_dir)

@@ -220,7 +220,7 @@ def test_cpu_linear_ops_rows_are_not_gpu_results(tmp_path):
 
 
 def test_cli_writes_summary_and_plots(results, tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("out")
+    out_dir = tmp_path_factory.mktemp("out") / "new"  # a folder that does not exist yet is made
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "summarize.py"), "--results", str(results),
                         "--out", str(out_dir)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
