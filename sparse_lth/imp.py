@@ -776,11 +776,12 @@ class Experiment:
                 "experiment with the same hyperparameters first, name its folder with source_dir (the CLI's "
                 "--source) if it is not <runs>/<its name>, or wait for it (--wait-for-source SECONDS)")
 
-    def _check_model_takes_data(self) -> None:
+    def _check_model_takes_data(self, x: torch.Tensor | None = None, model: nn.Module | None = None) -> None:
         """One example through the dense model: a model that does not fit the dataset (conv2 on Fashion-MNIST's
-        one channel) is refused clearly, before anything is written."""
-        x = self.data[0].x[:1].cpu()
-        model = self._build_model(self.hp.seed, sparse=False).eval()
+        one channel) is refused clearly, before anything is written. ``x``: that example (default: the first
+        training image, which loads the data); ``model``: the dense model (default: built here)."""
+        x = self.data[0].x[:1].cpu() if x is None else x
+        model = (self._build_model(self.hp.seed, sparse=False) if model is None else model).eval()
         try:
             with torch.no_grad():
                 model(x)
@@ -817,9 +818,12 @@ class Experiment:
         None: trained here), seeds={seed: dict(done, planned, running)})``; ``running``: (round, iteration) of a
         round begun and checkpointed. The weights remaining per round are exact per kind (pools of global pruning
         are per kind); with ``--control reinit|noise`` they are the IMP run's, which prunes as planned here."""
+        from .data import INPUT_SHAPES
         from .listing import checkpoint_progress
         hp = self.hp
         model = self._build_model(hp.seed, sparse=False)
+        if self.dataset in INPUT_SHAPES:  # a blank example of the dataset's shape: no data is read
+            self._check_model_takes_data(torch.zeros(1, *INPUT_SHAPES[self.dataset]), model)
         shapes = {n: tuple(dense_weight(m).shape) for n, m in prunable_layers(model)}
         kinds = layer_kinds(model)
         rates = self._rates(model)

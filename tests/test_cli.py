@@ -391,6 +391,11 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     # a misspelt dataset is refused by --plan as by the run itself (the plan printed it)
     assert main(tiny_imp_args(tmp_path, "--plan", "--dataset", "fashoin_mnist")) == 2
     assert "unknown dataset 'fashoin_mnist'" in capsys.readouterr().err
+    # so is a model that cannot take the dataset's examples (the plan printed 16 rounds; the run then refused it)
+    assert main(["imp", "--model", "torchvision.models:resnet18", "--dataset", "mnist", "--runs",
+                 str(tmp_path / "r18"), "--plan"]) == 2
+    assert "does not take mnist's examples (shape (1, 28, 28))" in capsys.readouterr().err
+    assert not (tmp_path / "r18").exists()
 
 
 def test_a_closed_output_pipe(tmp_path, monkeypatch, capsys):
