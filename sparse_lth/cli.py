@@ -638,11 +638,14 @@ def _analysis_parser(sub, name: str, help_text: str, description: str, rounds_he
                    help="replicates (default: every seed_* folder)")
     p.add_argument("--out", help=f"report folder (default: <RUN_DIR>/{name}, or <common parent>/{name})")
     if training:
-        p.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+        p.add_argument("--data", help=DATA_HELP)
         p.add_argument("--device", default="cpu")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--threads", type=_at_least(1), default=None)
     return p
+
+
+DATA_HELP = "data folder (default: $SPARSE_LTH_DATA, else ~/.cache/sparse_lth/data)"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -657,7 +660,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                         description="Run (or resume) iterative magnitude pruning with rewinding. A finished round "
                         "is skipped on re-run; an interrupted one resumes from its last checkpoint.")
     pi.add_argument("--preset", choices=PRESET_NAMES, help="start from these hyperparameters (flags override)")
-    pi.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+    pi.add_argument("--data", help=DATA_HELP)
     pi.add_argument("--runs", default="runs", help="run root (default: runs)")
     pi.add_argument("--run-dir", help="use this experiment folder instead of <runs>/<name>_<hash>")
     pi.add_argument("--device", default="cpu")
@@ -668,7 +671,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "hyperparameters: a run resumes with or without it")
     pi.add_argument("--replicates", type=_at_least(1), default=1, help="seeds seed .. seed+N-1 (default 1)")
     pi.add_argument("--checkpoint-every", type=_nonneg(), default=1000,
-                    help="checkpoint every N iterations (0: never; a killed round then starts over)")
+                    help="checkpoint every N iterations (default %(default)s; 0: never, a killed round then starts "
+                         "over)")
     pi.add_argument("--source", metavar="IMP_RUN_DIR",
                     help="controls: the IMP run to compare with (default: <runs>/<its name>, where `imp` puts it "
                          "without --run-dir); IMP: a run to take the dense round 0 from, which may prune "
@@ -683,7 +687,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "prunable weights, the weights left after each round, the training budget) and exit "
                          "without training or writing")
     pi.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads")
-    imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (override the preset)")
+    imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (each overrides the --preset's value; a default shown is "
+                                                 "the value without a preset)")
     for a in pi._actions:
         if a.dest == "control":
             a.choices = CONTROLS
@@ -706,7 +711,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="with --ticket: the weights the round started from (the ticket; default), those it ended "
                          "with, or a fresh initialization (--model-seed: random reinitialization)")
     pt.add_argument("--dataset", default="", help="default: the model's")
-    pt.add_argument("--data", help="data folder (default $SPARSE_LTH_DATA)")
+    pt.add_argument("--data", help=DATA_HELP)
     pt.add_argument("--device", default="cpu")
     pt.add_argument("--layers", choices=("sparse", "masked", "dense"), default="sparse",
                     help="sparse layers, plain layers with dense masking, or plain dense layers")
@@ -799,7 +804,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="recompute batch-norm statistics on N training batches at every point (default 0: "
                          "interpolate them)")
     ps.add_argument("--checkpoint-every", type=_nonneg(), default=1000,
-                    help="checkpoint the copies every N iterations (0: never)")
+                    help="checkpoint the copies every N iterations (default %(default)s; 0: never)")
 
     pl = _analysis_parser(
         sub, "landscape", "loss-landscape measures of IMP's solutions (Hessian eigenvalues, ...)",
