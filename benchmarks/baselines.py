@@ -8,6 +8,7 @@ weights re-masked after each step.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import statistics
@@ -111,18 +112,20 @@ def plain_step(model, opt, x, y, set_to_none: bool = True):
     opt.step()
 
 
+def exact_mask(shape, density: float, gen: torch.Generator) -> torch.Tensor:
+    """A random bool mask of ``shape`` with exactly ``round(density * numel)`` live entries (CPU). Exact counts, as
+    IMP's masks have: a Bernoulli draw lands a few weights either side of the density, and a path rule whose
+    cutoff is that density then decides by chance."""
+    numel = math.prod(shape)
+    flat = torch.zeros(numel, dtype=torch.bool)
+    flat[torch.randperm(numel, generator=gen)[:round(density * numel)]] = True
+    return flat.view(tuple(shape))
+
+
 def random_masks(model: nn.Module, density: float, gen: torch.Generator, skip=()) -> dict[str, torch.Tensor]:
-    """A random mask with exactly ``round(density * numel)`` live weights for every nn.Linear / nn.Conv2d of
-    ``model`` (on the weight's device). Exact counts, as IMP's masks have: a Bernoulli draw lands a few weights
-    either side of the density, and a path rule whose cutoff is that density then decides by chance."""
-    out = {}
-    for n, m in model.named_modules():
-        if type(m) in (nn.Linear, nn.Conv2d) and n not in skip:
-            numel = m.weight.numel()
-            flat = torch.zeros(numel, dtype=torch.bool)
-            flat[torch.randperm(numel, generator=gen)[:round(density * numel)]] = True
-            out[n] = flat.view(m.weight.shape).to(m.weight.device)
-    return out
+    """:func:`exact_mask` for every nn.Linear / nn.Conv2d of ``model`` (on the weight's device)."""
+    return {n: exact_mask(m.weight.shape, density, gen).to(m.weight.device) for n, m in model.named_modules()
+            if type(m) in (nn.Linear, nn.Conv2d) and n not in skip}
 
 
 def cpu_device_label() -> str:

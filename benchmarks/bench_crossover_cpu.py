@@ -39,7 +39,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 
-from baselines import RESULTS, cpu_device_label, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
+from baselines import (RESULTS, cpu_device_label, cpu_name, exact_mask, git_commit, interleaved_samples, slug, wall_ms,
+                       write_rows)
 
 from bench_conv_gpu import make_unfold_csr
 from sparse_lth.layers import (CPU_CONV_SPARSE_MAX_DENSITY, CPU_LINEAR_SPARSE_MAX_DENSITY, OPS, SparseConv2d,
@@ -91,7 +92,7 @@ def _fns(ref: nn.Module, mask: torch.Tensor, x: torch.Tensor, dy: torch.Tensor) 
 
 
 def step_fns(rows: int, cols: int, batch: int, density: float, gen: torch.Generator) -> dict:
-    mask = torch.rand(rows, cols, generator=gen) < density
+    mask = exact_mask((rows, cols), density, gen)  # exact live count, as IMP's masks
     x = torch.randn(batch, cols, generator=gen).requires_grad_(True)
     return _fns(nn.Linear(cols, rows), mask, x, torch.randn(batch, rows, generator=gen))
 
@@ -99,7 +100,7 @@ def step_fns(rows: int, cols: int, batch: int, density: float, gen: torch.Genera
 def conv_step_fns(c_in: int, c_out: int, hw: int, stride: int, batch: int, input_grad: bool, density: float,
                   gen: torch.Generator) -> dict:
     ref = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1)
-    mask = torch.rand(ref.weight.shape, generator=gen) < density
+    mask = exact_mask(ref.weight.shape, density, gen)
     x = torch.randn(batch, c_in, hw, hw, generator=gen).requires_grad_(input_grad)
     out_hw = (hw - 1) // stride + 1
     dy = torch.randn(batch, c_out, out_hw, out_hw, generator=gen)

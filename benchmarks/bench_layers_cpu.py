@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_device_label, cpu_name, git_commit, interleaved_samples,
-                       masked_baseline, path_letter, plain_step, quantiles_ms, random_masks, slug, wall_ms, write_rows)
+from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_device_label, cpu_name, exact_mask, git_commit,
+                       interleaved_samples, masked_baseline, path_letter, plain_step, quantiles_ms, random_masks, slug,
+                       wall_ms, write_rows)
 
 from sparse_lth.layers import SparseLinear, choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model
@@ -70,7 +71,7 @@ def bench_conv6(density: float, repeats: int) -> dict:
 def bench_linear(density: float, repeats: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     n, batch = 1024, 256
-    mask = torch.rand(n, n, generator=gen) < density
+    mask = exact_mask((n, n), density, gen)  # exact live count, as IMP's masks
     x = torch.randn(batch, n, generator=gen)
     dy = torch.randn(batch, n, generator=gen)
     ref = nn.Linear(n, n)

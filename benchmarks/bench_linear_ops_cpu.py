@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from baselines import RESULTS, cpu_device_label, cpu_name, git_commit, interleaved_samples, slug, wall_ms, write_rows
+from baselines import (RESULTS, cpu_device_label, cpu_name, exact_mask, git_commit, interleaved_samples, slug, wall_ms,
+                       write_rows)
 
 from sparse_lth.functional import scatter_values
 from sparse_lth.kernels import torch_ops
@@ -31,7 +32,7 @@ DENSITIES = [0.5, 0.2, 0.1, 0.05, 0.02]
 
 
 def ops_for(rows: int, cols: int, batch: int, density: float, gen: torch.Generator) -> dict:
-    mask = torch.rand(rows, cols, generator=gen) < density
+    mask = exact_mask((rows, cols), density, gen)  # exact live count, as IMP's masks
     w = torch.randn(rows, cols, generator=gen) * mask
     fmt = build_format(mask)
     v = to_values(w, mask)

@@ -662,3 +662,27 @@ def test_host_overhead_benchmark_refuses_bad_arguments(args, tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "bench_host_overhead.py"), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2 and "must" in proc.stderr
+
+
+def test_the_cpu_benchmarks_masks_have_exact_live_counts():
+    """Every CPU benchmark draws masks of exactly round(density * numel) live weights, as IMP's are: a Bernoulli
+    draw lands either side of a path rule's cutoff (the crossover, per-op and layer benchmarks drew them)."""
+    base = _load("baselines")
+    gen = torch.Generator().manual_seed(0)
+    for shape, d in (((300, 784), 0.1), ((1024, 1024), 0.05), ((64, 32, 3, 3), 0.02), ((7, 13), 0.0)):
+        m = base.exact_mask(shape, d, gen)
+        assert m.dtype == torch.bool and m.shape == shape and int(m.sum()) == round(d * m.numel())
+    ops = _load("bench_linear_ops_cpu")
+    cross = _load("bench_crossover_cpu")
+    with torch.no_grad():
+        for make in (lambda: ops.ops_for(300, 784, 4, 0.1, torch.Generator().manual_seed(1)),
+                     lambda: cross.step_fns(300, 784, 4, 0.1, torch.Generator().manual_seed(1))):
+            seen = []
+            real = base.exact_mask
+            try:  # the scripts take their masks from exact_mask
+                for mod in (ops, cross):
+                    mod.exact_mask = lambda *a, **k: seen.append(a) or real(*a, **k)
+                make()
+            finally:
+                ops.exact_mask = cross.exact_mask = real
+            assert seen and seen[0][:2] == ((300, 784), 0.1)
