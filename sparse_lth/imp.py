@@ -785,7 +785,7 @@ class Experiment:
         try:
             with torch.no_grad():
                 model(x)
-        except (RuntimeError, ValueError) as e:
+        except Exception as e:  # (a model of one's own may raise anything on a shape it does not take)
             raise ValueError(f"model {self.hp.model} does not take {self.dataset}'s examples (shape "
                              f"{tuple(x.shape[1:])}): {e}") from None
 

@@ -270,6 +270,8 @@ def import_model_fn(path: str):
     except ImportError as e:
         raise ValueError(f"model {path!r}: cannot import {mod!r} ({e}); it must be importable from where "
                          "sparse-lth runs (installed, or on PYTHONPATH)") from None
+    except Exception as e:  # the module's own code failed (a SyntaxError, an error at import time)
+        raise ValueError(f"model {path!r}: importing {mod!r} failed: {type(e).__name__}: {e}") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"model {path!r}: {mod} has no attribute {attr!r}")
@@ -373,9 +375,13 @@ def build_model(name: str, *, num_classes: int = 10, width: float = 1.0, dropout
 
     def make() -> nn.Module:
         if dataset is None:
-            m = fn(**kw)
+            try:
+                m = fn(**kw)
+            except Exception as e:  # the user's code: said as a model error, not a traceback of ours
+                raise ValueError(f"model {name!r}: calling {getattr(fn, '__qualname__', fn)!s}("
+                                 f"{', '.join(sorted(kw))}) raised {type(e).__name__}: {e}") from e
             if not isinstance(m, nn.Module):
-                raise TypeError(f"model {name!r}: {fn!r} returned {type(m).__name__}, not an nn.Module")
+                raise ValueError(f"model {name!r}: {fn!r} returned {type(m).__name__}, not an nn.Module")
             out = None  # IMP takes its output_layer attribute if it names one, else its last Linear
         elif name == "lenet300_100":
             m, out = LeNet300_100(num_classes, width, dropout, in_channels, hw), "fc3"

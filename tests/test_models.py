@@ -237,8 +237,9 @@ def test_a_model_of_ones_own_that_cannot_be_built_is_a_clear_error():
         build_model("user_models:NOT_CALLABLE")
     with pytest.raises(ValueError, match="'package.module:callable'"):
         build_model("user_models:")
-    with pytest.raises(TypeError, match="returned str, not an nn.Module"):
+    with pytest.raises(ValueError, match="returned str, not an nn.Module"):
         build_model("user_models:not_a_module")
+
     with pytest.raises(ValueError, match="width, dropout and bn_init apply to the built-in networks only"):
         build_model("user_models:small_cnn", width=0.5)
     with pytest.raises(ValueError, match="give its dataset"):
@@ -246,6 +247,17 @@ def test_a_model_of_ones_own_that_cannot_be_built_is_a_clear_error():
     with pytest.raises(ValueError, match="or a model of your own as 'package.module:callable'"):
         default_dataset("resnet50")
 
+
+def test_a_model_of_ones_own_whose_code_fails_is_a_model_error(tmp_path, monkeypatch):
+    """The user's module failing at import (a SyntaxError) or its callable raising: a ValueError naming the model,
+    which the CLI prints as an error (it printed a traceback of TypeError / SyntaxError)."""
+    (tmp_path / "broken_user_model.py").write_text("def f(num_classes=10):\n    return (\n")
+    (tmp_path / "raising_user_model.py").write_text("def f(num_classes=10):\n    raise TypeError('no such option')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="importing 'broken_user_model' failed: SyntaxError"):
+        build_model("broken_user_model:f")
+    with pytest.raises(ValueError, match=r"calling f\(num_classes\) raised TypeError: no such option"):
+        build_model("raising_user_model:f")
 
 def test_bad_input_shape():
     with pytest.raises(ValueError, match="input_shape must be"):
