@@ -140,15 +140,15 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0):
         raise ValueError("nesterov needs optimizer 'sgd' with momentum > 0")
-    if cfg.weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    if not (cfg.weight_decay >= 0 and math.isfinite(cfg.weight_decay)):  # (NaN passed `< 0`, inf trained garbage)
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {cfg.weight_decay}")
     for name in ("batch_size", "iterations", "eval_every", "eval_batch_size"):
         if int(getattr(cfg, name)) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.warmup < 0 or cfg.train_eval_size < 0:
         raise ValueError("warmup and train_eval_size must be >= 0")
-    if not cfg.gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {cfg.gamma}")
+    if not (cfg.gamma > 0 and math.isfinite(cfg.gamma)):
+        raise ValueError(f"gamma must be a finite number > 0, got {cfg.gamma}")
     if list(cfg.milestones) != sorted(cfg.milestones) or any(m <= 0 for m in cfg.milestones):
         raise ValueError(f"milestones must be positive and increasing, got {cfg.milestones}")
     if cfg.precision not in PRECISIONS:

@@ -61,7 +61,12 @@ def test_lr_schedule():
                                     (dict(momentum=1.0), "momentum"), (dict(batch_size=0), "batch_size"),
                                     (dict(milestones=(20, 10)), "milestones"), (dict(iterations=0), "iterations"),
                                     (dict(optimizer="adam", nesterov=True), "nesterov"),
-                                    (dict(optimizer_impl="jax"), "optimizer_impl")])
+                                    (dict(optimizer_impl="jax"), "optimizer_impl"),
+                                    # non-finite values (NaN passed `< 0` and failed later, after the run folder
+                                    # was written; inf trained to chance accuracy)
+                                    (dict(weight_decay=float("nan")), "weight_decay"),
+                                    (dict(weight_decay=float("inf")), "weight_decay"),
+                                    (dict(gamma=float("inf")), "gamma"), (dict(gamma=float("nan")), "gamma")])
 def test_bad_config_refused(kw, msg):
     with pytest.raises(ValueError, match=msg):
         cfg(**kw)
