@@ -491,6 +491,20 @@ class ImpResult:
     metrics: dict[int, list[dict]] = field(default_factory=dict)  # seed -> per-round metrics
 
 
+class SourceNotReady(FileNotFoundError):
+    """A control's IMP run has not (yet) written what the control needs from it: its masks of round 1."""
+
+
+def _hparams_differ(path: str, hp: ImpHparams) -> list[str]:
+    """The hyperparameters in which the experiment folder's ``hparams.json`` at ``path`` differs from ``hp`` (those
+    that name an experiment; canonical, so "20" and "20it" are one budget)."""
+    mine = {k: v for k, v in canonical_hparams(hparams_dict(hp)).items() if k not in NOT_HASHED}
+    # a hyperparameter added since the folder was written had its default there (the hash skips defaults)
+    old = canonical_hparams({**hparams_dict(ImpHparams()), **read_json(path)})
+    old = {k: v for k, v in old.items() if k not in NOT_HASHED}
+    return sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+
+
 class Experiment:
     """One IMP experiment (a set of hyperparameters) in its run folder; ``run_seed(seed)`` runs a replicate."""
 
@@ -563,10 +577,10 @@ class Experiment:
         if hp.oneshot_levels and hp.oneshot_remaining:
             raise ValueError("oneshot_levels prunes to the sparsity of each IMP round: it takes no "
                              "oneshot_remaining")
-        if hp.control == "oneshot" and not (hp.oneshot_levels or hp.oneshot_remaining) and hp.rounds == 0:
-            raise ValueError("oneshot prunes at once to what `rounds` rounds of IMP keep: with rounds=0 it would "
-                             "prune nothing and train the dense network again; give rounds > 0 or "
-                             "oneshot_remaining")
+        if hp.control == "oneshot" and not hp.oneshot_remaining and hp.rounds == 0:
+            raise ValueError("oneshot prunes at once to what `rounds` rounds of IMP keep (oneshot_levels: to each "
+                             "of those levels): with rounds=0 it would prune nothing and train the dense network "
+                             "again; give rounds > 0 or oneshot_remaining")
         if hp.control == "noise" and not (hp.noise_std > 0 and math.isfinite(hp.noise_std)):
             raise ValueError(f"control 'noise' needs noise_std > 0 (in units of each layer's initial std), "
                              f"got {hp.noise_std}")
@@ -614,13 +628,8 @@ class Experiment:
                              "an experiment folder `sparse-lth imp` made, or a new or empty one (a run root such as "
                              "runs/ is given with --runs)")
         if os.path.exists(existing):
-            old = read_json(existing)
-            mine = {k: v for k, v in canonical_hparams(hparams_dict(hp)).items() if k not in NOT_HASHED}
-            # a hyperparameter added since the folder was written had its default there (the hash skips defaults)
-            old = canonical_hparams({**hparams_dict(ImpHparams()), **old})
-            old = {k: v for k, v in old.items() if k not in NOT_HASHED}
-            if old != mine:
-                diff = sorted(k for k in set(old) | set(mine) if old.get(k) != mine.get(k))
+            diff = _hparams_differ(existing, hp)
+            if diff:
                 raise ValueError(f"run folder {self.dir} holds another experiment (hyperparameters differ in "
                                  f"{diff}); choose another folder")
 
@@ -717,6 +726,13 @@ class Experiment:
         """The ``imp`` experiment with the same hyperparameters (the ticket that controls compare with)."""
         defaults = ImpHparams()
         hp = dataclasses.replace(self.hp, control="imp", **{k: getattr(defaults, k) for k in CONTROL_SETTINGS})
+        path = os.path.join(self.source_dir, "hparams.json") if self.source_dir else None
+        if path and os.path.exists(path):
+            diff = _hparams_differ(path, hp)
+            if diff:
+                raise ValueError(f"source {self.source_dir} is not the IMP run of this {self.hp.control} control's "
+                                 f"hyperparameters (they differ in {diff}): give the folder of the `imp` run with "
+                                 "the same settings")
         return self._sibling(hp)
 
     def _sibling(self, hp: ImpHparams) -> "Experiment":
@@ -771,7 +787,7 @@ class Experiment:
         if missing:
             path = missing[0]
             where = "the folder given as its source" if self.source_dir else "the default place for it"
-            raise FileNotFoundError(
+            raise SourceNotReady(
                 f"control {self.hp.control!r} needs the IMP ticket's masks ({path}, {where}); run the 'imp' "
                 "experiment with the same hyperparameters first, name its folder with source_dir (the CLI's "
                 "--source) if it is not <runs>/<its name>, or wait for it (--wait-for-source SECONDS)")
@@ -816,11 +832,18 @@ class Experiment:
         layers=[(name, kind, weights, rate)], kinds={kind: weights}, total, rounds=[dict(round, live, percent,
         by_kind={kind: percent})], iterations, rewind, dense_from (the folder round 0 would be taken from, or
         None: trained here), seeds={seed: dict(done, planned, running)})``; ``running``: (round, iteration) of a
-        round begun and checkpointed. The weights remaining per round are exact per kind (pools of global pruning
+        round begun and checkpointed; ``not_ready``: why the run, started now, would stop before training (a
+        control whose IMP run has no masks yet), or None. The weights remaining per round are exact per kind
+        (pools of global pruning
         are per kind); with ``--control reinit|noise`` they are the IMP run's, which prunes as planned here."""
         from .data import INPUT_SHAPES
         from .listing import checkpoint_progress
         hp = self.hp
+        try:  # a source folder that is wrong is refused; one not ready yet is said (the plan may come first)
+            self._check_source([hp.seed] if seeds is None else list(seeds))
+            not_ready = None
+        except SourceNotReady as e:
+            not_ready = str(e)
         model = self._build_model(hp.seed, sparse=False)
         if self.dataset in INPUT_SHAPES:  # a blank example of the dataset's shape: no data is read
             self._check_model_takes_data(torch.zeros(1, *INPUT_SHAPES[self.dataset]), model)
@@ -861,7 +884,7 @@ class Experiment:
         return dict(dir=self.dir, exists=os.path.exists(os.path.join(self.dir, "hparams.json")),
                     layers=[(n, kinds[n], sizes[n], rates[n]) for n in shapes], kinds=by_kind, total=total,
                     rounds=out_rows, iterations=self.iterations, rewind=self.rewind_iteration,
-                    dense_from=dense.dir if dense is not None else None, seeds=state)
+                    dense_from=dense.dir if dense is not None else None, seeds=state, not_ready=not_ready)
 
     def write_hparams(self) -> None:
         os.makedirs(self.dir, exist_ok=True)

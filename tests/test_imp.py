@@ -457,6 +457,7 @@ def test_resume_after_sigkill(tmp_path):
     (dict(oneshot_levels=True), "only used with control 'oneshot'"),
     (dict(control="oneshot", oneshot_levels=True, oneshot_remaining=0.5), "takes no oneshot_remaining"),
     (dict(control="oneshot", rounds=0), "with rounds=0 it would prune nothing"),
+    (dict(control="oneshot", oneshot_levels=True, rounds=0), "with rounds=0 it would prune nothing"),
     (dict(prune_fc=0.0, prune_output=0.0), "no layer would be pruned"),
     (dict(layer_impl="fast"), "layer_impl"),
     (dict(control="noise"), "noise_std > 0"),
@@ -597,10 +598,22 @@ def test_control_finds_an_imp_run_in_a_folder_of_its_own(tmp_path):
     masks = [torch.load(os.path.join(d, "seed_0", "round_01", "masks.pt"), weights_only=False)["masks"]
              for d in (imp.experiment_dir, ctl.experiment_dir)]
     assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
-    with pytest.raises(ValueError, match="another experiment"):
+    # the source named as what is wrong (it said "run folder ... holds another experiment; choose another folder")
+    with pytest.raises(ValueError, match=r"source .*my_imp is not the IMP run of this reinit control's "
+                                         r"hyperparameters \(they differ in \['lr'\]\)"):
         run(dataclasses.replace(hp, control="reinit", lr=1e-2), tmp_path, data=data, source_dir=src)
+    with pytest.raises(ValueError, match=r"not the IMP run .*differ in \['control'"):  # a control's folder as source
+        run(dataclasses.replace(hp, control="oneshot"), tmp_path, data=data, source_dir=ctl.experiment_dir)
     with pytest.raises(FileNotFoundError, match="is not an experiment folder"):  # a mistyped --source, any control
         run(dataclasses.replace(hp, control="oneshot"), tmp_path, data=data, source_dir=src + "_typo")
+    # and the plan refuses what the run refuses (it failed on the missing hparams.json's path)
+    with pytest.raises(FileNotFoundError, match="is not an experiment folder"):
+        Experiment(dataclasses.replace(hp, control="oneshot"), str(tmp_path), data=data,
+                   source_dir=src + "_typo").plan()
+    early = Experiment(dataclasses.replace(hp, control="reinit"), str(tmp_path / "elsewhere"), data=data).plan()
+    assert "needs the IMP ticket's masks" in early["not_ready"]  # planned before its IMP run: said, not refused
+    assert Experiment(dataclasses.replace(hp, control="reinit"), str(tmp_path), data=data,
+                      source_dir=src).plan()["not_ready"] is None
     # started beside its IMP run, waiting for it: a source folder that does not exist yet is fine
     waiting = Experiment(dataclasses.replace(hp, control="reinit"), str(tmp_path), data=data,
                          source_dir=str(tmp_path / "not_yet"), wait_for_source=1)
@@ -941,6 +954,7 @@ def test_the_plan_of_one_shot_and_of_a_control(tmp_path):
     assert kept["rounds"][1]["by_kind"] == pytest.approx({"fc": 25.0, "output": 25.0}, abs=0.01)
     reinit = Experiment(dataclasses.replace(hp, control="reinit"), str(tmp_path), data=data).plan()
     assert reinit["dense_from"] == os.path.join(str(tmp_path), experiment_name(hp))
+    assert "needs the IMP ticket's masks" in reinit["not_ready"]  # the IMP run has not been run
     assert [r["live"] for r in reinit["rounds"]] == [r["live"] for r in imp["rounds"]]
 
 
