@@ -30,16 +30,24 @@ import typing
 
 
 def _parse_tuple(kind):
+    """An argparse type: comma-separated ``kind`` values ("" is none; an empty item, "1,,2", is refused)."""
     def parse(s: str):
         s = s.strip()
         if not s:
             return ()
-        return tuple(kind(v.strip()) for v in s.split(",") if v.strip())
+        items = [v.strip() for v in s.split(",")]
+        if not all(items):
+            raise argparse.ArgumentTypeError(f"an empty item in {s!r}")
+        try:
+            return tuple(kind(v) for v in items)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}") from None
+    parse.__name__ = f"list of {kind.__name__}"  # argparse names the type in its messages
     return parse
 
 
-def _at_least(low, kind=int):
-    """An argparse type: a ``kind`` number >= ``low`` (a clear usage error otherwise)."""
+def _at_least(low, kind=int, high=None):
+    """An argparse type: a ``kind`` number >= ``low`` (and <= ``high``; a clear usage error otherwise)."""
     def parse(v: str):
         try:
             x = kind(v)
@@ -47,9 +55,16 @@ def _at_least(low, kind=int):
             raise argparse.ArgumentTypeError(f"expected a number, got {v!r}") from None
         if not x >= low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        if high is not None and not x <= high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {v}")
         return x
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def _threads():
+    """--threads: 1 .. 4x this machine's cores (torch.set_num_threads crashed the process far above that)."""
+    return _at_least(1, int, 4 * (os.cpu_count() or 1))
 
 
 def _nonneg(kind=int):
@@ -132,6 +147,17 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
+def _check_out_file(out: str | None) -> None:
+    """--out FILE of train / export: refused before any work when it cannot be written (its folder is missing, or
+    it is a folder itself: train found that out after training)."""
+    if not out:
+        return
+    if os.path.isdir(out):
+        raise IsADirectoryError(f"--out {out}: is a folder; give a file name")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise FileNotFoundError(f"--out {out}: its folder does not exist")
+
+
 def _device(name: str):
     """``torch.device(name)``, refused clearly when it is not a device name or not on this machine."""
     import torch
@@ -139,8 +165,14 @@ def _device(name: str):
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"--device {name}: {e}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: runs go on 'cpu' or 'cuda' (or 'cuda:N')")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"--device {name}: there is one CPU device, 'cpu'")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA GPU(s) here")
     return device
 
 
@@ -242,6 +274,8 @@ def _print_plan(hp, args) -> int:
     _write(f"{'round':>5} {'% left':>8}{kinds_head}")
     for row in p["rounds"]:
         _write(f"{row['round']:>5} {row['percent']:>8.2f}" + "".join(f"{v:>10.2f}" for v in row["by_kind"].values()))
+    if p["not_ready"]:
+        _write(f"note: started now, the run would stop before training: {p['not_ready']}")
     _write("nothing trained or written (--plan)")
     return 0
 
@@ -263,8 +297,7 @@ def _cmd_train(args, names) -> int:
         if forced:
             raise ValueError(f"{', '.join(forced)} choose how sparse layers run: they need --layers sparse, "
                              f"not {args.layers}")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
+    _check_out_file(args.out)
     ticket = _train_ticket_source(args)
     _setup_threads(args.threads)
     given = _given(args, names)
@@ -301,6 +334,10 @@ def _cmd_train(args, names) -> int:
                          ops=parse_ops(args.ops))
     masks = get_masks(model) if ticket is None else ticket[1]
     if args.density < 1.0:
+        empty = [n for n, m in masks.items() if round(args.density * m.numel()) == 0]
+        if empty:  # (it trained a network with those layers' every weight pruned)
+            raise ValueError(f"--density {args.density:g} keeps no weight of {', '.join(empty)}: give a density of "
+                             "at least one weight per layer")
         if args.mask == "random":
             g = torch.Generator().manual_seed(args.model_seed)
             masks = random_masks({n: tuple(m.shape) for n, m in masks.items()},
@@ -611,8 +648,7 @@ def _cmd_export(args) -> int:
     import torch
 
     from .imp import get_masks, live_and_total, load_ticket
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise FileNotFoundError(f"--out {args.out}: its folder does not exist")
+    _check_out_file(args.out)
     run_dir = _check_experiment_dir(args.run_dir)
     model = load_ticket(run_dir, args.round, seed=args.seed, weights=args.weights, data_root=args.data)
     live, total = live_and_total(get_masks(model))
@@ -641,7 +677,7 @@ def _analysis_parser(sub, name: str, help_text: str, description: str, rounds_he
         p.add_argument("--data", help=DATA_HELP)
         p.add_argument("--device", default="cpu")
         p.add_argument("--no-progress", action="store_true")
-        p.add_argument("--threads", type=_at_least(1), default=None)
+        p.add_argument("--threads", type=_threads(), default=None)
     return p
 
 
@@ -686,7 +722,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="print what the command would do (its folder and what is done there, the model's "
                          "prunable weights, the weights left after each round, the training budget) and exit "
                          "without training or writing")
-    pi.add_argument("--threads", type=_at_least(1), default=None, help="torch.set_num_threads")
+    pi.add_argument("--threads", type=_threads(), default=None, help="torch.set_num_threads")
     imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (each overrides the --preset's value; a default shown is "
                                                  "the value without a preset)")
     for a in pi._actions:
@@ -733,7 +769,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "the test loss)")
     pt.add_argument("--no-progress", action="store_true")
     pt.add_argument("--out", help="write the metrics (with the curve and the environment) to this JSON file")
-    pt.add_argument("--threads", type=_at_least(1), default=None)
+    pt.add_argument("--threads", type=_threads(), default=None)
     train_names = _add_dataclass_flags(pt, TrainConfig, skip=("progress",), group_title="training")
 
     pr = sub.add_parser("report", help="figures and a Markdown table from run folders")
@@ -785,7 +821,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                                     "CPU instruction set PyTorch dispatches to, threads, commit. Runs reproduce bit "
                                     "for bit only where these match.")
     pe.add_argument("--device", help="only this device (default: cpu, and cuda where there is one)")
-    pe.add_argument("--threads", type=_at_least(1), default=None, help="as a run with --threads N would")
+    pe.add_argument("--threads", type=_threads(), default=None, help="as a run with --threads N would")
     pe.add_argument("--json", action="store_true", help="the records as JSON")
 
     ps = _analysis_parser(

@@ -115,6 +115,10 @@ def test_train_command(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--data", mnist_root(), "--data-limit", "300", "--val-split", "300", "--no-progress"]) == 2
     assert "--val-split 300: cannot hold out 300 of 300 examples" in capsys.readouterr().err
+    # a density that keeps no weight of a layer (LeNet's output layer has 1,000) trained it all pruned
+    assert main(["train", "--data", mnist_root(), "--data-limit", "300", "--density", "0.0004", "--iterations", "5",
+                 "--eval-every", "5", "--no-progress"]) == 2
+    assert "--density 0.0004 keeps no weight of fc3" in capsys.readouterr().err
 
 
 def test_train_a_ticket_of_a_run(tmp_path, capsys):
@@ -245,7 +249,11 @@ def test_bad_numbers_and_conflicting_flags_are_usage_errors(tmp_path, capsys):
                       (["train", "--data-limit", "-5"], "--data-limit: must be >= 0"),
                       (["stability", "x", "--bn-reset", "-1"], "--bn-reset: must be >= 0"),
                       (["stability", "x", "--points", "1"], "--points: must be >= 2"),
-                      (["landscape", "x", "--top", "0"], "--top: must be >= 1")):
+                      (["landscape", "x", "--top", "0"], "--top: must be >= 1"),
+                      # far more threads than cores crashed torch (a segfault, after the output)
+                      (["env", "--threads", "100000"], "--threads: must be <= "),
+                      (["imp", "--milestones", "1,,2"], "an empty item in '1,,2'"),
+                      (["imp", "--milestones", "a,b"], "--milestones: expected comma-separated ints, got 'a,b'")):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err, argv
@@ -255,6 +263,11 @@ def test_bad_numbers_and_conflicting_flags_are_usage_errors(tmp_path, capsys):
                       (["train", "--out", str(tmp_path / "nope" / "m.json")], "its folder does not exist"),
                       (["train", "--device", "foo"], "--device foo"),
                       (["imp", "--device", "foo", "--runs", str(tmp_path)], "--device foo"),
+                      # devices torch names but a run cannot use: refused before anything is written (they
+                      # failed after init.pt; the device does not name the experiment, so in its real folder)
+                      (["imp", "--device", "cpu:1", "--runs", str(tmp_path)], "there is one CPU device"),
+                      (["imp", "--device", "meta", "--runs", str(tmp_path)], "runs go on 'cpu' or 'cuda'"),
+                      (["train", "--out", str(tmp_path)], "is a folder; give a file name"),
                       (["imp", "--model", "user_models:small_cnn", "--runs", str(tmp_path)], "give its dataset"),
                       (["train", "--model", "user_models:small_cnn"], "give its dataset"),
                       (["imp", "--model", "user_models:nope", "--dataset", "mnist", "--runs", str(tmp_path)],
@@ -391,6 +404,12 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     # a misspelt dataset is refused by --plan as by the run itself (the plan printed it)
     assert main(tiny_imp_args(tmp_path, "--plan", "--dataset", "fashoin_mnist")) == 2
     assert "unknown dataset 'fashoin_mnist'" in capsys.readouterr().err
+    # a control planned before its IMP run: the plan, and what would stop the run now
+    assert main(tiny_imp_args(tmp_path / "ctl", "--plan", "--control", "reinit")) == 0
+    out = capsys.readouterr().out
+    assert "note: started now, the run would stop before training: control 'reinit' needs the IMP ticket's masks" \
+        in out and out.rstrip().endswith("nothing trained or written (--plan)")
+    assert not (tmp_path / "ctl").exists()
     # so is a model that cannot take the dataset's examples (the plan printed 16 rounds; the run then refused it)
     assert main(["imp", "--model", "torchvision.models:resnet18", "--dataset", "mnist", "--runs",
                  str(tmp_path / "r18"), "--plan"]) == 2
