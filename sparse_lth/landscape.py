@@ -183,6 +183,8 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     controls ``reinit``, ``random_prune`` and ``noise``, and ``oneshot`` at each level after round 0 (every
     level prunes the dense network).
     """
+    if not 0 <= tol < 1:  # a relative residual: at 1 or more (inf) every Ritz value "converges" at once
+        raise ValueError(f"tol must be in [0, 1), got {tol}")
     rdir = exp.round_dir(seed, r)
     final_path = os.path.join(rdir, "final.pt")
     if not os.path.exists(final_path):

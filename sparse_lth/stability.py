@@ -157,8 +157,8 @@ def _fork(exp, seed: int, out_dir: str, seeds: tuple[int, int], make_start, desc
           points: int, bn_reset_batches: int) -> tuple[list[dict], list[dict], dict]:
     """Train (or reload) the two copies ``make_start()`` gives (``(model, masks, start_iteration)``, the model
     at its starting weights) with the noise seeds, into ``out_dir``; return (linear path, copies, masks)."""
+    train_data, test_data = exp.data  # first: a missing data folder is refused before the folder is made
     os.makedirs(out_dir, exist_ok=True)
-    train_data, test_data = exp.data
     progress = exp.progress if progress is None else progress
     every = exp.checkpoint_every if checkpoint_every is None else int(checkpoint_every)
     finals, copies = [], []

@@ -202,6 +202,10 @@ def test_landscape_needs_a_finished_round(tmp_path):
     exp = Experiment(tiny_hp(), str(tmp_path), progress=False, data=data)
     with pytest.raises(FileNotFoundError, match="has not finished"):
         ls.landscape(exp, 0, 0)
+    # a relative residual of 1 or more "converges" at once (inf gave a wrong top eigenvalue, not flagged)
+    for tol in (float("inf"), 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"tol must be in \[0, 1\)"):
+            ls.landscape(exp, 0, 0, tol=tol)
 
 
 def test_landscape_cli(tmp_path, capsys):
@@ -222,3 +226,5 @@ def test_landscape_cli(tmp_path, capsys):
     assert (tmp_path / "rep" / "landscape.png").stat().st_size > 0
     assert main(["landscape", str(exp / "seed_0"), "--data", data]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
+    assert main(["landscape", str(exp), "--data", data, "--tol", "inf"]) == 2
+    assert "tol must be in [0, 1), got inf" in capsys.readouterr().err

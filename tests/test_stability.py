@@ -312,6 +312,9 @@ def test_stability_cli(tmp_path, capsys):
     assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
     exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
     capsys.readouterr()
+    # no data: refused before a round's analysis folder is made (an empty one was left behind)
+    assert main(["stability", str(exp), "--data", str(tmp_path / "no_data"), "--rounds", "1", "--no-progress"]) == 2
+    assert "not found" in capsys.readouterr().err and not (exp / "seed_0" / "round_01" / "stability").exists()
     argv = ["stability", str(exp), "--data", data, "--rounds", "0,2", "--points", "3", "--no-progress"]
     assert main(argv) == 0
     out = capsys.readouterr().out
