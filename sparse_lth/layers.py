@@ -35,6 +35,7 @@ import warnings
 import weakref
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -96,10 +97,13 @@ register_optimizer_step_pre_hook(_refuse_replaced_parameters)
 
 
 def _under_transform() -> bool:
-    """Whether a :mod:`torch.func` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``...) is running.
-    Under one, the sparse path computes the dense-masking product on its scattered live values with plain torch ops
-    (its autograd Functions run kernels the transforms cannot trace): the same function and gradients as autograd
-    gets from it, at dense cost. The dense path needs nothing more (``_dense_path_weight``)."""
+    """Whether a :mod:`torch.func` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``...) is running, or
+    forward-mode AD (``torch.autograd.forward_ad.dual_level``). Under one, the sparse path computes the
+    dense-masking product on its scattered live values with plain torch ops (its autograd Functions run kernels the
+    transforms cannot trace, and define no jvp): the same function and derivatives as autograd gets from it, at
+    dense cost. The dense path needs nothing more (``_dense_path_weight``)."""
+    if _forward_ad._current_level >= 0:  # inside a dual_level: dual tensors may reach the layer
+        return True
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active is not None and active())
 # At or below these densities the torch backend's sparse path (forward + both gradients) beats the dense path on a
