@@ -29,8 +29,9 @@ import time
 import typing
 
 
-def _parse_tuple(kind):
-    """An argparse type: comma-separated ``kind`` values ("" is none; an empty item, "1,,2", is refused)."""
+def _parse_tuple(kind, unique=False):
+    """An argparse type: comma-separated ``kind`` values ("" is none; an empty item, "1,,2", is refused);
+    ``unique``: each value once, in the order given (seeds and rounds to analyse: "0,0" did the work twice)."""
     def parse(s: str):
         s = s.strip()
         if not s:
@@ -39,9 +40,10 @@ def _parse_tuple(kind):
         if not all(items):
             raise argparse.ArgumentTypeError(f"an empty item in {s!r}")
         try:
-            return tuple(kind(v) for v in items)
+            vals = tuple(kind(v) for v in items)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {s!r}") from None
+        return tuple(dict.fromkeys(vals)) if unique else vals
     parse.__name__ = f"list of {kind.__name__}"  # argparse names the type in its messages
     return parse
 
@@ -669,8 +671,8 @@ def _analysis_parser(sub, name: str, help_text: str, description: str, rounds_he
     p = sub.add_parser(name, help=help_text, description=description)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="experiment folders written by `sparse-lth imp` (e.g. IMP and a control, for one figure)")
-    p.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="A,B,...", help=rounds_help)
-    p.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+    p.add_argument("--rounds", type=_parse_tuple(int, unique=True), default=None, metavar="A,B,...", help=rounds_help)
+    p.add_argument("--seeds", type=_parse_tuple(int, unique=True), default=None, metavar="A,B,...",
                    help="replicates (default: every seed_* folder)")
     p.add_argument("--out", help=f"report folder (default: <RUN_DIR>/{name}, or <common parent>/{name})")
     if training:
@@ -776,7 +778,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders, or run roots holding them")
     pr.add_argument("--out", help="output folder (default: <experiment>/report, or <common parent>/report)")
     pr.add_argument("--title")
-    pr.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B,...",
+    pr.add_argument("--seeds", type=_parse_tuple(int, unique=True), default=None, metavar="A,B,...",
                     help="only these replicates (default: all), to set experiments side by side on the seeds "
                          "they share")
     pr.add_argument("--remaining", type=_remaining, default="all", metavar="KINDS",
@@ -794,7 +796,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     po.add_argument("run_a", metavar="RUN_A", help="an experiment folder")
     po.add_argument("run_b", metavar="RUN_B", nargs="+",
                     help="experiment folders to compare with RUN_A (or RUN_A itself, with --seed-b)")
-    po.add_argument("--seeds", type=_parse_tuple(int), default=None, metavar="A,B",
+    po.add_argument("--seeds", type=_parse_tuple(int, unique=True), default=None, metavar="A,B",
                     help="replicates to compare (default: every seed both have)")
     po.add_argument("--seed-b", type=int, default=None, help="compare --seeds S of RUN_A with this seed of RUN_B")
     po.add_argument("--rounds", type=_parse_tuple(int), default=None, metavar="R1,R2",

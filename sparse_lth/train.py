@@ -149,7 +149,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError("warmup and train_eval_size must be >= 0")
     if not (cfg.gamma > 0 and math.isfinite(cfg.gamma)):
         raise ValueError(f"gamma must be a finite number > 0, got {cfg.gamma}")
-    if list(cfg.milestones) != sorted(cfg.milestones) or any(m <= 0 for m in cfg.milestones):
+    ms = list(cfg.milestones)
+    if any(b <= a for a, b in zip(ms, ms[1:])) or any(m <= 0 for m in ms):  # (a repeat decayed twice there)
         raise ValueError(f"milestones must be positive and increasing, got {cfg.milestones}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")

@@ -432,3 +432,14 @@ def test_a_closed_output_pipe(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", Gone())
     assert main(tiny_imp_args(tmp_path)) == 141
     assert "its output pipe closed" in capsys.readouterr().err
+
+
+def test_seed_and_round_lists_name_each_once():
+    """`--seeds 0,0` analysed seed 0 twice (and `--rounds 2,2` a round twice): each value once, in the order
+    given; lists of other flags keep what they are given."""
+    from sparse_lth.cli import build_parser
+    parser, _ = build_parser()
+    args = parser.parse_args(["stability", "x", "--seeds", "1,0,1", "--rounds", "2,2,0"])
+    assert args.seeds == (1, 0) and args.rounds == (2, 0)
+    assert parser.parse_args(["report", "x", "--seeds", "0,0"]).seeds == (0,)
+    assert parser.parse_args(["imp", "--milestones", "5,5"]).milestones == (5, 5)  # as given (train refuses it)
