@@ -421,13 +421,7 @@ def _train_ticket_source(args):
 def _cmd_report(args) -> int:
     from .report import find_experiments, write_report
     dirs = find_experiments(args.run_dirs)
-    if args.out:
-        out = args.out
-    elif len(dirs) == 1:
-        out = os.path.join(dirs[0], "report")
-    else:
-        out = os.path.join(os.path.commonpath([os.path.abspath(d) for d in dirs]), "report")
-    files = write_report(dirs, out, title=args.title, remaining=args.remaining, seeds=args.seeds)
+    files = write_report(dirs, _report_dir(args, dirs, "report"), title=args.title, remaining=args.remaining, seeds=args.seeds)
     for k, v in files.items():
         print(f"{k}: {v}")
     return 0
@@ -885,10 +879,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return p, {"imp": imp_names, "train": train_names}
 
 
+# commands whose --out is a folder (refused at once when it is a file: checked before any work)
+_OUT_FOLDER = ("report", "overlap", "stability", "landscape", "anatomy")
+
+
 def main(argv=None) -> int:
     parser, names = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command in _OUT_FOLDER and args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise NotADirectoryError(f"--out {args.out}: is a file; {args.command} writes a folder there")
         if args.command == "imp":
             return _cmd_imp(args, names["imp"])
         if args.command == "train":

@@ -443,3 +443,14 @@ def test_seed_and_round_lists_name_each_once():
     assert args.seeds == (1, 0) and args.rounds == (2, 0)
     assert parser.parse_args(["report", "x", "--seeds", "0,0"]).seeds == (0,)
     assert parser.parse_args(["imp", "--milestones", "5,5"]).milestones == (5, 5)  # as given (train refuses it)
+
+
+def test_a_file_as_an_output_folder_is_refused_at_once(tmp_path, capsys):
+    """report, overlap and the analyses write a folder at --out: a file there is refused before any work, naming
+    --out (it failed at the end with "[Errno 17] File exists")."""
+    out = tmp_path / "a_file"
+    out.write_text("")
+    for argv in (["report", str(tmp_path)], ["overlap", str(tmp_path), str(tmp_path)], ["stability", str(tmp_path)],
+                 ["landscape", str(tmp_path)], ["anatomy", str(tmp_path)]):
+        assert main(argv + ["--out", str(out)]) == 2, argv
+        assert f"--out {out}: is a file; {argv[0]} writes a folder there" in capsys.readouterr().err, argv
