@@ -686,3 +686,17 @@ def test_the_cpu_benchmarks_masks_have_exact_live_counts():
             finally:
                 ops.exact_mask = cross.exact_mask = real
             assert seen and seen[0][:2] == ((300, 784), 0.1)
+
+
+def test_ab_train_cpu_alternates_two_checkouts_and_compares_what_they_trained(tmp_path):
+    """benchmarks/ab_train_cpu.py on this checkout against itself (a few steps: the rows, not the speed): every
+    run recorded, the arms alternated, and the two networks found identical."""
+    from conftest import require_shared_data
+    out = tmp_path / "ab.csv"
+    proc = run_script("ab_train_cpu.py", "--a", str(ROOT), "--b", str(ROOT), "--data", str(require_shared_data()),
+                      "--iterations", "4", "--repeats", "2", "--densities", "0.05", "--out", str(out))
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["repeat"], r["arm"]) for r in rows] == [("0", "a"), ("0", "b"), ("1", "b"), ("1", "a")]
+    assert all(float(r["us_per_step"]) > 0 and r["commit"] and r["density"] == "0.05" for r in rows)
+    assert "density 0.05: A " in proc.stdout and "trained networks identical" in proc.stdout
