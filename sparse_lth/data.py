@@ -205,7 +205,9 @@ class DeviceDataset:
         """Training batch ``iteration`` (see the module docstring): deterministic in (seed, iteration,
         batch_size), augmented when ``self.augment``. Returns (x, y) on the dataset's device."""
         idx = self.indices(iteration, batch_size, seed)
-        x, y = self.x[idx], self.y[idx]
+        # index_select, not x[idx]: the same rows, without advanced indexing's Python-side dispatch (~40 us a step
+        # on a CPU, 2 % of a LeNet-300-100 round)
+        x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
         if self.augment:
             x = self._augment(x, iteration, seed)
         return x, y
