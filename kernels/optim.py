@@ -132,8 +132,9 @@ if HAS_TRITON:
             # Live outputs never depend on pruned inputs, so masking every output (where, NaN-safe) is all it
             # takes: the gradient itself needs no masking.
             live = _ld(m_ptr + offs, offs, numel, FULL) != 0
-        # torch.optim.SGD: d_p = g + wd * p
-        g = g + weight_decay * p
+        # torch.optim.SGD: d_p = g + wd * p, only where wd != 0 (0 * an inf weight is NaN: gradient and state
+        # would take it, where torch.optim leaves the weight inf and its state finite)
+        g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)
         if HAS_MOMENTUM:
             buf_coef = tl.load(hyp + 2)   # momentum, or 0 on a buffer's first step (buf = d_p)
             grad_coef = tl.load(hyp + 3)  # 1 - dampening, or 1 on the first step
@@ -201,9 +202,13 @@ if HAS_TRITON:
             decay = tl.load(hyp + 9)  # 1 - lr * wd
             p = p * decay
         else:
-            g = g + weight_decay * p
-        # exp_avg.lerp_(g, 1 - beta1) (torch's lerp, weight < 0.5 branch); exp_avg_sq = b2 * v + (1 - b2) g^2
-        exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+            g = tl.where(weight_decay != 0.0, g + weight_decay * p, g)  # (only where wd != 0: see _sgd_block)
+        # exp_avg.lerp_(g, 1 - beta1) as torch's lerp computes it: m + w (g - m) for a weight w < 0.5, else
+        # g - (g - m)(1 - w) (exact at w = 1: beta1 = 0 gives g itself; an inf g gives NaN, as torch's);
+        # exp_avg_sq = b2 * v + (1 - b2) g^2
+        diff = g - exp_avg
+        exp_avg = tl.where(one_minus_beta1 < 0.5, exp_avg + one_minus_beta1 * diff,
+                           g - diff * (1.0 - one_minus_beta1))
         exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * (g * g)
         if HAS_MASK:
             exp_avg = tl.where(live, exp_avg, 0.0)
@@ -670,7 +675,8 @@ def sgd_reference_(params, grads, momentum_buffers, masks, *, lr, weight_decay=0
     for i, (p, g) in enumerate(zip(params, grads)):
         live = _live(masks[i])
         p32, d_p = p.float(), _zero_pruned(g.float(), live)
-        d_p = d_p + wds[i] * p32
+        if wds[i] != 0:  # as torch.optim: no 0 * p term (0 * inf is NaN)
+            d_p = d_p + wds[i] * p32
         if momentum_buffers is not None:
             buf = momentum_buffers[i]
             new = d_p.clone() if firsts[i] else buf * moms[i] + (1 - damps[i]) * d_p
@@ -693,7 +699,7 @@ def adam_reference_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masks
         p32, g32 = p.float(), _zero_pruned(g.float(), live)
         if decoupled_weight_decay:
             p32 = p32 * h[9]
-        else:
+        elif h[1] != 0:
             g32 = g32 + h[1] * p32
         m1 = _zero_pruned(exp_avgs[i].lerp(g32, h[3]), live)
         m2 = _zero_pruned(exp_avg_sqs[i] * h[4] + h[5] * (g32 * g32), live)

@@ -1017,3 +1017,46 @@ def test_loading_a_state_dict_keeps_this_optimizers_backend():
     opt.load_state_dict(saved)
     assert opt.param_groups[0]["backend"] == "torch"
     _step(opt, p, gen)
+
+
+@pytest.mark.parametrize("cls,kw", [(SGD, dict(lr=0.1, momentum=0.9)), (SGD, dict(lr=0.1)), (Adam, dict(lr=0.1)),
+                                    (Adam, dict(lr=0.1, amsgrad=True)), (AdamW, dict(lr=0.1, weight_decay=0.0))],
+                         ids=["sgd-momentum", "sgd", "adam", "adam-amsgrad", "adamw"])
+def test_a_non_finite_weight_without_weight_decay_keeps_the_state_finite(backend_device, cls, kw):
+    """torch.optim adds weight_decay * p only where weight_decay != 0: an inf weight (an fp16 overflow, say) with no
+    decay stays inf and its state finite. The kernels added 0 * inf = NaN to the gradient, the weight and the
+    state (and the kernel's reference did the same, so the kernel tests agreed)."""
+    make, device = backend_device, backend_device.device
+    ours = torch.tensor([float("inf"), 1.0, -float("inf")], device=device, requires_grad=True)
+    ref = ours.detach().cpu().clone().requires_grad_(True)
+    opt, ref_opt = make(cls, [ours], **kw), getattr(torch.optim, cls.__name__)([ref], **kw)
+    for g in (0.5, -0.25):
+        ours.grad, ref.grad = torch.full_like(ours, g), torch.full_like(ref, g)
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours.detach().cpu(), ref.detach(), equal_nan=True)
+    for key, v in ref_opt.state[ref].items():
+        if key != "step":
+            assert torch.isfinite(v).all(), key
+            torch.testing.assert_close(opt.state[ours][key].cpu(), v, msg=key)
+
+
+def test_adam_first_moment_is_torch_lerp_at_every_beta1(backend_device):
+    """exp_avg.lerp_(g, 1 - beta1) as torch computes it: for a weight 1 - beta1 >= 0.5 torch takes
+    g - (g - m)(1 - w), exact at beta1 = 0 (the kernels' m + w (g - m) gave 0 for a gradient 1e-8 after 1.0, and
+    the weight moved lr / 2 away) and NaN, not inf, for an inf gradient."""
+    make, device = backend_device, backend_device.device
+    for kw, grads in ((dict(lr=1.0, betas=(0.0, 0.0), eps=1e-8), (1.0, 1e-8)),
+                      (dict(lr=0.1, betas=(0.3, 0.999)), (1.0, 1e-7, 3.0)),
+                      (dict(lr=0.1, betas=(0.5, 0.999)), (float("inf"),))):
+        ours = torch.tensor([-1.0, 2.0], device=device, requires_grad=True)
+        ref = ours.detach().cpu().clone().requires_grad_(True)
+        opt, ref_opt = make(Adam, [ours], **kw), torch.optim.Adam([ref], **kw)
+        for g in grads:
+            ours.grad, ref.grad = torch.full_like(ours, g), torch.full_like(ref, g)
+            opt.step()
+            ref_opt.step()
+            exact = dict(rtol=0, atol=0) if kw["betas"][0] in (0.0, 0.5) else {}  # (else: FMA or not, rounding)
+            torch.testing.assert_close(opt.state[ours]["exp_avg"].cpu(), ref_opt.state[ref]["exp_avg"],
+                                       equal_nan=True, msg=str((kw, g)), **exact)
+            torch.testing.assert_close(ours.detach().cpu(), ref.detach(), equal_nan=True, msg=str((kw, g)))
