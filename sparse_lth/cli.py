@@ -729,7 +729,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pt = sub.add_parser("train", help="train one (sparse) model once",
                         description="Train a model once, e.g. a sparse LeNet-300-100 on MNIST.")
     pt.add_argument("--model", default=None, help="the network (default lenet300_100; with --ticket, the run's)")
-    pt.add_argument("--model-seed", type=int, default=None,
+    pt.add_argument("--model-seed", type=_at_least(-2 ** 40, int, 2 ** 40 - 1), default=None,
                     help="its initialization (default 0; with --ticket-weights fresh: the new weights under the "
                          "ticket's masks, by default those the run's reinit control draws for that round)")
     pt.add_argument("--ticket", metavar="RUN_DIR",

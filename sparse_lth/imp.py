@@ -62,7 +62,7 @@ from torch import nn
 from . import runlock
 from ._files import TEMPORARY, canonical_hparams, copy_atomic, read_json, write_atomic
 from .environment import environment, warn_if_changed
-from .train import OPTIMIZERS, TrainConfig, save_atomic, train
+from .train import OPTIMIZERS, TrainConfig, _is_int_in, save_atomic, train
 
 CONTROLS = ("imp", "reinit", "random_prune", "oneshot", "continue", "noise")
 SOURCE_MASK_CONTROLS = ("reinit", "noise")  # controls that train the imp experiment's masks
@@ -538,6 +538,10 @@ class Experiment:
     def _validate(self) -> None:
         """Refuse bad hyperparameters before anything is trained or written."""
         hp = self.hp
+        if not _is_int_in(hp.seed, SEED_LIMIT):
+            # (the seeds derived from it, such as a reinit control's 1_000_003 * (seed + 1) + ..., must fit in 64
+            # bits: torch's generators refused them with "Overflow when unpacking long long")
+            raise ValueError(f"seed must be an integer in [-2**40, 2**40), got {hp.seed!r}")
         from . import models
         if models.is_import_path(hp.model):
             models.import_model_fn(hp.model)  # importable, callable
@@ -1218,6 +1222,9 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # another user's
         return True
     return True
+
+
+SEED_LIMIT = 2 ** 40  # |seed| below it: every seed derived from it (below) fits in 64 bits
 
 
 def _reinit_seed(seed: int, r: int) -> int:

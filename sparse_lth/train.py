@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 import os
 import signal
 import sys
@@ -153,10 +154,23 @@ def check_train_config(cfg: TrainConfig) -> None:
     ms = list(cfg.milestones)
     if any(b <= a for a, b in zip(ms, ms[1:])) or any(m <= 0 for m in ms):  # (a repeat decayed twice there)
         raise ValueError(f"milestones must be positive and increasing, got {cfg.milestones}")
+    if not _is_int_in(cfg.seed, 2 ** 63):
+        raise ValueError(f"seed must be an integer that fits in 64 bits, got {cfg.seed!r}")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose one of {PRECISIONS}")
     if not isinstance(cfg.cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True or False, got {cfg.cuda_graph!r}")
+
+
+def _is_int_in(v, limit: int) -> bool:
+    """Whether ``v`` is an integer (of any integer type, not a bool) in ``[-limit, limit)``."""
+    if isinstance(v, bool):
+        return False
+    try:
+        v = operator.index(v)
+    except TypeError:
+        return False
+    return -limit <= v < limit
 
 
 _DEFAULTS = dataclasses.asdict(TrainConfig())

@@ -458,6 +458,8 @@ def test_resume_after_sigkill(tmp_path):
     (dict(control="oneshot", oneshot_levels=True, oneshot_remaining=0.5), "takes no oneshot_remaining"),
     (dict(control="oneshot", rounds=0), "with rounds=0 it would prune nothing"),
     (dict(control="oneshot", oneshot_levels=True, rounds=0), "with rounds=0 it would prune nothing"),
+    (dict(seed=10 ** 23), r"seed must be an integer in \[-2\*\*40, 2\*\*40\)"),
+    (dict(seed=-2 ** 40 - 1), "seed must be an integer"),
     (dict(prune_fc=0.0, prune_output=0.0), "no layer would be pruned"),
     (dict(layer_impl="fast"), "layer_impl"),
     (dict(control="noise"), "noise_std > 0"),

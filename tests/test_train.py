@@ -60,7 +60,7 @@ def test_lr_schedule():
 @pytest.mark.parametrize("kw,msg", [(dict(optimizer="rmsprop"), "optimizer"), (dict(lr=0.0), "lr"),
                                     (dict(momentum=1.0), "momentum"), (dict(batch_size=0), "batch_size"),
                                     (dict(milestones=(20, 10)), "milestones"), (dict(iterations=0), "iterations"),
-                                    (dict(milestones=(10, 10)), "milestones"),
+                                    (dict(milestones=(10, 10)), "milestones"), (dict(seed=2 ** 64), "seed must be an integer"),
                                     (dict(optimizer="adam", nesterov=True), "nesterov"),
                                     (dict(optimizer_impl="jax"), "optimizer_impl"),
                                     # non-finite values (NaN passed `< 0` and failed later, after the run folder
