@@ -630,6 +630,9 @@ def _cmd_overlap(args) -> int:
                 raise FileNotFoundError(f"{a} and {b} have no replicate (seed) in common with a finished round: "
                                         "name them with --seeds and --seed-b")
             pairs = [(s, s) for s in seeds]
+        if os.path.samefile(a, b) and any(sa == sb for sa, sb in pairs):
+            raise ValueError(f"{b} is {a} itself: a replicate against itself shares every weight; compare two "
+                             "replicates of it with --seeds S --seed-b T, or give another experiment")
         results += [overlap(a, b, sa, sb, rounds=list(args.rounds) if args.rounds else None, match=args.match)
                     for sa, sb in pairs]
     label_results(results)

@@ -72,6 +72,10 @@ def test_overlap_command(tmp_path, capsys):
     assert text.count("## `") == 1 and "(seed 0) against" in text and "(seed 1): itself, seed 0 vs 1" in text
     assert main(["overlap", imp.experiment_dir, other.experiment_dir, "--seeds", "0,1", "--seed-b", "1"]) == 2
     assert "give at most one --seeds" in capsys.readouterr().err
+    # an experiment against itself on the same seeds: a Jaccard of 1 that says nothing (it printed one)
+    for extra in ([], ["--seeds", "1"], ["--seeds", "0", "--seed-b", "0"]):
+        assert main(["overlap", imp.experiment_dir, imp.experiment_dir + os.sep, *extra]) == 2, extra
+        assert "a replicate against itself shares every weight" in capsys.readouterr().err
     assert main(["overlap", imp.experiment_dir, str(tmp_path)]) == 2
     assert "not an experiment folder" in capsys.readouterr().err
     assert os.path.isdir(out)
