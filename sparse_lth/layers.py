@@ -96,13 +96,15 @@ def _refuse_replaced_parameters(optimizer, args, kwargs) -> None:
 register_optimizer_step_pre_hook(_refuse_replaced_parameters)
 
 
-def _under_transform() -> bool:
+def _under_transform(x: torch.Tensor, params: dict) -> bool:
     """Whether a :mod:`torch.func` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``...) is running, or
-    forward-mode AD (``torch.autograd.forward_ad.dual_level``). Under one, the sparse path computes the
-    dense-masking product on its scattered live values with plain torch ops (its autograd Functions run kernels the
-    transforms cannot trace, and define no jvp): the same function and derivatives as autograd gets from it, at
-    dense cost. The dense path needs nothing more (``_dense_path_weight``)."""
-    if _forward_ad._current_level >= 0:  # inside a dual_level: dual tensors may reach the layer
+    forward-mode AD reaches the layer (a dual tensor among its input and ``params``, inside a
+    ``torch.autograd.forward_ad.dual_level``). Then the sparse path computes the dense-masking product on its
+    scattered live values with plain torch ops (its autograd Functions run kernels the transforms cannot trace, and
+    define no jvp): the same function and derivatives as autograd gets from it, at dense cost. The dense path needs
+    nothing more (``_dense_path_weight``)."""
+    if _forward_ad._current_level >= 0 and any(
+            t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in (x, *params.values())):
         return True
     active = getattr(torch._C, "_are_functorch_transforms_active", None)
     return bool(active is not None and active())
@@ -707,7 +709,7 @@ class SparseLinear(_SparseLayer):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"SparseLinear: input has {x.shape[-1]} features in its last dimension, "
                              f"expected {self.in_features} (input shape {tuple(x.shape)})")
-        transform = _under_transform()
+        transform = _under_transform(x, self._parameters)
         d = self.__dict__  # plain attributes: written without nn.Module.__setattr__'s checks (every forward)
         if not transform and (torch.is_grad_enabled() or d.get("_last_input_shape") is None):  # not an evaluation's
             d["_last_input_shape"] = tuple(x.shape)
@@ -826,7 +828,7 @@ class SparseConv2d(_SparseLayer):
         self._check_input(x)
         if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        transform = _under_transform()
+        transform = _under_transform(x, self._parameters)
         d = self.__dict__  # plain attributes: written without nn.Module.__setattr__'s checks (every forward)
         if not transform and (torch.is_grad_enabled() or d.get("_last_input_shape") is None):  # not an evaluation's
             d["_last_input_shape"] = tuple(x.shape)
