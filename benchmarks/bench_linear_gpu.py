@@ -293,7 +293,7 @@ def _once(fn):
 
 def write_variant_choices(path: Path, device: str, commit: str) -> None:
     """What the kernels' variant "auto" timed on this run's large ops (gather kernel against each slab
-    configuration, see kernels/sparse_linear.py) and chose: printed, and appended to ``path``."""
+    configuration, see kernels/sparse_linear.py) and chose: printed, and written to ``path`` (this run's own file)."""
     from sparse_lth.kernels.sparse_linear import variant_choices
 
     choices = variant_choices()

@@ -44,7 +44,9 @@
 # The package is imported from the checkout (PYTHONPATH; no pip install: the device machine has no network, and
 # sparse_lth finds its kernels/ beside it in a source checkout). Result CSVs are written under
 # benchmarks/results/ with the device named and copied, with one log for the call, to $OUT (when set) so that they
-# come back; commit them from there. SPARSE_LTH_COMMIT (set it to `git rev-parse --short=12 HEAD` on the machine
+# come back; commit them from there. Each part writes its file anew (a file is one run: summarize.py takes ratios
+# within a file), so a part cut short early brings back a shorter file than the one committed: `git diff --stat`
+# shows it, commit only what is worth keeping. SPARSE_LTH_COMMIT (set it to `git rev-parse --short=12 HEAD` on the machine
 # that has the git history) labels the rows, since the device copy of the tree has no .git.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -126,7 +128,7 @@ for part in "${parts[@]}"; do
             timeout "$LIMIT" $PY benchmarks/bench_ceilings.py --device cuda 2>&1 | tee -a "$log"
             ;;
         linear)
-            timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py 2>&1 | tee -a "$log"
+            timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py --out "benchmarks/results/linear_${DEV}.csv" 2>&1 | tee -a "$log"
             ;;
         linear-targets)
             SPARSE_LTH_TUNE_MS=5,20 timeout "$LIMIT" $PY benchmarks/bench_linear_gpu.py \

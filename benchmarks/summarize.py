@@ -61,8 +61,9 @@ def runs(rows) -> list[list[dict]]:
 
 
 def merge_runs(per_run: list[dict], score) -> tuple[dict, set]:
-    """One entry per key from several runs' {key: entry} dicts: the run that measured more of it (``score``), the
-    later file on a tie. Returns the merged dict and the keys more than one run measured."""
+    """One entry per key from several runs' {key: entry} dicts: the run that measured more of it (``score``), on a
+    tie the file later in name order (``per_run`` comes sorted by file name). Returns the merged dict and the keys
+    more than one run measured."""
     out, seen, repeated = {}, {}, set()
     for res in per_run:
         for k, v in res.items():

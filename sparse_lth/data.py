@@ -208,6 +208,8 @@ class DeviceDataset:
         # index_select, not x[idx]: the same rows, without advanced indexing's Python-side dispatch (~40 us a step
         # on a CPU, 2 % of a LeNet-300-100 round)
         x, y = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        if not self.x.is_contiguous() and self.x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)  # (as x[idx] kept it; index_select makes NCHW)
         if self.augment:
             x = self._augment(x, iteration, seed)
         return x, y

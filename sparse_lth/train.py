@@ -153,7 +153,7 @@ def check_train_config(cfg: TrainConfig) -> None:
         raise ValueError(f"gamma must be a finite number > 0, got {cfg.gamma}")
     ms = list(cfg.milestones)
     if any(b <= a for a, b in zip(ms, ms[1:])) or any(m <= 0 for m in ms):  # (a repeat decayed twice there)
-        raise ValueError(f"milestones must be positive and increasing, got {cfg.milestones}")
+        raise ValueError(f"milestones must be positive and strictly increasing, got {cfg.milestones}")
     if not _is_int_in(cfg.seed, 2 ** 63):
         raise ValueError(f"seed must be an integer that fits in 64 bits, got {cfg.seed!r}")
     if cfg.precision not in PRECISIONS:

@@ -220,6 +220,11 @@ def test_batch_is_deterministic_and_resumable():
     assert not all(torch.equal(o, b[i][1]) for i, o in enumerate(other))
     for x, y in b:  # without augmentation a batch is exactly the indexed samples
         assert x.shape == (7, 1, 8, 8) and torch.equal(x, d.x[y])
+    # a channels_last dataset gives channels_last batches without augmentation (as indexing did)
+    cl = _toy(c=3)
+    cl.x = cl.x.contiguous(memory_format=torch.channels_last)
+    x, _ = cl.batch(3, 7, seed=1)
+    assert x.is_contiguous(memory_format=torch.channels_last) and torch.equal(x, _toy(c=3).batch(3, 7, seed=1)[0])
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 10, 50, 120])
