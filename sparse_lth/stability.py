@@ -125,6 +125,9 @@ def linear_path(model: nn.Module, state_a: dict, state_b: dict, test_data, *, po
         for i in range(int(points)):
             alpha = i / (int(points) - 1)
             model.load_state_dict(interpolate_state(state_a, state_b, alpha))
+            # autocast keeps a cast copy of each leaf weight until its outermost context exits: weights loaded in
+            # place under one context would be evaluated as the first point's (every bf16 barrier read 0)
+            torch.clear_autocast_cache()
             if bn_reset_batches:
                 reset_bn_statistics(model, train_data, bn_reset_batches, bn_batch_size, bn_seed)
             loss, acc = evaluate(model, test_data.eval_batches(eval_batch_size))
@@ -182,7 +185,7 @@ def _fork(exp, seed: int, out_dir: str, seeds: tuple[int, int], make_start, desc
         with autocast(exp.train_cfg.precision, exp.device):  # evaluated as the run evaluates (bf16 runs in bf16)
             test_loss, test_acc = evaluate(model, test_data.eval_batches(exp.train_cfg.eval_batch_size))
         copies.append(dict(noise_seed=noise, test_acc=test_acc, test_loss=test_loss))
-    with autocast(exp.train_cfg.precision, exp.device):
+    with autocast(exp.train_cfg.precision, exp.device, cache_enabled=False):  # (weights change in place)
         path = linear_path(model, finals[0], finals[1], test_data, points=points, train_data=train_data,
                            train_eval_size=exp.train_cfg.train_eval_size or 1000,
                            eval_batch_size=exp.train_cfg.eval_batch_size, bn_reset_batches=bn_reset_batches,

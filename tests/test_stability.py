@@ -453,3 +453,21 @@ def test_a_bf16_run_is_evaluated_in_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(stability, "evaluate", spy)
     instability(exp, 0, 1, points=3)
     assert seen and all(seen), seen
+
+
+def test_a_bf16_path_evaluates_each_point_with_its_own_weights(tmp_path):
+    """Autocast keeps a cast copy of each leaf weight until its outermost context exits: the points of the path,
+    loaded in place under one context, were all evaluated with the first point's weights, and every bf16 barrier
+    on the dense path (or with masked layers) read 0. The ends of the path are the two copies."""
+    data = tiny_data(240, 120)
+    for kw in (dict(), dict(layer_impl="masked")):
+        hp = tiny_hp(rounds=1, precision="bf16", **kw)
+        run_imp(hp, str(tmp_path / str(len(kw))), progress=False, data=data)
+        exp = Experiment(hp, str(tmp_path / str(len(kw))), progress=False, data=data)
+        res = instability(exp, 0, 1, points=5)
+        a, b = res["copies"]
+        path = res["path"]
+        assert (a["test_acc"], a["test_loss"]) != (b["test_acc"], b["test_loss"])  # two copies that differ
+        assert (path[0]["test_acc"], path[0]["test_loss"]) == (a["test_acc"], a["test_loss"]), kw
+        assert (path[-1]["test_acc"], path[-1]["test_loss"]) == (b["test_acc"], b["test_loss"]), kw
+        assert len({p["test_loss"] for p in path}) > 2, kw
