@@ -198,7 +198,7 @@ def _result(exp, seed: int, settings: dict, path: list[dict], copies: list[dict]
     return dict(experiment=os.path.basename(os.path.normpath(exp.dir)), seed=seed, control=exp.hp.control,
                 model=exp.hp.model, iterations=exp.iterations, environment=environment(exp.device), **fields,
                 **settings, test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
-                copies=copies, path=path)
+                copies=copies, path=path, path_version=PATH_VERSION)
 
 
 def _noise_pair(seed: int, noise_seeds) -> tuple[int, int]:
@@ -214,7 +214,14 @@ def _result_name(seed: int, seeds: tuple[int, int]) -> str:
     return "stability.json" if tuple(seeds) == noise_seeds_for(seed) else f"stability_noise_{seeds[0]}_{seeds[1]}.json"
 
 
-def _find_result(out_dir: str, seed: int, seeds, settings: dict) -> tuple[str, dict | None]:
+# 2: each point of the path evaluated with its own weights under bf16 autocast (before, a bf16 run's points all
+# had the first point's: its barriers read 0). A bf16 result of an earlier version is computed again (the copies
+# are kept: only the path is evaluated again); fp32 results were right and are kept.
+PATH_VERSION = 2
+
+
+def _find_result(out_dir: str, seed: int, seeds, settings: dict, precision: str = "fp32"
+                 ) -> tuple[str, dict | None]:
     """(the result file of this pair of noise seeds, its finished result or None). A folder written before each
     pair had its own file holds a non-default pair in ``stability.json``: read back when its settings match."""
     path = os.path.join(out_dir, _result_name(seed, seeds))
@@ -222,6 +229,8 @@ def _find_result(out_dir: str, seed: int, seeds, settings: dict) -> tuple[str, d
     legacy = os.path.join(out_dir, "stability.json")
     if done is None and path != legacy:
         done = _cached(legacy, settings)
+    if done is not None and precision != "fp32" and done.get("path_version", 1) < PATH_VERSION:
+        done = None
     return path, done
 
 
@@ -299,7 +308,7 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
                                 "run the IMP experiment through that round first")
     out_dir = stability_dir(exp, seed, r)
     settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
-    result_path, done = _find_result(out_dir, seed, seeds, settings)
+    result_path, done = _find_result(out_dir, seed, seeds, settings, exp.train_cfg.precision)
     if done is not None:
         return done
     path, copies, masks = _fork(exp, seed, out_dir, seeds, lambda: exp.prepare_round(seed, r, from_rewind_point=True),
@@ -342,7 +351,8 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
     os.makedirs(base, exist_ok=True)
     settings = dict(noise_seeds=list(seeds), points=int(points), bn_reset_batches=int(bn_reset_batches))
     state_path = {k: os.path.join(base, f"state_{k}.pt") for k in ks if k > 0}
-    todo = [k for k in ks if _find_result(os.path.join(base, f"k_{k:06d}"), seed, seeds, settings)[1] is None]
+    todo = [k for k in ks if _find_result(os.path.join(base, f"k_{k:06d}"), seed, seeds, settings,
+                                          exp.train_cfg.precision)[1] is None]
     missing = sorted(k for k in todo if k > 0 and not os.path.exists(state_path[k]))
     if missing:  # the dense trajectory up to the last missing k, saving the weights at each
         model, _, _ = exp.prepare_round(seed, 0)
@@ -371,7 +381,7 @@ def dense_instability(exp, seed: int, iterations: Sequence[int], *, noise_seeds:
     out = []
     for k in ks:
         out_dir = os.path.join(base, f"k_{k:06d}")
-        result_path, done = _find_result(out_dir, seed, seeds, settings)
+        result_path, done = _find_result(out_dir, seed, seeds, settings, exp.train_cfg.precision)
         if done is not None:
             out.append(done)
             continue

@@ -471,3 +471,13 @@ def test_a_bf16_path_evaluates_each_point_with_its_own_weights(tmp_path):
         assert (path[0]["test_acc"], path[0]["test_loss"]) == (a["test_acc"], a["test_loss"]), kw
         assert (path[-1]["test_acc"], path[-1]["test_loss"]) == (b["test_acc"], b["test_loss"]), kw
         assert len({p["test_loss"] for p in path}) > 2, kw
+    # a bf16 result of the version before is evaluated again (from the kept copies); fp32 results were right
+    result_file = os.path.join(stability.stability_dir(exp, 0, 1), "stability.json")
+    with open(result_file) as f:
+        old = json.load(f)
+    old.pop("path_version")
+    old["test_barrier"] = 0.0
+    with open(result_file, "w") as f:
+        json.dump(old, f)
+    again = instability(exp, 0, 1, points=5)
+    assert again["path_version"] == stability.PATH_VERSION and again["test_barrier"] == res["test_barrier"]
