@@ -311,7 +311,7 @@ def _cmd_train(args, names) -> int:
         model_name, kw = args.model or "lenet300_100", {}
         dataset = args.dataset or default_dataset(model_name)
     else:
-        hp, ticket_masks, ticket_state = ticket
+        hp, ticket_masks, ticket_state, _ = ticket
         model_name, kw = hp.model, dict(width=hp.width, dropout=hp.dropout)
         dataset = args.dataset or hp.dataset or default_dataset(model_name)
     model = build_model(model_name, seed=args.model_seed, input_shape=INPUT_SHAPES.get(dataset), **kw).to(device)
@@ -355,7 +355,12 @@ def _cmd_train(args, names) -> int:
         from .train import autocast
         with autocast(cfg.precision, device):  # timed as it trains: bf16 favours other paths than fp32
             choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths)
-    out = train(model, tr, te, cfg, desc=f"{model_name} {args.layers}", val_data=val)
+    start = args.start_iteration if args.start_iteration is not None else (0 if ticket is None else ticket[3])
+    if start >= cfg.iterations:
+        raise ValueError(f"--start-iteration {start}"
+                         + (" (the round's, where the run rewound to)" if args.start_iteration is None else "")
+                         + f" is not before the end of training, --iterations {cfg.iterations}")
+    out = train(model, tr, te, cfg, desc=f"{model_name} {args.layers}", val_data=val, start_iteration=start)
     live, total = live_and_total(masks)
     summary = {k: out[k] for k in ("test_acc", "test_loss", "train_acc", "early_stop_iteration",
                                    "early_stop_test_acc", "early_stop_on", "wall_time", "time_per_step", "paths",
@@ -363,7 +368,7 @@ def _cmd_train(args, names) -> int:
     summary["percent_remaining"] = 100.0 * live / total if args.layers != "dense" else 100.0
     if ticket is not None:
         summary["ticket"] = dict(run_dir=args.ticket, round=args.round, seed=ticket[0].seed,
-                                 weights=args.ticket_weights, dataset=dataset)
+                                 weights=args.ticket_weights, dataset=dataset, start_iteration=start)
         if args.ticket_weights == "fresh":
             summary["ticket"]["model_seed"] = args.model_seed
     print(json.dumps(summary, indent=1))
@@ -414,14 +419,18 @@ def _train_ticket_source(args):
     masks = {n: m.detach().cpu().bool() for n, m in get_masks(model).items()}
     state = None if args.ticket_weights == "fresh" else \
         {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    return hp, masks, state
+    # where the round's training began: the rewind iteration k for a round after 0 that rewinds late (it trained
+    # iterations k .. T, on the batches and learning rates of those iterations)
+    metrics = read_json(os.path.join(run_dir, f"seed_{seed}", f"round_{args.round:02d}", "metrics.json"))
+    return hp, masks, state, int(metrics.get("start_iteration") or 0)
 
 
 # ---------------------------------------------------------------------------------------------------- report
 def _cmd_report(args) -> int:
     from .report import find_experiments, write_report
     dirs = find_experiments(args.run_dirs)
-    files = write_report(dirs, _report_dir(args, dirs, "report"), title=args.title, remaining=args.remaining, seeds=args.seeds)
+    files = write_report(dirs, _report_dir(args, dirs, "report"), title=args.title, remaining=args.remaining,
+                         seeds=args.seeds)
     for k, v in files.items():
         print(f"{k}: {v}")
     return 0
@@ -740,6 +749,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "--ticket-weights says, on --dataset (default the run's; another of the same input "
                          "shape transfers the ticket), with this command's training settings")
     pt.add_argument("--round", type=_nonneg(), default=None, help="with --ticket: the round whose masks to train")
+    pt.add_argument("--start-iteration", type=_nonneg(), default=None,
+                    help="train iterations N .. --iterations, with those iterations' batches and learning rates "
+                         "(default 0; with --ticket, the iteration the round began at: the run's rewind point for "
+                         "a round after 0 that rewinds late)")
     pt.add_argument("--ticket-seed", type=int, default=None,
                     help="with --ticket: its replicate (default: the lowest seed)")
     pt.add_argument("--ticket-weights", choices=("start", "final", "fresh"), default="start",

@@ -134,7 +134,8 @@ def test_train_a_ticket_of_a_run(tmp_path, capsys):
     assert main(["train", "--ticket", str(exp), "--round", "2", *same, "--out", str(out)]) == 0
     m = json.loads(out.read_text())
     assert m["curve"] == rec["curve"] and m["percent_remaining"] == pytest.approx(rec["percent_remaining"])
-    assert m["ticket"] == dict(run_dir=str(exp), round=2, seed=0, weights="start", dataset="mnist")
+    assert m["ticket"] == dict(run_dir=str(exp), round=2, seed=0, weights="start", dataset="mnist",
+                               start_iteration=0)
     assert main(["train", "--ticket", str(exp), "--round", "2", "--ticket-weights", "fresh", "--model-seed", "5",
                  *same, "--out", str(out)]) == 0
     fresh = json.loads(out.read_text())
@@ -164,6 +165,30 @@ def test_train_a_ticket_of_a_run(tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert main(["train", "--round", "2", *same]) == 2
     assert "go with --ticket" in capsys.readouterr().err
+
+
+def test_train_a_ticket_of_a_run_that_rewinds_late(tmp_path, capsys):
+    """With late rewinding a round after 0 trains iterations k .. T: train --ticket starts there by default and
+    gives the round's curve again to the last digit (it trained 0 .. T: other batches and learning rates, and k
+    more steps); --start-iteration overrides it, and one at or past the end is refused."""
+    assert main(tiny_imp_args(tmp_path, "--no-report", "--rewind", "10it")) == 0
+    exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
+    rec = json.loads((exp / "seed_0" / "round_02" / "metrics.json").read_text())
+    assert rec["start_iteration"] == 10
+    same = ["--data", mnist_root(), "--iterations", "30", "--eval-every", "10", "--batch-size", "20",
+            "--data-limit", "300", "--test-limit", "200", "--no-progress"]
+    out = tmp_path / "t.json"
+    assert main(["train", "--ticket", str(exp), "--round", "2", *same, "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["curve"] == rec["curve"] and m["ticket"]["start_iteration"] == 10
+    assert main(["train", "--ticket", str(exp), "--round", "2", "--start-iteration", "0", *same, "--out",
+                 str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["curve"][0]["iteration"] == 0 and m["curve"] != rec["curve"]
+    capsys.readouterr()
+    assert main(["train", "--ticket", str(exp), "--round", "2", *same[:2], "--iterations", "10", *same[4:]]) == 2
+    assert "--start-iteration 10 (the round's, where the run rewound to) is not before the end of training" in \
+        capsys.readouterr().err
 
 
 def test_train_command_conv_network_on_fashion_mnist(tmp_path):
