@@ -170,7 +170,7 @@ def evaluated_gap(exp_dir: str, seed: int, rounds: Sequence[int], *, train_examp
         bar = tqdm(total=len(rounds), desc=f"evaluating seed {seed}", unit="round", leave=False)
     try:
         for r in rounds:
-            model, _, _ = exp.prepare_round(seed, r)
+            model, _, _ = exp.prepare_round(seed, r, recorded_paths=True)
             _load_weights(model, torch.load(os.path.join(done[r], "final.pt"), map_location=exp.device,
                                             weights_only=False))
             with torch.no_grad(), autocast(exp.train_cfg.precision, exp.device):  # as the run evaluated it

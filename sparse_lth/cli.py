@@ -731,8 +731,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                          "prunable weights, the weights left after each round, the training budget) and exit "
                          "without training or writing")
     pi.add_argument("--threads", type=_threads(), default=None, help="torch.set_num_threads")
-    imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (each overrides the --preset's value; a default shown is "
-                                                 "the value without a preset)")
+    imp_names = _add_dataclass_flags(pi, ImpHparams, group_title="hyperparameters (each overrides the --preset's "
+                                     "value; a default shown is the value without a preset)")
     for a in pi._actions:
         if a.dest == "control":
             a.choices = CONTROLS

@@ -978,14 +978,17 @@ class Experiment:
                 on_round_end(metrics)
         return all_metrics
 
-    def prepare_round(self, seed: int, r: int, *, from_rewind_point: bool = False
+    def prepare_round(self, seed: int, r: int, *, from_rewind_point: bool = False, recorded_paths: bool = False
                       ) -> tuple[nn.Module, dict[str, torch.Tensor], int]:
         """Round ``r`` of replicate ``seed`` ready to train: ``(model, masks, start_iteration)``, the model on
         the device with the round's starting weights (θ0 for round 0, the rewind point after, fresh weights for
         ``reinit``, the previous round's final weights for ``continue``, the rewind point plus noise for
         ``noise``), its masks applied and its paths chosen.
         ``from_rewind_point``: start round 0 at the rewind iteration from the rewind point too (the dense
-        network's copies of the stability analysis), not at iteration 0 from θ0."""
+        network's copies of the stability analysis), not at iteration 0 from θ0.
+        ``recorded_paths``: a finished round's sparse layers go on the paths its ``metrics.json`` recorded (what
+        the analyses and :func:`load_ticket` want: no timing, which needs the data and may choose otherwise);
+        a round not finished yet has its paths chosen as the run chooses them."""
         hp = dataclasses.replace(self.hp, seed=seed)
         sdir = self.seed_dir(seed)
         init_path = os.path.join(sdir, "init.pt")
@@ -1008,7 +1011,11 @@ class Experiment:
         else:
             _load_weights(model, torch.load(rewind_path, map_location=self.device, weights_only=False))
         apply_masks(model, masks, path=None if hp.path == "auto" else hp.path)
-        if hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
+        recorded = os.path.join(self.round_dir(seed, r), "metrics.json") if recorded_paths else None
+        if recorded and os.path.exists(recorded) and read_json(recorded).get("paths"):
+            from .train import force_paths
+            force_paths(model, read_json(recorded)["paths"])
+        elif hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
             from .layers import choose_paths  # time both paths on the device with a real batch
             from .train import autocast
             train_data = self.data[0]
@@ -1168,7 +1175,7 @@ def load_ticket(run_dir: str, round: int, *, seed: int | None = None, weights: s
     if round not in done:
         raise FileNotFoundError(f"round {round} of seed {seed} has not finished in {run_dir} (finished: "
                                 f"{sorted(done) or 'none'})")
-    model, _, _ = exp.prepare_round(seed, round)
+    model, _, _ = exp.prepare_round(seed, round, recorded_paths=True)
     if weights == "final":
         _load_weights(model, torch.load(os.path.join(done[round], "final.pt"), map_location=exp.device,
                                         weights_only=False))

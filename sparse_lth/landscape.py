@@ -203,7 +203,7 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     train_data, test_data = exp.data
     batches = list(subset_batches(train_data, examples, batch_size))
     final = _load(final_path, exp.device)
-    model, masks, _ = exp.prepare_round(seed, r)
+    model, masks, _ = exp.prepare_round(seed, r, recorded_paths=True)
     model.load_state_dict(final)
     hess = top_hessian_eigenvalues(model, batches, k=top, iters=iters, tol=tol, seed=seed, progress=exp.progress,
                                    desc=f"seed {seed} round {r} Hessian")
@@ -220,7 +220,8 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
                              test_acc=own["test"][1]),
                   distance_to_next=None, distance_to_next_relative=None, projected=None)
     if chained:
-        pmodel, pmasks, _ = exp.prepare_round(seed, nxt)  # the next round's mask (computed as IMP does)
+        # the next round's mask (computed as IMP does)
+        pmodel, pmasks, _ = exp.prepare_round(seed, nxt, recorded_paths=True)
         state = dict(final)
         for n, mk in pmasks.items():
             mk = mk.to(exp.device)

@@ -311,8 +311,11 @@ def instability(exp, seed: int, r: int, *, noise_seeds: tuple[int, int] | None =
     result_path, done = _find_result(out_dir, seed, seeds, settings, exp.train_cfg.precision)
     if done is not None:
         return done
-    path, copies, masks = _fork(exp, seed, out_dir, seeds, lambda: exp.prepare_round(seed, r, from_rewind_point=True),
-                                f"seed {seed} round {r}", progress, checkpoint_every, points, bn_reset_batches)
+    def start():  # the round's paths as it recorded them (a round still running: chosen as the run chooses)
+        return exp.prepare_round(seed, r, from_rewind_point=True, recorded_paths=True)
+
+    path, copies, masks = _fork(exp, seed, out_dir, seeds, start, f"seed {seed} round {r}", progress,
+                                checkpoint_every, points, bn_reset_batches)
     live, total = live_and_total(masks)
     result = _result(exp, seed, settings, path, copies, round=r, rewind_iteration=exp.rewind_iteration,
                      start_iteration=exp.rewind_iteration, percent_remaining=100.0 * live / total)

@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_data
 from sparse_lth._files import canonical_steps
 from sparse_lth.imp import (NOT_HASHED, Experiment, ImpHparams, apply_masks, experiment_name, hparams_dict,
-                            magnitude_prune, non_default, prunable_layers, random_masks, run_imp)
+                            load_ticket, magnitude_prune, non_default, prunable_layers, random_masks, run_imp)
 from sparse_lth.presets import PRESET_NAMES, get_preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -543,6 +543,12 @@ def test_ops_hparam_reaches_the_layers_and_is_checked(tmp_path):
     assert "ops" in non_default(tiny_hp(ops="dense")) and "ops" not in non_default(tiny_hp())
     timed = run(tiny_hp(rounds=1, path="auto", timed_paths=True), tmp_path / "timed")
     assert set(timed.metrics[0][1]["paths"]) == {"fc1", "fc2", "fc3"}
+    # a finished round loaded for analysis or export goes on the paths it recorded: no timing, so no data needed
+    # (load_ticket of a timed run read the data to time the layers again, and could choose other paths)
+    from sparse_lth.train import layer_paths
+    for r in (0, 1):
+        model = load_ticket(timed.experiment_dir, r, data_root=str(tmp_path / "no_data_here"))
+        assert layer_paths(model) == timed.metrics[0][r]["paths"]
 
 
 def test_step_counts_name_one_experiment_however_written(tmp_path):
