@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .environment import environment
-from .train import evaluate, subset_batches
+from .train import autocast, evaluate, subset_batches
 
 
 def masked_parameters(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -197,9 +197,11 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     next_final = None if nxt is None else os.path.join(exp.round_dir(seed, nxt), "final.pt")
     from .stability import _cached
     done = _cached(out_path, settings)
-    if done is not None and (not chained or not os.path.exists(next_final)
-                             or done.get("distance_to_next") is not None):
-        return done  # (a next round that finished since then adds its distance)
+    precision = exp.train_cfg.precision
+    if done is not None and done.get("precision", "fp32") == precision and (
+            not chained or not os.path.exists(next_final) or done.get("distance_to_next") is not None):
+        return done  # (a next round that finished since then adds its distance; a bf16 run's result from before
+        # its losses were evaluated in bf16 is computed again)
     train_data, test_data = exp.data
     batches = list(subset_batches(train_data, examples, batch_size))
     final = _load(final_path, exp.device)
@@ -207,11 +209,14 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     model.load_state_dict(final)
     hess = top_hessian_eigenvalues(model, batches, k=top, iters=iters, tol=tol, seed=seed, progress=exp.progress,
                                    desc=f"seed {seed} round {r} Hessian")
-    own = dict(train=evaluate(model, batches), test=evaluate(model, test_data.eval_batches(1000)))
+    # the losses as the run evaluated them (a bf16 run under bf16 autocast; the cast cache off: weights are loaded
+    # in place); the Hessian in fp32 (its products are second-order: bf16 would drown them)
+    with autocast(precision, exp.device, cache_enabled=False):
+        own = dict(train=evaluate(model, batches), test=evaluate(model, test_data.eval_batches(1000)))
     live = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     result = dict(experiment=os.path.basename(os.path.normpath(exp.dir)), round=r, seed=seed, model=exp.hp.model,
-                  environment=environment(exp.device),
+                  environment=environment(exp.device), precision=precision, hessian_precision="fp32",
                   control=exp.hp.control, rewind_iteration=exp.rewind_iteration,
                   percent_remaining=100.0 * live / total, **settings, eigenvalues=hess["eigenvalues"],
                   hessian_iterations=hess["iterations"], hessian_converged=hess["converged"],
@@ -228,8 +233,9 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
             state[f"{n}.weight"] = final[f"{n}.weight"] * mk
             state[f"{n}.weight_mask"] = mk
         pmodel.load_state_dict(state)
-        tr_loss, tr_acc = evaluate(pmodel, batches)
-        te_loss, te_acc = evaluate(pmodel, test_data.eval_batches(1000))
+        with autocast(precision, exp.device, cache_enabled=False):
+            tr_loss, tr_acc = evaluate(pmodel, batches)
+            te_loss, te_acc = evaluate(pmodel, test_data.eval_batches(1000))
         result["projected"] = dict(train_loss=tr_loss, train_acc=tr_acc, test_loss=te_loss, test_acc=te_acc,
                                    percent_remaining=100.0 * sum(int(m.sum()) for m in pmasks.values()) / total)
         if os.path.exists(next_final):

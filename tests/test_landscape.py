@@ -228,3 +228,27 @@ def test_landscape_cli(tmp_path, capsys):
     assert "not an experiment folder" in capsys.readouterr().err
     assert main(["landscape", str(exp), "--data", data, "--tol", "inf"]) == 2
     assert "tol must be in [0, 1), got inf" in capsys.readouterr().err
+
+
+def test_a_bf16_run_s_losses_are_evaluated_as_the_run_evaluated_them(tmp_path):
+    """The losses of a bf16 run's solution (and of its projection) are evaluated under bf16 autocast, as the run
+    evaluated them: its test loss equals the round's own at the end of training (it was evaluated in fp32 and
+    differed in the third digit, beside the run's bf16 figures). The Hessian stays in fp32, recorded; a result
+    from before (no precision recorded) is computed again for a bf16 run."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=1, precision="bf16")
+    run_imp(hp, str(tmp_path), progress=False, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, data=data)
+    metrics = json.loads(open(os.path.join(exp.round_dir(0, 1), "metrics.json")).read())
+    tr, te = data
+    d = ls.landscape(exp, 0, 1, top=1, examples=100, iters=20, batch_size=64)
+    assert d["precision"] == "bf16" and d["hessian_precision"] == "fp32"
+    assert len(te) <= 1000 and d["final"]["test_loss"] == metrics["test_loss"]
+    path = os.path.join(exp.round_dir(0, 1), "landscape.json")
+    old = json.loads(open(path).read())
+    del old["precision"]
+    old["final"]["test_loss"] = -1.0
+    with open(path, "w") as f:
+        json.dump(old, f)
+    assert ls.landscape(exp, 0, 1, top=1, examples=100, iters=20, batch_size=64)["final"]["test_loss"] == \
+        metrics["test_loss"]
