@@ -196,7 +196,8 @@ def _fork(exp, seed: int, out_dir: str, seeds: tuple[int, int], make_start, desc
 def _result(exp, seed: int, settings: dict, path: list[dict], copies: list[dict], **fields) -> dict:
     """The result of one fork (written to its stability.json): what ran, the path and its barriers."""
     return dict(experiment=os.path.basename(os.path.normpath(exp.dir)), seed=seed, control=exp.hp.control,
-                model=exp.hp.model, iterations=exp.iterations, environment=environment(exp.device), **fields,
+                model=exp.hp.model, iterations=exp.iterations, environment=environment(exp.device),
+                precision=exp.train_cfg.precision, **fields,
                 **settings, test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
                 copies=copies, path=path, path_version=PATH_VERSION)
 
@@ -436,12 +437,17 @@ def stability_markdown(results: Sequence[dict]) -> str:
 
 
 def experiment_cell(d: dict, results: Sequence[dict]) -> str:
-    """A table's "experiment" cell (beside its own column k): the control, and the folder's name where another
-    experiment of the same control and rewind iteration is in the table (layer-wise and global IMP, say)."""
+    """A table's "experiment" cell (beside its own column k): the control, the folder's name where another
+    experiment of the same control and rewind iteration is in the table (layer-wise and global IMP, say), and the
+    precision where the table holds more than one."""
     control = d.get("control", "imp")
     same = {r.get("experiment") for r in results
             if r.get("control", "imp") == control and r.get("rewind_iteration") == d.get("rewind_iteration")}
-    return f"{control} ({d.get('experiment')})" if len(same) > 1 else control
+    cell = f"{control} ({d.get('experiment')})" if len(same) > 1 else control
+    # results of several precisions side by side: each says its own (a result without one is fp32)
+    if len({r.get("precision", "fp32") for r in results}) > 1:
+        cell += f" [{d.get('precision', 'fp32')}]"
+    return cell
 
 
 def experiment_label(d: dict, results: Sequence[dict]) -> str:

@@ -396,6 +396,12 @@ def test_tables_name_the_folder_where_two_experiments_share_a_control():
         assert cells == ["| imp (imp_a)", "| imp (imp_b)", "| reinit"], md
     alone = stability.stability_markdown(rows[:1] + rows[2:])
     assert [ln.split(" | ")[0] for ln in alone.splitlines()[2:]] == ["| imp", "| reinit"]
+    # a bf16 and an fp32 run side by side: each row says its precision (a result without one is fp32)
+    mixed = [dict(row, experiment="imp_a", control="imp"), dict(row, experiment="imp_b", control="imp",
+                                                                 precision="bf16")]
+    for md in (stability.stability_markdown(mixed), landscape_markdown(mixed)):
+        assert [ln.split(" | ")[0] for ln in md.splitlines()[2:]] == ["| imp (imp_a) [fp32]",
+                                                                      "| imp (imp_b) [bf16]"], md
 
 
 def _round_one_with_pair(tmp_path):
