@@ -62,8 +62,8 @@ def runs(rows) -> list[list[dict]]:
 
 def merge_runs(per_run: list[dict], score) -> tuple[dict, set]:
     """One entry per key from several runs' {key: entry} dicts: the run that measured more of it (``score``), on a
-    tie the file later in name order (``per_run`` comes sorted by file name). Returns the merged dict and the keys
-    more than one run measured."""
+    tie the file later in name order (``per_run`` comes sorted by file name). Returns the merged dict, where an
+    entry more than one run measured says how many in ``_runs``, and those keys."""
     out, seen, repeated = {}, {}, set()
     for res in per_run:
         for k, v in res.items():
@@ -72,6 +72,8 @@ def merge_runs(per_run: list[dict], score) -> tuple[dict, set]:
             seen[k] = True
             if k not in out or score(v) >= score(out[k]):
                 out[k] = v
+    for k in repeated:
+        out[k] = dict(out[k], _runs=sum(k in res for res in per_run))
     return out, repeated
 
 
@@ -138,9 +140,7 @@ def linear_speedups(rows) -> dict:
                                                  "path": paths.get(layer_key, ""), "dense_ms": base, "sparse_ms": t,
                                                  "_file": run[0].get("_file", "")}
         per_run.append(out)
-    merged, repeated = merge_runs(per_run, lambda v: _finite_count(v["sparse"], v["layer"], v["csr"]))
-    for k in repeated:
-        merged[k] = dict(merged[k], _runs=sum(k in res for res in per_run))
+    merged, _ = merge_runs(per_run, lambda v: _finite_count(v["sparse"], v["layer"], v["csr"]))
     return merged
 
 
@@ -218,9 +218,7 @@ def conv_speedups(rows) -> dict:
                     "layer_vs_bf16": ratio(amp, med.get((layer, direction, d, "sparse_lth_layer", "bf16-autocast"))),
                     "path": paths.get((layer, direction, d, "bf16-autocast"), ""), "_file": run[0].get("_file", "")}
         per_run.append(out)
-    merged, repeated = merge_runs(per_run, lambda v: _finite_count(*(x for k, x in v.items() if k != "ms")))
-    for k in repeated:
-        merged[k] = dict(merged[k], _runs=sum(k in res for res in per_run))
+    merged, _ = merge_runs(per_run, lambda v: _finite_count(*(x for k, x in v.items() if k != "ms")))
     return merged
 
 

@@ -196,12 +196,11 @@ def landscape(exp, seed: int, r: int, *, top: int = 1, examples: int = 1000, ite
     chained = nxt is not None and exp.pruned_from(nxt) == r
     next_final = None if nxt is None else os.path.join(exp.round_dir(seed, nxt), "final.pt")
     from .stability import _cached
-    done = _cached(out_path, settings)
     precision = exp.train_cfg.precision
-    if done is not None and done.get("precision", "fp32") == precision and (
-            not chained or not os.path.exists(next_final) or done.get("distance_to_next") is not None):
-        return done  # (a next round that finished since then adds its distance; a bf16 run's result from before
-        # its losses were evaluated in bf16 is computed again)
+    done = _cached(out_path, settings, precision)
+    if done is not None and (not chained or not os.path.exists(next_final)
+                             or done.get("distance_to_next") is not None):
+        return done  # (a next round that finished since then adds its distance)
     train_data, test_data = exp.data
     batches = list(subset_batches(train_data, examples, batch_size))
     final = _load(final_path, exp.device)

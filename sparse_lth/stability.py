@@ -199,7 +199,7 @@ def _result(exp, seed: int, settings: dict, path: list[dict], copies: list[dict]
                 model=exp.hp.model, iterations=exp.iterations, environment=environment(exp.device),
                 precision=exp.train_cfg.precision, **fields,
                 **settings, test_barrier=error_barrier(path, "test"), train_barrier=error_barrier(path, "train"),
-                copies=copies, path=path, path_version=PATH_VERSION)
+                copies=copies, path=path)
 
 
 def _noise_pair(seed: int, noise_seeds) -> tuple[int, int]:
@@ -215,23 +215,15 @@ def _result_name(seed: int, seeds: tuple[int, int]) -> str:
     return "stability.json" if tuple(seeds) == noise_seeds_for(seed) else f"stability_noise_{seeds[0]}_{seeds[1]}.json"
 
 
-# 2: each point of the path evaluated with its own weights under bf16 autocast (before, a bf16 run's points all
-# had the first point's: its barriers read 0). A bf16 result of an earlier version is computed again (the copies
-# are kept: only the path is evaluated again); fp32 results were right and are kept.
-PATH_VERSION = 2
-
-
 def _find_result(out_dir: str, seed: int, seeds, settings: dict, precision: str = "fp32"
                  ) -> tuple[str, dict | None]:
     """(the result file of this pair of noise seeds, its finished result or None). A folder written before each
     pair had its own file holds a non-default pair in ``stability.json``: read back when its settings match."""
     path = os.path.join(out_dir, _result_name(seed, seeds))
-    done = _cached(path, settings)
+    done = _cached(path, settings, precision)
     legacy = os.path.join(out_dir, "stability.json")
     if done is None and path != legacy:
-        done = _cached(legacy, settings)
-    if done is not None and precision != "fp32" and done.get("path_version", 1) < PATH_VERSION:
-        done = None
+        done = _cached(legacy, settings, precision)
     return path, done
 
 
@@ -270,10 +262,13 @@ def _superseded(path: str) -> bool:
     return own != "stability.json" and os.path.exists(os.path.join(os.path.dirname(path), own))
 
 
-def _cached(result_path: str, settings: dict) -> dict | None:
+def _cached(result_path: str, settings: dict, precision: str = "fp32") -> dict | None:
+    """The finished result at ``result_path`` when it was computed with ``settings`` in ``precision`` (a result
+    that records none is fp32's: a bf16 result from before bf16 runs were evaluated in bf16, with every point of a
+    stability path evaluated with its own weights, is computed again; the trained copies are kept), else None."""
     if os.path.exists(result_path):
         done = read_json(result_path)
-        if {k: done.get(k) for k in settings} == settings:
+        if {k: done.get(k) for k in settings} == settings and done.get("precision", "fp32") == precision:
             return done
     return None
 

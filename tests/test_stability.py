@@ -481,9 +481,9 @@ def test_a_bf16_path_evaluates_each_point_with_its_own_weights(tmp_path):
     result_file = os.path.join(stability.stability_dir(exp, 0, 1), "stability.json")
     with open(result_file) as f:
         old = json.load(f)
-    old.pop("path_version")
+    old.pop("precision")
     old["test_barrier"] = 0.0
     with open(result_file, "w") as f:
         json.dump(old, f)
     again = instability(exp, 0, 1, points=5)
-    assert again["path_version"] == stability.PATH_VERSION and again["test_barrier"] == res["test_barrier"]
+    assert again["precision"] == "bf16" and again["test_barrier"] == res["test_barrier"]
