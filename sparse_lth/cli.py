@@ -599,9 +599,15 @@ def _cmd_anatomy(args) -> int:
     from .anatomy import anatomy, anatomy_markdown, write_anatomy_report
     dirs = [_check_experiment_dir(d) for d in args.run_dirs]
     _setup_threads(args.threads)
-    device = _device(args.device) if args.evaluate else "cpu"
+    if not args.evaluate:  # they set how --evaluate runs; without it nothing is run
+        unused = [f for f, v in (("--device", args.device), ("--train-examples", args.train_examples)) if v is not None]
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} set how --evaluate runs the networks; anatomy without "
+                             "--evaluate only reads the saved files: add --evaluate, or leave "
+                             f"{'them' if len(unused) > 1 else 'it'} out")
+    device = _device(args.device or "cpu") if args.evaluate else "cpu"
     results = [anatomy(d, s, rounds=list(args.rounds) if args.rounds else None, evaluate=args.evaluate,
-                       train_examples=args.train_examples, device=device, data_root=args.data,
+                       train_examples=args.train_examples or 0, device=device, data_root=args.data,
                        progress=not args.no_progress)
                for d in dirs for s in _seeds_of(d, args)]
     files = write_anatomy_report(results, _report_dir(args, dirs, "anatomy"), title=results[0]["model"] or "")
@@ -683,7 +689,7 @@ def _analysis_parser(sub, name: str, help_text: str, description: str, rounds_he
     p.add_argument("--out", help=f"report folder (default: <RUN_DIR>/{name}, or <common parent>/{name})")
     if training:
         p.add_argument("--data", help=DATA_HELP)
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
         p.add_argument("--no-progress", action="store_true")
         p.add_argument("--threads", type=_threads(), default=None)
     return p
@@ -877,8 +883,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="evaluate each round's trained network on training and test data (needs the data); "
                          "rounds evaluated by an earlier call with the same --train-examples are not run again, "
                          "and a later call without --evaluate keeps them")
-    pa.add_argument("--train-examples", type=_nonneg(), default=0,
+    pa.add_argument("--train-examples", type=_nonneg(), default=None,
                     help="with --evaluate: the first N training examples (default 0: all)")
+    pa.set_defaults(device=None)  # --device, like --train-examples, is for --evaluate: given without it, refused
     px = sub.add_parser("export", help="save one round's subnetwork (masks and weights) as a state_dict file",
                         description="The network of a finished round of an IMP run (or a control's): its masks and "
                                     "the weights it started from (--weights start: what the round trained from) or "

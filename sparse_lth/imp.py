@@ -771,6 +771,13 @@ class Experiment:
         source that trains another dense network. A control that trains the IMP ticket's masks (and
         random_prune with global pruning, which copies their per-layer counts) refuses to start, before round 0
         trains, when the IMP run has no round-1 masks and it is not told to wait for them."""
+        if self.hp.control == "imp" and not self.source_dir and self.wait_for_source > 0:
+            raise ValueError("wait_for_source (--wait-for-source) waits for a source run's dense round; an IMP run "
+                             "without source_dir (--source) has none: name the source, or leave the wait out")
+        if self.hp.control == "imp" and self.source_dir and not self.hp.reuse_dense_round:
+            raise ValueError(f"source {self.source_dir}: an IMP run takes only its dense round 0 from a source, "
+                             "and reuse_dense_round=False (--no-reuse-dense-round) trains that round here: leave "
+                             "one of them out")
         if self.source_dir and self.wait_for_source <= 0 \
                 and not os.path.exists(os.path.join(self.source_dir, "hparams.json")):  # (waiting: it may come)
             raise FileNotFoundError(f"source {self.source_dir} is not an experiment folder (no hparams.json): give "

@@ -237,6 +237,10 @@ def test_anatomy_cli(tmp_path, capsys):
     assert main(["anatomy", str(exp), "--seeds", "1"]) == 2
     assert "seed 1 of" in capsys.readouterr().err
     (exp / "seed_1").rmdir()
+    # --device and --train-examples set how --evaluate runs: without it, refused (they were ignored)
+    for extra in (["--device", "cpu"], ["--train-examples", "150"]):
+        assert main(["anatomy", str(exp), *extra]) == 2
+        assert f"{extra[0]} set how --evaluate runs the networks" in capsys.readouterr().err
     assert main(["anatomy", str(exp), "--evaluate", "--train-examples", "150", "--data", mnist_root(),
                  "--no-progress"]) == 0
     out = capsys.readouterr().out

@@ -667,11 +667,17 @@ def test_an_imp_variant_takes_the_dense_round_of_an_imp_run_that_prunes_otherwis
     assert respelled.dense_source().dir == src
     with pytest.raises(ValueError, match="own folder"):
         run(base, tmp_path, data=data, run_dir=src, source_dir=src)
-    # --no-reuse-dense-round trains it anyway
+    # --no-reuse-dense-round trains it anyway: a source given with it would go unused, and is refused (so is a
+    # wait for a source that is not named); nothing written
     shutil.rmtree(reused.experiment_dir)
     starts.clear()
-    run(dataclasses.replace(variant, reuse_dense_round=False), tmp_path, data=data, source_dir=src,
-        on_round_start=lambda r, m: starts.append(r))
+    no_reuse = dataclasses.replace(variant, reuse_dense_round=False)
+    with pytest.raises(ValueError, match="only its dense round 0 from a source, and reuse_dense_round=False"):
+        run(no_reuse, tmp_path, data=data, source_dir=src)
+    with pytest.raises(ValueError, match=r"without source_dir \(--source\) has none"):
+        run(variant, tmp_path, data=data, wait_for_source=5)
+    assert not os.path.exists(reused.experiment_dir)
+    run(no_reuse, tmp_path, data=data, on_round_start=lambda r, m: starts.append(r))
     assert starts == [0, 1, 2]
 
 
