@@ -39,7 +39,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "DeviceDataset", "data_root", "load_dataset", "NORMALIZATION", "ENV_DATA", "INPUT_SHAPES"]
+__all__ = ["DATASETS", "DeviceDataset", "data_root", "load_dataset", "NORMALIZATION", "ENV_DATA", "INPUT_SHAPES",
+           "TRAIN_SIZES"]
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 ENV_DATA = "SPARSE_LTH_DATA"
@@ -59,6 +60,9 @@ INPUT_SHAPES: dict[str, tuple[int, int, int]] = {
     "fashion_mnist": (1, 28, 28),
     "cifar10": (3, 32, 32),
 }
+# Training examples in each dataset's files (the standard releases): what an experiment's --plan checks a
+# validation split against without reading them.
+TRAIN_SIZES: dict[str, int] = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000}
 _NUM_CLASSES = 10
 _CROP_PAD = 4
 

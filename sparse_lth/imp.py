@@ -594,6 +594,14 @@ class Experiment:
             raise ValueError("data_limit and test_limit must be >= 0")
         if isinstance(hp.val_split, bool) or not isinstance(hp.val_split, int) or hp.val_split < 0:
             raise ValueError(f"val_split must be an integer >= 0 (0: no validation set), got {hp.val_split!r}")
+        if hp.val_split:  # at least one example must stay for training: known without reading the files
+            from .data import TRAIN_SIZES
+            sizes = [len(self._raw[0])] if self._raw is not None else \
+                [n for n in (hp.data_limit, TRAIN_SIZES.get(self.dataset)) if n]
+            if sizes and hp.val_split >= min(sizes):
+                raise ValueError(f"val_split={hp.val_split}: cannot hold out {hp.val_split} of {min(sizes)} training "
+                                 "examples" + (" (data_limit)" if self._raw is None and min(sizes) == hp.data_limit
+                                               else "") + ": at least one must stay for training")
         # training config (optimizer, lr, ...) is checked by TrainConfig; steps need the dataset size
         n_train = self._n_train()
         ipe = math.ceil(n_train / hp.batch_size) if hp.batch_size > 0 else 1

@@ -426,6 +426,17 @@ def test_imp_plan_prints_the_schedule_and_writes_nothing(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].endswith(" (new)") and out[5] == ("early stopping: at the minimum loss of 50 training examples "
                                                     "held out for validation (trained on the others)")
+    # a validation split that leaves nothing to train on is refused by --plan (it does not read the data): one of
+    # the --data-limit, and one of the whole training set (60,000 MNIST images: the run refused it)
+    assert main(tiny_imp_args(tmp_path, "--plan", "--val-split", "300")) == 2
+    assert "val_split=300: cannot hold out 300 of 300 training examples (data_limit)" in capsys.readouterr().err
+    assert main(["imp", "--preset", "lenet_quick", "--runs", str(tmp_path / "vs"), "--plan", "--val-split",
+                 "60000"]) == 2
+    assert "cannot hold out 60000 of 60000 training examples: at least one" in capsys.readouterr().err
+    assert main(["imp", "--preset", "lenet_quick", "--runs", str(tmp_path / "vs"), "--plan", "--val-split",
+                 "59999"]) == 0
+    capsys.readouterr()
+    assert not (tmp_path / "vs").exists()
     # a misspelt dataset is refused by --plan as by the run itself (the plan printed it)
     assert main(tiny_imp_args(tmp_path, "--plan", "--dataset", "fashoin_mnist")) == 2
     assert "unknown dataset 'fashoin_mnist'" in capsys.readouterr().err
