@@ -262,11 +262,15 @@ def output_layer_name(model: nn.Module) -> str | None:
         name = output_layer_name(inner)
         return None if name is None else prefix + name
     name = getattr(model, "output_layer", None)
+    candidates = _candidate_layers(model)
     if not isinstance(name, str):  # the last Linear (a model of one's own may hold a module by that name)
-        lin = [n for n, m in _candidate_layers(model) if _is_linear(m)]
+        lin = [n for n, m in candidates if _is_linear(m)]
         if not lin:
             return None
         name = lin[-1]
+    elif name not in {n for n, _ in candidates}:  # a typo gave no layer the output rate, silently
+        raise ValueError(f"the model's output_layer {name!r} is not one of its prunable layers "
+                         f"{[n for n, _ in candidates]}")
     return _tied_to(model).get(name, name)
 
 

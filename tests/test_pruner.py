@@ -315,6 +315,16 @@ def test_a_wrapped_model_prunes_its_output_layer_at_the_output_rate(wrap):
     assert pruner.rates[prefix + "fc2"] == 0.1 and pruner.rates[prefix + "fc3"] == 0.2
 
 
+@pytest.mark.parametrize("name", ["fc4", "relu"])
+def test_an_output_layer_attribute_that_names_no_prunable_layer_is_refused(name):
+    """A typo (or a module that is not a prunable layer) in ``output_layer`` gave no layer the output rate: the last
+    layer was pruned at the fc rate without a word."""
+    model = tiny_lenet()
+    model.output_layer = name
+    with pytest.raises(ValueError, match=f"output_layer '{name}' is not one of its prunable layers \\['fc1', "):
+        MagnitudePruner(model, fc=0.2)
+
+
 def test_an_all_convolutional_model_has_no_output_layer_rate():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     pruner = MagnitudePruner(sparsify(model), conv=0.25)
