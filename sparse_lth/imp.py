@@ -225,8 +225,32 @@ def parse_steps(value, iterations_per_epoch: int, what: str) -> int:
 
 # -------------------------------------------------------------------------------------------- masks and layers
 def _candidate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Sparse layers and plain Linear/Conv2d, but not a layer whose weight is reparametrized (weight_norm,
+    spectral_norm, torch.nn.utils.parametrize): its weight is computed again at every forward, so a mask on it
+    does not hold (and the rewind point holds no ``<layer>.weight``). ``sparsify`` leaves those plain, and IMP
+    leaves them dense (:func:`reparametrized_layers` names them)."""
+    from .layers import _reparametrized
     return [(n, m) for n, m in model.named_modules()
-            if (hasattr(m, "set_mask") and hasattr(m, "mask")) or isinstance(m, (nn.Linear, nn.Conv2d))]
+            if ((hasattr(m, "set_mask") and hasattr(m, "mask")) or isinstance(m, (nn.Linear, nn.Conv2d)))
+            and not _reparametrized(m)]
+
+
+def reparametrized_layers(model: nn.Module) -> dict[str, str]:
+    """``{name: why}`` of the Linear/Conv2d layers that pruning leaves dense because their weight is
+    reparametrized (see :func:`_candidate_layers`)."""
+    from .layers import _reparametrized
+    return {n: why for n, m in model.named_modules() if (why := _reparametrized(m))}
+
+
+def warn_reparametrized(model: nn.Module) -> None:
+    """One warning naming the layers that pruning leaves dense because their weight is reparametrized."""
+    left = reparametrized_layers(model)
+    if left:
+        import warnings
+        warnings.warn("not pruned (kept dense): " + "; ".join(f"{n}: {why}" for n, why in left.items())
+                      + ". A mask would not hold on a weight computed at every forward; remove the "
+                      "reparametrization (torch.nn.utils.parametrize.remove_parametrizations, "
+                      "remove_weight_norm, remove_spectral_norm) to prune it", UserWarning, stacklevel=3)
 
 
 def _tied_to(model: nn.Module) -> dict[str, str]:
@@ -263,8 +287,11 @@ def output_layer_name(model: nn.Module) -> str | None:
         return None if name is None else prefix + name
     name = getattr(model, "output_layer", None)
     candidates = _candidate_layers(model)
-    if not isinstance(name, str):  # the last Linear (a model of one's own may hold a module by that name)
-        lin = [n for n, m in candidates if _is_linear(m)]
+    if not isinstance(name, str):  # the last Linear (a model of one's own may hold a module by that name); one
+        # kept dense as reparametrized is still the output layer: no other layer takes its rate
+        names = {c for c, _ in candidates}
+        lin = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) or (n in names and _is_linear(m))]
         if not lin:
             return None
         name = lin[-1]
@@ -617,6 +644,7 @@ class Experiment:
                              f"end of training ({self.iterations} iterations)")
         model = self._build_model(self.hp.seed, sparse=False)
         layers = dict(prunable_layers(model))
+        warn_reparametrized(model)
         bad = [d for d in hp.dense_layers if d not in layers]
         if bad:
             raise ValueError(f"dense_layers {bad} are not prunable layers of {hp.model}; "

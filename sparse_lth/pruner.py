@@ -59,7 +59,7 @@ from torch import nn
 
 from .imp import (PRUNE_SCORES, _load_weights, _oneshot_fractions, apply_masks, count_masks,
                   dense_weight, get_masks, global_groups, layer_kinds, layer_rates, live_and_total,
-                  prunable_layers, prune_by_score, pruning_schedule, weight_scores)
+                  prunable_layers, prune_by_score, pruning_schedule, warn_reparametrized, weight_scores)
 from .train import plain_masked_modules
 
 __all__ = ["MagnitudePruner"]
@@ -95,7 +95,9 @@ class MagnitudePruner:
     function ``score(name, weight, rewind_weight) -> tensor of the weight's shape``
     (``rewind_weight`` None before :meth:`set_rewind_point`).
 
-    The layers pruned are the model's sparse layers and plain ``nn.Linear``/``nn.Conv2d``, named when the pruner
+    The layers pruned are the model's sparse layers and plain ``nn.Linear``/``nn.Conv2d`` (not one whose weight is
+    reparametrized, by weight_norm, spectral_norm or ``torch.nn.utils.parametrize``: a mask would not hold on a
+    weight computed at every forward; such layers stay dense, with a warning), named when the pruner
     is made and looked up by name at every call (so ``sparsify`` may come before or after; adding or removing a
     layer afterwards is refused).
     """
@@ -106,6 +108,7 @@ class MagnitudePruner:
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
         layers = prunable_layers(model)
+        warn_reparametrized(model)
         if not layers:
             raise ValueError("the model has no layer to prune (no nn.Linear, nn.Conv2d or sparse layer)")
         self.kinds = layer_kinds(model)  # all convolutional (a 1x1-conv classifier): no output layer's rate
@@ -129,6 +132,7 @@ class MagnitudePruner:
         self.path = path
         self.round = 0
         self._rewind: dict[str, torch.Tensor] | None = None
+        self._warned_plain = False
 
     # ------------------------------------------------------------------------------------------------- state
     @property
@@ -245,6 +249,7 @@ class MagnitudePruner:
         layer other parameters (``values`` or ``weight``), which the next ``DDP(model)`` cannot wrap. Every rank
         runs the pruner (see the module docstring), so this collective is reached by all."""
         apply_masks(model, masks, path=self.path)
+        self._warn_plain_layers(model, masks)
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return
@@ -255,6 +260,26 @@ class MagnitudePruner:
         for n, label in labels[0].items():
             if layers[n].path_label != label:
                 layers[n].restore_path(label)
+
+    def _warn_plain_layers(self, model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+        """Once per pruner: a sparsified model whose pruned layers include plain ones (``sparsify`` leaves a
+        Linear subclass, MultiheadAttention's projections and tied weights alone) needs mask_gradients and remask
+        for those, which the loop for a sparsified model does not call: without them the optimizer revived their
+        pruned weights while ``percent_remaining`` counted them pruned."""
+        if self._warned_plain:
+            return
+        from .layers import sparse_layers
+        if not sparse_layers(model):  # a plain model: dense masking throughout, as documented
+            return
+        plain = [n for n, m in prunable_layers(model) if not hasattr(m, "set_mask") and not bool(masks[n].all())]
+        if plain:
+            import warnings
+            warnings.warn(f"pruned layers {plain} are plain nn.Linear/nn.Conv2d in a sparsified model (sparsify "
+                          "leaves subclasses, MultiheadAttention's projections and tied weights alone): nothing "
+                          "keeps their pruned weights at zero unless the loop calls pruner.mask_gradients() before "
+                          "each optimizer.step() and pruner.remask() after it (both leave sparse layers alone)",
+                          UserWarning, stacklevel=4)
+            self._warned_plain = True
 
     @torch.no_grad()
     def mask_gradients(self) -> None:

@@ -888,6 +888,18 @@ def test_a_weight_tied_to_another_layers_is_pruned_once(tmp_path):
     assert torch.equal(ticket.b.weight != 0, masks["a"]) and ticket.b.weight is ticket.a.weight
 
 
+def test_imp_keeps_a_reparametrized_layer_dense_and_says_so(tmp_path):
+    """A weight_norm layer of a model of one's own: its mask would not hold (the weight is computed at every
+    forward), and the rewind point has no '3.weight' (a KeyError in the pruning): it is left out of pruning, with a
+    warning naming it, and the other layers are pruned as usual."""
+    hp = tiny_hp(model="user_models:weight_normed_mlp", dataset="mnist", width=1.0, rounds=1, iterations="4it",
+                 eval_every=2, prune_fc=0.5)
+    with pytest.warns(UserWarning, match=r"not pruned \(kept dense\): 3: its weight is parametrized"):
+        res = run(hp, tmp_path)
+    masks = load_masks(res.experiment_dir, 0, 1)
+    assert {n: (int(m.sum()), m.numel()) for n, m in masks.items()} == {"1": (6272, 12544), "5": (144, 160)}  # 5: the output rate
+
+
 def test_imp_with_a_validation_split(tmp_path):
     """``val_split``: every round trains on the training set less N held-out examples and early-stops where their
     loss is least (the paper's protocol); another experiment folder; a control reuses its dense round; a split

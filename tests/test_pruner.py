@@ -495,3 +495,95 @@ def test_imp_under_distributed_data_parallel(tmp_path):
             opt.step()
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, r["end"][k], rtol=1e-4, atol=1e-5, msg=f"round {r['percent']:.1f}%: {k}")
+
+
+def test_a_layer_with_a_reparametrized_weight_is_left_dense_and_named():
+    """weight_norm / parametrize compute a layer's weight at every forward, so a mask on it did not hold (the
+    pruner counted 720 of 900 live while every weight was nonzero) and prune_and_rewind failed with KeyError
+    '0.weight' (the rewind point holds weight_g / weight_v): such layers are kept dense, with a warning naming
+    them, and a reparametrized last Linear keeps the output rate from passing to the layer before it."""
+    from torch.nn.utils import parametrizations, weight_norm
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    def make():
+        torch.manual_seed(0)
+        wn = weight_norm(nn.Linear(30, 30))
+        par = nn.Linear(30, 20)
+        torch.nn.utils.parametrize.register_parametrization(par, "weight", Double())
+        sn = parametrizations.spectral_norm(nn.Linear(20, 5))
+        return nn.Sequential(wn, nn.ReLU(), nn.Linear(30, 30), nn.ReLU(), par, nn.ReLU(), nn.Linear(20, 20),
+                             nn.ReLU(), sn)
+
+    with pytest.warns(UserWarning, match="sparsify: left 0 a plain Linear"):  # sparsify's own warning
+        model = sparsify(make())
+    with pytest.warns(UserWarning, match=r"not pruned \(kept dense\): 0: its weight is computed by a hook .*; "
+                                         r"4: its weight is parametrized .*; 8: its weight is parametrized"):
+        pruner = MagnitudePruner(model, fc=0.5)
+    assert pruner.kinds == {"2": "fc", "6": "fc"}  # "6" is not the output layer: "8" is, and it stays dense
+    pruner.set_rewind_point()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(4, 30)
+    model(x).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    masks = pruner.prune_and_rewind()
+    assert set(masks) == {"2", "6"} and pruner.remaining() == {"2": (450, 900), "6": (200, 400)}
+    for n, p in model.named_parameters():  # everything rewound, the reparametrized layers' parameters too
+        if n.endswith(".values") or n.endswith(".weight") and n.split(".")[0] in ("2", "6"):
+            continue
+        assert torch.equal(p, before[n]), n
+    assert not any(hasattr(model[i], "weight_mask") for i in (0, 4, 8))
+    model(x)  # and the model still runs
+
+
+def test_plain_layers_left_in_a_sparsified_model_are_named_with_what_keeps_them_pruned():
+    """sparsify leaves a Linear subclass, MultiheadAttention's out_proj and tied weights plain; the pruner prunes
+    them as dense masking, which only mask_gradients/remask keep: the loop for a sparsified model does not call
+    them, and the optimizer revived 120 of 128 pruned weights silently. The pruner now says so, once; with the two
+    calls the pruned weights stay zero."""
+    import warnings
+
+    import sparse_lth.optim as so
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = MyLinear(16, 16)
+            self.out = nn.Linear(16, 50)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(self.attn(x, x, x)[0])))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify(Net())
+    pruner = MagnitudePruner(model, fc=0.5)
+    pruner.set_rewind_point()
+    with pytest.warns(UserWarning, match=r"pruned layers \['attn.out_proj', 'fc'\] are plain nn.Linear/nn.Conv2d in "
+                                         r"a sparsified model .* pruner.mask_gradients\(\) before"):
+        pruner.prune_and_rewind()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per pruner
+        pruner.prune_and_rewind()
+    opt = so.Adam(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 7, 16)).square().mean().backward()
+        pruner.mask_gradients()
+        opt.step()
+        pruner.remask()
+    for layer in (model.attn.out_proj, model.fc):
+        assert (~layer.weight_mask).sum() > 0 and (layer.weight[~layer.weight_mask] == 0).all()
+    # a plain model (nothing sparsified) is dense masking as documented: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MagnitudePruner(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))).prune()

@@ -47,3 +47,11 @@ class TiedMLP(nn.Module):
 
 def tied_mlp(num_classes=10, input_shape=(1, 28, 28)):
     return TiedMLP(num_classes, input_shape)
+
+
+def weight_normed_mlp(num_classes=10, input_shape=(1, 28, 28)):
+    """An MLP whose hidden layer is weight-normalized (its weight computed from weight_g and weight_v)."""
+    from torch.nn.utils import parametrizations
+    c, h, w = input_shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 16), nn.ReLU(),
+                         parametrizations.weight_norm(nn.Linear(16, 16)), nn.ReLU(), nn.Linear(16, num_classes))
