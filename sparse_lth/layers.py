@@ -69,7 +69,7 @@ def _retire(params, hard: bool = True) -> None:
         _REPLACED[id(p)] = (weakref.ref(p, lambda _, key=id(p): _REPLACED.pop(key, None)), hard)
 
 
-def _refuse_replaced_parameters(optimizer, args, kwargs) -> None:
+def _refuse_replaced_parameters(optimizer, args, kwargs, what: str = "step") -> None:
     if not _REPLACED:
         return
     swapped = None
@@ -80,12 +80,14 @@ def _refuse_replaced_parameters(optimizer, args, kwargs) -> None:
                 continue
             if entry[1]:
                 raise RuntimeError(
-                    f"{type(optimizer).__name__}.step(): it holds a {tuple(p.shape)} parameter that sparse-lth "
+                    f"{type(optimizer).__name__}.{what}(): it holds a {tuple(p.shape)} parameter that sparse-lth "
                     "replaced (a sparse layer gets new trainable parameters when its mask or path changes: "
                     "set_mask, load_state_dict with another mask, time_paths, restore_path, choose_paths), so it "
                     "would train a tensor the model no longer uses. "
                     "Build the optimizer after setting or loading masks.")
             swapped = p
+    if what != "step":
+        return
     if swapped is not None and not getattr(optimizer, "_sparse_lth_warned", False):
         optimizer._sparse_lth_warned = True
         warnings.warn(f"{type(optimizer).__name__}.step(): it holds a {tuple(swapped.shape)} parameter of a layer "

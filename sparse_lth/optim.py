@@ -194,6 +194,8 @@ class _MaskedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch.optim's, except that floating state stays float32 (torch casts it to the parameter's dtype, which
         would round the fp32 state of bf16 parameters) and is made contiguous."""
+        from .layers import _refuse_replaced_parameters
+        _refuse_replaced_parameters(self, (), {}, what="load_state_dict")  # the cause, not a shape mismatch
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),

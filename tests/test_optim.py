@@ -1060,3 +1060,30 @@ def test_adam_first_moment_is_torch_lerp_at_every_beta1(backend_device):
             torch.testing.assert_close(opt.state[ours]["exp_avg"].cpu(), ref_opt.state[ref]["exp_avg"],
                                        equal_nan=True, msg=str((kw, g)), **exact)
             torch.testing.assert_close(ours.detach().cpu(), ref.detach(), equal_nan=True, msg=str((kw, g)))
+
+
+@pytest.mark.parametrize("cls", [SGD, Adam])
+def test_loading_into_an_optimizer_built_before_the_model_checkpoint_names_the_cause(cls):
+    """The usual resume order (model and optimizer built, the model's checkpoint loaded, then the optimizer's):
+    the model's masks gave its layers new parameters, and the optimizer's load_state_dict blamed the state dict
+    ("another model's, or the layer was on another path") instead of the optimizer built too early."""
+    from torch import nn
+
+    from sparse_lth.layers import sparsify
+    gen = torch.Generator().manual_seed(0)
+    masks = {"0": torch.rand(30, 20, generator=gen) < 0.05, "2": torch.rand(5, 30, generator=gen) < 0.5}
+    trained = sparsify(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), masks, path="sparse")
+    kw = dict(lr=1e-2, momentum=0.9) if cls is SGD else dict(lr=1e-2)
+    opt = cls(trained.parameters(), **kw)
+    trained(torch.randn(4, 20, generator=gen)).square().mean().backward()
+    opt.step()
+    model = sparsify(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), path="sparse")
+    early = cls(model.parameters(), **kw)
+    model.load_state_dict(trained.state_dict())
+    with pytest.raises(RuntimeError, match=rf"{cls.__name__}.load_state_dict\(\): it holds a \(600,\) parameter "
+                                           "that sparse-lth replaced .* Build the optimizer after setting or loading"):
+        early.load_state_dict(opt.state_dict())
+    late = cls(model.parameters(), **kw)  # built after: loads
+    late.load_state_dict(opt.state_dict())
+    assert torch.equal(late.state[model[0].values]["exp_avg" if cls is Adam else "momentum_buffer"],
+                       opt.state[trained[0].values]["exp_avg" if cls is Adam else "momentum_buffer"])
