@@ -505,6 +505,44 @@ def test_a_non_finite_weight_at_a_pruned_position_becomes_zero(path):
         assert torch.isfinite(layer(x)).all(), make
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_non_finite_gradient_or_substituted_weight_at_a_pruned_position_stays_out(kind, dtype):
+    """The dense path: an input that only pruned weights read may overflow their gradient to inf, and the hook's
+    product with the mask made it NaN (torch.optim then wrote NaN into the pruned weight and every output); a
+    weight given through functional_call with inf or NaN at pruned positions made every output NaN. Both now
+    stay out: the gradient is 0 there and the outputs are those of the masked weight. Also after a dtype move
+    (the hook's bits follow the weight's width)."""
+    from torch.func import functional_call
+    if kind == "linear":
+        layer = SparseLinear(4, 3, bias=False, path="dense")
+        mask = torch.ones(3, 4, dtype=torch.bool)
+        mask[:, 1] = False  # input 1 feeds only pruned weights
+        x = torch.ones(2, 4, dtype=dtype)
+        x[:, 1] = 3e38 if dtype != torch.float64 else 1e308
+    else:
+        layer = SparseConv2d(2, 3, 1, bias=False, path="dense")
+        mask = torch.ones(3, 2, 1, 1, dtype=torch.bool)
+        mask[:, 1] = False
+        x = torch.ones(1, 2, 2, 2, dtype=dtype)
+        x[:, 1] = 3e38 if dtype != torch.float64 else 1e308
+    layer.set_mask(mask, path="dense")
+    layer = layer.to(dtype)
+    y = layer(x)
+    assert torch.isfinite(y).all()
+    (y * 10).sum().backward()  # 10 * 3e38 overflows at the pruned entries
+    g = layer.weight.grad
+    assert (g[~mask] == 0).all() and torch.isfinite(g).all() and (g[mask] != 0).all()
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    assert (layer.weight[~mask] == 0).all() and torch.isfinite(layer(x)).all()
+    w = layer.weight.detach().clone()
+    w[~mask] = float("inf")
+    w.view(-1)[(~mask).view(-1).nonzero()[0]] = float("nan")
+    out = functional_call(layer, {"weight": w}, (torch.ones_like(x),))
+    ref = functional_call(layer, {"weight": w.nan_to_num(0.0, 0.0, 0.0) * mask}, (torch.ones_like(x),))
+    assert torch.isfinite(out).all() and torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 @pytest.mark.parametrize("opt", ["sgd", "sgd_nesterov", "adam", "adamw"])
 def test_pruned_weights_stay_zero_under_optimizers(path, opt):
@@ -1317,3 +1355,18 @@ def test_a_module_pickled_with_index_buffers_loads_them_as_attributes():
     back = pickle.loads(pickle.dumps(old))
     assert "_flat_index" not in back._buffers and "_flat_index" in back.__dict__
     torch.testing.assert_close(back(x), layer(x))
+
+
+def test_a_dense_path_layer_pickled_with_a_float_gradient_mask_masks_with_bits_after_loading():
+    """Modules pickled before the gradient mask became bits hold a weight-dtype 0/1 copy: unpickled, the hook
+    makes the bits again (an AND on a float mask's bits would not be a mask)."""
+    import pickle
+    layer = SparseLinear(6, 4, path="dense")
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(0)) < 0.5
+    layer.set_mask(mask, path="dense")
+    layer._buffers["_grad_mask"] = mask.float()  # as saved by an earlier version
+    again = pickle.loads(pickle.dumps(layer))
+    assert again._grad_mask.dtype == torch.int32 and torch.equal(again._grad_mask, -mask.int())
+    again(torch.randn(3, 6)).square().sum().backward()
+    g = again.weight.grad
+    assert (g[~mask] == 0).all() and (g[mask] != 0).all()
