@@ -301,6 +301,12 @@ class _SparseLayer(nn.Module):
                 "Substitute `values` (e.g. torch.func.functional_call(layer, {'values': ...})), write a dense "
                 "weight with set_dense_weight(), or put the layer on the dense path first "
                 "(set_mask(layer.weight_mask, path='dense')).")
+        if name == "weight_mask" and "weight_mask" in self.__dict__.get("_buffers", {}):
+            # (as torch.nn.utils.prune's masks are set): the buffer changed while the live count, the index
+            # structures, the gradient mask and the parameters kept the old mask
+            raise AttributeError(f"{type(self).__name__}.weight_mask is set by set_mask(mask), which also rebuilds "
+                                 "what the mask decides (the live values, the index structures, the gradient "
+                                 "mask): call layer.set_mask(mask)")
         super().__setattr__(name, value)
 
     def _index_follows_mask(self) -> None:
@@ -383,7 +389,7 @@ class _SparseLayer(nn.Module):
         if path == "sparse":
             self._check_sparse_possible(backend)
         w = torch.where(mask, self.dense_weight().detach(), 0)  # pruned: 0, also where the weight is inf or NaN
-        self.weight_mask = mask.clone()
+        self._buffers["weight_mask"] = mask.clone()  # (assigning the attribute is refused: __setattr__)
         self._nnz = int(mask.sum())
         dense_ops = None
         if path == "auto":
@@ -1004,6 +1010,11 @@ def sparsify(model: nn.Module, masks: dict[str, torch.Tensor] | None = None, pat
             originals.append(child)
             setattr(module, child_name, twin)
     if masks:
+        modules = dict(model.named_modules())
+        already = sorted(k for k in masks if isinstance(modules.get(k), _SparseLayer))
+        if already:
+            raise ValueError(f"sparsify: {already} are sparse layers already: set their masks with "
+                             "layer.set_mask(mask), or sparse_lth.imp.apply_masks(model, masks) for all at once")
         raise KeyError(f"sparsify: masks given for modules that are not Linear/Conv2d layers: {sorted(masks)}")
     _retire_swapped(model, originals)
     return model

@@ -1370,3 +1370,25 @@ def test_a_dense_path_layer_pickled_with_a_float_gradient_mask_masks_with_bits_a
     again(torch.randn(3, 6)).square().sum().backward()
     g = again.weight.grad
     assert (g[~mask] == 0).all() and (g[mask] != 0).all()
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_assigning_weight_mask_is_refused_and_sparsify_names_layers_already_sparse(path):
+    """`layer.weight_mask = m` (as torch.nn.utils.prune's masks are set) changed the buffer while the live count,
+    the index structures, the gradient mask and the parameters kept the old mask: refused, naming set_mask.
+    sparsify(model, masks) on a model already sparsified said the layers were "not Linear/Conv2d layers"."""
+    gen = torch.Generator().manual_seed(0)
+    layer = SparseLinear(10, 8, path=path)
+    old = layer.weight_mask.clone()
+    with pytest.raises(AttributeError, match=r"weight_mask is set by set_mask\(mask\)"):
+        layer.weight_mask = torch.rand(8, 10, generator=gen) < 0.5
+    assert torch.equal(layer.weight_mask, old)
+    new = torch.rand(8, 10, generator=gen) < 0.5
+    layer.set_mask(new, path=path)  # the way, which the refusal does not block
+    assert torch.equal(layer.weight_mask, new) and layer.nnz == int(new.sum())
+    model = sparsify(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2)), path=path)
+    with pytest.raises(ValueError, match=r"\['0'\] are sparse layers already: set their masks with "
+                                         r"layer.set_mask\(mask\), or sparse_lth.imp.apply_masks"):
+        sparsify(model, {"0": new})
+    with pytest.raises(KeyError, match=r"not Linear/Conv2d layers: \['1'\]"):
+        sparsify(model, {"1": new})
