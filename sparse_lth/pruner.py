@@ -186,9 +186,16 @@ class MagnitudePruner:
         again afterwards."""
         return self._prune(rounds, rewind=False)
 
+    @torch.no_grad()
     def rewind(self) -> None:
-        """Reset every weight, bias and buffer to the rewind point, keeping the current masks."""
-        self._load_rewind_point(self.masks)
+        """Reset every weight, bias and buffer to the rewind point, keeping the current masks and the layers'
+        parameters (values are written in place: an optimizer built before still steps them, with its state)."""
+        if self._rewind is None:
+            raise RuntimeError("no rewind point: call set_rewind_point() first")
+        model = self._layers_now()
+        _load_weights(model, self._rewind)  # a sparse layer writes the live entries only (its mask is kept)
+        for _, m in plain_masked_modules(model):  # a plain layer's pruned entries got θ0's values: 0 again
+            m.weight.copy_(torch.where(m.weight_mask, m.weight, 0))
 
     def prune_and_rewind(self, rounds: int = 1) -> dict[str, torch.Tensor]:
         """One IMP step between rounds: :meth:`prune` the trained weights (``rounds`` as there), then

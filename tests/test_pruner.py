@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import tiny_data
-from sparse_lth.imp import ImpHparams, _load_weights, apply_masks, get_masks, open_experiment, run_imp
-from sparse_lth.layers import sparsify
+from sparse_lth.imp import ImpHparams, _load_weights, apply_masks, dense_weight, get_masks, open_experiment, run_imp
+from sparse_lth.layers import sparse_layers, sparsify
 from sparse_lth.models import build_model
 from sparse_lth.pruner import MagnitudePruner
 
@@ -204,6 +204,40 @@ def test_prune_without_rewind_keeps_the_trained_survivors_and_rewind_alone_keeps
         if n in masks:
             assert torch.equal(after[n], masks[n])
             assert torch.equal(m.dense_weight().detach(), start[f"{n}.weight"] * masks[n])
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "plain"])
+def test_rewind_alone_keeps_the_parameters_so_an_optimizer_built_before_still_steps(kind):
+    """rewind() keeps the masks: it gave every layer new parameters all the same (through set_mask), and an
+    optimizer built before raised at its step. Now the values are written in place; a plain layer's pruned
+    entries are zero again."""
+    import sparse_lth.optim as so
+    model = tiny_lenet() if kind != "plain" else tiny_lenet(sparse=False)
+    if kind == "sparse":
+        for _, m in sparse_layers(model):
+            m.set_mask(m.weight_mask, path="sparse")
+    pruner = MagnitudePruner(model, fc=0.5)
+    pruner.set_rewind_point()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = pruner.prune()
+    params = list(model.parameters())
+    opt = so.SGD(params, lr=0.1, momentum=0.9) if kind != "plain" else torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(8, 1, 28, 28)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    if kind == "plain":  # the optimizer revived pruned weights: rewind zeroes them again
+        assert any((m.weight[~m.weight_mask] != 0).any() for n, m in model.named_modules() if n in masks)
+    pruner.rewind()
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    for n, m in model.named_modules():
+        if n in masks:
+            assert torch.equal(dense_weight(m), start[f"{n}.weight"] * masks[n]), n
+            assert torch.equal(m.bias, start[f"{n}.bias"]), n
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()  # (it raised: "it holds a parameter that sparse-lth replaced")
 
 
 def test_global_pruning_pools_each_kind():
