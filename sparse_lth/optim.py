@@ -430,7 +430,7 @@ class _MaskedOptimizer(Optimizer):
 def _check_nonneg(name: str, value: float) -> None:
     if isinstance(value, torch.Tensor):
         value = float(value)
-    if not value >= 0.0:
+    if not 0.0 <= value < float("inf"):  # (torch.optim takes inf, and a step then makes every weight inf or NaN)
         raise ValueError(f"Invalid {name}: {value}")
 
 
@@ -449,9 +449,10 @@ class SGD(_MaskedOptimizer):
     (1 - dampening) * d_p``; ``d_p = d_p + momentum * buf`` (Nesterov) or ``buf``; ``p -= lr * d_p``.
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0, dampening: float = 0,
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float = 0, nesterov: bool = False, backend: str | None = None):
-        for name, v in (("learning rate", lr), ("momentum value", momentum), ("weight_decay value", weight_decay)):
+        for name, v in (("learning rate", lr), ("momentum value", momentum), ("dampening value", dampening),
+                        ("weight_decay value", weight_decay)):
             _check_nonneg(name, v)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")

@@ -705,6 +705,16 @@ def test_bad_arguments():
         SGD([p], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="learning rate"):
         Adam([p], lr=-1.0)
+    # non-finite hyperparameters (torch.optim takes lr=inf and dampening=nan; a step then makes the weights
+    # inf or NaN)
+    for cls, kw, msg in [(SGD, dict(lr=float("inf")), "learning rate"),
+                         (SGD, dict(lr=0.1, dampening=float("nan")), "dampening"),
+                         (SGD, dict(lr=0.1, momentum=float("inf")), "momentum"),
+                         (SGD, dict(lr=0.1, weight_decay=float("inf")), "weight_decay"),
+                         (Adam, dict(eps=float("inf")), "epsilon"), (AdamW, dict(lr=float("nan")), "learning rate")]:
+        with pytest.raises(ValueError, match=f"Invalid {msg}"):
+            cls([p], **kw)
+    assert SGD([p]).defaults["lr"] == torch.optim.SGD([p]).defaults["lr"] == 1e-3  # torch.optim's default
     with pytest.raises(ValueError, match="beta"):
         AdamW([p], betas=(0.9, 1.0))
     opt = SGD([p], lr=0.1, backend="triton")  # CUDA only: a clear error at step on CPU tensors
