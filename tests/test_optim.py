@@ -1097,3 +1097,27 @@ def test_loading_into_an_optimizer_built_before_the_model_checkpoint_names_the_c
     late.load_state_dict(opt.state_dict())
     assert torch.equal(late.state[model[0].values]["exp_avg" if cls is Adam else "momentum_buffer"],
                        opt.state[trained[0].values]["exp_avg" if cls is Adam else "momentum_buffer"])
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_with_eps_zero_keeps_pruned_weights_zero_and_live_ones_as_torch(backend_device, cls, amsgrad):
+    """eps=0: the update at a pruned position is 0 / 0 (its moments are zero), which the torch backend's fused
+    and foreach paths set back to 0 after torch's update (no test used eps=0: removing that left NaN in every
+    pruned weight unnoticed). Live weights follow torch.optim with the gradient masked."""
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.tensor([True, False, True, False, True, True, False, True])
+    p = torch.nn.Parameter((torch.randn(8, generator=gen) * mask).to(backend_device.device))
+    setattr(p, MASK_ATTR, mask.to(backend_device.device))
+    ref = torch.nn.Parameter(p.detach().cpu().clone())
+    opt = backend_device(cls, [p], lr=0.1, eps=0.0, amsgrad=amsgrad, weight_decay=0.01)
+    ref_opt = getattr(torch.optim, cls.__name__)([ref], lr=0.1, eps=0.0, amsgrad=amsgrad, weight_decay=0.01)
+    for _ in range(3):
+        g = torch.randn(8, generator=gen)
+        p.grad = g.to(backend_device.device)
+        ref.grad = g * mask
+        opt.step()
+        ref_opt.step()
+    got = p.detach().cpu()
+    assert (got[~mask] == 0).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(got[mask], ref.detach()[mask], rtol=1e-6, atol=1e-7)
