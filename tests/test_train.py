@@ -57,6 +57,25 @@ def test_lr_schedule():
     assert lr_at(cfg(lr=0.3), 1000) == 0.3
 
 
+@pytest.mark.parametrize("optimizer_impl", ["sparse_lth", "torch"])
+def test_each_step_runs_at_the_schedules_learning_rate(optimizer_impl):
+    """The rate each optimizer step used, read at the step (test_lr_schedule checks lr_at alone, and the curve's
+    lr field is computed again from it: a schedule applied one step early passed every test). Also resumed."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    tr, te = tiny_data()
+    c = cfg(lr=0.1, milestones=(10, 20), gamma=0.1, warmup=4, optimizer_impl=optimizer_impl)
+    seen = []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    try:
+        train(tiny_model()[0], tr, te, c)
+        assert seen == [lr_at(c, i) for i in range(24)] and seen[3] == 0.1 and seen[10] == pytest.approx(0.01)
+        seen.clear()
+        train(tiny_model()[0], tr, te, c, start_iteration=15)
+        assert seen == [lr_at(c, i) for i in range(15, 24)]
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("kw,msg", [(dict(optimizer="rmsprop"), "optimizer"), (dict(lr=0.0), "lr"),
                                     (dict(momentum=1.0), "momentum"), (dict(batch_size=0), "batch_size"),
                                     (dict(milestones=(20, 10)), "milestones"), (dict(iterations=0), "iterations"),
