@@ -240,6 +240,16 @@ def test_rewind_alone_keeps_the_parameters_so_an_optimizer_built_before_still_st
     opt.step()  # (it raised: "it holds a parameter that sparse-lth replaced")
 
 
+def test_global_pruning_leaves_a_dense_layer_out_of_its_kinds_pool():
+    """dense_layers with global pruning: the layer kept dense is in no pool (a pool that took it would mix rate 0
+    with the kind's rate and be refused), and the rest of its kind is pooled alone."""
+    model = tiny_lenet()
+    pruner = MagnitudePruner(model, fc=0.2, global_pruning=True, dense_layers=("fc2",))
+    assert pruner.groups == [["fc1"], ["fc3"]] and pruner.rates["fc2"] == 0.0
+    pruner.prune()
+    assert pruner.remaining() == {"fc1": (18816, 23520), "fc2": (300, 300), "fc3": (90, 100)}
+
+
 def test_global_pruning_pools_each_kind():
     model = tiny_lenet()
     pruner = MagnitudePruner(model, fc=0.5, global_pruning=True)
