@@ -5,6 +5,7 @@ import copy
 import itertools
 import time
 import warnings
+import zlib
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def grads_vs_reference(layer, x, fn_ref):
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0])
 @pytest.mark.parametrize("shape,batch", [((13, 7), 5), ((300, 784), 1), ((1, 1), 3), ((129, 257), 4)])
 def test_linear_matches_reference(path, density, shape, batch):
-    gen = torch.Generator().manual_seed(hash((path, density, shape)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((path, density, shape)).encode()))  # (hash() of a str varies)
     out_f, in_f = shape
     layer = SparseLinear(in_f, out_f, bias=True, path=path)
     layer.set_mask(random_mask((out_f, in_f), density, gen))
@@ -102,7 +103,7 @@ CONV_CASES = [
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_matches_reference(path, density, case):
     cin, cout, k, s, p, d, g, hw = case
-    gen = torch.Generator().manual_seed(hash((path, density, case)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((path, density, case)).encode()))
     layer = SparseConv2d(cin, cout, k, stride=s, padding=p, dilation=d, groups=g, path=path)
     layer.set_mask(random_mask(layer.weight_shape, density, gen))
     assert layer.path == path
