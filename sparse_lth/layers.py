@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import operator
 import random
 import statistics
 import time
@@ -804,7 +805,14 @@ class SparseConv2d(_SparseLayer):
     def _copy_geometry(self, ref: nn.Conv2d) -> None:
         for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                   "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(self, a, getattr(ref, a))
+            v = getattr(ref, a)
+            # Python ints: nn.Conv2d keeps numpy integers as given (np.int64(3)), which its own ops take and the
+            # sparse path's geometry checks refused at the first forward
+            if a in ("in_channels", "out_channels", "groups"):
+                v = operator.index(v)
+            elif a in ("kernel_size", "stride", "dilation") or (a == "padding" and not isinstance(v, str)):
+                v = tuple(operator.index(e) for e in v)
+            setattr(self, a, v)
         self.weight_shape = tuple(ref.weight.shape)
 
     def to_dense_module(self) -> nn.Conv2d:

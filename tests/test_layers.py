@@ -1393,3 +1393,22 @@ def test_assigning_weight_mask_is_refused_and_sparsify_names_layers_already_spar
         sparsify(model, {"0": new})
     with pytest.raises(KeyError, match=r"not Linear/Conv2d layers: \['1'\]"):
         sparsify(model, {"1": new})
+
+
+def test_a_conv_with_numpy_integer_geometry_runs_on_the_sparse_path():
+    """nn.Conv2d keeps numpy integers as given (a config read with numpy): its ops and the dense path take them,
+    and the sparse path's geometry checks refused them at the first forward ("kernel_size must be an int or a
+    pair of ints, got (np.int64(3), np.int64(3))"), also when the automatic choice picked it."""
+    import numpy as np
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(np.int64(4), np.int64(3), np.int64(3), stride=np.int64(2), padding=np.int64(1),
+                     dilation=(np.int32(1), np.int64(1)))
+    mask = torch.rand(3, 4, 3, 3, generator=gen) < 0.3
+    x = torch.randn(2, 4, 9, 8, generator=gen)
+    want = F.conv2d(x, conv.weight * mask, conv.bias, 2, 1)
+    for path in ("dense", "sparse"):
+        layer = SparseConv2d.from_dense(conv, mask, path=path)
+        assert type(layer.kernel_size[0]) is int and type(layer.in_channels) is int
+        torch.testing.assert_close(layer(x), want)
+    layer = SparseConv2d(np.int64(4), np.int64(3), np.int64(3), mask=mask, path="sparse")
+    assert layer(x).shape == (2, 3, 7, 6)
