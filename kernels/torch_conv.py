@@ -191,15 +191,25 @@ def _tap_csr(values: torch.Tensor, taps: ConvTaps, i: int, transposed: bool) -> 
                                    check_invariants=False)
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether ``nn.Conv2d`` would give a channels_last output for input ``x`` (laid out so, and not also
+    contiguous: one channel, or 1x1 pixels)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def forward_grid(xg: torch.Tensor, values: torch.Tensor, taps: ConvTaps, grid: ShiftGrid,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``y`` (N, C_out, OH, OW), contiguous, from the input grid buffer of :func:`input_grid`."""
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, last: bool = False) -> torch.Tensor:
+    """``y`` (N, C_out, OH, OW) from the input grid buffer of :func:`input_grid`: contiguous, or channels_last
+    with ``last`` (as ``nn.Conv2d`` gives for a channels_last input; the same one strided copy)."""
     g = grid
     yg = xg.new_zeros((taps.c_out, g.length))
     v = values.to(xg.dtype)[taps.perm]  # one gather of nnz values into tap order
     for i, (phase, off) in enumerate(g.tap_at):
         yg.addmm_(_tap_csr(v, taps, i, False), _shifted(xg, phase, off, g))
-    out = _alloc((g.n, taps.c_out, g.oh, g.ow), out_dtype, xg.device)
+    if last:
+        out = _alloc((g.n, g.oh, g.ow, taps.c_out), out_dtype, xg.device).permute(0, 3, 1, 2)
+    else:
+        out = _alloc((g.n, taps.c_out, g.oh, g.ow), out_dtype, xg.device)
     out.copy_(yg.view(taps.c_out, g.n, g.hq, g.wq)[:, :, :g.oh, :g.ow].transpose(0, 1))
     if bias is not None:
         out += bias.to(out_dtype).view(1, -1, 1, 1)
@@ -283,7 +293,7 @@ def conv2d_forward(x, values, taps: ConvTaps, bias=None, stride=1, padding=0, di
             raise ValueError(f"{op}: bias is on {bias.device}, x on {x.device}")
     g = ShiftGrid(x.shape, taps, stride, padding, dilation, op)
     ct = compute_dtype(x.dtype)
-    return forward_grid(input_grid(x, g, ct), values, taps, g, bias, x.dtype)
+    return forward_grid(input_grid(x, g, ct), values, taps, g, bias, x.dtype, channels_last(x))
 
 
 def conv2d_backward_input(dy, values, taps: ConvTaps, input_shape, stride=1, padding=0, dilation=1):

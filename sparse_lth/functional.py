@@ -255,7 +255,7 @@ class SparseConv2dFunction(torch.autograd.Function):
             w = scatter_values(values, flat_index, w_shape)
             y = F.conv2d(x, w, bias, stride, padding, dilation)
         elif backend == "torch":
-            y = torch_conv.forward_grid(xg, values, taps, grid, bias, x.dtype)
+            y = torch_conv.forward_grid(xg, values, taps, grid, bias, x.dtype, torch_conv.channels_last(x))
         else:
             y = _conv_ops()[0](x, values, fmt, kernel_size, stride, padding, dilation, bias)
         ctx.fmt, ctx.geom, ctx.has_bias = fmt, (kernel_size, stride, padding, dilation), bias is not None

@@ -1412,3 +1412,17 @@ def test_a_conv_with_numpy_integer_geometry_runs_on_the_sparse_path():
         torch.testing.assert_close(layer(x), want)
     layer = SparseConv2d(np.int64(4), np.int64(3), np.int64(3), mask=mask, path="sparse")
     assert layer(x).shape == (2, 3, 7, 6)
+
+
+def test_the_conv_sparse_path_keeps_a_channels_last_layout():
+    """A channels_last model: nn.Conv2d and the dense path give channels_last outputs, and the CPU sparse path gave
+    NCHW ones, so the layout flipped from layer to layer with each layer's path (a copy downstream)."""
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    mask = torch.rand(6, 4, 3, 3, generator=gen) < 0.3
+    x = torch.randn(2, 4, 5, 7, generator=gen).to(memory_format=torch.channels_last)
+    for path in ("dense", "sparse"):
+        layer = SparseConv2d.from_dense(conv, mask, path=path)
+        y = layer(x)
+        assert y.is_contiguous(memory_format=torch.channels_last), path
+        torch.testing.assert_close(y, F.conv2d(x, conv.weight * mask, conv.bias, 1, 1))

@@ -139,8 +139,13 @@ def test_non_contiguous_inputs():
     x_sl = torch.randn(2, 6, 7, 18, generator=g)[:, ::2, :, ::2]
     for x in (x_cl, x_sl):
         assert not x.is_contiguous()
-        check(tc.conv2d_forward(x, v, taps, b, 1, 1), ref64(sc.reference_forward, x, v, fmt, 3, b, 1, 1),
-              torch.float32)
+        y = tc.conv2d_forward(x, v, taps, b, 1, 1)
+        check(y, ref64(sc.reference_forward, x, v, fmt, 3, b, 1, 1), torch.float32)
+        # laid out as nn.Conv2d's output: channels_last for a channels_last input (it was always NCHW)
+        assert y.is_contiguous(memory_format=torch.channels_last if x is x_cl else torch.contiguous_format)
+        assert y.is_contiguous(memory_format=torch.channels_last) == \
+            torch.nn.functional.conv2d(x, torch.zeros(5, 3, 3, 3), None, 1, 1).is_contiguous(
+                memory_format=torch.channels_last)
         dy = torch.randn(2, 9, 7, 5, generator=g).permute(0, 3, 2, 1)
         assert not dy.is_contiguous()
         check(tc.conv2d_backward_input(dy, v, taps, x.shape, 1, 1),
