@@ -784,6 +784,14 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+@torch.compiler.disable
+def _conv_torch_backend(*args):
+    """The CPU sparse conv, run eagerly under ``torch.compile``: traced, its loop over kernel taps (one CSR product
+    each) split the graph at every tap, recompiled per tap index up to dynamo's recompile limit and ran slower than
+    eager (one graph break here instead)."""
+    return SparseConv2dFunction.apply(*args)
+
+
 class SparseConv2d(_SparseLayer):
     """A drop-in ``nn.Conv2d`` whose weight is masked; see the module docstring.
 
@@ -886,9 +894,9 @@ class SparseConv2d(_SparseLayer):
         if unbatched:
             x = x.unsqueeze(0)
         taps = self._taps() if backend == "torch" else None
-        y = SparseConv2dFunction.apply(x, values, bias, self.fmt, _pair(self.kernel_size), _pair(self.stride),
-                                       _pair(self.padding), _pair(self.dilation), self._dense_ops, self._flat_index,
-                                       backend, taps)
+        apply = _conv_torch_backend if backend == "torch" else SparseConv2dFunction.apply
+        y = apply(x, values, bias, self.fmt, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding),
+                  _pair(self.dilation), self._dense_ops, self._flat_index, backend, taps)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

@@ -1426,3 +1426,29 @@ def test_the_conv_sparse_path_keeps_a_channels_last_layout():
         y = layer(x)
         assert y.is_contiguous(memory_format=torch.channels_last), path
         torch.testing.assert_close(y, F.conv2d(x, conv.weight * mask, conv.bias, 1, 1))
+
+
+def test_torch_compile_runs_the_cpu_sparse_conv_eagerly_in_one_piece():
+    """Traced by dynamo, the CPU sparse conv's loop over kernel taps made a graph per tap (38 frames captured, 14
+    graphs for one 3x3 layer; more than 8 live taps hit dynamo's recompile limit) and ran slower than eager. It
+    is kept out of the graph now: one graph, the same values and gradients."""
+    from torch._dynamo.utils import counters
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    mask = torch.rand(16, 16, 3, 3, generator=gen) < 0.1
+    layer = SparseConv2d.from_dense(conv, mask, path="sparse", backend="torch")
+    x = torch.randn(2, 16, 6, 6, generator=gen, requires_grad=True)
+    layer(x)  # (the index structures, built once per mask)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="eager")
+    for _ in range(3):
+        y = compiled(x)
+        y.square().sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1 and counters["stats"]["calls_captured"] == 1
+    xr = x.detach().clone().requires_grad_()
+    want = F.conv2d(xr, conv.weight * mask, conv.bias, 1, 1)
+    torch.testing.assert_close(y, want)
+    want.square().sum().backward()
+    torch.testing.assert_close(x.grad / 3, xr.grad)
+    torch._dynamo.reset()
