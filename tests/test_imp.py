@@ -144,16 +144,21 @@ def test_rewind_restores_weights_of_iteration_k(tmp_path, rewind, k):
     def cb(r, it, model):
         if r == 0 and it == k:
             captured["w"] = {n: m.dense_weight().detach().clone() for n, m in prunable_layers(model)}
+            captured["b"] = {n: m.bias.detach().clone() for n, m in prunable_layers(model)}
 
     def on_start(r, model):
         starts[r] = {n: (m.dense_weight().detach().clone(), m.mask.clone()) for n, m in prunable_layers(model)}
+        starts[r, "b"] = {n: m.bias.detach().clone() for n, m in prunable_layers(model)}
 
     res = run(tiny_hp(rounds=2, rewind=rewind), tmp_path, callback=cb, on_round_start=on_start)
     if k == 0:
         captured["w"] = {n: starts[0][n][0] for n in starts[0]}
+        captured["b"] = starts[0, "b"]
     rewind_state = torch.load(os.path.join(res.experiment_dir, "seed_0", "rewind.pt"), weights_only=False)
     for r in (1, 2):
         assert res.metrics[0][r]["start_iteration"] == k
+        for n, b in starts[r, "b"].items():  # the biases too
+            assert torch.equal(b, captured["b"][n]) and torch.equal(b, rewind_state[f"{n}.bias"])
         for n, (w, mask) in starts[r].items():
             assert mask.sum() < mask.numel() or n == "fc3"
             assert torch.equal(w[mask], captured["w"][n][mask])  # live weights: exactly their values at k
