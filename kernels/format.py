@@ -91,7 +91,10 @@ class SparseFormat:
         for k, v in kw.items():
             if isinstance(v, torch.Tensor):
                 kw[k] = v.to(device)
-        return SparseFormat(**kw)
+        out = SparseFormat(**kw)
+        if self.__dict__.get("_built"):
+            object.__setattr__(out, "_built", True)
+        return out
 
     def mask(self) -> torch.Tensor:
         """The boolean ``(rows, cols)`` mask this format describes."""
@@ -106,6 +109,10 @@ class SparseFormat:
         of a LeNet-sized layer's host time."""
         if self.__dict__.get("_validated"):
             return
+        for name in ("rows", "cols", "nnz"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"SparseFormat.{name} must be an int >= 0, got {v!r}")
         expect = {
             "row_ptr": (self.rows + 1,), "col_idx": (self.nnz,), "row_idx": (self.nnz,), "col_ptr": (self.cols + 1,),
             "t_row_idx": (self.nnz,), "t_perm": (self.nnz,), "row_order": (self.rows,), "col_order": (self.cols,),
@@ -121,7 +128,33 @@ class SparseFormat:
                 raise ValueError(f"SparseFormat.{name}: expected an int32 or int64 tensor, got {t.dtype}")
             if t.device != self.device:
                 raise ValueError(f"SparseFormat.{name} is on {t.device}, row_ptr on {self.device}")
+        if not self.__dict__.get("_built"):  # made by hand, not by build_format: its contents too, once
+            self.check_contents()
         object.__setattr__(self, "_validated", True)
+
+    def check_contents(self) -> None:
+        """Raise ``ValueError`` unless the structures are those :func:`build_format` makes of the mask that
+        ``row_idx`` / ``col_idx`` describe (``row_order`` and ``col_order`` may be any permutations). The kernels
+        trust them: a pointer past ``nnz`` or an index out of range reads and writes out of bounds, and an
+        inconsistent transposed view gives wrong gradients silently. Formats from :func:`build_format` (and their
+        ``.to()`` copies) are right by construction and skip this; :meth:`validate` runs it once for any other
+        (it reads the tensors: a device sync, and a build's time)."""
+        rows, cols, nnz = self.rows, self.cols, self.nnz
+        ri, ci = self.row_idx.long(), self.col_idx.long()
+        if nnz and (int(ri.min()) < 0 or int(ri.max()) >= rows or int(ci.min()) < 0 or int(ci.max()) >= cols):
+            raise ValueError(f"SparseFormat: row_idx / col_idx out of range for a ({rows}, {cols}) weight")
+        ref = build_format(self.mask())
+        if ref.nnz != nnz:
+            raise ValueError(f"SparseFormat: row_idx / col_idx name {ref.nnz} distinct positions, nnz is {nnz}")
+        for name in ("row_ptr", "col_idx", "row_idx", "col_ptr", "t_row_idx", "t_perm", "row_panel_ptr",
+                     "col_panel_ptr"):
+            if not torch.equal(getattr(self, name).long(), getattr(ref, name).long()):
+                raise ValueError(f"SparseFormat.{name} does not match the mask that row_idx / col_idx describe "
+                                 "(rows in order, columns ascending within a row; build_format makes it right)")
+        for name, n in (("row_order", rows), ("col_order", cols)):
+            order = getattr(self, name).long()
+            if not torch.equal(order.sort().values, torch.arange(n, device=order.device)):
+                raise ValueError(f"SparseFormat.{name} is not a permutation of 0 .. {n - 1}")
 
 
 def check_mask(mask, shape, *, name: str = "mask") -> torch.Tensor:
@@ -179,6 +212,9 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
         raise ValueError("build_format expects a mask with at least one dimension")
     rows = mask.shape[0]
     cols = math.prod(mask.shape[1:]) if mask.dim() > 1 else 1
+    if rows > _INT32_MAX or cols > _INT32_MAX:  # the row and column indices are int32
+        raise ValueError(f"build_format: a ({rows}, {cols}) weight has a dimension beyond 2**31 - 1, which int32 "
+                         "row and column indices cannot address")
     m2 = mask.reshape(rows, cols)
     nz = m2.nonzero()  # (nnz, 2), row-major order
     nnz = nz.shape[0]
@@ -192,7 +228,7 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
     t_row_idx = row_idx[t_perm]
     # the column of every CSC entry (ascending): a sequential fill, not a gather through t_perm
     t_col_idx = torch.repeat_interleave(torch.arange(cols, dtype=torch.int32, device=mask.device), col_counts)
-    return SparseFormat(
+    fmt = SparseFormat(
         rows=rows, cols=cols, nnz=nnz,
         row_ptr=_ptr(row_counts, ptr_dtype),
         col_idx=col_idx,
@@ -205,6 +241,8 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
         row_panel_ptr=_panel_ptr(row_idx, col_idx, rows, cols, ptr_dtype),
         col_panel_ptr=_panel_ptr(t_col_idx, t_row_idx, cols, rows, ptr_dtype),
     )
+    object.__setattr__(fmt, "_built", True)  # right by construction: validate() skips check_contents
+    return fmt
 
 
 def to_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

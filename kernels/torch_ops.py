@@ -67,7 +67,12 @@ def weight_t_csr(values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
     return _csr(fmt.col_ptr, fmt.t_row_idx, values[fmt.t_perm], (fmt.cols, fmt.rows))
 
 
-def _check(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, dim: int, what: str, op: str) -> None:
+def _check(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, dim: str, what: str, op: str) -> None:
+    """``x`` 2-D with ``fmt``'s ``dim`` ("rows" or "cols") columns, ``values`` of length nnz, one device."""
+    if not isinstance(fmt, SparseFormat):
+        raise TypeError(f"{op}: fmt must be a SparseFormat (kernels.format.build_format), got {type(fmt).__name__}")
+    fmt.validate()  # (once per format: it remembers)
+    dim = getattr(fmt, dim)
     if x.dim() != 2 or x.shape[1] != dim:
         raise ValueError(f"{op}: {what} must be 2-D with {dim} columns, got shape {tuple(x.shape)}")
     if values is not None and (values.dim() != 1 or values.numel() != fmt.nnz):
@@ -93,7 +98,7 @@ def prepare_operand(t: torch.Tensor, nnz: int = 0) -> torch.Tensor:
 def linear_forward(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, bias: torch.Tensor | None = None,
                    activation: str | None = None) -> torch.Tensor:
     """y = x W^T + b (optionally ReLU), x: (B, cols) -> (B, rows)."""
-    _check(x, values, fmt, fmt.cols, "x", "linear_forward")
+    _check(x, values, fmt, "cols", "x", "linear_forward")
     ct = _compute_dtype(x.dtype)
     y = torch.sparse.mm(weight_csr(as_dtype(values, ct), fmt), as_dtype(x, ct).t()).t()
     if bias is not None:
@@ -108,7 +113,7 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, bia
 @_no_autocast
 def linear_backward_input(dy: torch.Tensor, values: torch.Tensor, fmt: SparseFormat) -> torch.Tensor:
     """dx = dy W, dy: (B, rows) -> (B, cols)."""
-    _check(dy, values, fmt, fmt.rows, "dy", "linear_backward_input")
+    _check(dy, values, fmt, "rows", "dy", "linear_backward_input")
     ct = _compute_dtype(dy.dtype)
     # a contiguous dense operand: ~15% faster than the strided dy.t() here (LeNet sizes, one CPU thread); free
     # when dy was prepared (prepare_operand)
@@ -120,8 +125,8 @@ def linear_backward_input(dy: torch.Tensor, values: torch.Tensor, fmt: SparseFor
 def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
                            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """dvalues[k] = sum_b dy[b, row_idx[k]] * x[b, col_idx[k]]: the weight gradient at live positions only."""
-    _check(dy, None, fmt, fmt.rows, "dy", "linear_backward_weight")
-    _check(x, None, fmt, fmt.cols, "x", "linear_backward_weight")
+    _check(dy, None, fmt, "rows", "dy", "linear_backward_weight")
+    _check(x, None, fmt, "cols", "x", "linear_backward_weight")
     if dy.shape[0] != x.shape[0]:
         raise ValueError(f"linear_backward_weight: dy has {dy.shape[0]} rows, x has {x.shape[0]}")
     out_dtype = out_dtype or dy.dtype

@@ -281,6 +281,7 @@ class _SparseLayer(nn.Module):
         if f is None or f.row_ptr is not d.get("_fmt_row_ptr") or f.nnz != self._nnz:
             f = SparseFormat(rows=self.weight_shape[0], cols=math.prod(self.weight_shape[1:]), nnz=self._nnz,
                              **{n: d["_fmt_" + n] for n in _FMT_FIELDS})
+            object.__setattr__(f, "_built", True)  # the fields of a build_format, kept (and moved) by the layer
             d["_fmt_cache"] = f
         return f
 

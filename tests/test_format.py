@@ -100,3 +100,64 @@ def test_validated_format_is_checked_once_and_a_replaced_one_again():
     got.clear()
     assert len(fmt.tensors()) == 10
     assert fmt.to("cpu").tensors().keys() == fmt.tensors().keys()
+
+
+def _corrupt(fmt, name, fn):
+    t = getattr(fmt, name).clone()
+    fn(t)
+    return dataclasses.replace(fmt, **{name: t})
+
+
+def test_a_format_made_by_hand_has_its_contents_checked_once():
+    """The kernels trust the index contents: a pointer past nnz segfaulted (interpreter) or read out of bounds, an
+    index out of range or an inconsistent transposed view gave wrong outputs or gradients silently. A format not
+    made by build_format has its contents checked at its first validate() (once: the answer is remembered);
+    build_format's own formats, their .to() copies and a layer's format skip that."""
+    from sparse_lth.kernels import format as F
+    gen = torch.Generator().manual_seed(5)
+    fmt = build_format(torch.rand(6, 8, generator=gen) < 0.4)
+    n = fmt.nnz
+    cases = {
+        "row_ptr": [lambda t: t.__setitem__(-1, n + 1000), lambda t: t.__setitem__(0, 1),
+                    lambda t: t.__setitem__(2, t[3] + 1)],
+        "col_idx": [lambda t: t.__setitem__(0, 8), lambda t: t.__setitem__(0, -1),
+                    lambda t: t.__setitem__(slice(0, 2), t[0:2].flip(0))],
+        "row_idx": [lambda t: t.__setitem__(-1, 6)],
+        "t_perm": [lambda t: t.__setitem__(0, n + 3), lambda t: t.__setitem__(0, t[1]),
+                   lambda t: t.__setitem__(slice(0, 2), t[0:2].flip(0))],
+        "t_row_idx": [lambda t: t.__setitem__(0, (t[0] + 1) % 6)],
+        "col_ptr": [lambda t: t.__setitem__(1, t[1] + 1)],
+        "row_panel_ptr": [lambda t: t.__setitem__((0, 0), 1)],
+        "col_panel_ptr": [lambda t: t.__setitem__((0, 1), t[0, 1] + 1)],
+        "row_order": [lambda t: t.__setitem__(0, t[1])],
+        "col_order": [lambda t: t.__setitem__(0, 99)],
+    }
+    for name, fns in cases.items():
+        for fn in fns:
+            bad = _corrupt(fmt, name, fn)
+            if torch.equal(getattr(bad, name), getattr(fmt, name)):
+                continue  # (a flip of two equal entries changes nothing)
+            with pytest.raises(ValueError, match="SparseFormat"):
+                bad.validate()
+            assert "_validated" not in bad.__dict__
+    # right contents made by hand (another order of equally long rows, int64 pointers) pass, once
+    order = fmt.row_order.clone()
+    alt = dataclasses.replace(fmt, row_ptr=fmt.row_ptr.long(), row_order=torch.arange(6, dtype=torch.int32))
+    alt.validate()
+    assert alt.__dict__.get("_validated") and torch.equal(order, fmt.row_order)
+    with pytest.raises(ValueError, match="rows must be an int"):
+        dataclasses.replace(fmt, rows=6.0).validate()
+    # build_format's formats (and their copies) are right by construction: not read again
+    calls = []
+    real = F.SparseFormat.check_contents
+    try:
+        F.SparseFormat.check_contents = lambda self: calls.append(1)
+        build_format(torch.rand(5, 7, generator=gen) < 0.5).validate()
+        build_format(torch.rand(5, 7, generator=gen) < 0.5).to("cpu").validate()
+        assert calls == []
+        dataclasses.replace(fmt).validate()
+        assert calls == [1]
+    finally:
+        F.SparseFormat.check_contents = real
+    with pytest.raises(ValueError, match="beyond 2\\*\\*31 - 1"):  # int32 indices: refused, not wrapped
+        build_format(torch.empty(2, 2 ** 31, dtype=torch.bool, device="meta"))
