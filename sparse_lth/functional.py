@@ -19,12 +19,30 @@ from .kernels import torch_conv, torch_ops
 from .kernels.format import SparseFormat
 
 
+def _check_backend(backend, op: str) -> None:
+    from .backend import BACKENDS
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _check_function_input(x, fmt: SparseFormat, width: int, op: str) -> None:
+    """The Functions' own O(1) checks, for a direct caller (the layers and sparse_linear() check more first): an
+    input of the wrong width or an integer dtype made the Triton kernels read out of bounds or return integers."""
+    if not isinstance(fmt, SparseFormat):
+        raise TypeError(f"{op}: fmt must be a SparseFormat, got {type(fmt).__name__}")
+    if width != fmt.cols or not x.is_floating_point():
+        raise ValueError(f"{op}: an input of shape {tuple(x.shape)} and dtype {x.dtype} does not fit a "
+                         f"({fmt.rows}, {fmt.cols}) sparse weight (a floating input whose rows hold {fmt.cols} "
+                         "values, or C_in * kh * kw of them for a conv)")
+
+
 def _linear_ops(backend: str):
     """(prepare, forward, backward_input, backward_weight). ``prepare(t, nnz)`` turns a dense operand into the form
     the ops read without a copy (the Triton kernels: batch-minor, or in place when small); an operand that feeds
     two ops is prepared once, so a layout copy, when one is needed, is made once per step, not once per op."""
     ops = _LINEAR_OPS.get(backend)
     if ops is None:
+        _check_backend(backend, "SparseLinearFunction")
         if backend == "torch":
             ops = (torch_ops.prepare_operand, torch_ops.linear_forward, torch_ops.linear_backward_input,
                    torch_ops.linear_backward_weight)
@@ -111,6 +129,7 @@ class SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, values, bias, fmt: SparseFormat, backend: str, activation: str | None,
                 dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
+        _check_function_input(x, fmt, x.shape[-1] if x.dim() else -1, "SparseLinearFunction")
         prep, fwd, _, _ = _linear_ops(backend)
         d_fwd, d_dx, d_dw = dense
         lead = x.shape[:-1]
@@ -226,6 +245,9 @@ def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", ac
     return SparseLinearFunction.apply(x, values, bias, fmt, backend, activation, tuple(dense), flat_index)
 
 
+_CONV_BACKENDS = ("torch", "triton", "interpret")
+
+
 class SparseConv2dFunction(torch.autograd.Function):
     """Direct sparse conv2d (NCHW, groups=1, zero padding) on the Triton kernels (``backend`` "triton" or
     "interpret") or the torch backend's shifted CSR products (``backend="torch"``, which needs ``taps``, the
@@ -242,6 +264,10 @@ class SparseConv2dFunction(torch.autograd.Function):
     def forward(ctx, x, values, bias, fmt: SparseFormat, kernel_size, stride, padding, dilation,
                 dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None, backend: str = "triton",
                 taps=None):
+        if backend not in _CONV_BACKENDS:
+            _check_backend(backend, "SparseConv2dFunction")
+        _check_function_input(x, fmt, x.shape[1] * kernel_size[0] * kernel_size[1] if x.dim() == 4 else -1,
+                              "SparseConv2dFunction")
         d_fwd, d_dx, d_dw = dense
         w_shape = (fmt.rows, fmt.cols // (kernel_size[0] * kernel_size[1])) + tuple(kernel_size)
         w = xg = grid = None

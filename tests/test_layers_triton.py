@@ -261,6 +261,39 @@ def test_functional_sparse_linear_checks_its_arguments_on_the_torch_backend_too(
             sparse_linear(x, values, None, fmt, name)
 
 
+@pytest.mark.parametrize("which", ["kernels", "torch"])
+def test_the_autograd_functions_called_directly_refuse_what_does_not_fit(kernel_device, backend, which):
+    """SparseLinearFunction / SparseConv2dFunction called directly (they are importable) with an input of another
+    width read out of bounds (NaN, or 1.8e19 for a conv), an integer input came back as integers, and an unknown
+    backend name ran the Triton path. Their own O(1) checks refuse these."""
+    from sparse_lth.functional import SparseConv2dFunction, SparseLinearFunction
+    from sparse_lth.kernels.format import build_format
+    from sparse_lth.kernels.torch_conv import build_conv_taps
+    device, be = (kernel_device, backend) if which == "kernels" else ("cpu", "torch")
+    gen = torch.Generator().manual_seed(4)
+    fmt = build_format(random_mask((5, 64), 0.3, gen).to(device))
+    values = torch.randn(fmt.nnz, generator=gen).to(device)
+    for x, msg in ((torch.randn(3, 2, device=device), r"an input of shape \(3, 2\) .* a \(5, 64\) sparse weight"),
+                   (torch.ones(3, 64, dtype=torch.int64, device=device), "dtype torch.int64 does not fit")):
+        with pytest.raises(ValueError, match=msg):
+            SparseLinearFunction.apply(x, values, None, fmt, be, None)
+    with pytest.raises(ValueError, match="SparseLinearFunction: unknown backend 'cuda'"):
+        SparseLinearFunction.apply(torch.randn(3, 64, device=device), values, None, fmt, "cuda", None)
+    cfmt = build_format(random_mask((4, 8, 3, 3), 0.3, gen).to(device))
+    cvals = torch.randn(cfmt.nnz, generator=gen).to(device)
+    taps = build_conv_taps(cfmt, (3, 3)) if be == "torch" else None
+    geom = ((3, 3), (1, 1), (1, 1), (1, 1))
+    with pytest.raises(ValueError, match=r"SparseConv2dFunction: an input of shape \(1, 2, 5, 5\)"):
+        SparseConv2dFunction.apply(torch.randn(1, 2, 5, 5, device=device), cvals, None, cfmt, *geom,
+                                   (False, False, False), None, be, taps)
+    with pytest.raises(ValueError, match="SparseConv2dFunction: unknown backend 'gpu'"):
+        SparseConv2dFunction.apply(torch.randn(1, 8, 5, 5, device=device), cvals, None, cfmt, *geom,
+                                   (False, False, False), None, "gpu", taps)
+    y = SparseConv2dFunction.apply(torch.randn(1, 8, 5, 5, device=device), cvals, None, cfmt, *geom,
+                                   (False, False, False), None, be, taps)  # what fits runs
+    assert y.shape == (1, 4, 5, 5) and torch.isfinite(y).all()
+
+
 def functional_sparse_linear_checks(kernel_device, backend):
     from sparse_lth.functional import sparse_linear
     from sparse_lth.kernels.format import build_format
