@@ -32,6 +32,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ._triton import HAS_TRITON, check_launch
 
@@ -465,7 +466,10 @@ def _launch_all(op: str, kernel, entries: list[dict], flags: dict, block: int, n
         bucket[1].append(e["hyper"])
         if hyper64_cols:
             bucket[2].append(e["hyper64"])
-    return launch_buckets(op, kernel, device, buckets, flags, block, num_warps, hyper64_cols)
+    launches = launch_buckets(op, kernel, device, buckets, flags, block, num_warps, hyper64_cols)
+    # written in place behind autograd's back: a graph that saved one of them must see it changed
+    increment_version([t for e in entries for t in (e["p"], *e["states"])])
+    return launches
 
 
 def launch_buckets(op: str, kernel, device: torch.device, buckets: dict, flags: dict, block: int = DEFAULT_BLOCK,
@@ -563,8 +567,11 @@ def _adam_hyper(lr, weight_decay, beta1, beta2, eps, step) -> tuple[float, ...]:
     """Per-tensor scalars of torch.optim.Adam's (non-capturable) step, computed in double as torch does, as the
     kernel's row."""
     lr, weight_decay, beta1, beta2, eps, step = map(float, (lr, weight_decay, beta1, beta2, eps, step))
-    if step < 1:
+    if not 1 <= step < math.inf:  # (a NaN step passed `step < 1` and made every weight NaN)
         raise ValueError(f"Adam step count must be >= 1 after incrementing, got {step}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:  # (beta1 = 1: a ZeroDivisionError in the bias correction)
+            raise ValueError(f"Adam needs 0 <= {name} < 1, got {b}")
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     return _padded((lr, weight_decay, beta1, 1 - beta1, beta2, 1 - beta2, lr / bias_correction1,

@@ -57,6 +57,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd.graph import increment_version
 
 from ._triton import HAS_TRITON, autotune_bench, cdiv, check_launch, check_unit_stride, interpreting, offset_dtype
 from .format import PANEL, SparseFormat, to_dense
@@ -570,12 +571,43 @@ def _check_devices(op: str, fmt: SparseFormat, **named) -> None:
         raise ValueError(f"{op}: tensors are on different devices: {where}")
 
 
-def _check_out(out, shape: tuple, dtype, device, op: str) -> None:
+def _check_out(out, shape: tuple, dtype, device, op: str, *inputs) -> None:
+    """``out=``: of the result's shape, dtype and device; every element its own memory (an expanded, stride-0
+    buffer made every row the last one written), none of it the inputs' (the kernels read them while they write:
+    an ``out`` that was ``x`` gave wrong results on a GPU's many programs), and no autograd leaf (as torch's ops
+    with ``out=``)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(f"{op}: out is {tuple(out.shape)} {out.dtype} on {out.device}, "
                          f"expected {tuple(shape)} {dtype} on {device}")
+    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+        raise ValueError(f"{op}: out has a zero stride (an expanded tensor): its elements share memory")
+    if out.requires_grad:
+        raise ValueError(f"{op}: out requires grad; the kernels' writes are not differentiable")
+    for t in inputs:
+        if t is not None and _overlap(out, t):
+            raise ValueError(f"{op}: out shares memory with an input, which the kernel reads while it writes")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``t`` can touch, [first, last), from its data pointer and strides."""
+    lo = hi = 0
+    for n, st in zip(t.shape, t.stride()):
+        if n > 1:
+            if st > 0:
+                hi += (n - 1) * st
+            else:
+                lo += (n - 1) * st
+    p, size = t.data_ptr(), t.element_size()
+    return p + lo * size, p + (hi + 1) * size
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _check_activation(activation, op: str) -> None:
@@ -705,7 +737,10 @@ def sparse_linear_forward(x, values, fmt, bias=None, activation=None, *, out=Non
     op = "sparse_linear_forward"
     variant = _resolve_variant(variant, config, op)
     check_forward_args(x, values, fmt, bias, activation, out=out, op=op)
-    return _forward(x, values, fmt, bias, activation == "relu", out, config, variant, op)
+    y = _forward(x, values, fmt, bias, activation == "relu", out, config, variant, op)
+    if out is not None:  # written behind autograd's back: a graph that saved it must see it changed
+        increment_version(out)
+    return y
 
 
 def check_forward_args(x, values, fmt, bias=None, activation=None, *, out=None, op="sparse_linear_forward",
@@ -724,7 +759,7 @@ def check_forward_args(x, values, fmt, bias=None, activation=None, *, out=None, 
     if launch:
         check_launch(x, values, bias, fmt.row_ptr, op=op)  # fmt validated: its tensors all on fmt.device
     if out is not None:
-        _check_out(out, (x.shape[0], fmt.rows), x.dtype, x.device, op)
+        _check_out(out, (x.shape[0], fmt.rows), x.dtype, x.device, op, x, values, bias)
 
 
 def _forward(x, values, fmt, bias, relu, out, config, variant, op):
@@ -751,8 +786,11 @@ def sparse_linear_backward_input(dy, values, fmt, *, out=None, config=None, vari
     _check_devices(op, fmt, dy=dy, values=values, out=out)
     check_launch(dy, values, fmt.row_ptr, op=op)
     if out is not None:
-        _check_out(out, (dy.shape[0], fmt.cols), dy.dtype, dy.device, op)
-    return _backward_input(dy, values, fmt, out, config, variant, op)
+        _check_out(out, (dy.shape[0], fmt.cols), dy.dtype, dy.device, op, dy, values)
+    dx = _backward_input(dy, values, fmt, out, config, variant, op)
+    if out is not None:
+        increment_version(out)
+    return dx
 
 
 def _backward_input(dy, values, fmt, out, config, variant, op):
@@ -786,8 +824,11 @@ def sparse_linear_backward_weight(dy, x, fmt, *, out_dtype=None, out=None, confi
     _check_devices(op, fmt, dy=dy, x=x, out=out)
     check_launch(dy, x, fmt.row_ptr, op=op)
     if out is not None:
-        _check_out(out, (fmt.nnz,), out_dtype, dy.device, op)
-    return _backward_weight(dy, x, fmt, out_dtype, out, config, variant, op)
+        _check_out(out, (fmt.nnz,), out_dtype, dy.device, op, dy, x)
+    dv = _backward_weight(dy, x, fmt, out_dtype, out, config, variant, op)
+    if out is not None:
+        increment_version(out)
+    return dv
 
 
 def _backward_weight(dy, x, fmt, out_dtype, out, config, variant, op):

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
+from torch.autograd.graph import increment_version
 
 from .backend import BACKENDS, resolve_backend
 from .kernels import optim as _k
@@ -270,6 +271,9 @@ class _MaskedOptimizer(Optimizer):
                 if not it.p.is_contiguous():
                     it.work = it.p.contiguous()
             self._kernel_update(dev, items)
+            # the kernels write raw memory, which autograd does not see: a graph that saved a parameter would
+            # silently compute with the updated one where torch.optim's in-place ops make it raise
+            increment_version([it.p for it in items if it.work is it.p])
             for it in items:
                 if it.work is not it.p:
                     it.p.copy_(it.work)

@@ -347,6 +347,33 @@ def test_bad_shapes(prob):
         sparse_linear_backward_weight(dy, x, fmt, out=torch.empty(fmt.nnz, dtype=torch.float16, device=x.device))
 
 
+def test_an_out_buffer_that_shares_memory_or_needs_grad_is_refused_and_a_written_one_is_seen_by_autograd(prob):
+    """out= that is an input (on a GPU's many programs the kernel read what it had written: errors of 5-8), an
+    expanded stride-0 buffer (every row the last one written), or a leaf that requires grad: refused. A buffer
+    written in place that a graph saved now fails that graph's backward, as torch's in-place ops do (the kernels
+    write behind autograd's back: it went on with the new values)."""
+    mask, fmt, values, x, b, dy = prob  # a 6x10 weight, batch 3
+    sq = setup(7, 7, 3, 0.5, torch.float32, x.device, seed=62)  # square: out may be x itself
+    _, sfmt, svalues, sx, sb, sdy = sq
+    for call in (lambda: sparse_linear_forward(sx, svalues, sfmt, sb, out=sx),
+                 lambda: sparse_linear_backward_input(sdy, svalues, sfmt, out=sdy),
+                 lambda: sparse_linear_forward(x, values, fmt, b, out=torch.empty(1, 6, device=x.device).expand(3, 6)),
+                 lambda: sparse_linear_backward_weight(dy, x, fmt, out=torch.empty(1, device=x.device).expand(fmt.nnz)),
+                 lambda: sparse_linear_forward(x, values, fmt, b, out=torch.empty(3, 6, device=x.device,
+                                                                                  requires_grad=True))):
+        with pytest.raises(ValueError, match="out (shares memory with an input|has a zero stride|requires grad)"):
+            call()
+    buf = torch.empty(4 * 3 * 7, device=x.device)  # two views of one buffer that do not overlap: fine
+    y = sparse_linear_forward(sx, svalues, sfmt, sb, out=buf[21:42].view(3, 7))
+    assert torch.equal(y, sparse_linear_forward(sx, svalues, sfmt, sb))
+    a = torch.randn(3, 6, device=x.device, requires_grad=True)
+    o = torch.zeros(3, 6, device=x.device)
+    loss = (a * o).sum()  # saves o
+    sparse_linear_forward(x, values, fmt, b, out=o)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_bad_dtypes(prob):
     mask, fmt, values, x, b, dy = prob
     with pytest.raises(TypeError, match="dtypes must match"):

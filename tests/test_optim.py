@@ -1121,3 +1121,36 @@ def test_adam_with_eps_zero_keeps_pruned_weights_zero_and_live_ones_as_torch(bac
     got = p.detach().cpu()
     assert (got[~mask] == 0).all() and torch.isfinite(got).all()
     torch.testing.assert_close(got[mask], ref.detach()[mask], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("how", ["launcher", "optimizer"])
+def test_kernel_updates_are_seen_by_autograd(kernel_device, how):
+    """The kernels write parameters behind autograd's back: a graph that had saved a parameter went on with the
+    updated values in its backward, where torch.optim's in-place step makes that backward raise."""
+    p = torch.nn.Parameter(torch.randn(4, 5, device=kernel_device))
+    loss = (p * p).sum()  # saves p
+    g = torch.ones(4, 5, device=kernel_device)
+    if how == "launcher":
+        with torch.no_grad():
+            K.fused_sgd_([p], [g], None, None, lr=0.5)
+    else:
+        p.grad = g
+        Adam([p], lr=0.5, backend="triton" if kernel_device.type == "cuda" else "interpret").step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_the_adam_launcher_refuses_a_step_count_or_beta_that_breaks_the_bias_corrections(kernel_device):
+    """A NaN step count passed `step < 1` and made every weight NaN; beta1 = 1 divided by zero."""
+    def call(**kw):
+        p = torch.randn(4, device=kernel_device)
+        args = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1.0)
+        args.update(kw)
+        K.fused_adam_([p], [torch.randn(4, device=kernel_device)], [torch.zeros(4, device=kernel_device)],
+                      [torch.zeros(4, device=kernel_device)], None, None, **args)
+        return p
+    for kw, msg in ((dict(step=float("nan")), "step count must be >= 1"), (dict(step=float("inf")), "step count"),
+                    (dict(beta1=1.0), "0 <= beta1 < 1"), (dict(beta2=-0.1), "0 <= beta2 < 1")):
+        with pytest.raises(ValueError, match=msg):
+            call(**kw)
+    assert torch.isfinite(call()).all()
