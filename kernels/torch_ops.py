@@ -73,6 +73,11 @@ def _check(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, dim: str, w
         raise TypeError(f"{op}: fmt must be a SparseFormat (kernels.format.build_format), got {type(fmt).__name__}")
     fmt.validate()  # (once per format: it remembers)
     dim = getattr(fmt, dim)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{op}: {what} must be a floating tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if values is not None and values.dtype != x.dtype:
+        raise TypeError(f"{op}: dtypes must match: {what} {x.dtype}, values {values.dtype}")
     if x.dim() != 2 or x.shape[1] != dim:
         raise ValueError(f"{op}: {what} must be 2-D with {dim} columns, got shape {tuple(x.shape)}")
     if values is not None and (values.dim() != 1 or values.numel() != fmt.nnz):
@@ -99,6 +104,9 @@ def linear_forward(x: torch.Tensor, values: torch.Tensor, fmt: SparseFormat, bia
                    activation: str | None = None) -> torch.Tensor:
     """y = x W^T + b (optionally ReLU), x: (B, cols) -> (B, rows)."""
     _check(x, values, fmt, "cols", "x", "linear_forward")
+    if bias is not None and (tuple(bias.shape) != (fmt.rows,) or bias.dtype != x.dtype or bias.device != x.device):
+        raise ValueError(f"linear_forward: bias must be ({fmt.rows},) {x.dtype} on {x.device}, got "
+                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")  # (a (1,) or (B, rows) broadcast)
     ct = _compute_dtype(x.dtype)
     y = torch.sparse.mm(weight_csr(as_dtype(values, ct), fmt), as_dtype(x, ct).t()).t()
     if bias is not None:
@@ -129,7 +137,11 @@ def linear_backward_weight(dy: torch.Tensor, x: torch.Tensor, fmt: SparseFormat,
     _check(x, None, fmt, "cols", "x", "linear_backward_weight")
     if dy.shape[0] != x.shape[0]:
         raise ValueError(f"linear_backward_weight: dy has {dy.shape[0]} rows, x has {x.shape[0]}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"linear_backward_weight: dtypes must match: dy {dy.dtype}, x {x.dtype}")
     out_dtype = out_dtype or dy.dtype
+    if not out_dtype.is_floating_point:
+        raise TypeError(f"linear_backward_weight: out_dtype must be a floating dtype, got {out_dtype}")
     if fmt.nnz == 0:
         return torch.zeros(0, dtype=out_dtype, device=dy.device)
     ct = _compute_dtype(dy.dtype)

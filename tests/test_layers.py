@@ -1452,3 +1452,29 @@ def test_torch_compile_runs_the_cpu_sparse_conv_eagerly_in_one_piece():
     want.square().sum().backward()
     torch.testing.assert_close(x.grad / 3, xr.grad)
     torch._dynamo.reset()
+
+
+def test_the_torch_backends_linear_ops_refuse_what_the_kernels_refuse():
+    """kernels.torch_ops is public: an integer input came back as integers, a (1,) or (B, rows) bias broadcast, an
+    integer out_dtype was taken, and a mask given as the format raised AttributeError."""
+    from sparse_lth.kernels import torch_ops
+    from sparse_lth.kernels.format import build_format
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(5, 7, generator=gen) < 0.5
+    fmt = build_format(mask)
+    v, x, dy = torch.randn(fmt.nnz, generator=gen), torch.randn(3, 7, generator=gen), torch.randn(3, 5, generator=gen)
+    with pytest.raises(TypeError, match="x must be a floating tensor, got torch.int64"):
+        torch_ops.linear_forward(x.long(), v, fmt)
+    with pytest.raises(TypeError, match="dtypes must match: x torch.float64, values torch.float32"):
+        torch_ops.linear_forward(x.double(), v, fmt)
+    for b in (torch.zeros(1), torch.zeros(3, 5)):
+        with pytest.raises(ValueError, match=r"bias must be \(5,\)"):
+            torch_ops.linear_forward(x, v, fmt, b)
+    with pytest.raises(TypeError, match="out_dtype must be a floating dtype"):
+        torch_ops.linear_backward_weight(dy, x, fmt, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="dtypes must match: dy torch.float32, x torch.float64"):
+        torch_ops.linear_backward_weight(dy, x.double(), fmt)
+    with pytest.raises(TypeError, match="fmt must be a SparseFormat"):
+        torch_ops.linear_forward(x, v, mask)
+    w = torch.zeros(5, 7).index_put_((fmt.row_idx.long(), fmt.col_idx.long()), v)
+    torch.testing.assert_close(torch_ops.linear_forward(x, v, fmt, torch.ones(5)), x @ w.t() + 1)
