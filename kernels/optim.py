@@ -451,6 +451,11 @@ def _launch_all(op: str, kernel, entries: list[dict], flags: dict, block: int, n
 
     An entry: ``p``, ``g``, ``mask`` (or None), ``states`` (up to 3) and ``hyper`` (its fp32 table row, padded);
     with ``hyper64_cols`` > 0 also ``hyper64`` (its fp64 row) and ``aux`` (capturable Adam's step count)."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 16 or block & (block - 1) \
+            or block > 1 << 16:  # a power of two (tl.arange), within what a program can hold
+        raise ValueError(f"{op}: block must be a power of two in [16, 65536], got {block!r}")
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{op}: num_warps must be a power of two up to 32, got {num_warps!r}")
     entries = [e for e in entries if e["p"].numel() > 0]
     if not entries:
         return 0

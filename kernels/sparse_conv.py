@@ -22,6 +22,7 @@ See ``notes/sparse_conv.md`` for the design and its reasons.
 """
 from __future__ import annotations
 
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -340,7 +341,7 @@ def sparse_conv2d_backward_input(dy, values, fmt, input_shape, kernel_size, stri
     _check_tensor4(dy, "dy", op)
     c_in = _check_fmt(fmt, k, op)
     try:
-        input_shape = tuple(int(v) for v in input_shape)
+        input_shape = tuple(operator.index(v) for v in input_shape)  # (int() took 2.5 as 2)
     except (TypeError, ValueError):
         raise TypeError(f"{op}: input_shape must be a sequence of 4 ints, got {input_shape!r}") from None
     if len(input_shape) != 4 or min(input_shape) < 0:

@@ -31,6 +31,7 @@ CPU sparse products exist for float32/float64 only; other dtypes are computed in
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 
 import torch
@@ -300,7 +301,10 @@ def conv2d_backward_input(dy, values, taps: ConvTaps, input_shape, stride=1, pad
     """``dx`` (``input_shape``) of the convolution, given ``dy`` (N, C_out, OH, OW)."""
     op = "torch_conv.conv2d_backward_input"
     _check(op, dy, "dy", values, taps)
-    input_shape = tuple(input_shape)
+    try:
+        input_shape = tuple(operator.index(v) for v in input_shape)
+    except TypeError:
+        raise TypeError(f"{op}: input_shape must be a sequence of 4 ints, got {input_shape!r}") from None
     if len(input_shape) != 4:
         raise ValueError(f"{op}: input_shape must be (N, C_in, H, W), got {input_shape}")
     g = ShiftGrid(input_shape, taps, stride, padding, dilation, op)

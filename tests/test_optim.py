@@ -1154,3 +1154,14 @@ def test_the_adam_launcher_refuses_a_step_count_or_beta_that_breaks_the_bias_cor
         with pytest.raises(ValueError, match=msg):
             call(**kw)
     assert torch.isfinite(call()).all()
+
+
+def test_the_launchers_refuse_a_block_or_warp_count_the_kernel_cannot_take():
+    """block=1000 failed deep in the interpreter (not a power of two), block=0 divided by zero; num_warps was never
+    looked at."""
+    p, g = torch.randn(8), torch.randn(8)
+    for kw, msg in ((dict(block=1000), "block must be a power of two"), (dict(block=0), "block must be"),
+                    (dict(num_warps=3), "num_warps must be")):
+        with pytest.raises(ValueError, match=msg):
+            K.fused_sgd_([p], [g], None, None, lr=0.1, **kw)
+    K.fused_sgd_([p], [g], None, None, lr=0.1, block=64, num_warps=2)

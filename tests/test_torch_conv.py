@@ -178,6 +178,11 @@ def test_bad_input():
     fwd, bwi, bww = tc.conv2d_forward, tc.conv2d_backward_input, tc.conv2d_backward_weight
     with pytest.raises(ValueError, match="4-D"):
         fwd(x[0], v, taps, b, 1, 1)
+    # a non-integer input shape (int() took 2.5 as 2; float sizes failed deep inside torch)
+    with pytest.raises(TypeError, match="input_shape must be a sequence of 4 ints"):
+        bwi(dy, v, taps, (2.0, 3, 7, 9), 1, 1)
+    with pytest.raises(TypeError, match="input_shape must be a sequence of 4 ints"):
+        sc.sparse_conv2d_backward_input(dy, v, fmt, (2.5, 3, 7, 9), 3, 1, 1)
     with pytest.raises(TypeError, match="float32"):
         fwd(x.long(), v, taps, b, 1, 1)
     with pytest.raises(ValueError, match="channels"):
