@@ -245,3 +245,30 @@ def test_anatomy_cli(tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| gap at end (pp) |" in out and "evaluated on 150 training examples and 200 test examples" in out
+
+
+def test_near_zero_survivors_are_within_half_a_standard_deviation():
+    """The threshold is half a standard deviation of all the starting weights (the test's survivors were +-2, far from
+    any threshold)."""
+    from sparse_lth.anatomy import init_weight_stats
+    w = torch.tensor([-2.0, -1.0, -0.1, 0.0, 0.1, 1.0, 2.0, 0.05])
+    sd = w.double().std(unbiased=False).item()  # ~1.07: 1.0 is within 1 sd, not within 0.5 sd
+    mask = torch.tensor([False, True, False, False, False, True, False, False])
+    assert init_weight_stats(w, mask)["near_zero_live"] == 0.0
+    mask[4] = True
+    assert init_weight_stats(w, mask)["near_zero_live"] == pytest.approx(1 / 3)
+
+
+def test_anatomy_of_a_late_rewinding_run_describes_the_rewind_point(tmp_path):
+    """With late rewinding the survivors start from rewind.pt, not init.pt (the tests rewound to 0, where they
+    are the same weights)."""
+    from sparse_lth.anatomy import init_weight_stats
+    res = run_imp(tiny_hp(rounds=1, rewind="5it"), str(tmp_path), progress=False, data=tiny_data(240, 120))
+    a = anatomy(res.experiment_dir, 0)
+    sdir = os.path.join(res.experiment_dir, "seed_0")
+    rew = torch.load(os.path.join(sdir, "rewind.pt"), weights_only=False)
+    masks = torch.load(os.path.join(sdir, "round_01", "masks.pt"), weights_only=False)["masks"]
+    assert a["start"] == "rewind.pt"
+    for n, mk in masks.items():
+        assert a["init_weights"]["1"][n]["mean_abs_ratio"] == pytest.approx(
+            init_weight_stats(rew[f"{n}.weight"], mk)["mean_abs_ratio"])

@@ -245,3 +245,14 @@ def test_synthetic_rows_use_the_scripts_columns(results):
         path = next(p for p in results.glob(f"{prefix}*{SLUG}.csv"))
         with open(path, newline="") as f:
             assert next(csv.reader(f)) == list(fields), script
+
+
+def test_the_vgg_target_reads_the_best_sparse_implementation():
+    """Two sparse-lth implementations at 1.5 %: the target is the better one (one row in the tests: min passed)."""
+    rows = [dict(model="vgg19", batch="64", density="0.015", impl=i, paths="p", median_ms="1",
+                 speedup_vs_dense_masking=s) for i, s in (("dense_masking", "1.0"), ("sparse_lth", "1.2"),
+                                                           ("sparse_lth_graph", "1.8"))]
+    t = []
+    summarize.model_section(rows, t)
+    v = next(x for x in t if x.what.startswith("VGG-19 training step"))
+    assert v.measured == pytest.approx(1.8)

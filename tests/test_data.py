@@ -403,3 +403,25 @@ def test_bad_arguments(tmp_path):
         DeviceDataset(torch.zeros(4, 1, 2, 2), torch.zeros(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="mean/std"):
         DeviceDataset(torch.zeros(4, 3, 2, 2), torch.zeros(4, dtype=torch.int64), mean=(0.1,), std=(0.2,))
+
+
+def test_crop_offsets_cover_every_shift_and_are_drawn_independently():
+    """Row and column offsets each take all 9 values and differ (dx = dy, diagonal crops only, passed: the reference
+    test rebuilds its expected output from augmentation_params itself)."""
+    from sparse_lth.data import DeviceDataset
+    d = DeviceDataset(torch.zeros(4, 3, 32, 32), torch.zeros(4, dtype=torch.long), True)
+    dy, dx, flip = d.augmentation_params(0, 2, 256)
+    assert set(dx.tolist()) == set(range(9)) == set(dy.tolist()) and not torch.equal(dx, dy)
+
+
+def test_cifar_is_normalized_with_the_published_constants(cifar_root):
+    """The per-channel mean and std as literals (the tests compared against NORMALIZATION itself: swapped
+    channels passed)."""
+    from sparse_lth.data import load_dataset
+    root, _, _ = cifar_root
+    raw = load_dataset("cifar10", "test", root=root, augment=False)
+    # pixel value v in channel c -> (v/255 - mean_c) / std_c with the published constants
+    mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    u8 = torch.round((raw.x * torch.tensor(raw.std).view(1, 3, 1, 1) + torch.tensor(raw.mean).view(1, 3, 1, 1)) * 255)
+    torch.testing.assert_close(raw.x, (u8 / 255 - mean) / std, rtol=1e-5, atol=1e-5)

@@ -1067,3 +1067,12 @@ def test_paths_are_timed_in_the_precision_the_round_trains_in(tmp_path, monkeypa
     run(tiny_hp(rounds=1, iterations="4it", eval_every=2, path="auto", timed_paths=True, precision="bf16"),
         tmp_path)
     assert seen and all(s == (True, torch.bfloat16) for s in seen), seen
+
+
+def test_the_presets_budgets_and_rounds():
+    """lenet_quick is 16 rounds of 3,000 iterations (to 2.9 %), as its docstring and README say; it was only tested
+    with overrides."""
+    from sparse_lth.presets import get_preset
+    q = get_preset("lenet_quick")
+    assert (q.iterations, q.eval_every, q.rounds) == ("3000it", 250, 16)
+    assert get_preset("lenet300_100").rounds == 16 and get_preset("conv2").rounds == 20

@@ -252,3 +252,28 @@ def test_a_bf16_run_s_losses_are_evaluated_as_the_run_evaluated_them(tmp_path):
         json.dump(old, f)
     assert ls.landscape(exp, 0, 1, top=1, examples=100, iters=20, batch_size=64)["final"]["test_loss"] == \
         metrics["test_loss"]
+
+
+def _run_tiny(tmp_path, **kw):
+    from sparse_lth.imp import Experiment, run_imp
+    data = tiny_data(240, 120)
+    hp = tiny_hp(**kw)
+    res = run_imp(hp, str(tmp_path), progress=False, data=data)
+    return res, Experiment(hp, str(tmp_path), progress=False, data=data)
+
+
+def test_the_distance_to_the_next_solution_is_relative_and_filled_in_once_it_exists(tmp_path):
+    """distance_to_next_relative is the distance over the norm of the final prunable weights (plotted; never
+    checked), and a cached round whose next round has finished since gets its distance."""
+    res, exp = _run_tiny(tmp_path, rounds=1)
+    nxt = os.path.join(exp.round_dir(0, 1), "final.pt")
+    os.rename(nxt, nxt + ".away")
+    first = ls.landscape(exp, 0, 0, top=1, examples=100, iters=10, tol=1e-2, batch_size=64)
+    assert first["distance_to_next"] is None
+    os.rename(nxt + ".away", nxt)
+    d = ls.landscape(exp, 0, 0, top=1, examples=100, iters=10, tol=1e-2, batch_size=64)
+    assert d["distance_to_next"] is not None                                  # L6
+    final = torch.load(os.path.join(exp.round_dir(0, 0), "final.pt"), weights_only=False)
+    masks = torch.load(os.path.join(exp.round_dir(0, 0), "masks.pt"), weights_only=False)["masks"]
+    norm = math.sqrt(sum(float((final[f"{n}.weight"].double() ** 2).sum()) for n in masks))
+    assert d["distance_to_next_relative"] == pytest.approx(d["distance_to_next"] / norm, rel=1e-9)  # L4

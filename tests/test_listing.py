@@ -120,3 +120,18 @@ def test_output_into_a_closed_pipe_is_no_error(tmp_path):
     p.stdout.close()  # before the child (still importing) writes anything
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 0 and err == ""
+
+
+def test_the_eta_leaves_out_a_dense_round_reused_from_another_run(tmp_path):
+    """A round taken from another run took no time here: its wall_time is not part of the estimate."""
+    from sparse_lth.listing import experiment_status
+    res = run(tiny_hp(rounds=2), tmp_path, data=tiny_data(240, 120))
+    sdir = os.path.join(res.experiment_dir, "seed_0")
+    shutil.rmtree(os.path.join(sdir, "round_02"))
+    p0 = os.path.join(sdir, "round_00", "metrics.json")
+    m0 = json.load(open(p0))
+    m0.update(reused_from="elsewhere", wall_time=1e6)
+    json.dump(m0, open(p0, "w"))
+    wall1 = json.load(open(os.path.join(sdir, "round_01", "metrics.json")))["wall_time"]
+    st = experiment_status(res.experiment_dir)
+    assert st["seeds"][0]["eta"] == pytest.approx(wall1)

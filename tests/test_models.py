@@ -352,3 +352,26 @@ def test_paper_hparams_values():
     assert PAPER_HPARAMS["vgg19"]["milestones"] == [62_560, 93_840]
     with pytest.raises(ValueError, match="no paper hyperparameters"):
         paper_hparams("alexnet")
+
+
+def test_initializations_follow_their_distributions_where_fan_in_and_fan_out_differ():
+    """Kaiming normal with fan_in (a 16 -> 32 conv and the fc), Xavier normal (not uniform: the same std), BN weights
+    U(0, 1), the bias bound 1/sqrt(fan_in): the tests looked where fan_in equals fan_out, or at std and mean only."""
+    from sparse_lth.models import build_model
+    r20 = build_model("resnet20", seed=1)
+    w = r20.blocks[3].conv1.weight  # 16 -> 32, fan_in 144, fan_out 288
+    assert abs(w.std().item() / math.sqrt(2.0 / 144) - 1) < 0.05          # M1 fan_in
+    assert abs(r20.fc.weight.std().item() / math.sqrt(2.0 / 64) - 1) < 0.1  # M1 (fc: fan_in 64, fan_out 10)
+    lenet = build_model("lenet300_100", seed=1)
+    std = math.sqrt(2.0 / (784 + 300))
+    assert lenet.fc1.weight.abs().max().item() / std > 3.5                  # M2 normal, not uniform (max sqrt(3))
+    uni = build_model("resnet20", seed=1, bn_init="uniform")
+    ws = torch.cat([m.weight.detach() for m in uni.modules() if isinstance(m, nn.BatchNorm2d)])
+    assert ws.min() < 0.05 and abs(ws.mean().item() - 0.5) < 0.05          # M4 U(0, 1)
+    assert 0.9 / 8 < r20.fc.bias.abs().max().item() <= 1 / 8                 # M13 bias bound 1/sqrt(fan_in=64)
+
+
+def test_a_width_multiplier_rounds_layer_sizes():
+    """256 * 0.3 = 76.8 units: 77 (round), not 76 (every test used width 0.5, whole numbers)."""
+    from sparse_lth.models import build_model
+    assert build_model("conv2", width=0.3, seed=0).fc1.out_features == 77  # round(256 * 0.3), not floor

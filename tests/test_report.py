@@ -437,3 +437,33 @@ def test_the_gain_table_names_a_round_at_another_sparsity():
             ms[0]["seed"] = 0
     row1 = next(ln for ln in report.gain_markdown([imp, one]).splitlines() if ln.startswith("| 1 |"))
     assert row1 == "| 1 | 80.04 | +0.50 | -8.00 (64.06 %) |"
+
+
+def _exp3():
+    e = exp("a", "imp", [100.0, 80.0], [0.90, 0.90])
+    e["seeds"] = [0, 1, 2]
+    e["rounds"][1] = [dict(e["rounds"][1][0], seed=s, early_stop_test_acc=a, test_acc=a, train_acc=a)
+                      for s, a in zip((0, 1, 2), (0.90, 0.91, 0.99))]
+    e["rounds"][0] = [dict(e["rounds"][0][0], seed=s) for s in (0, 1, 2)]
+    return e
+
+
+def test_the_summary_takes_the_mean_of_three_seeds_and_milliseconds_per_step():
+    """Mean (not median: equal for the two seeds every test used) and ms per step (never checked)."""
+    md = report.summary_markdown([_exp3()])
+    row = next(l for l in md.splitlines() if l.startswith("| 1 |"))
+    assert "93.33 [90.00, 99.00]" in row          # R2 mean, not median
+    assert "| 1.00 |" in row                       # R5 0.001 s per step = 1.00 ms
+
+
+def test_the_selection_table_gives_test_minus_validation_choice():
+    """selection_markdown: accuracy at the validation choice / at the test choice / their difference (no test called
+    it)."""
+    e = exp("a", "imp", [100.0], [0.90])
+    e["hparams"]["val_split"] = 100
+    curve = [dict(iteration=0, val_loss=2.0, test_loss=2.0, test_acc=0.5),
+             dict(iteration=10, val_loss=1.0, test_loss=0.9, test_acc=0.90),
+             dict(iteration=20, val_loss=1.1, test_loss=0.5, test_acc=0.95)]
+    e["rounds"][0][0].update(early_stop_on="val", early_stop_test_acc=0.90, curve=curve)
+    md = report.selection_markdown([e])
+    assert "90.00 / 95.00 / +5.00" in md

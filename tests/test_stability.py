@@ -487,3 +487,33 @@ def test_a_bf16_path_evaluates_each_point_with_its_own_weights(tmp_path):
         json.dump(old, f)
     again = instability(exp, 0, 1, points=5)
     assert again["precision"] == "bf16" and again["test_barrier"] == res["test_barrier"]
+
+
+def test_noise_seeds_are_distinct_across_replicates_and_from_run_seeds():
+    """Each replicate's two copies draw their own noise: a base + 2 * seed + 2 made replicate s's second copy
+    share its noise with replicate s + 1's first (the test compared seeds 0 and 1 only)."""
+    seeds = [s for r in range(10) for s in noise_seeds_for(r)]
+    assert len(set(seeds)) == 20 and not set(seeds) & set(range(10))
+
+
+def test_stability_results_are_listed_by_seed_then_round(tmp_path):
+    """Reports list rows by seed, then round (every other test used one seed: by round first passed)."""
+    for s in (0, 1):
+        for r in (0, 1):
+            d = tmp_path / f"seed_{s}" / f"round_{r:02d}" / "stability"
+            d.mkdir(parents=True)
+            (d / "stability.json").write_text(json.dumps(dict(seed=s, round=r, noise_seeds=list(stability.noise_seeds_for(s)))))
+    assert [(d["seed"], d["round"]) for d in stability.load_stability(str(tmp_path))] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_round_0_of_a_late_rewinding_run_without_its_rewind_point_is_refused_before_anything_is_written(tmp_path):
+    """Round 0 starts from rewind.pt when the run rewinds late: without it the analysis is refused clearly (the
+    check for round 0 was untested: without it torch.load failed after the analysis folder was made)."""
+    data = tiny_data(240, 120)
+    hp = tiny_hp(rounds=0, rewind="5it")
+    run_imp(hp, str(tmp_path), progress=False, checkpoint_every=5, data=data)
+    exp = Experiment(hp, str(tmp_path), progress=False, checkpoint_every=5, data=data)
+    os.remove(os.path.join(exp.seed_dir(0), "rewind.pt"))
+    with pytest.raises(FileNotFoundError, match=r"needs \[.*rewind.pt'\]: run the IMP"):
+        instability(exp, 0, 0, noise_seeds=(0, 11), points=3)
+    assert not os.path.exists(stability.stability_dir(exp, 0, 0))
