@@ -229,6 +229,7 @@ class _SparseLayer(nn.Module):
         self.backend_request = backend
         self.mask_gradients = mask_gradients
         self.path_timings: dict[str, float] = {}
+        self.path_finalists: tuple[str, ...] = ()
         self._path = "dense"
         self._nnz = weight.numel()
         self._last_input_shape: tuple | None = None  # of a training forward (one with grad on) if any was seen
@@ -496,7 +497,8 @@ class _SparseLayer(nn.Module):
         batch with the dense path; the flips that were faster than all-sparse are then combined and that
         combination is timed in a second batch against the first batch's winner, and the faster of those two is
         kept (else the first batch's fastest). ``path_timings`` holds every median (seconds; a configuration timed in both batches
-        keeps its second figure). The layer itself is not changed: every configuration runs on a copy."""
+        keeps its second figure), ``path_finalists`` the labels the choice was the fastest of (the second batch's
+        two, or every one). The layer itself is not changed: every configuration runs on a copy."""
         dev = self.weight_mask.device
         dtype = self.dense_weight().dtype
         seen = tuple(input_shape) == self._last_input_shape
@@ -542,7 +544,8 @@ class _SparseLayer(nn.Module):
                 # decided head to head within the second batch (figures of two batches are not comparable)
                 final = [_ops_label(combined), best]
         self.path_timings = times
-        best = min(final, key=times.get) if final else min(times, key=times.get)
+        self.path_finalists = tuple(final) if final else tuple(times)
+        best = min(self.path_finalists, key=times.get)
         return ("dense", None) if best == "dense" else ("sparse", configs[best])
 
     @staticmethod

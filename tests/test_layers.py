@@ -707,8 +707,10 @@ def test_timed_path_choice_runs_and_keeps_the_layer_intact():
         shape = (4, 40) if isinstance(layer, SparseLinear) else (2, layer.in_channels, 6, 6)
         path, dense_ops = layer._time_paths(shape, reps=3)
         timings = layer.path_timings
-        assert all(t > 0 for t in timings.values())
-        best = min(timings, key=timings.get)
+        assert all(t > 0 for t in timings.values()) and set(layer.path_finalists) <= set(timings)
+        # the fastest of the finalists: with a second batch, its two (head to head: a first-batch figure of
+        # another configuration may be lower, and comparing it was flaky)
+        best = min(layer.path_finalists, key=timings.get)
         assert path == ("dense" if best == "dense" else "sparse")
         assert (dense_ops is None) if path == "dense" else (_ops_label(dense_ops) == best)
         if getattr(layer, "groups", 1) == 1:  # all sparse, and each op flipped to dense alone (maybe combined)
