@@ -102,3 +102,33 @@ def test_first_order_training_does_not_take_the_dense_double_backward(monkeypatc
     model = sparsify(nn.Sequential(nn.Linear(8, 4)), {"0": torch.rand(4, 8) < 0.5}, path="sparse", backend="torch")
     model(torch.randn(2, 8)).sum().backward()
     assert model[0].values.grad is not None
+
+
+def test_double_backward_through_a_fused_relu_matches_linear_then_relu():
+    """the create_graph backward of SparseLinear(activation="relu") zeroes dy where the output is 0."""
+    from sparse_lth.layers import SparseLinear
+    torch.manual_seed(0)
+    ref = nn.Linear(8, 6).double()
+    mask = torch.zeros(48, dtype=torch.bool)
+    mask[torch.randperm(48, generator=torch.Generator().manual_seed(2))[:30]] = True
+    mask = mask.view(6, 8)
+    with torch.no_grad():
+        ref.weight.mul_(mask)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    c = torch.randn(5, 6, dtype=torch.float64)
+
+    def derivs(fn, bias):
+        xx = x.clone().requires_grad_()
+        y = fn(xx)
+        assert (y == 0).any()
+        (gx,) = torch.autograd.grad((c * y).sum() + (y ** 2).sum(), xx, create_graph=True)
+        (gb,) = torch.autograd.grad((gx ** 2).sum(), bias)
+        return gx.detach(), gb
+
+    want = derivs(lambda t: torch.relu(ref(t)), ref.bias)
+    for path in ("sparse", "dense"):
+        layer = SparseLinear.from_dense(ref, mask, path=path)
+        layer.activation = "relu"
+        got = derivs(layer, layer.bias)
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])

@@ -1076,3 +1076,31 @@ def test_the_presets_budgets_and_rounds():
     q = get_preset("lenet_quick")
     assert (q.iterations, q.eval_every, q.rounds) == ("3000it", 250, 16)
     assert get_preset("lenet300_100").rounds == 16 and get_preset("conv2").rounds == 20
+
+
+def test_a_layerwise_random_prune_control_without_its_ticket_keeps_round_r_counts(tmp_path):
+    """a layer-wise random_prune control with no IMP run beside it keeps, in round r, the count r rounds of
+    IMP leave in each layer (known without the ticket)."""
+    res = run(tiny_hp(rounds=2, control="random_prune"), tmp_path)
+    for r in (1, 2):
+        masks = load_masks(res.experiment_dir, 0, r)
+        rem = res.metrics[0][r]["remaining"]
+        for n, mk in masks.items():
+            rate = 0.1 if rem[n]["kind"] == "output" else 0.2
+            assert int(mk.sum()) == expected_live(mk.numel(), rate, r), (r, n)
+
+
+def test_the_noise_control_scales_with_the_std_of_theta0_not_of_the_rewind_point(tmp_path):
+    """with late rewinding θk differs from θ0: the noise's scale is noise_std x std of the layer's θ0."""
+    from sparse_lth.imp import Experiment
+    exp = Experiment(tiny_hp(control="noise", noise_std=1.0), str(tmp_path), data=tiny_data(240, 120))
+    g = torch.Generator().manual_seed(0)
+    init = {"fc.weight": torch.randn(200, 300, generator=g), "fc.bias": torch.zeros(200)}
+    start = {"fc.weight": 3.0 * torch.randn(200, 300, generator=g), "fc.bias": torch.zeros(200)}
+    torch.save(init, tmp_path / "init.pt")
+    torch.save(start, tmp_path / "rewind.pt")
+    out = exp._noisy_start(0, 1, str(tmp_path / "init.pt"), str(tmp_path / "rewind.pt"),
+                           {"fc": torch.ones(200, 300, dtype=torch.bool)})
+    noise = (out["fc.weight"] - start["fc.weight"]).double()
+    assert noise.std().item() == pytest.approx(init["fc.weight"].double().std().item(), rel=0.02)
+    assert torch.equal(out["fc.bias"], start["fc.bias"])

@@ -1480,3 +1480,139 @@ def test_the_torch_backends_linear_ops_refuse_what_the_kernels_refuse():
         torch_ops.linear_forward(x, v, mask)
     w = torch.zeros(5, 7).index_put_((fmt.row_idx.long(), fmt.col_idx.long()), v)
     torch.testing.assert_close(torch_ops.linear_forward(x, v, fmt, torch.ones(5)), x @ w.t() + 1)
+
+
+def _mask_of_count(shape, live, seed=0):
+    n = 1
+    for s in shape:
+        n *= s
+    m = torch.zeros(n, dtype=torch.bool)
+    m[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:live]] = True
+    return m.view(shape)
+
+
+def test_the_cpu_linear_rule_takes_the_live_count_nearest_ten_percent():
+    """the rule is "the live count nearest 10 %": 410 of 4096 (10.01 %) is in, 411 out; and 8 % is sparse
+    (L3: the measured CPU linear crossover is 10 %, not 5 %)."""
+    lin = SparseLinear(64, 64)
+    lin.set_mask(_mask_of_count((64, 64), 410))
+    assert lin.path == "sparse"
+    lin.set_mask(_mask_of_count((64, 64), 411))
+    assert lin.path == "dense"
+    lin = SparseLinear(100, 100)
+    lin.set_mask(_mask_of_count((100, 100), 800))
+    assert lin.path == "sparse"
+
+
+def test_restoring_the_path_a_layer_is_on_keeps_its_parameters():
+    """restoring the configuration a layer is on already replaces nothing (an optimizer built before still
+    steps the layer's parameters)."""
+    gen = torch.Generator().manual_seed(3)
+    layer = SparseLinear(20, 10, path="sparse")
+    layer.set_mask(torch.rand(10, 20, generator=gen) < 0.3)
+    params = list(layer.parameters())
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.restore_path(layer.path_label)
+    assert [id(p) for p in layer.parameters()] == [id(p) for p in params]
+    layer(torch.randn(3, 20)).sum().backward()
+    opt.step()  # raised on the mutant: the parameters were retired
+
+
+def test_timing_a_shape_not_seen_times_the_input_gradient(monkeypatch):
+    """a layer that saw an input needing no gradient, timed for another shape, times the input gradient."""
+    got = []
+
+    def fake(probes, x, reps):
+        got.append(x.requires_grad)
+        return {label: 1.0 for label in probes}
+
+    monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
+    layer = SparseLinear(6, 3, path="sparse")
+    layer.set_mask(_mask_of_count((3, 6), 9))
+    layer(torch.randn(2, 6))  # grad on, input needs none
+    layer._time_paths((2, 6), reps=1)
+    assert got[-1] is False
+    layer._time_paths((5, 6), reps=1)  # not the shape seen: unknown, so with the input gradient
+    assert got[-1] is True
+
+
+def test_a_single_faster_op_flip_needs_no_second_timing_batch(monkeypatch):
+    """with one flip faster than all-sparse there is nothing to combine: one batch decides."""
+    costs = {"dense": 10.0, "sparse": 8.0, "sparse/forward:dense": 9.0, "sparse/input_grad:dense": 8.5,
+             "sparse/weight_grad:dense": 6.0}
+    calls = []
+
+    def fake(probes, x, reps):
+        calls.append(list(probes))
+        return {label: costs[label] for label in probes}
+
+    monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
+    layer = SparseLinear(20, 10, path="sparse")
+    layer.set_mask(_mask_of_count((10, 20), 40))
+    assert layer._time_paths((4, 20), reps=1) == ("sparse", (False, False, True))
+    assert len(calls) == 1
+
+
+def test_loading_a_state_dict_with_the_same_mask_keeps_the_parameters_and_the_path():
+    """load_state_dict with the layer's own mask writes the weights in place: the parameters (and an
+    optimizer over them) and the recorded per-op configuration stay."""
+    gen = torch.Generator().manual_seed(5)
+    layer = SparseLinear(20, 10, path="auto", backend="torch")
+    layer.set_mask(torch.rand(10, 20, generator=gen) < 0.3)
+    layer.restore_path("sparse/weight_grad:dense")
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    sd["weight"] = sd["weight"] * 2
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer.load_state_dict(sd)
+    assert layer.path_label == "sparse/weight_grad:dense"
+    torch.testing.assert_close(layer.dense_weight().detach(), sd["weight"])
+    layer(torch.randn(3, 20)).sum().backward()
+    opt.step()
+
+
+def test_a_bias_free_layer_strictly_refuses_a_bias():
+    """strict loading reports a bias the layer does not have, as nn.Linear does."""
+    sd = nn.Linear(5, 3).state_dict()
+    for path in ("dense", "sparse"):
+        layer = SparseLinear(5, 3, bias=False, path=path)
+        with pytest.raises(RuntimeError, match="Unexpected key.*bias"):
+            layer.load_state_dict(sd)
+        layer.load_state_dict(sd, strict=False)  # (not strict: fine)
+
+
+def test_a_strided_padded_conv_whose_last_rows_lie_beyond_the_grid():
+    """the input rows that lie in the grid are counted from the padding: k3 s3 p1 on 3x3 reads rows 0-1."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(4, 5, 3, stride=3, padding=1).double()
+    layer = SparseConv2d.from_dense(ref, torch.ones(5, 4, 3, 3, dtype=torch.bool), path="sparse", backend="torch")
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(y, ref(x))
+    gx = torch.autograd.grad(y.sum(), x)[0]
+    x2 = x.detach().requires_grad_()
+    torch.testing.assert_close(gx, torch.autograd.grad(ref(x2).sum(), x2)[0])
+
+
+def test_a_one_channel_input_gives_a_contiguous_output_as_nn_conv2d():
+    """an input contiguous in both layouts (one channel) gives nn.Conv2d's contiguous output."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(1, 4, 1)
+    layer = SparseConv2d.from_dense(ref, torch.ones(4, 1, 1, 1, dtype=torch.bool), path="sparse", backend="torch")
+    x = torch.randn(2, 1, 3, 3)
+    assert x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    y, want = layer(x), ref(x)
+    assert y.stride() == want.stride() and y.is_contiguous()
+
+
+def test_a_dense_path_weight_whose_data_changed_dtype_still_masks_its_gradient():
+    """the gradient mask follows the weight's width when the weight's data was swapped (``.data``), which
+    _apply does not see."""
+    gen = torch.Generator().manual_seed(1)
+    layer = SparseLinear(6, 4, path="dense")
+    mask = torch.rand(4, 6, generator=gen) < 0.5
+    layer.set_mask(mask)
+    layer.weight.data = layer.weight.data.double()
+    layer.bias.data = layer.bias.data.double()
+    layer(torch.randn(3, 6, dtype=torch.float64)).pow(2).sum().backward()
+    g = layer.weight.grad
+    assert g.dtype == torch.float64 and torch.all(g[~mask] == 0) and g[mask].abs().sum() > 0

@@ -631,3 +631,47 @@ def test_plain_layers_left_in_a_sparsified_model_are_named_with_what_keeps_them_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MagnitudePruner(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))).prune()
+
+
+def test_a_loaded_pruner_state_is_the_pruners_own_copy():
+    """load_state_dict copies the rewind point: editing the dict it was given afterwards changes nothing."""
+    model = sparsify(build_model("lenet300_100", width=0.1, seed=0), path="dense")
+    a = MagnitudePruner(model)
+    a.set_rewind_point()
+    state = a.state_dict()
+    b = MagnitudePruner(model)
+    b.load_state_dict(state)
+    want = {k: v.clone() for k, v in b.state_dict()["rewind"].items()}
+    for v in state["rewind"].values():
+        v.zero_()
+    got = b.state_dict()["rewind"]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_layerwise_pruner_refuses_a_global_pruners_state():
+    """the same rates but other pools (global pruning) is another pruner's state."""
+    model = build_model("lenet300_100", width=0.1, seed=0)
+    state = MagnitudePruner(model, global_pruning=True).state_dict()
+    with pytest.raises(ValueError, match="other rates or layers"):
+        MagnitudePruner(model).load_state_dict(state)
+
+
+def test_a_score_function_gets_the_rewind_weight():
+    """after set_rewind_point a custom score receives the layer's rewind-point weight, not None."""
+    model = sparsify(build_model("lenet300_100", width=0.1, seed=0), path="dense")
+    seen = {}
+
+    def score(name, w, w0):
+        seen[name] = None if w0 is None else w0.clone()
+        return w.abs()
+
+    p = MagnitudePruner(model, score=score)
+    p.set_rewind_point()
+    want = {n: m.dense_weight().detach().clone() for n, m in sparse_layers(model)}
+    with torch.no_grad():
+        for _, m in sparse_layers(model):
+            m.set_dense_weight(m.dense_weight() * 3)
+    p.prune()
+    assert set(seen) == set(want)
+    for n in want:
+        assert seen[n] is not None and torch.equal(seen[n], want[n]), n

@@ -233,3 +233,11 @@ def test_grid_shares_padding_where_it_can():
     for k, p, d, h, w in ((3, 1, 1, 2, 3), (1, 1, 1, 2, 3), (3, 0, 1, 4, 5), (3, 2, 2, 5, 5), (3, 1, 2, 5, 6)):
         x, v, fmt, taps, b = make_case(2, 3, 2, 2, h, w, k, 0.7, torch.float64)
         all_three(x, v, fmt, taps, b, k, 1, p, d, torch.float64)
+
+
+def test_the_grid_shares_padding_up_to_the_reach_inclusive():
+    """padding equal to the kernel's reach shares (3x3, padding 2; 1x1, padding 0)."""
+    taps3 = tc.build_conv_taps(build_format(torch.ones(2, 18, dtype=torch.bool)), (3, 3))
+    taps1 = tc.build_conv_taps(build_format(torch.ones(2, 2, dtype=torch.bool)), (1, 1))
+    assert tc.ShiftGrid((2, 2, 4, 4), taps3, 1, 2, 1).shared
+    assert tc.ShiftGrid((2, 2, 4, 4), taps1, 1, 0, 1).shared

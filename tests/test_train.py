@@ -624,3 +624,79 @@ def test_cuda_graph_capture_copies_no_optimizer_table(stand_in_graphs, monkeypat
                              cuda_graph=True))
     assert Capturing.captures == 1 and Capturing.replays == 5  # steps 4-8; 1-3 warm up
     assert built and True not in built  # tables were built, in the warm-up steps only
+
+
+def test_early_stop_goes_by_the_test_loss_unless_every_row_has_a_validation_loss():
+    """one row without val_loss (a held-out set added on resume, say): the test loss decides."""
+    from sparse_lth.train import early_stop, early_stop_on
+    curve = [dict(iteration=0, test_loss=2.0, test_acc=0.1), dict(iteration=5, test_loss=0.5, test_acc=0.8,
+             val_loss=0.9), dict(iteration=10, test_loss=0.7, test_acc=0.85, val_loss=0.6)]
+    assert early_stop_on(curve) == "test"
+    assert early_stop(curve) == (5, 0.8)
+
+
+def test_each_step_draws_its_own_dropout_seed():
+    """the per-step seed depends on the iteration (else every step draws the same dropout masks)."""
+    from sparse_lth.train import _step_seed
+    assert len({_step_seed(3, i) for i in range(1000)}) == 1000
+    assert _step_seed(3, 7) != _step_seed(4, 7)
+
+
+def test_a_curve_row_records_the_learning_rate_of_the_last_step():
+    """the row at iteration i holds lr_at(i - 1), the rate the step that ended there ran at."""
+    tr, te = tiny_data()
+    model, _ = tiny_model()
+    out = train(model, tr, te, cfg(lr=0.05, milestones=(6,), gamma=0.1, iterations=12, eval_every=6))
+    assert [(r["iteration"], round(r["lr"], 8)) for r in out["curve"]] == [(0, 0.05), (6, 0.05), (12, 0.005)]
+
+
+def test_subset_batches_cover_exactly_the_first_n_examples():
+    """the train-accuracy batches hold every one of the first n examples, once, in order."""
+    from sparse_lth.train import subset_batches
+    tr, _ = tiny_data()
+    got = list(subset_batches(tr, 50, 16))
+    assert [b[0].shape[0] for b in got] == [16, 16, 16, 2]
+    assert torch.equal(torch.cat([b[0] for b in got]), tr.x[:50])
+    assert torch.equal(torch.cat([b[1] for b in got]), tr.y[:50])
+
+
+def test_a_checkpoint_of_another_start_iteration_is_refused(tmp_path):
+    """a checkpoint written by a run started at iteration 2 is not resumed by one started at 0."""
+    tr, te = tiny_data()
+    c = cfg(iterations=12, eval_every=4)
+    ck = str(tmp_path / "ck.pt")
+    train_until_killed(tiny_model()[0], tr, te, c, ck, 6, start_iteration=2)
+    with pytest.raises(ValueError, match="different training configuration"):
+        train(tiny_model()[0], tr, te, c, start_iteration=0, checkpoint_path=ck)
+
+
+def test_a_resumed_run_counts_the_wall_time_before_the_resume(tmp_path):
+    """wall_time sums over resumes: the checkpoint's wall time is part of it."""
+    tr, te = tiny_data()
+    c = cfg(iterations=12, eval_every=4)
+    ck = str(tmp_path / "ck.pt")
+    train_until_killed(tiny_model()[0], tr, te, c, ck, 6)
+    saved = torch.load(ck, weights_only=False)
+    saved["wall"] = 1000.0
+    torch.save(saved, ck)
+    out = train(tiny_model()[0], tr, te, c, checkpoint_path=ck)
+    assert out["resumed_from"] == 4 and out["wall_time"] >= 1000.0
+
+
+def test_a_callback_that_replaces_a_buffer_gets_a_new_capture(monkeypatch):
+    """the captured step reads buffers (masks) by address: a callback that replaces one (same values,
+    new tensor) makes train() capture again."""
+    import sparse_lth.train as Tr
+    StandInGraphs.warmups = StandInGraphs.captures = StandInGraphs.replays = 0
+    StandInGraphs.fail = False
+    monkeypatch.setattr(Tr, "_CudaGraphs", StandInGraphs)
+    tr, te = tiny_data()
+    model, _ = tiny_model("masked")
+
+    def cb(it, m):
+        if it == 5:
+            for _, mod in Tr.plain_masked_modules(m):
+                mod.weight_mask = mod.weight_mask.clone()
+
+    out = Tr.train(model, tr, te, cfg(cuda_graph=True, iterations=20, eval_every=7), callback=cb)
+    assert out["cuda_graph"]["captures"] == 2 and out["cuda_graph"]["eager_steps"] == 6
