@@ -105,7 +105,7 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _grad_bits(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A dense-path layer's mask for its gradient hook: an integer of the weight's width per weight, all bits set
     where it is live and none where pruned, which the hook ANDs with the gradient's bits. As fast as a product with
-    a weight-dtype 0/1 copy (a bool mask is ~4x slower on the CPU), and an inf or NaN gradient at a pruned entry
+    the weight-dtype 0/1 copy it replaces (a bool mask is ~4x slower on the CPU), and an inf or NaN gradient at a pruned entry
     becomes 0 where a product made NaN (and an optimizer then wrote NaN into the pruned weight)."""
     return mask.to(_BITS[torch.empty((), dtype=dtype).element_size()]).neg_()
 
@@ -329,15 +329,15 @@ class _SparseLayer(nn.Module):
     def _dense_path_weight(self) -> torch.Tensor:
         """The dense path's weight for ``forward``: the layer's own Parameter, whose hook masks the gradient that
         lands in ``.grad`` (registered here for a weight unfrozen since its hook was due). A tensor put in its place
-        (``torch.func.functional_call``, under a transform or not) is multiplied by the mask: the hook does not see
+        (``torch.func.functional_call``, under a transform or not) is masked (``torch.where``): the hook does not see
         it, ``torch.autograd.grad`` never fires it, and an update made outside the layer (a meta-learning inner
         step) may have revived pruned entries."""
         w = self._parameters["weight"]
-        m = self._buffers.get("_grad_mask")
+        m = self.__dict__.get("_grad_mask")
         if getattr(w, "_sparse_lth_mask", None) is not self.weight_mask:
             if m is None or not self.mask_gradients:  # mask_gradients=False: pruned gradients left as they are
                 return w
-            return torch.where(self.weight_mask, w, w.new_zeros(()))  # (a product made inf * 0 NaN)
+            return torch.where(self.weight_mask, w, 0)  # (a product made inf * 0 NaN)
         if w.requires_grad and m is not None and not getattr(w, "_sparse_lth_grad_hook", False):
             self._hook_dense_weight()
         return w
@@ -445,8 +445,9 @@ class _SparseLayer(nn.Module):
         if path == "dense":
             self.register_parameter("weight", nn.Parameter(w.contiguous(), requires_grad=requires_grad))
             if self._nnz < mask.numel():
-                # the mask as bits for the gradient hook (see _grad_bits)
-                self.register_buffer("_grad_mask", _grad_bits(mask, w.dtype), persistent=False)
+                # the mask as bits for the gradient hook (see _grad_bits): a plain attribute, moved by _apply, not a
+                # buffer (DDP broadcasts buffers, and neither gloo nor NCCL takes the int16 of a bf16 weight)
+                self.__dict__["_grad_mask"] = _grad_bits(mask, w.dtype)
             self._hook_dense_weight()
         else:
             fmt = build_format(mask)
@@ -604,13 +605,13 @@ class _SparseLayer(nn.Module):
         if p is None:
             return
         p._sparse_lth_mask = self.weight_mask
-        if p.requires_grad and "_grad_mask" in self._buffers and not getattr(p, "_sparse_lth_grad_hook", False):
+        if p.requires_grad and "_grad_mask" in self.__dict__ and not getattr(p, "_sparse_lth_grad_hook", False):
             p.register_post_accumulate_grad_hook(self._mask_accumulated_grad)
             p._sparse_lth_grad_hook = True
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for name in _INDEX_ATTRS:  # a module saved when the index structures were buffers
+        for name in _INDEX_ATTRS + ("_grad_mask",):  # a module saved when these were buffers
             if name in self._buffers:
                 self.__dict__[name] = self._buffers.pop(name)
         p = self._parameters.get("weight")
@@ -621,7 +622,7 @@ class _SparseLayer(nn.Module):
 
     def _mask_accumulated_grad(self, p: torch.Tensor) -> None:
         """Dense path: zero the gradient at pruned positions in place, once it is accumulated into ``.grad``."""
-        m = self._buffers.get("_grad_mask")
+        m = self.__dict__.get("_grad_mask")
         if self.mask_gradients and m is not None and p is self._parameters.get("weight") and p.grad is not None:
             if m.element_size() != p.grad.element_size():
                 m = self._match_grad_bits()
@@ -629,10 +630,10 @@ class _SparseLayer(nn.Module):
 
     def _match_grad_bits(self) -> torch.Tensor | None:
         """The dense path's gradient mask as bits of the weight's width, made again where it is not (a dtype move
-        keeps integer buffers as they are), and returned."""
-        m, w = self._buffers.get("_grad_mask"), self._parameters.get("weight")
+        keeps integer tensors as they are; a module saved with the older float copy), and returned."""
+        m, w = self.__dict__.get("_grad_mask"), self._parameters.get("weight")
         if m is not None and w is not None and (m.is_floating_point() or m.element_size() != w.element_size()):
-            m = self._buffers["_grad_mask"] = _grad_bits(self.weight_mask, w.dtype)
+            m = self.__dict__["_grad_mask"] = _grad_bits(self.weight_mask, w.dtype)
         return m
 
     # ------------------------------------------------------------------ device moves and state_dict
@@ -648,7 +649,7 @@ class _SparseLayer(nn.Module):
                 return t.to(out.device)
             return out
 
-        for name in _INDEX_ATTRS:  # moved with the module
+        for name in _INDEX_ATTRS + ("_grad_mask",):  # moved with the module
             t = self.__dict__.get(name)
             if isinstance(t, torch.Tensor):
                 self.__dict__[name] = move(t)

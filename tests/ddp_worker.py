@@ -85,3 +85,28 @@ def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def half_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """A bf16 model with a pruned layer on the dense path, wrapped in DDP, one step: the layer's gradient mask (int16
+    bits, which neither gloo nor NCCL takes) must not be one of the buffers DDP broadcasts."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparse_lth.layers import sparsify
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        model = sparsify(make_model(), path="dense").to(torch.bfloat16)
+        mask = torch.rand(64, 20, generator=torch.Generator().manual_seed(0)) < 0.5
+        model[0].set_mask(mask, path="dense")
+        ddp = DDP(model)
+        x = torch.randn(4, 20, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+        ddp(x).float().square().mean().backward()
+        g = model[0].weight.grad
+        ok = bool((g[~mask] == 0).all()) and bool((g[mask] != 0).any())
+        flat = torch.tensor([float(ok)])
+        dist.all_reduce(flat)
+        if rank == 0:
+            torch.save({"ok": flat.item() == world}, out)
+    finally:
+        dist.destroy_process_group()

@@ -541,6 +541,20 @@ def test_imp_under_distributed_data_parallel(tmp_path):
             torch.testing.assert_close(v, r["end"][k], rtol=1e-4, atol=1e-5, msg=f"round {r['percent']:.1f}%: {k}")
 
 
+def test_a_bf16_model_with_a_pruned_dense_path_layer_trains_under_distributed_data_parallel(tmp_path):
+    """DDP broadcasts a module's buffers; the dense path's gradient mask (int16 bits for a bf16 weight) was one, and
+    gloo (like NCCL) refused it: "Invalid scalar type". It is a plain attribute now."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    import ddp_worker
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.fail("this torch has no gloo backend: the test needs it (CPU builds of torch have it)")
+    out = str(tmp_path / "half.pt")
+    mp.spawn(ddp_worker.half_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2)
+    assert torch.load(out, weights_only=False) == {"ok": True}
+
+
 def test_a_layer_with_a_reparametrized_weight_is_left_dense_and_named():
     """weight_norm / parametrize compute a layer's weight at every forward, so a mask on it did not hold (the
     pruner counted 720 of 900 live while every weight was nonzero) and prune_and_rewind failed with KeyError
