@@ -193,9 +193,18 @@ def _tap_csr(values: torch.Tensor, taps: ConvTaps, i: int, transposed: bool) -> 
 
 
 def channels_last(x: torch.Tensor) -> bool:
-    """Whether ``nn.Conv2d`` would give a channels_last output for input ``x`` (laid out so, and not also
-    contiguous: one channel, or 1x1 pixels)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """Whether ``nn.Conv2d`` gives a channels_last output for input ``x``: ``x.suggest_memory_format()`` is
+    channels_last, by c10's rule on the strides (``is_contiguous`` cannot tell a one-channel or 1x1-pixel tensor's
+    two layouts apart; the strides still can)."""
+    if x.dim() != 4 or x.stride(1) == 0:
+        return False
+    shape, strides = x.shape, x.stride()
+    lo = 0
+    for d in (1, 3, 2, 0):  # C fastest, then W, H, N
+        if shape[d] == 0 or strides[d] < lo or (d == 0 and lo == strides[1]):
+            return False
+        lo = strides[d] * shape[d]
+    return True
 
 
 def forward_grid(xg: torch.Tensor, values: torch.Tensor, taps: ConvTaps, grid: ShiftGrid,

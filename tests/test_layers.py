@@ -1595,15 +1595,21 @@ def test_a_strided_padded_conv_whose_last_rows_lie_beyond_the_grid():
     torch.testing.assert_close(gx, torch.autograd.grad(ref(x2).sum(), x2)[0])
 
 
-def test_a_one_channel_input_gives_a_contiguous_output_as_nn_conv2d():
-    """an input contiguous in both layouts (one channel) gives nn.Conv2d's contiguous output."""
+def test_an_input_contiguous_in_both_layouts_gets_nn_conv2ds_output_layout():
+    """One channel or 1x1 pixels: is_contiguous() holds for both layouts, and nn.Conv2d goes by the strides
+    (suggest_memory_format): an NCHW-strided input gives a contiguous output, a channels_last-strided one a
+    channels_last output (the sparse path gave channels_last for the first, then NCHW for the second)."""
     torch.manual_seed(0)
-    ref = nn.Conv2d(1, 4, 1)
-    layer = SparseConv2d.from_dense(ref, torch.ones(4, 1, 1, 1, dtype=torch.bool), path="sparse", backend="torch")
-    x = torch.randn(2, 1, 3, 3)
-    assert x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    y, want = layer(x), ref(x)
-    assert y.stride() == want.stride() and y.is_contiguous()
+    for c_in, hw, pad in ((1, 3, 0), (1, 4, 1), (3, 1, 1)):
+        ref = nn.Conv2d(c_in, 4, 3 if pad else 1, padding=pad)
+        mask = torch.ones(ref.weight.shape, dtype=torch.bool)
+        layer = SparseConv2d.from_dense(ref, mask, path="sparse", backend="torch")
+        x = torch.randn(2, c_in, hw, hw)
+        for t in (x, x.to(memory_format=torch.channels_last)):
+            assert t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+            y, want = layer(t), ref(t)
+            assert y.stride() == want.stride(), (c_in, hw, t.stride())
+            torch.testing.assert_close(y, want)
 
 
 def test_a_dense_path_weight_whose_data_changed_dtype_still_masks_its_gradient():
