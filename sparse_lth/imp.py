@@ -295,7 +295,9 @@ def output_layer_name(model: nn.Module) -> str | None:
         if not lin:
             return None
         name = lin[-1]
-    elif name not in {n for n, _ in candidates}:  # a typo gave no layer the output rate, silently
+    elif name not in {n for n, _ in candidates} and name not in reparametrized_layers(model):
+        # a typo gave no layer the output rate, silently (a reparametrized layer is kept dense: named, it is
+        # still the output layer, and no other layer takes its rate)
         raise ValueError(f"the model's output_layer {name!r} is not one of its prunable layers "
                          f"{[n for n, _ in candidates]}")
     return _tied_to(model).get(name, name)

@@ -596,6 +596,9 @@ def test_a_layer_with_a_reparametrized_weight_is_left_dense_and_named():
         assert torch.equal(p, before[n]), n
     assert not any(hasattr(model[i], "weight_mask") for i in (0, 4, 8))
     model(x)  # and the model still runs
+    model.output_layer = "8"  # named as the output layer: accepted (it was refused as no prunable layer)
+    with pytest.warns(UserWarning, match="not pruned"):
+        assert MagnitudePruner(model, fc=0.5).kinds == {"2": "fc", "6": "fc"}
 
 
 def test_plain_layers_left_in_a_sparsified_model_are_named_with_what_keeps_them_pruned():
