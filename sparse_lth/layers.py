@@ -297,6 +297,11 @@ class _SparseLayer(nn.Module):
         # on the sparse path `weight` is computed from `values`: a tensor set in its place (torch.func.functional_call
         # with a state_dict's "weight") would be ignored by forward, and torch puts the computed copy back as a
         # plain attribute after the call, which then hides the live weight and breaks a later move to the dense path
+        if self.__dict__.get("_is_replica") and name in ("weight", "values", "bias", "weight_mask"):
+            # nn.DataParallel on several GPUs: its replicas hold parameters as plain attributes, which the layers'
+            # paths do not read (the forward failed with KeyError 'weight'); DDP is torch's recommended way
+            raise RuntimeError(f"{type(self).__name__} does not run under nn.DataParallel on several GPUs (its "
+                               "replicas): use DistributedDataParallel (examples/imp_ddp.py), or one GPU")
         if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
             raise AttributeError(
                 f"{type(self).__name__} is on the sparse path: its weight is computed from the live values "
@@ -313,8 +318,8 @@ class _SparseLayer(nn.Module):
         super().__setattr__(name, value)
 
     def _index_follows_mask(self) -> None:
-        """Put the index structures on the mask's device if they are not (a replica that nn.DataParallel made:
-        it broadcasts parameters and buffers, and copies plain attributes as they are)."""
+        """Put the index structures on the mask's device if they are not (a module whose buffers were moved
+        without ``_apply``: attributes are not buffers)."""
         t = self.__dict__.get("_flat_index")
         dev = self._buffers["weight_mask"].device
         if t is not None and t.device != dev:

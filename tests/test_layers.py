@@ -1624,3 +1624,19 @@ def test_a_dense_path_weight_whose_data_changed_dtype_still_masks_its_gradient()
     layer(torch.randn(3, 6, dtype=torch.float64)).pow(2).sum().backward()
     g = layer.weight.grad
     assert g.dtype == torch.float64 and torch.all(g[~mask] == 0) and g[mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_nn_data_parallel_replicas_are_refused_clearly(path):
+    """nn.DataParallel on several GPUs replicates a module by setting its parameters and buffers as attributes of
+    a replica (``_replicate_for_data_parallel``, then setattr): the layers' paths read their own parameters, and
+    the replica's forward failed with KeyError 'weight'. Replication now stops at once, naming DDP."""
+    layer = SparseLinear(8, 4, path=path)
+    layer.set_mask(torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) < 0.5, path=path)
+    replica = layer._replicate_for_data_parallel()
+    name = "weight" if path == "dense" else "values"
+    with pytest.raises(RuntimeError, match="does not run under nn.DataParallel on several GPUs .* "
+                                           "DistributedDataParallel"):
+        setattr(replica, name, getattr(layer, name).detach().clone())
+    wrapped = nn.DataParallel(layer)  # on the CPU (or one GPU) DataParallel calls the module itself: fine
+    assert wrapped(torch.randn(3, 8)).shape == (3, 4)
