@@ -624,6 +624,8 @@ class _SparseLayer(nn.Module):
             p._sparse_lth_grad_hook = False
             self._hook_dense_weight()
         self._match_grad_bits()  # (a module saved when the gradient mask was a float copy)
+        if "kernel_size" in self.__dict__:  # a SparseConv2d made by unpickling (deepcopy, torch.load)
+            _make_eager_conv()
 
     def _mask_accumulated_grad(self, p: torch.Tensor) -> None:
         """Dense path: zero the gradient at pruned positions in place, once it is accumulated into ``.grad``."""
@@ -794,12 +796,17 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-@torch.compiler.disable
-def _conv_torch_backend(*args):
-    """The CPU sparse conv, run eagerly under ``torch.compile``: traced, its loop over kernel taps (one CSR product
-    each) split the graph at every tap, recompiled per tap index up to dynamo's recompile limit and ran slower than
-    eager (one graph break here instead)."""
-    return SparseConv2dFunction.apply(*args)
+# The CPU sparse conv, run eagerly under ``torch.compile``: traced, its loop over kernel taps (one CSR product each)
+# split the graph at every tap, recompiled per tap index up to dynamo's recompile limit and ran slower than eager (one
+# graph break instead). Made when the first SparseConv2d is (``torch.compiler.disable`` imports torch._dynamo, ~0.8 s
+# that importing this module should not cost), so it exists before any compile traces a forward.
+_EAGER_CONV = None
+
+
+def _make_eager_conv() -> None:
+    global _EAGER_CONV
+    if _EAGER_CONV is None:
+        _EAGER_CONV = torch.compiler.disable(SparseConv2dFunction.apply)
 
 
 class SparseConv2d(_SparseLayer):
@@ -821,6 +828,7 @@ class SparseConv2d(_SparseLayer):
         self._setup(ref.weight, mask, path, backend, mask_gradients, ops)
 
     def _copy_geometry(self, ref: nn.Conv2d) -> None:
+        _make_eager_conv()
         for a in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                   "padding_mode", "_reversed_padding_repeated_twice"):
             v = getattr(ref, a)
@@ -904,7 +912,7 @@ class SparseConv2d(_SparseLayer):
         if unbatched:
             x = x.unsqueeze(0)
         taps = self._taps() if backend == "torch" else None
-        apply = _conv_torch_backend if backend == "torch" else SparseConv2dFunction.apply
+        apply = _EAGER_CONV if backend == "torch" and _EAGER_CONV is not None else SparseConv2dFunction.apply
         y = apply(x, values, bias, self.fmt, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding),
                   _pair(self.dilation), self._dense_ops, self._flat_index, backend, taps)
         return y.squeeze(0) if unbatched else y
