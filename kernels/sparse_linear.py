@@ -574,8 +574,8 @@ def _check_devices(op: str, fmt: SparseFormat, **named) -> None:
 def _check_out(out, shape: tuple, dtype, device, op: str, *inputs) -> None:
     """``out=``: of the result's shape, dtype and device; every element its own memory (an expanded, stride-0
     buffer made every row the last one written), none of it the inputs' (the kernels read them while they write:
-    an ``out`` that was ``x`` gave wrong results on a GPU's many programs), and no autograd leaf (as torch's ops
-    with ``out=``)."""
+    an ``out`` that was ``x`` gave wrong results on a GPU's many programs), and no tensor that requires grad while
+    grad is enabled (as torch's ops with ``out=``)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{op}: out must be a torch.Tensor, got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
@@ -583,7 +583,7 @@ def _check_out(out, shape: tuple, dtype, device, op: str, *inputs) -> None:
                          f"expected {tuple(shape)} {dtype} on {device}")
     if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
         raise ValueError(f"{op}: out has a zero stride (an expanded tensor): its elements share memory")
-    if out.requires_grad:
+    if out.requires_grad and torch.is_grad_enabled():  # (as torch's out= ops: fine under no_grad)
         raise ValueError(f"{op}: out requires grad; the kernels' writes are not differentiable")
     for t in inputs:
         if t is not None and _overlap(out, t):
