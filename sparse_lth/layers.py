@@ -105,8 +105,8 @@ _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _grad_bits(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A dense-path layer's mask for its gradient hook: an integer of the weight's width per weight, all bits set
     where it is live and none where pruned, which the hook ANDs with the gradient's bits. As fast as a product with
-    the weight-dtype 0/1 copy it replaces (a bool mask is ~4x slower on the CPU), and an inf or NaN gradient at a pruned entry
-    becomes 0 where a product made NaN (and an optimizer then wrote NaN into the pruned weight)."""
+    the weight-dtype 0/1 copy it replaces (a bool mask is ~4x slower on the CPU), and an inf or NaN gradient at a
+    pruned entry becomes 0 where a product made NaN (and an optimizer then wrote NaN into the pruned weight)."""
     return mask.to(_BITS[torch.empty((), dtype=dtype).element_size()]).neg_()
 
 
@@ -294,14 +294,14 @@ class _SparseLayer(nn.Module):
         return super().__getattr__(name)
 
     def __setattr__(self, name, value):
-        # on the sparse path `weight` is computed from `values`: a tensor set in its place (torch.func.functional_call
-        # with a state_dict's "weight") would be ignored by forward, and torch puts the computed copy back as a
-        # plain attribute after the call, which then hides the live weight and breaks a later move to the dense path
         if self.__dict__.get("_is_replica") and name in ("weight", "values", "bias", "weight_mask"):
             # nn.DataParallel on several GPUs: its replicas hold parameters as plain attributes, which the layers'
             # paths do not read (the forward failed with KeyError 'weight'); DDP is torch's recommended way
             raise RuntimeError(f"{type(self).__name__} does not run under nn.DataParallel on several GPUs (its "
                                "replicas): use DistributedDataParallel (examples/imp_ddp.py), or one GPU")
+        # on the sparse path `weight` is computed from `values`: a tensor set in its place (torch.func.functional_call
+        # with a state_dict's "weight") would be ignored by forward, and torch puts the computed copy back as a
+        # plain attribute after the call, which then hides the live weight and breaks a later move to the dense path
         if name == "weight" and "values" in self.__dict__.get("_parameters", {}):
             raise AttributeError(
                 f"{type(self).__name__} is on the sparse path: its weight is computed from the live values "
