@@ -92,9 +92,7 @@ class SparseFormat:
             if isinstance(v, torch.Tensor):
                 kw[k] = v.to(device)
         out = SparseFormat(**kw)
-        if self.__dict__.get("_built"):
-            object.__setattr__(out, "_built", True)
-        return out
+        return _as_built(out) if self.__dict__.get("_built") else out
 
     def mask(self) -> torch.Tensor:
         """The boolean ``(rows, cols)`` mask this format describes."""
@@ -228,7 +226,7 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
     t_row_idx = row_idx[t_perm]
     # the column of every CSC entry (ascending): a sequential fill, not a gather through t_perm
     t_col_idx = torch.repeat_interleave(torch.arange(cols, dtype=torch.int32, device=mask.device), col_counts)
-    fmt = SparseFormat(
+    return _as_built(SparseFormat(
         rows=rows, cols=cols, nnz=nnz,
         row_ptr=_ptr(row_counts, ptr_dtype),
         col_idx=col_idx,
@@ -240,8 +238,13 @@ def build_format(mask: torch.Tensor) -> SparseFormat:
         col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
         row_panel_ptr=_panel_ptr(row_idx, col_idx, rows, cols, ptr_dtype),
         col_panel_ptr=_panel_ptr(t_col_idx, t_row_idx, cols, rows, ptr_dtype),
-    )
-    object.__setattr__(fmt, "_built", True)  # right by construction: validate() skips check_contents
+    ))
+
+
+def _as_built(fmt: SparseFormat) -> SparseFormat:
+    """``fmt`` marked as build_format's (right by construction: validate() skips check_contents); for the
+    structures of a format built so, kept or moved (``.to()``, a layer's own)."""
+    object.__setattr__(fmt, "_built", True)
     return fmt
 
 

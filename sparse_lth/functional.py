@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backend import BACKENDS
 from .kernels import torch_conv, torch_ops
 from .kernels.format import SparseFormat
 
 
 def _check_backend(backend, op: str) -> None:
-    from .backend import BACKENDS
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {BACKENDS}")
 
@@ -228,11 +228,9 @@ def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", ac
                   dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None):
     """``act(x @ W^T + bias)`` through :class:`SparseLinearFunction`, its arguments checked first (clear errors for
     bad input; :class:`~sparse_lth.layers.SparseLinear` makes its own checks and calls the Function itself)."""
-    from .backend import BACKENDS
     from .kernels import sparse_linear as k
 
-    if backend not in BACKENDS:
-        raise ValueError(f"sparse_linear: unknown backend {backend!r}; choose one of {BACKENDS}")
+    _check_backend(backend, "sparse_linear")
     if any(dense) and flat_index is None:
         raise ValueError("sparse_linear: a dense op needs flat_index (row * cols + col of each live value)")
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
@@ -243,9 +241,6 @@ def sparse_linear(x, values, bias, fmt: SparseFormat, backend: str = "torch", ac
                          dtypes=k._FLOAT_DTYPES + ((torch.float64,) if torch_backend else ()),
                          launch=not torch_backend)
     return SparseLinearFunction.apply(x, values, bias, fmt, backend, activation, tuple(dense), flat_index)
-
-
-_CONV_BACKENDS = ("torch", "triton", "interpret")
 
 
 class SparseConv2dFunction(torch.autograd.Function):
@@ -264,8 +259,7 @@ class SparseConv2dFunction(torch.autograd.Function):
     def forward(ctx, x, values, bias, fmt: SparseFormat, kernel_size, stride, padding, dilation,
                 dense: tuple = ALL_SPARSE, flat_index: torch.Tensor | None = None, backend: str = "triton",
                 taps=None):
-        if backend not in _CONV_BACKENDS:
-            _check_backend(backend, "SparseConv2dFunction")
+        _check_backend(backend, "SparseConv2dFunction")
         _check_function_input(x, fmt, x.shape[1] * kernel_size[0] * kernel_size[1] if x.dim() == 4 else -1,
                               "SparseConv2dFunction")
         d_fwd, d_dx, d_dw = dense

@@ -44,7 +44,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .backend import resolve_backend
 from .functional import (ALL_SPARSE, OPS, SparseConv2dFunction, SparseLinearFunction, check_ops, ops_dict,
                          scatter_values)
-from .kernels.format import SparseFormat, build_format, check_mask, to_values
+from .kernels.format import SparseFormat, _as_built, build_format, check_mask, to_values
 from .kernels.torch_conv import build_conv_taps
 
 __all__ = [
@@ -280,9 +280,8 @@ class _SparseLayer(nn.Module):
         f = d.get("_fmt_cache")
         # the index attributes are only ever replaced all together (a new mask, a device move): one identity check
         if f is None or f.row_ptr is not d.get("_fmt_row_ptr") or f.nnz != self._nnz:
-            f = SparseFormat(rows=self.weight_shape[0], cols=math.prod(self.weight_shape[1:]), nnz=self._nnz,
-                             **{n: d["_fmt_" + n] for n in _FMT_FIELDS})
-            object.__setattr__(f, "_built", True)  # the fields of a build_format, kept (and moved) by the layer
+            f = _as_built(SparseFormat(rows=self.weight_shape[0], cols=math.prod(self.weight_shape[1:]),
+                                       nnz=self._nnz, **{n: d["_fmt_" + n] for n in _FMT_FIELDS}))
             d["_fmt_cache"] = f
         return f
 

@@ -1,4 +1,5 @@
 """The worker of test_pruner's DistributedDataParallel test (a module of its own: spawned processes import it)."""
+import contextlib
 import os
 import sys
 
@@ -25,6 +26,28 @@ def shard(step: int, rank: int) -> torch.Tensor:
     return torch.arange(SHARD) + SHARD * (2 * step + rank)
 
 
+@contextlib.contextmanager
+def _rank(rank: int, world: int, rendezvous: str):
+    """One gloo rank of a worker: the body runs inside; then both ranks meet and the process leaves.
+
+    Done, results saved: it leaves without gloo's teardown. destroy_process_group, or the exit's C++ destructors
+    after it, aborted a rank now and then ("terminate called without an active exception": a clean-clone CI run in
+    sessions 25 and 26, even with the wrapper dropped and a barrier first; the bf16 worker once in session 33),
+    failing a test whose results were already written. os._exit skips that teardown; what the tests check is
+    unchanged. A body that raises tears the group down and re-raises (the spawning test sees the error)."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        yield
+        dist.barrier()  # both ranks done communicating before either leaves
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     """IMP under DDP: every round the model is wrapped again (a mask change gives the layers new parameters) and
     trained on this rank's shard; rank 0 saves each round's starting and final state, the masks and the paths,
@@ -34,9 +57,7 @@ def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     import sparse_lth.optim
     from sparse_lth.layers import sparsify
     from sparse_lth.pruner import MagnitudePruner
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
+    with _rank(rank, world, rendezvous):
         model = sparsify(make_model())
         if rank == 1:  # this rank's automatic path choices contradict rank 0's (as timings either side of a tie
             # can on GPUs): the pruner puts every rank on rank 0's paths, or DDP(model) could not wrap them
@@ -74,17 +95,6 @@ def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         del ddp  # nothing may hold the process group when it goes
         if rank == 0:
             torch.save(rounds, out)
-        dist.barrier()  # both ranks done communicating before either leaves
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # Done, results saved: leave without gloo's teardown. destroy_process_group, or the exit's C++ destructors
-    # after it, aborted a rank now and then ("terminate called without an active exception": a clean-clone CI
-    # run in sessions 25 and 26, even with the wrapper dropped and a barrier first), failing a test whose
-    # results were already written. os._exit skips that teardown; what the test checks is unchanged.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def half_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
@@ -93,9 +103,7 @@ def half_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from sparse_lth.layers import sparsify
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    try:
+    with _rank(rank, world, rendezvous):
         model = sparsify(make_model(), path="dense").to(torch.bfloat16)
         mask = torch.rand(64, 20, generator=torch.Generator().manual_seed(0)) < 0.5
         model[0].set_mask(mask, path="dense")
@@ -109,11 +117,3 @@ def half_worker(rank: int, world: int, rendezvous: str, out: str) -> None:
         del ddp  # nothing may hold the process group when it goes
         if rank == 0:
             torch.save({"ok": flat.item() == world}, out)
-        dist.barrier()
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    # as worker(): leave without gloo's teardown, which aborted a rank now and then after the results were saved
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
