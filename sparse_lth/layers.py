@@ -659,7 +659,19 @@ class _SparseLayer(nn.Module):
             t = self.__dict__.get(name)
             if isinstance(t, torch.Tensor):
                 self.__dict__[name] = move(t)
+        w = self._parameters.get("weight")
+        impl = w._cdata if w is not None else None
         out = super()._apply(move, *args, **kwargs)
+        w = self._parameters.get("weight")
+        if w is not None and w._cdata != impl and w._post_accumulate_grad_hooks is not None:
+            # the weight's tensor was swapped in under the same Parameter object (torch.utils.swap_tensors: under
+            # torch.__future__.set_swap_module_params_on_conversion(True), and for tensor subclasses): the Python
+            # object kept its dict of post-accumulate hooks, the gradient mask's among them, but autograd runs
+            # them from the tensor, and the new one has none. Setting the dict again registers it there (and
+            # whether the mask's hook is in it is read from the dict: the object's attributes are the new tensor's).
+            hooks = w._post_accumulate_grad_hooks
+            w._post_accumulate_grad_hooks = hooks
+            w._sparse_lth_grad_hook = any(h == self._mask_accumulated_grad for h in hooks.values())
         self._hook_dense_weight()
         self._match_grad_bits()
         return out
@@ -675,9 +687,9 @@ class _SparseLayer(nn.Module):
                               error_msgs):
         known = {"weight", "bias", "weight_mask"}
         for key in state_dict:
-            if key.startswith(prefix):
-                rest = key[len(prefix):]
-                if "." not in rest and rest not in known and strict:
+            if key.startswith(prefix) and strict:
+                rest = key[len(prefix):].split(".", 1)  # as nn.Module: a dotted key belongs to a child module
+                if (rest[0] not in self._modules) if len(rest) > 1 else (rest[0] not in known):
                     unexpected_keys.append(key)
         wkey, bkey, mkey = prefix + "weight", prefix + "bias", prefix + "weight_mask"
         if wkey not in state_dict:
