@@ -259,6 +259,13 @@ def _set_axis_kinds(exps: list[dict], kinds: tuple[str, ...] | None) -> None:
         if not chosen:
             raise ValueError(f"{e['name']} has no {' or '.join(kinds)} layers (its layers: "
                              + ", ".join(f"{n} {k}" for n, k in layer_of.items()) + ")")
+        for r, ms in sorted(e["rounds"].items()):
+            for m in ms:
+                if any(n not in (m.get("remaining") or {}) for n in chosen):
+                    raise ValueError(f"{e['name']}: round {r} of seed {m.get('seed')} records no count of the "
+                                     f"weights remaining by layer (its metrics.json is older than those counts), "
+                                     f"which the percent of {' + '.join(kinds)} weights is made of: report it "
+                                     f"without --remaining")
         e["axis"] = chosen
 
 

@@ -459,3 +459,14 @@ def test_the_dense_masking_baseline_is_pruned_to_the_next_mask(tmp_path):
     tr, te = data
     assert d["projected"]["train_loss"] == pytest.approx(evaluate(plain, [(tr.x[:100], tr.y[:100])])[0], rel=1e-5)
     assert d["projected"]["test_acc"] == evaluate(plain, te.eval_batches(1000))[1]
+
+
+def test_an_axis_of_some_layers_over_rounds_without_per_layer_counts_is_refused_clearly():
+    """--remaining fc over a run whose metrics.json predate the per-layer counts: a ValueError that names the
+    experiment and round and what to do (it was a bare KeyError: 'remaining')."""
+    old = _m(0, 1, 80.0, 0.91)
+    e = _exp("old", "imp", {0: [_m(0, 0, 100.0, 0.90)], 1: [old]}, [0])
+    with pytest.raises(ValueError, match=r"old: round 0 of seed 0 records no count .* without --remaining"):
+        report._set_axis_kinds([e], ("fc",))
+    report._set_axis_kinds([e], None)  # the percent of all weights needs no per-layer counts
+    assert [row[0] for row in report._series(e, "test_acc")] == [100.0, 80.0]
