@@ -36,6 +36,19 @@ def load_masks(exp_dir, r, seed=0):
     return load(os.path.join(exp_dir, f"seed_{seed}", f"round_{r:02d}", "masks.pt"))["masks"]
 
 
+class Boom(RuntimeError):
+    pass
+
+
+def crash_in_round_1(hp, root, data, at=13):
+    """Run ``hp`` until an exception at iteration ``at`` of round 1 (its checkpoint at 10 is left behind)."""
+    def crash(r, it, model):
+        if r == 1 and it == at:
+            raise Boom()
+    with pytest.raises(Boom):
+        run(hp, root, data=data, callback=crash)
+
+
 def grab_starts(store):
     return lambda r, model: store.__setitem__(r, {n: m.dense_weight().detach().clone()
                                                   for n, m in prunable_layers(model)})
@@ -137,15 +150,7 @@ def test_a_round_compares_its_numerics_with_the_last_environment_of_the_round_be
     does not warn (only a change from the last one is a change)."""
     data = tiny_data(240, 120)
     hp = tiny_hp(rounds=1)
-
-    class Boom(RuntimeError):
-        pass
-
-    def crash(r, it, model):
-        if r == 1:
-            raise Boom()
-    with pytest.raises(Boom):
-        run(hp, tmp_path, data=data, callback=crash)
+    crash_in_round_1(hp, tmp_path, data, at=1)
     from sparse_lth.imp import experiment_name
     mpath = os.path.join(str(tmp_path), experiment_name(hp), "seed_0", "round_00", "metrics.json")
     with open(mpath) as f:
@@ -176,15 +181,7 @@ def test_the_plan_names_the_round_that_was_running_and_not_a_finished_one(tmp_pa
     from sparse_lth.imp import Experiment, experiment_name
     data = tiny_data(240, 120)
     hp = tiny_hp(rounds=1)
-
-    class Boom(RuntimeError):
-        pass
-
-    def crash(r, it, model):
-        if r == 1 and it == 13:
-            raise Boom()
-    with pytest.raises(Boom):
-        run(hp, tmp_path, data=data, callback=crash)
+    crash_in_round_1(hp, tmp_path, data)
     plan = Experiment(hp, str(tmp_path), data=data, progress=False).plan()
     assert plan["seeds"][0] == dict(done=1, planned=2, running=(1, 10))
     run(hp, tmp_path, data=data)
@@ -279,15 +276,7 @@ def test_negative_rounds_are_refused_before_anything_is_written(tmp_path):
 def test_load_ticket_refuses_a_round_that_has_begun_but_not_finished(tmp_path):
     from sparse_lth.imp import load_ticket
     data = tiny_data(240, 120)
-
-    class Boom(RuntimeError):
-        pass
-
-    def crash(r, it, model):
-        if r == 1 and it == 13:
-            raise Boom()
-    with pytest.raises(Boom):
-        run(tiny_hp(rounds=1), tmp_path, data=data, callback=crash)
+    crash_in_round_1(tiny_hp(rounds=1), tmp_path, data)
     from sparse_lth.imp import experiment_name
     exp = os.path.join(str(tmp_path), experiment_name(tiny_hp(rounds=1)))
     load_ticket(exp, 0)

@@ -251,24 +251,26 @@ def test_program_table_follows_the_block_size(kernel_device):
             torch.testing.assert_close(a, b)
 
 
+class LaunchSpy:
+    """Stands in for an optimizer kernel: records each launch's ALIGNED flag and pointer table, then launches."""
+
+    def __init__(self, kern, seen: list):
+        self.kern, self.seen = kern, seen
+
+    def __getitem__(self, grid):
+        def launch(ptr_table, *args, **kw):
+            self.seen.append((kw["ALIGNED"], ptr_table.cpu().clone()))
+            return self.kern[grid](ptr_table, *args, **kw)
+        return launch
+
+
 def test_an_aligned_launch_holds_only_16_byte_aligned_tensors(kernel_device, monkeypatch):
     """ALIGNED=True promises the compiler 16-byte aligned addresses (vector loads): a launch with that flag must not
     carry a tensor at an unaligned address (misaligned vector accesses on a GPU). Checked at the launch."""
     from sparse_lth.kernels import optim as K
 
     seen = []
-
-    class Spy:
-        def __init__(self, kern):
-            self.kern = kern
-
-        def __getitem__(self, grid):
-            def launch(ptr_table, *args, **kw):
-                seen.append((kw["ALIGNED"], ptr_table.cpu().clone()))
-                return self.kern[grid](ptr_table, *args, **kw)
-            return launch
-
-    monkeypatch.setattr(K, "_sgd_kernel", Spy(K._sgd_kernel))
+    monkeypatch.setattr(K, "_sgd_kernel", LaunchSpy(K._sgd_kernel, seen))
     base = torch.zeros(200, device=kernel_device)
     ps = [base[0:64], base[65:129]]                            # aligned, and 4 bytes past an aligned address
     gs = [torch.randn(64, device=kernel_device), torch.randn(64, device=kernel_device)]

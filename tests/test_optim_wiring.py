@@ -5,6 +5,7 @@ mutant the rest of the suite let through. Small shapes: without a GPU the kernel
 interpreter (tests/conftest.py)."""
 import pytest
 import torch
+from test_kernels_edges import LaunchSpy
 
 from sparse_lth.kernels import optim as K
 from sparse_lth.optim import MASK_ATTR, SGD, Adam
@@ -393,18 +394,7 @@ def test_an_aligned_launch_holds_no_mask_at_an_unaligned_address(monkeypatch):
     """K12: the 1-byte mask's address counts for the alignment dispatch too: a mask one byte past an aligned address,
     with the parameter, gradient and buffer aligned, must not go into an ALIGNED launch."""
     seen = []
-
-    class Spy:
-        def __init__(self, kern):
-            self.kern = kern
-
-        def __getitem__(self, grid):
-            def launch(ptr_table, *args, **kw):
-                seen.append((kw["ALIGNED"], ptr_table.cpu().clone()))
-                return self.kern[grid](ptr_table, *args, **kw)
-            return launch
-
-    monkeypatch.setattr(K, "_sgd_kernel", Spy(K._sgd_kernel))
+    monkeypatch.setattr(K, "_sgd_kernel", LaunchSpy(K._sgd_kernel, seen))
     gen = torch.Generator().manual_seed(13)
     p, g = torch.randn(64, generator=gen).to(DEV), torch.randn(64, generator=gen).to(DEV)
     base = torch.zeros(96, dtype=torch.bool, device=DEV)

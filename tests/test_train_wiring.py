@@ -12,32 +12,12 @@ import pytest
 import torch
 
 from conftest import tiny_data
+from test_train import cfg, tiny_model
 from sparse_lth.data import DeviceDataset, load_dataset
-from sparse_lth.imp import apply_masks, prunable_layers, random_masks
-from sparse_lth.layers import sparsify
-from sparse_lth.models import build_model
+from sparse_lth.imp import prunable_layers
 from sparse_lth.train import TrainConfig, build_optimizer, early_stop, evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_model(kind="sparse", density=0.5, path="sparse", dropout=0.0, seed=0):
-    model = build_model("lenet300_100", width=0.1, dropout=dropout, seed=seed)
-    if kind == "sparse":
-        model = sparsify(model, path=path)
-    shapes = {n: tuple((m.dense_weight() if hasattr(m, "dense_weight") else m.weight).shape)
-              for n, m in prunable_layers(model)}
-    g = torch.Generator().manual_seed(seed + 1)
-    masks = random_masks(shapes, {n: int(density * torch.Size(s).numel()) for n, s in shapes.items()}, g)
-    apply_masks(model, masks, path=path if kind == "sparse" else None)
-    return model, masks
-
-
-def cfg(**kw):
-    base = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=16, iterations=24,
-                eval_every=6, train_eval_size=50, eval_batch_size=64, seed=3, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
 
 
 class Stop(Exception):
