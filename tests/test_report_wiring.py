@@ -37,6 +37,24 @@ def _plt():
     return plt
 
 
+def _spy_figures(monkeypatch) -> dict:
+    """What every figure saved from now on draws: {file name: [per axes: dict(xlabel, ylabel, lines=[(label,
+    linestyle, x, y), ...])]} (the report and the analyses save through report.save_figure)."""
+    drawn = {}
+    real = report.save_figure
+
+    def spy(fig, path):
+        drawn[os.path.basename(path)] = [
+            dict(xlabel=ax.get_xlabel(), ylabel=ax.get_ylabel(),
+                 lines=[(ln.get_label(), ln.get_linestyle(), list(ln.get_xdata()), list(ln.get_ydata()))
+                        for ln in ax.get_lines()])
+            for ax in fig.axes]
+        return real(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", spy)
+    return drawn
+
+
 # ---------------------------------------------------------------------------------------------- rounds.csv
 def test_rounds_csv_gives_each_field_in_its_column_and_the_axis_percent(tmp_path):
     """Every column holds its own field (test acc at the end is not the early-stop one, train acc not train loss),
@@ -194,40 +212,24 @@ def test_the_report_figures_plot_percent_and_points_on_the_chosen_axis(monkeypat
            for f in (1.0, 0.5, 0.21)]
     pcts = [100.0 * (r["fc1"]["live"] + 100) / 1100 for r in rem]
     a = _write_exp(tmp_path, "a", "imp", {0: [(pcts[0], 0.90), (pcts[1], 0.93), (pcts[2], 0.94)]}, rem)
-    drawn = {}
-    real = report.save_figure
-
-    def spy(fig, path):
-        drawn[os.path.basename(path)] = [dict(xlabel=ax.get_xlabel(), ylabel=ax.get_ylabel(),
-                                              lines=[(ln.get_label(), list(ln.get_xdata()), list(ln.get_ydata()))
-                                                     for ln in ax.get_lines()]) for ax in fig.axes]
-        return real(fig, path)
-
-    monkeypatch.setattr(report, "save_figure", spy)
+    drawn = _spy_figures(monkeypatch)
     report.write_report([str(a)], str(tmp_path / "rep"), remaining="fc")
     acc = drawn["accuracy_vs_remaining.png"][0]
     assert acc["xlabel"] == "percent of fc weights remaining"
-    assert acc["lines"][0][1] == pytest.approx([100.0, 50.0, 21.0])
+    assert acc["lines"][0][2] == pytest.approx([100.0, 50.0, 21.0])
     gain = [ln for ln in drawn["gain_vs_remaining.png"][0]["lines"] if ln[0].startswith("IMP")][0]
-    assert gain[2] == pytest.approx([0.0, 3.0, 4.0])
+    assert gain[3] == pytest.approx([0.0, 3.0, 4.0])
     curves = drawn["curves.png"][0]["lines"]
     # the rounds nearest the paper's levels 100, 51.3, 21.1 % of all weights: 100, 54.5 and 28.2 % (all three)
-    assert [ln[2][-1] for ln in curves] == pytest.approx([90.0, 93.0, 94.0])
+    assert [ln[3][-1] for ln in curves] == pytest.approx([90.0, 93.0, 94.0])
 
 
 def test_the_curves_leave_out_rounds_far_from_every_paper_level(monkeypatch, tmp_path):
     a = _write_exp(tmp_path, "a", "imp", {0: [(100.0, 0.90), (90.0, 0.92), (80.0, 0.93)]})
-    drawn = {}
-    real = report.save_figure
-
-    def spy(fig, path):
-        drawn[os.path.basename(path)] = [ln.get_label() for ln in fig.axes[0].get_lines()]
-        return real(fig, path)
-
-    monkeypatch.setattr(report, "save_figure", spy)
+    drawn = _spy_figures(monkeypatch)
     report.write_report([str(a)], str(tmp_path / "rep"))
     # 100 %; 90 % and 80 % are near no level (80 % is the nearest to 51.3 %, but 1.56 times it)
-    assert drawn["curves.png"] == ["100.0%"]
+    assert [ln[0] for ln in drawn["curves.png"][0]["lines"]] == ["100.0%"]
 
 
 # ------------------------------------------------------------------------------------------------ stability
@@ -249,21 +251,12 @@ def test_the_stability_table_cells():
 
 def test_the_stability_figures_plot_barriers_in_points_against_the_weights_remaining(monkeypatch, tmp_path):
     _plt()
-    from sparse_lth import report as rep
-    drawn = {}
-    real = rep.save_figure
-
-    def spy(fig, path):
-        drawn[os.path.basename(path)] = [(ln.get_label(), list(ln.get_xdata()), list(ln.get_ydata()))
-                                         for ln in fig.axes[0].get_lines()]
-        return real(fig, path)
-
-    monkeypatch.setattr(rep, "save_figure", spy)
+    drawn = _spy_figures(monkeypatch)
     stability.write_stability_report(_stab_rows(), str(tmp_path))
-    test_line, train_line = drawn["barrier_vs_remaining.png"]
-    assert test_line[1] == [100.0, 80.0, 64.0]  # by round, x = percent remaining
-    assert test_line[2] == pytest.approx([2.0, 8.0, 15.0]) and train_line[2] == pytest.approx([1.0, 3.0, 5.0])
-    paths = {lab: ys for lab, _, ys in drawn["error_along_path.png"]}
+    test_line, train_line = drawn["barrier_vs_remaining.png"][0]["lines"]
+    assert test_line[2] == [100.0, 80.0, 64.0]  # by round, x = percent remaining
+    assert test_line[3] == pytest.approx([2.0, 8.0, 15.0]) and train_line[3] == pytest.approx([1.0, 3.0, 5.0])
+    paths = {ln[0]: ln[3] for ln in drawn["error_along_path.png"][0]["lines"]}
     assert paths["64.0% (round 2, seed 0)"] == pytest.approx([10.0, 30.0, 20.0])
 
 
@@ -312,20 +305,12 @@ def test_the_landscape_table_cells():
 
 def test_the_landscape_figure_plots_the_top_eigenvalue_relative_distance_and_both_losses(monkeypatch, tmp_path):
     _plt()
-    from sparse_lth import report as rep
-    drawn = {}
-    real = rep.save_figure
-
-    def spy(fig, path):
-        drawn.update({i: [(ln.get_label(), list(ln.get_ydata())) for ln in ax.get_lines()]
-                      for i, ax in enumerate(fig.axes)})
-        return real(fig, path)
-
-    monkeypatch.setattr(rep, "save_figure", spy)
+    drawn = _spy_figures(monkeypatch)
     ls.write_landscape_report(_land_rows(), str(tmp_path))
-    assert drawn[0][0][1] == [10.0, 11.0]
-    assert drawn[1][0][1] == pytest.approx([0.25, 0.35])
-    loss = dict(drawn[2])
+    axes = [ax["lines"] for ax in drawn["landscape.png"]]
+    assert axes[0][0][3] == [10.0, 11.0]
+    assert axes[1][0][3] == pytest.approx([0.25, 0.35])
+    loss = {ln[0]: ln[3] for ln in axes[2]}
     assert loss["seed 0: trained solution"] == pytest.approx([0.1, 1.1])
     assert loss["seed 0: pruned to the next mask"] == pytest.approx([0.5, 1.5])
 
@@ -387,19 +372,6 @@ def test_the_hessian_is_over_the_first_training_examples(tmp_path, monkeypatch):
     final = torch.load(os.path.join(exp.round_dir(0, 1), "final.pt"), weights_only=False)
     plain.load_state_dict({k: v for k, v in final.items() if not k.endswith("weight_mask")})
     assert d["final"]["train_loss"] == pytest.approx(evaluate(plain, [(tr.x[:100], tr.y[:100])])[0], rel=1e-5)
-
-
-def _spy_figures(monkeypatch):
-    drawn = {}
-    real = report.save_figure
-
-    def spy(fig, path):
-        drawn[os.path.basename(path)] = [dict(ylabel=ax.get_ylabel(), lines=[
-            (ln.get_label(), ln.get_linestyle(), list(ln.get_ydata())) for ln in ax.get_lines()]) for ax in fig.axes]
-        return real(fig, path)
-
-    monkeypatch.setattr(report, "save_figure", spy)
-    return drawn
 
 
 def test_the_curves_draw_no_control_but_random_reinit_beside_the_ticket(monkeypatch, tmp_path):
