@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import signal
@@ -107,14 +108,16 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group_title=None) -> list[str]:
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, skip=(), group_title=None, defaults=None,
+                         types=None, comments=None) -> list[str]:
     """One flag per field of ``cls`` (default None = "not given"), its help from the field's comment; returns
-    the field names."""
-    hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
+    the field names. ``defaults``: the instance whose values the help shows (default ``cls()``); ``types`` and
+    ``comments``: a field's flag type and help where they are not the field's."""
+    hints = {**typing.get_type_hints(cls), **(types or {})}
+    comments = {**_field_comments(cls), **(comments or {})}
     group = parser.add_argument_group(group_title) if group_title else parser
     names = []
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -300,13 +303,21 @@ def _cmd_train(args, names) -> int:
             raise ValueError(f"{', '.join(forced)} choose how sparse layers run: they need --layers sparse, "
                              f"not {args.layers}")
     _check_out_file(args.out)
+    from .imp import parse_steps
+    if args.iterations is not None:
+        parse_steps(args.iterations, 1, "--iterations")  # its form, refused before any work
     ticket = _train_ticket_source(args)
     _setup_threads(args.threads)
     given = _given(args, names)
-    cfg = TrainConfig(**{"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "eval_every": 100,
-                         **given, "progress": not args.no_progress})
+    # settings not given: the run's own with --ticket (its round again, to the last digit), else TRAIN_DEFAULTS
+    settings = {**TRAIN_DEFAULTS, **(_run_train_settings(ticket[0]) if ticket is not None else {}), **given}
+    for name in ("data_limit", "test_limit", "val_split"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(ticket[0], name) if ticket is not None else 0)
+    TrainConfig(**{**settings, "iterations": 1}, progress=False)  # the settings checked before any work
     device = _device(args.device)
-    _check_cuda_graph(cfg.cuda_graph, device)
+    _check_cuda_graph(bool(settings.get("cuda_graph")), device)
+    augment = None
     if ticket is None:
         model_name, kw = args.model or "lenet300_100", {}
         dataset = args.dataset or default_dataset(model_name)
@@ -314,6 +325,7 @@ def _cmd_train(args, names) -> int:
         hp, ticket_masks, ticket_state, _ = ticket
         model_name, kw = hp.model, dict(width=hp.width, dropout=hp.dropout)
         dataset = args.dataset or hp.dataset or default_dataset(model_name)
+        augment = None if hp.augment == "auto" else hp.augment == "on"
     model = build_model(model_name, seed=args.model_seed, input_shape=INPUT_SHAPES.get(dataset), **kw).to(device)
     if ticket is not None and ticket_state is not None:
         from .imp import _load_weights
@@ -322,7 +334,8 @@ def _cmd_train(args, names) -> int:
         except RuntimeError as e:  # shapes: the run's network was built for other inputs
             raise ValueError(f"--ticket {args.ticket}: its weights do not fit {model_name} on {dataset} ({e})") \
                 from None
-    tr = load_dataset(dataset, "train", root=args.data, device=device, limit=args.data_limit or None)
+    tr = load_dataset(dataset, "train", root=args.data, device=device, augment=augment,
+                      limit=args.data_limit or None)
     te = load_dataset(dataset, "test", root=args.data, device=device, limit=args.test_limit or None)
     val = None
     if args.val_split:
@@ -330,6 +343,10 @@ def _cmd_train(args, names) -> int:
             tr, val = tr.split_off(args.val_split)
         except ValueError as e:
             raise ValueError(f"--val-split {args.val_split}: {e}") from None
+    # "Nep": epochs of the training set (without the held-out examples) at the batch size, as IMP counts them
+    ipe = math.ceil(len(tr) / settings["batch_size"]) if settings["batch_size"] > 0 else 1
+    settings["iterations"] = parse_steps(settings["iterations"], ipe, "--iterations")
+    cfg = TrainConfig(**settings, progress=not args.no_progress)
     if args.layers == "sparse":
         from .layers import parse_ops, sparsify
         model = sparsify(model, path=args.path, backend=None if args.backend == "auto" else args.backend,
@@ -376,6 +393,20 @@ def _cmd_train(args, names) -> int:
         with open(args.out, "w") as f:
             json.dump({**summary, "environments": out["environments"], "curve": out["curve"]}, f, indent=1)
     return 0
+
+
+# train's settings without --ticket, where they differ from TrainConfig's: LeNet-300-100's in the paper
+TRAIN_DEFAULTS = {"optimizer": "adam", "lr": 1.2e-3, "batch_size": 60, "eval_every": 100}
+# the fields of an IMP run's hyperparameters that are train's settings of the same name
+_RUN_TRAIN_FIELDS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "iterations",
+                     "milestones", "gamma", "warmup", "eval_every", "train_eval_size", "optimizer_impl", "precision",
+                     "seed")
+
+
+def _run_train_settings(hp) -> dict:
+    """``train --ticket``: the run's training settings (its replicate's seed orders the data), each a default that
+    a flag overrides. ``iterations`` stays the run's "Nit"/"Nep" (an epoch needs the training set's size)."""
+    return {name: getattr(hp, name) for name in _RUN_TRAIN_FIELDS}
 
 
 def _train_ticket_source(args):
@@ -753,7 +784,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     pt.add_argument("--ticket", metavar="RUN_DIR",
                     help="train a ticket of an IMP run (or control): the masks of its --round, and the weights "
                          "--ticket-weights says, on --dataset (default the run's; another of the same input "
-                         "shape transfers the ticket), with this command's training settings")
+                         "shape transfers the ticket), with the run's training settings (each flag of the training group overrides one)")
     pt.add_argument("--round", type=_nonneg(), default=None, help="with --ticket: the round whose masks to train")
     pt.add_argument("--start-iteration", type=_nonneg(), default=None,
                     help="train iterations N .. --iterations, with those iterations' batches and learning rates "
@@ -780,15 +811,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="choose the auto paths by timing on this device (CUDA always does; the CPU goes by "
                          "density otherwise)")
     pt.add_argument("--backend", default="auto")
-    pt.add_argument("--data-limit", type=_nonneg(), default=0, help="the first N training examples (0: all)")
-    pt.add_argument("--test-limit", type=_nonneg(), default=0, help="the first N test examples (0: all)")
-    pt.add_argument("--val-split", type=_nonneg(), default=0,
+    pt.add_argument("--data-limit", type=_nonneg(), default=None,
+                    help="the first N training examples (0: all; default 0, with --ticket the run's)")
+    pt.add_argument("--test-limit", type=_nonneg(), default=None,
+                    help="the first N test examples (0: all; default 0, with --ticket the run's)")
+    pt.add_argument("--val-split", type=_nonneg(), default=None,
                     help="early-stop on the loss of N held-out training examples (the paper: 5000; default 0: on "
-                         "the test loss)")
+                         "the test loss; with --ticket the run's)")
     pt.add_argument("--no-progress", action="store_true")
     pt.add_argument("--out", help="write the metrics (with the curve and the environment) to this JSON file")
     pt.add_argument("--threads", type=_threads(), default=None)
-    train_names = _add_dataclass_flags(pt, TrainConfig, skip=("progress",), group_title="training")
+    train_names = _add_dataclass_flags(
+        pt, TrainConfig, skip=("progress",), defaults=TrainConfig(**TRAIN_DEFAULTS), types={"iterations": str},
+        comments={"iterations": "training budget: N or 'Nit' iterations (steps), or 'Nep' epochs of the training "
+                                "set at --batch-size"},
+        group_title="training (a default shown is the value without --ticket; with --ticket each is the run's own, "
+                    "so that its round trains again to the last digit)")
 
     pr = sub.add_parser("report", help="figures and a Markdown table from run folders")
     pr.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="experiment folders, or run roots holding them")
@@ -909,6 +947,18 @@ _OUT_FOLDER = ("report", "overlap", "stability", "landscape", "anatomy")
 def main(argv=None) -> int:
     parser, names = build_parser()
     args = parser.parse_args(argv)
+    import warnings
+    formatwarning = warnings.formatwarning
+    # a warning to the command's user is one line that names the command, not a line of the library's source
+    warnings.formatwarning = lambda message, category, *_, **__: \
+        f"sparse-lth {args.command}: {category.__name__}: {message}\n"
+    try:
+        return _run(args, names)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _run(args, names) -> int:
     try:
         if args.command in _OUT_FOLDER and args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
             raise NotADirectoryError(f"--out {args.out}: is a file; {args.command} writes a folder there")

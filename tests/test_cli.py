@@ -122,18 +122,28 @@ def test_train_command(tmp_path, capsys):
 
 
 def test_train_a_ticket_of_a_run(tmp_path, capsys):
-    """train --ticket RUN --round R: the round's masks and starting weights, trained with the run's own settings,
-    give the run's round again to the last digit; --ticket-weights fresh trains the masks from another
-    initialization; --dataset fashion_mnist transfers the MNIST ticket; misuse is refused clearly."""
+    """train --ticket RUN --round R: the round's masks and starting weights, trained with the run's own settings
+    (the default: no training flag given), give the run's round again to the last digit, and a flag overrides one
+    of them; --ticket-weights fresh trains the masks from another initialization; --dataset fashion_mnist
+    transfers the MNIST ticket; misuse is refused clearly."""
     assert main(tiny_imp_args(tmp_path, "--no-report")) == 0
     exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
     rec = json.loads((exp / "seed_0" / "round_02" / "metrics.json").read_text())
-    same = ["--data", mnist_root(), "--iterations", "30", "--eval-every", "10", "--batch-size", "20",
-            "--data-limit", "300", "--test-limit", "200", "--no-progress"]
     out = tmp_path / "t.json"
-    assert main(["train", "--ticket", str(exp), "--round", "2", *same, "--out", str(out)]) == 0
+    assert main(["train", "--ticket", str(exp), "--round", "2", "--data", mnist_root(), "--no-progress",
+                 "--out", str(out)]) == 0  # every setting the run's: 30 iterations of 20 of its 300 examples, ...
     m = json.loads(out.read_text())
     assert m["curve"] == rec["curve"] and m["percent_remaining"] == pytest.approx(rec["percent_remaining"])
+    assert main(["train", "--ticket", str(exp), "--round", "2", "--data", mnist_root(), "--no-progress",
+                 "--lr", "0.01", "--out", str(out)]) == 0  # one setting overridden, the rest the run's
+    other = json.loads(out.read_text())
+    assert [c["iteration"] for c in other["curve"]] == [c["iteration"] for c in rec["curve"]]
+    assert other["curve"][0]["lr"] == 0.01 and other["curve"][0]["test_loss"] == rec["curve"][0]["test_loss"]
+    assert other["curve"][-1]["test_loss"] != rec["curve"][-1]["test_loss"]
+    same = ["--data", mnist_root(), "--iterations", "30", "--eval-every", "10", "--batch-size", "20",
+            "--data-limit", "300", "--test-limit", "200", "--no-progress"]
+    assert main(["train", "--ticket", str(exp), "--round", "2", *same, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["curve"] == rec["curve"]  # the same settings given as flags
     assert m["ticket"] == dict(run_dir=str(exp), round=2, seed=0, weights="start", dataset="mnist",
                                start_iteration=0)
     assert main(["train", "--ticket", str(exp), "--round", "2", "--ticket-weights", "fresh", "--model-seed", "5",
@@ -165,6 +175,47 @@ def test_train_a_ticket_of_a_run(tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert main(["train", "--round", "2", *same]) == 2
     assert "go with --ticket" in capsys.readouterr().err
+
+
+def test_train_a_ticket_takes_the_runs_augmentation_split_and_epochs(tmp_path):
+    """train --ticket of a run that augments its (MNIST) training set, holds out examples for early stopping and
+    counts its budget in epochs: with no training flag the round trains again to the last digit, so each of those
+    settings came from the run (without the augmentation, the held-out split or the epochs, the curve differs)."""
+    assert main(["imp", "--preset", "lenet_quick", "--data", mnist_root(), "--runs", str(tmp_path), "--iterations",
+                 "2ep", "--eval-every", "5", "--rounds", "1", "--width", "0.1", "--data-limit", "300",
+                 "--test-limit", "100", "--val-split", "100", "--batch-size", "25", "--augment", "on", "--no-progress",
+                 "--no-report"]) == 0
+    exp = next(p for p in tmp_path.iterdir() if p.name.startswith("lenet300_100_imp_"))
+    rec = json.loads((exp / "seed_0" / "round_01" / "metrics.json").read_text())
+    assert rec["curve"][-1]["iteration"] == 16  # 2 epochs of the 200 examples left, at 25 a batch
+    out = tmp_path / "t.json"
+    assert main(["train", "--ticket", str(exp), "--round", "1", "--data", mnist_root(), "--no-progress",
+                 "--out", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["curve"] == rec["curve"] and m["early_stop_on"] == rec["early_stop_on"] == "val"
+
+
+def test_train_iterations_in_epochs_and_the_help_shows_its_own_defaults(tmp_path, capsys):
+    """train --iterations takes "N", "Nit" or "Nep" (epochs of the training set at --batch-size), refuses another
+    form before loading anything, and --help shows the defaults train uses (the paper's LeNet-300-100 settings:
+    Adam, lr 1.2e-3, batches of 60), not TrainConfig's."""
+    out = tmp_path / "t.json"
+    base = ["train", "--data", mnist_root(), "--data-limit", "100", "--test-limit", "50", "--eval-every", "1",
+            "--no-progress", "--out", str(out)]
+    for budget, last in (("1.5ep", 3), ("2it", 2), ("3", 3)):  # 1.5 epochs of 100 examples at 60 a batch: 2 each
+        assert main([*base, "--iterations", budget]) == 0
+        m = json.loads(out.read_text())
+        assert m["curve"][-1]["iteration"] == last and m["curve"][0]["lr"] == pytest.approx(1.2e-3)
+    capsys.readouterr()
+    assert main([*base, "--iterations", "3x", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "--iterations must look like '500it', '2ep' or 500; got '3x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for shown in ("sgd | adam | adamw (default 'adam')", "--lr FLOAT (default 0.0012)",
+                  "--batch-size INT (default 60)", "--eval-every INT evaluate every N iterations (and at the start "
+                  "and the end) (default 100)"):
+        assert shown in help_text
 
 
 def test_train_a_ticket_of_a_run_that_rewinds_late(tmp_path, capsys):
@@ -490,3 +541,39 @@ def test_a_file_as_an_output_folder_is_refused_at_once(tmp_path, capsys):
                  ["landscape", str(tmp_path)], ["anatomy", str(tmp_path)]):
         assert main(argv + ["--out", str(out)]) == 2, argv
         assert f"--out {out}: is a file; {argv[0]} writes a folder there" in capsys.readouterr().err, argv
+
+
+def test_python_dash_m_runs_the_command_line_from_a_checkout(tmp_path):
+    """`python -m sparse_lth ...` is the `sparse-lth` script, also from a source checkout on PYTHONPATH (no
+    install): its exit status is the command's."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, "-m", "sparse_lth", "train", "--help"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "usage: sparse-lth train" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "sparse_lth", "train", "--iterations", "3x"], capture_output=True,
+                       text=True, cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "--iterations must look like" in r.stderr
+
+
+def test_a_warning_to_the_command_line_user_is_one_line(monkeypatch, capsys):
+    """A warning raised while a command runs prints as one line naming the command and the warning's class, not
+    the library's file, line number and source line; Python's own format is back once the command returns."""
+    import warnings
+
+    import sparse_lth.cli as cli
+
+    def warns(args):
+        warnings.warn("resumes under other numerics than before: threads 1 -> 2", RuntimeWarning)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_env", warns)
+    before = warnings.formatwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # print as Python does outside pytest (which records warnings instead): through warnings.formatwarning
+        warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+        assert main(["env"]) == 0
+    err = capsys.readouterr().err
+    assert err == "sparse-lth env: RuntimeWarning: resumes under other numerics than before: threads 1 -> 2\n"
+    assert warnings.formatwarning is before
