@@ -262,11 +262,22 @@ def _print_plan(hp, args) -> int:
     rates = ", ".join(f"{k} {r:g}" for k, r in (("conv", hp.prune_conv), ("fc", hp.prune_fc),
                                                 ("output", hp.prune_output)) if k in p["kinds"])
     by = "" if hp.prune_score == "magnitude" else f", by {hp.prune_score.replace('_', ' ')} since the rewind point"
-    _write(f"pruning per round: {rates} of the survivors ({'global' if hp.prune_global else 'layer-wise'}{by})"
-           + (f"; kept dense: {', '.join(hp.dense_layers)}" if hp.dense_layers else "") + f"; control {hp.control}")
+    how = f"{'global' if hp.prune_global else 'layer-wise'}{by}"
+    if hp.control == "oneshot" and hp.oneshot_remaining:
+        pruning = f"pruning: once, the dense network straight to {hp.oneshot_remaining:g} of each pruned pool ({how})"
+    elif hp.control == "oneshot":
+        pruning = (("pruning: round r prunes the dense network at once to the sparsity r" if hp.oneshot_levels else
+                    f"pruning: once, the dense network straight to the sparsity {hp.rounds}")
+                   + f" IMP rounds of {rates} of the survivors reach ({how})")
+    else:
+        pruning = f"pruning per round: {rates} of the survivors ({how})"
+    _write(pruning + (f"; kept dense: {', '.join(hp.dense_layers)}" if hp.dense_layers else "")
+           + f"; control {hp.control}")
     n = len(p["rounds"])
-    _write(f"each round: {hp.optimizer} lr {hp.lr:g}, batch {hp.batch_size}, {p['iterations']:,} iterations, "
-           f"rewind to iteration {p['rewind']}; {n} rounds = {n * p['iterations']:,} iterations per seed")
+    numerics = "".join(f", {x}" for x in ("bf16 autocast" if hp.precision == "bf16" else "",
+                                          "sparse_lth optimizer" if hp.optimizer_impl == "sparse_lth" else "") if x)
+    _write(f"each round: {hp.optimizer} lr {hp.lr:g}, batch {hp.batch_size}{numerics}, {p['iterations']:,} "
+           f"iterations, rewind to iteration {p['rewind']}; {n} rounds = {n * p['iterations']:,} iterations per seed")
     _write(f"early stopping: at the minimum loss of {hp.val_split:,} training examples held out for validation "
            "(trained on the others)" if hp.val_split else
            "early stopping: at the minimum test loss (--val-split N holds out N training examples for it instead, "

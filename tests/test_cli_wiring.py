@@ -487,3 +487,23 @@ def test_analysis_defaults_are_those_the_help_gives(capsys):
     assert "(default 3)" in text and "(default 1000)" in text and "(default 60)" in text
     args = parse("landscape", "x")
     assert (args.top, args.examples, args.iters, args.tol) == (3, 1000, 60, 1e-3)
+
+
+def test_plan_says_how_a_oneshot_control_prunes_and_the_training_numerics(tmp_path, capsys):
+    """--plan of a oneshot control says it prunes the dense network at once (to the sparsity `rounds` IMP rounds
+    reach, to each round's with --oneshot-levels, or to --oneshot-remaining), not "per round ... of the survivors"
+    as IMP; and the round's line names bf16 autocast and the sparse_lth optimizer when they are asked for."""
+    base = ["imp", "--preset", "lenet_quick", "--runs", str(tmp_path), "--rounds", "3"]
+    out = plan(capsys, *base, "--control", "oneshot")
+    assert out[3].startswith("pruning: once, the dense network straight to the sparsity 3 IMP rounds of fc 0.2, "
+                             "output 0.1 of the survivors reach (layer-wise)")
+    out = plan(capsys, *base, "--control", "oneshot", "--oneshot-levels")
+    assert out[3].startswith("pruning: round r prunes the dense network at once to the sparsity r IMP rounds of ")
+    out = plan(capsys, *base, "--control", "oneshot", "--oneshot-remaining", "0.05")
+    assert out[3].startswith("pruning: once, the dense network straight to 0.05 of each pruned pool (layer-wise)")
+    out = plan(capsys, *base)
+    assert out[3].startswith("pruning per round: fc 0.2") and out[4].startswith("each round: adam lr 0.0012, batch "
+                                                                                  "60, 3,000 iterations")
+    out = plan(capsys, *base, "--precision", "bf16", "--optimizer-impl", "sparse_lth")
+    assert out[4].startswith("each round: adam lr 0.0012, batch 60, bf16 autocast, sparse_lth optimizer, 3,000 ")
+    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
