@@ -90,7 +90,17 @@ default_limit() {
 
 copy_results() {  # the result files this call wrote go back through $OUT (flat, at most 7 besides the log)
     if [ -n "${OUT:-}" ]; then
-        find benchmarks/results -maxdepth 1 -name '*.csv' -newer "$MARK" | head -n 7 | xargs -r cp -t "$OUT/"
+        # counted over the whole call, not per part: files past the 8th do not come back (earlier parts first)
+        local have f
+        have=$(find "$OUT" -maxdepth 1 -name '*.csv' | wc -l)
+        for f in $(find benchmarks/results -maxdepth 1 -name '*.csv' -newer "$MARK" | sort); do
+            if [ -e "$OUT/${f##*/}" ] || [ "$have" -lt 7 ]; then
+                [ -e "$OUT/${f##*/}" ] || have=$((have + 1))
+                cp "$f" "$OUT/"
+            else
+                echo "=== not brought back (8 files at most): $f" | tee -a "$LOG"
+            fi
+        done
     fi
 }
 
