@@ -30,6 +30,7 @@ Speed is reported, never asserted.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
                     help="default: " + " ".join(map(str, DENSITIES)) + " (linear), " +
                          " ".join(map(str, CONV_DENSITIES)) + " (conv)")
     ap.add_argument("--shapes", nargs="+", default=None,
-                    help="subset of the shapes: OUTxINxBATCH for linear (default: " +
+                    help="shapes: OUTxINxBATCH for linear (any; default: " +
                          " ".join(f"{r}x{c}x{b}" for r, c, b, _ in SHAPES) + "), layer names for conv (" +
                          " ".join(c[0] for c in CONV_SHAPES) + ")")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -150,9 +151,16 @@ def main(argv=None) -> int:
         known = {f"{r}x{c}x{b}": (r, c, b, n) for r, c, b, n in SHAPES}
     shapes = list(known.values())
     if args.shapes:
+        if not conv:  # any OUTxINxBATCH: calls per timed sample as for the default shapes (~1.4e8 / r*c*b)
+            for s in args.shapes:
+                m = re.fullmatch(r"(\d+)x(\d+)x(\d+)", s)
+                if m and s not in known and min(map(int, m.groups())) > 0:
+                    r, c, b = map(int, m.groups())
+                    known[s] = (r, c, b, min(20, max(2, round(1.4e8 / (r * c * b)))))
         unknown = [s for s in args.shapes if s not in known]
         if unknown:
-            ap.error(f"unknown shape(s) {unknown}; choose from {sorted(known)}")
+            ap.error(f"unknown shape(s) {unknown}; choose from {sorted(known)}"
+                     + ("" if conv else " or give OUTxINxBATCH"))
         shapes = [known[s] for s in args.shapes]
     if args.threads:
         torch.set_num_threads(args.threads)
