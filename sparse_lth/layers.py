@@ -50,7 +50,6 @@ from .kernels.torch_conv import build_conv_taps
 __all__ = [
     "SparseLinear", "SparseConv2d", "LinearReLU", "sparsify", "densify", "sparse_layers", "choose_paths",
     "strip_masks", "parse_path_label", "parse_ops", "PATHS", "OPS", "CPU_LINEAR_SPARSE_MAX_DENSITY",
-    "CPU_LINEAR_SPARSE_MIN_WEIGHTS",
     "CPU_CONV_SPARSE_MAX_DENSITY", "CPU_CONV_SPARSE_MIN_IN_CHANNELS", "CUDA_SPARSE_MAX_DENSITY",
 ]
 
@@ -130,13 +129,8 @@ def _under_transform(x: torch.Tensor, params: dict) -> bool:
 # VGG-19 measured wins at 3 % (>= 1.23x), and at 5 % all are at least even in two sessions (0.99-1.81x; at 7 % four
 # lose, 0.86-0.98x: crossover_conv_near_cutoff_cpu_*), hence 5 % (notes/sparse_conv.md). A first layer (3
 # channels: a memory-bound pass per kernel tap against a tiny dense conv) loses at every density, a strided one
-# mostly breaks even or loses, so they stay dense unless timed. A linear layer needs CPU_LINEAR_SPARSE_MIN_WEIGHTS
-# weights: below that the sparse path's fixed cost per call outweighs the dense products it saves (at batch 60,
-# 10x100 to 300x300 layers lose at every density down to 1 %, 0.40-0.99x; 300x500, 150k weights, loses at 5-10 %;
-# every layer measured from 235k weights on wins at 10 % and below: crossover_small_linear_cpu_*), which is what
-# the timed choice finds for LeNet-300-100's fc2 and output layer (layers_cpu_*).
+# mostly breaks even or loses, so they stay dense unless timed.
 CPU_LINEAR_SPARSE_MAX_DENSITY = 0.10
-CPU_LINEAR_SPARSE_MIN_WEIGHTS = 200_000
 CPU_CONV_SPARSE_MAX_DENSITY = 0.05
 CPU_CONV_SPARSE_MIN_IN_CHANNELS = 16
 # Used on CUDA only until the layer has seen an input (after that, auto times both paths on the device).
@@ -763,7 +757,7 @@ class SparseLinear(_SparseLayer):
         return m
 
     def _cpu_sparse_max_density(self) -> float | None:
-        return CPU_LINEAR_SPARSE_MAX_DENSITY if self.weight_mask.numel() >= CPU_LINEAR_SPARSE_MIN_WEIGHTS else None
+        return CPU_LINEAR_SPARSE_MAX_DENSITY
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -58,11 +58,10 @@ def worker(rank: int, world: int, rendezvous: str, out: str) -> None:
     from sparse_lth.layers import sparsify
     from sparse_lth.pruner import MagnitudePruner
     with _rank(rank, world, rendezvous):
-        from sparse_lth import layers as L
-        L.CPU_LINEAR_SPARSE_MIN_WEIGHTS = 0  # layers this small (for speed) take the CPU's density rule as big ones
         model = sparsify(make_model())
         if rank == 1:  # this rank's automatic path choices contradict rank 0's (as timings either side of a tie
             # can on GPUs): the pruner puts every rank on rank 0's paths, or DDP(model) could not wrap them
+            from sparse_lth import layers as L
             real = L._SparseLayer._auto_path
 
             def contrary(self, backend):

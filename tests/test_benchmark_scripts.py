@@ -378,10 +378,8 @@ def test_memory_benchmark_counts_every_storage_once(tmp_path):
     assert b["masks_index_bytes"] == 4 * (fc1 + fc2)  # the baseline's float masks
     assert b["saved_bytes"] >= 4 * fc2  # weight * mask, for the input gradient of the layers after the first
     s = counts(rows[(0.05, "sparse_lth")])
-    # fc1 on the sparse path (the compact values only), fc2 and the output layer below the CPU's minimum size for
-    # it (CPU_LINEAR_SPARSE_MIN_WEIGHTS): dense weights
-    assert rows[(0.05, "sparse_lth")]["paths"] == "sdd" and int(rows[(0.05, "sparse_lth")]["nnz"]) == nnz
-    assert s["params_bytes"] == s["grads_bytes"] == 4 * (round(0.05 * fc1) + fc2 + fc3 + biases)
+    assert rows[(0.05, "sparse_lth")]["paths"] == "ssd" and int(rows[(0.05, "sparse_lth")]["nnz"]) == nnz
+    assert s["params_bytes"] == s["grads_bytes"] == 4 * (nnz + fc3 + biases)  # the compact values only
     assert s["masks_index_bytes"] >= fc1 + fc2 + fc3  # bool masks, one byte per weight, and the index structures
     for r in rows.values():
         v = counts(r)
@@ -549,9 +547,8 @@ def test_layers_cpu_benchmark_conv6_step(tmp_path):
     impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
     assert {(r["case"], r["impl"]) for r in rows} == {("conv6_train_step_b60", i) for i in impls}
     paths = {r["impl"]: r["path"] for r in rows}
-    # 6 conv + 3 linear layers; at 2 % the CPU rule puts conv 2-6 and the first linear layer (256x4096) on the
-    # sparse path; the 256x256 and output layers are below CPU_LINEAR_SPARSE_MIN_WEIGHTS
-    assert paths["sparse_lth_auto"] == "d/s/s/s/s/s/s/d/d" and paths["sparse_lth_dense"] == "/".join("d" * 9)
+    # 6 conv + 3 linear layers; at 2 % the CPU rule puts conv 2-6 and every linear layer on the sparse path
+    assert paths["sparse_lth_auto"] == "d/s/s/s/s/s/s/s/s" and paths["sparse_lth_dense"] == "/".join("d" * 9)
     assert all(float(r["median_ms"]) > 0 for r in rows)
 
 
@@ -570,8 +567,8 @@ def test_crossover_cpu_benchmark_times_every_configuration(tmp_path):
 
 
 def test_crossover_cpu_benchmark_takes_any_linear_shape(tmp_path):
-    """--shapes OUTxINxBATCH beyond the default four (how CPU_LINEAR_SPARSE_MIN_WEIGHTS was measured): timed as
-    they are, each row naming its shape and batch."""
+    """--shapes OUTxINxBATCH beyond the default four (the small layers of
+    crossover_small_linear_cpu_*): timed as they are, each row naming its shape and batch."""
     out = tmp_path / "crossover.csv"
     rows = run_cpu_benchmark("bench_crossover_cpu.py", out, "--shapes", "30x20x4", "--densities", "0.1")
     assert {(r["shape"], r["batch"], float(r["density"])) for r in rows} == {("30x20", "4", 0.1)}
