@@ -11,10 +11,6 @@ products of kernels/torch_conv.py): behaviours the other conv tests left open, f
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +21,9 @@ from sparse_lth.kernels import torch_conv as tc
 from sparse_lth.kernels.format import build_format, to_values
 
 from test_kernels_conv import check, make_case, ref64
-from test_kernels_edges import at_page_end
+from test_kernels_edges import at_page_end, run_guard_case
 import test_torch_conv as ttc
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +144,7 @@ def test_an_infinite_output_gradient_reaches_only_the_inputs_a_live_weight_sends
     torch.testing.assert_close(dx[~reached].double(), want[~reached], atol=1e-4, rtol=1e-4)
 
 
-def _conv_guard_case() -> None:
+def _guard_case(case: str) -> None:
     """Run in a subprocess (TRITON_INTERPRET=1, CPU): x and dy each end at a PROT_NONE page; a masked load that
     lets a lane past the last pixel through reads that page and the process dies with SIGSEGV."""
     g = torch.Generator().manual_seed(39)
@@ -169,15 +164,10 @@ def _conv_guard_case() -> None:
     print("GUARD-OK")
 
 
-def test_conv_kernels_never_read_past_x_or_dy():
+def test_conv_kernels_never_read_past_x_or_dy(kernel_device):
     """Lanes past the last output pixel are masked in every load of x and dy (forward, input gradient, weight
     gradient with one and two splits); checked on the interpreter, whose masked loads touch only unmasked lanes."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_kernel_bodies_conv as m; "
-            f"m._conv_guard_case()")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "GUARD-OK" in r.stdout, (
-        f"exit {r.returncode} (-11: a load read past x or dy)\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    run_guard_case(kernel_device, "test_kernel_bodies_conv", "conv", "a load read past x or dy")
 
 
 # ---------------------------------------------------------------------------------------------------------------

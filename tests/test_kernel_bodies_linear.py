@@ -16,10 +16,6 @@ on their device code: each test pins a behaviour that the other kernel tests let
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,10 +30,9 @@ from sparse_lth.kernels.sparse_linear import (
     sparse_linear_forward,
 )
 
-from test_kernels_edges import at_page_end, batch_minor_at_page_end
+from test_kernels_edges import at_page_end, batch_minor_at_page_end, run_guard_case
 from test_kernels_linear import SLAB_CFG, abs_refs, assert_matches, run_all, setup, small_panels  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ["gather", "slab"]
 
 
@@ -242,14 +237,9 @@ def _guard_case(case: str) -> None:
 
 @pytest.mark.parametrize("case", ["gather_order_past_n_rows", "slab_partial_sums_past_the_batch",
                                   "slab_half_precision_workspace"])
-def test_loads_never_touch_memory_past_a_tensor(case):
+def test_loads_never_touch_memory_past_a_tensor(kernel_device, case):
     """The gather kernel's processing order (rows of the last block past n_out), the slab kernel's partial sums read
     back from an fp32 out (lanes past the batch), its fp32 workspace for an fp16 out with padded rows (addressed
     with the workspace's own strides, not out's): a load or store whose mask or strides miss the bound touches the
-    guard page and the subprocess dies. Always interpreted on CPU tensors (a subprocess with TRITON_INTERPRET=1), also on a GPU machine."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); import test_kernel_bodies_linear as m; "
-            f"m._guard_case({case!r})")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and "GUARD-OK" in r.stdout, (
-        f"{case}: exit {r.returncode} (-11: a load or store touched memory past the tensor)\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    guard page and the subprocess dies."""
+    run_guard_case(kernel_device, "test_kernel_bodies_linear", case, "a load or store touched memory past the tensor")
