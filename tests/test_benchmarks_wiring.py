@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import stat
 import subprocess
 import types
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from test_benchmark_scripts import DRY, _load, conv, lin, optim
 from test_benchmark_summary import DEV, SLUG, _lin, _targets, _write, summarize
-from test_gpu_suite import FAKE_PY, FAKE_TIMEOUT
+from test_gpu_suite import FAKE_PY, install_fakes
 
 ROOT = Path(__file__).resolve().parents[1]
 baselines = _load("baselines")
@@ -169,21 +168,13 @@ def suite_env(tmp_path):
     (tree / "benchmarks" / "results").mkdir(parents=True)
     (tree / "benchmarks" / "gpu_suite.sh").write_text((ROOT / "benchmarks" / "gpu_suite.sh").read_text())
     (tree / "benchmarks" / "results" / "linear_old-run.csv").write_text("device,median_ms\nold,1\n")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     fake = FAKE_PY.replace('echo "PY $*" >> "$FAKE_LOG"\n',
                            'echo "PY $*" >> "$FAKE_LOG"\n'
                            'echo "ENV ${TRITON_INTERPRET-unset} ${SPARSE_LTH_TUNE_MS-unset} '
                            '${SPARSE_LTH_AUTOTUNE-unset} ${PYTHONPATH%%:*}" >> "$FAKE_LOG"\n'
                            '[ -n "${FAKE_FAIL:-}" ] && [ "$(basename -- "${1:-x}")" = "$FAKE_FAIL" ] && exit 7\n', 1)
     assert fake != FAKE_PY
-    for name, text in (("python3", fake), ("timeout", FAKE_TIMEOUT)):
-        f = bin_dir / name
-        f.write_text(text)
-        f.chmod(f.stat().st_mode | stat.S_IXUSR)
-    out = tmp_path / "out"
-    out.mkdir()
-    log = tmp_path / "calls.log"
+    bin_dir, out, log = install_fakes(tmp_path, fake)
 
     def run(*parts, fail=""):
         env = {k: v for k, v in os.environ.items() if k not in ("PART_LIMIT", "SUITE_BUDGET", "PYTHON",

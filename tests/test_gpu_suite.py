@@ -42,21 +42,26 @@ exec "$@"
 """
 
 
+def install_fakes(tmp_path, python: str = FAKE_PY):
+    """The python3 and timeout stand-ins in ``tmp_path/bin`` and an empty ``$OUT`` folder: (bin_dir, out, log)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("python3", python), ("timeout", FAKE_TIMEOUT)):
+        f = bin_dir / name
+        f.write_text(text)
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    out = tmp_path / "out"
+    out.mkdir()
+    return bin_dir, out, tmp_path / "calls.log"
+
+
 @pytest.fixture
 def suite(tmp_path):
     """A copy of the suite in a scratch tree (it writes under its own benchmarks/results/), fakes on PATH."""
     tree = tmp_path / "tree"
     (tree / "benchmarks").mkdir(parents=True)
     shutil.copy(ROOT / "benchmarks" / "gpu_suite.sh", tree / "benchmarks" / "gpu_suite.sh")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in (("python3", FAKE_PY), ("timeout", FAKE_TIMEOUT)):
-        f = bin_dir / name
-        f.write_text(text)
-        f.chmod(f.stat().st_mode | stat.S_IXUSR)
-    out = tmp_path / "out"
-    out.mkdir()
-    log = tmp_path / "calls.log"
+    bin_dir, out, log = install_fakes(tmp_path)
 
     def run(*parts, budget=None):
         log.unlink(missing_ok=True)
