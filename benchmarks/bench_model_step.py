@@ -8,8 +8,8 @@ paper's VGG/ResNet setting: fc 0%) gets a random mask at each density. Implement
 
 * ``dense_masking``: DESIGN.md's baseline with torch.optim (SGD momentum 0.9 for VGG/ResNet, Adam otherwise);
 * ``sparse_lth``: ``sparsify`` + each layer's automatic path (``choose_paths`` times both paths on CUDA, and on the
-  sparse path each op both ways; the ``paths`` column has one letter per layer: d dense, s sparse, h sparse with
-  some ops dense), torch.optim;
+  sparse path each op both ways, each timed step with the row's optimizer step, as the IMP driver times; the
+  ``paths`` column has one letter per layer: d dense, s sparse, h sparse with some ops dense), torch.optim;
 * ``sparse_lth_optim``: the same with sparse-lth's mask-aware fused optimizer.
 
 ``--cuda-graph`` adds ``dense_masking_graph``, ``sparse_lth_graph`` and ``sparse_lth_optim_graph``: the same
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         impls["dense_masking"] = lambda m=base, o=bo: baseline_step(m, o, x, y)
         for name, module in (("sparse_lth", torch.optim), ("sparse_lth_optim", sl_optim)):
             m = sparsify(build_model(args.model, seed=0).to(dev), masks=masks)
-            choose_paths(m, x)
+            choose_paths(m, x, optimizer=lambda ps, module=module: make_optimizer(module, ps, kind, hp["lr"]))
             o = make_optimizer(module, m.parameters(), kind, hp["lr"])
             impls[name] = lambda m=m, o=o: plain_step(m, o, x, y)
             paths[name] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
@@ -148,9 +148,10 @@ def main(argv=None) -> int:
             # gradients zeroed in place in every graph (and its eager twin): see baselines.plain_step
             graphs = [("dense_masking_graph", masked_baseline(build_model(args.model, seed=0).to(dev), masks),
                        functools.partial(baseline_step, set_to_none=False), capturable)]
-            for name, factory in (("sparse_lth_graph", capturable), ("sparse_lth_optim_graph", capturable_sl)):
+            for name, factory, module in (("sparse_lth_graph", capturable, torch.optim),
+                                          ("sparse_lth_optim_graph", capturable_sl, sl_optim)):
                 m = sparsify(build_model(args.model, seed=0).to(dev), masks=masks)
-                choose_paths(m, x)
+                choose_paths(m, x, optimizer=lambda ps, module=module: make_optimizer(module, ps, kind, hp["lr"]))
                 paths[name] = "".join(path_letter(layer) for _, layer in sparse_layers(m))
                 graphs.append((name, m, functools.partial(plain_step, set_to_none=False), factory))
             for name, model, step_fn, factory in graphs:

@@ -1066,10 +1066,11 @@ class Experiment:
             force_paths(model, read_json(recorded)["paths"])
         elif hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
             from .layers import choose_paths  # time both paths on the device with a real batch
-            from .train import autocast
+            from .train import autocast, optimizer_factory
             train_data = self.data[0]
             with autocast(hp.precision, self.device):  # timed as it trains: bf16 favours other paths than fp32
-                choose_paths(model, train_data.batch(0, self.train_cfg.batch_size, seed)[0], timed=hp.timed_paths)
+                choose_paths(model, train_data.batch(0, self.train_cfg.batch_size, seed)[0], timed=hp.timed_paths,
+                             optimizer=optimizer_factory(self.train_cfg))  # timed steps include its step
         return model, masks, start
 
     def _noisy_start(self, seed: int, r: int, init_path: str, rewind_path: str, masks: dict) -> dict:

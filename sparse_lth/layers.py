@@ -99,6 +99,24 @@ def _refuse_replaced_parameters(optimizer, args, kwargs, what: str = "step") -> 
 register_optimizer_step_pre_hook(_refuse_replaced_parameters)
 
 
+def _check_optimizer_factory(optimizer) -> None:
+    """The ``optimizer`` of the timed choice is a factory (a list of parameters -> an optimizer), not an optimizer."""
+    if optimizer is None:
+        return
+    if isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer):
+        raise TypeError("optimizer must be a factory, a callable that takes a list of parameters and returns an "
+                        "optimizer (e.g. lambda params: torch.optim.Adam(params, lr=1e-3)): the timed copies of a "
+                        f"layer have parameters of their own; got {type(optimizer).__name__}")
+
+
+def _built_optimizer(optimizer, params: list) -> object:
+    opt = optimizer(params)
+    if not callable(getattr(opt, "step", None)):
+        raise TypeError(f"the optimizer factory returned {type(opt).__name__}, which has no step(); it must return "
+                        "an optimizer over the parameters it is given")
+    return opt
+
+
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -469,14 +487,19 @@ class _SparseLayer(nn.Module):
         return True if p is None else p.requires_grad
 
     @torch.no_grad()
-    def time_paths(self, input_shape: tuple, reps: int = 10) -> str:
+    def time_paths(self, input_shape: tuple, reps: int = 10, optimizer=None) -> str:
         """Time every configuration of this layer (the dense path; the sparse path with each op sparse or dense,
         see ``_time_paths``) on its device for inputs of ``input_shape``, install the fastest, and return its
         ``path_label``. What ``path="auto"`` does by itself on CUDA once the layer has seen an input, here on
         demand and on any backend. Run it under the autocast context the layer will run under; the medians are
-        in ``path_timings``. The trainable parameters may be replaced: build the optimizer afterwards."""
+        in ``path_timings``. ``optimizer``: the training's optimizer as a factory, a callable from a list of
+        parameters to an optimizer (``lambda ps: torch.optim.Adam(ps, lr=1e-3)``); each timed step then ends with
+        its step over the configuration's parameters, which the sparse path runs over the live weights only and
+        the dense path over all (left out, a small layer's sparse path is undervalued). The trainable parameters
+        may be replaced: build the optimizer afterwards."""
         self._check_sparse_possible(self.backend)
-        path, dense_ops = self._time_paths(tuple(input_shape), reps)
+        _check_optimizer_factory(optimizer)
+        path, dense_ops = self._time_paths(tuple(input_shape), reps, optimizer)
         self._install(self.dense_weight().detach().clone(), path, dense_ops)
         return self.path_label
 
@@ -495,15 +518,16 @@ class _SparseLayer(nn.Module):
         """Can the sparse path run single ops dense (with this backend)? The torch conv path is dense already."""
         return True
 
-    def _time_paths(self, input_shape: tuple, reps: int = 10) -> tuple[str, tuple | None]:
-        """Time forward+backward of the dense path and of the sparse path on the layer's device and return the
-        faster as ``(path, dense_ops)`` (``dense_ops`` None for the dense path). With ``ops_request == "auto"``
-        the sparse path is timed with all ops sparse and with each op flipped to dense alone, in one interleaved
-        batch with the dense path; the flips that were faster than all-sparse are then combined and that
-        combination is timed in a second batch against the first batch's winner, and the faster of those two is
-        kept (else the first batch's fastest). ``path_timings`` holds every median (seconds; a configuration timed in both batches
-        keeps its second figure), ``path_finalists`` the labels the choice was the fastest of (the second batch's
-        two, or every one). The layer itself is not changed: every configuration runs on a copy."""
+    def _time_paths(self, input_shape: tuple, reps: int = 10, optimizer=None) -> tuple[str, tuple | None]:
+        """Time forward+backward (and, given an ``optimizer`` factory, its step: see ``time_paths``) of the dense
+        path and of the sparse path on the layer's device and return the faster as ``(path, dense_ops)``
+        (``dense_ops`` None for the dense path). With ``ops_request == "auto"`` the sparse path is timed with all
+        ops sparse and with each op flipped to dense alone, in one interleaved batch with the dense path; the flips
+        that were faster than all-sparse are then combined and that combination is timed in a second batch against
+        the first batch's winner, and the faster of those two is kept (else the first batch's fastest).
+        ``path_timings`` holds every median (seconds; a configuration timed in both batches keeps its second
+        figure), ``path_finalists`` the labels the choice was the fastest of (the second batch's two, or every
+        one). The layer itself is not changed: every configuration runs on a copy."""
         dev = self.weight_mask.device
         dtype = self.dense_weight().dtype
         seen = tuple(input_shape) == self._last_input_shape
@@ -533,7 +557,7 @@ class _SparseLayer(nn.Module):
                 probe._install(probe.dense_weight().detach().clone(), path, dense_ops)
                 probes[label] = probe
                 configs[label] = dense_ops
-            times.update(self._time_steps(probes, x, reps))
+            times.update(self._time_steps(probes, x, reps, optimizer))
 
         if isinstance(self.ops_request, tuple):
             measure([("dense", None), ("sparse", self.ops_request)])
@@ -554,9 +578,10 @@ class _SparseLayer(nn.Module):
         return ("dense", None) if best == "dense" else ("sparse", configs[best])
 
     @staticmethod
-    def _time_steps(probes: dict[str, nn.Module], x: torch.Tensor, reps: int) -> dict[str, float]:
-        """Median seconds of a training step's forward and backward, ``probe(x).backward(dy)``, for each probe on
-        x's device, interleaved: two warm-up rounds, then ``reps`` rounds that each run every probe once, in a
+    def _time_steps(probes: dict[str, nn.Module], x: torch.Tensor, reps: int, optimizer=None) -> dict[str, float]:
+        """Median seconds of a training step, ``probe(x).backward(dy)`` and, given an ``optimizer`` factory, the
+        step of the optimizer it builds over the probe's trainable parameters, for each probe on x's device,
+        interleaved: two warm-up rounds, then ``reps`` rounds that each run every probe once, in a
         (seeded) random order drawn anew every round, so that a drift of the clock or a burst of other work is
         spread over all candidates instead of landing on one, and no candidate always runs after the same
         neighbour (whose cache footprint or leftover work would bias it). ``dy`` is a dense random gradient in each
@@ -569,6 +594,12 @@ class _SparseLayer(nn.Module):
         order = random.Random(0)
         samples: dict[str, list[float]] = {label: [] for label in labels}
         dy0, dys = None, {}
+        steps = {}  # label -> its optimizer's step (built before timing; its state is made in the warm-up rounds)
+        if optimizer is not None:
+            for label, probe in probes.items():
+                params = [p for p in probe.parameters() if p.requires_grad]
+                if params:
+                    steps[label] = _built_optimizer(optimizer, params).step
         with torch.enable_grad():
             for i in range(reps + 2):
                 order.shuffle(labels)
@@ -587,6 +618,8 @@ class _SparseLayer(nn.Module):
                                 generator=torch.Generator(device=dev).manual_seed(0))
                         dys[label] = torch.empty_like(y).copy_(dy0)
                     y.backward(dys[label])
+                    if label in steps:
+                        steps[label]()
                     if dev.type == "cuda":
                         torch.cuda.synchronize(dev)
                     if i >= 2:
@@ -1117,14 +1150,18 @@ def sparse_layers(model: nn.Module) -> list[tuple[str, _SparseLayer]]:
 
 
 @torch.no_grad()
-def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = False) -> dict[str, str]:
+def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = False,
+                 optimizer=None) -> dict[str, str]:
     """Run ``model`` once on ``example_input`` so every layer sees its input shape, then let each layer with
     ``path_request == "auto"`` choose its path again (on CUDA: by timing the dense path and the sparse path, the
     latter with each op on the kernels or dense, see :meth:`_SparseLayer.time_paths`). Returns ``{name: path}``;
     ``layer.path_label`` / ``layer.ops`` tell which ops a sparse layer runs dense. ``timed=True`` times every
     such layer whatever its backend (on the CPU too, where "auto" otherwise goes by density), except a layer with
     every weight live, which stays dense as ``path="auto"`` keeps it (a sparse path cannot win there, and timing
-    it can take seconds per call). Build the optimizer afterwards."""
+    it can take seconds per call). ``optimizer``: the training's optimizer as a factory (a list of parameters ->
+    an optimizer, e.g. ``lambda ps: torch.optim.Adam(ps, lr=1e-3)``), whose step each timed step then includes
+    (see :meth:`_SparseLayer.time_paths`). Build the optimizer afterwards."""
+    _check_optimizer_factory(optimizer)
     flags = [(m, m.training) for m in model.modules()]  # each module's own (a BatchNorm kept in eval stays so)
     model.eval()
     try:
@@ -1136,9 +1173,10 @@ def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = Fa
     out = {}
     for name, layer in sparse_layers(model):
         if layer.path_request == "auto":
-            if (timed and layer.density < 1.0 and layer._last_input_shape is not None
+            # timed: as set_mask's "auto" times on the Triton backend, here with the optimizer's step
+            if ((timed or layer.backend == "triton") and layer.density < 1.0 and layer._last_input_shape is not None
                     and layer._sparse_possible(layer.backend)):
-                layer.time_paths(layer._last_input_shape)
+                layer.time_paths(layer._last_input_shape, optimizer=optimizer)
             else:
                 layer.set_mask(layer.weight_mask)
         out[name] = layer.path

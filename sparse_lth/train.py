@@ -200,10 +200,11 @@ def lr_at(cfg: TrainConfig, iteration: int) -> float:
     return lr
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer over ``model``'s trainable parameters (build it AFTER the masks/paths are set: a sparse
-    layer's parameters depend on its path)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    layer's parameters depend on its path). ``model``: a module, or an iterable of parameters (as the timed path
+    choice builds one per timed copy of a layer, see :func:`optimizer_factory`)."""
+    params = [p for p in (model.parameters() if isinstance(model, nn.Module) else model) if p.requires_grad]
     if cfg.optimizer_impl == "torch":
         ns = torch.optim
     else:
@@ -217,6 +218,12 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     if cfg.optimizer == "adam":
         return ns.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
     return ns.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+
+
+def optimizer_factory(cfg: TrainConfig) -> Callable[[list], torch.optim.Optimizer]:
+    """``params -> build_optimizer(params, cfg)``: the training's optimizer for the timed path choice
+    (:func:`sparse_lth.layers.choose_paths`'s ``optimizer``), whose timed steps then include its step."""
+    return functools.partial(build_optimizer, cfg=cfg)
 
 
 def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:

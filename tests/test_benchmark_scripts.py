@@ -522,14 +522,17 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
     out = tmp_path / "layers.csv"
     rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--densities", "0.05", repeats=1)  # one repeat: its own
     impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
-    assert {(r["case"], r["impl"]) for r in rows} == {(c, i) for c in ("lenet300_100_train_step_b60",
-                                                                      "linear1024_fwd_bwd_b256") for i in impls}
+    # a training step's timed choice is also run timing the forward and backward only (its optimizer left out)
+    assert {(r["case"], r["impl"]) for r in rows} == (
+        {(c, i) for c in ("lenet300_100_train_step_b60", "linear1024_fwd_bwd_b256") for i in impls}
+        | {("lenet300_100_train_step_b60", "sparse_lth_timed_fwd_bwd")})
     for r in rows:
         assert float(r["median_ms"]) > 0
         if r["case"].startswith("lenet") and r["impl"] != "dense_masking":
             assert re.fullmatch(r"[dsh]/[dsh]/[dsh]", r["path"]), r
     md = out.with_suffix(".md").read_text()
-    assert "| timed ms (path) |" in md and md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
+    assert "| timed ms (path) |" in md and "| timed fwd+bwd ms (path) |" in md
+    assert md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
     # the table's speedups are the CSV's medians divided, rounded once
     med = {(r["case"], r["impl"]): float(r["median_ms"]) for r in rows}
     for case in ("lenet300_100_train_step_b60", "linear1024_fwd_bwd_b256"):
@@ -538,13 +541,17 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
         base = med[(case, "dense_masking")]
         assert cells[4] == f"{base / med[(case, 'sparse_lth_auto')]:.2f}x", line
         assert cells[6] == f"{base / med[(case, 'sparse_lth_timed')]:.2f}x", line
-        assert cells[8] == f"{base / med[(case, 'sparse_lth_sparse')]:.2f}x", line
+        fb = med.get((case, "sparse_lth_timed_fwd_bwd"))
+        assert cells[8] == (f"{base / fb:.2f}x" if fb else "-"), line
+        assert (fb is None) == case.startswith("linear")
+        assert cells[10] == f"{base / med[(case, 'sparse_lth_sparse')]:.2f}x", line
 
 
 def test_layers_cpu_benchmark_conv6_step(tmp_path):
     out = tmp_path / "layers_conv6.csv"
     rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--cases", "conv6", "--densities", "0.02")
-    impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
+    impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_timed_fwd_bwd", "sparse_lth_dense",
+             "sparse_lth_sparse"}
     assert {(r["case"], r["impl"]) for r in rows} == {("conv6_train_step_b60", i) for i in impls}
     paths = {r["impl"]: r["path"] for r in rows}
     # 6 conv + 3 linear layers; at 2 % the CPU rule puts conv 2-6 and every linear layer on the sparse path

@@ -183,6 +183,25 @@ def test_train_refuses_sparse_flags_and_ticket_flags_out_of_place(capsys):
         assert msg in capsys.readouterr().err, argv
 
 
+def test_train_times_paths_with_its_own_optimizer(tmp_path, monkeypatch):
+    """train --timed-paths: each timed step includes the step of the optimizer the command trains with (a factory
+    building it from its flags), so a small layer's sparse path is not undervalued."""
+    import sparse_lth.layers as L
+    factories = []
+    real = L.choose_paths
+
+    def spy(model, x, timed=False, optimizer=None):
+        factories.append(optimizer)
+        return real(model, x, timed=timed, optimizer=optimizer)
+
+    monkeypatch.setattr(L, "choose_paths", spy)
+    train_json(tmp_path, "--timed-paths", "--density", "0.05", "--optimizer", "sgd", "--lr", "0.07",
+               "--iterations", "2")
+    assert len(factories) == 1
+    opt = factories[0]([torch.nn.Parameter(torch.zeros(2))])
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["lr"] == 0.07
+
+
 def test_threads_flag_sets_torch_threads(tmp_path, capsys):
     """--threads N is torch.set_num_threads(N), for imp (also with --plan) and env (one_thread restores it)."""
     plan(capsys, "imp", "--preset", "lenet_quick", "--runs", str(tmp_path), "--threads", "2")

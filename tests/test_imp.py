@@ -1054,19 +1054,25 @@ def test_a_replicate_start_removes_only_what_dead_writers_left(tmp_path):
 
 def test_paths_are_timed_in_the_precision_the_round_trains_in(tmp_path, monkeypatch):
     """--precision bf16 with timed paths (what "auto" does on CUDA): the layers are timed under the bf16 autocast
-    the round trains under (they were timed in fp32, where the dense path compares otherwise)."""
+    the round trains under (they were timed in fp32, where the dense path compares otherwise), and each timed step
+    includes the step of the optimizer the round trains with (a factory building it)."""
     import sparse_lth.layers as L
-    seen = []
+    seen, factories = [], []
     real = L.choose_paths
 
-    def spy(model, x, timed=False):
+    def spy(model, x, timed=False, optimizer=None):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
-        return real(model, x, timed=timed)
+        factories.append(optimizer)
+        return real(model, x, timed=timed, optimizer=optimizer)
 
     monkeypatch.setattr(L, "choose_paths", spy)
-    run(tiny_hp(rounds=1, iterations="4it", eval_every=2, path="auto", timed_paths=True, precision="bf16"),
-        tmp_path)
+    run(tiny_hp(rounds=1, iterations="4it", eval_every=2, path="auto", timed_paths=True, precision="bf16",
+                weight_decay=1e-4), tmp_path)
     assert seen and all(s == (True, torch.bfloat16) for s in seen), seen
+    for factory in factories:
+        opt = factory([torch.nn.Parameter(torch.zeros(2))])
+        assert type(opt) is torch.optim.Adam
+        assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (3e-3, 1e-4)
 
 
 def test_the_presets_budgets_and_rounds():

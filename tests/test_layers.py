@@ -897,7 +897,7 @@ def _cost_model(costs):
     gets one list of labels per timed batch."""
     seen = []
 
-    def fake(probes, x, reps):
+    def fake(probes, x, reps, optimizer=None):
         assert all(label == probe.path_label for label, probe in probes.items())
         seen.append(list(probes))
         return {label: costs[label] for label in probes}
@@ -909,7 +909,7 @@ def test_timed_choice_times_the_input_gradient_only_where_the_network_needs_it(m
     sparse and dense input gradients differ most there), while a layer after it must."""
     got = {}
 
-    def fake(probes, x, reps):
+    def fake(probes, x, reps, optimizer=None):
         got[next(iter(probes.values())).in_features] = x.requires_grad
         probe = next(iter(probes.values()))
         with torch.enable_grad():  # as _time_steps: a backward pass works without an input gradient
@@ -977,7 +977,8 @@ def test_timed_choice_decides_the_second_batch_head_to_head(monkeypatch):
     second = {"sparse/input_grad:dense/weight_grad:dense": 5.4, "dense": 5.25}  # both 5 % slower than before
     batches = iter([first, second])
     monkeypatch.setattr(SparseLinear, "_time_steps",
-                        staticmethod(lambda probes, x, reps: {k: v for k, v in next(batches).items() if k in probes}))
+                        staticmethod(lambda probes, x, reps, optimizer=None:
+                                     {k: v for k, v in next(batches).items() if k in probes}))
     assert layer._time_paths((4, 20), reps=1) == ("dense", None)
 
 
@@ -1072,6 +1073,120 @@ def test_time_steps_interleaves_the_candidates_and_ranks_them():
     assert len(dys) == 3 * 12
     assert all(torch.equal(g, dys[0]) for g in dys) and dys[0].stride() == (1,) and len(set(dys[0].tolist())) == 3
     assert torch.equal(x.grad, 2 * dys[0])
+
+
+class _Stepper:
+    """An optimizer stand-in for the timed choice's ``optimizer`` factory: logs its steps (the parameters it got and
+    whether their gradients were there) and busy-waits ``cost`` seconds per step."""
+
+    def __init__(self, params, log, cost=0.0):
+        self.params, self.log, self.cost = params, log, cost
+
+    def step(self):
+        self.log.append([(tuple(p.shape), p.grad is not None) for p in self.params])
+        end = time.perf_counter() + self.cost
+        while time.perf_counter() < end:
+            pass
+
+
+class _LoggedWithWeight(_Logged):
+    def __init__(self, name, log, shape):
+        super().__init__(name, log)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.frozen = nn.Parameter(torch.ones(1), requires_grad=False)
+
+    def forward(self, x):
+        return super().forward(x) * self.weight.sum()
+
+
+def test_time_steps_times_each_probes_optimizer_step_after_its_backward():
+    """With an ``optimizer`` factory every timed step ends with the step of an optimizer built (once) over that
+    probe's trainable parameters, after its backward, inside the timed region: a training step runs the optimizer
+    over the live weights on the sparse path and over all of them on the dense path, which a forward+backward
+    timing leaves out (and so undervalued a small layer's sparse path)."""
+    log, steps, built = [], [], []
+
+    def factory(params):
+        built.append(params)
+        return _Stepper(params, steps, cost=0.003 if params[0].numel() > 100 else 0.0)
+
+    probes = {"big": _LoggedWithWeight("big", log, (20, 20)), "small": _LoggedWithWeight("small", log, (2, 2))}
+    x = torch.randn(3, requires_grad=True)
+    times = SparseLinear._time_steps(probes, x, reps=6, optimizer=factory)
+    assert len(built) == 2 and sorted(len(ps) for ps in built) == [1, 1]  # one optimizer per probe, frozen left out
+    assert {tuple(ps[0].shape) for ps in built} == {(20, 20), (2, 2)}
+    assert len(steps) == 2 * 8 and all(s in ([((20, 20), True)], [((2, 2), True)]) for s in steps)
+    assert times["big"] >= 0.003 > times["small"]  # the step is timed with its probe
+    # without a factory nothing steps (a layer's forward+backward benchmark times just that)
+    steps.clear()
+    SparseLinear._time_steps(probes, x, reps=1)
+    assert steps == []
+
+
+def test_time_paths_steps_the_probes_own_parameters_and_leaves_the_layer_alone():
+    """The optimizer built for each timed configuration holds that configuration's parameters (the compact live
+    values on the sparse path, the whole weight on the dense path; the bias on both), never the layer's: the layer's
+    weights are unchanged after timing with a real optimizer, and it can still be trained by one built afterwards."""
+    gen = torch.Generator().manual_seed(31)
+    layer = SparseLinear(20, 10, path="auto", backend="torch", ops="sparse")  # two configurations, one batch
+    layer.set_mask(random_mask((10, 20), 0.2, gen))
+    before = [t.detach().clone() for t in (layer.dense_weight(), layer.bias)]
+    built = []
+
+    def factory(params):
+        built.append([tuple(p.shape) for p in params])
+        return torch.optim.SGD(params, lr=1.0)
+
+    layer.time_paths((4, 20), reps=1, optimizer=factory)
+    assert sorted(built) == [[(10, 20), (10,)], [(layer.nnz,), (10,)]]  # one per configuration timed
+    assert torch.equal(layer.dense_weight().detach(), before[0]) and torch.equal(layer.bias.detach(), before[1])
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(4, 20, generator=gen)).sum().backward()
+    opt.step()
+    assert not torch.equal(layer.bias.detach(), before[1])
+
+
+def test_choose_paths_hands_the_optimizer_to_every_timed_layer(monkeypatch):
+    """``choose_paths(optimizer=)`` reaches each timed layer's timing: with ``timed=True`` on any backend, and on the
+    Triton backend (CUDA), where "auto" times by itself; there the choice used to go through ``set_mask``, which
+    times without the optimizer."""
+    got = []
+
+    def fake(probes, x, reps, optimizer=None):
+        got.append((next(iter(probes.values())).in_features, optimizer))
+        return {label: (1.0 if label == "dense" else 2.0) for label in probes}
+
+    monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
+
+    def factory(params):
+        return torch.optim.SGD(params, lr=0.1)
+
+    gen = torch.Generator().manual_seed(32)
+
+    def model():
+        return sparsify(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)),
+                        masks={"0": random_mask((8, 12), 0.5, gen), "2": random_mask((4, 8), 0.5, gen)})
+
+    x = torch.randn(5, 12, generator=gen)
+    choose_paths(model(), x, timed=True, optimizer=factory)
+    assert got == [(12, factory), (8, factory)]
+    got.clear()
+    m = model()  # a Triton-backend layer (made to look like one: the forward runs its dense path here)
+    monkeypatch.setattr(SparseLinear, "backend", property(lambda self: "triton"))
+    choose_paths(m, x, optimizer=factory)
+    assert got == [(12, factory), (8, factory)]
+    assert all(layer.path == "dense" for _, layer in sparse_layers(m))
+    with pytest.raises(TypeError, match="factory"):
+        choose_paths(m, x, timed=True, optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+
+
+def test_an_optimizer_factory_that_builds_no_optimizer_is_refused():
+    layer = SparseLinear(6, 3, path="auto", backend="torch")
+    layer.set_mask(random_mask((3, 6), 0.5, torch.Generator().manual_seed(33)))
+    with pytest.raises(TypeError, match="no step"):
+        layer.time_paths((2, 6), reps=1, optimizer=lambda params: params)
+    with pytest.raises(TypeError, match="factory"):
+        layer.time_paths((2, 6), reps=1, optimizer="adam")
 
 
 def test_choose_paths_timed_times_every_auto_layer_on_any_backend():
@@ -1179,7 +1294,7 @@ def test_timed_choice_times_with_the_layout_of_the_real_input(monkeypatch):
     sparse path then needs no transpose; a row-major input is timed row-major."""
     strides = []
 
-    def fake(probes, x, reps):
+    def fake(probes, x, reps, optimizer=None):
         strides.append(x.stride())
         return {label: 1.0 for label in probes}
     monkeypatch.setattr(SparseLinear, "_time_steps", staticmethod(fake))
@@ -1524,7 +1639,7 @@ def test_timing_a_shape_not_seen_times_the_input_gradient(monkeypatch):
     """a layer that saw an input needing no gradient, timed for another shape, times the input gradient."""
     got = []
 
-    def fake(probes, x, reps):
+    def fake(probes, x, reps, optimizer=None):
         got.append(x.requires_grad)
         return {label: 1.0 for label in probes}
 
@@ -1544,7 +1659,7 @@ def test_a_single_faster_op_flip_needs_no_second_timing_batch(monkeypatch):
              "sparse/weight_grad:dense": 6.0}
     calls = []
 
-    def fake(probes, x, reps):
+    def fake(probes, x, reps, optimizer=None):
         calls.append(list(probes))
         return {label: costs[label] for label in probes}
 

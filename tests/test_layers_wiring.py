@@ -223,7 +223,7 @@ def test_a_conv_first_seen_without_grad_times_the_input_gradient(monkeypatch):
     # an input first seen under no_grad: whether it needs a gradient is unknown, so timing assumes it does
     seen = []
 
-    def fake_time_steps(probes, x, reps):
+    def fake_time_steps(probes, x, reps, optimizer=None):
         seen.append(x.requires_grad)
         return {label: 1.0 for label in probes}
 

@@ -13,9 +13,10 @@ import torch
 
 from conftest import tiny_data
 from test_train import cfg, tiny_model
+from sparse_lth import optim as sl_optim
 from sparse_lth.data import DeviceDataset, load_dataset
 from sparse_lth.imp import prunable_layers
-from sparse_lth.train import TrainConfig, build_optimizer, early_stop, evaluate, train
+from sparse_lth.train import TrainConfig, build_optimizer, early_stop, evaluate, optimizer_factory, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,6 +191,23 @@ def test_the_optimizer_is_the_one_configured():
                                              optimizer_impl=impl))
             assert type(opt).__name__ == {"adam": "Adam", "adamw": "AdamW"}[name]
             assert opt.param_groups[0]["weight_decay"] == 1e-2 and opt.param_groups[0]["lr"] == 3e-3
+
+
+def test_the_optimizer_factory_builds_the_configured_optimizer_over_the_parameters_given():
+    """optimizer_factory(cfg) is what the timed path choice steps with: build_optimizer over a list of parameters
+    (a timed copy's), the trainable ones only, with the configuration's optimizer and settings."""
+    model, _ = tiny_model("masked")
+    frozen = torch.nn.Parameter(torch.zeros(3), requires_grad=False)
+    params = [*model.parameters(), frozen]
+    for impl, ns in (("torch", torch.optim), ("sparse_lth", sl_optim)):
+        c = cfg(optimizer="adamw", lr=3e-3, weight_decay=1e-2, optimizer_impl=impl)
+        opt = optimizer_factory(c)(params)
+        assert type(opt) is ns.AdamW and opt.param_groups[0]["params"] == list(model.parameters())
+        assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (3e-3, 1e-2)
+        same = build_optimizer(model, c)
+        assert type(same) is type(opt) and same.param_groups[0]["params"] == opt.param_groups[0]["params"]
+    opt = optimizer_factory(cfg(optimizer="sgd", momentum=0.9, lr=0.05))(iter(model.parameters()))  # an iterator
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.9
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(milestones=(0, 5)), "milestones"), (dict(eval_every=0), "eval_every"),
