@@ -222,8 +222,10 @@ def build_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 def optimizer_factory(cfg: TrainConfig) -> Callable[[list], torch.optim.Optimizer]:
     """``params -> build_optimizer(params, cfg)``: the training's optimizer for the timed path choice
-    (:func:`sparse_lth.layers.choose_paths`'s ``optimizer``), whose timed steps then include its step."""
-    return functools.partial(build_optimizer, cfg=cfg)
+    (:func:`sparse_lth.layers.choose_paths`'s ``optimizer``), whose timed steps then include its step. Built as
+    the eager step is (never ``capturable``: the timing runs outside any graph, and torch's capturable Adam refuses
+    CPU tensors, where ``cuda_graph`` is refused later with a clear message)."""
+    return functools.partial(build_optimizer, cfg=dataclasses.replace(cfg, cuda_graph=False))
 
 
 def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:

@@ -208,6 +208,13 @@ def test_the_optimizer_factory_builds_the_configured_optimizer_over_the_paramete
         assert type(same) is type(opt) and same.param_groups[0]["params"] == opt.param_groups[0]["params"]
     opt = optimizer_factory(cfg(optimizer="sgd", momentum=0.9, lr=0.05))(iter(model.parameters()))  # an iterator
     assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.9
+    # a CUDA-graph run's Adam is capturable; the timing's is the eager one (torch's capturable Adam refuses the CPU)
+    c = cfg(optimizer="adam", cuda_graph=True)
+    assert build_optimizer(model, c).param_groups[0]["capturable"] is True
+    opt = optimizer_factory(c)(list(model.parameters()))
+    assert opt.param_groups[0]["capturable"] is False
+    model(torch.randn(2, 1, 28, 28)).sum().backward()
+    opt.step()  # on the CPU: the capturable one raises here
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(milestones=(0, 5)), "milestones"), (dict(eval_every=0), "eval_every"),
