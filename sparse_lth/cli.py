@@ -820,8 +820,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                     help="the sparse path's ops: auto, sparse, dense, or op=impl pairs such as "
                          "weight_grad=dense,forward=dense (default auto)")
     pt.add_argument("--timed-paths", action="store_true",
-                    help="choose the auto paths by timing on this device (CUDA always does; the CPU goes by "
-                         "density otherwise)")
+                    help="choose the auto paths by timing on this device, each timed step with the optimizer's "
+                         "step (CUDA always does; the CPU goes by density otherwise)")
     pt.add_argument("--backend", default="auto")
     pt.add_argument("--data-limit", type=_nonneg(), default=None,
                     help="the first N training examples (0: all; default 0, with --ticket the run's)")

@@ -130,7 +130,7 @@ class ImpHparams:
     layer_impl: str = "sparse"      # sparse (sparse_lth.layers) | masked (plain layers, dense masking)
     path: str = "auto"              # auto | dense | sparse: the sparse layers' path
     ops: str = "auto"               # the sparse path's ops: auto | sparse | dense | op=impl,... (sparse_lth.layers)
-    timed_paths: bool = False       # choose "auto" paths by timing on any device (CUDA always times)
+    timed_paths: bool = False       # choose "auto" paths by timing on any device (CUDA always times), optimizer too
     backend: str = "auto"           # auto | torch | triton | interpret
     # replicate
     seed: int = 0                   # model init and data order; not part of the experiment's hash
