@@ -2,7 +2,7 @@
 
 Parameter sets:
 - ``vgg19``: the tensors of VGG-19 for CIFAR-10 (conv 3x3, cfg 64,64,M,128,128,M,256x4,M,512x4,M,512x4,M, then a
-  512->10 fc; weights and biases: 20.04M parameters). Weights are masked at the density, biases are not.
+  512->10 fc; weights and biases: 20.03M parameters). Weights are masked at the density, biases are not.
 - ``fc4096``: one 4096x4096 weight (16.8M parameters), masked at the density.
 - ``tiny``: two small masked weights (7x13, 5x7) and their biases (138 parameters): not a benchmark, a smoke test
   of the script (seconds, even through Triton's interpreter). Not a default.
