@@ -80,3 +80,28 @@ def tiny_data(n_train=200, n_test=100, seed=0):
     x = protos[y] + 2.0 * torch.randn(n_train + n_test, 1, 28, 28, generator=g)
     return (DeviceDataset(x[:n_train].contiguous(), y[:n_train].contiguous()),
             DeviceDataset(x[n_train:].contiguous(), y[n_train:].contiguous()))
+
+
+class OpLog:
+    """``with OpLog() as log: ...``: the names of the torch functions called inside, in order (``log.names``), as
+    a TorchFunctionMode sees them."""
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+
+        names = self.names = []
+
+        class _Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types_, args=(), kwargs=None):
+                names.append(getattr(func, "__name__", str(func)))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+

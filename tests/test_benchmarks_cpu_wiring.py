@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import OpLog
 from test_benchmark_scripts import _load, optim
 
 from sparse_lth import optim as sl_optim
@@ -405,17 +406,6 @@ def test_layers_linear_case_times_each_named_configuration(monkeypatch):
     """The 1024x1024 layer: `timed` is the layer's own timed choice at the case's input shape, the forced rows
     on their paths (at 20 %, where the CPU's density rule keeps it dense); dense masking multiplies the weight
     gradient by the mask after the backward (what the baseline pays) and takes fresh gradients every call."""
-    from torch.overrides import TorchFunctionMode
-
-    class Log(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_function__(self, func, types_, args=(), kwargs=None):
-            self.names.append(getattr(func, "__name__", str(func)))
-            return func(*args, **(kwargs or {}))
-
     log, timed = [], []
     _stub_layers_timing(monkeypatch, log)
     monkeypatch.setattr(SparseLinear, "time_paths", lambda self, shape, reps=10, optimizer=None:
@@ -428,7 +418,7 @@ def test_layers_linear_case_times_each_named_configuration(monkeypatch):
     cells = inspect.getclosurevars(fns["dense_masking"]).nonlocals
     fns["dense_masking"]()
     first = cells["x"].grad.clone()
-    with Log() as mode:
+    with OpLog() as mode:
         fns["dense_masking"]()
     assert "mul_" in mode.names[mode.names.index("backward"):]  # the weight gradient masked after the backward
     b = cells["b"]

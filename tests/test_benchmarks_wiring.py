@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import OpLog
 from test_benchmark_scripts import DRY, _load, conv, lin, optim
 from test_benchmark_summary import DEV, SLUG, _lin, _targets, _write, summarize
 from test_gpu_suite import FAKE_PY, install_fakes
@@ -436,7 +437,6 @@ def test_linear_dense_mask_baseline_masks_autocasts_and_masks_the_gradient():
     """bench_linear_gpu's dense_mask multiplies W by the mask in every forward (given an unmasked W, the output
     is the masked product), runs under bf16 autocast for the bf16 rows, and multiplies the weight gradient by the
     mask after every backward."""
-    from torch.overrides import TorchFunctionMode
     gen = torch.Generator().manual_seed(0)
     mask = baselines.exact_mask((5, 7), 0.4, gen)
     w = torch.randn(5, 7, generator=gen)
@@ -445,17 +445,8 @@ def test_linear_dense_mask_baseline_masks_autocasts_and_masks_the_gradient():
     torch.testing.assert_close(fns["single_fwd"]().detach(), F.linear(x, w * mask))
     assert _dense_mask_fns(torch.bfloat16, w, mask)["single_fwd"]().dtype == torch.bfloat16
 
-    class Log(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_function__(self, func, types_, args=(), kwargs=None):
-            self.names.append(getattr(func, "__name__", str(func)))
-            return func(*args, **(kwargs or {}))
-
     for op in ("fwd+bwd", "bwd"):
-        with Log() as mode:
+        with OpLog() as mode:
             fns[op]()
         assert "mul_" in mode.names, (op, mode.names)
 
