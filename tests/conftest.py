@@ -12,6 +12,7 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -82,26 +83,13 @@ def tiny_data(n_train=200, n_test=100, seed=0):
             DeviceDataset(x[n_train:].contiguous(), y[n_train:].contiguous()))
 
 
-class OpLog:
-    """``with OpLog() as log: ...``: the names of the torch functions called inside, in order (``log.names``), as
-    a TorchFunctionMode sees them."""
+class OpLog(TorchFunctionMode):
+    """``with OpLog() as log: ...``: the names of the torch functions called inside, in order (``log.names``)."""
 
     def __init__(self):
-        from torch.overrides import TorchFunctionMode
+        super().__init__()
+        self.names = []
 
-        names = self.names = []
-
-        class _Mode(TorchFunctionMode):
-            def __torch_function__(self, func, types_, args=(), kwargs=None):
-                names.append(getattr(func, "__name__", str(func)))
-                return func(*args, **(kwargs or {}))
-
-        self._mode = _Mode()
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
-
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
