@@ -378,12 +378,9 @@ def _cmd_train(args, names) -> int:
             masks = magnitude_prune(weights, masks, {n: 1.0 - args.density for n in masks})
     if args.layers != "dense":
         apply_masks(model, masks, path=None if args.path == "auto" else args.path)
-    if args.layers == "sparse" and args.path == "auto" and (device.type == "cuda" or args.timed_paths):
-        from .layers import choose_paths  # time the paths (and the sparse path's ops) with a real batch
-        from .train import autocast, optimizer_factory
-        with autocast(cfg.precision, device):  # timed as it trains: bf16 favours other paths than fp32
-            choose_paths(model, tr.batch(0, cfg.batch_size, cfg.seed)[0], timed=args.timed_paths,
-                         optimizer=optimizer_factory(cfg))  # each timed step with its optimizer's step
+    if args.layers == "sparse" and args.path == "auto":
+        from .train import choose_training_paths  # timed on the device (or with --timed-paths), as it trains
+        choose_training_paths(model, tr, cfg, cfg.seed, device, timed=args.timed_paths)
     start = args.start_iteration if args.start_iteration is not None else (0 if ticket is None else ticket[3])
     if start >= cfg.iterations:
         raise ValueError(f"--start-iteration {start}"

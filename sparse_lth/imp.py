@@ -1064,13 +1064,9 @@ class Experiment:
         if recorded and os.path.exists(recorded) and read_json(recorded).get("paths"):
             from .train import force_paths
             force_paths(model, read_json(recorded)["paths"])
-        elif hp.layer_impl == "sparse" and hp.path == "auto" and (self.device.type == "cuda" or hp.timed_paths):
-            from .layers import choose_paths  # time both paths on the device with a real batch
-            from .train import autocast, optimizer_factory
-            train_data = self.data[0]
-            with autocast(hp.precision, self.device):  # timed as it trains: bf16 favours other paths than fp32
-                choose_paths(model, train_data.batch(0, self.train_cfg.batch_size, seed)[0], timed=hp.timed_paths,
-                             optimizer=optimizer_factory(self.train_cfg))  # timed steps include its step
+        elif hp.layer_impl == "sparse" and hp.path == "auto":
+            from .train import choose_training_paths  # timed on the device (or with --timed-paths), as it trains
+            choose_training_paths(model, self.data[0], self.train_cfg, seed, self.device, timed=hp.timed_paths)
         return model, masks, start
 
     def _noisy_start(self, seed: int, r: int, init_path: str, rewind_path: str, masks: dict) -> dict:

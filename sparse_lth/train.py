@@ -228,6 +228,21 @@ def optimizer_factory(cfg: TrainConfig) -> Callable[[list], torch.optim.Optimize
     return functools.partial(build_optimizer, cfg=dataclasses.replace(cfg, cuda_graph=False))
 
 
+def choose_training_paths(model: nn.Module, data, cfg: TrainConfig, seed: int, device: torch.device,
+                          timed: bool = False) -> bool:
+    """Choose the path of each ``auto`` layer of ``model`` as ``cfg``'s training will run it, where the choice is
+    timed: always on CUDA, on the CPU when ``timed`` (else the CPU's density rule stands, bit-reproducible). Timed
+    with a real batch (``data``'s first batch in ``seed``'s order), under the training's autocast (bf16 favours
+    other paths than fp32), each timed step ending with the training's optimizer step (:func:`optimizer_factory`).
+    The IMP driver and ``sparse-lth train`` call it after the masks are set. Returns whether it timed."""
+    if not (torch.device(device).type == "cuda" or timed):
+        return False
+    from .layers import choose_paths
+    with autocast(cfg.precision, device):
+        choose_paths(model, data.batch(0, cfg.batch_size, seed)[0], timed=timed, optimizer=optimizer_factory(cfg))
+    return True
+
+
 def _set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
     """After ``load_state_dict``: Adam's ``capturable`` as this run executes (with CUDA graphs or without), not as
     the checkpoint's run did. Loading puts back the saved groups, flag included, so a run checkpointed without

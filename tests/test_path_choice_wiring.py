@@ -328,3 +328,33 @@ def test_train_times_paths_with_a_training_batch_in_its_precision(tmp_path, monk
                  "--no-progress", "--iterations", "2", "--eval-every", "2", "--density", "0.05", "--timed-paths",
                  "--batch-size", "20", "--precision", "bf16", "--out", str(out)]) == 0
     assert calls == [dict(batch=20, autocast=(True, torch.bfloat16), timed=True)]
+
+
+def test_choose_training_paths_times_where_the_choice_is_timed_with_the_trainings_batch_and_optimizer(monkeypatch):
+    """The drivers' one call: on the CPU without ``timed`` the density rule stands (nothing timed, False); with it,
+    choose_paths gets the training's first batch in the seed's order, under its autocast, and a factory of the
+    training's optimizer (its class and settings), and it returns True."""
+    import sparse_lth.layers as L
+    from sparse_lth.train import TrainConfig, choose_training_paths
+
+    calls, real = [], L.choose_paths
+
+    def spy(model, x, timed=False, optimizer=None):
+        calls.append(dict(x=x.clone(), timed=timed, optimizer=optimizer,
+                          autocast=(torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+        return real(model, x, timed=timed, optimizer=optimizer)
+
+    monkeypatch.setattr(L, "choose_paths", spy)
+    model = sparsify(nn.Sequential(nn.Flatten(), nn.Linear(784, 12), nn.ReLU(), nn.Linear(12, 10)))
+    train_data, _ = tiny_data(60, 10)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=16, precision="bf16",
+                      optimizer_impl="sparse_lth")
+    assert choose_training_paths(model, train_data, cfg, 3, torch.device("cpu")) is False and calls == []
+    assert choose_training_paths(model, train_data, cfg, 3, torch.device("cpu"), timed=True) is True
+    (call,) = calls
+    assert call["timed"] and call["autocast"] == (True, torch.bfloat16)
+    assert torch.equal(call["x"], train_data.batch(0, 16, 3)[0])
+    assert not torch.equal(call["x"], train_data.batch(0, 16, 4)[0])  # the seed given, not another
+    opt = call["optimizer"]([nn.Parameter(torch.zeros(3))])
+    assert type(opt).__module__.startswith("sparse_lth") and type(opt).__name__ == "SGD"
+    assert opt.param_groups[0]["lr"] == 0.05 and opt.param_groups[0]["momentum"] == 0.9
