@@ -427,7 +427,7 @@ class _SparseLayer(nn.Module):
         if d >= 1.0 or not self._sparse_possible(backend):
             return "dense", None
         if backend == "triton":
-            if self._last_input_shape is not None:
+            if self._choice_is_timed(backend):
                 return self._time_paths(self._last_input_shape)
             return ("sparse" if d <= CUDA_SPARSE_MAX_DENSITY else "dense"), None
         limit = self._cpu_sparse_max_density()
@@ -436,6 +436,13 @@ class _SparseLayer(nn.Module):
         # by count: "at or below 5 %" takes the live count nearest 5 % of the weights (a density a rounding above
         # 0.05 stays in)
         return ("sparse" if self.nnz <= round(limit * self.weight_mask.numel()) else "dense"), None
+
+    def _choice_is_timed(self, backend: str, timed: bool = False) -> bool:
+        """Does ``path="auto"`` choose this layer's path by timing: on the Triton backend (or anywhere, given
+        ``timed``) once the layer has seen an input, unless every weight is live (a sparse path cannot win there)
+        or the backend cannot run its sparse path."""
+        return ((timed or backend == "triton") and self.density < 1.0 and self._last_input_shape is not None
+                and self._sparse_possible(backend))
 
     def _cpu_sparse_max_density(self) -> float | None:
         """The density at or below which the torch backend's sparse path beats the dense path on a CPU (None:
@@ -1173,9 +1180,8 @@ def choose_paths(model: nn.Module, example_input: torch.Tensor, timed: bool = Fa
     out = {}
     for name, layer in sparse_layers(model):
         if layer.path_request == "auto":
-            # timed: as set_mask's "auto" times on the Triton backend, here with the optimizer's step
-            if ((timed or layer.backend == "triton") and layer.density < 1.0 and layer._last_input_shape is not None
-                    and layer._sparse_possible(layer.backend)):
+            # timed as set_mask's "auto" times (on the Triton backend), here with the optimizer's step
+            if layer._choice_is_timed(layer.backend, timed):
                 layer.time_paths(layer._last_input_shape, optimizer=optimizer)
             else:
                 layer.set_mask(layer.weight_mask)
