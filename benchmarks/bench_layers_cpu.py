@@ -14,7 +14,12 @@ Implementations timed against each other, interleaved within every repeat (in a 
 the sparse path with each op on the sparse ops or dense; in a training step each timed step includes the step of
 the training's optimizer, passed as ``optimizer=``, as the IMP driver does), for a training step
 ``sparse_lth_timed_fwd_bwd`` (the choice by timing the forward and backward only), and the layer forced onto each path
-(``sparse_lth_dense``, ``sparse_lth_sparse``). Speed is reported, never asserted.
+(``sparse_lth_dense``, ``sparse_lth_sparse``). For the LeNet step also: ``dense_masking_fused_adam`` (the baseline
+with torch's fused Adam) and the automatic paths with torch's fused Adam (``sparse_lth_auto_fused_adam``) and with
+sparse-lth's mask-aware Adam (``sparse_lth_auto_mask_aware_adam``), those two against the fused baseline (the CSV's
+``baseline`` column names the row each speedup divides): torch's default Adam on the CPU is single-tensor and its
+sqrt goes through MKL, several times slower on zeros, and a pruned weight leaves zeros in the second moment under
+dense masking and on sparse-lth's dense path, not on its sparse path. Speed is reported, never asserted.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from baselines import (RESULTS, MaskedLinear, baseline_step, cpu_device_label, c
                        interleaved_samples, masked_baseline, path_letter, plain_step, quantiles_ms, random_masks, slug,
                        wall_ms, write_rows)
 
+import sparse_lth.optim
 from sparse_lth.layers import SparseLinear, choose_paths, sparse_layers, sparsify
 from sparse_lth.models import build_model
 
@@ -43,15 +49,44 @@ def interleaved_medians(fns: dict, repeats: int, inner: int, warmup: int = 3) ->
     return interleaved_samples(fns, repeats, lambda f: wall_ms(f, inner), warmup)
 
 
-def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float, repeats: int, inner: int) -> dict:
-    """One training step of ``model_name`` (Adam, every layer at ``density``): dense masking against sparse-lth."""
+# the other optimizers a training step is timed with (``bench_model_step(..., other_optimizers=True)``): torch's
+# default Adam (single-tensor on the CPU) runs its sqrt through MKL, which is several times slower on zeros, and a
+# pruned weight's second moment is zero on the dense path and under dense masking; torch's fused Adam is not
+OPTIMIZER_LABELS = {"": "torch Adam", "_fused_adam": "torch Adam fused", "_mask_aware_adam": "sparse_lth Adam"}
+
+
+def _adam(suffix: str, params, lr: float) -> torch.optim.Optimizer:
+    if suffix == "_fused_adam":
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    if suffix == "_mask_aware_adam":
+        return sparse_lth.optim.Adam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float, repeats: int, inner: int,
+                     other_optimizers: bool = False) -> dict:
+    """One training step of ``model_name`` (Adam, every layer at ``density``): dense masking against sparse-lth.
+    ``other_optimizers``: also dense masking with torch's fused Adam (``dense_masking_fused_adam``) and sparse-lth's
+    automatic paths with it (``sparse_lth_auto_fused_adam``) and with sparse-lth's mask-aware Adam
+    (``sparse_lth_auto_mask_aware_adam``), those two compared with the fused baseline (``baselines``)."""
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (x.shape[0],), generator=gen)
     masks = random_masks(build_model(model_name, seed=0), density, gen)
-    fns, paths = {}, {}
+    fns, paths, optimizers, compared = {}, {}, {}, {}
     b = masked_baseline(build_model(model_name, seed=0), masks)
     bo = torch.optim.Adam(b.parameters(), lr=lr)
     fns["dense_masking"] = lambda: baseline_step(b, bo, x, y)
+    if other_optimizers:
+        bf = masked_baseline(build_model(model_name, seed=0), masks)
+        bfo = _adam("_fused_adam", bf.parameters(), lr)
+        fns["dense_masking_fused_adam"] = lambda: baseline_step(bf, bfo, x, y)
+        for suffix in ("_fused_adam", "_mask_aware_adam"):
+            m = sparsify(build_model(model_name, seed=0), masks=masks, path="auto")
+            o = _adam(suffix, m.parameters(), lr)
+            fns[f"sparse_lth_auto{suffix}"] = (lambda m=m, o=o: plain_step(m, o, x, y))
+            paths[f"sparse_lth_auto{suffix}"] = "/".join(path_letter(l) for _, l in sparse_layers(m))
+            compared[f"sparse_lth_auto{suffix}"] = "dense_masking_fused_adam"
+        optimizers = {k: OPTIMIZER_LABELS[s] for k in fns for s in OPTIMIZER_LABELS if s and k.endswith(s)}
     for path in ("auto", "timed", "timed_fwd_bwd", "dense", "sparse"):
         m = sparsify(build_model(model_name, seed=0), masks=masks, path="auto" if path.startswith("timed") else path)
         if path == "timed":  # each timed step with the training's optimizer step, as the IMP driver times
@@ -61,11 +96,14 @@ def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float
         o = torch.optim.Adam(m.parameters(), lr=lr)
         fns[f"sparse_lth_{path}"] = (lambda m=m, o=o: plain_step(m, o, x, y))
         paths[f"sparse_lth_{path}"] = "/".join(path_letter(l) for _, l in sparse_layers(m))
-    return {"samples": interleaved_medians(fns, repeats, inner=inner), "paths": paths}
+    optimizers = {k: optimizers.get(k, OPTIMIZER_LABELS[""]) for k in fns}
+    return {"samples": interleaved_medians(fns, repeats, inner=inner), "paths": paths, "optimizers": optimizers,
+            "baselines": compared}
 
 
 def bench_lenet(density: float, repeats: int) -> dict:
-    return bench_model_step("lenet300_100", torch.randn(60, 1, 28, 28), 1.2e-3, density, repeats, inner=10)
+    return bench_model_step("lenet300_100", torch.randn(60, 1, 28, 28), 1.2e-3, density, repeats, inner=10,
+                            other_optimizers=True)
 
 
 def bench_conv6(density: float, repeats: int) -> dict:
@@ -128,13 +166,15 @@ def main(argv=None) -> int:
     for case, fn in cases:
         for d in args.densities:
             r = fn(d, args.repeats)
-            base_med = statistics.median(r["samples"]["dense_masking"])
             for impl, xs in r["samples"].items():
+                baseline = r.get("baselines", {}).get(impl, "dense_masking")
+                base_med = statistics.median(r["samples"][baseline])
                 med, p20, p80 = quantiles_ms(xs)  # one repeat is its own quantiles
                 rows.append({"case": case, "density": d, "impl": impl, "path": r["paths"].get(impl, "-"),
+                             "optimizer": r.get("optimizers", {}).get(impl, "-"),
                              "median_ms": round(med, 4), "p20_ms": round(p20, 4), "p80_ms": round(p80, 4),
-                             "speedup_vs_dense_masking": round(base_med / med, 3), "repeats": len(xs),
-                             "dtype": "float32", **meta})
+                             "speedup_vs_dense_masking": round(base_med / med, 3), "baseline": baseline,
+                             "repeats": len(xs), "dtype": "float32", **meta})
                 print(f"{case:30s} d={d:<5} {impl:24s} {rows[-1]['path']:12s} median {med:8.3f} ms  "
                       f"x{base_med / med:5.2f}", flush=True)
     stem = "layers_conv6_cpu" if args.cases == "conv6" else "layers_cpu"
@@ -161,6 +201,23 @@ def main(argv=None) -> int:
                         f"({a['path']}) | {base / a['median_ms']:.2f}x | {t['median_ms']:.3f} ({t['path']}) "
                         f"| {base / t['median_ms']:.2f}x | {fb_cells} | {s['median_ms']:.3f} | "
                         f"{base / s['median_ms']:.2f}x |\n")
+        other = [r for r in rows if r["impl"] == "dense_masking_fused_adam"]
+        if other:
+            f.write("\nThe training steps with other optimizers (same masks, same run): dense masking with torch's "
+                    "default Adam and with torch's fused Adam (`fused=True`); sparse-lth's automatic paths with "
+                    "torch's fused Adam and with sparse-lth's mask-aware Adam, each speedup against dense masking "
+                    "with torch's fused Adam. (torch's default Adam on the CPU takes MKL's sqrt, several times "
+                    "slower on the zeros a pruned weight leaves in its second moment; the fused one does not.)\n\n"
+                    "| case | density | dense masking, torch Adam ms | dense masking, fused Adam ms | "
+                    "auto + fused Adam ms (path) | speedup | auto + sparse_lth Adam ms | speedup |\n"
+                    "|---|---|---|---|---|---|---|---|\n")
+            for bf in other:
+                g = {r["impl"]: r for r in rows if r["case"] == bf["case"] and r["density"] == bf["density"]}
+                base = bf["median_ms"]
+                af, am = g["sparse_lth_auto_fused_adam"], g["sparse_lth_auto_mask_aware_adam"]
+                f.write(f"| {bf['case']} | {bf['density']:g} | {g['dense_masking']['median_ms']:.3f} | {base:.3f} | "
+                        f"{af['median_ms']:.3f} ({af['path']}) | {base / af['median_ms']:.2f}x | "
+                        f"{am['median_ms']:.3f} | {base / am['median_ms']:.2f}x |\n")
     print(f"wrote {md}")
     return 0
 

@@ -522,17 +522,20 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
     out = tmp_path / "layers.csv"
     rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--densities", "0.05", repeats=1)  # one repeat: its own
     impls = {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_dense", "sparse_lth_sparse"}
-    # a training step's timed choice is also run timing the forward and backward only (its optimizer left out)
+    # a training step's timed choice is also run timing the forward and backward only (its optimizer left out), and
+    # the step with other optimizers
     assert {(r["case"], r["impl"]) for r in rows} == (
         {(c, i) for c in ("lenet300_100_train_step_b60", "linear1024_fwd_bwd_b256") for i in impls}
-        | {("lenet300_100_train_step_b60", "sparse_lth_timed_fwd_bwd")})
+        | {("lenet300_100_train_step_b60", i) for i in ("sparse_lth_timed_fwd_bwd", "dense_masking_fused_adam",
+                                                        "sparse_lth_auto_fused_adam",
+                                                        "sparse_lth_auto_mask_aware_adam")})
     for r in rows:
         assert float(r["median_ms"]) > 0
-        if r["case"].startswith("lenet") and r["impl"] != "dense_masking":
+        if r["case"].startswith("lenet") and not r["impl"].startswith("dense_masking"):
             assert re.fullmatch(r"[dsh]/[dsh]/[dsh]", r["path"]), r
     md = out.with_suffix(".md").read_text()
     assert "| timed ms (path) |" in md and "| timed fwd+bwd ms (path) |" in md
-    assert md.count("| lenet300_100_train_step_b60 | 0.05 |") == 1
+    assert md.count("| lenet300_100_train_step_b60 | 0.05 |") == 2  # (the second: with other optimizers)
     # the table's speedups are the CSV's medians divided, rounded once
     med = {(r["case"], r["impl"]): float(r["median_ms"]) for r in rows}
     for case in ("lenet300_100_train_step_b60", "linear1024_fwd_bwd_b256"):
@@ -545,6 +548,15 @@ def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
         assert cells[8] == (f"{base / fb:.2f}x" if fb else "-"), line
         assert (fb is None) == case.startswith("linear")
         assert cells[10] == f"{base / med[(case, 'sparse_lth_sparse')]:.2f}x", line
+    # the second table: the LeNet step with other optimizers, against dense masking with torch's fused Adam
+    case = "lenet300_100_train_step_b60"
+    (line,) = [ln for ln in md.splitlines() if ln.startswith(f"| {case} | 0.05 |")
+               and ln.count("|") == 9]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    fused = med[(case, "dense_masking_fused_adam")]
+    assert cells[2] == f"{med[(case, 'dense_masking')]:.3f}" and cells[3] == f"{fused:.3f}", line
+    assert cells[5] == f"{fused / med[(case, 'sparse_lth_auto_fused_adam')]:.2f}x", line
+    assert cells[7] == f"{fused / med[(case, 'sparse_lth_auto_mask_aware_adam')]:.2f}x", line
 
 
 def test_layers_cpu_benchmark_conv6_step(tmp_path):

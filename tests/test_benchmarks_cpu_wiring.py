@@ -369,18 +369,33 @@ def test_layers_model_step_builds_what_each_row_names(monkeypatch):
     r = layers_cpu.bench_lenet(0.05, 1)
     fns = log[0]["fns"]
     assert set(fns) == {"dense_masking", "sparse_lth_auto", "sparse_lth_timed", "sparse_lth_timed_fwd_bwd",
-                        "sparse_lth_dense", "sparse_lth_sparse"}
+                        "sparse_lth_dense", "sparse_lth_sparse", "dense_masking_fused_adam",
+                        "sparse_lth_auto_fused_adam", "sparse_lth_auto_mask_aware_adam"}
     b, bo = (inspect.getclosurevars(fns["dense_masking"]).nonlocals[k] for k in ("b", "bo"))
-    assert type(bo) is torch.optim.Adam and bo.defaults["lr"] == 1.2e-3
+    assert type(bo) is torch.optim.Adam and bo.defaults["lr"] == 1.2e-3 and not bo.defaults["fused"]
     fns["dense_masking"]()
     assert len(stepped) == 1 and stepped[0][:2] == (b, bo)
+    bf, bfo = (inspect.getclosurevars(fns["dense_masking_fused_adam"]).nonlocals[k] for k in ("bf", "bfo"))
+    assert bf is not b and type(bfo) is torch.optim.Adam and bfo.defaults["fused"] and bfo.defaults["lr"] == 1.2e-3
+    assert [p for g in bfo.param_groups for p in g["params"]] == list(bf.parameters())
+    assert [m.mask.sum().item() for m in bf.modules() if hasattr(m, "mask")] == \
+        [m.mask.sum().item() for m in b.modules() if hasattr(m, "mask")]
+    fns["dense_masking_fused_adam"]()
+    assert len(stepped) == 2 and stepped[1][:2] == (bf, bfo)
+    assert r["baselines"] == {"sparse_lth_auto_fused_adam": "dense_masking_fused_adam",
+                              "sparse_lth_auto_mask_aware_adam": "dense_masking_fused_adam"}
+    assert r["optimizers"] == {**{k: "torch Adam" for k in fns}, "dense_masking_fused_adam": "torch Adam fused",
+                               "sparse_lth_auto_fused_adam": "torch Adam fused",
+                               "sparse_lth_auto_mask_aware_adam": "sparse_lth Adam"}
     models = {}
     for name in fns:
-        if name == "dense_masking":
+        if name.startswith("dense_masking"):
             continue
         m, o = fns[name].__defaults__
         models[name] = m
-        assert type(o) is torch.optim.Adam and o.defaults["lr"] == 1.2e-3, name
+        kind = (sl_optim.Adam if name.endswith("mask_aware_adam") else torch.optim.Adam)
+        assert type(o) is kind and o.defaults["lr"] == 1.2e-3, name
+        assert bool(o.defaults.get("fused")) == name.endswith("_fused_adam"), name
         assert [p for g in o.param_groups for p in g["params"]] == list(m.parameters()), name
         assert [layer.nnz for _, layer in sparse_layers(m)] == [round(0.05 * n) for n in (784 * 300, 300 * 100,
                                                                                           100 * 10)], name
@@ -390,14 +405,19 @@ def test_layers_model_step_builds_what_each_row_names(monkeypatch):
     opt = chosen[0][2]([nn.Parameter(torch.zeros(2))])
     assert type(opt) is torch.optim.Adam and opt.defaults["lr"] == 1.2e-3
     assert r["paths"]["sparse_lth_dense"] == "d/d/d" and r["paths"]["sparse_lth_sparse"] == "s/s/s"
+    assert r["paths"]["sparse_lth_auto_fused_adam"] == r["paths"]["sparse_lth_auto_mask_aware_adam"] == "s/s/s"
+    assert not {m for m, _, _ in chosen} & {models["sparse_lth_auto_fused_adam"],
+                                            models["sparse_lth_auto_mask_aware_adam"]}  # auto: not timed
 
 
 def test_layers_conv6_step_uses_its_learning_rate(monkeypatch):
     log = []
     _stub_layers_timing(monkeypatch, log)
     monkeypatch.setattr(layers_cpu, "choose_paths", lambda *a, **k: {})
-    layers_cpu.bench_conv6(0.02, 1)
+    r = layers_cpu.bench_conv6(0.02, 1)
     fns = log[0]["fns"]
+    assert "dense_masking_fused_adam" not in fns and r["baselines"] == {}  # (the other optimizers: LeNet only)
+    assert set(r["optimizers"].values()) == {"torch Adam"}
     assert inspect.getclosurevars(fns["dense_masking"]).nonlocals["bo"].defaults["lr"] == 3e-4
     assert all(f.__defaults__[1].defaults["lr"] == 3e-4 for k, f in fns.items() if k != "dense_masking")
 
@@ -426,14 +446,23 @@ def test_layers_linear_case_times_each_named_configuration(monkeypatch):
     assert torch.all(b.weight.grad[b.mask == 0] == 0) and torch.any(b.weight.grad != 0)
 
 
-def _layers_case(d, repeats, timed_fwd_bwd=True):
+def _layers_case(d, repeats, timed_fwd_bwd=True, other_optimizers=False):
     samples = {"dense_masking": [1.0, 2.0, 8.0], "sparse_lth_auto": [1.0] * 3, "sparse_lth_timed": [0.5] * 3,
                "sparse_lth_timed_fwd_bwd": [4.0] * 3, "sparse_lth_dense": [2.0] * 3, "sparse_lth_sparse": [0.25] * 3}
     if not timed_fwd_bwd:
         del samples["sparse_lth_timed_fwd_bwd"]
     paths = {"sparse_lth_auto": "s/s/d", "sparse_lth_timed": "h/s/d", "sparse_lth_timed_fwd_bwd": "d/s/d",
-             "sparse_lth_dense": "d/d/d", "sparse_lth_sparse": "s/s/s"}
-    return {"samples": samples, "paths": {k: v for k, v in paths.items() if k in samples}}
+             "sparse_lth_dense": "d/d/d", "sparse_lth_sparse": "s/s/s", "sparse_lth_auto_fused_adam": "s/d/d",
+             "sparse_lth_auto_mask_aware_adam": "s/s/h"}
+    out = {"optimizers": {k: "torch Adam" for k in samples}}
+    if other_optimizers:
+        samples.update(dense_masking_fused_adam=[0.8] * 3, sparse_lth_auto_fused_adam=[0.4] * 3,
+                       sparse_lth_auto_mask_aware_adam=[0.1] * 3)
+        out["baselines"] = {"sparse_lth_auto_fused_adam": "dense_masking_fused_adam",
+                            "sparse_lth_auto_mask_aware_adam": "dense_masking_fused_adam"}
+        out["optimizers"].update(dense_masking_fused_adam="torch Adam fused", sparse_lth_auto_fused_adam="torch "
+                                 "Adam fused", sparse_lth_auto_mask_aware_adam="sparse_lth Adam")
+    return {"samples": samples, "paths": {k: v for k, v in paths.items() if k in samples}, **out}
 
 
 def test_layers_rows_table_threads_and_files(monkeypatch, tmp_path, threads):
@@ -441,7 +470,8 @@ def test_layers_rows_table_threads_and_files(monkeypatch, tmp_path, threads):
     row's own path; the table's cells in their columns; the default densities 100/20/5/2/1 %; --threads applied
     and in each case set's own default file name."""
     seen = []
-    monkeypatch.setattr(layers_cpu, "bench_lenet", lambda d, n: seen.append(("lenet", d)) or _layers_case(d, n))
+    monkeypatch.setattr(layers_cpu, "bench_lenet", lambda d, n: seen.append(("lenet", d)) or
+                        _layers_case(d, n, other_optimizers=True))
     monkeypatch.setattr(layers_cpu, "bench_linear", lambda d, n: seen.append(("linear", d)) or
                         _layers_case(d, n, timed_fwd_bwd=False))
     monkeypatch.setattr(layers_cpu, "bench_conv6", lambda d, n: _layers_case(d, n))
@@ -458,8 +488,18 @@ def test_layers_rows_table_threads_and_files(monkeypatch, tmp_path, threads):
     auto = rows[("lenet300_100_train_step_b60", 0.05, "sparse_lth_auto")]
     assert (auto["speedup_vs_dense_masking"], auto["path"]) == ("2.0", "s/s/d")
     assert rows[("linear1024_fwd_bwd_b256", 0.05, "sparse_lth_timed")]["path"] == "h/s/d"
+    fused = rows[("lenet300_100_train_step_b60", 0.05, "sparse_lth_auto_fused_adam")]  # against the fused baseline
+    assert (fused["speedup_vs_dense_masking"], fused["baseline"], fused["optimizer"]) == (
+        "2.0", "dense_masking_fused_adam", "torch Adam fused")
+    bf = rows[("lenet300_100_train_step_b60", 0.05, "dense_masking_fused_adam")]
+    assert (bf["speedup_vs_dense_masking"], bf["baseline"]) == ("2.5", "dense_masking")
+    assert (auto["baseline"], auto["optimizer"]) == ("dense_masking", "torch Adam")
+    assert rows[("linear1024_fwd_bwd_b256", 0.05, "sparse_lth_auto")]["optimizer"] == "torch Adam"
     md = out.with_suffix(".md").read_text()
-    assert _md_line(md, "| lenet300_100_train_step_b60 | 0.05 |") == (
+    assert _md_line(md, "| lenet300_100_train_step_b60 | 0.05 | 2.000 | 0.800 |") == (
+        "| lenet300_100_train_step_b60 | 0.05 | 2.000 | 0.800 | 0.400 (s/d/d) | 2.00x | 0.100 | 8.00x |")
+    assert "| linear1024_fwd_bwd_b256 | 0.05 | 2.000 | 0.800 |" not in md
+    assert _md_line(md, "| lenet300_100_train_step_b60 | 0.05 | 2.000 | 1.000 ") == (
         "| lenet300_100_train_step_b60 | 0.05 | 2.000 | 1.000 (s/s/d) | 2.00x | 0.500 (h/s/d) | 4.00x | "
         "4.000 (d/s/d) | 0.50x | 0.250 | 8.00x |")
     assert _md_line(md, "| linear1024_fwd_bwd_b256 | 0.05 |") == (
