@@ -110,7 +110,7 @@ class ImpHparams:
     warmup: int = 0                 # linear lr warmup, iterations
     eval_every: int = 500
     train_eval_size: int = 1000
-    optimizer_impl: str = "torch"   # torch | sparse_lth
+    optimizer_impl: str = "torch"   # torch | sparse_lth (sparse_lth.optim; faster with Adam on a CPU: README)
     precision: str = "fp32"         # fp32 | bf16: forward passes under bf16 autocast (weights, optimizer in fp32)
     # pruning
     rounds: int = 15                # pruning rounds after the dense round 0

@@ -59,7 +59,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     seed: int = 0                   # data order (and dropout) seed
     progress: bool = True           # tqdm progress bar
-    optimizer_impl: str = "torch"   # torch | sparse_lth (mask-aware optimizers of sparse_lth.optim)
+    optimizer_impl: str = "torch"   # torch | sparse_lth (sparse_lth.optim; faster with Adam on a CPU: README)
     precision: str = "fp32"         # fp32 | bf16 (forward passes under bf16 autocast; weights and optimizer in fp32)
     cuda_graph: bool = False        # CUDA only: replay each training step as a captured CUDA graph (see train())
 
