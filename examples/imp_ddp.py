@@ -55,6 +55,8 @@ def run(rank: int, world: int, args) -> list[dict]:
                                  seed=args.seed, drop_last=True)
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=args.batch_size, sampler=sampler,
                         drop_last=True)
+    if len(loader) == 0:  # the loop below would wait forever for a batch; every rank's shard is as large
+        raise ValueError(f"{len(sampler)} training images per rank make no batch of --batch-size {args.batch_size}")
 
     model = sparsify(lenet300_100().to(device))
     pruner = MagnitudePruner(model, fc=args.prune)

@@ -73,6 +73,8 @@ def main(argv=None) -> int:
     test = load_dataset("mnist", "test", root=args.data, device=device)
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))
+    if len(loader) == 0:  # batches() would wait forever for a batch
+        ap.error(f"{len(train.y)} training images make no batch of --batch-size {args.batch_size}")
 
     model = sparsify(lenet300_100().to(device))    # every nn.Linear -> SparseLinear, same outputs
     pruner = MagnitudePruner(model, fc=args.prune)  # output layer: args.prune / 2
