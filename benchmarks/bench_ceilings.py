@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    copy_mib = args.copy_mib or (2048 if cuda else 256)
-    matmul_n = args.matmul_n or (8192 if cuda else 1024)
+    copy_mib = args.copy_mib if args.copy_mib is not None else (2048 if cuda else 256)
+    matmul_n = args.matmul_n if args.matmul_n is not None else (8192 if cuda else 1024)
     if copy_mib < 1 or matmul_n < 1:
         ap.error("--copy-mib and --matmul-n must be >= 1")
     name = device_name(device)
