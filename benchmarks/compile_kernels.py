@@ -281,8 +281,8 @@ def main(argv=None) -> int:
                     print(f"ok    {label}", flush=True)
                 except Exception as e:  # noqa: BLE001 - report every failure, keep compiling the rest
                     failures.append((label, e))
-                    print(f"FAIL  {label}: {type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}",
-                          flush=True)
+                    last = (str(e).strip().splitlines() or [""])[-1]  # (a blank message has no line)
+                    print(f"FAIL  {label}: {type(e).__name__}: {last}", flush=True)
                     traceback.print_exc(limit=3)
     rows = sorted(rec.kernels.values(), key=lambda r: (r["kernel"], r["constexprs"], r["args"]))
     lines = [f"# Triton kernels compiled for sm_{args.arch} (no GPU needed)", "",

@@ -929,3 +929,23 @@ def test_compile_kernels_main_default_file_and_success(ck, monkeypatch, tmp_path
     assert ck.main(["--arch", "80"]) == 0
     text = (tmp_path / "results" / f"compile_sm80_triton-{triton.__version__}.md").read_text()
     assert "0 distinct binaries, 0 failed cases" in text and "## Failed" not in text
+
+
+def test_compile_kernels_main_reports_a_failure_with_a_blank_message(ck, monkeypatch, tmp_path, capsys):
+    """An exception whose message is blank (only whitespace, or none) is reported by its type, and the next cases
+    still compile (taking the message's last line used to raise IndexError and stop the run)."""
+    def blank():
+        raise RuntimeError("  \n ")
+
+    def empty():
+        raise ValueError()
+
+    monkeypatch.setattr(ck, "Recorder", _FakeRecorder)
+    monkeypatch.setattr(ck, "FAMILIES", {"fam": lambda all_configs: [("blank", blank), ("empty", empty),
+                                                                      ("last", lambda: None)]})
+    assert ck.main(["--out", str(tmp_path / "r.md")]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL  blank: RuntimeError: \n" in printed and "FAIL  empty: ValueError: \n" in printed
+    assert "ok    last" in printed
+    text = (tmp_path / "r.md").read_text()
+    assert "- blank: RuntimeError:" in text and "- empty: ValueError:" in text
