@@ -518,6 +518,16 @@ def test_linear_ops_cpu_benchmark_writes_every_op_both_ways(tmp_path):
     assert len(rows) == len(got) and all(float(r["median_ms"]) > 0 for r in rows)
 
 
+def test_adam_zeros_cpu_benchmark_end_to_end(tmp_path):
+    rows = run_cpu_benchmark("bench_adam_zeros_cpu.py", tmp_path / "az.csv", "--densities", "0.2", "--inner", "1",
+                             repeats=1)
+    assert {(r["part"], r["impl"]) for r in rows} == (
+        {("sqrt", k) for k in ("uniform", "zeros", "zeros_80pct")}
+        | {("adam_step", k) for k in ("torch_default", "torch_foreach", "torch_fused", "sparse_lth")})
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert "| 0.2 |" in (tmp_path / "az.md").read_text()
+
+
 def test_layers_cpu_benchmark_times_the_timed_choice(tmp_path):
     out = tmp_path / "layers.csv"
     rows = run_cpu_benchmark("bench_layers_cpu.py", out, "--densities", "0.05", repeats=1)  # one repeat: its own

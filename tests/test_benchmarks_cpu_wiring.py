@@ -761,3 +761,55 @@ def test_linear_ops_rows_medians_threads_and_file(monkeypatch, tmp_path, threads
         for impl in ("sparse", "dense")}
     assert {(r["shape"], r["batch"], r["repeats"]) for r in rows} == {("6x5", "3", "5")}
     assert all("2 threads)" in r["device"] for r in rows)
+
+
+# ============================================================================================ bench_adam_zeros_cpu.py
+adam_zeros = _load("bench_adam_zeros_cpu")
+
+
+def test_adam_zeros_inputs_and_steps_are_what_the_rows_name():
+    """The sqrt inputs: no zero, all zeros, ~80 % zeros. Each Adam row steps its own LeNet-300-100 on the dense
+    path with the optimizer it names, after one training step: pruned weights' second moments are zero (what the
+    benchmark is about), live ones are not, and a timed step leaves the pruned weights at zero."""
+    x = adam_zeros.sqrt_inputs(10_000)
+    assert bool((x["uniform"] > 0).all()) and not x["zeros"].any()
+    assert 0.75 < float((x["zeros_80pct"] == 0).float().mean()) < 0.85
+    steps = adam_zeros.adam_steps(0.2)
+    assert list(steps) == ["torch_default", "torch_foreach", "torch_fused", "sparse_lth"]
+    for name, step in steps.items():
+        opt = step.__self__
+        expected = sl_optim.Adam if name == "sparse_lth" else torch.optim.Adam
+        assert type(opt) is expected, name
+        if name != "sparse_lth":
+            assert (opt.defaults["foreach"], opt.defaults["fused"]) == (
+                {"torch_foreach": (True, None), "torch_fused": (None, True)}.get(name, (None, None))), name
+        (fc1, *_), = [[p for p in g["params"]] for g in opt.param_groups]
+        assert fc1.shape == (300, 784)
+        live = fc1._sparse_lth_mask
+        assert 0.19 < float(live.float().mean()) < 0.21, name
+        v = opt.state[fc1]["exp_avg_sq"]
+        assert not v[~live].any() and v[live].any(), name
+        step()
+        assert not fc1[~live].any(), name
+
+
+def test_adam_zeros_rows_and_table(tmp_path, monkeypatch):
+    """Rows: the sqrt part per input, the step part per density and optimizer (each its own median); the table's
+    ratios divide those medians (sqrt against the uniform input, the default Adam against the fused one)."""
+    times = {"uniform": 1.0, "zeros": 8.0, "zeros_80pct": 6.0, "torch_default": 4.0, "torch_foreach": 3.0,
+             "torch_fused": 0.5, "sparse_lth": 1.0}
+    monkeypatch.setattr(adam_zeros, "interleaved_samples", lambda fns, repeats, time_one: {
+        k: [times[k], times[k] * 3, times[k]] for k in fns})
+    monkeypatch.setattr(adam_zeros, "adam_steps", lambda d: {k: None for k in adam_zeros.OPTIMIZERS})
+    out = tmp_path / "a.csv"
+    assert adam_zeros.main(["--repeats", "3", "--densities", "0.2", "0.01", "--out", str(out)]) == 0
+    rows = {(r["part"], r["case"], r["impl"]): r for r in _rows(out)}
+    assert set(rows) == ({("sqrt", "235200", k) for k in ("uniform", "zeros", "zeros_80pct")}
+                         | {("adam_step", f"lenet_d{d}", k) for d in ("0.2", "0.01") for k in adam_zeros.OPTIMIZERS})
+    assert rows[("sqrt", "235200", "zeros")]["median_ms"] == "8.0"
+    assert rows[("adam_step", "lenet_d0.01", "torch_fused")]["p80_ms"] == "1.1"  # 0.5, 0.5, 1.5: p80 1.1
+    md = out.with_suffix(".md").read_text()
+    assert "| zeros | 8.0000 | 8.00x |" in md and "| zeros_80pct | 6.0000 | 6.00x |" in md
+    assert "| 0.01 | 4.0000 | 3.0000 | 0.5000 | 1.0000 | 8.00x |" in md
+    with pytest.raises(SystemExit):
+        adam_zeros.main(["--densities", "0", "--out", str(out)])
