@@ -31,6 +31,7 @@ from ._triton import HAS_TRITON, cdiv, check_launch, check_unit_stride, interpre
 from ._conv_geometry import (FLOAT_DTYPES as _FLOAT_DTYPES, check_fmt as _check_fmt, check_tensor4 as _check_tensor4,
                              check_values as _check_values, geometry as _geometry, out_size as _out_size)
 from .format import to_dense
+from .torch_conv import onednn_safe_input
 
 if HAS_TRITON:
     import triton
@@ -500,6 +501,7 @@ def reference_backward_weight(dy, x, fmt, kernel_size, stride=(1, 1), padding=(0
     """``torch.nn.grad.conv2d_weight`` taken at the live positions (CSR order), cast to ``out_dtype``."""
     k, s, p, d = _geometry(kernel_size, stride, padding, dilation)
     c_in = _check_fmt(fmt, k, "reference_backward_weight")
+    x = onednn_safe_input(x, k, s)  # (a 1x1 strided channels_last input: oneDNN's AVX2 kernel writes past a buffer)
     gw = torch.nn.grad.conv2d_weight(x, (fmt.rows, c_in, k[0], k[1]), dy, s, p, d)
     dv = gw.reshape(fmt.rows, fmt.cols)[fmt.row_idx.long(), fmt.col_idx.long()]
     return dv.to(x.dtype if out_dtype is None else out_dtype)

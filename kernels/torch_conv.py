@@ -192,6 +192,18 @@ def _tap_csr(values: torch.Tensor, taps: ConvTaps, i: int, transposed: bool) -> 
                                    check_invariants=False)
 
 
+def onednn_safe_input(x: torch.Tensor, kernel_size, stride) -> torch.Tensor:
+    """``x`` for a CPU convolution's weight gradient: NCHW-contiguous where oneDNN's AVX2 1x1 backward-weights
+    kernel would otherwise get it non-contiguous (channels_last) with a stride above 1. That kernel writes past its
+    workspace when the input has fewer channels than its block (uxlfoundation/oneDNN#6035): wrong weight gradients,
+    heap corruption, crashes or hangs, seen with torch 2.14.1 on an AVX2 host (3 input channels). One copy of the
+    input, in this case only (any channel count: the block differs between instruction sets)."""
+    if (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous() and tuple(kernel_size) == (1, 1)
+            and any(s > 1 for s in stride)):
+        return x.contiguous()
+    return x
+
+
 def channels_last(x: torch.Tensor) -> bool:
     """Whether ``nn.Conv2d`` gives a channels_last output for input ``x``: ``x.suggest_memory_format()`` is
     channels_last, by c10's rule on the strides (``is_contiguous`` cannot tell a one-channel or 1x1-pixel tensor's

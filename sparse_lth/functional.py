@@ -292,7 +292,8 @@ class SparseConv2dFunction(torch.autograd.Function):
         kernel_size, stride, padding, dilation = ctx.geom
         if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops on the scattered weight
             w = scatter_values(values, _flat_index_of(ctx.fmt, flat_index), ctx.w_shape)
-            pre = F.conv2d(x.to(w.dtype), w, None, stride, padding, dilation)
+            pre = F.conv2d(torch_conv.onednn_safe_input(x.to(w.dtype), kernel_size, stride), w, None, stride, padding,
+                           dilation)
             dx, dv = _vjp(pre, dy.to(pre.dtype), [x, values], list(ctx.needs_input_grad[:2]))
             db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
             return dx, dv, db, None, None, None, None, None, None, None, None, None
@@ -314,7 +315,8 @@ class SparseConv2dFunction(torch.autograd.Function):
                 dx = _conv_ops()[1](dy, values, ctx.fmt, x.shape, kernel_size, stride, padding, dilation)
         if need_dv:
             if d_dw:
-                g = torch.nn.grad.conv2d_weight(x, ctx.w_shape, dy, stride, padding, dilation)
+                g = torch.nn.grad.conv2d_weight(torch_conv.onednn_safe_input(x, kernel_size, stride), ctx.w_shape,
+                                                dy, stride, padding, dilation)
                 dv = _gather_grad(g, flat_index, values.dtype)
             elif ctx.backend == "torch":
                 xg = torch_conv.input_grid(x, ctx.grid, torch_conv.compute_dtype(x.dtype))

@@ -45,7 +45,7 @@ from .backend import resolve_backend
 from .functional import (ALL_SPARSE, OPS, SparseConv2dFunction, SparseLinearFunction, check_ops, ops_dict,
                          scatter_values)
 from .kernels.format import SparseFormat, _as_built, build_format, check_mask, to_values
-from .kernels.torch_conv import build_conv_taps
+from .kernels.torch_conv import build_conv_taps, channels_last, onednn_safe_input
 
 __all__ = [
     "SparseLinear", "SparseConv2d", "LinearReLU", "sparsify", "densify", "sparse_layers", "choose_paths",
@@ -937,8 +937,12 @@ class SparseConv2d(_SparseLayer):
     def _conv(self, x, w, bias):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, w, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
+        safe = onednn_safe_input(x, self.kernel_size, self.stride) if w.requires_grad else x
+        y = F.conv2d(safe, w, bias, self.stride, 0 if self.padding_mode != "zeros" else self.padding, self.dilation,
+                     self.groups)
+        if safe is not x and channels_last(x):  # the layout nn.Conv2d gives a channels_last input
+            y = y.contiguous(memory_format=torch.channels_last)
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -1755,3 +1755,27 @@ def test_nn_data_parallel_replicas_are_refused_clearly(path):
         setattr(replica, name, getattr(layer, name).detach().clone())
     wrapped = nn.DataParallel(layer)  # on the CPU (or one GPU) DataParallel calls the module itself: fine
     assert wrapped(torch.randn(3, 8)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("path,ops", [("dense", None), ("sparse", "dense"), ("sparse", None)])
+def test_conv_1x1_strided_channels_last_weight_gradient(path, ops):
+    """A 1x1 stride-2 layer on a channels_last input with 3 channels: oneDNN's AVX2 backward-weights kernel for it
+    writes past its workspace (uxlfoundation/oneDNN#6035; torch 2.14.1 gave a wrong weight gradient in ~25 % of
+    calls on an AVX2 host, and aborted the process at one thread). The layer hands it an NCHW copy of its input
+    (the output stays channels_last, as nn.Conv2d's): the weight gradient matches F.conv2d's in float64 every time."""
+    from sparse_lth.kernels.torch_conv import onednn_safe_input
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(40):
+        layer = SparseConv2d(3, 5, 1, stride=2, path=path, backend="torch", **({"ops": ops} if ops else {}))
+        layer.set_mask(random_mask(layer.weight_shape, 0.7, gen))
+        x = torch.randn(2, 8, 8, 3, generator=gen).permute(0, 3, 1, 2)
+        y = layer(x.requires_grad_())
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        layer.zero_grad()
+        grads_vs_reference(layer, x, lambda x, w, b: F.conv2d(x, w, b, 2))
+    x = torch.randn(2, 8, 8, 3).permute(0, 3, 1, 2)
+    assert onednn_safe_input(x, (1, 1), (2, 2)).is_contiguous()
+    for k, s in (((3, 3), (2, 2)), ((1, 1), (1, 1))):  # only the 1x1 strided case is copied
+        assert onednn_safe_input(x, k, s) is x
+    c = x.contiguous()
+    assert onednn_safe_input(c, (1, 1), (2, 1)) is c
