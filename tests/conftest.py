@@ -70,6 +70,14 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def threads():
+    """The process's torch thread count, restored after the test (scripts' and examples' --threads set it)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_data(n_train=200, n_test=100, seed=0):
     """A learnable 10-class problem on 28x28 inputs (a random prototype per class, plus noise), as
     (train, test) DeviceDatasets: fast stand-ins for MNIST in the training and IMP tests."""

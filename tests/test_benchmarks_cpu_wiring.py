@@ -39,14 +39,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def threads():
-    """The process's torch thread count, restored after the test (the scripts' --threads sets it)."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
 def tf32():
     """The TF32 matmul switch, restored after the test (the model-level scripts turn it off)."""
     saved = torch.backends.cuda.matmul.allow_tf32

@@ -64,13 +64,6 @@ ab = _load("ab_train_cpu")
 
 
 @pytest.fixture
-def threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
 def rng():
     """The global RNG, restored after the test (the examples seed it)."""
     state = torch.get_rng_state()
