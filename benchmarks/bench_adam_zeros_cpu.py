@@ -21,7 +21,6 @@ Speed is reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
