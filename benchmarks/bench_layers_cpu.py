@@ -63,6 +63,11 @@ def _adam(suffix: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
+def _optimizer_label(impl: str) -> str:
+    """The optimizer a training step's row steps with, by the suffix of its name."""
+    return next((label for s, label in OPTIMIZER_LABELS.items() if s and impl.endswith(s)), OPTIMIZER_LABELS[""])
+
+
 def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float, repeats: int, inner: int,
                      other_optimizers: bool = False) -> dict:
     """One training step of ``model_name`` (Adam, every layer at ``density``): dense masking against sparse-lth.
@@ -72,7 +77,7 @@ def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (x.shape[0],), generator=gen)
     masks = random_masks(build_model(model_name, seed=0), density, gen)
-    fns, paths, optimizers, compared = {}, {}, {}, {}
+    fns, paths, compared = {}, {}, {}
     b = masked_baseline(build_model(model_name, seed=0), masks)
     bo = torch.optim.Adam(b.parameters(), lr=lr)
     fns["dense_masking"] = lambda: baseline_step(b, bo, x, y)
@@ -86,7 +91,6 @@ def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float
             fns[f"sparse_lth_auto{suffix}"] = (lambda m=m, o=o: plain_step(m, o, x, y))
             paths[f"sparse_lth_auto{suffix}"] = "/".join(path_letter(l) for _, l in sparse_layers(m))
             compared[f"sparse_lth_auto{suffix}"] = "dense_masking_fused_adam"
-        optimizers = {k: OPTIMIZER_LABELS[s] for k in fns for s in OPTIMIZER_LABELS if s and k.endswith(s)}
     for path in ("auto", "timed", "timed_fwd_bwd", "dense", "sparse"):
         m = sparsify(build_model(model_name, seed=0), masks=masks, path="auto" if path.startswith("timed") else path)
         if path == "timed":  # each timed step with the training's optimizer step, as the IMP driver times
@@ -96,9 +100,8 @@ def bench_model_step(model_name: str, x: torch.Tensor, lr: float, density: float
         o = torch.optim.Adam(m.parameters(), lr=lr)
         fns[f"sparse_lth_{path}"] = (lambda m=m, o=o: plain_step(m, o, x, y))
         paths[f"sparse_lth_{path}"] = "/".join(path_letter(l) for _, l in sparse_layers(m))
-    optimizers = {k: optimizers.get(k, OPTIMIZER_LABELS[""]) for k in fns}
-    return {"samples": interleaved_medians(fns, repeats, inner=inner), "paths": paths, "optimizers": optimizers,
-            "baselines": compared}
+    return {"samples": interleaved_medians(fns, repeats, inner=inner), "paths": paths,
+            "optimizers": {k: _optimizer_label(k) for k in fns}, "baselines": compared}
 
 
 def bench_lenet(density: float, repeats: int) -> dict:

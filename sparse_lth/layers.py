@@ -935,12 +935,12 @@ class SparseConv2d(_SparseLayer):
                              f"padding_mode={self.padding_mode!r}); use path='dense' or backend='torch'")
 
     def _conv(self, x, w, bias):
+        padding = self.padding
         if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         grad = w.requires_grad and torch.is_grad_enabled()  # (the weight gradient is where oneDNN goes wrong)
         safe = onednn_safe_input(x, self.kernel_size, self.stride) if grad else x
-        y = F.conv2d(safe, w, bias, self.stride, 0 if self.padding_mode != "zeros" else self.padding, self.dilation,
-                     self.groups)
+        y = F.conv2d(safe, w, bias, self.stride, padding, self.dilation, self.groups)
         if safe is not x and channels_last(x):  # the layout nn.Conv2d gives a channels_last input
             y = y.contiguous(memory_format=torch.channels_last)
         return y
